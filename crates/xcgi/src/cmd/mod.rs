@@ -1,0 +1,11 @@
+//! One module per subcommand. Each exposes `Args` (clap) and `run(args) -> anyhow::Result<i32>`
+//! where the i32 is the process exit code.
+
+pub mod bench;
+pub mod image;
+pub mod kernel;
+pub mod lab;
+pub mod run;
+
+/// Exit code for errors in xcgi itself (bad input, missing files, setup failures).
+pub const EXIT_USAGE: i32 = 2;

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs everything xcgi needs on a fresh Debian 12 machine. Idempotent.
+set -euo pipefail
+PKGS=(qemu-system-x86 busybox-static linux-source-6.12 flex bison bc libelf-dev libssl-dev
+      golang-go cpio e2fsprogs wrk curl iproute2 xz-utils make gcc)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "setup: packages ok" >&2
