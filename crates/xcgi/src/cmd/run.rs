@@ -1,8 +1,125 @@
-//! Placeholder: being written.
+//! `xcgi run`: boot a kernel straight into a program; exit with the program's exit code.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use xcgi_vmm::memory::MemoryConfig;
+use xcgi_vmm::{ExitReason, VmConfig};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Guest kernel: an ELF vmlinux or a bzImage (`xcgi kernel build` prints one).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Root filesystem image (ext4), attached read-only as /dev/vda; /init is run.
+    #[arg(
+        long,
+        conflicts_with = "initramfs",
+        required_unless_present = "initramfs"
+    )]
+    pub rootfs: Option<PathBuf>,
+    /// initramfs (newc cpio); its /init is run.
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub mem: u64,
+    /// Number of vCPUs (the default kernel is built without SMP: use `xcgi kernel build --smp`).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Back guest memory with 2 MiB huge pages.
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Pre-fault all guest memory at creation (MAP_POPULATE).
+    #[arg(long)]
+    pub populate: bool,
+    /// Extra kernel command-line parameters, appended last.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Deadline in seconds; a VM still running then is killed (exit code 124).
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Build the VM and stop right before the first KVM_RUN; prints the setup phases.
+    #[arg(long)]
+    pub setup_only: bool,
+    /// Print no summary line.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
 
-pub fn run(_args: Args, _start: std::time::Instant) -> anyhow::Result<i32> {
-    anyhow::bail!("not implemented yet")
+pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
+    if !(a.timeout.is_finite() && a.timeout > 0.0 && a.timeout <= 86_400.0) {
+        anyhow::bail!(
+            "--timeout {} is not a number of seconds between 0 and 86400",
+            a.timeout
+        );
+    }
+    for (what, p) in [
+        ("kernel", Some(&a.kernel)),
+        ("rootfs", a.rootfs.as_ref()),
+        ("initramfs", a.initramfs.as_ref()),
+    ] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                anyhow::bail!(
+                    "{what} {} does not exist or is not a file{}",
+                    p.display(),
+                    if what == "kernel" {
+                        "; build one with `xcgi kernel build`"
+                    } else {
+                        "; build one with `xcgi image build`"
+                    }
+                );
+            }
+        }
+    }
+    Ok(VmConfig {
+        kernel: a.kernel.clone(),
+        rootfs: a.rootfs.clone(),
+        initramfs: a.initramfs.clone(),
+        memory: MemoryConfig {
+            size_mib: a.mem,
+            hugepages: a.hugepages,
+            populate: a.populate,
+        },
+        vcpus: a.vcpus,
+        cmdline_extra: a.cmdline.clone(),
+        timeout: Duration::from_secs_f64(a.timeout),
+        setup_only: a.setup_only,
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
+    let cfg = config(&a)?;
+    let outcome = xcgi_vmm::run(&cfg, start, Some(Box::new(std::io::stdout())))
+        .context("cannot start the VM")?;
+    let t = &outcome.timings;
+    if cfg.setup_only {
+        for (name, d) in &t.phases {
+            println!("phase {name:<14} {}", ms(*d));
+        }
+    }
+    if !a.quiet {
+        let first = t.first_output.map(ms).unwrap_or_else(|| "none".into());
+        println!(
+            "xcgi: setup {} | first output {} | total {} | {} | exit {}",
+            ms(t.setup),
+            first,
+            ms(t.total),
+            outcome.reason.describe(),
+            outcome.exit_code()
+        );
+    }
+    if outcome.reason == ExitReason::Timeout {
+        eprintln!(
+            "xcgi: the guest did not finish within {}s and was killed (raise --timeout if it needs longer)",
+            a.timeout
+        );
+    }
+    Ok(outcome.exit_code())
 }

@@ -1,0 +1,452 @@
+//! Loading the guest kernel (ELF vmlinux or bzImage) and the initramfs into guest memory.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{BzImage, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::{BZIMAGE_LOAD_ADDR, HIGH_MEMORY_START, INITRD_ADDR_MAX};
+
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
+const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
+const PT_LOAD: u32 = 1;
+const EM_X86_64: u16 = 62;
+const PAGE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("cannot open kernel {path}: {source}; pass a vmlinux or bzImage built by `xcgi kernel build`")]
+    OpenKernel { path: PathBuf, source: io::Error },
+    #[error("{path} is not a Linux kernel (neither an ELF vmlinux nor a bzImage); build one with `xcgi kernel build`")]
+    NotAKernel { path: PathBuf },
+    #[error("{path} is an ELF file but not a 64-bit x86 kernel ({detail})")]
+    WrongElf { path: PathBuf, detail: String },
+    #[error(
+        "kernel {path} is truncated or damaged: {detail}; rebuild it with `xcgi kernel build`"
+    )]
+    Truncated { path: PathBuf, detail: String },
+    #[error("kernel {path} does not fit: it needs guest memory up to {needed_mib} MiB; give the VM more memory (--mem)")]
+    TooBig { path: PathBuf, needed_mib: u64 },
+    #[error("loading bzImage {path} failed: {source}")]
+    BzImage {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
+    #[error("cannot open initramfs {path}: {source}")]
+    OpenInitrd { path: PathBuf, source: io::Error },
+    #[error("initramfs {path} ({size_mib} MiB) does not fit in guest memory above the kernel; give the VM more memory (--mem)")]
+    InitrdTooBig { path: PathBuf, size_mib: u64 },
+    #[error("reading {path} failed: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("writing into guest memory failed: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Where the kernel went and how to enter it.
+#[derive(Debug, Clone)]
+pub struct LoadedKernel {
+    /// 64-bit entry point (guest physical).
+    pub entry: u64,
+    /// First byte after the kernel image, bss included.
+    pub end: u64,
+    /// The bzImage's setup header, to copy into the zero page (None for ELF).
+    pub setup_header: Option<setup_header>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ElfImage {
+    entry: u64,
+    segments: Vec<Segment>,
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+/// Parses and validates the ELF headers of a vmlinux against the file's length.
+fn parse_elf(
+    head: &[u8],
+    file: &File,
+    file_len: u64,
+    path: &Path,
+) -> Result<ElfImage, LoaderError> {
+    let wrong = |detail: &str| LoaderError::WrongElf {
+        path: path.into(),
+        detail: detail.into(),
+    };
+    let truncated = |detail: String| LoaderError::Truncated {
+        path: path.into(),
+        detail,
+    };
+    if head.len() < 64 {
+        return Err(truncated(format!("only {} bytes", head.len())));
+    }
+    if head[4] != 2 {
+        return Err(wrong("32-bit ELF"));
+    }
+    if head[5] != 1 {
+        return Err(wrong("big-endian ELF"));
+    }
+    let e_type = u16_at(head, 16);
+    if e_type != 2 {
+        return Err(wrong(&format!("ELF type {e_type}, a kernel is an executable (type 2); is this a program rather than a vmlinux?")));
+    }
+    let machine = u16_at(head, 18);
+    if machine != EM_X86_64 {
+        return Err(wrong(&format!(
+            "machine {machine}, expected x86-64 ({EM_X86_64})"
+        )));
+    }
+    let entry = u64_at(head, 24);
+    let phoff = u64_at(head, 32);
+    let phentsize = u16_at(head, 54) as u64;
+    let phnum = u16_at(head, 56) as u64;
+    if phentsize < 56 || phnum == 0 {
+        return Err(wrong("no program headers"));
+    }
+    let ph_end = phoff
+        .checked_add(phentsize * phnum)
+        .ok_or_else(|| truncated("program header table overflows".into()))?;
+    if ph_end > file_len {
+        return Err(truncated(format!(
+            "program headers end at {ph_end} but the file has {file_len} bytes"
+        )));
+    }
+    let mut table = vec![0u8; (phentsize * phnum) as usize];
+    file.read_exact_at(&mut table, phoff)
+        .map_err(|source| LoaderError::Read {
+            path: path.into(),
+            source,
+        })?;
+    let mut segments = Vec::new();
+    for i in 0..phnum as usize {
+        let p = &table[i * phentsize as usize..];
+        if u32_at(p, 0) != PT_LOAD {
+            continue;
+        }
+        let seg = Segment {
+            offset: u64_at(p, 8),
+            paddr: u64_at(p, 24),
+            filesz: u64_at(p, 32),
+            memsz: u64_at(p, 40),
+        };
+        let end = seg.offset.checked_add(seg.filesz).unwrap_or(u64::MAX);
+        if end > file_len {
+            return Err(truncated(format!(
+                "segment {i} needs bytes up to {end} but the file has {file_len}"
+            )));
+        }
+        if seg.memsz < seg.filesz {
+            return Err(wrong("segment memory size below its file size"));
+        }
+        segments.push(seg);
+    }
+    if segments.is_empty() {
+        return Err(wrong("no loadable segments"));
+    }
+    if !segments
+        .iter()
+        .any(|s| entry >= s.paddr && entry < s.paddr + s.memsz)
+    {
+        return Err(wrong(&format!(
+            "entry point {entry:#x} is outside every segment"
+        )));
+    }
+    Ok(ElfImage { entry, segments })
+}
+
+fn check_fits(mem: &GuestMemoryMmap, start: u64, len: u64, path: &Path) -> Result<(), LoaderError> {
+    let end = start.saturating_add(len);
+    let fits = len == 0
+        || (mem.address_in_range(GuestAddress(start))
+            && mem.address_in_range(GuestAddress(end - 1))
+            && mem.find_region(GuestAddress(start)).map(|r| r.start_addr())
+                == mem
+                    .find_region(GuestAddress(end - 1))
+                    .map(|r| r.start_addr()));
+    if fits {
+        Ok(())
+    } else {
+        Err(LoaderError::TooBig {
+            path: path.into(),
+            needed_mib: end.div_ceil(1 << 20),
+        })
+    }
+}
+
+/// Loads a kernel image (ELF vmlinux or bzImage, told apart by content).
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
+    let mut file = File::open(path).map_err(|source| LoaderError::OpenKernel {
+        path: path.into(),
+        source,
+    })?;
+    let file_len = file
+        .metadata()
+        .map_err(|source| LoaderError::OpenKernel {
+            path: path.into(),
+            source,
+        })?
+        .len();
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(LoaderError::NotAKernel { path: path.into() });
+    }
+    let mut head = vec![0u8; 64.min(file_len as usize)];
+    file.read_exact(&mut head)
+        .map_err(|source| LoaderError::Read {
+            path: path.into(),
+            source,
+        })?;
+    if head.len() >= 4 && &head[0..4] == ELF_MAGIC {
+        let elf = parse_elf(&head, &file, file_len, path)?;
+        return load_elf(mem, &file, &elf, path);
+    }
+    let mut magic = [0u8; 4];
+    let is_bz = file_len > BZIMAGE_MAGIC_OFFSET + 4
+        && file.read_exact_at(&mut magic, BZIMAGE_MAGIC_OFFSET).is_ok()
+        && &magic == BZIMAGE_MAGIC;
+    if !is_bz {
+        return Err(LoaderError::NotAKernel { path: path.into() });
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| LoaderError::Read {
+            path: path.into(),
+            source,
+        })?;
+    let res = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIGH_MEMORY_START))).map_err(
+        |source| match source {
+            linux_loader::loader::Error::Bzimage(_) if file_len < 64 * 1024 => {
+                LoaderError::Truncated {
+                    path: path.into(),
+                    detail: format!("{file_len} bytes"),
+                }
+            }
+            source => LoaderError::BzImage {
+                path: path.into(),
+                source,
+            },
+        },
+    )?;
+    let hdr = res.setup_header.unwrap_or_default();
+    // The compressed kernel decompresses in place; it needs init_size bytes from the load address.
+    check_fits(
+        mem,
+        BZIMAGE_LOAD_ADDR,
+        u64::from(hdr.init_size).max(res.kernel_end - BZIMAGE_LOAD_ADDR),
+        path,
+    )?;
+    Ok(LoadedKernel {
+        // 64-bit entry of the protected-mode part is 0x200 past its start.
+        entry: res.kernel_load.0 + 0x200,
+        end: res
+            .kernel_end
+            .max(BZIMAGE_LOAD_ADDR + u64::from(hdr.init_size)),
+        setup_header: Some(hdr),
+    })
+}
+
+fn load_elf(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    elf: &ElfImage,
+    path: &Path,
+) -> Result<LoadedKernel, LoaderError> {
+    let mut end = 0;
+    for seg in &elf.segments {
+        check_fits(mem, seg.paddr, seg.memsz, path)?;
+        if seg.filesz > 0 {
+            let slice = mem
+                .get_slice(GuestAddress(seg.paddr), seg.filesz as usize)
+                .map_err(LoaderError::Memory)?;
+            // SAFETY: the slice covers exactly seg.filesz bytes of our own mapping; reading
+            // the file into it is a plain copy.
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), seg.filesz as usize)
+            };
+            file.read_exact_at(buf, seg.offset)
+                .map_err(|source| LoaderError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+        }
+        end = end.max(seg.paddr + seg.memsz);
+    }
+    Ok(LoadedKernel {
+        entry: elf.entry,
+        end: end.div_ceil(PAGE) * PAGE,
+        setup_header: None,
+    })
+}
+
+/// Loads the initramfs at the top of low memory; returns (address, size).
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), LoaderError> {
+    let file = File::open(path).map_err(|source| LoaderError::OpenInitrd {
+        path: path.into(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| LoaderError::OpenInitrd {
+            path: path.into(),
+            source,
+        })?
+        .len();
+    let low_end = mem
+        .find_region(GuestAddress(0))
+        .map(|r| r.len())
+        .unwrap_or(0)
+        .min(INITRD_ADDR_MAX);
+    let too_big = || LoaderError::InitrdTooBig {
+        path: path.into(),
+        size_mib: size.div_ceil(1 << 20),
+    };
+    let addr = low_end.checked_sub(size).ok_or_else(too_big)? & !(PAGE - 1);
+    if addr < kernel_end {
+        return Err(too_big());
+    }
+    let slice = mem.get_slice(GuestAddress(addr), size as usize)?;
+    // SAFETY: as in load_elf: the slice is `size` bytes of our own mapping.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), size as usize) };
+    file.read_exact_at(buf, 0)
+        .map_err(|source| LoaderError::Read {
+            path: path.into(),
+            source,
+        })?;
+    Ok((addr, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vm_memory::Bytes;
+
+    fn mem(mib: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
+    }
+
+    /// A minimal 64-bit x86 ELF with one PT_LOAD segment at 16 MiB.
+    fn tiny_elf(payload: &[u8], bss: u64) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[0..4].copy_from_slice(ELF_MAGIC);
+        f[4] = 2;
+        f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&2u16.to_le_bytes());
+        f[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        f[54..56].copy_from_slice(&56u16.to_le_bytes());
+        f[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let p = 64;
+        f[p..p + 4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        f[p + 8..p + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+        f[p + 16..p + 24].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes()); // vaddr
+        f[p + 24..p + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
+        f[p + 32..p + 40].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        f[p + 40..p + 48].copy_from_slice(&(payload.len() as u64 + bss).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn write_tmp(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut t = tempfile::NamedTempFile::new().unwrap();
+        t.write_all(bytes).unwrap();
+        t
+    }
+
+    #[test]
+    fn loads_elf_segments_at_their_physical_address() {
+        let m = mem(32);
+        let t = write_tmp(&tiny_elf(b"\xf4kernel-bytes", 0x2000));
+        let k = load_kernel(&m, t.path()).unwrap();
+        assert_eq!(k.entry, 0x100_0000);
+        assert!(k.end >= 0x100_0000 + 13 + 0x2000);
+        let mut got = [0u8; 13];
+        m.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(&got, b"\xf4kernel-bytes");
+        assert!(k.setup_header.is_none());
+    }
+
+    #[test]
+    fn truncated_elf_is_named_truncated() {
+        let full = tiny_elf(&[0x90; 4096], 0);
+        let t = write_tmp(&full[..full.len() - 100]);
+        let e = load_kernel(&mem(32), t.path()).unwrap_err();
+        assert!(matches!(e, LoaderError::Truncated { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"));
+    }
+
+    #[test]
+    fn text_file_is_not_a_kernel() {
+        let t = write_tmp(b"#!/bin/sh\necho hello\n");
+        let e = load_kernel(&mem(32), t.path()).unwrap_err();
+        assert!(matches!(e, LoaderError::NotAKernel { .. }), "{e}");
+    }
+
+    #[test]
+    fn missing_kernel_names_the_path() {
+        let e = load_kernel(&mem(32), Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
+    }
+
+    #[test]
+    fn host_program_is_not_taken_for_a_kernel() {
+        // /bin/true is a 64-bit x86 ELF, but a position-independent program, not a kernel.
+        let e = load_kernel(&mem(32), Path::new("/bin/true")).unwrap_err();
+        assert!(matches!(e, LoaderError::WrongElf { .. }), "{e}");
+    }
+
+    #[test]
+    fn kernel_beyond_memory_is_too_big() {
+        let t = write_tmp(&tiny_elf(b"x", 64 << 20));
+        let e = load_kernel(&mem(32), t.path()).unwrap_err();
+        assert!(matches!(e, LoaderError::TooBig { .. }), "{e}");
+    }
+
+    #[test]
+    fn initrd_goes_to_top_of_low_memory() {
+        let m = mem(64);
+        let t = write_tmp(&vec![0xab; 10_000]);
+        let (addr, size) = load_initrd(&m, t.path(), 0x200_0000).unwrap();
+        assert_eq!(size, 10_000);
+        assert_eq!(addr % PAGE, 0);
+        assert!(addr + size <= 64 << 20);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(addr + 9_999)).unwrap(), 0xab);
+    }
+
+    #[test]
+    fn initrd_overlapping_kernel_is_refused() {
+        let m = mem(32);
+        let t = write_tmp(&vec![0; 20 << 20]);
+        assert!(matches!(
+            load_initrd(&m, t.path(), 0x100_0000),
+            Err(LoaderError::InitrdTooBig { .. })
+        ));
+    }
+}

@@ -1,0 +1,246 @@
+//! Guest memory: anonymous 4 KiB pages, 2 MiB huge pages, optionally pre-faulted.
+//!
+//! RAM is split around the 32-bit MMIO hole: `[0, min(size, 3 GiB))` and, for larger guests,
+//! `[4 GiB, 4 GiB + rest)`.
+
+use std::io;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+pub const MIB: u64 = 1 << 20;
+/// Smallest guest we accept: the kernel is loaded at 16 MiB and needs room above it.
+pub const MIN_MEM_MIB: u64 = 32;
+const HUGE_PAGE_SIZE: u64 = 2 * MIB;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory of {0} MiB is below the minimum of {MIN_MEM_MIB} MiB; pass --mem {MIN_MEM_MIB} or more")]
+    TooSmall(u64),
+    #[error("guest memory of {0} MiB is too large for this VMM (at most 1 TiB)")]
+    TooLarge(u64),
+    #[error("guest memory of {0} MiB is not a multiple of 2 MiB, which huge pages need; use an even --mem")]
+    NotHugeAligned(u64),
+    #[error(
+        "huge pages requested: the guest needs {needed} free 2 MiB huge pages but only {free} are free; \
+         reserve more with `sysctl -w vm.nr_hugepages={suggest}` (or `echo {suggest} > /proc/sys/vm/nr_hugepages`), \
+         or run without --hugepages"
+    )]
+    HugePagesShort {
+        needed: u64,
+        free: u64,
+        suggest: u64,
+    },
+    #[error("mapping {size_mib} MiB of guest memory failed: {source}")]
+    Mmap { size_mib: u64, source: io::Error },
+    #[error("building the guest memory map failed: {0}")]
+    Layout(String),
+}
+
+/// How guest RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryConfig {
+    pub size_mib: u64,
+    /// Back RAM with 2 MiB huge pages (MAP_HUGETLB).
+    pub hugepages: bool,
+    /// Pre-fault every page at creation (MAP_POPULATE).
+    pub populate: bool,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size_mib: 128,
+            hugepages: false,
+            populate: false,
+        }
+    }
+}
+
+/// Guest-physical RAM ranges for a guest of `size` bytes.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START),
+            (GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START),
+        ]
+    }
+}
+
+/// Free 2 MiB huge pages, from /proc/meminfo (None when unknown).
+pub fn free_huge_pages() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let mut free = None;
+    let mut size_kb = None;
+    for line in info.lines() {
+        let mut it = line.split_whitespace();
+        match it.next() {
+            Some("HugePages_Free:") => free = it.next().and_then(|v| v.parse::<u64>().ok()),
+            Some("Hugepagesize:") => size_kb = it.next().and_then(|v| v.parse::<u64>().ok()),
+            _ => {}
+        }
+    }
+    // Only the default huge page size is counted; we map 2 MiB pages.
+    match size_kb {
+        Some(2048) => free,
+        _ => Some(0),
+    }
+}
+
+/// Validates a memory configuration without allocating anything.
+pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
+    if cfg.size_mib < MIN_MEM_MIB {
+        return Err(MemoryError::TooSmall(cfg.size_mib));
+    }
+    if cfg.size_mib > 1 << 20 {
+        return Err(MemoryError::TooLarge(cfg.size_mib));
+    }
+    if cfg.hugepages {
+        if (cfg.size_mib * MIB) % HUGE_PAGE_SIZE != 0 {
+            return Err(MemoryError::NotHugeAligned(cfg.size_mib));
+        }
+        let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;
+        let free = free_huge_pages().unwrap_or(0);
+        if free < needed {
+            let total = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            return Err(MemoryError::HugePagesShort {
+                needed,
+                free,
+                suggest: total + (needed - free),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Maps guest RAM as configured. Pages are private to this VM and freed when the returned
+/// memory (and every clone of it) is dropped.
+pub fn create(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
+    validate(cfg)?;
+    let size = cfg.size_mib * MIB;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if cfg.hugepages {
+        // No MAP_NORESERVE: the pool is reserved at mmap time, so a short pool fails here
+        // instead of killing us with SIGBUS on first touch.
+        flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+    } else {
+        flags |= libc::MAP_NORESERVE;
+    }
+    if cfg.populate {
+        flags |= libc::MAP_POPULATE;
+    }
+    let mut regions = Vec::new();
+    for (base, len) in ram_ranges(size) {
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(cfg.hugepages)
+            .build()
+            .map_err(|e| match e {
+                vm_memory::mmap::MmapRegionError::Mmap(source) => {
+                    if cfg.hugepages && source.raw_os_error() == Some(libc::ENOMEM) {
+                        let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;
+                        let free = free_huge_pages().unwrap_or(0);
+                        MemoryError::HugePagesShort {
+                            needed,
+                            free,
+                            suggest: needed,
+                        }
+                    } else {
+                        MemoryError::Mmap {
+                            size_mib: cfg.size_mib,
+                            source,
+                        }
+                    }
+                }
+                other => MemoryError::Layout(other.to_string()),
+            })?;
+        let region = GuestRegionMmap::new(mapping, base)
+            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn small_guest_is_one_range() {
+        assert_eq!(ram_ranges(128 * MIB), vec![(GuestAddress(0), 128 * MIB)]);
+    }
+
+    #[test]
+    fn large_guest_is_split_around_mmio_hole() {
+        let r = ram_ranges(4096 * MIB);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
+        assert_eq!(
+            r[1],
+            (GuestAddress(MMIO_GAP_END), 4096 * MIB - MMIO_GAP_START)
+        );
+        assert_eq!(r[0].1 + r[1].1, 4096 * MIB);
+    }
+
+    #[test]
+    fn rejects_too_small() {
+        let e = validate(&MemoryConfig {
+            size_mib: 8,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("below the minimum"), "{e}");
+    }
+
+    #[test]
+    fn rejects_odd_size_with_hugepages() {
+        let cfg = MemoryConfig {
+            size_mib: 33,
+            hugepages: true,
+            populate: false,
+        };
+        assert!(matches!(
+            validate(&cfg),
+            Err(MemoryError::NotHugeAligned(33))
+        ));
+    }
+
+    #[test]
+    fn anonymous_memory_is_zeroed_and_writable() {
+        let mem = create(&MemoryConfig {
+            size_mib: 64,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        let v: u64 = mem.read_obj(GuestAddress(0x234_0000)).unwrap();
+        assert_eq!(v, 0);
+        mem.write_obj(0xdead_beef_u64, GuestAddress(0x234_0000))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0x234_0000)).unwrap(),
+            0xdead_beef
+        );
+    }
+
+    #[test]
+    fn huge_pages_short_pool_names_the_sysctl() {
+        // Ask for far more than any CI machine has reserved.
+        let cfg = MemoryConfig {
+            size_mib: 512 * 1024,
+            hugepages: true,
+            populate: false,
+        };
+        let msg = validate(&cfg).unwrap_err().to_string();
+        assert!(msg.contains("vm.nr_hugepages="), "{msg}");
+    }
+}

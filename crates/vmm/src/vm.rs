@@ -1,0 +1,603 @@
+//! The builder that turns a [`VmConfig`] into a running VM, and the run that ends in a typed
+//! [`Outcome`]. One VM per call; everything it owns is released when `run` returns.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::params::RootSource;
+use crate::boot::{cpu, loader, mptable, paging, params};
+use crate::devices::console::{Console, ConsoleWriter};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::{self, SerialDevice};
+use crate::devices::virtio::{self, block::Block, mmio::MmioTransport};
+use crate::devices::MmioDevice;
+use crate::layout::*;
+use crate::memory::{self, MemoryConfig};
+
+/// Exit code of `xcgi run` when the deadline killed the VM (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit code when the guest crashed without an init exit status (panic, triple fault).
+pub const EXIT_GUEST_CRASH: i32 = 125;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}; xcgi needs KVM (on a machine without hardware KVM run it inside the lab: `xcgi lab -- xcgi run ...`)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM call {what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{0} vCPUs requested; xcgi supports 1 to 32")]
+    BadVcpuCount(u8),
+    #[error("no root: pass a root filesystem image (--rootfs) or an initramfs (--initramfs)")]
+    NoRoot,
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    #[error(transparent)]
+    Params(#[from] params::ParamsError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("root filesystem {path}: {detail}")]
+    Rootfs { path: PathBuf, detail: String },
+    #[error("writing page tables failed: {0}")]
+    PageTables(vm_memory::GuestMemoryError),
+    #[error("creating an eventfd failed: {0}")]
+    EventFd(std::io::Error),
+    #[error("starting a vCPU thread failed: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Everything that describes one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub rootfs: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub memory: MemoryConfig,
+    pub vcpus: u8,
+    /// Extra kernel parameters, appended last.
+    pub cmdline_extra: Option<String>,
+    pub timeout: Duration,
+    /// Stop right before the first KVM_RUN (to measure setup alone).
+    pub setup_only: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            kernel: PathBuf::new(),
+            rootfs: None,
+            initramfs: None,
+            memory: MemoryConfig::default(),
+            vcpus: 1,
+            cmdline_extra: None,
+            timeout: Duration::from_secs(10),
+            setup_only: false,
+        }
+    }
+}
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// init exited; `status` is its wait status as the kernel reported it.
+    InitExited { status: u32 },
+    /// The guest powered off or halted.
+    PowerOff,
+    /// The guest rebooted (without an init exit status).
+    Reboot,
+    /// The kernel panicked for another reason.
+    Panic { message: String },
+    /// The vCPU hit a triple fault.
+    TripleFault,
+    /// The deadline passed.
+    Timeout,
+    /// KVM refused to go on (internal error, failed entry).
+    VcpuFailed { detail: String },
+    /// `setup_only`: stopped before the first KVM_RUN.
+    SetupOnly,
+}
+
+impl ExitReason {
+    /// The exit code `xcgi run` passes on.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::InitExited { status } => {
+                let sig = status & 0x7f;
+                if sig == 0 {
+                    ((status >> 8) & 0xff) as i32
+                } else {
+                    128 + sig as i32
+                }
+            }
+            ExitReason::PowerOff | ExitReason::Reboot | ExitReason::SetupOnly => 0,
+            ExitReason::Timeout => EXIT_TIMEOUT,
+            ExitReason::Panic { .. } | ExitReason::TripleFault | ExitReason::VcpuFailed { .. } => {
+                EXIT_GUEST_CRASH
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::InitExited { status } => {
+                let sig = status & 0x7f;
+                if sig == 0 {
+                    format!("init exited with status {}", (status >> 8) & 0xff)
+                } else {
+                    format!("init was killed by signal {sig}")
+                }
+            }
+            ExitReason::PowerOff => "guest powered off".into(),
+            ExitReason::Reboot => "guest rebooted".into(),
+            ExitReason::Panic { message } => format!("guest kernel panic: {message}"),
+            ExitReason::TripleFault => "guest triple fault".into(),
+            ExitReason::Timeout => "deadline reached, VM killed".into(),
+            ExitReason::VcpuFailed { detail } => format!("vCPU failed: {detail}"),
+            ExitReason::SetupOnly => "stopped before the first KVM_RUN (setup only)".into(),
+        }
+    }
+}
+
+/// Host-side times, all measured from the `start` instant given to [`run`].
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Setup phases in order, each with the time it took.
+    pub phases: Vec<(&'static str, Duration)>,
+    /// Start to the first KVM_RUN.
+    pub setup: Duration,
+    /// Start to the first byte on the console.
+    pub first_output: Option<Duration>,
+    /// Start to the end of the VM.
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub reason: ExitReason,
+    /// The console, each line stamped (capped at 1 MiB).
+    pub console: String,
+    pub timings: Timings,
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        self.reason.exit_code()
+    }
+}
+
+/// What the vCPU threads and the console tell the VM's owner.
+#[derive(Debug)]
+pub enum VmEvent {
+    Reset,
+    Shutdown,
+    TripleFault,
+    Halted,
+    Failed(String),
+}
+
+type MmioBus = Vec<(u64, u64, Box<dyn MmioDevice>)>;
+
+struct Devices {
+    serial: SerialDevice,
+    i8042: I8042,
+    mmio: MmioBus,
+}
+
+struct PhaseClock {
+    last: Instant,
+    phases: Vec<(&'static str, Duration)>,
+}
+
+impl PhaseClock {
+    fn new(start: Instant) -> Self {
+        PhaseClock {
+            last: start,
+            phases: Vec::new(),
+        }
+    }
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.phases.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Kvm { what, source })
+}
+
+/// Builds the VM described by `cfg`, runs it to its end and tears it down.
+///
+/// `start` is the reference instant for every reported time (the CLI passes process start);
+/// `live` receives console lines as they come.
+pub fn run(
+    cfg: &VmConfig,
+    start: Instant,
+    live: Option<Box<dyn Write + Send>>,
+) -> Result<Outcome, VmError> {
+    if cfg.vcpus == 0 || cfg.vcpus > 32 {
+        return Err(VmError::BadVcpuCount(cfg.vcpus));
+    }
+    let root = match (&cfg.rootfs, &cfg.initramfs) {
+        (Some(_), _) => RootSource::Disk,
+        (None, Some(_)) => RootSource::Initramfs,
+        (None, None) => return Err(VmError::NoRoot),
+    };
+    // Cheap checks first: fail before touching KVM.
+    memory::validate(&cfg.memory)?;
+    let mut clock = PhaseClock::new(start);
+    clock.lap("process start");
+
+    let kvm_sys = Kvm::new().map_err(VmError::OpenKvm)?;
+    let vm = kvm("KVM_CREATE_VM", kvm_sys.create_vm())?;
+    clock.lap("create vm");
+
+    let mem = memory::create(&cfg.memory)?;
+    clock.lap("map memory");
+    // Memory slots go in before the irqchip and PIT exist: afterwards each costs milliseconds.
+    register_memory(&vm, &mem)?;
+    clock.lap("memory slots");
+    kvm("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDR))?;
+    kvm("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    kvm("KVM_CREATE_PIT2", vm.create_pit2(pit))?;
+    clock.lap("irqchip");
+
+    let kernel = loader::load_kernel(&mem, &cfg.kernel)?;
+    clock.lap("load kernel");
+    let initrd = match &cfg.initramfs {
+        Some(p) if cfg.rootfs.is_none() => Some(loader::load_initrd(&mem, p, kernel.end)?),
+        _ => None,
+    };
+
+    // Devices.
+    let console = Arc::new(Mutex::new(Console::new(start, live)));
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    kvm(
+        "KVM_IRQFD (serial)",
+        vm.register_irqfd(&serial_evt, SERIAL_IRQ),
+    )?;
+    let serial = serial::new(serial_evt, ConsoleWriter(console.clone()));
+    let mut mmio: MmioBus = Vec::new();
+    let mut device_params = Vec::new();
+    if let Some(path) = &cfg.rootfs {
+        let base = VIRTIO_MMIO_BASE;
+        let irq = VIRTIO_IRQ_BASE;
+        let block = Block::open(path).map_err(|e| VmError::Rootfs {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        kvm("KVM_IRQFD (virtio-blk)", vm.register_irqfd(&evt, irq))?;
+        let transport =
+            MmioTransport::new(block, mem.clone(), evt).map_err(|e| VmError::Rootfs {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
+        device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
+    }
+    clock.lap("devices");
+
+    let cmdline = params::build_cmdline(&root, &device_params, cfg.cmdline_extra.as_deref());
+    let cmdline_len = params::write_cmdline(&mem, &cmdline)?;
+    params::write_zero_page(
+        &mem,
+        &params::ZeroPageConfig {
+            mem_size: cfg.memory.size_mib * memory::MIB,
+            cmdline_len,
+            initrd,
+            setup_header: kernel.setup_header,
+        },
+    )?;
+    mptable::write(&mem, cfg.vcpus)?;
+    let cr3 = paging::write(&mem).map_err(VmError::PageTables)?;
+    clock.lap("boot params");
+
+    let cpuid = kvm(
+        "KVM_GET_SUPPORTED_CPUID",
+        kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+    )?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for id in 0..cfg.vcpus {
+        let vcpu = kvm("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
+        cpu::setup_cpuid(&vcpu, cpuid.clone(), id, cfg.vcpus)?;
+        cpu::setup_msrs(&vcpu)?;
+        cpu::setup_lint(&vcpu)?;
+        if id == 0 {
+            cpu::setup_regs(&vcpu, kernel.entry)?;
+            cpu::setup_sregs(&vcpu, &mem, cr3)?;
+            cpu::setup_fpu(&vcpu)?;
+        }
+        vcpus.push(vcpu);
+    }
+    clock.lap("vcpus");
+    tracing::debug!(%cmdline, entry = kernel.entry, "VM ready");
+
+    let mut timings = Timings {
+        phases: clock.phases,
+        setup: start.elapsed(),
+        ..Default::default()
+    };
+    if cfg.setup_only {
+        timings.total = start.elapsed();
+        return Ok(Outcome {
+            reason: ExitReason::SetupOnly,
+            console: String::new(),
+            timings,
+        });
+    }
+
+    let (tx, rx) = mpsc::channel();
+    if let Ok(mut c) = console.lock() {
+        c.set_events(tx.clone());
+    }
+    let devices = Arc::new(Mutex::new(Devices {
+        serial,
+        i8042: I8042,
+        mmio,
+    }));
+    let deadline = start + timings.setup + cfg.timeout;
+    let reason = run_vcpus(vcpus, devices.clone(), tx, rx, deadline)?;
+
+    let (console_text, first_output, report) = match console.lock() {
+        Ok(mut c) => {
+            c.flush();
+            (c.text(), c.first_output(), c.report().clone())
+        }
+        Err(_) => (String::new(), None, Default::default()),
+    };
+    // What the kernel said outranks how the vCPU stopped: a panic ends in a reset.
+    let reason = match (reason, report.init_status, report.panic) {
+        (ExitReason::Timeout, _, _) => ExitReason::Timeout,
+        (_, Some(status), _) => ExitReason::InitExited { status },
+        (ExitReason::Reboot | ExitReason::TripleFault, None, Some(message)) => {
+            ExitReason::Panic { message }
+        }
+        (r, _, _) => r,
+    };
+    timings.first_output = first_output;
+    timings.total = start.elapsed();
+    drop(devices);
+    drop(vm);
+    Ok(Outcome {
+        reason,
+        console: console_text,
+        timings,
+    })
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region.as_ptr() as u64;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host,
+        };
+        // SAFETY: the region is a live mapping of exactly memory_size bytes owned by `mem`,
+        // which outlives the VM (both are dropped at the end of `run`, the VM first).
+        kvm("KVM_SET_USER_MEMORY_REGION", unsafe {
+            vm.set_user_memory_region(r)
+        })?;
+    }
+    Ok(())
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+static KICK_HANDLER: Once = Once::new();
+
+fn run_vcpus(
+    vcpus: Vec<VcpuFd>,
+    devices: Arc<Mutex<Devices>>,
+    tx: Sender<VmEvent>,
+    rx: Receiver<VmEvent>,
+    deadline: Instant,
+) -> Result<ExitReason, VmError> {
+    KICK_HANDLER.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            tracing::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles: Vec<JoinHandle<()>> = Vec::new();
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let (devices, tx, stop) = (devices.clone(), tx.clone(), stop.clone());
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(vcpu, devices, tx, stop))
+            .map_err(VmError::Thread)?;
+        handles.push(h);
+    }
+    drop(tx);
+    let reason = loop {
+        let now = Instant::now();
+        let wait = deadline.saturating_duration_since(now);
+        match rx.recv_timeout(wait) {
+            Ok(VmEvent::Reset) => break ExitReason::Reboot,
+            Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => break ExitReason::PowerOff,
+            Ok(VmEvent::TripleFault) => break ExitReason::TripleFault,
+            Ok(VmEvent::Failed(detail)) => break ExitReason::VcpuFailed { detail },
+            Err(RecvTimeoutError::Timeout) => break ExitReason::Timeout,
+            Err(RecvTimeoutError::Disconnected) => {
+                break ExitReason::VcpuFailed {
+                    detail: "all vCPU threads ended".into(),
+                }
+            }
+        }
+    };
+    stop.store(true, Ordering::SeqCst);
+    stop_threads(handles, kick_signal());
+    Ok(reason)
+}
+
+/// Kicks each vCPU thread out of KVM_RUN until it has ended. A kick can land just before a
+/// thread re-enters KVM_RUN, so it is repeated until the thread is gone.
+fn stop_threads(handles: Vec<JoinHandle<()>>, sig: libc::c_int) {
+    use std::os::unix::thread::JoinHandleExt;
+    for h in handles {
+        while !h.is_finished() {
+            // SAFETY: the pthread handle is alive until joined below; the signal's handler
+            // does nothing but interrupt the blocking ioctl.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), sig) };
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = h.join();
+    }
+}
+
+fn vcpu_loop(
+    mut vcpu: VcpuFd,
+    devices: Arc<Mutex<Devices>>,
+    tx: Sender<VmEvent>,
+    stop: Arc<AtomicBool>,
+) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let event = match vcpu.run() {
+            Ok(exit) => handle_exit(exit, &devices),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VmEvent::Failed(format!("KVM_RUN: {e}"))),
+        };
+        if let Some(ev) = event {
+            let _ = tx.send(ev);
+            return;
+        }
+    }
+}
+
+fn handle_exit(exit: VcpuExit<'_>, devices: &Arc<Mutex<Devices>>) -> Option<VmEvent> {
+    let Ok(mut d) = devices.lock() else {
+        return Some(VmEvent::Failed("device lock poisoned".into()));
+    };
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + 8).contains(&port) && !data.is_empty() {
+                if let Err(e) = d.serial.write((port - SERIAL_PORT_BASE) as u8, data[0]) {
+                    tracing::warn!("serial: {e:?}");
+                }
+            } else if port == I8042_COMMAND_PORT
+                && data.first().is_some_and(|v| d.i8042.write_command(*v))
+            {
+                return Some(VmEvent::Reset);
+            }
+            None
+        }
+        VcpuExit::IoIn(port, data) => {
+            data.fill(0);
+            if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + 8).contains(&port) && !data.is_empty() {
+                data[0] = d.serial.read((port - SERIAL_PORT_BASE) as u8);
+            } else if port == I8042_COMMAND_PORT || port == I8042_DATA_PORT {
+                data[0] = d.i8042.read();
+            }
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            data.fill(0);
+            if let Some((base, _, dev)) = d
+                .mmio
+                .iter_mut()
+                .find(|(b, len, _)| addr >= *b && addr < b + len)
+            {
+                dev.read(addr - *base, data);
+            }
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if let Some((base, _, dev)) = d
+                .mmio
+                .iter_mut()
+                .find(|(b, len, _)| addr >= *b && addr < b + len)
+            {
+                dev.write(addr - *base, data);
+            }
+            None
+        }
+        VcpuExit::Hlt => None,
+        VcpuExit::Shutdown => Some(VmEvent::TripleFault),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            KVM_SYSTEM_EVENT_RESET => Some(VmEvent::Reset),
+            KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmEvent::Shutdown),
+            other => Some(VmEvent::Failed(format!("system event {other}"))),
+        },
+        VcpuExit::FailEntry(reason, cpu) => Some(VmEvent::Failed(format!(
+            "VM entry failed on cpu {cpu}: reason {reason:#x}"
+        ))),
+        VcpuExit::InternalError => Some(VmEvent::Failed("KVM internal error".into())),
+        other => {
+            tracing::debug!("unhandled vCPU exit: {other:?}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(ExitReason::InitExited { status: 0x400 }.exit_code(), 4);
+        assert_eq!(ExitReason::InitExited { status: 0x500 }.exit_code(), 5);
+        assert_eq!(ExitReason::InitExited { status: 0x9 }.exit_code(), 128 + 9);
+        assert_eq!(ExitReason::Timeout.exit_code(), EXIT_TIMEOUT);
+        assert_eq!(ExitReason::TripleFault.exit_code(), EXIT_GUEST_CRASH);
+        assert_eq!(ExitReason::PowerOff.exit_code(), 0);
+    }
+
+    #[test]
+    fn no_root_is_refused_before_kvm() {
+        let cfg = VmConfig {
+            kernel: "/nonexistent".into(),
+            ..Default::default()
+        };
+        let e = run(&cfg, Instant::now(), None).unwrap_err();
+        assert!(matches!(e, VmError::NoRoot), "{e}");
+    }
+
+    #[test]
+    fn small_memory_is_refused_before_kvm() {
+        let cfg = VmConfig {
+            kernel: "/nonexistent".into(),
+            initramfs: Some("/nonexistent".into()),
+            memory: MemoryConfig {
+                size_mib: 16,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e = run(&cfg, Instant::now(), None).unwrap_err();
+        assert!(e.to_string().contains("below the minimum"), "{e}");
+    }
+}
