@@ -100,7 +100,7 @@ pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
         return Err(MemoryError::TooLarge(cfg.size_mib));
     }
     if cfg.hugepages {
-        if (cfg.size_mib * MIB) % HUGE_PAGE_SIZE != 0 {
+        if !(cfg.size_mib * MIB).is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(MemoryError::NotHugeAligned(cfg.size_mib));
         }
         let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;

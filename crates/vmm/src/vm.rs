@@ -271,6 +271,7 @@ pub fn run(
         Some(p) if cfg.rootfs.is_none() => Some(loader::load_initrd(&mem, p, kernel.end)?),
         _ => None,
     };
+    clock.lap("load initrd");
 
     // Devices.
     let console = Arc::new(Mutex::new(Console::new(start, live)));
@@ -439,21 +440,16 @@ fn run_vcpus(
         handles.push(h);
     }
     drop(tx);
-    let reason = loop {
-        let now = Instant::now();
-        let wait = deadline.saturating_duration_since(now);
-        match rx.recv_timeout(wait) {
-            Ok(VmEvent::Reset) => break ExitReason::Reboot,
-            Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => break ExitReason::PowerOff,
-            Ok(VmEvent::TripleFault) => break ExitReason::TripleFault,
-            Ok(VmEvent::Failed(detail)) => break ExitReason::VcpuFailed { detail },
-            Err(RecvTimeoutError::Timeout) => break ExitReason::Timeout,
-            Err(RecvTimeoutError::Disconnected) => {
-                break ExitReason::VcpuFailed {
-                    detail: "all vCPU threads ended".into(),
-                }
-            }
-        }
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let reason = match rx.recv_timeout(wait) {
+        Ok(VmEvent::Reset) => ExitReason::Reboot,
+        Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => ExitReason::PowerOff,
+        Ok(VmEvent::TripleFault) => ExitReason::TripleFault,
+        Ok(VmEvent::Failed(detail)) => ExitReason::VcpuFailed { detail },
+        Err(RecvTimeoutError::Timeout) => ExitReason::Timeout,
+        Err(RecvTimeoutError::Disconnected) => ExitReason::VcpuFailed {
+            detail: "all vCPU threads ended".into(),
+        },
     };
     stop.store(true, Ordering::SeqCst);
     stop_threads(handles, kick_signal());

@@ -32,7 +32,7 @@ pub fn table() -> [u64; 5] {
 
 /// The KVM segment register state matching descriptor `desc` loaded with `selector`.
 pub fn segment(desc: u64, selector: u16) -> kvm_segment {
-    let base = (((desc >> 16) & 0xff_ffff) | ((desc >> 32) & 0xff00_0000)) as u64;
+    let base = ((desc >> 16) & 0xff_ffff) | ((desc >> 32) & 0xff00_0000);
     let raw_limit = ((desc & 0xffff) | ((desc >> 32) & 0xf_0000)) as u32;
     let g = ((desc >> 55) & 1) as u8;
     let limit = if g == 1 {

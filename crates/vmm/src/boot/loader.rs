@@ -151,7 +151,7 @@ fn parse_elf(
             filesz: u64_at(p, 32),
             memsz: u64_at(p, 40),
         };
-        let end = seg.offset.checked_add(seg.filesz).unwrap_or(u64::MAX);
+        let end = seg.offset.saturating_add(seg.filesz);
         if end > file_len {
             return Err(truncated(format!(
                 "segment {i} needs bytes up to {end} but the file has {file_len}"
@@ -274,20 +274,16 @@ fn load_elf(
     let mut end = 0;
     for seg in &elf.segments {
         check_fits(mem, seg.paddr, seg.memsz, path)?;
-        if seg.filesz > 0 {
-            let slice = mem
-                .get_slice(GuestAddress(seg.paddr), seg.filesz as usize)
-                .map_err(LoaderError::Memory)?;
-            // SAFETY: the slice covers exactly seg.filesz bytes of our own mapping; reading
-            // the file into it is a plain copy.
-            let buf = unsafe {
-                std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), seg.filesz as usize)
-            };
-            file.read_exact_at(buf, seg.offset)
-                .map_err(|source| LoaderError::Read {
-                    path: path.into(),
-                    source,
-                })?;
+        let done = map_file_pages(mem, file, seg.offset, seg.paddr, seg.filesz).unwrap_or(0);
+        if seg.filesz > done {
+            copy_from_file(
+                mem,
+                file,
+                seg.offset + done,
+                seg.paddr + done,
+                seg.filesz - done,
+                path,
+            )?;
         }
         end = end.max(seg.paddr + seg.memsz);
     }
@@ -296,6 +292,74 @@ fn load_elf(
         end: end.div_ceil(PAGE) * PAGE,
         setup_header: None,
     })
+}
+
+/// Maps the whole pages of a segment from the file, copy-on-write, over the anonymous guest
+/// RAM: no copy and no page faults until the guest touches a page, which then comes straight
+/// from the page cache (and is copied only if the guest writes it). Guest writes never reach
+/// the file. Returns how many bytes were mapped (None where this does not apply: huge pages,
+/// unaligned offsets, less than a page).
+fn map_file_pages(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    if !paddr.is_multiple_of(PAGE) || !offset.is_multiple_of(PAGE) {
+        return None;
+    }
+    let region = mem.find_region(GuestAddress(paddr))?;
+    if region.is_hugetlbfs() != Some(false) {
+        return None;
+    }
+    let len = filesz / PAGE * PAGE;
+    if len == 0 {
+        return None;
+    }
+    let host = mem.get_host_address(GuestAddress(paddr)).ok()?;
+    // SAFETY: [host, host+len) lies inside the guest RAM mapping owned by `mem` (checked by
+    // check_fits); MAP_FIXED replaces those anonymous pages with a private file mapping of the
+    // same size and protection, which `mem` unmaps with the rest of the region on drop.
+    let addr = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if addr == libc::MAP_FAILED || addr as u64 != host as u64 {
+        tracing::debug!(
+            "mapping kernel segment failed ({}); copying it",
+            io::Error::last_os_error()
+        );
+        return None;
+    }
+    Some(len)
+}
+
+fn copy_from_file(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    offset: u64,
+    paddr: u64,
+    len: u64,
+    path: &Path,
+) -> Result<(), LoaderError> {
+    let slice = mem.get_slice(GuestAddress(paddr), len as usize)?;
+    // SAFETY: the slice covers exactly `len` bytes of our own mapping; reading the file into
+    // it is a plain copy.
+    let buf =
+        unsafe { std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), len as usize) };
+    file.read_exact_at(buf, offset)
+        .map_err(|source| LoaderError::Read {
+            path: path.into(),
+            source,
+        })
 }
 
 /// Loads the initramfs at the top of low memory; returns (address, size).
@@ -328,15 +392,10 @@ pub fn load_initrd(
     if addr < kernel_end {
         return Err(too_big());
     }
-    let slice = mem.get_slice(GuestAddress(addr), size as usize)?;
-    // SAFETY: as in load_elf: the slice is `size` bytes of our own mapping.
-    let buf =
-        unsafe { std::slice::from_raw_parts_mut(slice.ptr_guard_mut().as_ptr(), size as usize) };
-    file.read_exact_at(buf, 0)
-        .map_err(|source| LoaderError::Read {
-            path: path.into(),
-            source,
-        })?;
+    let done = map_file_pages(mem, &file, 0, addr, size).unwrap_or(0);
+    if size > done {
+        copy_from_file(mem, &file, done, addr + done, size - done, path)?;
+    }
     Ok((addr, size))
 }
 
@@ -391,6 +450,38 @@ mod tests {
         m.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
         assert_eq!(&got, b"\xf4kernel-bytes");
         assert!(k.setup_header.is_none());
+    }
+
+    #[test]
+    fn elf_pages_are_mapped_copy_on_write() {
+        let m = crate::memory::create(&crate::memory::MemoryConfig {
+            size_mib: 32,
+            ..Default::default()
+        })
+        .unwrap();
+        let payload: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();
+        let t = write_tmp(&tiny_elf(&payload, 4096));
+        let k = load_kernel(&m, t.path()).unwrap();
+        let mut got = vec![0u8; payload.len()];
+        m.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(got, payload, "whole pages mapped and the tail copied");
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(
+            maps.contains(t.path().to_str().unwrap()),
+            "kernel pages are a file mapping"
+        );
+        // bss after the file bytes reads as zero.
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(0x100_0000 + payload.len() as u64))
+                .unwrap(),
+            0
+        );
+        assert!(k.end >= 0x100_0000 + payload.len() as u64 + 4096);
+        // A guest write stays private: the file is unchanged.
+        m.write_obj(0xffu8, GuestAddress(0x100_0000)).unwrap();
+        let on_disk = std::fs::read(t.path()).unwrap();
+        assert_eq!(on_disk[0x1000], payload[0]);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x100_0000)).unwrap(), 0xff);
     }
 
     #[test]

@@ -1,8 +1,342 @@
-//! Placeholder: being written.
+//! `xcgi bench`: figures for docs/benchmarks.md.
+//!
+//! - `setup`: VMM setup (process start to the first KVM_RUN) measured on this host's /dev/kvm,
+//!   which runs setup natively even where it cannot boot Linux. Each run is a fresh process; its
+//!   start is taken by the parent just before spawning it.
+//! - `boot`: boot to init with xcgi and with QEMU `-M microvm -enable-kvm`, same kernel and
+//!   initramfs, same machine, same run (in the lab where hardware KVM is missing).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("not implemented yet")
+#[derive(clap::Subcommand)]
+enum What {
+    /// VMM setup time on this host: memory sizes x page sizes x populate.
+    Setup(SetupArgs),
+    /// Boot to init: xcgi vs QEMU microvm, same kernel and image, same run.
+    Boot(BootArgs),
+}
+
+#[derive(clap::Args)]
+struct SetupArgs {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initramfs: PathBuf,
+    /// Memory sizes in MiB, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [128u64, 1024])]
+    mem: Vec<u64>,
+    /// Runs per configuration.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// Also measure with MAP_POPULATE.
+    #[arg(long)]
+    populate: bool,
+    /// Raise vm.nr_hugepages for the 2 MiB runs and put the old value back afterwards.
+    #[arg(long)]
+    reserve_hugepages: bool,
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initramfs: PathBuf,
+    /// Console text that marks "init is running" (the first line the program prints).
+    #[arg(long, default_value = "Hello!")]
+    marker: String,
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, default_value_t = 128)]
+    mem: u64,
+    /// Skip the QEMU side.
+    #[arg(long)]
+    no_qemu: bool,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: String,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    match a.what {
+        What::Setup(s) => setup(s),
+        What::Boot(b) => boot(b),
+    }
+}
+
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: plain syscall wrapper filling a local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+/// Printed by `xcgi run --setup-only` for the parent to read.
+pub const SETUP_MARK: &str = "setup_done_monotonic_ns=";
+
+pub fn print_setup_mark() {
+    println!("{SETUP_MARK}{}", monotonic_ns());
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+struct SetupRun {
+    /// Parent's spawn to the child's first KVM_RUN.
+    from_spawn_ms: f64,
+    /// Child's main() to the first KVM_RUN.
+    in_process_ms: f64,
+    phases: Vec<(String, f64)>,
+}
+
+fn setup_once(exe: &PathBuf, s: &SetupArgs, mem: u64, huge: bool, populate: bool) -> anyhow::Result<SetupRun> {
+    let mut cmd = Command::new(exe);
+    cmd.args(["run", "--setup-only", "--kernel"])
+        .arg(&s.kernel)
+        .arg("--initramfs")
+        .arg(&s.initramfs)
+        .args(["--mem", &mem.to_string()]);
+    if huge {
+        cmd.arg("--hugepages");
+    }
+    if populate {
+        cmd.arg("--populate");
+    }
+    let t0 = monotonic_ns();
+    let out = cmd.output().context("spawning xcgi run")?;
+    if !out.status.success() {
+        bail!("xcgi run --setup-only failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = SetupRun { from_spawn_ms: f64::NAN, in_process_ms: f64::NAN, phases: vec![] };
+    for line in text.lines() {
+        if let Some(ns) = line.strip_prefix(SETUP_MARK) {
+            let done: u128 = ns.trim().parse().context("bad setup mark")?;
+            r.from_spawn_ms = done.saturating_sub(t0) as f64 / 1e6;
+        } else if let Some(rest) = line.strip_prefix("phase ") {
+            let mut it = rest.split_whitespace();
+            if let (Some(name), Some(v)) = (it.next(), it.next()) {
+                r.phases.push((name.to_string(), v.parse().unwrap_or(f64::NAN)));
+            }
+        } else if let Some(rest) = line.strip_prefix("xcgi: setup ") {
+            r.in_process_ms = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+        }
+    }
+    if r.from_spawn_ms.is_nan() {
+        bail!("xcgi run --setup-only printed no setup mark:\n{text}");
+    }
+    Ok(r)
+}
+
+fn read_sysctl() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok()?.trim().parse().ok()
+}
+
+fn setup(s: SetupArgs) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("finding the xcgi executable")?;
+    let max_mem = s.mem.iter().copied().max().unwrap_or(128);
+    let old_pool = read_sysctl();
+    let mut huge_ok = xcgi_vmm::memory::free_huge_pages().unwrap_or(0) * 2 >= max_mem;
+    if !huge_ok && s.reserve_hugepages {
+        let want = old_pool.unwrap_or(0) + max_mem / 2;
+        std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string())
+            .context("raising vm.nr_hugepages (needs root)")?;
+        huge_ok = xcgi_vmm::memory::free_huge_pages().unwrap_or(0) * 2 >= max_mem;
+    }
+    println!("# VMM setup: process spawn -> first KVM_RUN, {} runs each, kernel {}", s.runs, s.kernel.display());
+    println!("{:>8} {:>6} {:>9} {:>10} {:>10} {:>12}  slowest phases (median ms)", "mem MiB", "pages", "populate", "median ms", "p90 ms", "in-proc ms");
+    let mut failed = false;
+    for &mem in &s.mem {
+        for huge in [false, true] {
+            for populate in if s.populate { vec![false, true] } else { vec![false] } {
+                if huge && !huge_ok {
+                    println!("{mem:>8} {:>6} {:>9}  skipped: not enough free huge pages (pass --reserve-hugepages or raise vm.nr_hugepages)", "2M", populate);
+                    continue;
+                }
+                // One warm-up run, then the measured ones.
+                let _ = setup_once(&exe, &s, mem, huge, populate);
+                let mut spawn = Vec::new();
+                let mut inproc = Vec::new();
+                let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
+                for _ in 0..s.runs {
+                    match setup_once(&exe, &s, mem, huge, populate) {
+                        Ok(r) => {
+                            spawn.push(r.from_spawn_ms);
+                            inproc.push(r.in_process_ms);
+                            for (name, v) in r.phases {
+                                match phases.iter_mut().find(|(n, _)| *n == name) {
+                                    Some((_, vs)) => vs.push(v),
+                                    None => phases.push((name, vec![v])),
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("xcgi bench: {e:#}");
+                            failed = true;
+                            break;
+                        }
+                    }
+                }
+                let mut top: Vec<(String, f64)> =
+                    phases.into_iter().map(|(n, mut v)| (n, median(&mut v))).collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let top: Vec<String> = top.iter().take(3).map(|(n, v)| format!("{n} {v:.3}")).collect();
+                println!(
+                    "{mem:>8} {:>6} {:>9} {:>10.3} {:>10.3} {:>12.3}  {}",
+                    if huge { "2M" } else { "4K" },
+                    populate,
+                    median(&mut spawn.clone()),
+                    percentile(&mut spawn, 0.9),
+                    median(&mut inproc),
+                    top.join(", ")
+                );
+            }
+        }
+    }
+    if s.reserve_hugepages {
+        if let Some(old) = old_pool {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", old.to_string());
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// Guest timestamp `[    0.123456]` at the start of a console line's text.
+fn guest_stamp(line: &str) -> Option<f64> {
+    let open = line.find('[')?;
+    let close = line[open..].find(']')? + open;
+    line[open + 1..close].trim().parse().ok()
+}
+
+struct BootRun {
+    marker_ms: f64,
+    exit_ms: f64,
+    guest_init_exit_s: Option<f64>,
+    code: Option<i32>,
+}
+
+/// Spawns `cmd`, stamps each stdout line on arrival; returns when it exits.
+fn time_boot(mut cmd: Command, marker: &str, timeout: Duration) -> anyhow::Result<BootRun> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut marker_ms = f64::NAN;
+    let mut guest = None;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        if marker_ms.is_nan() && line.contains(marker) {
+            marker_ms = t0.elapsed().as_secs_f64() * 1e3;
+        }
+        if line.contains("Attempted to kill init") {
+            guest = guest_stamp(&line);
+        }
+        if t0.elapsed() > timeout {
+            let _ = child.kill();
+            break;
+        }
+    }
+    let status = child.wait()?;
+    Ok(BootRun { marker_ms, exit_ms: t0.elapsed().as_secs_f64() * 1e3, guest_init_exit_s: guest, code: status.code() })
+}
+
+fn report(name: &str, runs: &mut [BootRun]) -> (f64, f64) {
+    let mut m: Vec<f64> = runs.iter().map(|r| r.marker_ms).collect();
+    let mut e: Vec<f64> = runs.iter().map(|r| r.exit_ms).collect();
+    let mut g: Vec<f64> = runs.iter().filter_map(|r| r.guest_init_exit_s).map(|s| s * 1e3).collect();
+    let codes: Vec<String> = runs.iter().map(|r| r.code.map(|c| c.to_string()).unwrap_or("-".into())).collect();
+    let (mm, me) = (median(&mut m), median(&mut e));
+    println!(
+        "{name:<8} marker (median) {mm:>9.1} ms | exit {me:>9.1} ms | guest clock at init exit {:>8.1} ms | exit codes {}",
+        median(&mut g),
+        codes.join(",")
+    );
+    (mm, me)
+}
+
+fn boot(b: BootArgs) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("finding the xcgi executable")?;
+    let timeout = Duration::from_secs(120);
+    let cmdline = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check quiet rdinit=/init";
+    let mut ours = Vec::new();
+    let mut qemu = Vec::new();
+    for i in 0..b.runs {
+        let mut c = Command::new(&exe);
+        c.args(["run", "--quiet", "--timeout", "100", "--kernel"])
+            .arg(&b.kernel)
+            .arg("--initramfs")
+            .arg(&b.initramfs)
+            .args(["--mem", &b.mem.to_string()]);
+        ours.push(time_boot(c, &b.marker, timeout)?);
+        if !b.no_qemu {
+            let mut q = Command::new(&b.qemu);
+            q.args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-smp", "1"])
+                .args(["-m", &b.mem.to_string()])
+                .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+                .arg("-kernel")
+                .arg(&b.kernel)
+                .arg("-initrd")
+                .arg(&b.initramfs)
+                .args(["-append", cmdline]);
+            qemu.push(time_boot(q, &b.marker, timeout)?);
+        }
+        eprintln!("xcgi bench: run {}/{} done", i + 1, b.runs);
+    }
+    println!("# boot to init: host wall time from spawn, {} runs, {} MiB, kernel {}", b.runs, b.mem, b.kernel.display());
+    let (om, oe) = report("xcgi", &mut ours);
+    if !b.no_qemu {
+        let (qm, qe) = report("qemu", &mut qemu);
+        println!("ratio qemu/xcgi: to marker {:.2}x, to exit {:.2}x", qm / om, qe / oe);
+    }
+    let bad = ours.iter().any(|r| r.marker_ms.is_nan());
+    if bad {
+        eprintln!("xcgi bench: the marker {:?} was not seen in every xcgi run", b.marker);
+    }
+    Ok(if bad { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_stamp_parses_printk_time() {
+        assert_eq!(
+            guest_stamp("00.512000 [    0.498765] Kernel panic - not syncing: Attempted to kill init!"),
+            Some(0.498765)
+        );
+        assert_eq!(guest_stamp("no stamp"), None);
+    }
+
+    #[test]
+    fn median_and_percentile() {
+        let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(median(&mut v), 3.0);
+        assert_eq!(percentile(&mut v, 0.9), 5.0);
+    }
 }

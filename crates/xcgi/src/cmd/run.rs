@@ -100,8 +100,9 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
         .context("cannot start the VM")?;
     let t = &outcome.timings;
     if cfg.setup_only {
+        super::bench::print_setup_mark();
         for (name, d) in &t.phases {
-            println!("phase {name:<14} {}", ms(*d));
+            println!("phase {:<14} {}", name.replace(' ', "_"), ms(*d));
         }
     }
     if !a.quiet {

@@ -1,0 +1,1039 @@
+//! The virtio-mmio transport, register layout version 2 (virtio 1.1+ "modern" devices only).
+//!
+//! The transport owns the virtqueues and the device model. All register accesses arrive
+//! synchronously from a vCPU thread; a write to QueueNotify processes that queue right away and,
+//! when a buffer was used, sets bit 0 of InterruptStatus and writes the irq eventfd (which the
+//! VMM registers as a KVM irqfd for the device's GSI).
+//!
+//! The common registers (below 0x100) accept 4-byte accesses only; any other size reads as zero
+//! and is ignored on write, as are unknown offsets and read-only registers. The device
+//! configuration space (0x100 and up) accepts any size.
+
+use tracing::{debug, error, warn};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::MmioDevice;
+
+/// "virt" in little-endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// Register layout version: 2 is the virtio 1.0+ ("modern") layout.
+pub const MMIO_VERSION: u32 = 2;
+/// Our vendor id: "xcgi" in little-endian.
+pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"xcgi");
+/// Size of one device's MMIO window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+
+// Register offsets (virtio 1.2, 4.2.2). The bindings define these as u32; the bus hands us u64.
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = 0x050;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_DRIVER_LOW: u64 = 0x090;
+const QUEUE_DRIVER_HIGH: u64 = 0x094;
+const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const SHM_SEL: u64 = 0x0ac;
+const SHM_LEN_LOW: u64 = 0x0b0;
+const SHM_LEN_HIGH: u64 = 0x0b4;
+const SHM_BASE_LOW: u64 = 0x0b8;
+const SHM_BASE_HIGH: u64 = 0x0bc;
+const CONFIG_GENERATION: u64 = 0x0fc;
+/// Start of the device-specific configuration space.
+pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+const S_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+
+/// Errors building a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// The device model declared a queue size `virtio_queue` rejects.
+    #[error("virtqueue {index}: invalid maximum size {size}: {source}")]
+    InvalidQueueSize {
+        index: usize,
+        size: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The device model does not offer VIRTIO_F_VERSION_1; this transport is modern-only.
+    #[error("device type {0} does not offer VIRTIO_F_VERSION_1")]
+    NotModern(u32),
+}
+
+/// A virtio device behind a virtio-mmio register window.
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// Wrap `device`. `mem` is the guest's memory (a cheap clone: the regions are shared);
+    /// `irq` is written whenever the device interrupts the driver and must be registered by the
+    /// VMM as a KVM irqfd for the device's GSI.
+    pub fn new(device: D, mem: GuestMemoryMmap, irq: EventFd) -> Result<Self, MmioError> {
+        if device.device_features() & VIRTIO_F_VERSION_1 == 0 {
+            return Err(MmioError::NotModern(device.device_type()));
+        }
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| {
+                Queue::new(size).map_err(|source| MmioError::InvalidQueueSize {
+                    index,
+                    size,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            irq,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device model, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// The eventfd written on every interrupt (to register as a KVM irqfd).
+    pub fn interrupt_evt(&self) -> &EventFd {
+        &self.irq
+    }
+
+    /// The device status register, as the driver last left it (plus NEEDS_RESET if the device
+    /// failed to activate).
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the driver set DRIVER_OK and the device accepted it.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    /// The virtqueues, as configured by the driver.
+    pub fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    /// Tell the driver the device configuration space changed: bump ConfigGeneration and raise
+    /// the configuration-change interrupt.
+    pub fn notify_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    fn raise_interrupt(&mut self, bit: u32) {
+        self.interrupt_status |= bit;
+        if let Err(e) = self.irq.write(1) {
+            error!(
+                device_type = self.device.device_type(),
+                error = %e,
+                "virtio-mmio: failed to signal the irq eventfd"
+            );
+        }
+    }
+
+    fn reset(&mut self) {
+        debug!(
+            device_type = self.device.device_type(),
+            "virtio-mmio: device reset"
+        );
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+        self.activated = false;
+    }
+
+    fn selected_queue(&self) -> Option<&Queue> {
+        self.queues.get(usize::try_from(self.queue_sel).ok()?)
+    }
+
+    /// Run `f` on the selected queue if the driver may configure queues now: after FEATURES_OK,
+    /// before DRIVER_OK, not failed, and only while the queue is not ready.
+    fn configure_queue(&mut self, what: &str, f: impl FnOnce(&mut Queue)) {
+        let phase = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK;
+        let mask = phase | S_DRIVER_OK | S_FAILED | S_NEEDS_RESET;
+        if self.status & mask != phase {
+            warn!(
+                status = self.status,
+                register = what,
+                "virtio-mmio: queue configured outside the FEATURES_OK phase; ignored"
+            );
+            return;
+        }
+        let sel = self.queue_sel;
+        match usize::try_from(sel)
+            .ok()
+            .and_then(|i| self.queues.get_mut(i))
+        {
+            Some(q) if q.ready() => warn!(
+                queue = sel,
+                register = what,
+                "virtio-mmio: queue configured while ready; ignored"
+            ),
+            Some(q) => f(q),
+            None => warn!(
+                queue = sel,
+                register = what,
+                "virtio-mmio: no such queue; write ignored"
+            ),
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        let mask = S_DRIVER | S_FEATURES_OK | S_FAILED;
+        if self.status & mask != S_DRIVER {
+            warn!(
+                status = self.status,
+                "virtio-mmio: DriverFeatures written outside feature negotiation; ignored"
+            );
+            return;
+        }
+        let value = u64::from(value);
+        match self.driver_features_sel {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32),
+            sel => debug!(
+                sel,
+                value, "virtio-mmio: DriverFeatures page out of range; ignored"
+            ),
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        // NEEDS_RESET is the device's to set; keep it whatever the driver writes.
+        let mut new = (value & !S_NEEDS_RESET) | (old & S_NEEDS_RESET);
+        if new & old != old {
+            warn!(
+                old,
+                new = value,
+                "virtio-mmio: driver cleared status bits without a reset; ignored"
+            );
+            return;
+        }
+        let added = new & !old;
+        if added & S_FAILED != 0 {
+            warn!(
+                device_type = self.device.device_type(),
+                "virtio-mmio: driver gave up on the device (FAILED)"
+            );
+        }
+        if added & S_DRIVER != 0 && new & S_ACKNOWLEDGE == 0 {
+            warn!("virtio-mmio: DRIVER set before ACKNOWLEDGE; ignored");
+            new &= !S_DRIVER;
+        }
+        if added & S_FEATURES_OK != 0 && !self.features_acceptable(new) {
+            // Leaving FEATURES_OK clear tells the driver the subset is not supported.
+            new &= !S_FEATURES_OK;
+        }
+        if added & S_DRIVER_OK != 0 {
+            if new & S_FEATURES_OK == 0 || new & (S_FAILED | S_NEEDS_RESET) != 0 {
+                warn!(
+                    status = new,
+                    "virtio-mmio: DRIVER_OK set out of order; ignored"
+                );
+                new &= !S_DRIVER_OK;
+            } else {
+                self.status = new;
+                self.activate();
+                return;
+            }
+        }
+        self.status = new;
+    }
+
+    fn features_acceptable(&self, status: u32) -> bool {
+        let offered = self.device.device_features();
+        if status & S_DRIVER == 0 {
+            warn!("virtio-mmio: FEATURES_OK set before DRIVER");
+            false
+        } else if self.driver_features & !offered != 0 {
+            warn!(
+                acked = self.driver_features,
+                offered, "virtio-mmio: driver accepted features the device does not offer"
+            );
+            false
+        } else if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (legacy driver?)");
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Called with DRIVER_OK just set in `self.status`.
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let result = match self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.mem))
+        {
+            Some(index) => Err(super::ActivateError::InvalidQueue(index)),
+            None => {
+                for q in &mut self.queues {
+                    q.set_event_idx(event_idx);
+                }
+                self.device.activate(self.driver_features, &self.queues)
+            }
+        };
+        match result {
+            Ok(()) => {
+                debug!(
+                    device_type = self.device.device_type(),
+                    features = self.driver_features,
+                    "virtio-mmio: device activated"
+                );
+                self.activated = true;
+            }
+            Err(e) => {
+                error!(
+                    device_type = self.device.device_type(),
+                    error = %e,
+                    "virtio-mmio: device activation failed"
+                );
+                self.status |= S_NEEDS_RESET;
+                self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG);
+            }
+        }
+    }
+
+    fn queue_notify(&mut self, value: u32) {
+        if !self.activated || self.status & S_NEEDS_RESET != 0 {
+            debug!(
+                queue = value,
+                "virtio-mmio: notify before the device is live; ignored"
+            );
+            return;
+        }
+        // Without VIRTIO_F_NOTIFICATION_DATA the value is just the queue index.
+        let index = value as usize;
+        let Some(queue) = self.queues.get_mut(index) else {
+            warn!(
+                queue = value,
+                "virtio-mmio: notify for a queue that does not exist"
+            );
+            return;
+        };
+        if !queue.ready() {
+            debug!(
+                queue = value,
+                "virtio-mmio: notify for a queue that is not ready"
+            );
+            return;
+        }
+        if self.device.process_queue(index, queue, &self.mem) {
+            self.raise_interrupt(VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    /// QueueDesc/QueueDriver/QueueDevice Low/High: replace one 32-bit half of a ring address.
+    fn write_queue_address(&mut self, offset: u64, value: u32) {
+        let high = offset & 0x4 != 0;
+        let ring = match offset & !0x4 {
+            QUEUE_DESC_LOW => Ring::Desc,
+            QUEUE_DRIVER_LOW => Ring::Avail,
+            _ => Ring::Used,
+        };
+        self.configure_queue(ring.register_name(high), |q| {
+            let old = match ring {
+                Ring::Desc => q.desc_table(),
+                Ring::Avail => q.avail_ring(),
+                Ring::Used => q.used_ring(),
+            };
+            let value = u64::from(value);
+            let addr = GuestAddress(if high {
+                (old & 0xffff_ffff) | (value << 32)
+            } else {
+                (old & !0xffff_ffff) | value
+            });
+            let result = match ring {
+                Ring::Desc => q.try_set_desc_table_address(addr),
+                Ring::Avail => q.try_set_avail_ring_address(addr),
+                Ring::Used => q.try_set_used_ring_address(addr),
+            };
+            if let Err(e) = result {
+                warn!(
+                    address = addr.0,
+                    register = ring.register_name(high),
+                    error = %e,
+                    "virtio-mmio: misaligned queue address; ignored"
+                );
+            }
+        });
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            VERSION => MMIO_VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR => VENDOR_ID,
+            DEVICE_FEATURES => {
+                let features = self.device.device_features();
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            INTERRUPT_STATUS => self.interrupt_status,
+            STATUS => self.status,
+            // No shared memory regions: a length (and base) of all ones means "none".
+            SHM_LEN_LOW | SHM_LEN_HIGH | SHM_BASE_LOW | SHM_BASE_HIGH => u32::MAX,
+            CONFIG_GENERATION => self.config_generation,
+            _ => {
+                debug!(
+                    offset,
+                    "virtio-mmio: read of a write-only or unknown register"
+                );
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            DRIVER_FEATURES => self.write_driver_features(value),
+            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            QUEUE_SEL => self.queue_sel = value,
+            QUEUE_NUM => self.configure_queue("QueueNum", |q| {
+                if let Ok(size) = u16::try_from(value) {
+                    if q.try_set_size(size).is_ok() {
+                        return;
+                    }
+                }
+                warn!(size = value, "virtio-mmio: invalid queue size; ignored");
+            }),
+            QUEUE_READY => match value {
+                1 => self.configure_queue("QueueReady", |q| q.set_ready(true)),
+                // Stopping a queue is always allowed; we simply stop processing it.
+                0 => {
+                    let sel = self.queue_sel;
+                    if let Some(q) = usize::try_from(sel)
+                        .ok()
+                        .and_then(|i| self.queues.get_mut(i))
+                    {
+                        q.set_ready(false);
+                    }
+                }
+                _ => warn!(value, "virtio-mmio: invalid QueueReady value; ignored"),
+            },
+            QUEUE_NOTIFY => self.queue_notify(value),
+            INTERRUPT_ACK => self.interrupt_status &= !value,
+            STATUS => self.write_status(value),
+            QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
+            | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH => self.write_queue_address(offset, value),
+            // We expose no shared memory regions; the selector has nothing to select.
+            SHM_SEL => {}
+            _ => debug!(
+                offset,
+                value, "virtio-mmio: write to a read-only or unknown register; ignored"
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ring {
+    Desc,
+    Avail,
+    Used,
+}
+
+impl Ring {
+    fn register_name(self, high: bool) -> &'static str {
+        match (self, high) {
+            (Ring::Desc, false) => "QueueDescLow",
+            (Ring::Desc, true) => "QueueDescHigh",
+            (Ring::Avail, false) => "QueueDriverLow",
+            (Ring::Avail, true) => "QueueDriverHigh",
+            (Ring::Used, false) => "QueueDeviceLow",
+            (Ring::Used, true) => "QueueDeviceHigh",
+        }
+    }
+}
+
+impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 {
+            debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: non 32-bit register read; reads as 0"
+            );
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            debug!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: non 32-bit register write; ignored"
+            );
+            return;
+        };
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::testing::{
+        bring_up, eventfd, memory, r, read_reg, w, write_reg, DriverQueue, BUF_BASE, QUEUE_BASE,
+    };
+    use crate::devices::virtio::ActivateError;
+
+    const ACK: u32 = S_ACKNOWLEDGE;
+    const DRV: u32 = S_ACKNOWLEDGE | S_DRIVER;
+    const FOK: u32 = DRV | S_FEATURES_OK;
+    const DOK: u32 = FOK | S_DRIVER_OK;
+    const FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 5) | (1 << 3);
+
+    #[derive(Default)]
+    struct TestDevice {
+        features: u64,
+        sizes: Vec<u16>,
+        config: Vec<u8>,
+        config_writes: Vec<(u64, Vec<u8>)>,
+        activated_with: Option<u64>,
+        resets: usize,
+        notified: Vec<usize>,
+        fail_activate: bool,
+    }
+
+    impl VirtioDevice for TestDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn device_features(&self) -> u64 {
+            self.features
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| self.config.get(o + i))
+                    .copied()
+                    .unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.config_writes.push((offset, data.to_vec()));
+        }
+        fn activate(&mut self, acked: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
+            if self.fail_activate {
+                return Err(ActivateError::QueueNotReady(0));
+            }
+            self.activated_with = Some(acked);
+            Ok(())
+        }
+        fn process_queue(
+            &mut self,
+            index: usize,
+            queue: &mut Queue,
+            mem: &GuestMemoryMmap,
+        ) -> bool {
+            self.notified.push(index);
+            let mut used = false;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                used |= queue.add_used(mem, chain.head_index(), 0).is_ok();
+            }
+            used
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn transport_on(mem: &GuestMemoryMmap) -> MmioTransport<TestDevice> {
+        let dev = TestDevice {
+            features: FEATURES,
+            sizes: vec![16, 256],
+            config: (1..=8).collect(),
+            ..Default::default()
+        };
+        MmioTransport::new(dev, mem.clone(), eventfd()).expect("transport")
+    }
+
+    fn transport() -> MmioTransport<TestDevice> {
+        transport_on(&memory())
+    }
+
+    /// Status up to FEATURES_OK with every offered feature accepted.
+    fn negotiate(t: &mut MmioTransport<TestDevice>) {
+        write_reg(t, STATUS, ACK);
+        write_reg(t, STATUS, DRV);
+        write_reg(t, DRIVER_FEATURES_SEL, 0);
+        write_reg(t, DRIVER_FEATURES, FEATURES as u32);
+        write_reg(t, DRIVER_FEATURES_SEL, 1);
+        write_reg(t, DRIVER_FEATURES, (FEATURES >> 32) as u32);
+        write_reg(t, STATUS, FOK);
+        assert_eq!(read_reg(t, STATUS), FOK);
+    }
+
+    #[test]
+    fn identity_registers() {
+        let mut t = transport();
+        assert_eq!(read_reg(&mut t, MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(read_reg(&mut t, VERSION), 2);
+        assert_eq!(read_reg(&mut t, DEVICE_ID), 42);
+        assert_eq!(read_reg(&mut t, VENDOR), VENDOR_ID);
+        assert_eq!(read_reg(&mut t, STATUS), 0);
+        assert_eq!(read_reg(&mut t, CONFIG_GENERATION), 0);
+        // No shared memory regions: length reads as all ones.
+        assert_eq!(read_reg(&mut t, SHM_LEN_LOW), u32::MAX);
+        assert_eq!(read_reg(&mut t, SHM_LEN_HIGH), u32::MAX);
+    }
+
+    #[test]
+    fn new_rejects_bad_devices() {
+        let legacy = TestDevice {
+            features: 1 << 5,
+            sizes: vec![16],
+            ..Default::default()
+        };
+        assert!(matches!(
+            MmioTransport::new(legacy, memory(), eventfd()),
+            Err(MmioError::NotModern(42))
+        ));
+        let odd = TestDevice {
+            features: VIRTIO_F_VERSION_1,
+            sizes: vec![16, 100],
+            ..Default::default()
+        };
+        assert!(matches!(
+            MmioTransport::new(odd, memory(), eventfd()),
+            Err(MmioError::InvalidQueueSize {
+                index: 1,
+                size: 100,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn device_features_are_paged() {
+        let mut t = transport();
+        assert_eq!(read_reg(&mut t, DEVICE_FEATURES), FEATURES as u32);
+        write_reg(&mut t, DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read_reg(&mut t, DEVICE_FEATURES), 1); // VERSION_1 is bit 32
+        write_reg(&mut t, DEVICE_FEATURES_SEL, 2);
+        assert_eq!(read_reg(&mut t, DEVICE_FEATURES), 0);
+        write_reg(&mut t, DEVICE_FEATURES_SEL, u32::MAX);
+        assert_eq!(read_reg(&mut t, DEVICE_FEATURES), 0);
+        write_reg(&mut t, DEVICE_FEATURES_SEL, 0);
+        assert_eq!(read_reg(&mut t, DEVICE_FEATURES), FEATURES as u32);
+    }
+
+    #[test]
+    fn feature_negotiation() {
+        let mut t = transport();
+        // Before DRIVER, DriverFeatures writes are ignored.
+        write_reg(&mut t, DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(t.acked_features(), 0);
+
+        write_reg(&mut t, STATUS, ACK);
+        write_reg(&mut t, STATUS, DRV);
+        // Accepting a feature that was not offered: FEATURES_OK does not stick.
+        write_reg(&mut t, DRIVER_FEATURES_SEL, 1);
+        write_reg(&mut t, DRIVER_FEATURES, 1);
+        write_reg(&mut t, DRIVER_FEATURES_SEL, 0);
+        write_reg(&mut t, DRIVER_FEATURES, (1 << 5) | (1 << 7));
+        write_reg(&mut t, STATUS, FOK);
+        assert_eq!(read_reg(&mut t, STATUS), DRV);
+
+        // Not accepting VERSION_1 (a legacy driver): refused too.
+        write_reg(&mut t, DRIVER_FEATURES, 1 << 5);
+        write_reg(&mut t, DRIVER_FEATURES_SEL, 1);
+        write_reg(&mut t, DRIVER_FEATURES, 0);
+        write_reg(&mut t, STATUS, FOK);
+        assert_eq!(read_reg(&mut t, STATUS), DRV);
+
+        // A subset including VERSION_1 is fine; pages beyond 1 are ignored.
+        write_reg(&mut t, DRIVER_FEATURES, 1);
+        write_reg(&mut t, DRIVER_FEATURES_SEL, 2);
+        write_reg(&mut t, DRIVER_FEATURES, 0xffff_ffff);
+        write_reg(&mut t, STATUS, FOK);
+        assert_eq!(read_reg(&mut t, STATUS), FOK);
+        assert_eq!(t.acked_features(), VIRTIO_F_VERSION_1 | (1 << 5));
+
+        // After FEATURES_OK the features are frozen.
+        write_reg(&mut t, DRIVER_FEATURES_SEL, 0);
+        write_reg(&mut t, DRIVER_FEATURES, 1 << 3);
+        assert_eq!(t.acked_features(), VIRTIO_F_VERSION_1 | (1 << 5));
+    }
+
+    #[test]
+    fn queue_setup() {
+        let mut t = transport();
+        // Queue registers are ignored before FEATURES_OK.
+        write_reg(&mut t, QUEUE_NUM, 8);
+        write_reg(&mut t, QUEUE_READY, 1);
+        assert_eq!(t.queues()[0].size(), 16);
+        assert!(!t.queues()[0].ready());
+
+        negotiate(&mut t);
+        assert_eq!(read_reg(&mut t, QUEUE_NUM_MAX), 16);
+        write_reg(&mut t, QUEUE_SEL, 1);
+        assert_eq!(read_reg(&mut t, QUEUE_NUM_MAX), 256);
+        write_reg(&mut t, QUEUE_SEL, 2);
+        assert_eq!(read_reg(&mut t, QUEUE_NUM_MAX), 0);
+        assert_eq!(read_reg(&mut t, QUEUE_READY), 0);
+        write_reg(&mut t, QUEUE_NUM, 8); // no such queue: ignored, no panic
+        write_reg(&mut t, QUEUE_READY, 1);
+
+        write_reg(&mut t, QUEUE_SEL, 0);
+        // Sizes that are not a power of two, zero, or above the max are ignored.
+        for bad in [0, 3, 32, 0x1_0000 + 8] {
+            write_reg(&mut t, QUEUE_NUM, bad);
+            assert_eq!(t.queues()[0].size(), 16, "size {bad}");
+        }
+        write_reg(&mut t, QUEUE_NUM, 8);
+        assert_eq!(t.queues()[0].size(), 8);
+
+        write_reg(&mut t, QUEUE_DESC_LOW, 0x1000);
+        write_reg(&mut t, QUEUE_DESC_HIGH, 0x1);
+        write_reg(&mut t, QUEUE_DRIVER_LOW, 0x2000);
+        write_reg(&mut t, QUEUE_DRIVER_HIGH, 0x2);
+        write_reg(&mut t, QUEUE_DEVICE_LOW, 0x3000);
+        write_reg(&mut t, QUEUE_DEVICE_HIGH, 0x3);
+        let q = &t.queues()[0];
+        assert_eq!(q.desc_table(), 0x1_0000_1000);
+        assert_eq!(q.avail_ring(), 0x2_0000_2000);
+        assert_eq!(q.used_ring(), 0x3_0000_3000);
+
+        // Misaligned addresses are ignored.
+        write_reg(&mut t, QUEUE_DESC_LOW, 0x1008);
+        write_reg(&mut t, QUEUE_DRIVER_LOW, 0x2001);
+        write_reg(&mut t, QUEUE_DEVICE_LOW, 0x3002);
+        let q = &t.queues()[0];
+        assert_eq!(q.desc_table(), 0x1_0000_1000);
+        assert_eq!(q.avail_ring(), 0x2_0000_2000);
+        assert_eq!(q.used_ring(), 0x3_0000_3000);
+
+        // Queue registers are write-only.
+        assert_eq!(read_reg(&mut t, QUEUE_NUM), 0);
+        assert_eq!(read_reg(&mut t, QUEUE_DESC_LOW), 0);
+
+        write_reg(&mut t, QUEUE_READY, 1);
+        assert_eq!(read_reg(&mut t, QUEUE_READY), 1);
+        // While ready, the queue cannot be reconfigured.
+        write_reg(&mut t, QUEUE_NUM, 4);
+        write_reg(&mut t, QUEUE_DESC_LOW, 0x4000);
+        assert_eq!(t.queues()[0].size(), 8);
+        assert_eq!(t.queues()[0].desc_table(), 0x1_0000_1000);
+        // The other queue is untouched.
+        assert!(!t.queues()[1].ready());
+        // Invalid QueueReady values are ignored; 0 stops the queue.
+        write_reg(&mut t, QUEUE_READY, 2);
+        assert_eq!(read_reg(&mut t, QUEUE_READY), 1);
+        write_reg(&mut t, QUEUE_READY, 0);
+        assert_eq!(read_reg(&mut t, QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn status_zero_resets_device_and_queues() {
+        let mem = memory();
+        let mut t = transport_on(&mem);
+        let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        bring_up(&mut t, &[&q]);
+        assert_eq!(read_reg(&mut t, STATUS), DOK);
+        assert!(t.is_activated());
+        assert_eq!(t.device().activated_with, Some(FEATURES));
+        t.notify_config_change();
+        assert_ne!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+        write_reg(&mut t, QUEUE_SEL, 1);
+
+        write_reg(&mut t, STATUS, 0);
+        assert_eq!(read_reg(&mut t, STATUS), 0);
+        assert!(!t.is_activated());
+        assert_eq!(t.device().resets, 2); // bring_up starts with a reset too
+        assert_eq!(t.acked_features(), 0);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+        // QueueSel back to 0, queue back to its defaults.
+        assert_eq!(read_reg(&mut t, QUEUE_NUM_MAX), 16);
+        let q0 = &t.queues()[0];
+        assert!(!q0.ready());
+        assert_eq!(q0.size(), 16);
+        assert_eq!(q0.desc_table(), 0);
+        assert_eq!(q0.avail_ring(), 0);
+        assert_eq!(q0.used_ring(), 0);
+
+        // And it can be brought up again.
+        let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        bring_up(&mut t, &[&q]);
+        assert_eq!(read_reg(&mut t, STATUS), DOK);
+    }
+
+    #[test]
+    fn status_rules() {
+        let mut t = transport();
+        // DRIVER without ACKNOWLEDGE is dropped.
+        write_reg(&mut t, STATUS, S_DRIVER);
+        assert_eq!(read_reg(&mut t, STATUS), 0);
+        negotiate(&mut t);
+        // Clearing a bit without writing 0 is ignored.
+        write_reg(&mut t, STATUS, ACK);
+        assert_eq!(read_reg(&mut t, STATUS), FOK);
+        // DRIVER_OK needs FEATURES_OK; FAILED is accepted.
+        write_reg(&mut t, STATUS, FOK | S_FAILED);
+        assert_eq!(read_reg(&mut t, STATUS), FOK | S_FAILED);
+        write_reg(&mut t, STATUS, FOK | S_FAILED | S_DRIVER_OK);
+        assert!(!t.is_activated());
+        assert_eq!(read_reg(&mut t, STATUS) & S_DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn bad_offsets_read_zero_and_ignore_writes() {
+        let mem = memory();
+        let mut t = transport_on(&mem);
+        let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        bring_up(&mut t, &[&q]);
+        for offset in [
+            0x001, 0x018, 0x028, 0x02c, 0x040, 0x048, 0x054, 0x068, 0x0a8, 0x0c0, 0x0f8, 0x0fd,
+        ] {
+            assert_eq!(read_reg(&mut t, offset), 0, "offset {offset:#x}");
+            write_reg(&mut t, offset, 0xffff_ffff);
+        }
+        // Write-only registers read as zero.
+        for offset in [
+            DEVICE_FEATURES_SEL,
+            DRIVER_FEATURES,
+            DRIVER_FEATURES_SEL,
+            QUEUE_SEL,
+            QUEUE_NOTIFY,
+            INTERRUPT_ACK,
+        ] {
+            assert_eq!(read_reg(&mut t, offset), 0, "offset {offset:#x}");
+        }
+        // Read-only registers ignore writes.
+        for offset in [
+            MAGIC_VALUE,
+            VERSION,
+            DEVICE_ID,
+            VENDOR,
+            QUEUE_NUM_MAX,
+            INTERRUPT_STATUS,
+        ] {
+            write_reg(&mut t, offset, 0x1234_5678);
+        }
+        write_reg(&mut t, CONFIG_GENERATION, 7);
+        assert_eq!(read_reg(&mut t, MAGIC_VALUE), MMIO_MAGIC_VALUE);
+        assert_eq!(read_reg(&mut t, DEVICE_ID), 42);
+        assert_eq!(read_reg(&mut t, QUEUE_NUM_MAX), 16);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+        assert_eq!(read_reg(&mut t, CONFIG_GENERATION), 0);
+        assert_eq!(read_reg(&mut t, STATUS), DOK);
+        assert!(t.is_activated());
+        assert_eq!(t.device().resets, 1); // only bring_up's initial reset
+    }
+
+    #[test]
+    fn common_registers_need_32_bit_access() {
+        let mut t = transport();
+        for len in [1usize, 2, 3, 8] {
+            let mut data = vec![0xaau8; len];
+            t.read(MAGIC_VALUE, &mut data);
+            assert!(data.iter().all(|&b| b == 0), "read of {len} bytes");
+        }
+        // Writes of other sizes are ignored: status stays 0, features sel stays 0.
+        t.write(STATUS, &[ACK as u8]);
+        t.write(STATUS, &u16::to_le_bytes(ACK as u16));
+        t.write(STATUS, &u64::to_le_bytes(u64::from(ACK)));
+        assert_eq!(read_reg(&mut t, STATUS), 0);
+        t.write(DEVICE_FEATURES_SEL, &[1]);
+        assert_eq!(read_reg(&mut t, DEVICE_FEATURES), FEATURES as u32);
+        t.write(STATUS, &[]);
+        t.read(STATUS, &mut []);
+        assert_eq!(read_reg(&mut t, STATUS), 0);
+    }
+
+    #[test]
+    fn config_space_any_size() {
+        let mut t = transport();
+        let mut b = [0u8; 1];
+        t.read(CONFIG_SPACE_OFFSET + 2, &mut b);
+        assert_eq!(b, [3]);
+        let mut h = [0u8; 2];
+        t.read(CONFIG_SPACE_OFFSET + 6, &mut h);
+        assert_eq!(h, [7, 8]);
+        assert_eq!(read_reg(&mut t, CONFIG_SPACE_OFFSET + 4), 0x0807_0605);
+        // Past the device's config: zeros.
+        let mut q = [0xffu8; 8];
+        t.read(CONFIG_SPACE_OFFSET + 6, &mut q);
+        assert_eq!(q, [7, 8, 0, 0, 0, 0, 0, 0]);
+        t.read(u64::MAX, &mut q);
+        assert_eq!(q, [0; 8]);
+        t.write(CONFIG_SPACE_OFFSET + 1, &[9, 9]);
+        assert_eq!(t.device().config_writes, vec![(1, vec![9, 9])]);
+    }
+
+    #[test]
+    fn config_change_interrupt() {
+        let mut t = transport();
+        t.notify_config_change();
+        assert_eq!(read_reg(&mut t, CONFIG_GENERATION), 1);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(t.interrupt_evt().read().expect("irq signalled"), 1);
+        write_reg(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn notify_processes_queue_and_interrupts() {
+        let mem = memory();
+        let mut t = transport_on(&mem);
+        let mut q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 4);
+        // Nothing happens before DRIVER_OK.
+        write_reg(&mut t, QUEUE_NOTIFY, 0);
+        assert!(t.device().notified.is_empty());
+
+        bring_up(&mut t, &[&q0, &q1]);
+        let head = q0.add_chain(&[r(BUF_BASE, 16), w(BUF_BASE + 16, 1)]);
+        write_reg(&mut t, QUEUE_NOTIFY, 0);
+        assert_eq!(t.device().notified, vec![0]);
+        assert_eq!(q0.used_idx(), 1);
+        assert_eq!(q0.used_elem(0), (u32::from(head), 0));
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(t.interrupt_evt().read().expect("irq signalled"), 1);
+        write_reg(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+
+        // Nothing used: no interrupt.
+        write_reg(&mut t, QUEUE_NOTIFY, 1);
+        assert_eq!(t.device().notified, vec![0, 1]);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+        assert!(t.interrupt_evt().read().is_err(), "no irq expected");
+
+        // Queues that do not exist or are stopped are not processed.
+        write_reg(&mut t, QUEUE_NOTIFY, 2);
+        write_reg(&mut t, QUEUE_NOTIFY, u32::MAX);
+        write_reg(&mut t, QUEUE_SEL, 1);
+        write_reg(&mut t, QUEUE_READY, 0);
+        write_reg(&mut t, QUEUE_NOTIFY, 1);
+        assert_eq!(t.device().notified, vec![0, 1]);
+    }
+
+    #[test]
+    fn activation_failure_sets_needs_reset() {
+        let mem = memory();
+        // Rings outside guest memory.
+        let mut t = transport_on(&mem);
+        negotiate(&mut t);
+        write_reg(&mut t, QUEUE_DESC_HIGH, 0x10);
+        write_reg(&mut t, QUEUE_READY, 1);
+        write_reg(&mut t, STATUS, DOK);
+        assert!(!t.is_activated());
+        assert_eq!(t.device().activated_with, None);
+        assert_eq!(read_reg(&mut t, STATUS), DOK | S_NEEDS_RESET);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(t.interrupt_evt().read().expect("irq signalled"), 1);
+        write_reg(&mut t, QUEUE_NOTIFY, 0);
+        assert!(t.device().notified.is_empty());
+        // The driver cannot clear NEEDS_RESET except by resetting.
+        write_reg(&mut t, STATUS, DOK | S_FAILED);
+        assert_eq!(read_reg(&mut t, STATUS), DOK | S_FAILED | S_NEEDS_RESET);
+        write_reg(&mut t, STATUS, 0);
+        assert_eq!(read_reg(&mut t, STATUS), 0);
+
+        // The device itself refusing.
+        t.device_mut().fail_activate = true;
+        let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        bring_up(&mut t, &[&q]);
+        assert!(!t.is_activated());
+        assert_eq!(read_reg(&mut t, STATUS), DOK | S_NEEDS_RESET);
+    }
+}
