@@ -1,0 +1,106 @@
+//! Shared helpers for the end-to-end tests: the xcgi binary, the cached guest kernel, the
+//! example images, and running a shell script either directly (hardware KVM) or in the lab.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub fn xcgi() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_xcgi"))
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// The default guest kernel, built on first use (cached by `xcgi kernel build`).
+pub fn kernel() -> PathBuf {
+    static K: OnceLock<PathBuf> = OnceLock::new();
+    K.get_or_init(|| {
+        let out = Command::new(xcgi()).args(["kernel", "build"]).output().expect("run xcgi kernel build");
+        assert!(
+            out.status.success(),
+            "xcgi kernel build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(path.is_file(), "kernel build printed {path:?}, which is not a file");
+        path
+    })
+    .clone()
+}
+
+/// target/examples/<file>, building the examples first if it is missing.
+pub fn example(file: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = workspace().join("target/examples").join(file);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let st = Command::new(workspace().join("scripts/build-examples.sh"))
+                .env("XCGI", xcgi())
+                .status()
+                .expect("run scripts/build-examples.sh");
+            assert!(st.success(), "scripts/build-examples.sh failed");
+        });
+    }
+    assert!(path.exists(), "{path:?} missing after building the examples");
+    path
+}
+
+pub struct Ran {
+    pub code: i32,
+    pub output: String,
+}
+
+/// Runs `script` with `sh -c` where VMs can boot: on this host when it has hardware KVM,
+/// else inside the lab. `files` are (host path, name): the script sees each one as `$name`
+/// (an environment variable holding its path), and `xcgi` on PATH.
+pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> Ran {
+    if xcgi_lab::host_has_hardware_kvm() {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script);
+        let dir = xcgi().parent().unwrap().to_path_buf();
+        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+        cmd.env("PATH", path);
+        for (host, name) in files {
+            cmd.env(name, host);
+        }
+        let out = cmd.output().expect("run script");
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        println!("{output}");
+        return Ran { code: out.status.code().unwrap_or(-1), output };
+    }
+    let mut prelude = String::new();
+    let mut cmd = xcgi_lab::LabCommand::new(String::new()).binary(xcgi(), "/usr/bin/xcgi").timeout(timeout);
+    for (host, name) in files {
+        let guest = format!("/xcgi/{name}");
+        cmd = cmd.file(host.to_path_buf(), guest.clone());
+        prelude.push_str(&format!("{name}={guest}; "));
+    }
+    cmd.command = format!("{prelude}{script}");
+    let lab = xcgi_lab::Lab::prepare().expect("prepare the lab");
+    let out = lab.run(&cmd, |line| println!("lab| {line}")).expect("lab run");
+    Ran { code: out.exit_code, output: out.output }
+}
+
+/// Lines of `output` between `begin` and `end` markers printed by a script.
+pub fn section<'a>(output: &'a str, name: &str) -> &'a str {
+    let begin = format!("==={name}===");
+    let end = format!("===end {name}===");
+    let start = output.find(&begin).unwrap_or_else(|| panic!("no section {name} in:\n{output}"));
+    let rest = &output[start + begin.len()..];
+    let stop = rest.find(&end).unwrap_or(rest.len());
+    &rest[..stop]
+}
+
+/// The `rc=N` a script section printed.
+pub fn rc(section: &str) -> i32 {
+    section
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("rc=").and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("no rc= in:\n{section}"))
+}

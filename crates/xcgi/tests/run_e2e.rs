@@ -1,0 +1,110 @@
+//! End to end: `xcgi run` boots the real guest kernel into the example programs on real KVM
+//! (inside the lab when this host has no hardware KVM).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn assert_stamped_line(section: &str, text: &str) {
+    let line = section
+        .lines()
+        .find(|l| l.ends_with(text))
+        .unwrap_or_else(|| panic!("no console line {text:?} in:\n{section}"));
+    // "SS.micros text": host timestamp first.
+    let stamp = line.split(' ').next().unwrap();
+    let (s, us) = stamp.split_once('.').unwrap_or_else(|| panic!("no timestamp on {line:?}"));
+    assert!(s.len() >= 2 && s.chars().all(|c| c.is_ascii_digit()), "{line}");
+    assert!(us.len() == 6 && us.chars().all(|c| c.is_ascii_digit()), "{line}");
+}
+
+fn assert_summary(section: &str, reason: &str) {
+    let summary = section
+        .lines()
+        .find(|l| l.starts_with("xcgi: setup "))
+        .unwrap_or_else(|| panic!("no summary line in:\n{section}"));
+    assert!(summary.contains("first output"), "{summary}");
+    assert!(summary.contains(reason), "{summary}");
+}
+
+#[test]
+fn hello_programs_boot_as_init_and_pass_their_exit_codes() {
+    let kernel = kernel();
+    let c_ext4 = example("hello-c.ext4");
+    let c_cpio = example("hello-c.cpio");
+    let go_ext4 = example("hello-go.ext4");
+    let script = r#"
+        run() { name=$1; shift; echo "===$name==="; xcgi run --kernel "$K" "$@"; echo "rc=$?"; echo "===end $name==="; }
+        run c-ext4 --rootfs "$C_EXT4"
+        run c-cpio --initramfs "$C_CPIO"
+        run go-ext4 --rootfs "$GO_EXT4" --mem 256
+        free_before=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
+        run c-huge --rootfs "$C_EXT4" --hugepages --mem 64
+        echo "huge_free_before=$free_before huge_free_after=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)"
+        echo "leftover_vmms=$(pgrep -c -x xcgi || true)"
+    "#;
+    let r = run_script(
+        script,
+        &[(&kernel, "K"), (&c_ext4, "C_EXT4"), (&c_cpio, "C_CPIO"), (&go_ext4, "GO_EXT4")],
+        Duration::from_secs(400),
+    );
+    assert_eq!(r.code, 0, "script failed:\n{}", r.output);
+
+    let c = section(&r.output, "c-ext4");
+    assert_stamped_line(c, "Hello!");
+    assert_summary(c, "init exited with status 4");
+    assert_eq!(rc(c), 4, "{c}");
+
+    let cpio = section(&r.output, "c-cpio");
+    assert_stamped_line(cpio, "Hello!");
+    assert_eq!(rc(cpio), 4, "{cpio}");
+
+    let go = section(&r.output, "go-ext4");
+    assert_stamped_line(go, "Hello Go!");
+    assert_summary(go, "init exited with status 5");
+    assert_eq!(rc(go), 5, "{go}");
+
+    let huge = section(&r.output, "c-huge");
+    assert_stamped_line(huge, "Hello!");
+    assert_eq!(rc(huge), 4, "{huge}");
+
+    // Huge pages all returned, no VMM process left.
+    let line = r.output.lines().find(|l| l.starts_with("huge_free_before=")).expect("huge page line");
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse().ok()))
+        .collect();
+    assert_eq!(nums.len(), 2, "{line}");
+    assert_eq!(nums[0], nums[1], "huge pages leaked: {line}");
+    assert!(nums[0] >= 32, "the lab should have reserved huge pages: {line}");
+    assert!(r.output.contains("leftover_vmms=0"), "{}", r.output);
+}
+
+#[test]
+fn a_guest_that_never_ends_is_killed_at_its_deadline() {
+    let kernel = kernel();
+    let looping = example("loop-forever.ext4");
+    let script = r#"
+        echo "===loop==="
+        start=$(date +%s)
+        xcgi run --kernel "$K" --rootfs "$LOOP" --timeout 4
+        echo "rc=$?"
+        echo "elapsed=$(( $(date +%s) - start ))"
+        echo "leftover_vmms=$(pgrep -c -x xcgi || true)"
+        echo "===end loop==="
+    "#;
+    let r = run_script(script, &[(&kernel, "K"), (&looping, "LOOP")], Duration::from_secs(300));
+    assert_eq!(r.code, 0, "{}", r.output);
+    let s = section(&r.output, "loop");
+    assert_eq!(rc(s), 124, "deadline exit code:\n{s}");
+    assert!(s.contains("looping"), "the guest ran before it was killed:\n{s}");
+    assert!(s.contains("did not finish within 4s"), "clear message:\n{s}");
+    assert_summary(s, "deadline reached");
+    let elapsed: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("elapsed=").and_then(|v| v.trim().parse().ok()))
+        .expect("elapsed");
+    assert!(elapsed <= 8, "killed promptly after the 4 s deadline, took {elapsed} s");
+    assert!(s.contains("leftover_vmms=0"), "{s}");
+}

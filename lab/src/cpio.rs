@@ -1,0 +1,389 @@
+//! A tiny newc ("070701") cpio writer, enough for Linux initramfs archives.
+//!
+//! Entries are collected in an [`Archive`] keyed by their guest path, so that parent
+//! directories are always written before their contents (the kernel's initramfs unpacker
+//! does not create missing parents) and a later entry for the same path replaces an earlier
+//! one. File contents are streamed from the host when the archive is written.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Errors from building or writing a cpio archive.
+#[derive(Debug, thiserror::Error)]
+pub enum CpioError {
+    #[error("invalid guest path {path:?}: {reason}")]
+    InvalidPath { path: String, reason: &'static str },
+    #[error("guest path /{path} is used both as a directory and as a non-directory")]
+    Conflict { path: String },
+    #[error("{path}: {source}")]
+    Host {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: unsupported file type (only regular files, directories and symlinks)")]
+    Unsupported { path: PathBuf },
+    #[error("{path}: file changed size while being archived")]
+    Changed { path: PathBuf },
+    #[error("writing cpio archive: {0}")]
+    Write(#[source] io::Error),
+}
+
+/// Where a regular file's bytes come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Read from this host path (following symlinks) when the archive is written.
+    Path(PathBuf),
+    /// These bytes.
+    Bytes(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    Dir { mode: u32 },
+    File { source: Source, mode: u32 },
+    Symlink { target: String },
+}
+
+/// An in-memory description of a newc cpio archive.
+#[derive(Debug, Default, Clone)]
+pub struct Archive {
+    /// Keys are normalized guest paths without the leading '/'.
+    entries: BTreeMap<String, Node>,
+}
+
+/// Normalizes an absolute guest path: collapses `//` and `.`, rejects `..`, relative paths
+/// and the root itself. Returns it without the leading '/'.
+pub fn normalize_guest_path(path: &str) -> Result<String, CpioError> {
+    let invalid = |reason| CpioError::InvalidPath {
+        path: path.to_string(),
+        reason,
+    };
+    if !path.starts_with('/') {
+        return Err(invalid("must be absolute"));
+    }
+    if path.contains('\0') {
+        return Err(invalid("contains a NUL byte"));
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(invalid("must not contain '..'")),
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(invalid("must name something below '/'"));
+    }
+    Ok(parts.join("/"))
+}
+
+impl Archive {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of entries (including implicit parent directories).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True if the archive has an entry at this (absolute) guest path.
+    pub fn contains(&self, guest: &str) -> bool {
+        normalize_guest_path(guest).is_ok_and(|k| self.entries.contains_key(&k))
+    }
+
+    fn ensure_parents(&mut self, key: &str) -> Result<(), CpioError> {
+        let mut end = 0;
+        while let Some(pos) = key[end..].find('/') {
+            let parent = &key[..end + pos];
+            match self.entries.get(parent) {
+                None => {
+                    self.entries
+                        .insert(parent.to_string(), Node::Dir { mode: 0o755 });
+                }
+                Some(Node::Dir { .. }) => {}
+                Some(_) => {
+                    return Err(CpioError::Conflict {
+                        path: parent.to_string(),
+                    })
+                }
+            }
+            end += pos + 1;
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, guest: &str, node: Node) -> Result<(), CpioError> {
+        let key = normalize_guest_path(guest)?;
+        self.ensure_parents(&key)?;
+        let is_dir = matches!(node, Node::Dir { .. });
+        match self.entries.get(&key) {
+            Some(Node::Dir { .. }) if !is_dir => return Err(CpioError::Conflict { path: key }),
+            Some(Node::Dir { .. }) => {
+                // Re-adding a directory only updates its mode.
+                self.entries.insert(key, node);
+                return Ok(());
+            }
+            Some(_) if is_dir => return Err(CpioError::Conflict { path: key }),
+            _ => {}
+        }
+        self.entries.insert(key, node);
+        Ok(())
+    }
+
+    /// Adds a directory (and its parents).
+    pub fn add_dir(&mut self, guest: &str, mode: u32) -> Result<(), CpioError> {
+        self.insert(
+            guest,
+            Node::Dir {
+                mode: mode & 0o7777,
+            },
+        )
+    }
+
+    /// Adds a regular file (and its parent directories); replaces an earlier file there.
+    pub fn add_file(&mut self, guest: &str, source: Source, mode: u32) -> Result<(), CpioError> {
+        self.insert(
+            guest,
+            Node::File {
+                source,
+                mode: mode & 0o7777,
+            },
+        )
+    }
+
+    /// Adds a symbolic link pointing at `target`.
+    pub fn add_symlink(&mut self, guest: &str, target: &str) -> Result<(), CpioError> {
+        self.insert(
+            guest,
+            Node::Symlink {
+                target: target.to_string(),
+            },
+        )
+    }
+
+    /// Adds a host file, symlink or directory tree at `guest`, keeping permission bits.
+    pub fn add_host_path(&mut self, host: &Path, guest: &str) -> Result<(), CpioError> {
+        let host_err = |source| CpioError::Host {
+            path: host.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::symlink_metadata(host).map_err(host_err)?;
+        let ft = meta.file_type();
+        let mode = meta.permissions().mode();
+        if ft.is_symlink() {
+            let target = std::fs::read_link(host).map_err(host_err)?;
+            let target = target.to_str().ok_or_else(|| CpioError::Host {
+                path: host.to_path_buf(),
+                source: io::Error::new(io::ErrorKind::InvalidData, "symlink target is not UTF-8"),
+            })?;
+            self.add_symlink(guest, target)
+        } else if ft.is_file() {
+            self.add_file(guest, Source::Path(host.to_path_buf()), mode)
+        } else if ft.is_dir() {
+            self.add_dir(guest, mode)?;
+            let mut children = std::fs::read_dir(host)
+                .map_err(host_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(host_err)?;
+            children.sort_by_key(|e| e.file_name());
+            for child in children {
+                let name = child.file_name();
+                let name = name.to_str().ok_or_else(|| CpioError::Host {
+                    path: child.path(),
+                    source: io::Error::new(io::ErrorKind::InvalidData, "file name is not UTF-8"),
+                })?;
+                self.add_host_path(&child.path(), &format!("{}/{}", guest, name))?;
+            }
+            Ok(())
+        } else {
+            Err(CpioError::Unsupported {
+                path: host.to_path_buf(),
+            })
+        }
+    }
+
+    /// Writes the archive (with its trailer) and returns the number of bytes written, which is
+    /// always a multiple of 4 so that another archive can be appended directly.
+    pub fn write_to<W: Write>(&self, out: W) -> Result<u64, CpioError> {
+        let mut w = Counter { inner: out, n: 0 };
+        let mut ino: u32 = 1;
+        for (name, node) in &self.entries {
+            ino += 1;
+            match node {
+                Node::Dir { mode } => {
+                    write_header(&mut w, ino, libc::S_IFDIR | mode, 2, 0, name)?;
+                }
+                Node::Symlink { target } => {
+                    let len = target.len() as u64;
+                    write_header(&mut w, ino, libc::S_IFLNK | 0o777, 1, len, name)?;
+                    w.write_all(target.as_bytes()).map_err(CpioError::Write)?;
+                    pad(&mut w)?;
+                }
+                Node::File { source, mode } => match source {
+                    Source::Bytes(bytes) => {
+                        let len = bytes.len() as u64;
+                        write_header(&mut w, ino, libc::S_IFREG | mode, 1, len, name)?;
+                        w.write_all(bytes).map_err(CpioError::Write)?;
+                        pad(&mut w)?;
+                    }
+                    Source::Path(path) => {
+                        let host_err = |source| CpioError::Host {
+                            path: path.clone(),
+                            source,
+                        };
+                        let file = File::open(path).map_err(host_err)?;
+                        let len = file.metadata().map_err(host_err)?.len();
+                        write_header(&mut w, ino, libc::S_IFREG | mode, 1, len, name)?;
+                        let copied = io::copy(&mut file.take(len), &mut w).map_err(host_err)?;
+                        if copied != len {
+                            return Err(CpioError::Changed { path: path.clone() });
+                        }
+                        pad(&mut w)?;
+                    }
+                },
+            }
+        }
+        write_header(&mut w, 0, 0, 1, 0, "TRAILER!!!")?;
+        w.flush().map_err(CpioError::Write)?;
+        Ok(w.n)
+    }
+}
+
+struct Counter<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn pad<W: Write>(w: &mut Counter<W>) -> Result<(), CpioError> {
+    let rem = (w.n % 4) as usize;
+    if rem != 0 {
+        w.write_all(&[0u8; 4][..4 - rem])
+            .map_err(CpioError::Write)?;
+    }
+    Ok(())
+}
+
+fn write_header<W: Write>(
+    w: &mut Counter<W>,
+    ino: u32,
+    mode: u32,
+    nlink: u32,
+    size: u64,
+    name: &str,
+) -> Result<(), CpioError> {
+    let size = u32::try_from(size).map_err(|_| {
+        CpioError::Write(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name}: larger than 4 GiB, which newc cannot hold"),
+        ))
+    })?;
+    let namesize = name.len() as u32 + 1;
+    // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
+    // rdevmajor, rdevminor, namesize, check
+    let header = format!(
+        "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{:08x}{size:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
+        0, 0, 0, 0, 0, 0, 0, 0
+    );
+    w.write_all(header.as_bytes()).map_err(CpioError::Write)?;
+    w.write_all(name.as_bytes()).map_err(CpioError::Write)?;
+    w.write_all(&[0]).map_err(CpioError::Write)?;
+    pad(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_paths() {
+        assert_eq!(normalize_guest_path("/a//b/./c").unwrap(), "a/b/c");
+        assert!(normalize_guest_path("a/b").is_err());
+        assert!(normalize_guest_path("/a/../b").is_err());
+        assert!(normalize_guest_path("/").is_err());
+    }
+
+    #[test]
+    fn parents_first_and_conflicts() {
+        let mut a = Archive::new();
+        a.add_file("/x/y/z", Source::Bytes(b"hi".to_vec()), 0o644)
+            .unwrap();
+        a.add_symlink("/bin/sh", "busybox").unwrap();
+        let keys: Vec<_> = a.entries.keys().cloned().collect();
+        assert_eq!(keys, ["bin", "bin/sh", "x", "x/y", "x/y/z"]);
+        assert!(matches!(
+            a.add_dir("/x/y/z", 0o755),
+            Err(CpioError::Conflict { .. })
+        ));
+        assert!(matches!(
+            a.add_file("/x/y/z/w", Source::Bytes(vec![]), 0o644),
+            Err(CpioError::Conflict { .. })
+        ));
+        // Re-adding a directory is fine, and replacing a file is fine.
+        a.add_dir("/x", 0o700).unwrap();
+        a.add_file("/x/y/z", Source::Bytes(b"new".to_vec()), 0o600)
+            .unwrap();
+    }
+
+    /// Cross-checks the writer against GNU cpio, when it is installed.
+    #[test]
+    fn gnu_cpio_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("host.txt");
+        std::fs::write(&host, b"from host\n").unwrap();
+        let mut a = Archive::new();
+        a.add_file("/etc/motd", Source::Bytes(b"hello\n".to_vec()), 0o644)
+            .unwrap();
+        a.add_file("/data/h.txt", Source::Path(host), 0o600)
+            .unwrap();
+        a.add_symlink("/bin/sh", "busybox").unwrap();
+        let mut buf = Vec::new();
+        let n = a.write_to(&mut buf).unwrap();
+        assert_eq!(n as usize, buf.len());
+        assert_eq!(n % 4, 0);
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let mut child = match std::process::Command::new("cpio")
+            .args(["-id", "--quiet"])
+            .current_dir(&out)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(_) => return, // cpio not installed: nothing to cross-check
+        };
+        child.stdin.take().unwrap().write_all(&buf).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(std::fs::read(out.join("etc/motd")).unwrap(), b"hello\n");
+        assert_eq!(
+            std::fs::read(out.join("data/h.txt")).unwrap(),
+            b"from host\n"
+        );
+        let meta = std::fs::metadata(out.join("data/h.txt")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_link(out.join("bin/sh")).unwrap(),
+            Path::new("busybox")
+        );
+    }
+}
