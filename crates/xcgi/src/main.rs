@@ -5,7 +5,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "xcgi", version, about = "Serve every request from a fresh Linux microVM")]
+#[command(
+    name = "xcgi",
+    version,
+    about = "Serve every request from a fresh Linux microVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

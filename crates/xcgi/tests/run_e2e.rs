@@ -14,9 +14,17 @@ fn assert_stamped_line(section: &str, text: &str) {
         .unwrap_or_else(|| panic!("no console line {text:?} in:\n{section}"));
     // "SS.micros text": host timestamp first.
     let stamp = line.split(' ').next().unwrap();
-    let (s, us) = stamp.split_once('.').unwrap_or_else(|| panic!("no timestamp on {line:?}"));
-    assert!(s.len() >= 2 && s.chars().all(|c| c.is_ascii_digit()), "{line}");
-    assert!(us.len() == 6 && us.chars().all(|c| c.is_ascii_digit()), "{line}");
+    let (s, us) = stamp
+        .split_once('.')
+        .unwrap_or_else(|| panic!("no timestamp on {line:?}"));
+    assert!(
+        s.len() >= 2 && s.chars().all(|c| c.is_ascii_digit()),
+        "{line}"
+    );
+    assert!(
+        us.len() == 6 && us.chars().all(|c| c.is_ascii_digit()),
+        "{line}"
+    );
 }
 
 fn assert_summary(section: &str, reason: &str) {
@@ -35,6 +43,7 @@ fn hello_programs_boot_as_init_and_pass_their_exit_codes() {
     let c_cpio = example("hello-c.cpio");
     let go_ext4 = example("hello-go.ext4");
     let script = r#"
+        count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
         run() { name=$1; shift; echo "===$name==="; xcgi run --kernel "$K" "$@"; echo "rc=$?"; echo "===end $name==="; }
         run c-ext4 --rootfs "$C_EXT4"
         run c-cpio --initramfs "$C_CPIO"
@@ -42,11 +51,16 @@ fn hello_programs_boot_as_init_and_pass_their_exit_codes() {
         free_before=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)
         run c-huge --rootfs "$C_EXT4" --hugepages --mem 64
         echo "huge_free_before=$free_before huge_free_after=$(awk '/HugePages_Free/ {print $2}' /proc/meminfo)"
-        echo "leftover_vmms=$(pgrep -c -x xcgi || true)"
+        echo "leftover_vmms=$(count_xcgi)"
     "#;
     let r = run_script(
         script,
-        &[(&kernel, "K"), (&c_ext4, "C_EXT4"), (&c_cpio, "C_CPIO"), (&go_ext4, "GO_EXT4")],
+        &[
+            (&kernel, "K"),
+            (&c_ext4, "C_EXT4"),
+            (&c_cpio, "C_CPIO"),
+            (&go_ext4, "GO_EXT4"),
+        ],
         Duration::from_secs(400),
     );
     assert_eq!(r.code, 0, "script failed:\n{}", r.output);
@@ -70,14 +84,21 @@ fn hello_programs_boot_as_init_and_pass_their_exit_codes() {
     assert_eq!(rc(huge), 4, "{huge}");
 
     // Huge pages all returned, no VMM process left.
-    let line = r.output.lines().find(|l| l.starts_with("huge_free_before=")).expect("huge page line");
+    let line = r
+        .output
+        .lines()
+        .find(|l| l.starts_with("huge_free_before="))
+        .expect("huge page line");
     let nums: Vec<u64> = line
         .split_whitespace()
         .filter_map(|kv| kv.split_once('=').and_then(|(_, v)| v.parse().ok()))
         .collect();
     assert_eq!(nums.len(), 2, "{line}");
     assert_eq!(nums[0], nums[1], "huge pages leaked: {line}");
-    assert!(nums[0] >= 32, "the lab should have reserved huge pages: {line}");
+    assert!(
+        nums[0] >= 32,
+        "the lab should have reserved huge pages: {line}"
+    );
     assert!(r.output.contains("leftover_vmms=0"), "{}", r.output);
 }
 
@@ -86,25 +107,42 @@ fn a_guest_that_never_ends_is_killed_at_its_deadline() {
     let kernel = kernel();
     let looping = example("loop-forever.ext4");
     let script = r#"
+        count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
         echo "===loop==="
         start=$(date +%s)
-        xcgi run --kernel "$K" --rootfs "$LOOP" --timeout 4
+        xcgi run --kernel "$K" --rootfs "$LOOP" --timeout 10
         echo "rc=$?"
         echo "elapsed=$(( $(date +%s) - start ))"
-        echo "leftover_vmms=$(pgrep -c -x xcgi || true)"
+        echo "leftover_vmms=$(count_xcgi)"
         echo "===end loop==="
     "#;
-    let r = run_script(script, &[(&kernel, "K"), (&looping, "LOOP")], Duration::from_secs(300));
+    let r = run_script(
+        script,
+        &[(&kernel, "K"), (&looping, "LOOP")],
+        Duration::from_secs(300),
+    );
     assert_eq!(r.code, 0, "{}", r.output);
     let s = section(&r.output, "loop");
     assert_eq!(rc(s), 124, "deadline exit code:\n{s}");
-    assert!(s.contains("looping"), "the guest ran before it was killed:\n{s}");
-    assert!(s.contains("did not finish within 4s"), "clear message:\n{s}");
+    assert!(
+        s.contains("looping"),
+        "the guest ran before it was killed:\n{s}"
+    );
+    assert!(
+        s.contains("did not finish within 10s"),
+        "clear message:\n{s}"
+    );
     assert_summary(s, "deadline reached");
     let elapsed: u64 = s
         .lines()
-        .find_map(|l| l.strip_prefix("elapsed=").and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("elapsed=")
+                .and_then(|v| v.trim().parse().ok())
+        })
         .expect("elapsed");
-    assert!(elapsed <= 8, "killed promptly after the 4 s deadline, took {elapsed} s");
+    assert!(
+        (10..=14).contains(&elapsed),
+        "killed at the 10 s deadline, took {elapsed} s"
+    );
     assert!(s.contains("leftover_vmms=0"), "{s}");
 }

@@ -65,6 +65,9 @@ struct BootArgs {
     no_qemu: bool,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// QEMU's firmware directory (-L), e.g. when QEMU was copied into the lab.
+    #[arg(long)]
+    qemu_datadir: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -75,7 +78,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 }
 
 fn monotonic_ns() -> u128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: plain syscall wrapper filling a local struct.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
@@ -114,7 +120,13 @@ struct SetupRun {
     phases: Vec<(String, f64)>,
 }
 
-fn setup_once(exe: &PathBuf, s: &SetupArgs, mem: u64, huge: bool, populate: bool) -> anyhow::Result<SetupRun> {
+fn setup_once(
+    exe: &PathBuf,
+    s: &SetupArgs,
+    mem: u64,
+    huge: bool,
+    populate: bool,
+) -> anyhow::Result<SetupRun> {
     let mut cmd = Command::new(exe);
     cmd.args(["run", "--setup-only", "--kernel"])
         .arg(&s.kernel)
@@ -130,10 +142,17 @@ fn setup_once(exe: &PathBuf, s: &SetupArgs, mem: u64, huge: bool, populate: bool
     let t0 = monotonic_ns();
     let out = cmd.output().context("spawning xcgi run")?;
     if !out.status.success() {
-        bail!("xcgi run --setup-only failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "xcgi run --setup-only failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut r = SetupRun { from_spawn_ms: f64::NAN, in_process_ms: f64::NAN, phases: vec![] };
+    let mut r = SetupRun {
+        from_spawn_ms: f64::NAN,
+        in_process_ms: f64::NAN,
+        phases: vec![],
+    };
     for line in text.lines() {
         if let Some(ns) = line.strip_prefix(SETUP_MARK) {
             let done: u128 = ns.trim().parse().context("bad setup mark")?;
@@ -141,10 +160,15 @@ fn setup_once(exe: &PathBuf, s: &SetupArgs, mem: u64, huge: bool, populate: bool
         } else if let Some(rest) = line.strip_prefix("phase ") {
             let mut it = rest.split_whitespace();
             if let (Some(name), Some(v)) = (it.next(), it.next()) {
-                r.phases.push((name.to_string(), v.parse().unwrap_or(f64::NAN)));
+                r.phases
+                    .push((name.to_string(), v.parse().unwrap_or(f64::NAN)));
             }
         } else if let Some(rest) = line.strip_prefix("xcgi: setup ") {
-            r.in_process_ms = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+            r.in_process_ms = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
         }
     }
     if r.from_spawn_ms.is_nan() {
@@ -154,7 +178,11 @@ fn setup_once(exe: &PathBuf, s: &SetupArgs, mem: u64, huge: bool, populate: bool
 }
 
 fn read_sysctl() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/vm/nr_hugepages").ok()?.trim().parse().ok()
+    std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn setup(s: SetupArgs) -> anyhow::Result<i32> {
@@ -168,12 +196,23 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
             .context("raising vm.nr_hugepages (needs root)")?;
         huge_ok = xcgi_vmm::memory::free_huge_pages().unwrap_or(0) * 2 >= max_mem;
     }
-    println!("# VMM setup: process spawn -> first KVM_RUN, {} runs each, kernel {}", s.runs, s.kernel.display());
-    println!("{:>8} {:>6} {:>9} {:>10} {:>10} {:>12}  slowest phases (median ms)", "mem MiB", "pages", "populate", "median ms", "p90 ms", "in-proc ms");
+    println!(
+        "# VMM setup: process spawn -> first KVM_RUN, {} runs each, kernel {}",
+        s.runs,
+        s.kernel.display()
+    );
+    println!(
+        "{:>8} {:>6} {:>9} {:>10} {:>10} {:>12}  slowest phases (median ms)",
+        "mem MiB", "pages", "populate", "median ms", "p90 ms", "in-proc ms"
+    );
     let mut failed = false;
     for &mem in &s.mem {
         for huge in [false, true] {
-            for populate in if s.populate { vec![false, true] } else { vec![false] } {
+            for populate in if s.populate {
+                vec![false, true]
+            } else {
+                vec![false]
+            } {
                 if huge && !huge_ok {
                     println!("{mem:>8} {:>6} {:>9}  skipped: not enough free huge pages (pass --reserve-hugepages or raise vm.nr_hugepages)", "2M", populate);
                     continue;
@@ -202,10 +241,16 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                         }
                     }
                 }
-                let mut top: Vec<(String, f64)> =
-                    phases.into_iter().map(|(n, mut v)| (n, median(&mut v))).collect();
+                let mut top: Vec<(String, f64)> = phases
+                    .into_iter()
+                    .map(|(n, mut v)| (n, median(&mut v)))
+                    .collect();
                 top.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let top: Vec<String> = top.iter().take(3).map(|(n, v)| format!("{n} {v:.3}")).collect();
+                let top: Vec<String> = top
+                    .iter()
+                    .take(3)
+                    .map(|(n, v)| format!("{n} {v:.3}"))
+                    .collect();
                 println!(
                     "{mem:>8} {:>6} {:>9} {:>10.3} {:>10.3} {:>12.3}  {}",
                     if huge { "2M" } else { "4K" },
@@ -242,7 +287,9 @@ struct BootRun {
 
 /// Spawns `cmd`, stamps each stdout line on arrival; returns when it exits.
 fn time_boot(mut cmd: Command, marker: &str, timeout: Duration) -> anyhow::Result<BootRun> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null());
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let stdout = child.stdout.take().context("no stdout")?;
@@ -262,14 +309,26 @@ fn time_boot(mut cmd: Command, marker: &str, timeout: Duration) -> anyhow::Resul
         }
     }
     let status = child.wait()?;
-    Ok(BootRun { marker_ms, exit_ms: t0.elapsed().as_secs_f64() * 1e3, guest_init_exit_s: guest, code: status.code() })
+    Ok(BootRun {
+        marker_ms,
+        exit_ms: t0.elapsed().as_secs_f64() * 1e3,
+        guest_init_exit_s: guest,
+        code: status.code(),
+    })
 }
 
 fn report(name: &str, runs: &mut [BootRun]) -> (f64, f64) {
     let mut m: Vec<f64> = runs.iter().map(|r| r.marker_ms).collect();
     let mut e: Vec<f64> = runs.iter().map(|r| r.exit_ms).collect();
-    let mut g: Vec<f64> = runs.iter().filter_map(|r| r.guest_init_exit_s).map(|s| s * 1e3).collect();
-    let codes: Vec<String> = runs.iter().map(|r| r.code.map(|c| c.to_string()).unwrap_or("-".into())).collect();
+    let mut g: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.guest_init_exit_s)
+        .map(|s| s * 1e3)
+        .collect();
+    let codes: Vec<String> = runs
+        .iter()
+        .map(|r| r.code.map(|c| c.to_string()).unwrap_or("-".into()))
+        .collect();
     let (mm, me) = (median(&mut m), median(&mut e));
     println!(
         "{name:<8} marker (median) {mm:>9.1} ms | exit {me:>9.1} ms | guest clock at init exit {:>8.1} ms | exit codes {}",
@@ -282,7 +341,8 @@ fn report(name: &str, runs: &mut [BootRun]) -> (f64, f64) {
 fn boot(b: BootArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("finding the xcgi executable")?;
     let timeout = Duration::from_secs(120);
-    let cmdline = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check quiet rdinit=/init";
+    let cmdline =
+        "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 no_timer_check quiet rdinit=/init";
     let mut ours = Vec::new();
     let mut qemu = Vec::new();
     for i in 0..b.runs {
@@ -295,9 +355,19 @@ fn boot(b: BootArgs) -> anyhow::Result<i32> {
         ours.push(time_boot(c, &b.marker, timeout)?);
         if !b.no_qemu {
             let mut q = Command::new(&b.qemu);
+            if let Some(dir) = &b.qemu_datadir {
+                q.arg("-L").arg(dir);
+            }
             q.args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-smp", "1"])
                 .args(["-m", &b.mem.to_string()])
-                .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+                .args([
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-no-reboot",
+                    "-serial",
+                    "stdio",
+                ])
                 .arg("-kernel")
                 .arg(&b.kernel)
                 .arg("-initrd")
@@ -307,15 +377,27 @@ fn boot(b: BootArgs) -> anyhow::Result<i32> {
         }
         eprintln!("xcgi bench: run {}/{} done", i + 1, b.runs);
     }
-    println!("# boot to init: host wall time from spawn, {} runs, {} MiB, kernel {}", b.runs, b.mem, b.kernel.display());
+    println!(
+        "# boot to init: host wall time from spawn, {} runs, {} MiB, kernel {}",
+        b.runs,
+        b.mem,
+        b.kernel.display()
+    );
     let (om, oe) = report("xcgi", &mut ours);
     if !b.no_qemu {
         let (qm, qe) = report("qemu", &mut qemu);
-        println!("ratio qemu/xcgi: to marker {:.2}x, to exit {:.2}x", qm / om, qe / oe);
+        println!(
+            "ratio qemu/xcgi: to marker {:.2}x, to exit {:.2}x",
+            qm / om,
+            qe / oe
+        );
     }
     let bad = ours.iter().any(|r| r.marker_ms.is_nan());
     if bad {
-        eprintln!("xcgi bench: the marker {:?} was not seen in every xcgi run", b.marker);
+        eprintln!(
+            "xcgi bench: the marker {:?} was not seen in every xcgi run",
+            b.marker
+        );
     }
     Ok(if bad { 1 } else { 0 })
 }
@@ -327,7 +409,9 @@ mod tests {
     #[test]
     fn guest_stamp_parses_printk_time() {
         assert_eq!(
-            guest_stamp("00.512000 [    0.498765] Kernel panic - not syncing: Attempted to kill init!"),
+            guest_stamp(
+                "00.512000 [    0.498765] Kernel panic - not syncing: Attempted to kill init!"
+            ),
             Some(0.498765)
         );
         assert_eq!(guest_stamp("no stamp"), None);

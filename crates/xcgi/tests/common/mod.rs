@@ -12,21 +12,30 @@ pub fn xcgi() -> PathBuf {
 }
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 /// The default guest kernel, built on first use (cached by `xcgi kernel build`).
 pub fn kernel() -> PathBuf {
     static K: OnceLock<PathBuf> = OnceLock::new();
     K.get_or_init(|| {
-        let out = Command::new(xcgi()).args(["kernel", "build"]).output().expect("run xcgi kernel build");
+        let out = Command::new(xcgi())
+            .args(["kernel", "build"])
+            .output()
+            .expect("run xcgi kernel build");
         assert!(
             out.status.success(),
             "xcgi kernel build failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        assert!(path.is_file(), "kernel build printed {path:?}, which is not a file");
+        assert!(
+            path.is_file(),
+            "kernel build printed {path:?}, which is not a file"
+        );
         path
     })
     .clone()
@@ -45,7 +54,10 @@ pub fn example(file: &str) -> PathBuf {
             assert!(st.success(), "scripts/build-examples.sh failed");
         });
     }
-    assert!(path.exists(), "{path:?} missing after building the examples");
+    assert!(
+        path.exists(),
+        "{path:?} missing after building the examples"
+    );
     path
 }
 
@@ -62,7 +74,11 @@ pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> R
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script);
         let dir = xcgi().parent().unwrap().to_path_buf();
-        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         cmd.env("PATH", path);
         for (host, name) in files {
             cmd.env(name, host);
@@ -71,10 +87,15 @@ pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> R
         let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
         output.push_str(&String::from_utf8_lossy(&out.stderr));
         println!("{output}");
-        return Ran { code: out.status.code().unwrap_or(-1), output };
+        return Ran {
+            code: out.status.code().unwrap_or(-1),
+            output,
+        };
     }
     let mut prelude = String::new();
-    let mut cmd = xcgi_lab::LabCommand::new(String::new()).binary(xcgi(), "/usr/bin/xcgi").timeout(timeout);
+    let mut cmd = xcgi_lab::LabCommand::new(String::new())
+        .binary(xcgi(), "/usr/bin/xcgi")
+        .timeout(timeout);
     for (host, name) in files {
         let guest = format!("/xcgi/{name}");
         cmd = cmd.file(host.to_path_buf(), guest.clone());
@@ -82,15 +103,22 @@ pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> R
     }
     cmd.command = format!("{prelude}{script}");
     let lab = xcgi_lab::Lab::prepare().expect("prepare the lab");
-    let out = lab.run(&cmd, |line| println!("lab| {line}")).expect("lab run");
-    Ran { code: out.exit_code, output: out.output }
+    let out = lab
+        .run(&cmd, |line| println!("lab| {line}"))
+        .expect("lab run");
+    Ran {
+        code: out.exit_code,
+        output: out.output,
+    }
 }
 
 /// Lines of `output` between `begin` and `end` markers printed by a script.
 pub fn section<'a>(output: &'a str, name: &str) -> &'a str {
     let begin = format!("==={name}===");
     let end = format!("===end {name}===");
-    let start = output.find(&begin).unwrap_or_else(|| panic!("no section {name} in:\n{output}"));
+    let start = output
+        .find(&begin)
+        .unwrap_or_else(|| panic!("no section {name} in:\n{output}"));
     let rest = &output[start + begin.len()..];
     let stop = rest.find(&end).unwrap_or(rest.len());
     &rest[..stop]

@@ -1,0 +1,3 @@
+module xcgi.example/hello-go
+
+go 1.19

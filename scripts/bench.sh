@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Benchmarks for docs/benchmarks.md. Prints its figures; run on an otherwise idle machine.
+#  1. VMM setup (process spawn -> first KVM_RUN) on this host's /dev/kvm, which runs VMM setup
+#     natively even where it cannot boot Linux: 128 MiB and 1 GiB, 4 KiB vs 2 MiB pages.
+#  2. Boot to init: xcgi vs QEMU `-M microvm -enable-kvm`, same kernel and initramfs, same
+#     run; inside the lab unless this host has hardware KVM.
+#   RUNS=20 BOOT_RUNS=5 scripts/bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-20}
+BOOT_RUNS=${BOOT_RUNS:-5}
+scripts/setup.sh
+cargo build --release --locked -p xcgi >&2
+X=target/release/xcgi
+KERNEL=$($X kernel build)
+XCGI=$X scripts/build-examples.sh >&2
+CPIO=target/examples/hello-c.cpio
+echo "## machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
+echo "## kernel: $KERNEL ($(stat -c %s "$KERNEL") bytes)"
+echo
+echo "## 1. VMM setup on this host"
+$X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RUNS" --populate --reserve-hugepages
+echo
+echo "## 2. boot to init, xcgi vs QEMU microvm"
+if grep -qE '\b(svm|vmx)\b' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ]; then
+  $X bench boot --kernel "$KERNEL" --initramfs "$CPIO" --runs "$BOOT_RUNS"
+else
+  echo "(inside the lab: QEMU/TCG with nested KVM; absolute times are not product figures, the ratio is)"
+  fw=$(mktemp -d)
+  trap 'rm -rf "$fw"' EXIT
+  cp /usr/share/qemu/bios-microvm.bin /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/pvh.bin "$fw"/
+  $X lab --timeout 1200 --bin /usr/bin/qemu-system-x86_64:/usr/bin/qemu-system-x86_64 \
+    --files "$fw:/xcgi/qemu" --files "$KERNEL:/xcgi/vmlinux" --files "$CPIO:/xcgi/hello.cpio" -- \
+    xcgi bench boot --kernel /xcgi/vmlinux --initramfs /xcgi/hello.cpio --runs "$BOOT_RUNS" \
+      --qemu /usr/bin/qemu-system-x86_64 --qemu-datadir /xcgi/qemu
+fi
