@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -164,6 +164,10 @@ pub struct Timings {
     pub phases: Vec<(&'static str, Duration)>,
     /// Start to the first KVM_RUN.
     pub setup: Duration,
+    /// CLOCK_MONOTONIC (ns) at the first KVM_RUN, for measuring across processes.
+    pub setup_end_clock_ns: u128,
+    /// Releasing the VM: KVM fds, guest memory, threads.
+    pub teardown: Duration,
     /// Start to the first byte on the console.
     pub first_output: Option<Duration>,
     /// Start to the end of the VM.
@@ -340,9 +344,17 @@ pub fn run(
     let mut timings = Timings {
         phases: clock.phases,
         setup: start.elapsed(),
+        setup_end_clock_ns: monotonic_ns(),
         ..Default::default()
     };
     if cfg.setup_only {
+        let t = Instant::now();
+        drop(vcpus);
+        drop(mmio);
+        drop(serial);
+        drop(vm);
+        drop(mem);
+        timings.teardown = t.elapsed();
         timings.total = start.elapsed();
         return Ok(Outcome {
             reason: ExitReason::SetupOnly,
@@ -360,8 +372,19 @@ pub fn run(
         i8042: I8042,
         mmio,
     }));
-    let deadline = start + timings.setup + cfg.timeout;
-    let reason = run_vcpus(vcpus, devices.clone(), tx, rx, deadline)?;
+    let first_run = Arc::new(OnceLock::new());
+    let reason = run_vcpus(
+        vcpus,
+        devices.clone(),
+        tx,
+        rx,
+        cfg.timeout,
+        first_run.clone(),
+    )?;
+    if let Some((at, clock_ns)) = first_run.get() {
+        timings.setup = at.saturating_duration_since(start);
+        timings.setup_end_clock_ns = *clock_ns;
+    }
 
     let (console_text, first_output, report) = match console.lock() {
         Ok(mut c) => {
@@ -380,9 +403,12 @@ pub fn run(
         (r, _, _) => r,
     };
     timings.first_output = first_output;
-    timings.total = start.elapsed();
+    let t = Instant::now();
     drop(devices);
     drop(vm);
+    drop(mem);
+    timings.teardown = t.elapsed();
+    timings.total = start.elapsed();
     Ok(Outcome {
         reason,
         console: console_text,
@@ -417,12 +443,27 @@ fn kick_signal() -> libc::c_int {
 
 static KICK_HANDLER: Once = Once::new();
 
+/// When vCPU 0 first entered KVM_RUN: (instant, CLOCK_MONOTONIC ns).
+type FirstRun = Arc<OnceLock<(Instant, u128)>>;
+
+/// CLOCK_MONOTONIC in nanoseconds (what `Instant` uses, but comparable across processes).
+pub fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
 fn run_vcpus(
     vcpus: Vec<VcpuFd>,
     devices: Arc<Mutex<Devices>>,
     tx: Sender<VmEvent>,
     rx: Receiver<VmEvent>,
-    deadline: Instant,
+    timeout: Duration,
+    first_run: FirstRun,
 ) -> Result<ExitReason, VmError> {
     KICK_HANDLER.call_once(|| {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
@@ -433,15 +474,16 @@ fn run_vcpus(
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let (devices, tx, stop) = (devices.clone(), tx.clone(), stop.clone());
+        let first_run = (id == 0).then(|| first_run.clone());
         let h = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, devices, tx, stop))
+            .spawn(move || vcpu_loop(vcpu, devices, tx, stop, first_run))
             .map_err(VmError::Thread)?;
         handles.push(h);
     }
     drop(tx);
-    let wait = deadline.saturating_duration_since(Instant::now());
-    let reason = match rx.recv_timeout(wait) {
+    // The deadline counts from the first KVM_RUN, which is a moment away.
+    let reason = match rx.recv_timeout(timeout) {
         Ok(VmEvent::Reset) => ExitReason::Reboot,
         Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => ExitReason::PowerOff,
         Ok(VmEvent::TripleFault) => ExitReason::TripleFault,
@@ -476,7 +518,11 @@ fn vcpu_loop(
     devices: Arc<Mutex<Devices>>,
     tx: Sender<VmEvent>,
     stop: Arc<AtomicBool>,
+    first_run: Option<FirstRun>,
 ) {
+    if let Some(f) = first_run {
+        let _ = f.set((Instant::now(), monotonic_ns()));
+    }
     loop {
         if stop.load(Ordering::SeqCst) {
             return;

@@ -90,8 +90,8 @@ fn monotonic_ns() -> u128 {
 /// Printed by `xcgi run --setup-only` for the parent to read.
 pub const SETUP_MARK: &str = "setup_done_monotonic_ns=";
 
-pub fn print_setup_mark() {
-    println!("{SETUP_MARK}{}", monotonic_ns());
+pub fn print_setup_mark(t: &xcgi_vmm::Timings) {
+    println!("{SETUP_MARK}{}", t.setup_end_clock_ns);
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -117,6 +117,7 @@ struct SetupRun {
     from_spawn_ms: f64,
     /// Child's main() to the first KVM_RUN.
     in_process_ms: f64,
+    teardown_ms: f64,
     phases: Vec<(String, f64)>,
 }
 
@@ -151,6 +152,7 @@ fn setup_once(
     let mut r = SetupRun {
         from_spawn_ms: f64::NAN,
         in_process_ms: f64::NAN,
+        teardown_ms: f64::NAN,
         phases: vec![],
     };
     for line in text.lines() {
@@ -163,6 +165,12 @@ fn setup_once(
                 r.phases
                     .push((name.to_string(), v.parse().unwrap_or(f64::NAN)));
             }
+        } else if let Some(rest) = line.strip_prefix("teardown ") {
+            r.teardown_ms = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
         } else if let Some(rest) = line.strip_prefix("xcgi: setup ") {
             r.in_process_ms = rest
                 .split_whitespace()
@@ -202,8 +210,8 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         s.kernel.display()
     );
     println!(
-        "{:>8} {:>6} {:>9} {:>10} {:>10} {:>12}  slowest phases (median ms)",
-        "mem MiB", "pages", "populate", "median ms", "p90 ms", "in-proc ms"
+        "{:>8} {:>6} {:>9} {:>10} {:>10} {:>12} {:>12}  slowest phases (median ms)",
+        "mem MiB", "pages", "populate", "median ms", "p90 ms", "in-proc ms", "teardown ms"
     );
     let mut failed = false;
     for &mem in &s.mem {
@@ -221,12 +229,14 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                 let _ = setup_once(&exe, &s, mem, huge, populate);
                 let mut spawn = Vec::new();
                 let mut inproc = Vec::new();
+                let mut teardown = Vec::new();
                 let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
                 for _ in 0..s.runs {
                     match setup_once(&exe, &s, mem, huge, populate) {
                         Ok(r) => {
                             spawn.push(r.from_spawn_ms);
                             inproc.push(r.in_process_ms);
+                            teardown.push(r.teardown_ms);
                             for (name, v) in r.phases {
                                 match phases.iter_mut().find(|(n, _)| *n == name) {
                                     Some((_, vs)) => vs.push(v),
@@ -252,12 +262,13 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     .map(|(n, v)| format!("{n} {v:.3}"))
                     .collect();
                 println!(
-                    "{mem:>8} {:>6} {:>9} {:>10.3} {:>10.3} {:>12.3}  {}",
+                    "{mem:>8} {:>6} {:>9} {:>10.3} {:>10.3} {:>12.3} {:>12.3}  {}",
                     if huge { "2M" } else { "4K" },
                     populate,
                     median(&mut spawn.clone()),
                     percentile(&mut spawn, 0.9),
                     median(&mut inproc),
+                    median(&mut teardown),
                     top.join(", ")
                 );
             }

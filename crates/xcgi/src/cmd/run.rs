@@ -100,10 +100,11 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
         .context("cannot start the VM")?;
     let t = &outcome.timings;
     if cfg.setup_only {
-        super::bench::print_setup_mark();
+        super::bench::print_setup_mark(t);
         for (name, d) in &t.phases {
             println!("phase {:<14} {}", name.replace(' ', "_"), ms(*d));
         }
+        println!("teardown {}", ms(t.teardown));
     }
     if !a.quiet {
         let first = t.first_output.map(ms).unwrap_or_else(|| "none".into());
