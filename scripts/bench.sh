@@ -11,7 +11,7 @@ RUNS=${RUNS:-20}
 BOOT_RUNS=${BOOT_RUNS:-5}
 scripts/setup.sh
 cargo build --release --locked -p xcgi >&2
-X=target/release/xcgi
+X=target/x86_64-unknown-linux-gnu/release/xcgi
 KERNEL=$($X kernel build)
 XCGI=$X scripts/build-examples.sh >&2
 CPIO=target/examples/hello-c.cpio

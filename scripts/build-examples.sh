@@ -4,11 +4,11 @@
 # Idempotent: rerunning rebuilds everything in place. Fails on the first error, and also when
 # `xcgi image build` warns (e.g. a binary came out dynamically linked).
 #
-#   XCGI=target/release/xcgi scripts/build-examples.sh     # default: target/debug/xcgi
+#   XCGI=target/x86_64-unknown-linux-gnu/release/xcgi scripts/build-examples.sh     # default: target/x86_64-unknown-linux-gnu/debug/xcgi
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-XCGI=${XCGI:-target/debug/xcgi}
+XCGI=${XCGI:-target/x86_64-unknown-linux-gnu/debug/xcgi}
 OUT=$ROOT/target/examples
 
 die() { echo "build-examples: error: $*" >&2; exit 1; }

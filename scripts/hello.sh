@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked -p xcgi >&2
-X=target/release/xcgi
+X=target/x86_64-unknown-linux-gnu/release/xcgi
 KERNEL=$($X kernel build)
 XCGI=$X scripts/build-examples.sh >&2
 IMG=target/examples/hello-c.ext4

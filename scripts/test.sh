@@ -17,10 +17,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "guest kernel (cached after the first build)"
-target/debug/xcgi kernel build
+target/x86_64-unknown-linux-gnu/debug/xcgi kernel build
 
 step "examples and their images"
-XCGI=target/debug/xcgi scripts/build-examples.sh
+XCGI=target/x86_64-unknown-linux-gnu/debug/xcgi scripts/build-examples.sh
 
 step "unit tests"
 cargo test --workspace --locked --lib --bins

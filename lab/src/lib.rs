@@ -13,7 +13,7 @@
 //!
 //! if !host_has_hardware_kvm() {
 //!     let cmd = LabCommand::new("ls -l /dev/kvm && xcgi --version")
-//!         .binary("target/debug/xcgi", "/usr/bin/xcgi")
+//!         .binary("target/x86_64-unknown-linux-gnu/debug/xcgi", "/usr/bin/xcgi")
 //!         .timeout(Duration::from_secs(120));
 //!     let out = xcgi_lab::run(&cmd, |line| println!("lab: {line}")).unwrap();
 //!     assert_eq!(out.exit_code, 0);
