@@ -1,15 +1,18 @@
-//! A tiny newc ("070701") cpio writer, enough for Linux initramfs archives.
+//! Builds newc cpio archives (Linux initramfs) for the lab.
 //!
 //! Entries are collected in an [`Archive`] keyed by their guest path, so that parent
 //! directories are always written before their contents (the kernel's initramfs unpacker
 //! does not create missing parents) and a later entry for the same path replaces an earlier
-//! one. File contents are streamed from the host when the archive is written.
+//! one. File contents are streamed from the host when the archive is written. The encoding
+//! itself is [`xcgi_image::cpio::CpioWriter`]'s.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use xcgi_image::cpio::{CpioError as EncodeError, CpioWriter};
 
 /// Errors from building or writing a cpio archive.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,18 @@ pub enum CpioError {
     Changed { path: PathBuf },
     #[error("writing cpio archive: {0}")]
     Write(#[source] io::Error),
+    /// Refused by the encoder (e.g. an entry too big for newc).
+    #[error(transparent)]
+    Encode(EncodeError),
+}
+
+impl From<EncodeError> for CpioError {
+    fn from(e: EncodeError) -> Self {
+        match e {
+            EncodeError::Io(e) => CpioError::Write(e),
+            e => CpioError::Encode(e),
+        }
+    }
 }
 
 /// Where a regular file's bytes come from.
@@ -212,53 +227,50 @@ impl Archive {
         }
     }
 
-    /// Writes the archive (with its trailer) and returns the number of bytes written, which is
-    /// always a multiple of 4 so that another archive can be appended directly.
+    /// Writes the archive (with its trailer) through [`CpioWriter`] and returns the number of
+    /// bytes written, which is always a multiple of 4 so that another archive can be appended
+    /// directly.
     pub fn write_to<W: Write>(&self, out: W) -> Result<u64, CpioError> {
-        let mut w = Counter { inner: out, n: 0 };
-        let mut ino: u32 = 1;
+        let mut w = CpioWriter::new(Counter { inner: out, n: 0 });
         for (name, node) in &self.entries {
-            ino += 1;
             match node {
-                Node::Dir { mode } => {
-                    write_header(&mut w, ino, libc::S_IFDIR | mode, 2, 0, name)?;
+                Node::Dir { mode } => w.add_dir(name, *mode)?,
+                Node::Symlink { target } => w.add_symlink(name, target)?,
+                Node::File {
+                    source: Source::Bytes(bytes),
+                    mode,
+                } => w.add_file(name, *mode, bytes)?,
+                Node::File {
+                    source: Source::Path(path),
+                    mode,
+                } => {
+                    let host_err = |source| CpioError::Host {
+                        path: path.clone(),
+                        source,
+                    };
+                    let file = File::open(path).map_err(host_err)?;
+                    let len = file.metadata().map_err(host_err)?.len();
+                    let mut reader = HostReader {
+                        inner: file,
+                        error: None,
+                    };
+                    w.add_file_from(name, *mode, len, &mut reader)
+                        .map_err(|e| match (e, reader.error.take()) {
+                            // The copy failed reading the host file, not writing the archive.
+                            (EncodeError::Io(_), Some(source)) => host_err(source),
+                            (EncodeError::SizeMismatch { .. }, _) => {
+                                CpioError::Changed { path: path.clone() }
+                            }
+                            (e, _) => e.into(),
+                        })?;
                 }
-                Node::Symlink { target } => {
-                    let len = target.len() as u64;
-                    write_header(&mut w, ino, libc::S_IFLNK | 0o777, 1, len, name)?;
-                    w.write_all(target.as_bytes()).map_err(CpioError::Write)?;
-                    pad(&mut w)?;
-                }
-                Node::File { source, mode } => match source {
-                    Source::Bytes(bytes) => {
-                        let len = bytes.len() as u64;
-                        write_header(&mut w, ino, libc::S_IFREG | mode, 1, len, name)?;
-                        w.write_all(bytes).map_err(CpioError::Write)?;
-                        pad(&mut w)?;
-                    }
-                    Source::Path(path) => {
-                        let host_err = |source| CpioError::Host {
-                            path: path.clone(),
-                            source,
-                        };
-                        let file = File::open(path).map_err(host_err)?;
-                        let len = file.metadata().map_err(host_err)?.len();
-                        write_header(&mut w, ino, libc::S_IFREG | mode, 1, len, name)?;
-                        let copied = io::copy(&mut file.take(len), &mut w).map_err(host_err)?;
-                        if copied != len {
-                            return Err(CpioError::Changed { path: path.clone() });
-                        }
-                        pad(&mut w)?;
-                    }
-                },
             }
         }
-        write_header(&mut w, 0, 0, 1, 0, "TRAILER!!!")?;
-        w.flush().map_err(CpioError::Write)?;
-        Ok(w.n)
+        Ok(w.finish()?.n)
     }
 }
 
+/// Counts the bytes written through it (the archive's length, for the caller).
 struct Counter<W> {
     inner: W,
     n: u64,
@@ -275,40 +287,24 @@ impl<W: Write> Write for Counter<W> {
     }
 }
 
-fn pad<W: Write>(w: &mut Counter<W>) -> Result<(), CpioError> {
-    let rem = (w.n % 4) as usize;
-    if rem != 0 {
-        w.write_all(&[0u8; 4][..4 - rem])
-            .map_err(CpioError::Write)?;
-    }
-    Ok(())
+/// Keeps the error of a failed read of a host file, so that it can be reported against that
+/// file rather than as a failure to write the archive.
+struct HostReader {
+    inner: File,
+    error: Option<io::Error>,
 }
 
-fn write_header<W: Write>(
-    w: &mut Counter<W>,
-    ino: u32,
-    mode: u32,
-    nlink: u32,
-    size: u64,
-    name: &str,
-) -> Result<(), CpioError> {
-    let size = u32::try_from(size).map_err(|_| {
-        CpioError::Write(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{name}: larger than 4 GiB, which newc cannot hold"),
-        ))
-    })?;
-    let namesize = name.len() as u32 + 1;
-    // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
-    // rdevmajor, rdevminor, namesize, check
-    let header = format!(
-        "070701{ino:08x}{mode:08x}{:08x}{:08x}{nlink:08x}{:08x}{size:08x}{:08x}{:08x}{:08x}{:08x}{namesize:08x}{:08x}",
-        0, 0, 0, 0, 0, 0, 0, 0
-    );
-    w.write_all(header.as_bytes()).map_err(CpioError::Write)?;
-    w.write_all(name.as_bytes()).map_err(CpioError::Write)?;
-    w.write_all(&[0]).map_err(CpioError::Write)?;
-    pad(w)
+impl Read for HostReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return e; // retried by the copy
+            }
+            let copy = io::Error::new(e.kind(), e.to_string());
+            self.error = Some(e);
+            copy
+        })
+    }
 }
 
 #[cfg(test)]
