@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn transmit_interrupt_reaches_the_irqfd() {
         let (mut s, _, evt) = setup();
-        assert!(evt.read().is_err(), "no interrupt before the guest enables it");
+        assert!(
+            evt.read().is_err(),
+            "no interrupt before the guest enables it"
+        );
         s.write(IER, IER_THR_EMPTY).unwrap();
         s.write(THR, b'x').unwrap();
         assert!(evt.read().unwrap() >= 1, "THR-empty interrupt signalled");
