@@ -473,13 +473,20 @@ fn run_vcpus(
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let (devices, tx, stop) = (devices.clone(), tx.clone(), stop.clone());
+        let (devices, tx, thread_stop) = (devices.clone(), tx.clone(), stop.clone());
         let first_run = (id == 0).then(|| first_run.clone());
-        let h = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, devices, tx, stop, first_run))
-            .map_err(VmError::Thread)?;
-        handles.push(h);
+            .spawn(move || vcpu_loop(vcpu, devices, tx, thread_stop, first_run));
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // Never leave a started vCPU running behind an error.
+                stop.store(true, Ordering::SeqCst);
+                stop_threads(handles, kick_signal());
+                return Err(VmError::Thread(e));
+            }
+        }
     }
     drop(tx);
     // The deadline counts from the first KVM_RUN, which is a moment away.

@@ -146,3 +146,27 @@ fn a_guest_that_never_ends_is_killed_at_its_deadline() {
     );
     assert!(s.contains("leftover_vmms=0"), "{s}");
 }
+
+#[test]
+fn a_bzimage_kernel_boots_too() {
+    // Debian's distribution kernel (a bzImage, from the lab's assets): the other boot format,
+    // and a kernel that was not built for us.
+    let assets = xcgi_lab::prepare_assets().expect("lab assets");
+    let c_cpio = example("hello-c.cpio");
+    let script = r#"
+        echo "===bz==="
+        xcgi run --kernel "$BZ" --initramfs "$C_CPIO" --mem 256 --timeout 240
+        echo "rc=$?"
+        echo "===end bz==="
+    "#;
+    let r = run_script(
+        script,
+        &[(&assets.bzimage, "BZ"), (&c_cpio, "C_CPIO")],
+        Duration::from_secs(500),
+    );
+    assert_eq!(r.code, 0, "{}", r.output);
+    let s = section(&r.output, "bz");
+    assert_stamped_line(s, "Hello!");
+    assert_summary(s, "init exited with status 4");
+    assert_eq!(rc(s), 4, "{s}");
+}
