@@ -78,6 +78,8 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Stop right before the first KVM_RUN (to measure setup alone).
     pub setup_only: bool,
+    /// Map the kernel and initramfs copy-on-write (default) or copy them.
+    pub load_mode: loader::LoadMode,
 }
 
 impl Default for VmConfig {
@@ -91,6 +93,7 @@ impl Default for VmConfig {
             cmdline_extra: None,
             timeout: Duration::from_secs(10),
             setup_only: false,
+            load_mode: loader::LoadMode::Map,
         }
     }
 }
@@ -269,10 +272,12 @@ pub fn run(
     kvm("KVM_CREATE_PIT2", vm.create_pit2(pit))?;
     clock.lap("irqchip");
 
-    let kernel = loader::load_kernel(&mem, &cfg.kernel)?;
+    let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.load_mode)?;
     clock.lap("load kernel");
     let initrd = match &cfg.initramfs {
-        Some(p) if cfg.rootfs.is_none() => Some(loader::load_initrd(&mem, p, kernel.end)?),
+        Some(p) if cfg.rootfs.is_none() => {
+            Some(loader::load_initrd(&mem, p, kernel.end, cfg.load_mode)?)
+        }
         _ => None,
     };
     clock.lap("load initrd");

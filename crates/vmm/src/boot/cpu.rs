@@ -61,6 +61,10 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
                 // Initial APIC id, logical processor count, CLFLUSH line size (8 * 8 bytes).
                 e.ebx = (u32::from(id) << 24) | (u32::from(count) << 16) | (8 << 8);
                 e.ecx |= 1 << 31; // running under a hypervisor
+                                  // TSC-deadline timer: KVM emulates it in the in-kernel LAPIC but lists it only
+                                  // among emulated features. Without it the guest calibrates the LAPIC timer
+                                  // against the PIT at boot (slow, and it can fail under nesting).
+                e.ecx |= 1 << 24;
                 if count > 1 {
                     e.edx |= 1 << 28; // HTT: several logical processors
                 }
@@ -244,6 +248,7 @@ mod tests {
         assert_eq!(s[0].ebx >> 24, 3);
         assert_eq!((s[0].ebx >> 16) & 0xff, 4);
         assert_ne!(s[0].ecx & (1 << 31), 0);
+        assert_ne!(s[0].ecx & (1 << 24), 0, "TSC-deadline timer offered");
         assert_eq!(s[1].edx, 3);
     }
 

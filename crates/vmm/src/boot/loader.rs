@@ -196,7 +196,21 @@ fn check_fits(mem: &GuestMemoryMmap, start: u64, len: u64, path: &Path) -> Resul
 }
 
 /// Loads a kernel image (ELF vmlinux or bzImage, told apart by content).
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
+/// How file contents get into guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadMode {
+    /// Map whole pages copy-on-write from the file (falls back to copying where it cannot).
+    #[default]
+    Map,
+    /// Copy everything into guest memory at setup.
+    Copy,
+}
+
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mode: LoadMode,
+) -> Result<LoadedKernel, LoaderError> {
     let mut file = File::open(path).map_err(|source| LoaderError::OpenKernel {
         path: path.into(),
         source,
@@ -219,7 +233,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
         })?;
     if head.len() >= 4 && &head[0..4] == ELF_MAGIC {
         let elf = parse_elf(&head, &file, file_len, path)?;
-        return load_elf(mem, &file, &elf, path);
+        return load_elf(mem, &file, &elf, path, mode);
     }
     let mut magic = [0u8; 4];
     let is_bz = file_len > BZIMAGE_MAGIC_OFFSET + 4
@@ -270,11 +284,16 @@ fn load_elf(
     file: &File,
     elf: &ElfImage,
     path: &Path,
+    mode: LoadMode,
 ) -> Result<LoadedKernel, LoaderError> {
     let mut end = 0;
     for seg in &elf.segments {
         check_fits(mem, seg.paddr, seg.memsz, path)?;
-        let done = map_file_pages(mem, file, seg.offset, seg.paddr, seg.filesz).unwrap_or(0);
+        let done = match mode {
+            LoadMode::Map => map_file_pages(mem, file, seg.offset, seg.paddr, seg.filesz),
+            LoadMode::Copy => None,
+        }
+        .unwrap_or(0);
         if seg.filesz > done {
             copy_from_file(
                 mem,
@@ -367,6 +386,7 @@ pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
     kernel_end: u64,
+    mode: LoadMode,
 ) -> Result<(u64, u64), LoaderError> {
     let file = File::open(path).map_err(|source| LoaderError::OpenInitrd {
         path: path.into(),
@@ -392,7 +412,11 @@ pub fn load_initrd(
     if addr < kernel_end {
         return Err(too_big());
     }
-    let done = map_file_pages(mem, &file, 0, addr, size).unwrap_or(0);
+    let done = match mode {
+        LoadMode::Map => map_file_pages(mem, &file, 0, addr, size),
+        LoadMode::Copy => None,
+    }
+    .unwrap_or(0);
     if size > done {
         copy_from_file(mem, &file, done, addr + done, size - done, path)?;
     }
@@ -443,7 +467,7 @@ mod tests {
     fn loads_elf_segments_at_their_physical_address() {
         let m = mem(32);
         let t = write_tmp(&tiny_elf(b"\xf4kernel-bytes", 0x2000));
-        let k = load_kernel(&m, t.path()).unwrap();
+        let k = load_kernel(&m, t.path(), LoadMode::Map).unwrap();
         assert_eq!(k.entry, 0x100_0000);
         assert!(k.end >= 0x100_0000 + 13 + 0x2000);
         let mut got = [0u8; 13];
@@ -461,7 +485,7 @@ mod tests {
         .unwrap();
         let payload: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 251) as u8).collect();
         let t = write_tmp(&tiny_elf(&payload, 4096));
-        let k = load_kernel(&m, t.path()).unwrap();
+        let k = load_kernel(&m, t.path(), LoadMode::Map).unwrap();
         let mut got = vec![0u8; payload.len()];
         m.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
         assert_eq!(got, payload, "whole pages mapped and the tail copied");
@@ -485,10 +509,30 @@ mod tests {
     }
 
     #[test]
+    fn copy_mode_copies_instead_of_mapping() {
+        let m = crate::memory::create(&crate::memory::MemoryConfig {
+            size_mib: 32,
+            ..Default::default()
+        })
+        .unwrap();
+        let payload: Vec<u8> = (0..2 * 4096).map(|i| (i % 13) as u8).collect();
+        let t = write_tmp(&tiny_elf(&payload, 0));
+        load_kernel(&m, t.path(), LoadMode::Copy).unwrap();
+        let mut got = vec![0u8; payload.len()];
+        m.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(got, payload);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(
+            !maps.contains(t.path().to_str().unwrap()),
+            "no file mapping in copy mode"
+        );
+    }
+
+    #[test]
     fn truncated_elf_is_named_truncated() {
         let full = tiny_elf(&[0x90; 4096], 0);
         let t = write_tmp(&full[..full.len() - 100]);
-        let e = load_kernel(&mem(32), t.path()).unwrap_err();
+        let e = load_kernel(&mem(32), t.path(), LoadMode::Map).unwrap_err();
         assert!(matches!(e, LoaderError::Truncated { .. }), "{e}");
         assert!(e.to_string().contains("truncated"));
     }
@@ -496,27 +540,28 @@ mod tests {
     #[test]
     fn text_file_is_not_a_kernel() {
         let t = write_tmp(b"#!/bin/sh\necho hello\n");
-        let e = load_kernel(&mem(32), t.path()).unwrap_err();
+        let e = load_kernel(&mem(32), t.path(), LoadMode::Map).unwrap_err();
         assert!(matches!(e, LoaderError::NotAKernel { .. }), "{e}");
     }
 
     #[test]
     fn missing_kernel_names_the_path() {
-        let e = load_kernel(&mem(32), Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let e =
+            load_kernel(&mem(32), Path::new("/nonexistent/vmlinux"), LoadMode::Map).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
     }
 
     #[test]
     fn host_program_is_not_taken_for_a_kernel() {
         // /bin/true is a 64-bit x86 ELF, but a position-independent program, not a kernel.
-        let e = load_kernel(&mem(32), Path::new("/bin/true")).unwrap_err();
+        let e = load_kernel(&mem(32), Path::new("/bin/true"), LoadMode::Map).unwrap_err();
         assert!(matches!(e, LoaderError::WrongElf { .. }), "{e}");
     }
 
     #[test]
     fn kernel_beyond_memory_is_too_big() {
         let t = write_tmp(&tiny_elf(b"x", 64 << 20));
-        let e = load_kernel(&mem(32), t.path()).unwrap_err();
+        let e = load_kernel(&mem(32), t.path(), LoadMode::Map).unwrap_err();
         assert!(matches!(e, LoaderError::TooBig { .. }), "{e}");
     }
 
@@ -524,7 +569,7 @@ mod tests {
     fn initrd_goes_to_top_of_low_memory() {
         let m = mem(64);
         let t = write_tmp(&vec![0xab; 10_000]);
-        let (addr, size) = load_initrd(&m, t.path(), 0x200_0000).unwrap();
+        let (addr, size) = load_initrd(&m, t.path(), 0x200_0000, LoadMode::Map).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % PAGE, 0);
         assert!(addr + size <= 64 << 20);
@@ -536,7 +581,7 @@ mod tests {
         let m = mem(32);
         let t = write_tmp(&vec![0; 20 << 20]);
         assert!(matches!(
-            load_initrd(&m, t.path(), 0x100_0000),
+            load_initrd(&m, t.path(), 0x100_0000, LoadMode::Map),
             Err(LoaderError::InitrdTooBig { .. })
         ));
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use xcgi_vmm::boot::loader::LoadMode;
 use xcgi_vmm::memory::MemoryConfig;
 use xcgi_vmm::{ExitReason, VmConfig};
 
@@ -40,6 +41,10 @@ pub struct Args {
     /// Deadline in seconds; a VM still running then is killed (exit code 124).
     #[arg(long, default_value_t = 10.0)]
     pub timeout: f64,
+    /// Copy the kernel and initramfs into guest memory instead of mapping their pages
+    /// copy-on-write from the files (for comparison; mapping is faster to set up).
+    #[arg(long)]
+    pub copy_kernel: bool,
     /// Build the VM and stop right before the first KVM_RUN; prints the setup phases.
     #[arg(long)]
     pub setup_only: bool,
@@ -87,6 +92,11 @@ pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
         cmdline_extra: a.cmdline.clone(),
         timeout: Duration::from_secs_f64(a.timeout),
         setup_only: a.setup_only,
+        load_mode: if a.copy_kernel {
+            LoadMode::Copy
+        } else {
+            LoadMode::Map
+        },
     })
 }
 
