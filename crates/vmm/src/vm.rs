@@ -31,6 +31,8 @@ use crate::memory::{self, MemoryConfig};
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit code when the guest crashed without an init exit status (panic, triple fault).
 pub const EXIT_GUEST_CRASH: i32 = 125;
+/// Exit code when the VM was stopped on request (as a shell reports SIGTERM).
+pub const EXIT_CANCELLED: i32 = 143;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -65,6 +67,26 @@ pub enum VmError {
     Thread(std::io::Error),
 }
 
+/// Asks a running VM to stop (from another thread, a signal handler thread, a server whose
+/// client went away). The VM ends within about 10 ms with [`ExitReason::Cancelled`].
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How often the owner thread looks at the cancel flag while the guest runs.
+const CANCEL_POLL: Duration = Duration::from_millis(10);
+
 /// Everything that describes one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -80,6 +102,8 @@ pub struct VmConfig {
     pub setup_only: bool,
     /// Map the kernel and initramfs copy-on-write (default) or copy them.
     pub load_mode: loader::LoadMode,
+    /// Stops the VM early when cancelled.
+    pub cancel: Cancel,
 }
 
 impl Default for VmConfig {
@@ -94,6 +118,7 @@ impl Default for VmConfig {
             timeout: Duration::from_secs(10),
             setup_only: false,
             load_mode: loader::LoadMode::Map,
+            cancel: Cancel::default(),
         }
     }
 }
@@ -113,6 +138,8 @@ pub enum ExitReason {
     TripleFault,
     /// The deadline passed.
     Timeout,
+    /// Stopped through [`Cancel`].
+    Cancelled,
     /// KVM refused to go on (internal error, failed entry).
     VcpuFailed { detail: String },
     /// `setup_only`: stopped before the first KVM_RUN.
@@ -133,6 +160,7 @@ impl ExitReason {
             }
             ExitReason::PowerOff | ExitReason::Reboot | ExitReason::SetupOnly => 0,
             ExitReason::Timeout => EXIT_TIMEOUT,
+            ExitReason::Cancelled => EXIT_CANCELLED,
             ExitReason::Panic { .. } | ExitReason::TripleFault | ExitReason::VcpuFailed { .. } => {
                 EXIT_GUEST_CRASH
             }
@@ -154,6 +182,7 @@ impl ExitReason {
             ExitReason::Panic { message } => format!("guest kernel panic: {message}"),
             ExitReason::TripleFault => "guest triple fault".into(),
             ExitReason::Timeout => "deadline reached, VM killed".into(),
+            ExitReason::Cancelled => "stopped on request, VM killed".into(),
             ExitReason::VcpuFailed { detail } => format!("vCPU failed: {detail}"),
             ExitReason::SetupOnly => "stopped before the first KVM_RUN (setup only)".into(),
         }
@@ -384,6 +413,7 @@ pub fn run(
         tx,
         rx,
         cfg.timeout,
+        &cfg.cancel,
         first_run.clone(),
     )?;
     if let Some((at, clock_ns)) = first_run.get() {
@@ -401,6 +431,7 @@ pub fn run(
     // What the kernel said outranks how the vCPU stopped: a panic ends in a reset.
     let reason = match (reason, report.init_status, report.panic) {
         (ExitReason::Timeout, _, _) => ExitReason::Timeout,
+        (ExitReason::Cancelled, _, _) => ExitReason::Cancelled,
         (_, Some(status), _) => ExitReason::InitExited { status },
         (ExitReason::Reboot | ExitReason::TripleFault, None, Some(message)) => {
             ExitReason::Panic { message }
@@ -468,6 +499,7 @@ fn run_vcpus(
     tx: Sender<VmEvent>,
     rx: Receiver<VmEvent>,
     timeout: Duration,
+    cancel: &Cancel,
     first_run: FirstRun,
 ) -> Result<ExitReason, VmError> {
     KICK_HANDLER.call_once(|| {
@@ -495,15 +527,23 @@ fn run_vcpus(
     }
     drop(tx);
     // The deadline counts from the first KVM_RUN, which is a moment away.
-    let reason = match rx.recv_timeout(timeout) {
-        Ok(VmEvent::Reset) => ExitReason::Reboot,
-        Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => ExitReason::PowerOff,
-        Ok(VmEvent::TripleFault) => ExitReason::TripleFault,
-        Ok(VmEvent::Failed(detail)) => ExitReason::VcpuFailed { detail },
-        Err(RecvTimeoutError::Timeout) => ExitReason::Timeout,
-        Err(RecvTimeoutError::Disconnected) => ExitReason::VcpuFailed {
-            detail: "all vCPU threads ended".into(),
-        },
+    let deadline = Instant::now() + timeout;
+    let reason = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(CANCEL_POLL)) {
+            Ok(VmEvent::Reset) => break ExitReason::Reboot,
+            Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => break ExitReason::PowerOff,
+            Ok(VmEvent::TripleFault) => break ExitReason::TripleFault,
+            Ok(VmEvent::Failed(detail)) => break ExitReason::VcpuFailed { detail },
+            Err(RecvTimeoutError::Timeout) if cancel.is_cancelled() => break ExitReason::Cancelled,
+            Err(RecvTimeoutError::Timeout) if left.is_zero() => break ExitReason::Timeout,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                break ExitReason::VcpuFailed {
+                    detail: "all vCPU threads ended".into(),
+                }
+            }
+        }
     };
     stop.store(true, Ordering::SeqCst);
     stop_threads(handles, kick_signal());

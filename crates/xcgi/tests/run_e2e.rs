@@ -115,6 +115,16 @@ fn a_guest_that_never_ends_is_killed_at_its_deadline() {
         echo "elapsed=$(( $(date +%s) - start ))"
         echo "leftover_vmms=$(count_xcgi)"
         echo "===end loop==="
+        echo "===term==="
+        xcgi run --kernel "$K" --rootfs "$LOOP" --timeout 120 > term.log 2>&1 &
+        pid=$!
+        sleep 4
+        kill -TERM $pid
+        wait $pid
+        echo "rc=$?"
+        cat term.log
+        echo "leftover_vmms=$(count_xcgi)"
+        echo "===end term==="
     "#;
     let r = run_script(
         script,
@@ -145,6 +155,13 @@ fn a_guest_that_never_ends_is_killed_at_its_deadline() {
         "killed at the 10 s deadline, took {elapsed} s"
     );
     assert!(s.contains("leftover_vmms=0"), "{s}");
+
+    // SIGTERM stops the VM cleanly: its own exit code, a message, nothing left running.
+    let t = section(&r.output, "term");
+    assert_eq!(rc(t), 143, "SIGTERM exit code:\n{t}");
+    assert!(t.contains("stopped by signal 15"), "{t}");
+    assert_summary(t, "stopped on request");
+    assert!(t.contains("leftover_vmms=0"), "{t}");
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use xcgi_vmm::boot::loader::LoadMode;
 use xcgi_vmm::memory::MemoryConfig;
+use xcgi_vmm::vm::Cancel;
 use xcgi_vmm::{ExitReason, VmConfig};
 
 #[derive(clap::Args)]
@@ -97,6 +98,7 @@ pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
         } else {
             LoadMode::Map
         },
+        cancel: Cancel::new(),
     })
 }
 
@@ -104,8 +106,42 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
+/// SIGINT, SIGTERM and SIGHUP stop the VM cleanly (so everything it holds is released)
+/// instead of killing xcgi outright. They are blocked in every thread (the vCPU threads
+/// inherit the mask) and taken by one thread with sigwait. Returns the signal, once taken.
+fn stop_on_signals(cancel: Cancel) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    let got = std::sync::Arc::new(AtomicI32::new(0));
+    // SAFETY: plain signal-mask calls on a local sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let seen = got.clone();
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait writes the signal number into `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                seen.store(sig, Ordering::SeqCst);
+                cancel.cancel();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch for SIGINT/SIGTERM: {e}");
+    }
+    got
+}
+
 pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
     let cfg = config(&a)?;
+    let signal = stop_on_signals(cfg.cancel.clone());
     let outcome = xcgi_vmm::run(&cfg, start, Some(Box::new(std::io::stdout())))
         .context("cannot start the VM")?;
     let t = &outcome.timings;
@@ -126,6 +162,11 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
             outcome.reason.describe(),
             outcome.exit_code()
         );
+    }
+    if outcome.reason == ExitReason::Cancelled {
+        let sig = signal.load(std::sync::atomic::Ordering::SeqCst);
+        eprintln!("xcgi: stopped by signal {sig}; the VM was killed and its resources released");
+        return Ok(128 + sig);
     }
     if outcome.reason == ExitReason::Timeout {
         eprintln!(
