@@ -52,6 +52,7 @@ cc_static() {
 
 cc_static hello-c examples/hello-c/hello.c hello
 cc_static loop-forever examples/loop-forever/loop.c loop
+cc_static http-hello examples/http-hello/http-hello.c http-hello
 
 # Go example: CGO off gives a static binary. Keep Go's caches inside target/ when HOME is unset.
 mkdir -p "$OUT/hello-go"

@@ -141,6 +141,12 @@ fn stop_on_signals(cancel: Cancel) -> std::sync::Arc<std::sync::atomic::AtomicI3
 
 pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
     let cfg = config(&a)?;
+    if !cfg.setup_only && std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        eprintln!(
+            "xcgi: warning: this host's /dev/kvm is PVM, which cannot boot a standard Linux guest \
+             (it will not get far before the deadline); run it in the lab: `xcgi lab -- xcgi run ...`"
+        );
+    }
     let signal = stop_on_signals(cfg.cancel.clone());
     let outcome = xcgi_vmm::run(&cfg, start, Some(Box::new(std::io::stdout())))
         .context("cannot start the VM")?;
