@@ -61,6 +61,10 @@ pub enum VmError {
     Rootfs { path: PathBuf, detail: String },
     #[error("writing page tables failed: {0}")]
     PageTables(vm_memory::GuestMemoryError),
+    #[error("network device: {0}")]
+    Net(#[from] virtio::net::NetError),
+    #[error("duplicating the TAP file descriptor failed: {0}")]
+    TapFd(std::io::Error),
     #[error("creating an eventfd failed: {0}")]
     EventFd(std::io::Error),
     #[error("starting a vCPU thread failed: {0}")]
@@ -87,6 +91,16 @@ impl Cancel {
 /// How often the owner thread looks at the cancel flag while the guest runs.
 const CANCEL_POLL: Duration = Duration::from_millis(10);
 
+/// A network interface for the guest: a TAP device (opened with IFF_TAP | IFF_NO_PI |
+/// IFF_VNET_HDR, 12-byte header) and how the guest configures itself.
+#[derive(Debug, Clone)]
+pub struct NetAttachment {
+    pub tap: Arc<std::os::fd::OwnedFd>,
+    pub mac: [u8; 6],
+    /// The kernel's `ip=` parameter for the guest (e.g. `ip=172.16.0.2::172.16.0.1:...`).
+    pub ip_param: String,
+}
+
 /// Everything that describes one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -104,6 +118,8 @@ pub struct VmConfig {
     pub load_mode: loader::LoadMode,
     /// Stops the VM early when cancelled.
     pub cancel: Cancel,
+    /// A virtio-net interface backed by a TAP device.
+    pub net: Option<NetAttachment>,
 }
 
 impl Default for VmConfig {
@@ -119,6 +135,7 @@ impl Default for VmConfig {
             setup_only: false,
             load_mode: loader::LoadMode::Map,
             cancel: Cancel::default(),
+            net: None,
         }
     }
 }
@@ -337,6 +354,18 @@ pub fn run(
             })?;
         mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
         device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
+    }
+    if let Some(net) = &cfg.net {
+        let slot = mmio.len() as u64;
+        let base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + slot as u32;
+        let tap = net.tap.try_clone().map_err(VmError::TapFd)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        kvm("KVM_IRQFD (virtio-net)", vm.register_irqfd(&evt, irq))?;
+        let transport = virtio::net::attach_net(tap, net.mac, mem.clone(), evt)?;
+        mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
+        device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
+        device_params.push(net.ip_param.clone());
     }
     clock.lap("devices");
 

@@ -49,6 +49,17 @@ pub struct Args {
     /// Build the VM and stop right before the first KVM_RUN; prints the setup phases.
     #[arg(long)]
     pub setup_only: bool,
+    /// Give the guest a network interface: virtio-net on a TAP device in a network namespace
+    /// of its own, the guest's IPv4 address set by the kernel (`ip=`). Needs CAP_NET_ADMIN.
+    #[arg(long)]
+    pub net: bool,
+    /// Name of that network namespace (visible as /run/netns/NAME, so `ip netns exec NAME
+    /// curl ...` reaches the guest); removed when the VM ends. Default: xcgi-<pid>.
+    #[arg(long, requires = "net")]
+    pub netns: Option<String>,
+    /// The /30 the guest's link uses: host side base+1, guest base+2.
+    #[arg(long, requires = "net", default_value = "172.16.0.0")]
+    pub net_base: std::net::Ipv4Addr,
     /// Print no summary line.
     #[arg(long, short)]
     pub quiet: bool,
@@ -99,7 +110,45 @@ pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
             LoadMode::Map
         },
         cancel: Cancel::new(),
+        net: None,
     })
+}
+
+/// The guest's network for one `xcgi run`: a namespace, a one-slot pool, one lease.
+struct Network {
+    lease: xcgi_net::Lease,
+    _pool: xcgi_net::Pool,
+}
+
+impl Network {
+    fn open(a: &Args) -> anyhow::Result<Network> {
+        let name = a.netns.clone().unwrap_or_else(|| format!("xcgi-{}", std::process::id()));
+        let ns = xcgi_net::NetNs::create(Some(&name))
+            .with_context(|| format!("creating network namespace {name}"))?;
+        let pool = xcgi_net::Pool::new(
+            std::sync::Arc::new(ns),
+            xcgi_net::PoolConfig { base: a.net_base, size: 1, prefill: 0 },
+        )
+        .context("setting up the guest network")?;
+        let lease = pool.lease().context("creating the guest's TAP device")?;
+        eprintln!(
+            "xcgi: guest network: {} (MAC {}) via {} ({}) in network namespace {name}; try `ip netns exec {name} curl http://{}/`",
+            lease.guest_ip(),
+            lease.guest_mac(),
+            lease.ifname(),
+            lease.host_ip(),
+            lease.guest_ip()
+        );
+        Ok(Network { lease, _pool: pool })
+    }
+
+    fn attachment(&self) -> anyhow::Result<xcgi_vmm::vm::NetAttachment> {
+        Ok(xcgi_vmm::vm::NetAttachment {
+            tap: std::sync::Arc::new(self.lease.try_clone_tap_fd()?),
+            mac: self.lease.guest_mac().0,
+            ip_param: self.lease.kernel_ip_param(),
+        })
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -148,10 +197,20 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
         );
     }
     let signal = stop_on_signals(cfg.cancel.clone());
+    let mut cfg = cfg;
+    // Declared before the VM so that it is released after it: lease, pool, then namespace.
+    let network = if a.net { Some(Network::open(&a)?) } else { None };
+    if let Some(n) = &network {
+        cfg.net = Some(n.attachment()?);
+    }
     let outcome = xcgi_vmm::run(&cfg, start, Some(Box::new(std::io::stdout())))
         .context("cannot start the VM")?;
+    // The VM's own copy of the TAP descriptor is closed; ours goes before the lease returns.
+    let setup_only = cfg.setup_only;
+    drop(cfg);
+    drop(network);
     let t = &outcome.timings;
-    if cfg.setup_only {
+    if setup_only {
         super::bench::print_setup_mark(t);
         for (name, d) in &t.phases {
             println!("phase {:<14} {}", name.replace(' ', "_"), ms(*d));

@@ -70,6 +70,16 @@ pub struct Ran {
 /// else inside the lab. `files` are (host path, name): the script sees each one as `$name`
 /// (an environment variable holding its path), and `xcgi` on PATH.
 pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> Ran {
+    run_script_mem(script, files, timeout, 2048)
+}
+
+/// [`run_script`] with the lab's memory (MiB) chosen, for scripts that run many VMs at once.
+pub fn run_script_mem(
+    script: &str,
+    files: &[(&Path, &str)],
+    timeout: Duration,
+    lab_mem_mib: u32,
+) -> Ran {
     if xcgi_lab::host_has_hardware_kvm() {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(script);
@@ -95,7 +105,9 @@ pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> R
     let mut prelude = String::new();
     let mut cmd = xcgi_lab::LabCommand::new(String::new())
         .binary(xcgi(), "/usr/bin/xcgi")
-        .timeout(timeout);
+        .binary("/usr/bin/curl", "/usr/bin/curl")
+        .timeout(timeout)
+        .mem_mib(lab_mem_mib);
     for (host, name) in files {
         let guest = format!("/xcgi/{name}");
         cmd = cmd.file(host.to_path_buf(), guest.clone());

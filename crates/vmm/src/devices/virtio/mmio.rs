@@ -5,9 +5,17 @@
 //! when a buffer was used, sets bit 0 of InterruptStatus and writes the irq eventfd (which the
 //! VMM registers as a KVM irqfd for the device's GSI).
 //!
+//! A device with worker threads (virtio-net's RX) sits behind a [`SharedTransport`] instead: the
+//! same transport in an `Arc<Mutex<_>>`, whose workers reach the queues through
+//! [`QueueAccess`] and [`MmioTransport::with_queue`], which raises the
+//! interrupt the same way. See the [module docs](super) for the threading model.
+//!
 //! The common registers (below 0x100) accept 4-byte accesses only; any other size reads as zero
 //! and is ignored on write, as are unknown offsets and read-only registers. The device
 //! configuration space (0x100 and up) accepts any size.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::JoinHandle;
 
 use tracing::{debug, error, warn};
 use virtio_bindings::virtio_config::{
@@ -20,7 +28,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{QueueAccess, QueueAccessError, QueueHost, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::MmioDevice;
 
 /// "virt" in little-endian.
@@ -101,6 +109,11 @@ pub struct MmioTransport<D: VirtioDevice> {
     interrupt_status: u32,
     config_generation: u32,
     activated: bool,
+    /// Set when the transport is shared: what [`QueueAccess`] handles point to.
+    host: Option<Weak<Mutex<dyn QueueHost>>>,
+    /// Bumped on every activation, reset and shutdown: a [`QueueAccess`] is only good for the
+    /// epoch it was handed out in.
+    epoch: u64,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -136,6 +149,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupt_status: 0,
             config_generation: 0,
             activated: false,
+            host: None,
+            epoch: 0,
         })
     }
 
@@ -175,6 +190,30 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.queues
     }
 
+    /// Run `f` on queue `index` with the guest's memory, if the device is live (activated, not
+    /// NEEDS_RESET) and the queue is ready; returns whether `f` ran. If `f` returns true (it used
+    /// buffers and `Queue::needs_notification` says so), raise the used-buffer interrupt, exactly
+    /// as after a QueueNotify.
+    ///
+    /// This is how work that does not start with a guest exit (a device's worker thread, through
+    /// [`QueueAccess`]) completes buffers.
+    pub fn with_queue(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(&mut Queue, &GuestMemoryMmap) -> bool,
+    ) -> bool {
+        if !self.activated || self.status & S_NEEDS_RESET != 0 {
+            return false;
+        }
+        let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else {
+            return false;
+        };
+        if f(queue, &self.mem) {
+            self.raise_interrupt(VIRTIO_MMIO_INT_VRING);
+        }
+        true
+    }
+
     /// Tell the driver the device configuration space changed: bump ConfigGeneration and raise
     /// the configuration-change interrupt.
     pub fn notify_config_change(&mut self) {
@@ -198,6 +237,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             device_type = self.device.device_type(),
             "virtio-mmio: device reset"
         );
+        // Outstanding QueueAccess handles go stale before the device even hears of the reset.
+        self.epoch = self.epoch.wrapping_add(1);
         self.device.reset();
         for q in &mut self.queues {
             q.reset();
@@ -346,7 +387,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 for q in &mut self.queues {
                     q.set_event_idx(event_idx);
                 }
-                self.device.activate(self.driver_features, &self.queues)
+                self.epoch = self.epoch.wrapping_add(1);
+                match &self.host {
+                    Some(host) => self.device.activate_with_access(
+                        self.driver_features,
+                        &self.queues,
+                        QueueAccess::new(host.clone(), self.epoch),
+                    ),
+                    None => self.device.activate(self.driver_features, &self.queues),
+                }
             }
         };
         match result {
@@ -564,13 +613,103 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
     }
 }
 
+impl<D: VirtioDevice> QueueHost for MmioTransport<D> {
+    fn with_queue_at(
+        &mut self,
+        epoch: u64,
+        index: usize,
+        f: &mut dyn FnMut(&mut Queue, &GuestMemoryMmap) -> bool,
+    ) -> Result<(), QueueAccessError> {
+        if epoch != self.epoch || !self.activated {
+            return Err(QueueAccessError::Stale);
+        }
+        if self.with_queue(index, f) {
+            Ok(())
+        } else {
+            // Live and current: the only reason left is the queue itself (or NEEDS_RESET, which
+            // activation of this epoch cannot have set after the fact).
+            Err(QueueAccessError::NotReady(index))
+        }
+    }
+}
+
+/// A virtio-mmio transport shared between vCPU threads (through the MMIO bus, where this goes)
+/// and the device's worker threads (through [`QueueAccess`]).
+///
+/// Not `Clone`: this is the owner. Dropping it stops and joins the device's workers, then drops
+/// the transport and the device. Workers only hold weak references.
+pub struct SharedTransport<D: VirtioDevice + 'static> {
+    inner: Arc<Mutex<MmioTransport<D>>>,
+}
+
+impl<D: VirtioDevice + 'static> SharedTransport<D> {
+    /// Like [`MmioTransport::new`]; on activation the device gets a [`QueueAccess`].
+    pub fn new(device: D, mem: GuestMemoryMmap, irq: EventFd) -> Result<Self, MmioError> {
+        let mut transport = MmioTransport::new(device, mem, irq)?;
+        let inner = Arc::new_cyclic(|weak: &Weak<Mutex<MmioTransport<D>>>| {
+            let host: Weak<Mutex<dyn QueueHost>> = weak.clone();
+            transport.host = Some(host);
+            Mutex::new(transport)
+        });
+        Ok(SharedTransport { inner })
+    }
+
+    /// Lock the transport (to inspect the device or its counters). A worker that panicked
+    /// while holding the lock does not make the transport unusable.
+    pub fn lock(&self) -> MutexGuard<'_, MmioTransport<D>> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn join(device_type: u32, workers: Vec<JoinHandle<()>>) {
+        for worker in workers {
+            let name = worker.thread().name().unwrap_or("?").to_owned();
+            if worker.join().is_err() {
+                error!(device_type, worker = %name, "virtio-mmio: device worker panicked");
+            }
+        }
+    }
+}
+
+impl<D: VirtioDevice + 'static> MmioDevice for SharedTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.lock().read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (device_type, stopped) = {
+            let mut t = self.lock();
+            t.write(offset, data);
+            (t.device.device_type(), t.device.take_stopped_workers())
+        };
+        // Outside the lock: a stopping worker may be waiting for it.
+        Self::join(device_type, stopped);
+    }
+}
+
+impl<D: VirtioDevice + 'static> Drop for SharedTransport<D> {
+    fn drop(&mut self) {
+        let (device_type, workers) = {
+            let mut t = self.lock();
+            t.epoch = t.epoch.wrapping_add(1);
+            t.device.stop_workers();
+            (t.device.device_type(), t.device.take_stopped_workers())
+        };
+        Self::join(device_type, workers);
+        // Now no worker holds a reference: `inner` is the last one, and the transport and the
+        // device are dropped on this thread.
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::testing::{
         bring_up, eventfd, memory, r, read_reg, w, write_reg, DriverQueue, BUF_BASE, QUEUE_BASE,
     };
-    use crate::devices::virtio::ActivateError;
+    use crate::devices::virtio::{ActivateError, QueueAccess, QueueAccessError};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::Duration;
 
     const ACK: u32 = S_ACKNOWLEDGE;
     const DRV: u32 = S_ACKNOWLEDGE | S_DRIVER;
@@ -1035,5 +1174,252 @@ mod tests {
         bring_up(&mut t, &[&q]);
         assert!(!t.is_activated());
         assert_eq!(read_reg(&mut t, STATUS), DOK | S_NEEDS_RESET);
+    }
+
+    /// A device with a worker thread, to test the shared transport.
+    #[derive(Default)]
+    struct AsyncDevice {
+        access: Option<QueueAccess>,
+        plain_activations: usize,
+        /// Start a worker on activation that polls its queue until its access goes stale.
+        spawn_worker: bool,
+        worker_exited: Arc<AtomicBool>,
+        worker_polls: Arc<AtomicUsize>,
+        worker: Option<JoinHandle<()>>,
+        stopping: Vec<JoinHandle<()>>,
+        stop_workers_calls: usize,
+    }
+
+    impl VirtioDevice for AsyncDevice {
+        fn device_type(&self) -> u32 {
+            43
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn device_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, _acked: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
+            self.plain_activations += 1;
+            Ok(())
+        }
+        fn activate_with_access(
+            &mut self,
+            _acked: u64,
+            _queues: &[Queue],
+            access: QueueAccess,
+        ) -> Result<(), ActivateError> {
+            if self.spawn_worker {
+                let worker_access = access.clone();
+                let exited = self.worker_exited.clone();
+                let polls = self.worker_polls.clone();
+                exited.store(false, Ordering::SeqCst);
+                // This worker is never told to stop: it only notices that its access went
+                // stale, which needs the transport lock.
+                self.worker = Some(std::thread::spawn(move || loop {
+                    polls.fetch_add(1, Ordering::SeqCst);
+                    if worker_access.with_queue(0, |_, _| false) == Err(QueueAccessError::Stale) {
+                        exited.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }));
+            }
+            self.access = Some(access);
+            Ok(())
+        }
+        fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap) -> bool {
+            false
+        }
+        fn reset(&mut self) {
+            self.access = None;
+            self.stopping.extend(self.worker.take());
+        }
+        fn stop_workers(&mut self) {
+            self.stop_workers_calls += 1;
+            self.stopping.extend(self.worker.take());
+        }
+        fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
+            std::mem::take(&mut self.stopping)
+        }
+    }
+
+    fn access_of(t: &SharedTransport<AsyncDevice>) -> QueueAccess {
+        t.lock()
+            .device()
+            .access
+            .clone()
+            .expect("activated with access")
+    }
+
+    #[test]
+    fn shared_transport_gives_workers_queue_access() {
+        let mem = memory();
+        let mut t = SharedTransport::new(AsyncDevice::default(), mem.clone(), eventfd())
+            .expect("transport");
+        let mut q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
+        // Before activation there is nothing to hand out.
+        assert!(t.lock().device().access.is_none());
+        bring_up(&mut t, &[&q0, &q1]);
+        assert!(t.lock().is_activated());
+        assert_eq!(t.lock().device().plain_activations, 0);
+        let access = access_of(&t);
+
+        // A worker completes a buffer: used ring updated, interrupt raised.
+        let head = q0.add_chain(&[w(BUF_BASE, 64)]);
+        let mut popped = None;
+        access
+            .with_queue(0, |q, m| {
+                let chain = q.pop_descriptor_chain(m).expect("a chain");
+                popped = Some(chain.head_index());
+                q.add_used(m, chain.head_index(), 7).expect("add_used");
+                true
+            })
+            .expect("queue 0 is live");
+        assert_eq!(popped, Some(head));
+        assert_eq!(q0.used_idx(), 1);
+        assert_eq!(q0.used_elem(0), (u32::from(head), 7));
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(t.lock().interrupt_evt().read().expect("irq signalled"), 1);
+        write_reg(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+
+        // The closure says no interrupt: none.
+        access.with_queue(1, |_, _| false).expect("queue 1 is live");
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+        assert!(t.lock().interrupt_evt().read().is_err(), "no irq expected");
+
+        // Queues that do not exist or were stopped: the closure does not run.
+        let mut ran = false;
+        assert_eq!(
+            access.with_queue(2, |_, _| {
+                ran = true;
+                true
+            }),
+            Err(QueueAccessError::NotReady(2))
+        );
+        write_reg(&mut t, QUEUE_SEL, 1);
+        write_reg(&mut t, QUEUE_READY, 0);
+        assert_eq!(
+            access.with_queue(1, |_, _| {
+                ran = true;
+                true
+            }),
+            Err(QueueAccessError::NotReady(1))
+        );
+        assert!(!ran);
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+
+        // The transport's own entry point does the same, for whoever holds the lock.
+        assert!(t.lock().with_queue(0, |_, _| true));
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert!(!t.lock().with_queue(1, |_, _| true));
+    }
+
+    #[test]
+    fn plain_transport_activates_without_access() {
+        let mem = memory();
+        let mut t =
+            MmioTransport::new(AsyncDevice::default(), mem.clone(), eventfd()).expect("transport");
+        let q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
+        bring_up(&mut t, &[&q0, &q1]);
+        assert!(t.is_activated());
+        assert_eq!(t.device().plain_activations, 1);
+        assert!(t.device().access.is_none());
+        // Not live before activation either.
+        write_reg(&mut t, STATUS, 0);
+        assert!(!t.with_queue(0, |_, _| true));
+    }
+
+    #[test]
+    fn queue_access_goes_stale_on_reset_and_drop() {
+        let mem = memory();
+        let mut t = SharedTransport::new(AsyncDevice::default(), mem.clone(), eventfd())
+            .expect("transport");
+        let q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
+        bring_up(&mut t, &[&q0, &q1]);
+        let first = access_of(&t);
+        assert_eq!(first.with_queue(0, |_, _| false), Ok(()));
+
+        write_reg(&mut t, STATUS, 0);
+        assert_eq!(
+            first.with_queue(0, |_, _| true),
+            Err(QueueAccessError::Stale)
+        );
+        // Still stale after the driver brings the device up again: the new activation has
+        // its own access.
+        bring_up(&mut t, &[&q0, &q1]);
+        let second = access_of(&t);
+        assert_eq!(
+            first.with_queue(0, |_, _| true),
+            Err(QueueAccessError::Stale)
+        );
+        assert_eq!(second.with_queue(0, |_, _| false), Ok(()));
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
+
+        // Once the transport is gone, every handle is stale (they never kept it alive).
+        drop(t);
+        assert_eq!(
+            second.with_queue(0, |_, _| true),
+            Err(QueueAccessError::Stale)
+        );
+    }
+
+    #[test]
+    fn workers_are_joined_outside_the_lock_on_reset_and_drop() {
+        let mem = memory();
+        let dev = AsyncDevice {
+            spawn_worker: true,
+            ..Default::default()
+        };
+        let exited = dev.worker_exited.clone();
+        let polls = dev.worker_polls.clone();
+        let mut t = SharedTransport::new(dev, mem.clone(), eventfd()).expect("transport");
+        let q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
+
+        // Run the register writes on another thread so that a deadlock fails the test instead
+        // of hanging it.
+        let (done_tx, done_rx) = mpsc::channel();
+        let driver = std::thread::spawn(move || {
+            bring_up(&mut t, &[&q0, &q1]);
+            // Let the worker hammer the lock for a while.
+            let start = polls.load(Ordering::SeqCst);
+            while polls.load(Ordering::SeqCst) < start + 20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(!exited.load(Ordering::SeqCst));
+            write_reg(&mut t, STATUS, 0);
+            // The write returned: the worker has been joined.
+            assert!(
+                exited.load(Ordering::SeqCst),
+                "worker still running after reset"
+            );
+            assert!(t.lock().device().stopping.is_empty());
+
+            bring_up(&mut t, &[&q0, &q1]);
+            let start = polls.load(Ordering::SeqCst);
+            while polls.load(Ordering::SeqCst) < start + 20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(!exited.load(Ordering::SeqCst));
+            drop(t);
+            assert!(
+                exited.load(Ordering::SeqCst),
+                "worker still running after drop"
+            );
+            done_tx.send(()).expect("report");
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("reset or drop deadlocked");
+        driver.join().expect("driver thread");
     }
 }

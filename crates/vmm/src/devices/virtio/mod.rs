@@ -3,19 +3,52 @@
 //!
 //! [`MmioTransport`] implements the register file and owns the virtqueues; a device model
 //! implements [`VirtioDevice`] and is called back synchronously, on the vCPU thread, when the
-//! driver writes QueueNotify. There is no I/O thread.
+//! driver writes QueueNotify (the block device does all its work there).
+//!
+//! # Devices with their own threads
+//!
+//! Some work does not start with a guest exit: a network frame arriving on a TAP must reach the
+//! guest while every vCPU is busy elsewhere. Such a device runs worker threads, and those need the
+//! virtqueues, guest memory and the interrupt, all of which live in the transport. So:
+//!
+//! - The transport is shared: [`SharedTransport`] wraps `Arc<Mutex<MmioTransport<D>>>` and is
+//!   what goes on the MMIO bus. Register accesses lock it; so do workers.
+//! - On DRIVER_OK a shared transport calls [`VirtioDevice::activate_with_access`] instead of
+//!   [`VirtioDevice::activate`], handing the device a [`QueueAccess`]: a weak handle on the
+//!   transport (no reference cycle) tagged with the activation it belongs to.
+//!   [`QueueAccess::with_queue`] locks the transport, runs a closure on one queue and, when the
+//!   closure says a buffer was used and the driver wants to hear about it, raises the used-buffer
+//!   interrupt exactly like the synchronous path (InterruptStatus bit 0, then the irq eventfd).
+//! - After a device reset, or once the transport is gone, a `QueueAccess` is *stale*:
+//!   `with_queue` refuses to run, so a worker that has not noticed it was told to stop can never
+//!   touch queues the driver is reconfiguring.
+//! - Stopping: [`VirtioDevice::reset`] (called under the lock) and
+//!   [`VirtioDevice::stop_workers`] only *tell* workers to stop; their join handles are collected
+//!   with [`VirtioDevice::take_stopped_workers`] and joined by [`SharedTransport`] after it has
+//!   released the lock (a stopping worker may be waiting for that very lock). A register write
+//!   that resets the device therefore returns only once the device's workers have exited, and
+//!   dropping the `SharedTransport` joins every worker before the device itself is dropped.
+//!
+//! Lock order: the VMM's device-bus lock, then a transport lock. Workers take only their
+//! transport's lock and never block while holding it (their file descriptors are non-blocking).
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 #[cfg(test)]
 pub(crate) mod testing;
+
+use std::io;
+use std::sync::{Mutex, PoisonError, Weak};
+use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockError};
-pub use mmio::{MmioError, MmioTransport};
+pub use mmio::{MmioError, MmioTransport, SharedTransport};
+pub use net::{Net, NetError};
 
 /// Feature bit every device offers and every driver must accept: we are "modern" only.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -29,12 +62,77 @@ pub enum ActivateError {
     /// The queue's rings do not lie in guest memory.
     #[error("virtqueue {0} has rings outside guest memory")]
     InvalidQueue(usize),
+    /// The device needs worker threads, hence a [`SharedTransport`], but sits behind a plain
+    /// [`MmioTransport`].
+    #[error("device type {0} needs a shared transport (it runs worker threads)")]
+    NeedsSharedTransport(u32),
+    /// A worker thread (or what it waits on) could not be set up.
+    #[error("cannot start the device's worker thread: {0}")]
+    Worker(#[source] io::Error),
+}
+
+/// Why [`QueueAccess::with_queue`] did not run its closure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueAccessError {
+    /// The transport is gone, or the device was reset (or is being dropped) since the activation
+    /// this access was given for. The worker should exit.
+    #[error("the device was reset or its transport is gone")]
+    Stale,
+    /// The queue does not exist or the driver stopped it (QueueReady = 0).
+    #[error("virtqueue {0} does not exist or is not ready")]
+    NotReady(usize),
+}
+
+/// What a transport offers to [`QueueAccess`]: run a closure on a queue of a given activation.
+pub(crate) trait QueueHost: Send {
+    /// Run `f` on queue `index` if `epoch` is the current activation and the queue is ready;
+    /// raise the used-buffer interrupt if `f` returns true.
+    fn with_queue_at(
+        &mut self,
+        epoch: u64,
+        index: usize,
+        f: &mut dyn FnMut(&mut Queue, &GuestMemoryMmap) -> bool,
+    ) -> Result<(), QueueAccessError>;
+}
+
+/// A device worker thread's handle on its transport's virtqueues, valid for one activation.
+///
+/// Cheap to clone; holds only a weak reference, so it never keeps the transport alive.
+#[derive(Clone)]
+pub struct QueueAccess {
+    host: Weak<Mutex<dyn QueueHost>>,
+    epoch: u64,
+}
+
+impl QueueAccess {
+    pub(crate) fn new(host: Weak<Mutex<dyn QueueHost>>, epoch: u64) -> Self {
+        QueueAccess { host, epoch }
+    }
+
+    /// Lock the transport and run `f` on queue `index` with the guest's memory. If `f` returns
+    /// true (it used buffers and the queue asks for a notification, see
+    /// `Queue::needs_notification`), the transport raises the used-buffer interrupt.
+    ///
+    /// `f` runs with the transport locked: vCPUs touching this device wait meanwhile, so it must
+    /// not block and should bound its work.
+    pub fn with_queue<F>(&self, index: usize, f: F) -> Result<(), QueueAccessError>
+    where
+        F: FnOnce(&mut Queue, &GuestMemoryMmap) -> bool,
+    {
+        let host = self.host.upgrade().ok_or(QueueAccessError::Stale)?;
+        let mut f = Some(f);
+        let mut guard = host.lock().unwrap_or_else(PoisonError::into_inner);
+        guard.with_queue_at(self.epoch, index, &mut |q, mem| {
+            f.take().is_some_and(|f| f(q, mem))
+        })
+    }
 }
 
 /// A virtio device model, driven by a transport ([`MmioTransport`]).
 ///
 /// Every method is called with the transport's lock held (`&mut self` on the MMIO bus), from a
-/// vCPU thread. Nothing here may panic on guest-controlled input.
+/// vCPU thread (or, for the worker hooks, from whoever drops a [`SharedTransport`]). Nothing
+/// here may panic on guest-controlled input.
 pub trait VirtioDevice: Send {
     /// Virtio device id (`VIRTIO_ID_*`, e.g. 2 for block).
     fn device_type(&self) -> u32;
@@ -62,8 +160,33 @@ pub trait VirtioDevice: Send {
     /// whether the driver must be interrupted (a buffer was used and the ring asks for it).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
 
-    /// The driver wrote 0 to Status: drop any state negotiated since the last reset.
+    /// The driver wrote 0 to Status: drop any state negotiated since the last reset. A device
+    /// with worker threads tells them to stop here, without waiting for them (see
+    /// [`take_stopped_workers`](Self::take_stopped_workers)).
     fn reset(&mut self);
+
+    /// [`activate`](Self::activate) for a device behind a [`SharedTransport`]: `access` lets the
+    /// device's worker threads reach its virtqueues until the next reset. Devices without
+    /// workers keep this default, which ignores `access`.
+    fn activate_with_access(
+        &mut self,
+        acked_features: u64,
+        queues: &[Queue],
+        access: QueueAccess,
+    ) -> Result<(), ActivateError> {
+        let _ = access;
+        self.activate(acked_features, queues)
+    }
+
+    /// The transport is going away: tell every worker thread to stop (without waiting for it).
+    fn stop_workers(&mut self) {}
+
+    /// Worker threads told to stop (by [`reset`](Self::reset) or
+    /// [`stop_workers`](Self::stop_workers)) and not joined yet. The caller joins them after
+    /// releasing the transport lock, which a stopping worker may be waiting for.
+    fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
+        Vec::new()
+    }
 }
 
 /// Kernel command-line parameter that declares one virtio-mmio device to Linux

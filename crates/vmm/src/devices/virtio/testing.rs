@@ -9,8 +9,8 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::mmio::MmioTransport;
-use super::VirtioDevice;
+use std::time::{Duration, Instant};
+
 use crate::devices::MmioDevice;
 
 /// 1 MiB of guest memory at 0.
@@ -167,8 +167,9 @@ pub fn write_reg<T: MmioDevice>(dev: &mut T, offset: u64, value: u32) {
 }
 
 /// Negotiate features (accepting everything offered) and set up queue `index` from `q`,
-/// the way Linux's virtio_mmio driver does, ending with DRIVER_OK.
-pub fn bring_up<D: VirtioDevice>(t: &mut MmioTransport<D>, queues: &[&DriverQueue]) {
+/// the way Linux's virtio_mmio driver does, ending with DRIVER_OK. Works on any transport on
+/// the bus (`MmioTransport` or `SharedTransport`).
+pub fn bring_up<T: MmioDevice>(t: &mut T, queues: &[&DriverQueue]) {
     let ack = VIRTIO_CONFIG_S_ACKNOWLEDGE;
     let drv = ack | VIRTIO_CONFIG_S_DRIVER;
     let fok = drv | VIRTIO_CONFIG_S_FEATURES_OK;
@@ -196,4 +197,13 @@ pub fn bring_up<D: VirtioDevice>(t: &mut MmioTransport<D>, queues: &[&DriverQueu
         write_reg(t, 0x44, 1);
     }
     write_reg(t, 0x70, fok | VIRTIO_CONFIG_S_DRIVER_OK);
+}
+
+/// Poll `cond` until it holds; panic with `what` after 5 seconds (for work done by other threads).
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

@@ -1,0 +1,61 @@
+//! Guest networking for xcgi.
+//!
+//! Every VM gets a virtio-net NIC backed by a TAP device. All TAPs live in one network
+//! namespace that xcgi creates ([`NetNs`]), never in the host's: a guest can reach only that
+//! namespace's addresses, and guests cannot reach each other (IPv4 forwarding is off there).
+//! Each VM gets a /30 from a configurable pool ([`PoolConfig`]), with the host side of the TAP
+//! configured ahead of time (address, link up, permanent neighbour entry for the guest's MAC)
+//! so the first packet to a new guest goes out without ARP. See docs/networking.md.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), xcgi_net::NetError> {
+//! use std::sync::Arc;
+//! let ns = Arc::new(xcgi_net::NetNs::create(Some("xcgi"))?);
+//! let pool = xcgi_net::Pool::new(ns, xcgi_net::PoolConfig::default())?;
+//! let lease = pool.lease()?;
+//! // hand lease.tap_fd() to the VMM's virtio-net, lease.kernel_ip_param() to the command line
+//! # Ok(()) }
+//! ```
+
+pub mod addr;
+pub mod netlink;
+pub mod netns;
+pub mod pool;
+mod sys;
+pub mod tap;
+
+use thiserror::Error;
+
+pub use addr::{AddrError, AddrPlan, MacAddr, SlotAddrs};
+pub use netlink::{Netlink, NetlinkError};
+pub use netns::{NetNs, NetnsError};
+pub use pool::{Lease, Pool, PoolConfig, PoolStats};
+pub use tap::{Tap, TapError, VNET_HDR_LEN};
+
+/// Errors of this crate's public operations.
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Addr(#[from] AddrError),
+    #[error("cannot configure TAP {name:?}: {source}")]
+    Configure {
+        name: String,
+        #[source]
+        source: NetlinkError,
+    },
+    #[error(
+        "network pool exhausted: all {size} slots are leased; raise the network pool size \
+         (PoolConfig::size) to run more VMs with a network at once"
+    )]
+    PoolExhausted { size: u32 },
+    #[error("network pool prefill {prefill} is larger than the pool size {size}")]
+    PrefillTooLarge { prefill: u32, size: u32 },
+    #[error("internal error in xcgi-net: {0}")]
+    Internal(&'static str),
+}

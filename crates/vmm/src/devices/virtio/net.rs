@@ -1,0 +1,1718 @@
+//! A virtio-net device backed by a TAP file descriptor.
+//!
+//! The TAP is opened by the host-networking code with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, a
+//! vnet header size of 12 (`struct virtio_net_hdr_v1`), no offloads, and `O_NONBLOCK` (which
+//! [`Net::new`] enforces). Because the TAP speaks the same 12-byte header as a VERSION_1 driver,
+//! frames move between guest memory and the TAP with one `readv`/`writev` each, header included,
+//! without a bounce buffer.
+//!
+//! Features offered: VIRTIO_F_VERSION_1 and VIRTIO_NET_F_MAC (configuration space: the MAC's 6
+//! bytes; no STATUS, so the driver assumes the link is up). No checksum or segmentation offload
+//! and no MRG_RXBUF: every receive chain must hold a whole frame plus its header, which Linux's
+//! "small buffers" mode does (1518 + 12 bytes and more).
+//!
+//! Queues (256 entries each): 0 = receive, 1 = transmit.
+//!
+//! - **TX** runs on the vCPU thread, synchronously on QueueNotify for queue 1: each chain's
+//!   device-readable descriptors are written to the TAP with one `writev`, and the chain is
+//!   returned with a used length of 0. A full TAP (`EAGAIN`) drops the frame rather than block
+//!   the vCPU. Malformed chains (a device-writable descriptor, less than a header, out of guest
+//!   memory, too long) are returned without sending anything.
+//! - **RX** runs on a worker thread started on activation (so it needs a [`SharedTransport`];
+//!   see the [module docs](super) for the threading model). It waits in `epoll` for the TAP
+//!   (edge-triggered), a kick eventfd written when the driver notifies queue 0, and a stop
+//!   eventfd. Under the transport lock, it pops a receive chain, `readv`s one frame straight into
+//!   its writable descriptors, sets `num_buffers` to 1, adds the chain to the used ring and, once
+//!   per batch, raises the interrupt. When no receive buffer is available it stops reading the
+//!   TAP (frames wait there, and the kernel drops what overflows its queue), re-enables driver
+//!   notifications and waits for a kick. A frame larger than the chain is dropped (logged at
+//!   `debug`): the chain has one spare byte of host memory after it, and a frame that reaches it
+//!   did not fit. At most [`RX_BATCH`] frames are moved per lock acquisition.
+//!
+//! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
+//! released the lock; dropping the transport (or a bare [`Net`]) stops and joins it too. No
+//! thread outlives the device.
+//!
+//! Per-frame guest errors are logged at `debug` (a hostile guest could otherwise flood the log)
+//! and counted in [`NetStats`]; nothing the guest writes can panic the device.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use tracing::{debug, error, warn};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::mmio::{MmioError, SharedTransport};
+use super::{ActivateError, QueueAccess, QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Bytes of `struct virtio_net_hdr_v1` in front of every frame, in both directions.
+pub const VNET_HDR_LEN: usize = 12;
+/// Size of each virtqueue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Most frames the RX worker moves per acquisition of the transport lock.
+pub const RX_BATCH: usize = 64;
+
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
+/// Configuration space: `mac[6]` only (no STATUS, MQ or MTU).
+const CONFIG_LEN: usize = 6;
+/// Longest descriptor chain accepted (we do not offer indirect descriptors).
+const MAX_CHAIN: usize = QUEUE_SIZE as usize;
+/// Most iovecs a single `readv`/`writev` may take (Linux's UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
+/// Largest frame accepted for transmission, header included: 64 KiB of Ethernet frame.
+const MAX_TX_LEN: u64 = VNET_HDR_LEN as u64 + 65_536;
+/// Offset of `num_buffers` in `virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFFSET: u64 = 10;
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_KICK: u64 = 1;
+const TOKEN_TAP: u64 = 2;
+
+/// Errors setting up a virtio-net device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid MAC address {}: it must be unicast and not all zeros", fmt_mac(.0))]
+    InvalidMac([u8; 6]),
+    #[error("cannot configure the TAP file descriptor ({what}): {source}")]
+    Tap {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the TAP was not opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR (flags {0:#06x})")]
+    TapFlags(u16),
+    #[error("the TAP's vnet header size is {0}, need {VNET_HDR_LEN}")]
+    VnetHdrSize(i32),
+    #[error("virtio-net transport: {0}")]
+    Transport(#[from] MmioError),
+}
+
+/// Why a frame was not moved. Only logged and counted.
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error("descriptor chain longer than {MAX_CHAIN}")]
+    ChainTooLong,
+    /// virtio-queue ends a chain early, without an error, when a descriptor cannot be read,
+    /// the next index is out of range, it loops, or the lengths overflow 32 bits: the last
+    /// descriptor we saw still says "next".
+    #[error("broken descriptor chain (bad next index, loop, or over 4 GiB)")]
+    BrokenChain,
+    #[error("device-writable descriptor in a transmit chain")]
+    WritableInTx,
+    #[error("device-readable descriptor in a receive chain")]
+    ReadableInRx,
+    #[error("buffer at {addr:#x}+{len} is outside guest memory: {source}")]
+    BadBuffer {
+        addr: u64,
+        len: u32,
+        #[source]
+        source: GuestMemoryError,
+    },
+    #[error("chain holds {0} bytes, less than the {VNET_HDR_LEN}-byte header")]
+    TooShort(u64),
+    #[error("frame of {0} bytes exceeds {MAX_TX_LEN}")]
+    TooLong(u64),
+    #[error("the TAP is full")]
+    TapFull,
+    #[error("TAP: {0}")]
+    Tap(#[source] io::Error),
+}
+
+/// Counters of a virtio-net device. Bytes are Ethernet frame bytes (the vnet header excluded).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames written to the TAP.
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Well-formed frames the TAP did not take (full, or an error).
+    pub tx_dropped: u64,
+    /// Transmit chains returned unsent because they were malformed.
+    pub tx_malformed: u64,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames read from the TAP and dropped (larger than the receive chain, or shorter than a
+    /// header).
+    pub rx_dropped: u64,
+    /// Receive chains returned unused (used length 0) because they were malformed.
+    pub rx_malformed: u64,
+}
+
+/// A handle on a device's counters that outlives handing the transport to the MMIO bus.
+#[derive(Debug, Clone)]
+pub struct NetStatsReader(Arc<Counters>);
+
+impl NetStatsReader {
+    /// The counters now.
+    pub fn get(&self) -> NetStats {
+        self.0.snapshot()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    tx_frames: AtomicU64,
+    tx_bytes: AtomicU64,
+    tx_dropped: AtomicU64,
+    tx_malformed: AtomicU64,
+    rx_frames: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_dropped: AtomicU64,
+    rx_malformed: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> NetStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetStats {
+            tx_frames: get(&self.tx_frames),
+            tx_bytes: get(&self.tx_bytes),
+            tx_dropped: get(&self.tx_dropped),
+            tx_malformed: get(&self.tx_malformed),
+            rx_frames: get(&self.rx_frames),
+            rx_bytes: get(&self.rx_bytes),
+            rx_dropped: get(&self.rx_dropped),
+            rx_malformed: get(&self.rx_malformed),
+        }
+    }
+}
+
+/// The running RX worker, as the device sees it.
+struct Worker {
+    handle: JoinHandle<()>,
+    stop: EventFd,
+    kick: EventFd,
+    tid: Arc<AtomicI32>,
+}
+
+/// virtio-net device on a TAP.
+pub struct Net {
+    tap: Arc<OwnedFd>,
+    mac: [u8; 6],
+    config: [u8; CONFIG_LEN],
+    stats: Arc<Counters>,
+    worker: Option<Worker>,
+    /// Workers told to stop and not joined yet (see `VirtioDevice::take_stopped_workers`).
+    stopping: Vec<JoinHandle<()>>,
+}
+
+/// Build a virtio-net device on `tap` behind a shared virtio-mmio transport, ready for the MMIO
+/// bus. `irq` is written on every interrupt and must be registered as a KVM irqfd for the
+/// device's GSI.
+pub fn attach_net(
+    tap: OwnedFd,
+    mac: [u8; 6],
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+) -> Result<SharedTransport<Net>, NetError> {
+    let net = Net::new(tap, mac)?;
+    Ok(SharedTransport::new(net, mem, irq)?)
+}
+
+impl Net {
+    /// A device on `tap` with MAC address `mac`. Puts the descriptor in non-blocking mode. If
+    /// `tap` is a TUN/TAP device, checks that it is a TAP with `IFF_NO_PI | IFF_VNET_HDR` and a
+    /// 12-byte vnet header; any other descriptor (the tests use a datagram socket) is taken as
+    /// is: one `read`/`write` per frame, header included.
+    pub fn new(tap: OwnedFd, mac: [u8; 6]) -> Result<Net, NetError> {
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return Err(NetError::InvalidMac(mac));
+        }
+        set_nonblocking(tap.as_raw_fd())?;
+        check_tap(tap.as_raw_fd())?;
+        debug!(mac = %fmt_mac(&mac), "virtio-net: created");
+        let mut config = [0u8; CONFIG_LEN];
+        config.copy_from_slice(&mac);
+        Ok(Net {
+            tap: Arc::new(tap),
+            mac,
+            config,
+            stats: Arc::default(),
+            worker: None,
+            stopping: Vec::new(),
+        })
+    }
+
+    /// The MAC address the guest sees.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The device's counters so far.
+    pub fn stats(&self) -> NetStats {
+        self.stats.snapshot()
+    }
+
+    /// A handle to read the counters later, e.g. after the transport went onto the MMIO bus.
+    pub fn stats_reader(&self) -> NetStatsReader {
+        NetStatsReader(self.stats.clone())
+    }
+
+    /// Whether an RX worker is running (the device is activated).
+    pub fn has_worker(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// Kernel thread id of the running RX worker, once it has started (for diagnostics).
+    pub fn worker_tid(&self) -> Option<i32> {
+        self.worker
+            .as_ref()
+            .map(|w| w.tid.load(Ordering::Acquire))
+            .filter(|&tid| tid != 0)
+    }
+
+    fn spawn_worker(&self, access: QueueAccess) -> io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let kick = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STOP),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            kick.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_KICK),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            self.tap.as_raw_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
+        )?;
+        let tid = Arc::new(AtomicI32::new(0));
+        // The worker owns its own handles on the eventfds: an epoll registration dies with the
+        // last descriptor of its file, and a stop written just before that would be lost.
+        let worker = RxWorker {
+            tap: self.tap.clone(),
+            access,
+            epoll,
+            kick: kick.try_clone()?,
+            _stop: stop.try_clone()?,
+            stats: self.stats.clone(),
+            tid: tid.clone(),
+            tap_error_logged: false,
+        };
+        let handle = thread::Builder::new()
+            .name("virtio-net-rx".into())
+            .spawn(move || worker.run())?;
+        Ok(Worker {
+            handle,
+            stop,
+            kick,
+            tid,
+        })
+    }
+
+    /// Tell the RX worker to stop; it is joined later (see `take_stopped_workers`).
+    fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if let Err(e) = worker.stop.write(1) {
+                // It still exits on its next queue access, which the transport now refuses.
+                error!(error = %e, "virtio-net: cannot signal the RX worker to stop");
+            }
+            self.stopping.push(worker.handle);
+        }
+    }
+
+    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let Some(pending) = pending_chains(queue, mem) else {
+            return false;
+        };
+        let mut iovecs = Vec::new();
+        let mut used_any = false;
+        for _ in 0..pending {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            iovecs.clear();
+            match self.transmit(chain, mem, &mut iovecs) {
+                Ok(len) => {
+                    bump(&self.stats.tx_frames, 1);
+                    bump(&self.stats.tx_bytes, len - VNET_HDR_LEN as u64);
+                }
+                Err(e @ (FrameError::TapFull | FrameError::Tap(_))) => {
+                    debug!(head, error = %e, "virtio-net: TX frame dropped");
+                    bump(&self.stats.tx_dropped, 1);
+                }
+                Err(e) => {
+                    debug!(head, error = %e, "virtio-net: malformed TX chain; returned unsent");
+                    bump(&self.stats.tx_malformed, 1);
+                }
+            }
+            iovecs.clear();
+            match queue.add_used(mem, head, 0) {
+                Ok(()) => used_any = true,
+                Err(e) => warn!(head, error = %e, "virtio-net: cannot return a TX buffer"),
+            }
+        }
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    /// Write one chain to the TAP; returns its length (header included).
+    fn transmit(
+        &self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+        iovecs: &mut Vec<libc::iovec>,
+    ) -> Result<u64, FrameError> {
+        let mut total = 0u64;
+        let mut more = false;
+        for (i, desc) in chain.enumerate() {
+            if i == MAX_CHAIN {
+                return Err(FrameError::ChainTooLong);
+            }
+            more = desc.has_next();
+            if desc.is_write_only() {
+                return Err(FrameError::WritableInTx);
+            }
+            total += u64::from(desc.len());
+            if total > MAX_TX_LEN {
+                return Err(FrameError::TooLong(total));
+            }
+            push_iovecs(mem, desc.addr(), desc.len(), Permissions::Read, iovecs)?;
+        }
+        if more {
+            return Err(FrameError::BrokenChain);
+        }
+        if total < VNET_HDR_LEN as u64 {
+            return Err(FrameError::TooShort(total));
+        }
+        if iovecs.len() > MAX_IOVECS {
+            return Err(FrameError::ChainTooLong);
+        }
+        let written = loop {
+            // SAFETY: every iovec points into guest memory that `mem` keeps mapped (checked by
+            // push_iovecs), and writev only reads through them.
+            let n = unsafe {
+                libc::writev(
+                    self.tap.as_raw_fd(),
+                    iovecs.as_ptr(),
+                    iovecs.len() as libc::c_int,
+                )
+            };
+            if n >= 0 {
+                break n as u64;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Err(FrameError::TapFull),
+                _ => return Err(FrameError::Tap(e)),
+            }
+        };
+        if written != total {
+            // A TAP takes a frame whole or not at all; a stand-in might not.
+            debug!(written, total, "virtio-net: short write to the TAP");
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop_worker();
+        for handle in self.stopping.drain(..) {
+            // Never join ourselves (only possible if the worker dropped the last reference to
+            // the transport, which SharedTransport's drop rules out).
+            if handle.thread().id() == thread::current().id() {
+                continue;
+            }
+            if handle.join().is_err() {
+                error!("virtio-net: RX worker panicked");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | (1 << VIRTIO_NET_F_MAC)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start >= CONFIG_LEN {
+            return;
+        }
+        let n = data.len().min(CONFIG_LEN - start);
+        data[..n].copy_from_slice(&self.config[start..start + n]);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            offset,
+            len = data.len(),
+            "virtio-net: write to read-only config space ignored"
+        );
+    }
+
+    fn activate(&mut self, _acked_features: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
+        Err(ActivateError::NeedsSharedTransport(VIRTIO_ID_NET))
+    }
+
+    fn activate_with_access(
+        &mut self,
+        _acked_features: u64,
+        queues: &[Queue],
+        access: QueueAccess,
+    ) -> Result<(), ActivateError> {
+        for index in [RX_QUEUE, TX_QUEUE] {
+            if !queues.get(index).is_some_and(|q| q.ready()) {
+                return Err(ActivateError::QueueNotReady(index));
+            }
+        }
+        self.stop_worker();
+        let worker = self.spawn_worker(access).map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        debug!(mac = %fmt_mac(&self.mac), "virtio-net: activated");
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        match index {
+            RX_QUEUE => {
+                // New receive buffers: wake the worker, which fills them under the lock later.
+                if let Some(worker) = &self.worker {
+                    if let Err(e) = worker.kick.write(1) {
+                        warn!(error = %e, "virtio-net: cannot kick the RX worker");
+                    }
+                }
+                false
+            }
+            TX_QUEUE => self.process_tx(queue, mem),
+            _ => {
+                warn!(index, "virtio-net: notify for a queue that does not exist");
+                false
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+
+    fn stop_workers(&mut self) {
+        self.stop_worker();
+    }
+
+    fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.stopping)
+    }
+}
+
+/// What one RX batch ended on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// The batch limit: release the lock and go on.
+    More,
+    /// Nothing more to read from the TAP (or it failed): wait for it.
+    TapDrained,
+    /// No receive buffer: wait for a kick.
+    NoBuffers,
+}
+
+/// A receive chain, resolved to host memory.
+#[derive(Default)]
+struct RxChain {
+    iovecs: Vec<libc::iovec>,
+    /// The chain's non-empty descriptors, to write `num_buffers` into.
+    segments: Vec<(GuestAddress, u32)>,
+    capacity: u64,
+    /// Spare byte after the chain: a frame that reaches it did not fit.
+    overflow: [u8; 1],
+}
+
+impl RxChain {
+    fn load(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), FrameError> {
+        self.iovecs.clear();
+        self.segments.clear();
+        self.capacity = 0;
+        let mut more = false;
+        for (i, desc) in chain.enumerate() {
+            if i == MAX_CHAIN {
+                return Err(FrameError::ChainTooLong);
+            }
+            more = desc.has_next();
+            if !desc.is_write_only() {
+                return Err(FrameError::ReadableInRx);
+            }
+            if desc.len() == 0 {
+                continue;
+            }
+            push_iovecs(
+                mem,
+                desc.addr(),
+                desc.len(),
+                Permissions::Write,
+                &mut self.iovecs,
+            )?;
+            self.segments.push((desc.addr(), desc.len()));
+            self.capacity += u64::from(desc.len());
+        }
+        if more {
+            return Err(FrameError::BrokenChain);
+        }
+        if self.capacity < VNET_HDR_LEN as u64 {
+            return Err(FrameError::TooShort(self.capacity));
+        }
+        if self.iovecs.len() >= MAX_IOVECS {
+            return Err(FrameError::ChainTooLong);
+        }
+        Ok(())
+    }
+
+    /// Read one frame from `fd` into the chain (plus the overflow byte).
+    fn readv(&mut self, fd: RawFd) -> io::Result<u64> {
+        self.iovecs.push(libc::iovec {
+            iov_base: self.overflow.as_mut_ptr().cast(),
+            iov_len: self.overflow.len(),
+        });
+        // SAFETY: the iovecs point into guest memory that the caller's `mem` keeps mapped
+        // (checked by push_iovecs) and into `self.overflow`, all valid for writes of their
+        // lengths for the duration of the call.
+        let n = unsafe { libc::readv(fd, self.iovecs.as_ptr(), self.iovecs.len() as libc::c_int) };
+        self.iovecs.pop();
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as u64)
+        }
+    }
+
+    /// The guest address of byte `offset` of the chain.
+    fn addr_of(&self, mut offset: u64) -> Option<GuestAddress> {
+        for &(addr, len) in &self.segments {
+            if offset < u64::from(len) {
+                return addr.0.checked_add(offset).map(GuestAddress);
+            }
+            offset -= u64::from(len);
+        }
+        None
+    }
+
+    /// Set the header's `num_buffers` to 1 (the TAP leaves those two bytes alone; without
+    /// MRG_RXBUF every frame takes exactly one buffer).
+    fn set_num_buffers(&self, mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
+        for (i, byte) in 1u16.to_le_bytes().into_iter().enumerate() {
+            let addr = self
+                .addr_of(NUM_BUFFERS_OFFSET + i as u64)
+                .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(0)))?;
+            mem.write_obj(byte, addr)?;
+        }
+        Ok(())
+    }
+}
+
+/// The RX worker thread's state.
+struct RxWorker {
+    tap: Arc<OwnedFd>,
+    access: QueueAccess,
+    epoll: Epoll,
+    kick: EventFd,
+    /// Keeps the stop eventfd (registered in `epoll`) open as long as the worker runs.
+    _stop: EventFd,
+    stats: Arc<Counters>,
+    tid: Arc<AtomicI32>,
+    tap_error_logged: bool,
+}
+
+impl RxWorker {
+    fn run(mut self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.tid.store(tid, Ordering::Release);
+        debug!(tid, "virtio-net: RX worker started");
+        let mut chain = RxChain::default();
+        // Look at both right away: frames may already wait, the driver may have posted buffers.
+        let mut tap_readable = true;
+        let mut have_buffers = true;
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            while tap_readable && have_buffers {
+                match self.deliver(&mut chain) {
+                    Ok(Batch::More) => {}
+                    Ok(Batch::TapDrained) => tap_readable = false,
+                    Ok(Batch::NoBuffers) => have_buffers = false,
+                    // The driver stopped the queue: nothing to do until the device is reset.
+                    Err(QueueAccessError::NotReady(_)) => have_buffers = false,
+                    Err(QueueAccessError::Stale) => {
+                        debug!(tid, "virtio-net: RX worker done (device reset or gone)");
+                        return;
+                    }
+                }
+            }
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!(error = %e, "virtio-net: RX worker cannot wait; stopping");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TOKEN_STOP => {
+                        debug!(tid, "virtio-net: RX worker stopped");
+                        return;
+                    }
+                    TOKEN_KICK => {
+                        // Reset the counter; a failure (already 0) changes nothing.
+                        let _ = self.kick.read();
+                        have_buffers = true;
+                    }
+                    TOKEN_TAP => tap_readable = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Move up to RX_BATCH frames from the TAP into receive chains, under the transport lock.
+    fn deliver(&mut self, chain: &mut RxChain) -> Result<Batch, QueueAccessError> {
+        let mut outcome = Batch::NoBuffers;
+        let tap = self.tap.as_raw_fd();
+        let stats = &self.stats;
+        let tap_error_logged = &mut self.tap_error_logged;
+        self.access.with_queue(RX_QUEUE, |queue, mem| {
+            // While we have buffers we need no kicks; re-enabled when we run out.
+            if let Err(e) = queue.disable_notification(mem) {
+                debug!(error = %e, "virtio-net: cannot disable RX notifications");
+            }
+            let mut used = false;
+            outcome = rx_batch(queue, mem, tap, chain, stats, tap_error_logged, &mut used);
+            used && queue.needs_notification(mem).unwrap_or(true)
+        })?;
+        Ok(outcome)
+    }
+}
+
+fn rx_batch(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    tap: RawFd,
+    chain: &mut RxChain,
+    stats: &Counters,
+    tap_error_logged: &mut bool,
+    used: &mut bool,
+) -> Batch {
+    for _ in 0..RX_BATCH {
+        let Some(pending) = pending_chains(queue, mem) else {
+            enable_notification(queue, mem);
+            return Batch::NoBuffers;
+        };
+        if pending == 0 {
+            // Out of buffers: ask for a kick, then look once more in case the driver posted
+            // some before it could see the request.
+            if enable_notification(queue, mem) {
+                continue;
+            }
+            return Batch::NoBuffers;
+        }
+        let Some(desc_chain) = queue.pop_descriptor_chain(mem) else {
+            enable_notification(queue, mem);
+            return Batch::NoBuffers;
+        };
+        let head = desc_chain.head_index();
+        if let Err(e) = chain.load(desc_chain, mem) {
+            debug!(head, error = %e, "virtio-net: malformed RX chain; returned unused");
+            bump(&stats.rx_malformed, 1);
+            add_used(queue, mem, head, 0, used);
+            continue;
+        }
+        match chain.readv(tap) {
+            Ok(0) => {
+                // End of file (a stand-in whose peer closed): nothing to read, keep the chain.
+                queue.go_to_previous_position();
+                return Batch::TapDrained;
+            }
+            Ok(n) if n > chain.capacity => {
+                debug!(
+                    head,
+                    frame_len = n,
+                    capacity = chain.capacity,
+                    "virtio-net: RX frame larger than the receive buffer; dropped"
+                );
+                bump(&stats.rx_dropped, 1);
+                queue.go_to_previous_position();
+            }
+            Ok(n) if n <= VNET_HDR_LEN as u64 => {
+                debug!(
+                    head,
+                    len = n,
+                    "virtio-net: RX frame without payload; dropped"
+                );
+                bump(&stats.rx_dropped, 1);
+                queue.go_to_previous_position();
+            }
+            Ok(n) => {
+                if let Err(e) = chain.set_num_buffers(mem) {
+                    debug!(head, error = %e, "virtio-net: cannot write num_buffers");
+                }
+                // n <= capacity <= 256 descriptors of u32: fits.
+                add_used(queue, mem, head, u32::try_from(n).unwrap_or(0), used);
+                bump(&stats.rx_frames, 1);
+                bump(&stats.rx_bytes, n - VNET_HDR_LEN as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                queue.go_to_previous_position();
+                return Batch::TapDrained;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                queue.go_to_previous_position();
+            }
+            Err(e) => {
+                queue.go_to_previous_position();
+                if !std::mem::replace(tap_error_logged, true) {
+                    warn!(error = %e, "virtio-net: reading the TAP failed");
+                } else {
+                    debug!(error = %e, "virtio-net: reading the TAP failed");
+                }
+                return Batch::TapDrained;
+            }
+        }
+    }
+    Batch::More
+}
+
+fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, used: &mut bool) {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => *used = true,
+        Err(e) => debug!(head, error = %e, "virtio-net: cannot return an RX buffer"),
+    }
+}
+
+/// Re-enable driver notifications; returns whether buffers were posted meanwhile.
+fn enable_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    queue.enable_notification(mem).unwrap_or_else(|e| {
+        debug!(error = %e, "virtio-net: cannot enable RX notifications");
+        false
+    })
+}
+
+/// How many chains the driver has published and we have not taken; `None` if the available
+/// index is unreadable or runs ahead of the queue size (a broken or hostile driver).
+fn pending_chains(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
+    let avail = match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => idx.0,
+        Err(e) => {
+            debug!(error = %e, "virtio-net: cannot read the available ring index");
+            return None;
+        }
+    };
+    let pending = avail.wrapping_sub(queue.next_avail());
+    if pending > queue.size() {
+        debug!(
+            avail,
+            next = queue.next_avail(),
+            "virtio-net: available index runs ahead of the queue size; ignored"
+        );
+        return None;
+    }
+    Some(pending)
+}
+
+/// Append iovecs covering the guest range `addr..addr + len` (one per memory region it spans).
+fn push_iovecs(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+    access: Permissions,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), FrameError> {
+    let bad = |source| FrameError::BadBuffer {
+        addr: addr.0,
+        len,
+        source,
+    };
+    let slices = GuestMemory::get_slices(mem, addr, len as usize, access).map_err(bad)?;
+    for slice in slices {
+        let slice = slice.map_err(bad)?;
+        // The mutable guard serves both directions: iovec only has `*mut`. Without Xen the guard
+        // maps nothing; the pointer stays valid as long as the regions `mem` holds.
+        let base = slice.ptr_guard_mut().as_ptr();
+        out.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
+}
+
+fn set_nonblocking(fd: RawFd) -> Result<(), NetError> {
+    let err = |what| NetError::Tap {
+        what,
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(err("F_GETFL"));
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(err("F_SETFL O_NONBLOCK"));
+        }
+    }
+    Ok(())
+}
+
+/// If `fd` is a TUN/TAP device, check its mode and header size.
+fn check_tap(fd: RawFd) -> Result<(), NetError> {
+    // SAFETY: ifreq is plain old data; all zeros is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: TUNGETIFF writes one struct ifreq to the pointer, which is valid for it.
+    if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut ifr) } < 0 {
+        let source = io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ENOTTY) {
+            debug!("virtio-net: not a TUN/TAP descriptor; using it as is");
+            return Ok(());
+        }
+        return Err(NetError::Tap {
+            what: "TUNGETIFF",
+            source,
+        });
+    }
+    // SAFETY: TUNGETIFF fills the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags } as u16;
+    let want = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+    if flags & want != want || flags & libc::IFF_TUN as u16 != 0 {
+        return Err(NetError::TapFlags(flags));
+    }
+    let mut size: libc::c_int = 0;
+    // SAFETY: TUNGETVNETHDRSZ writes one int to the pointer, which is valid for it.
+    if unsafe { libc::ioctl(fd, libc::TUNGETVNETHDRSZ, &mut size) } < 0 {
+        return Err(NetError::Tap {
+            what: "TUNGETVNETHDRSZ",
+            source: io::Error::last_os_error(),
+        });
+    }
+    if size != VNET_HDR_LEN as libc::c_int {
+        return Err(NetError::VnetHdrSize(size));
+    }
+    Ok(())
+}
+
+fn fmt_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, FromRawFd};
+    use std::os::unix::net::UnixDatagram;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+
+    use super::*;
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::testing::{
+        bring_up, eventfd, memory, r, read_reg, w, wait_for, write_reg, Desc, DriverQueue,
+        BUF_BASE, MEM_SIZE, QUEUE_BASE,
+    };
+    use crate::devices::MmioDevice;
+
+    const MAC: [u8; 6] = [0x02, 0x78, 0x63, 0x67, 0x69, 0x01];
+    const DEVICE_ID: u64 = 0x008;
+    const DEVICE_FEATURES: u64 = 0x010;
+    const DEVICE_FEATURES_SEL: u64 = 0x014;
+    const QUEUE_SEL: u64 = 0x030;
+    const QUEUE_NUM_MAX: u64 = 0x034;
+    const QUEUE_NOTIFY: u64 = 0x050;
+    const INTERRUPT_STATUS: u64 = 0x060;
+    const STATUS: u64 = 0x070;
+    const CONFIG: u64 = 0x100;
+    const TXQ_BASE: GuestAddress = GuestAddress(0x8000);
+    /// Receive buffers go here, 0x1000 apart; transmit buffers above.
+    const RX_BUF: u64 = BUF_BASE;
+    const TX_BUF: u64 = BUF_BASE + 0x4_0000;
+    const POISON: u8 = 0xee;
+
+    fn header(seed: u8) -> [u8; VNET_HDR_LEN] {
+        std::array::from_fn(|i| seed.wrapping_add(i as u8))
+    }
+
+    fn payload(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    }
+
+    /// A header and a frame, as one datagram / one TAP read.
+    fn packet(hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Vec<u8> {
+        [&hdr[..], frame].concat()
+    }
+
+    fn task_alive(tid: i32) -> bool {
+        Path::new(&format!("/proc/self/task/{tid}")).exists()
+    }
+
+    struct Fixture {
+        mem: GuestMemoryMmap,
+        t: SharedTransport<Net>,
+        rxq: DriverQueue,
+        txq: DriverQueue,
+        /// The host side of the stand-in TAP.
+        peer: UnixDatagram,
+        /// Another descriptor for the device's end (same socket), to peek at or fill it.
+        device_end: UnixDatagram,
+    }
+
+    impl Fixture {
+        /// A device on a datagram socket pair, not brought up yet.
+        fn unstarted() -> Fixture {
+            let (dev, peer) = UnixDatagram::pair().expect("socketpair");
+            let device_end = dev.try_clone().expect("clone");
+            peer.set_nonblocking(true).expect("nonblocking");
+            let mem = memory();
+            let t = attach_net(OwnedFd::from(dev), MAC, mem.clone(), eventfd()).expect("net");
+            mem.write_slice(&vec![POISON; 0x8_0000], GuestAddress(BUF_BASE))
+                .expect("poison");
+            Fixture {
+                rxq: DriverQueue::new(&mem, QUEUE_BASE, 16),
+                txq: DriverQueue::new(&mem, TXQ_BASE, 16),
+                mem,
+                t,
+                peer,
+                device_end,
+            }
+        }
+
+        /// Brought up, with the RX worker running.
+        fn new() -> Fixture {
+            let mut f = Fixture::unstarted();
+            f.start();
+            f
+        }
+
+        fn start(&mut self) {
+            bring_up(&mut self.t, &[&self.rxq, &self.txq]);
+            assert!(self.t.lock().is_activated());
+            wait_for("the RX worker to start", || self.tid().is_some());
+        }
+
+        fn tid(&self) -> Option<i32> {
+            self.t.lock().device().worker_tid()
+        }
+
+        fn notify(&mut self, queue: u32) {
+            write_reg(&mut self.t, QUEUE_NOTIFY, queue);
+        }
+
+        /// Post one receive chain and tell the device.
+        fn post_rx(&mut self, chain: &[Desc]) -> u16 {
+            let head = self.rxq.add_chain(chain);
+            self.notify(RX_QUEUE as u32);
+            head
+        }
+
+        fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.mem
+                .read_slice(&mut buf, GuestAddress(at))
+                .expect("read guest");
+            buf
+        }
+
+        fn put(&self, at: u64, data: &[u8]) {
+            self.mem
+                .write_slice(data, GuestAddress(at))
+                .expect("write guest");
+        }
+
+        /// Next datagram the device sent, if any.
+        fn sent(&self) -> Option<Vec<u8>> {
+            let mut buf = vec![0u8; 70_000];
+            match self.peer.recv(&mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some(buf)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+
+        /// Length of the next datagram waiting for the device (without taking it).
+        fn waiting_for_device(&self) -> Option<usize> {
+            let mut buf = [0u8; 1];
+            // SAFETY: recv into a valid 1-byte buffer; MSG_TRUNC reports the full length.
+            let n = unsafe {
+                libc::recv(
+                    self.device_end.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                )
+            };
+            usize::try_from(n).ok()
+        }
+
+        fn irq_fired(&self) -> bool {
+            self.t.lock().interrupt_evt().read().is_ok()
+        }
+
+        fn stats(&self) -> NetStats {
+            self.t.lock().device().stats()
+        }
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let mut f = Fixture::unstarted();
+        let t = &mut f.t;
+        assert_eq!(read_reg(t, DEVICE_ID), 1);
+        assert_eq!(read_reg(t, DEVICE_FEATURES), 1 << VIRTIO_NET_F_MAC);
+        write_reg(t, DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read_reg(t, DEVICE_FEATURES), 1); // VERSION_1 only
+        for (sel, max) in [(0, 256), (1, 256), (2, 0)] {
+            write_reg(t, QUEUE_SEL, sel);
+            assert_eq!(read_reg(t, QUEUE_NUM_MAX), max, "queue {sel}");
+        }
+        // The MAC, with any access size; nothing after it.
+        assert_eq!(
+            read_reg(t, CONFIG),
+            u32::from_le_bytes([MAC[0], MAC[1], MAC[2], MAC[3]])
+        );
+        let mut two = [0u8; 2];
+        t.read(CONFIG + 4, &mut two);
+        assert_eq!(two, [MAC[4], MAC[5]]);
+        for (i, &b) in MAC.iter().enumerate() {
+            let mut one = [0u8; 1];
+            t.read(CONFIG + i as u64, &mut one);
+            assert_eq!(one, [b]);
+        }
+        let mut eight = [0xffu8; 8];
+        t.read(CONFIG, &mut eight);
+        assert_eq!(
+            eight,
+            [MAC[0], MAC[1], MAC[2], MAC[3], MAC[4], MAC[5], 0, 0]
+        );
+        assert_eq!(read_reg(t, CONFIG + 6), 0);
+        // Read-only.
+        t.write(CONFIG, &[0xff; 6]);
+        t.read(CONFIG, &mut eight);
+        assert_eq!(&eight[..6], &MAC);
+        assert_eq!(t.lock().device().mac(), MAC);
+        assert!(!t.lock().device().has_worker());
+    }
+
+    #[test]
+    fn new_checks_mac_and_makes_the_fd_nonblocking() {
+        for bad in [[0x03, 0, 0, 0, 0, 1], [0; 6], [0xff; 6]] {
+            let (dev, _peer) = UnixDatagram::pair().expect("socketpair");
+            match Net::new(OwnedFd::from(dev), bad) {
+                Err(e @ NetError::InvalidMac(_)) => {
+                    assert!(e.to_string().contains(&fmt_mac(&bad)), "{e}");
+                }
+                other => panic!("MAC {bad:?} accepted: {:?}", other.map(|n| n.mac())),
+            }
+        }
+        let (dev, _peer) = UnixDatagram::pair().expect("socketpair");
+        let probe = dev.try_clone().expect("clone");
+        let flags = || {
+            // SAFETY: F_GETFL on a descriptor we own.
+            unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_GETFL) }
+        };
+        assert_eq!(flags() & libc::O_NONBLOCK, 0);
+        let net = Net::new(OwnedFd::from(dev), MAC).expect("net");
+        assert_ne!(flags() & libc::O_NONBLOCK, 0);
+        assert_eq!(net.stats(), NetStats::default());
+    }
+
+    #[test]
+    fn plain_transport_refuses_to_activate() {
+        let (dev, _peer) = UnixDatagram::pair().expect("socketpair");
+        let net = Net::new(OwnedFd::from(dev), MAC).expect("net");
+        let mem = memory();
+        let mut t = MmioTransport::new(net, mem.clone(), eventfd()).expect("transport");
+        let rxq = DriverQueue::new(&mem, QUEUE_BASE, 16);
+        let txq = DriverQueue::new(&mem, TXQ_BASE, 16);
+        bring_up(&mut t, &[&rxq, &txq]);
+        assert!(!t.is_activated());
+        assert_ne!(read_reg(&mut t, STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(!t.device().has_worker());
+    }
+
+    #[test]
+    fn activation_needs_both_queues() {
+        let mut f = Fixture::unstarted();
+        bring_up(&mut f.t, &[&f.rxq]);
+        assert!(!f.t.lock().is_activated());
+        assert_ne!(read_reg(&mut f.t, STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(!f.t.lock().device().has_worker());
+        // A reset and a proper bring-up work.
+        f.start();
+        assert!(f.t.lock().device().has_worker());
+    }
+
+    #[test]
+    fn tx_frames_reach_the_tap_intact() {
+        let mut f = Fixture::new();
+        // Header and frame in separate descriptors, the frame itself split too.
+        let hdr1 = header(0x10);
+        let frame1 = payload(60, 1);
+        f.put(TX_BUF, &hdr1);
+        f.put(TX_BUF + 0x100, &frame1[..20]);
+        f.put(TX_BUF + 0x200, &frame1[20..]);
+        let head1 = f
+            .txq
+            .add_chain(&[r(TX_BUF, 12), r(TX_BUF + 0x100, 20), r(TX_BUF + 0x200, 40)]);
+        // Header and frame in one descriptor.
+        let hdr2 = header(0x40);
+        let frame2 = payload(1514, 2);
+        let both = packet(&hdr2, &frame2);
+        f.put(TX_BUF + 0x1000, &both);
+        let head2 = f.txq.add_chain(&[r(TX_BUF + 0x1000, both.len() as u32)]);
+        f.notify(TX_QUEUE as u32);
+
+        assert_eq!(f.sent(), Some(packet(&hdr1, &frame1)));
+        assert_eq!(f.sent(), Some(both));
+        assert_eq!(f.sent(), None);
+        assert_eq!(f.txq.used_idx(), 2);
+        assert_eq!(f.txq.used_elem(0), (u32::from(head1), 0));
+        assert_eq!(f.txq.used_elem(1), (u32::from(head2), 0));
+        assert_eq!(read_reg(&mut f.t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert!(f.irq_fired());
+        let stats = f.stats();
+        assert_eq!((stats.tx_frames, stats.tx_bytes), (2, 60 + 1514));
+        assert_eq!(stats.tx_malformed + stats.tx_dropped, 0);
+        // TX used nothing of the receive side.
+        assert_eq!(f.rxq.used_idx(), 0);
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_returned_unsent() {
+        let mut f = Fixture::new();
+        let chains: [&[Desc]; 7] = [
+            // Device-writable.
+            &[w(TX_BUF, 64)],
+            // Shorter than the header.
+            &[r(TX_BUF, 8)],
+            // Readable then writable.
+            &[r(TX_BUF, 12), w(TX_BUF + 0x100, 64)],
+            // Runs out of guest memory; wraps around the address space.
+            &[r(MEM_SIZE - 16, 64)],
+            &[r(u64::MAX - 8, 64)],
+            // Longer than any frame.
+            &[r(TX_BUF, 12), r(TX_BUF + 0x100, 0x2_0000)],
+            // Over 4 GiB: virtio-queue stops after the first descriptor, which says "next".
+            &[r(TX_BUF, 12), r(TX_BUF + 0x100, u32::MAX)],
+        ];
+        let mut heads: Vec<u16> = chains.iter().map(|c| f.txq.add_chain(c)).collect();
+        // A chain whose next index is outside the table.
+        f.txq
+            .write_desc(15, TX_BUF, 12, VRING_DESC_F_NEXT as u16, 99);
+        f.txq.publish(15);
+        heads.push(15);
+        f.notify(TX_QUEUE as u32);
+        assert_eq!(f.txq.used_idx(), heads.len() as u16);
+        for (i, head) in heads.iter().enumerate() {
+            assert_eq!(
+                f.txq.used_elem(i as u16),
+                (u32::from(*head), 0),
+                "chain {i}"
+            );
+        }
+        assert_eq!(f.sent(), None);
+        let stats = f.stats();
+        assert_eq!(stats.tx_malformed, heads.len() as u64);
+        assert_eq!(stats.tx_frames, 0);
+        assert!(f.irq_fired());
+
+        // The queue still works.
+        let good = packet(&header(0), &payload(64, 9));
+        f.put(TX_BUF, &good);
+        f.txq.add_chain(&[r(TX_BUF, good.len() as u32)]);
+        f.notify(TX_QUEUE as u32);
+        assert_eq!(f.sent(), Some(good));
+        assert_eq!(f.stats().tx_frames, 1);
+    }
+
+    #[test]
+    fn full_tap_drops_tx_frames_instead_of_blocking() {
+        let mut f = Fixture::new();
+        // Fill the peer's receive queue through the device's own (non-blocking) socket.
+        let filler = [0x55u8; 100];
+        let mut queued = 0;
+        loop {
+            match f.device_end.send(&filler) {
+                Ok(_) => queued += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("send: {e}"),
+            }
+            assert!(queued < 100_000, "socket never filled up");
+        }
+        let frame = packet(&header(1), &payload(60, 3));
+        f.put(TX_BUF, &frame);
+        let head = f.txq.add_chain(&[r(TX_BUF, frame.len() as u32)]);
+        f.notify(TX_QUEUE as u32); // returns: the vCPU is not blocked
+        assert_eq!(f.txq.used_idx(), 1);
+        assert_eq!(f.txq.used_elem(0), (u32::from(head), 0));
+        let stats = f.stats();
+        assert_eq!((stats.tx_dropped, stats.tx_frames), (1, 0));
+        // Only the filler was queued.
+        for _ in 0..queued {
+            assert_eq!(f.sent().as_deref(), Some(&filler[..]));
+        }
+        assert_eq!(f.sent(), None);
+        // With room again, frames go through.
+        f.txq.add_chain(&[r(TX_BUF, frame.len() as u32)]);
+        f.notify(TX_QUEUE as u32);
+        assert_eq!(f.sent(), Some(frame));
+        assert_eq!(f.stats().tx_frames, 1);
+        // The same numbers through a reader taken from the device.
+        let reader = f.t.lock().device().stats_reader();
+        assert_eq!(reader.get(), f.stats());
+    }
+
+    #[test]
+    fn rx_frame_lands_in_a_posted_buffer() {
+        let mut f = Fixture::new();
+        // The header straddles two descriptors (num_buffers is in the second one).
+        let head = f.post_rx(&[w(RX_BUF, 8), w(RX_BUF + 0x100, 2000)]);
+        // As a TAP would write it: num_buffers (bytes 10-11) is the device's to fill.
+        let mut hdr = header(0x20);
+        hdr[10..].copy_from_slice(&[0xab, 0xcd]);
+        let frame = payload(98, 5);
+        f.peer.send(&packet(&hdr, &frame)).expect("send");
+
+        wait_for("the frame to be used", || f.rxq.used_idx() == 1);
+        assert_eq!(f.rxq.used_elem(0), (u32::from(head), 110));
+        assert_eq!(f.bytes(RX_BUF, 8), hdr[..8]);
+        assert_eq!(f.bytes(RX_BUF + 0x100, 4), [hdr[8], hdr[9], 1, 0]);
+        assert_eq!(f.bytes(RX_BUF + 0x104, 98), frame);
+        // Nothing written past the frame.
+        assert_eq!(f.bytes(RX_BUF + 0x104 + 98, 16), [POISON; 16]);
+        wait_for("the interrupt", || f.irq_fired());
+        assert_ne!(
+            read_reg(&mut f.t, INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+            0
+        );
+        let stats = f.stats();
+        assert_eq!((stats.rx_frames, stats.rx_bytes), (1, 98));
+        assert_eq!(f.waiting_for_device(), None);
+    }
+
+    #[test]
+    fn rx_frames_wait_in_the_tap_until_buffers_are_posted() {
+        let mut f = Fixture::new();
+        let a = packet(&header(1), &payload(60, 1));
+        let b = packet(&header(2), &payload(70, 2));
+        f.peer.send(&a).expect("send a");
+        f.peer.send(&b).expect("send b");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(f.rxq.used_idx(), 0);
+        assert!(!f.irq_fired());
+        // Still in the TAP, not read and lost.
+        assert_eq!(f.waiting_for_device(), Some(a.len()));
+
+        let head = f.post_rx(&[w(RX_BUF, 2048)]);
+        wait_for("frame a", || f.rxq.used_idx() == 1);
+        assert_eq!(f.rxq.used_elem(0), (u32::from(head), a.len() as u32));
+        assert_eq!(f.bytes(RX_BUF + 12, 60), a[12..]);
+        wait_for("the interrupt", || f.irq_fired());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(f.rxq.used_idx(), 1);
+        assert_eq!(f.waiting_for_device(), Some(b.len()));
+
+        let head = f.post_rx(&[w(RX_BUF + 0x1000, 2048)]);
+        wait_for("frame b", || f.rxq.used_idx() == 2);
+        assert_eq!(f.rxq.used_elem(1), (u32::from(head), b.len() as u32));
+        assert_eq!(f.bytes(RX_BUF + 0x1000 + 12, 70), b[12..]);
+        assert_eq!(f.waiting_for_device(), None);
+        assert_eq!(f.stats().rx_frames, 2);
+    }
+
+    #[test]
+    fn rx_frame_larger_than_the_buffer_is_dropped() {
+        let mut f = Fixture::new();
+        let head = f.post_rx(&[w(RX_BUF, 40), w(RX_BUF + 0x100, 60)]);
+        let big = packet(&header(1), &payload(89, 1)); // 101 bytes: one too many
+        let exact = packet(&header(2), &payload(88, 2)); // 100 bytes: fits exactly
+        f.peer.send(&big).expect("send big");
+        f.peer.send(&exact).expect("send exact");
+        wait_for("the fitting frame", || f.rxq.used_idx() == 1);
+        // The same chain, reused for the frame that fits.
+        assert_eq!(f.rxq.used_elem(0), (u32::from(head), 100));
+        assert_eq!(f.bytes(RX_BUF + 12, 28), exact[12..40]);
+        assert_eq!(f.bytes(RX_BUF + 0x100, 60), exact[40..]);
+        let stats = f.stats();
+        assert_eq!((stats.rx_dropped, stats.rx_frames), (1, 1));
+        assert_eq!(f.waiting_for_device(), None);
+    }
+
+    #[test]
+    fn malformed_rx_chains_are_returned_unused() {
+        let mut f = Fixture::new();
+        let bad = [
+            f.post_rx(&[r(RX_BUF, 2048)]),                      // device-readable
+            f.post_rx(&[w(RX_BUF, 8)]),                         // no room for the header
+            f.post_rx(&[w(RX_BUF, 64), r(RX_BUF + 0x100, 64)]), // writable then readable
+            f.post_rx(&[w(MEM_SIZE - 16, 2048)]),               // outside guest memory
+            f.post_rx(&[w(RX_BUF, 64), w(RX_BUF + 0x100, u32::MAX)]), // over 4 GiB
+        ];
+        let good = f.post_rx(&[w(RX_BUF + 0x2000, 2048)]);
+        let frame = packet(&header(3), &payload(60, 3));
+        f.peer.send(&frame).expect("send");
+        wait_for("all chains used", || f.rxq.used_idx() == 6);
+        for (i, head) in bad.iter().enumerate() {
+            assert_eq!(
+                f.rxq.used_elem(i as u16),
+                (u32::from(*head), 0),
+                "chain {i}"
+            );
+        }
+        assert_eq!(f.rxq.used_elem(5), (u32::from(good), frame.len() as u32));
+        assert_eq!(f.bytes(RX_BUF + 0x2000 + 12, 60), frame[12..]);
+        let stats = f.stats();
+        assert_eq!((stats.rx_malformed, stats.rx_frames), (5, 1));
+    }
+
+    #[test]
+    fn many_frames_cross_batches_in_order() {
+        let mut f = Fixture::unstarted();
+        // A bigger receive queue than one batch.
+        f.rxq = DriverQueue::new(&f.mem, QUEUE_BASE, 128);
+        f.start();
+        let heads: Vec<u16> = (0..128u64)
+            .map(|i| f.rxq.add_chain(&[w(RX_BUF + i * 0x100, 0x100)]))
+            .collect();
+        f.notify(RX_QUEUE as u32);
+        f.peer.set_nonblocking(false).expect("blocking");
+        f.peer
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        // More than one batch, fewer than the 128 buffers.
+        let count = (RX_BATCH + 50) as u16;
+        let packets: Vec<Vec<u8>> = (0..count)
+            .map(|i| packet(&header(i as u8), &payload(50 + usize::from(i), i as u8)))
+            .collect();
+        for p in &packets {
+            f.peer.send(p).expect("send");
+        }
+        wait_for("every frame", || f.rxq.used_idx() == count);
+        for (i, p) in packets.iter().enumerate() {
+            let (id, len) = f.rxq.used_elem(i as u16);
+            assert_eq!(
+                (id, len),
+                (u32::from(heads[i]), p.len() as u32),
+                "frame {i}"
+            );
+            let at = RX_BUF + i as u64 * 0x100;
+            assert_eq!(f.bytes(at + 12, p.len() - 12), p[12..], "frame {i}");
+        }
+        assert_eq!(f.stats().rx_frames, u64::from(count));
+    }
+
+    #[test]
+    fn reset_stops_the_worker_and_drop_joins_it() {
+        let mut f = Fixture::new();
+        let tid = f.tid().expect("worker tid");
+        assert!(task_alive(tid));
+
+        write_reg(&mut f.t, STATUS, 0);
+        // The write returned after joining the worker.
+        assert!(!f.t.lock().device().has_worker());
+        wait_for("the worker's task to go", || !task_alive(tid));
+
+        // A reset device receives nothing: frames wait in the TAP.
+        let frame = packet(&header(7), &payload(60, 7));
+        f.peer.send(&frame).expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(f.waiting_for_device(), Some(frame.len()));
+
+        // Up again (fresh rings, as a driver would after a reset): a new worker delivers it.
+        f.rxq = DriverQueue::new(&f.mem, QUEUE_BASE, 16);
+        f.txq = DriverQueue::new(&f.mem, TXQ_BASE, 16);
+        f.start();
+        let tid2 = f.tid().expect("second worker tid");
+        assert_ne!(tid2, tid);
+        let head = f.post_rx(&[w(RX_BUF, 2048)]);
+        wait_for("the waiting frame", || f.rxq.used_idx() == 1);
+        assert_eq!(f.rxq.used_elem(0), (u32::from(head), frame.len() as u32));
+
+        // Dropping the transport joins the worker and closes the TAP.
+        let Fixture {
+            t,
+            peer,
+            device_end,
+            ..
+        } = f;
+        drop(t);
+        wait_for("the second worker's task to go", || !task_alive(tid2));
+        drop(device_end);
+        assert!(peer.send(&frame).is_err(), "the device's end is still open");
+    }
+
+    #[test]
+    fn dropping_an_idle_device_joins_its_worker() {
+        let f = Fixture::new();
+        let tid = f.tid().expect("worker tid");
+        drop(f);
+        wait_for("the worker's task to go", || !task_alive(tid));
+    }
+
+    /// A real TAP (needs root and /dev/net/tun; skipped otherwise): TX reaches the host
+    /// interface, RX from it reaches the guest.
+    #[test]
+    fn real_tap_round_trip() {
+        let Some(tap) = RealTap::open() else {
+            eprintln!("skipped: cannot create a TAP (needs CAP_NET_ADMIN and /dev/net/tun)");
+            return;
+        };
+        // Until the header size is set the device refuses it (the default is 10).
+        let dup = tap.fd.as_fd().try_clone_to_owned().expect("dup");
+        assert!(matches!(Net::new(dup, MAC), Err(NetError::VnetHdrSize(10))));
+        tap.configure();
+        let Some(sock) = tap.packet_socket() else {
+            eprintln!("skipped: cannot bring the TAP up or open a packet socket");
+            return;
+        };
+
+        let mem = memory();
+        let mut t = attach_net(tap.fd, MAC, mem.clone(), eventfd()).expect("net on a real TAP");
+        let mut rxq = DriverQueue::new(&mem, QUEUE_BASE, 16);
+        let mut txq = DriverQueue::new(&mem, TXQ_BASE, 16);
+        bring_up(&mut t, &[&rxq, &txq]);
+        assert!(t.lock().is_activated());
+
+        // TX: a broadcast frame of a local experimental ethertype.
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&MAC);
+        frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
+        frame.extend_from_slice(b"xcgi virtio-net tx");
+        frame.resize(60, 0);
+        let pkt = packet(&[0; VNET_HDR_LEN], &frame);
+        mem.write_slice(&pkt, GuestAddress(TX_BUF)).expect("write");
+        txq.add_chain(&[r(TX_BUF, 12), r(TX_BUF + 12, frame.len() as u32)]);
+        write_reg(&mut t, QUEUE_NOTIFY, TX_QUEUE as u32);
+        assert_eq!(txq.used_idx(), 1);
+        assert_eq!(t.lock().device().stats().tx_frames, 1);
+        let got = sock.recv_matching(|f| f[12..14] == ETH_P_TEST.to_be_bytes());
+        assert_eq!(got, frame);
+
+        // RX: the host sends to the guest's MAC; the TAP hands it to the worker.
+        for i in 0..8 {
+            rxq.add_chain(&[w(RX_BUF + i * 0x1000, 2048)]);
+        }
+        write_reg(&mut t, QUEUE_NOTIFY, RX_QUEUE as u32);
+        let mut reply = MAC.to_vec();
+        reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+        reply.extend_from_slice(&ETH_P_TEST.to_be_bytes());
+        reply.extend_from_slice(b"xcgi virtio-net rx");
+        reply.resize(60, 0);
+        sock.send(&reply);
+        // The host may send other frames (IPv6 chatter) too: look for ours.
+        let find = || {
+            (0..rxq.used_idx()).find_map(|i| {
+                let (id, len) = rxq.used_elem(i);
+                let at = RX_BUF + u64::from(id) * 0x1000;
+                let mut buf = vec![0u8; len as usize];
+                mem.read_slice(&mut buf, GuestAddress(at)).ok()?;
+                (buf.get(VNET_HDR_LEN..) == Some(&reply[..])).then_some(buf)
+            })
+        };
+        wait_for("the host's frame in the guest", || find().is_some());
+        let buf = find().expect("found");
+        // No offloads: an all-zero header, num_buffers 1.
+        assert_eq!(buf[..VNET_HDR_LEN], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        drop(t);
+    }
+
+    const ETH_P_TEST: u16 = 0x88b5;
+
+    struct RealTap {
+        fd: OwnedFd,
+        name: [libc::c_char; libc::IFNAMSIZ],
+    }
+
+    impl RealTap {
+        fn open() -> Option<RealTap> {
+            // SAFETY: a NUL-terminated path; the result is checked.
+            let fd = unsafe {
+                libc::open(
+                    c"/dev/net/tun".as_ptr(),
+                    libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+                )
+            };
+            if fd < 0 {
+                return None;
+            }
+            // SAFETY: a descriptor we just opened and own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: plain old data.
+            let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in ifr.ifr_name.iter_mut().zip(b"xcgit%d") {
+                *d = *s as libc::c_char;
+            }
+            ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+            // SAFETY: TUNSETIFF reads and writes one ifreq.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
+                return None;
+            }
+            Some(RealTap {
+                fd,
+                name: ifr.ifr_name,
+            })
+        }
+
+        /// Header size 12, no offloads, as the host-networking code does.
+        fn configure(&self) {
+            let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+            // SAFETY: TUNSETVNETHDRSZ reads one int.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) };
+            assert_eq!(rc, 0, "TUNSETVNETHDRSZ: {}", io::Error::last_os_error());
+            // SAFETY: TUNSETOFFLOAD takes the flags by value.
+            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETOFFLOAD, 0) };
+            assert_eq!(rc, 0, "TUNSETOFFLOAD: {}", io::Error::last_os_error());
+        }
+
+        fn name(&self) -> String {
+            self.name
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8 as char)
+                .collect()
+        }
+
+        /// Bring the interface up (without IPv6, to keep it quiet) and open a packet socket on
+        /// it for our ethertype.
+        fn packet_socket(&self) -> Option<PacketSocket> {
+            let name = self.name();
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+            // SAFETY: plain socket calls on descriptors we own, with valid ifreq pointers.
+            unsafe {
+                let ctl = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                if ctl < 0 {
+                    return None;
+                }
+                let ctl = OwnedFd::from_raw_fd(ctl);
+                let mut ifr: libc::ifreq = std::mem::zeroed();
+                ifr.ifr_name = self.name;
+                if libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+                    return None;
+                }
+                ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as i16;
+                if libc::ioctl(ctl.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifr) < 0 {
+                    return None;
+                }
+                let index = libc::if_nametoindex(self.name.as_ptr());
+                let proto = ETH_P_TEST.to_be();
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    libc::c_int::from(proto),
+                );
+                if fd < 0 || index == 0 {
+                    return None;
+                }
+                let fd = OwnedFd::from_raw_fd(fd);
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = proto;
+                addr.sll_ifindex = index as i32;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    std::ptr::addr_of!(addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if rc < 0 {
+                    return None;
+                }
+                let timeout = libc::timeval {
+                    tv_sec: 5,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::addr_of!(timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                Some(PacketSocket { fd, addr })
+            }
+        }
+    }
+
+    struct PacketSocket {
+        fd: OwnedFd,
+        addr: libc::sockaddr_ll,
+    }
+
+    impl PacketSocket {
+        fn recv_matching(&self, want: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+            loop {
+                let mut buf = vec![0u8; 2048];
+                // SAFETY: recv into a valid buffer of its length.
+                let n = unsafe {
+                    libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                assert!(n >= 0, "packet recv: {}", io::Error::last_os_error());
+                buf.truncate(n as usize);
+                if buf.len() >= 14 && want(&buf) {
+                    return buf;
+                }
+            }
+        }
+
+        fn send(&self, frame: &[u8]) {
+            // SAFETY: send a valid buffer to a valid sockaddr_ll.
+            let n = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    std::ptr::addr_of!(self.addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(
+                n,
+                frame.len() as isize,
+                "packet send: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
