@@ -70,10 +70,27 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("xcgi: error: {e:#}");
+            eprintln!("xcgi: error: {}", error_chain(&e));
             std::process::exit(cmd::EXIT_USAGE);
         }
     }
+}
+
+/// The error and its causes, joined with ": ", leaving out a cause whose text the message
+/// already carries (library errors often include their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn dispatch(command: Command, start: std::time::Instant) -> anyhow::Result<i32> {

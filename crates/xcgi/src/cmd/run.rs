@@ -122,12 +122,19 @@ struct Network {
 
 impl Network {
     fn open(a: &Args) -> anyhow::Result<Network> {
-        let name = a.netns.clone().unwrap_or_else(|| format!("xcgi-{}", std::process::id()));
+        let name = a
+            .netns
+            .clone()
+            .unwrap_or_else(|| format!("xcgi-{}", std::process::id()));
         let ns = xcgi_net::NetNs::create(Some(&name))
             .with_context(|| format!("creating network namespace {name}"))?;
         let pool = xcgi_net::Pool::new(
             std::sync::Arc::new(ns),
-            xcgi_net::PoolConfig { base: a.net_base, size: 1, prefill: 0 },
+            xcgi_net::PoolConfig {
+                base: a.net_base,
+                size: 1,
+                prefill: 0,
+            },
         )
         .context("setting up the guest network")?;
         let lease = pool.lease().context("creating the guest's TAP device")?;
@@ -199,7 +206,11 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
     let signal = stop_on_signals(cfg.cancel.clone());
     let mut cfg = cfg;
     // Declared before the VM so that it is released after it: lease, pool, then namespace.
-    let network = if a.net { Some(Network::open(&a)?) } else { None };
+    let network = if a.net {
+        Some(Network::open(&a)?)
+    } else {
+        None
+    };
     if let Some(n) = &network {
         cfg.net = Some(n.attachment()?);
     }

@@ -70,15 +70,17 @@ pub struct Ran {
 /// else inside the lab. `files` are (host path, name): the script sees each one as `$name`
 /// (an environment variable holding its path), and `xcgi` on PATH.
 pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> Ran {
-    run_script_mem(script, files, timeout, 2048)
+    run_script_mem(script, files, timeout, 2048, 2)
 }
 
-/// [`run_script`] with the lab's memory (MiB) chosen, for scripts that run many VMs at once.
+/// [`run_script`] with the lab's memory (MiB) and CPUs chosen, for scripts that run many VMs
+/// at once.
 pub fn run_script_mem(
     script: &str,
     files: &[(&Path, &str)],
     timeout: Duration,
     lab_mem_mib: u32,
+    lab_cpus: u32,
 ) -> Ran {
     if xcgi_lab::host_has_hardware_kvm() {
         let mut cmd = Command::new("sh");
@@ -107,7 +109,8 @@ pub fn run_script_mem(
         .binary(xcgi(), "/usr/bin/xcgi")
         .binary("/usr/bin/curl", "/usr/bin/curl")
         .timeout(timeout)
-        .mem_mib(lab_mem_mib);
+        .mem_mib(lab_mem_mib)
+        .cpus(lab_cpus);
     for (host, name) in files {
         let guest = format!("/xcgi/{name}");
         cmd = cmd.file(host.to_path_buf(), guest.clone());
