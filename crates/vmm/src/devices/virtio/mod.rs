@@ -205,6 +205,20 @@ pub fn cmdline_param(base: u64, size: u64, irq: u32) -> String {
     format!("virtio_mmio.device={size}@{base:#x}:{irq}")
 }
 
+/// Reads `data.len()` bytes of a device's config space at `offset`; bytes past its end (and
+/// an offset that does not fit) read as zero, as the guest may probe anywhere.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - start);
+    data[..n].copy_from_slice(&config[start..start + n]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
