@@ -9,11 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-20}
 BOOT_RUNS=${BOOT_RUNS:-5}
-scripts/setup.sh
-cargo build --release --locked -p xcgi >&2
-X=target/x86_64-unknown-linux-gnu/release/xcgi
-KERNEL=$($X kernel build)
-XCGI=$X scripts/build-examples.sh >&2
+. scripts/release-env.sh
 CPIO=target/examples/hello-c.cpio
 echo "## machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
 echo "## kernel: $KERNEL ($(stat -c %s "$KERNEL") bytes)"
@@ -22,7 +18,7 @@ echo "## 1. VMM setup on this host"
 $X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RUNS" --populate --reserve-hugepages
 echo
 echo "## 2. boot to init, xcgi vs QEMU microvm"
-if grep -qE '\b(svm|vmx)\b' /proc/cpuinfo && [ ! -d /sys/module/kvm_pvm ]; then
+if [ "$HW_KVM" = 1 ]; then
   $X bench boot --kernel "$KERNEL" --initramfs "$CPIO" --runs "$BOOT_RUNS"
 else
   echo "(inside the lab: QEMU/TCG with nested KVM; absolute times are not product figures, the ratio is)"

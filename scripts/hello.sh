@@ -4,13 +4,9 @@
 # /dev/kvm cannot boot a standard Linux guest). Exits with the guest program's exit code (4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-cargo build --release --locked -p xcgi >&2
-X=target/x86_64-unknown-linux-gnu/release/xcgi
-KERNEL=$($X kernel build)
-XCGI=$X scripts/build-examples.sh >&2
+. scripts/release-env.sh
 IMG=target/examples/hello-c.ext4
-if grep -qE '\b(svm|vmx)\b' /proc/cpuinfo && [ -e /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ]; then
+if [ "$HW_KVM" = 1 ]; then
   exec $X run --kernel "$KERNEL" --rootfs "$IMG" "$@"
 else
   echo "hello: no hardware KVM here; booting inside the lab (QEMU/TCG with nested KVM)" >&2
