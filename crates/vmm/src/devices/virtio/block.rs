@@ -209,12 +209,24 @@ impl Block {
         self.segments.clear();
         // virtio-queue bounds a chain by the size of its table (and breaks loops that way); we
         // do not offer indirect descriptors, so nothing legitimate is longer than our queue.
-        self.segments
-            .extend(chain.take(MAX_SEGMENTS + 1).map(|d| Segment {
+        // The iterator also ends early, silently, at a `next` index outside the table: a chain
+        // whose last descriptor still says NEXT is broken, and its "last" byte is not the status.
+        let mut broken = false;
+        self.segments.extend(chain.take(MAX_SEGMENTS + 1).map(|d| {
+            broken = d.has_next();
+            Segment {
                 addr: d.addr(),
                 len: d.len(),
                 writable: d.is_write_only(),
-            }));
+            }
+        }));
+        if broken && self.segments.len() <= MAX_SEGMENTS {
+            debug!(
+                head,
+                "virtio-blk: broken descriptor chain (next index out of range); returned unserved"
+            );
+            return 0;
+        }
         if self.segments.len() > MAX_SEGMENTS {
             debug!(
                 head,
@@ -923,10 +935,25 @@ mod tests {
         assert_eq!(fx.q.used_idx(), 2);
         assert_eq!(fx.last_used(), (2, 0));
 
+        // Cut short after a writable data buffer (next index out of range): that buffer must
+        // not be taken for the status byte.
+        fx.q.write_desc(3, HDR, 16, VRING_DESC_F_NEXT_U16, 4);
+        fx.q.write_desc(
+            4,
+            DATA,
+            512,
+            VRING_DESC_F_NEXT_U16 | VRING_DESC_F_WRITE_U16,
+            999,
+        );
+        fx.q.publish(3);
+        assert!(fx.notify());
+        assert_eq!(fx.last_used(), (3, 0));
+        assert_eq!(fx.bytes(DATA, 512), vec![POISON; 512], "nothing written");
+
         // An available index far ahead of what was published: ignored.
         fx.q.set_avail_idx(fx.q.used_idx().wrapping_add(100));
         assert!(!fx.notify());
-        assert_eq!(fx.q.used_idx(), 2);
+        assert_eq!(fx.q.used_idx(), 3);
     }
 
     #[test]
