@@ -215,16 +215,14 @@ pub fn load_kernel(
         path: path.into(),
         source,
     })?;
-    let file_len = file
-        .metadata()
-        .map_err(|source| LoaderError::OpenKernel {
-            path: path.into(),
-            source,
-        })?
-        .len();
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+    let meta = file.metadata().map_err(|source| LoaderError::OpenKernel {
+        path: path.into(),
+        source,
+    })?;
+    if meta.is_dir() {
         return Err(LoaderError::NotAKernel { path: path.into() });
     }
+    let file_len = meta.len();
     let mut head = vec![0u8; 64.min(file_len as usize)];
     file.read_exact(&mut head)
         .map_err(|source| LoaderError::Read {

@@ -18,7 +18,6 @@ use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{
@@ -471,22 +470,9 @@ impl VirtioDevice for Block {
             return false;
         }
         // Serve what the driver has published so far; it notifies again for anything later.
-        let avail = match queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(idx) => idx.0,
-            Err(e) => {
-                warn!(error = %e, "virtio-blk: cannot read the available ring index");
-                return false;
-            }
-        };
-        let pending = avail.wrapping_sub(queue.next_avail());
-        if pending > queue.size() {
-            warn!(
-                avail,
-                next = queue.next_avail(),
-                "virtio-blk: available index runs ahead of the queue size; ignored"
-            );
+        let Some(pending) = super::pending_chains(queue, mem, "virtio-blk") else {
             return false;
-        }
+        };
         let mut used_any = false;
         for _ in 0..pending {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {

@@ -43,7 +43,7 @@ use std::io;
 use std::sync::{Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockError};
@@ -217,6 +217,29 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// How many chains the driver has published and the device has not taken; `None` if the
+/// available index is unreadable or runs ahead of the queue size (a broken or hostile driver;
+/// logged at debug level, so a guest cannot flood the host's log).
+pub fn pending_chains(queue: &Queue, mem: &GuestMemoryMmap, device: &str) -> Option<u16> {
+    let avail = match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) => idx.0,
+        Err(e) => {
+            tracing::debug!(error = %e, "{device}: cannot read the available ring index");
+            return None;
+        }
+    };
+    let pending = avail.wrapping_sub(queue.next_avail());
+    if pending > queue.size() {
+        tracing::debug!(
+            avail,
+            next = queue.next_avail(),
+            "{device}: available index runs ahead of the queue size; ignored"
+        );
+        return None;
+    }
+    Some(pending)
 }
 
 #[cfg(test)]

@@ -332,7 +332,7 @@ impl Net {
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let Some(pending) = pending_chains(queue, mem) else {
+        let Some(pending) = super::pending_chains(queue, mem, "virtio-net") else {
             return false;
         };
         let mut iovecs = Vec::new();
@@ -721,7 +721,7 @@ fn rx_batch(
     used: &mut bool,
 ) -> Batch {
     for _ in 0..RX_BATCH {
-        let Some(pending) = pending_chains(queue, mem) else {
+        let Some(pending) = super::pending_chains(queue, mem, "virtio-net") else {
             enable_notification(queue, mem);
             return Batch::NoBuffers;
         };
@@ -812,28 +812,6 @@ fn enable_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         debug!(error = %e, "virtio-net: cannot enable RX notifications");
         false
     })
-}
-
-/// How many chains the driver has published and we have not taken; `None` if the available
-/// index is unreadable or runs ahead of the queue size (a broken or hostile driver).
-fn pending_chains(queue: &Queue, mem: &GuestMemoryMmap) -> Option<u16> {
-    let avail = match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(idx) => idx.0,
-        Err(e) => {
-            debug!(error = %e, "virtio-net: cannot read the available ring index");
-            return None;
-        }
-    };
-    let pending = avail.wrapping_sub(queue.next_avail());
-    if pending > queue.size() {
-        debug!(
-            avail,
-            next = queue.next_avail(),
-            "virtio-net: available index runs ahead of the queue size; ignored"
-        );
-        return None;
-    }
-    Some(pending)
 }
 
 /// Append iovecs covering the guest range `addr..addr + len` (one per memory region it spans).
