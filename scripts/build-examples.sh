@@ -54,6 +54,22 @@ cc_static hello-c examples/hello-c/hello.c hello
 cc_static loop-forever examples/loop-forever/loop.c loop
 cc_static http-hello examples/http-hello/http-hello.c http-hello
 
+# CGI examples (served by `xcgi serve`, which packs them with xcgi-init; no image here).
+mkdir -p "$OUT/cgi-c"
+gcc -static -O2 -Wall -Werror -o "$OUT/cgi-c/cgi.tmp" examples/cgi-c/cgi.c || die "gcc failed for cgi-c"
+mv -f "$OUT/cgi-c/cgi.tmp" "$OUT/cgi-c/cgi"
+echo "build-examples: $OUT/cgi-c/cgi" >&2
+# The shell CGI's guest tree: a static busybox as /bin/sh (and its applets the script uses).
+BUSYBOX=/bin/busybox
+[ -x "$BUSYBOX" ] && file -L "$BUSYBOX" | grep -q 'statically linked' \
+  || die "a static busybox is needed at $BUSYBOX: apt-get install busybox-static"
+rm -rf "$OUT/cgi-sh"
+mkdir -p "$OUT/cgi-sh/tree/bin"
+cp "$BUSYBOX" "$OUT/cgi-sh/tree/bin/busybox"
+for applet in sh head cat echo; do ln -s busybox "$OUT/cgi-sh/tree/bin/$applet"; done
+cp examples/cgi-sh/hello.sh "$OUT/cgi-sh/hello.sh"
+echo "build-examples: $OUT/cgi-sh/hello.sh (tree $OUT/cgi-sh/tree)" >&2
+
 # Go example: CGO off gives a static binary. Keep Go's caches inside target/ when HOME is unset.
 mkdir -p "$OUT/hello-go"
 export GOCACHE=${GOCACHE:-${HOME:+$HOME/.cache/go-build}}
@@ -64,5 +80,12 @@ export GOCACHE=${GOCACHE:-$ROOT/target/go-cache}
 mv -f "$OUT/hello-go/hello-go.tmp" "$OUT/hello-go/hello-go"
 echo "build-examples: $OUT/hello-go/hello-go" >&2
 image hello-go "$OUT/hello-go/hello-go"
+
+mkdir -p "$OUT/cgi-go"
+(cd examples/cgi-go && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 GOFLAGS=-mod=mod \
+   go build -trimpath -ldflags='-s -w' -o "$OUT/cgi-go/cgi-go.tmp" .) \
+  || die "go build failed for cgi-go"
+mv -f "$OUT/cgi-go/cgi-go.tmp" "$OUT/cgi-go/cgi-go"
+echo "build-examples: $OUT/cgi-go/cgi-go" >&2
 
 echo "build-examples: all examples built in $OUT" >&2

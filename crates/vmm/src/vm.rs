@@ -22,7 +22,7 @@ use crate::boot::{cpu, loader, mptable, paging, params};
 use crate::devices::console::{Console, ConsoleWriter};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{self, SerialDevice};
-use crate::devices::virtio::{self, block::Block, mmio::MmioTransport};
+use crate::devices::virtio::{self, block::Block, mmio::MmioTransport, ConsoleStopper};
 use crate::devices::MmioDevice;
 use crate::layout::*;
 use crate::memory::{self, MemoryConfig};
@@ -65,6 +65,10 @@ pub enum VmError {
     Net(#[from] virtio::net::NetError),
     #[error("duplicating the TAP file descriptor failed: {0}")]
     TapFd(std::io::Error),
+    #[error("CGI channel (virtio-console): {0}")]
+    Channel(#[from] virtio::console::ConsoleError),
+    #[error("duplicating the CGI channel's socket failed: {0}")]
+    ChannelFd(std::io::Error),
     #[error("creating an eventfd failed: {0}")]
     EventFd(std::io::Error),
     #[error("starting a vCPU thread failed: {0}")]
@@ -120,6 +124,10 @@ pub struct VmConfig {
     pub cancel: Cancel,
     /// A virtio-net interface backed by a TAP device.
     pub net: Option<NetAttachment>,
+    /// A virtio-console port (/dev/hvc0 in the guest) bridged to this connected Unix stream
+    /// socket. The VM uses a duplicate, closed when `run` returns; the socket is put in
+    /// non-blocking mode (shared by every duplicate).
+    pub channel: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Default for VmConfig {
@@ -136,6 +144,7 @@ impl Default for VmConfig {
             load_mode: loader::LoadMode::Map,
             cancel: Cancel::default(),
             net: None,
+            channel: None,
         }
     }
 }
@@ -367,6 +376,20 @@ pub fn run(
         device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
         device_params.push(net.ip_param.clone());
     }
+    // Set when the VM ends: a vCPU waiting for room in the channel's socket must not hold it up.
+    let mut channel_stop = None;
+    if let Some(channel) = &cfg.channel {
+        let slot = mmio.len() as u64;
+        let base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + slot as u32;
+        let socket = channel.try_clone().map_err(VmError::ChannelFd)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        kvm("KVM_IRQFD (virtio-console)", vm.register_irqfd(&evt, irq))?;
+        let transport = virtio::console::attach_console(socket, mem.clone(), evt)?;
+        channel_stop = Some(transport.lock().device().stopper());
+        mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
+        device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
+    }
     clock.lap("devices");
 
     let cmdline = params::build_cmdline(&root, &device_params, cfg.cmdline_extra.as_deref());
@@ -441,8 +464,11 @@ pub fn run(
         devices.clone(),
         tx,
         rx,
-        cfg.timeout,
-        &cfg.cancel,
+        Ending {
+            timeout: cfg.timeout,
+            cancel: &cfg.cancel,
+            channel: channel_stop,
+        },
         first_run.clone(),
     )?;
     if let Some((at, clock_ns)) = first_run.get() {
@@ -522,13 +548,31 @@ pub fn monotonic_ns() -> u128 {
     ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
 }
 
+/// What ends a run besides the guest, and what to release first when it ends.
+struct Ending<'a> {
+    timeout: Duration,
+    cancel: &'a Cancel,
+    /// The CGI channel's TX stop flag: a vCPU may be waiting for room in its socket, holding
+    /// the device lock.
+    channel: Option<ConsoleStopper>,
+}
+
+impl Ending<'_> {
+    /// Release a vCPU blocked sending to the channel (it looks at the flag every 10 ms), so that
+    /// stopping the vCPUs cannot wait on the channel's peer.
+    fn release_channel(&self) {
+        if let Some(channel) = &self.channel {
+            channel.stop();
+        }
+    }
+}
+
 fn run_vcpus(
     vcpus: Vec<VcpuFd>,
     devices: Arc<Mutex<Devices>>,
     tx: Sender<VmEvent>,
     rx: Receiver<VmEvent>,
-    timeout: Duration,
-    cancel: &Cancel,
+    ending: Ending<'_>,
     first_run: FirstRun,
 ) -> Result<ExitReason, VmError> {
     KICK_HANDLER.call_once(|| {
@@ -548,6 +592,7 @@ fn run_vcpus(
             Ok(h) => handles.push(h),
             Err(e) => {
                 // Never leave a started vCPU running behind an error.
+                ending.release_channel();
                 stop.store(true, Ordering::SeqCst);
                 stop_threads(handles, kick_signal());
                 return Err(VmError::Thread(e));
@@ -556,7 +601,7 @@ fn run_vcpus(
     }
     drop(tx);
     // The deadline counts from the first KVM_RUN, which is a moment away.
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + ending.timeout;
     let reason = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(CANCEL_POLL)) {
@@ -564,7 +609,9 @@ fn run_vcpus(
             Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => break ExitReason::PowerOff,
             Ok(VmEvent::TripleFault) => break ExitReason::TripleFault,
             Ok(VmEvent::Failed(detail)) => break ExitReason::VcpuFailed { detail },
-            Err(RecvTimeoutError::Timeout) if cancel.is_cancelled() => break ExitReason::Cancelled,
+            Err(RecvTimeoutError::Timeout) if ending.cancel.is_cancelled() => {
+                break ExitReason::Cancelled
+            }
             Err(RecvTimeoutError::Timeout) if left.is_zero() => break ExitReason::Timeout,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -574,6 +621,7 @@ fn run_vcpus(
             }
         }
     };
+    ending.release_channel();
     stop.store(true, Ordering::SeqCst);
     stop_threads(handles, kick_signal());
     Ok(reason)

@@ -27,6 +27,8 @@ enum Command {
     Lab(cmd::lab::Args),
     /// Measure VMM setup and boot times.
     Bench(cmd::bench::Args),
+    /// Serve HTTP: every request answered by a fresh microVM (CGI/1.1 or HTTP handlers).
+    Serve(cmd::serve::Args),
 }
 
 /// `xcgi run` alone. Building the whole command tree (every subcommand's arguments) is most
@@ -42,16 +44,25 @@ struct RunCli {
     args: cmd::run::Args,
 }
 
-/// Logs go to stderr: warnings and errors by default, `XCGI_LOG` (an env-filter such as
-/// `debug` or `xcgi_vmm=trace`) for more.
+/// Logs go to stderr: warnings and errors by default (`xcgi serve`: also its per-request
+/// lines, at info), `XCGI_LOG` (an env-filter such as `debug` or `xcgi_vmm=trace`) for more.
 fn init_logging() {
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let serving = std::env::args_os().nth(1).is_some_and(|a| a == "serve");
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match std::env::var("XCGI_LOG") {
         Ok(filter) if !filter.is_empty() => builder
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_new(&filter)
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
             )
+            .init(),
+        _ if serving => builder
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "warn,xcgi_gateway=info,xcgi_net=info",
+            ))
             .init(),
         _ => builder.with_max_level(tracing::Level::WARN).init(),
     }
@@ -100,5 +111,6 @@ fn dispatch(command: Command, start: std::time::Instant) -> anyhow::Result<i32> 
         Command::Image(a) => cmd::image::run(a),
         Command::Lab(a) => cmd::lab::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     }
 }

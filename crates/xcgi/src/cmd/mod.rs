@@ -6,6 +6,7 @@ pub mod image;
 pub mod kernel;
 pub mod lab;
 pub mod run;
+pub mod serve;
 
 /// Exit code for errors in xcgi itself (bad input, missing files, setup failures).
 pub const EXIT_USAGE: i32 = 2;

@@ -111,6 +111,7 @@ pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
         },
         cancel: Cancel::new(),
         net: None,
+        channel: None,
     })
 }
 

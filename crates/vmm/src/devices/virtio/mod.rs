@@ -1,15 +1,20 @@
 //! Virtio devices over the virtio-mmio transport (virtio 1.1+, MMIO register layout version 2,
 //! "modern" only).
 //!
+//! Devices: [`block`] (the root disk, all on the vCPU thread), [`net`] (a TAP; RX on a worker
+//! thread) and [`console`] (the CGI channel, `/dev/hvc0` in the guest, bridged to a Unix stream
+//! socket; RX on a worker thread).
+//!
 //! [`MmioTransport`] implements the register file and owns the virtqueues; a device model
 //! implements [`VirtioDevice`] and is called back synchronously, on the vCPU thread, when the
 //! driver writes QueueNotify (the block device does all its work there).
 //!
 //! # Devices with their own threads
 //!
-//! Some work does not start with a guest exit: a network frame arriving on a TAP must reach the
-//! guest while every vCPU is busy elsewhere. Such a device runs worker threads, and those need the
-//! virtqueues, guest memory and the interrupt, all of which live in the transport. So:
+//! Some work does not start with a guest exit: a network frame arriving on a TAP (or bytes on the
+//! console's socket) must reach the guest while every vCPU is busy elsewhere. Such a device runs
+//! worker threads, and those need the virtqueues, guest memory and the interrupt, all of which
+//! live in the transport. So:
 //!
 //! - The transport is shared: [`SharedTransport`] wraps `Arc<Mutex<MmioTransport<D>>>` and is
 //!   what goes on the MMIO bus. Register accesses lock it; so do workers.
@@ -33,6 +38,7 @@
 //! transport's lock and never block while holding it (their file descriptors are non-blocking).
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod net;
 
@@ -47,6 +53,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockError};
+pub use console::{ConsoleError, ConsoleStopper, VirtioConsole};
 pub use mmio::{MmioError, MmioTransport, SharedTransport};
 pub use net::{Net, NetError};
 

@@ -1,0 +1,491 @@
+//! CGI/1.1 (RFC 3875): the request meta-variables a handler gets as its environment, and the
+//! parser for the response a handler writes on its stdout.
+
+use std::net::SocketAddr;
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, StatusCode};
+
+/// Longest response header block accepted from a handler.
+pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// PATH given to handlers unless the route's environment sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub const SERVER_SOFTWARE: &str = concat!("xcgi/", env!("CARGO_PKG_VERSION"));
+
+/// What the meta-variables are made from.
+#[derive(Debug, Clone)]
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    /// The decoded request path.
+    pub path: &'a str,
+    /// The query string as sent (not decoded), without `?`.
+    pub query: &'a str,
+    pub headers: &'a HeaderMap,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    /// The route's prefix: SCRIPT_NAME.
+    pub script_name: &'a str,
+    /// The directory PATH_TRANSLATED maps PATH_INFO into (in the handler's filesystem).
+    pub document_root: &'a str,
+    /// The body length when there is a body.
+    pub content_length: Option<u64>,
+}
+
+/// The environment for a CGI handler, as `NAME=value` strings: the RFC 3875 meta-variables,
+/// one `HTTP_*` per request header (minus Authorization, Content-Type, Content-Length and
+/// hop-by-hop Connection), then `extra` (route configuration), which wins over PATH only.
+pub fn environment(req: &RequestInfo<'_>, extra: &[(String, String)]) -> Vec<String> {
+    let mut env: Vec<(String, String)> = Vec::with_capacity(32 + req.headers.len());
+    let mut put = |k: &str, v: String| env.push((k.to_string(), v));
+    put("GATEWAY_INTERFACE", "CGI/1.1".into());
+    put("SERVER_PROTOCOL", "HTTP/1.1".into());
+    put("SERVER_SOFTWARE", SERVER_SOFTWARE.into());
+    let (server_name, server_port) = server_name_port(req);
+    put("SERVER_NAME", server_name);
+    put("SERVER_PORT", server_port.to_string());
+    put("REQUEST_METHOD", req.method.as_str().into());
+    let script_name = req.script_name.trim_end_matches('/');
+    put("SCRIPT_NAME", script_name.into());
+    let path_info = req.path.strip_prefix(script_name).unwrap_or("");
+    if !path_info.is_empty() {
+        put("PATH_INFO", path_info.into());
+        let root = req.document_root.trim_end_matches('/');
+        put("PATH_TRANSLATED", format!("{root}{path_info}"));
+    }
+    put("QUERY_STRING", req.query.into());
+    put("REMOTE_ADDR", req.remote.ip().to_string());
+    put("REMOTE_HOST", req.remote.ip().to_string());
+    put("REMOTE_PORT", req.remote.port().to_string());
+    if let Some(len) = req.content_length {
+        put("CONTENT_LENGTH", len.to_string());
+    }
+    if let Some(ct) = header_str(req.headers, "content-type") {
+        put("CONTENT_TYPE", ct);
+    }
+    if let Some(auth) = header_str(req.headers, "authorization") {
+        let mut parts = auth.splitn(2, ' ');
+        let scheme = parts.next().unwrap_or("").to_string();
+        let cred = parts.next().unwrap_or("").trim();
+        if scheme.eq_ignore_ascii_case("basic") {
+            if let Some(user) = basic_user(cred) {
+                put("REMOTE_USER", user);
+            }
+        }
+        if !scheme.is_empty() {
+            put("AUTH_TYPE", scheme);
+        }
+    }
+    // One HTTP_* per header field; repeated fields joined with ", " (RFC 3875 4.1.18).
+    let mut seen: Vec<&HeaderName> = Vec::new();
+    for name in req.headers.keys() {
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        let n = name.as_str();
+        if matches!(
+            n,
+            "authorization"
+                | "proxy-authorization"
+                | "content-type"
+                | "content-length"
+                | "connection"
+        ) {
+            continue;
+        }
+        let values: Vec<String> = req
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        let var = format!("HTTP_{}", n.to_ascii_uppercase().replace('-', "_"));
+        // "Proxy" would become HTTP_PROXY, which CGI libraries read as their proxy (httpoxy).
+        if var == "HTTP_PROXY" {
+            continue;
+        }
+        put(&var, values.join(", "));
+    }
+    if !extra.iter().any(|(k, _)| k == "PATH") {
+        put("PATH", DEFAULT_PATH.into());
+    }
+    for (k, v) in extra {
+        put(k, v.clone());
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+fn server_name_port(req: &RequestInfo<'_>) -> (String, u16) {
+    if let Some(host) = header_str(req.headers, "host") {
+        // host [":" port], host may be a bracketed IPv6 literal.
+        let (name, port) = match host.rfind(':') {
+            Some(i) if !host[i..].contains(']') => (&host[..i], host[i + 1..].parse().ok()),
+            _ => (host.as_str(), None),
+        };
+        if !name.is_empty() {
+            return (name.to_string(), port.unwrap_or(req.local.port()));
+        }
+    }
+    (req.local.ip().to_string(), req.local.port())
+}
+
+/// The user-id of HTTP Basic credentials (base64 of `user:password`).
+fn basic_user(cred: &str) -> Option<String> {
+    let raw = base64_decode(cred)?;
+    let text = String::from_utf8(raw).ok()?;
+    let user = text.split(':').next()?;
+    (!user.is_empty()).then(|| user.to_string())
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for &c in s {
+        acc = (acc << 6) | val(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// Why a handler's response cannot be used (the gateway answers 502 and logs this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CgiResponseError {
+    #[error("the handler's header block exceeds {MAX_HEADER_BLOCK} bytes")]
+    HeadersTooLong,
+    #[error("the handler's output ended before the blank line that ends its headers")]
+    Truncated,
+    #[error("malformed header line {0:?} (expected `Name: value`)")]
+    BadLine(String),
+    #[error("invalid header field name {0:?}")]
+    BadName(String),
+    #[error("invalid value for header {0}")]
+    BadValue(String),
+    #[error("invalid Status {0:?} (expected a 3-digit code and a reason)")]
+    BadStatus(String),
+    #[error("no Content-Type, Location or Status header: not a CGI response")]
+    NoCgiField,
+    #[error("local redirect {0:?} with other header fields or a body")]
+    BadLocalRedirect(String),
+}
+
+/// A parsed CGI response head.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CgiHead {
+    /// Send to the client: status, headers, then the body.
+    Document {
+        status: StatusCode,
+        headers: HeaderMap,
+    },
+    /// `Location: /path?query` alone: the server serves that path instead (RFC 3875 6.2.2).
+    LocalRedirect { location: String },
+}
+
+/// Finds the end of the header block in `buf`: the index of the first body byte, or `None`
+/// when the blank line has not arrived yet. Lines end with LF or CRLF.
+pub fn header_end(buf: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return Some(i + 1);
+            }
+            line_start = i + 1;
+        }
+    }
+    None
+}
+
+/// Parses the header block (`block` ends with its blank line). `body_follows` tells whether
+/// the handler wrote anything after it (matters for local redirects).
+pub fn parse_head(block: &[u8], body_follows: bool) -> Result<CgiHead, CgiResponseError> {
+    let mut headers = HeaderMap::new();
+    let mut status: Option<StatusCode> = None;
+    let mut location: Option<String> = None;
+    let mut has_content_type = false;
+    let mut other_fields = 0;
+    for raw in block.split(|&b| b == b'\n') {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.is_empty() {
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        let Some((name, value)) = text.split_once(':') else {
+            return Err(CgiResponseError::BadLine(text.into_owned()));
+        };
+        if name.is_empty() || name.starts_with([' ', '\t']) || name.ends_with([' ', '\t']) {
+            return Err(CgiResponseError::BadLine(text.into_owned()));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("status") {
+            status = Some(parse_status(value)?);
+            continue;
+        }
+        let hname = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| CgiResponseError::BadName(name.to_string()))?;
+        let hvalue = HeaderValue::from_str(value)
+            .map_err(|_| CgiResponseError::BadValue(name.to_string()))?;
+        if hname == hyper::header::LOCATION {
+            location = Some(value.to_string());
+        } else {
+            if hname == hyper::header::CONTENT_TYPE {
+                has_content_type = true;
+            }
+            other_fields += 1;
+        }
+        // Hop-by-hop and framing fields are the server's business, not the handler's.
+        if matches!(
+            hname.as_str(),
+            "connection" | "transfer-encoding" | "keep-alive" | "content-length"
+        ) {
+            continue;
+        }
+        headers.append(hname, hvalue);
+    }
+    if let Some(loc) = &location {
+        if loc.starts_with('/') {
+            if other_fields > 0 || status.is_some() || body_follows {
+                return Err(CgiResponseError::BadLocalRedirect(loc.clone()));
+            }
+            return Ok(CgiHead::LocalRedirect {
+                location: loc.clone(),
+            });
+        }
+        // Client redirect: 302 unless the handler chose a status.
+        return Ok(CgiHead::Document {
+            status: status.unwrap_or(StatusCode::FOUND),
+            headers,
+        });
+    }
+    if status.is_none() && !has_content_type {
+        return Err(CgiResponseError::NoCgiField);
+    }
+    Ok(CgiHead::Document {
+        status: status.unwrap_or(StatusCode::OK),
+        headers,
+    })
+}
+
+fn parse_status(value: &str) -> Result<StatusCode, CgiResponseError> {
+    let code = value.split_whitespace().next().unwrap_or("");
+    if code.len() != 3 {
+        return Err(CgiResponseError::BadStatus(value.to_string()));
+    }
+    code.parse::<u16>()
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .filter(|c| c.as_u16() >= 100)
+        .ok_or_else(|| CgiResponseError::BadStatus(value.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(method: &str, path: &str, query: &str, headers: &[(&str, &str)]) -> Vec<String> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let m = Method::from_bytes(method.as_bytes()).unwrap();
+        let info = RequestInfo {
+            method: &m,
+            path,
+            query,
+            headers: &h,
+            remote: "10.1.2.3:5555".parse().unwrap(),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            script_name: "/cgi/",
+            document_root: "/srv",
+            content_length: if method == "POST" { Some(5) } else { None },
+        };
+        environment(&info, &[("ROUTE_VAR".into(), "x".into())])
+    }
+
+    fn get<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
+        env.iter()
+            .find_map(|e| e.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    }
+
+    #[test]
+    fn meta_variables_follow_rfc3875() {
+        let env = env_of(
+            "POST",
+            "/cgi/extra/path",
+            "a=1&b=%20",
+            &[
+                ("host", "example.org:8443"),
+                ("content-type", "text/plain"),
+                ("content-length", "5"),
+                ("x-thing", "one"),
+                ("x-thing", "two"),
+                ("authorization", "Basic YWxpY2U6c2VjcmV0"),
+                ("proxy", "evil"),
+            ],
+        );
+        let want = [
+            ("GATEWAY_INTERFACE", "CGI/1.1"),
+            ("SERVER_PROTOCOL", "HTTP/1.1"),
+            ("SERVER_NAME", "example.org"),
+            ("SERVER_PORT", "8443"),
+            ("REQUEST_METHOD", "POST"),
+            ("SCRIPT_NAME", "/cgi"),
+            ("PATH_INFO", "/extra/path"),
+            ("PATH_TRANSLATED", "/srv/extra/path"),
+            ("QUERY_STRING", "a=1&b=%20"),
+            ("REMOTE_ADDR", "10.1.2.3"),
+            ("REMOTE_HOST", "10.1.2.3"),
+            ("CONTENT_LENGTH", "5"),
+            ("CONTENT_TYPE", "text/plain"),
+            ("AUTH_TYPE", "Basic"),
+            ("REMOTE_USER", "alice"),
+            ("HTTP_HOST", "example.org:8443"),
+            ("HTTP_X_THING", "one, two"),
+            ("PATH", DEFAULT_PATH),
+            ("ROUTE_VAR", "x"),
+        ];
+        for (k, v) in want {
+            assert_eq!(get(&env, k), Some(v), "{k} in {env:?}");
+        }
+        assert!(get(&env, "SERVER_SOFTWARE").unwrap().starts_with("xcgi/"));
+        for absent in [
+            "HTTP_AUTHORIZATION",
+            "HTTP_CONTENT_TYPE",
+            "HTTP_CONTENT_LENGTH",
+            "HTTP_PROXY",
+        ] {
+            assert_eq!(get(&env, absent), None, "{absent} must not be set");
+        }
+    }
+
+    #[test]
+    fn get_without_body_host_or_path_info() {
+        let env = env_of("GET", "/cgi", "", &[]);
+        assert_eq!(get(&env, "QUERY_STRING"), Some(""));
+        assert_eq!(get(&env, "PATH_INFO"), None);
+        assert_eq!(get(&env, "PATH_TRANSLATED"), None);
+        assert_eq!(get(&env, "CONTENT_LENGTH"), None);
+        assert_eq!(get(&env, "AUTH_TYPE"), None);
+        assert_eq!(get(&env, "SERVER_NAME"), Some("127.0.0.1"));
+        assert_eq!(get(&env, "SERVER_PORT"), Some("8080"));
+    }
+
+    #[test]
+    fn header_block_end_with_lf_or_crlf() {
+        assert_eq!(header_end(b"Content-Type: a\r\n\r\nbody"), Some(19));
+        assert_eq!(header_end(b"Content-Type: a\n\nbody"), Some(17));
+        assert_eq!(header_end(b"Content-Type: a\r\n"), None);
+        assert_eq!(header_end(b""), None);
+    }
+
+    #[test]
+    fn documents_and_status() {
+        let h = parse_head(b"Content-Type: text/plain\r\nX-A: 1\r\n\r\n", true).unwrap();
+        let CgiHead::Document { status, headers } = h else {
+            panic!()
+        };
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-type"], "text/plain");
+        assert_eq!(headers["x-a"], "1");
+        let h = parse_head(b"Status: 404 Not Found\nContent-Type: text/html\n\n", true).unwrap();
+        assert!(matches!(h, CgiHead::Document { status, .. } if status == StatusCode::NOT_FOUND));
+        // Status alone is a valid CGI response (no body).
+        let h = parse_head(b"Status: 204 No Content\n\n", false).unwrap();
+        assert!(matches!(h, CgiHead::Document { status, .. } if status.as_u16() == 204));
+        // Framing headers from the handler are dropped.
+        let h = parse_head(
+            b"Content-Type: a/b\nContent-Length: 99\nTransfer-Encoding: chunked\n\n",
+            true,
+        )
+        .unwrap();
+        let CgiHead::Document { headers, .. } = h else {
+            panic!()
+        };
+        assert!(headers.get("content-length").is_none());
+        assert!(headers.get("transfer-encoding").is_none());
+    }
+
+    #[test]
+    fn redirects() {
+        assert_eq!(
+            parse_head(b"Location: /other?x=1\n\n", false).unwrap(),
+            CgiHead::LocalRedirect {
+                location: "/other?x=1".into()
+            }
+        );
+        let h = parse_head(b"Location: http://example.org/\n\n", false).unwrap();
+        let CgiHead::Document { status, headers } = h else {
+            panic!()
+        };
+        assert_eq!(status, StatusCode::FOUND);
+        assert_eq!(headers["location"], "http://example.org/");
+        let h = parse_head(
+            b"Status: 301 Moved\nLocation: https://x.org/\nContent-Type: text/html\n\n",
+            true,
+        )
+        .unwrap();
+        assert!(matches!(h, CgiHead::Document { status, .. } if status.as_u16() == 301));
+        assert!(matches!(
+            parse_head(b"Location: /x\nContent-Type: a/b\n\n", false),
+            Err(CgiResponseError::BadLocalRedirect(_))
+        ));
+        assert!(matches!(
+            parse_head(b"Location: /x\n\n", true),
+            Err(CgiResponseError::BadLocalRedirect(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_responses() {
+        assert_eq!(
+            parse_head(b"X-Only: 1\n\n", true),
+            Err(CgiResponseError::NoCgiField)
+        );
+        assert!(matches!(
+            parse_head(b"hello world\n\n", true),
+            Err(CgiResponseError::BadLine(_))
+        ));
+        assert!(matches!(
+            parse_head(b"Status: abc\n\n", true),
+            Err(CgiResponseError::BadStatus(_))
+        ));
+        assert!(matches!(
+            parse_head(b"Status: 99 Low\n\n", true),
+            Err(CgiResponseError::BadStatus(_))
+        ));
+        assert!(matches!(
+            parse_head(b"Bad Name: x\nContent-Type: a/b\n\n", true),
+            Err(CgiResponseError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn base64_user() {
+        assert_eq!(basic_user("YWxpY2U6c2VjcmV0"), Some("alice".into()));
+        assert_eq!(basic_user("!!!"), None);
+    }
+}

@@ -1,0 +1,554 @@
+//! `xcgi.toml`: the server, its network pool and its routes. Checked completely at start; an
+//! error names the file, the key and the reason.
+//!
+//! ```toml
+//! [server]
+//! listen = "127.0.0.1:8080"
+//! isolation = "vm"          # or "process": classic CGI children, no VM (baseline, development)
+//! concurrency = 8           # requests handled at once (VMs running)
+//! queue = 64                # requests waiting for a slot; beyond that: 503
+//! queue_timeout_ms = 10000  # longest wait for a slot: then 503
+//! kernel = "vmlinux"        # default guest kernel (else the one `xcgi kernel build` cached)
+//!
+//! [network]                 # HTTP-mode routes only: a /30 per VM from this pool
+//! base = "172.16.0.0"
+//! size = 64
+//!
+//! [[route]]
+//! prefix = "/hello"
+//! mode = "cgi"              # or "http"
+//! handler = "hello-cgi"     # the program (relative paths: from this file's directory)
+//! tree = "rootfs/"          # optional: more files for the guest's root (busybox, data)
+//! memory_mib = 128
+//! timeout_ms = 10000
+//! max_body = 1048576
+//! env = { GREETING = "hi" }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read it: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// How handlers are isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A fresh microVM per request (the product).
+    #[default]
+    Vm,
+    /// A child process per request (fork/exec, no VM): development and the baseline.
+    Process,
+}
+
+/// What the handler is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A CGI/1.1 program: request in its environment and stdin, response on its stdout.
+    #[default]
+    Cgi,
+    /// An HTTP server listening on `port`; the gateway forwards the request to it.
+    Http,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub isolation: Isolation,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout_ms: u64,
+    /// In-flight requests get this long to finish on SIGTERM.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_ms: u64,
+    pub kernel: Option<PathBuf>,
+    /// `xcgi-init`, the guest side of CGI mode (default: next to the xcgi binary).
+    pub init: Option<PathBuf>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: default_listen(),
+            isolation: Isolation::default(),
+            concurrency: default_concurrency(),
+            queue: default_queue(),
+            queue_timeout_ms: default_queue_timeout(),
+            drain_timeout_ms: default_drain(),
+            kernel: None,
+            init: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    #[serde(default = "default_net_base")]
+    pub base: Ipv4Addr,
+    #[serde(default = "default_net_size")]
+    pub size: u32,
+    /// TAPs created ahead of demand.
+    #[serde(default = "default_net_prefill")]
+    pub prefill: u32,
+    /// Name of the network namespace the TAPs live in (default: xcgi-serve-PID).
+    pub netns: Option<String>,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            base: default_net_base(),
+            size: default_net_size(),
+            prefill: default_net_prefill(),
+            netns: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Path prefix, matched on whole segments (`/a` matches `/a` and `/a/b`, not `/ab`).
+    pub prefix: String,
+    #[serde(default)]
+    pub mode: Mode,
+    pub handler: PathBuf,
+    pub tree: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    #[serde(default)]
+    pub hugepages: bool,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_body")]
+    pub max_body: u64,
+    /// HTTP mode: the port the handler listens on in the guest.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// PATH_TRANSLATED = document_root + PATH_INFO.
+    #[serde(default = "default_document_root")]
+    pub document_root: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: ServerSection,
+    network: Option<NetworkSection>,
+    #[serde(default, rename = "route")]
+    routes: Vec<Route>,
+}
+
+/// A checked configuration; relative paths already resolved against the file's directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub server: ServerSection,
+    pub network: NetworkSection,
+    pub routes: Vec<Route>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_concurrency() -> usize {
+    8
+}
+fn default_queue() -> usize {
+    64
+}
+fn default_queue_timeout() -> u64 {
+    10_000
+}
+fn default_drain() -> u64 {
+    30_000
+}
+fn default_net_base() -> Ipv4Addr {
+    Ipv4Addr::new(172, 16, 0, 0)
+}
+fn default_net_size() -> u32 {
+    64
+}
+fn default_net_prefill() -> u32 {
+    4
+}
+fn default_memory() -> u64 {
+    128
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn default_timeout() -> u64 {
+    10_000
+}
+fn default_max_body() -> u64 {
+    1 << 20
+}
+fn default_port() -> u16 {
+    80
+}
+fn default_document_root() -> String {
+    "/".into()
+}
+
+impl Route {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// A route for `xcgi serve --handler` (quick start).
+    pub fn quick(handler: PathBuf, mode: Mode) -> Route {
+        Route {
+            prefix: "/".into(),
+            mode,
+            handler,
+            tree: None,
+            kernel: None,
+            memory_mib: default_memory(),
+            vcpus: default_vcpus(),
+            hugepages: false,
+            timeout_ms: default_timeout(),
+            max_body: default_max_body(),
+            port: default_port(),
+            document_root: default_document_root(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `path` is under this route's prefix (whole segments).
+    pub fn matches(&self, path: &str) -> bool {
+        let p = self.prefix.trim_end_matches('/');
+        if p.is_empty() {
+            return true;
+        }
+        match path.strip_prefix(p) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Config::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let cfg = Config {
+            file: file.to_path_buf(),
+            server: raw.server,
+            network: raw.network.unwrap_or_default(),
+            routes: raw.routes,
+        };
+        cfg.resolve(base).validate()
+    }
+
+    /// A configuration made from command-line flags (no file).
+    pub fn from_parts(
+        server: ServerSection,
+        network: NetworkSection,
+        routes: Vec<Route>,
+    ) -> Result<Config, ConfigError> {
+        Config {
+            file: PathBuf::from("(command line)"),
+            server,
+            network,
+            routes,
+        }
+        .validate()
+    }
+
+    fn resolve(mut self, base: &Path) -> Config {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(k) = self.server.kernel.as_mut() {
+            abs(k);
+        }
+        if let Some(i) = self.server.init.as_mut() {
+            abs(i);
+        }
+        for r in &mut self.routes {
+            abs(&mut r.handler);
+            if let Some(t) = r.tree.as_mut() {
+                abs(t);
+            }
+            if let Some(k) = r.kernel.as_mut() {
+                abs(k);
+            }
+        }
+        self
+    }
+
+    fn invalid(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Checks the configuration again (after command-line overrides).
+    pub fn checked(self) -> Result<Config, ConfigError> {
+        self.validate()
+    }
+
+    fn validate(self) -> Result<Config, ConfigError> {
+        let s = &self.server;
+        if s.concurrency == 0 {
+            return Err(self.invalid("server.concurrency", "must be at least 1"));
+        }
+        if s.queue_timeout_ms == 0 {
+            return Err(self.invalid("server.queue_timeout_ms", "must be at least 1"));
+        }
+        if let Some(k) = &s.kernel {
+            if !k.is_file() {
+                return Err(self.invalid("server.kernel", format!("{} is not a file", k.display())));
+            }
+        }
+        if let Some(i) = &s.init {
+            if !i.is_file() {
+                return Err(self.invalid("server.init", format!("{} is not a file", i.display())));
+            }
+        }
+        if self.network.size == 0 {
+            return Err(self.invalid("network.size", "must be at least 1"));
+        }
+        if self.network.prefill > self.network.size {
+            return Err(self.invalid(
+                "network.prefill",
+                format!(
+                    "{} is larger than network.size {}",
+                    self.network.prefill, self.network.size
+                ),
+            ));
+        }
+        if self.routes.is_empty() {
+            return Err(self.invalid("route", "no routes: add at least one [[route]] table"));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = |k: &str| format!("route[{i}] (prefix {:?}).{k}", r.prefix);
+            if !r.prefix.starts_with('/') {
+                return Err(self.invalid(key("prefix"), "must start with '/'"));
+            }
+            if self.routes[..i]
+                .iter()
+                .any(|o| o.prefix.trim_end_matches('/') == r.prefix.trim_end_matches('/'))
+            {
+                return Err(self.invalid(key("prefix"), "used by an earlier route too"));
+            }
+            if !r.handler.is_file() {
+                return Err(self.invalid(
+                    key("handler"),
+                    format!("{} is not a file", r.handler.display()),
+                ));
+            }
+            if let Some(t) = &r.tree {
+                if !t.is_dir() {
+                    return Err(
+                        self.invalid(key("tree"), format!("{} is not a directory", t.display()))
+                    );
+                }
+            }
+            if let Some(k) = &r.kernel {
+                if !k.is_file() {
+                    return Err(
+                        self.invalid(key("kernel"), format!("{} is not a file", k.display()))
+                    );
+                }
+            }
+            if r.memory_mib < 32 {
+                return Err(self.invalid(
+                    key("memory_mib"),
+                    format!(
+                        "{} MiB is too little for a guest: at least 32",
+                        r.memory_mib
+                    ),
+                ));
+            }
+            if r.memory_mib > 64 * 1024 {
+                return Err(self.invalid(key("memory_mib"), "at most 65536 (64 GiB)"));
+            }
+            if r.vcpus == 0 || r.vcpus > 32 {
+                return Err(self.invalid(key("vcpus"), "must be 1 to 32"));
+            }
+            if r.timeout_ms == 0 {
+                return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
+            }
+            if r.mode == Mode::Http && self.server.isolation == Isolation::Process {
+                return Err(self.invalid(
+                    key("mode"),
+                    "http mode needs isolation \"vm\" (process isolation runs CGI handlers only)",
+                ));
+            }
+            if r.port == 0 {
+                return Err(self.invalid(key("port"), "must be 1 to 65535"));
+            }
+            for name in r.env.keys() {
+                if name.is_empty() || name.contains('=') || name.contains('\0') {
+                    return Err(self.invalid(
+                        key(&format!("env.{name}")),
+                        "an environment variable name must be non-empty, without '=' or NUL",
+                    ));
+                }
+            }
+            if r.env.values().any(|v| v.contains('\0')) {
+                return Err(self.invalid(key("env"), "values must not contain NUL"));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The route for `path`: the longest matching prefix.
+    pub fn route_for(&self, path: &str) -> Option<(usize, &Route)> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.matches(path))
+            .max_by_key(|(_, r)| r.prefix.trim_end_matches('/').len())
+    }
+
+    pub fn needs_network(&self) -> bool {
+        self.server.isolation == Isolation::Vm && self.routes.iter().any(|r| r.mode == Mode::Http)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_handler() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("h"), b"#!/bin/sh\n").unwrap();
+        d
+    }
+
+    fn parse(d: &tempfile::TempDir, text: &str) -> Result<Config, ConfigError> {
+        Config::parse(&d.path().join("xcgi.toml"), text)
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let d = dir_with_handler();
+        let c = parse(&d, "[[route]]\nprefix = \"/a\"\nhandler = \"h\"\n").unwrap();
+        assert_eq!(c.server.listen, default_listen());
+        assert_eq!(c.server.isolation, Isolation::Vm);
+        let r = &c.routes[0];
+        assert_eq!(r.handler, d.path().join("h"));
+        assert_eq!((r.memory_mib, r.vcpus, r.mode), (128, 1, Mode::Cgi));
+        assert!(!c.needs_network());
+    }
+
+    #[test]
+    fn routes_match_whole_segments_longest_first() {
+        let d = dir_with_handler();
+        let c = parse(
+            &d,
+            "[[route]]\nprefix = \"/\"\nhandler = \"h\"\n[[route]]\nprefix = \"/a\"\nhandler = \"h\"\nmode = \"http\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.route_for("/a").unwrap().0, 1);
+        assert_eq!(c.route_for("/a/b").unwrap().0, 1);
+        assert_eq!(c.route_for("/ab").unwrap().0, 0);
+        assert_eq!(c.route_for("/").unwrap().0, 0);
+        assert!(c.needs_network());
+    }
+
+    fn err(d: &tempfile::TempDir, text: &str) -> String {
+        parse(d, text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let d = dir_with_handler();
+        let e = err(
+            &d,
+            "[[route]]\nprefix = \"/a\"\nhandler = \"h\"\nmemroy_mib = 3\n",
+        );
+        assert!(e.contains("xcgi.toml") && e.contains("memroy_mib"), "{e}");
+        let e = err(
+            &d,
+            "[[route]]\nprefix = \"/a\"\nhandler = \"h\"\nmemory_mib = 16\n",
+        );
+        assert!(
+            e.contains("route[0] (prefix \"/a\").memory_mib") && e.contains("at least 32"),
+            "{e}"
+        );
+        let e = err(&d, "[[route]]\nprefix = \"/a\"\nhandler = \"missing\"\n");
+        assert!(e.contains(".handler") && e.contains("is not a file"), "{e}");
+        let e = err(&d, "[[route]]\nprefix = \"a\"\nhandler = \"h\"\n");
+        assert!(
+            e.contains(".prefix") && e.contains("must start with '/'"),
+            "{e}"
+        );
+        let e = err(
+            &d,
+            "[server]\nconcurrency = 0\n[[route]]\nprefix = \"/\"\nhandler = \"h\"\n",
+        );
+        assert!(e.contains("server.concurrency"), "{e}");
+        let e = err(&d, "[server]\nlisten = \"nope\"\n");
+        assert!(e.contains("listen"), "{e}");
+        let e = err(&d, "");
+        assert!(e.contains("no routes"), "{e}");
+        let e = err(
+            &d,
+            "[[route]]\nprefix = \"/\"\nhandler = \"h\"\nmode = \"fast\"\n",
+        );
+        assert!(e.contains("mode") || e.contains("fast"), "{e}");
+        let e = err(
+            &d,
+            "[[route]]\nprefix = \"/\"\nhandler = \"h\"\n[[route]]\nprefix = \"/\"\nhandler = \"h\"\n",
+        );
+        assert!(e.contains("route[1]") && e.contains("earlier route"), "{e}");
+        let e = err(
+            &d,
+            "[[route]]\nprefix = \"/\"\nhandler = \"h\"\nenv = { \"A=B\" = \"x\" }\n",
+        );
+        assert!(e.contains("env.A=B"), "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! xcgi's HTTP front end: every request is answered by a fresh handler, a microVM booted for
+//! it (or, for `--isolation process`, a child process), destroyed when the response ends.
+//!
+//! - [`config`]: `xcgi.toml` (routes, limits, network pool), checked at start.
+//! - [`prepare`]: once per route at start: kernel, `xcgi-init`, the route's guest image.
+//! - [`cgi`]: CGI/1.1 meta-variables and response parsing (RFC 3875).
+//! - [`exec`]: running one handler: VM (CGI over virtio-console) or process.
+//! - [`server`]: hyper server, routing, admission (concurrency, queue), HTTP-mode proxying,
+//!   timeouts, logs; [`metrics`]: `/metrics`.
+
+pub mod cgi;
+pub mod config;
+pub mod exec;
+pub mod metrics;
+pub mod prepare;
+pub mod server;
+
+pub use config::Config;
+pub use server::Server;

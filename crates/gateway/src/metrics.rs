@@ -1,0 +1,166 @@
+//! Server metrics, served at `/metrics` in the Prometheus text format (version 0.0.4).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Bucket bounds in seconds, shared by the latency and boot-time histograms.
+const BUCKETS: [f64; 16] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in microseconds.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.counts[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                self.counts[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Responses by status code.
+    by_status: Mutex<BTreeMap<u16, u64>>,
+    pub latency: Histogram,
+    pub boot: Histogram,
+    pub vms_running: AtomicI64,
+    pub queue_depth: AtomicI64,
+    pub in_flight: AtomicI64,
+    pub vms_started: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record(&self, status: u16, total: Duration) {
+        *self
+            .by_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(status)
+            .or_default() += 1;
+        self.latency.observe(total);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP xcgi_requests_total Requests answered, by HTTP status.\n");
+        out.push_str("# TYPE xcgi_requests_total counter\n");
+        for (code, n) in self
+            .by_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "xcgi_requests_total{{status=\"{code}\"}} {n}");
+        }
+        self.latency.render(
+            &mut out,
+            "xcgi_request_duration_seconds",
+            "Time from request to the end of the response.",
+        );
+        self.boot.render(
+            &mut out,
+            "xcgi_vm_boot_seconds",
+            "Time from VM start to the guest being ready for the request.",
+        );
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            &mut out,
+            "xcgi_vms_running",
+            "VMs alive now (teardown included).",
+            self.vms_running.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "xcgi_queue_depth",
+            "Requests waiting for a free slot.",
+            self.queue_depth.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "xcgi_requests_in_flight",
+            "Requests being handled.",
+            self.in_flight.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP xcgi_vms_started_total VMs started.\n# TYPE xcgi_vms_started_total counter\nxcgi_vms_started_total {}",
+            self.vms_started.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.record(200, Duration::from_millis(3));
+        m.record(200, Duration::from_millis(30));
+        m.record(504, Duration::from_secs(11));
+        m.boot.observe(Duration::from_micros(900));
+        m.vms_running.store(2, Ordering::Relaxed);
+        let t = m.render();
+        assert!(t.contains("xcgi_requests_total{status=\"200\"} 2"), "{t}");
+        assert!(t.contains("xcgi_requests_total{status=\"504\"} 1"), "{t}");
+        assert!(
+            t.contains("xcgi_request_duration_seconds_bucket{le=\"0.005\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("xcgi_request_duration_seconds_bucket{le=\"0.05\"} 2"),
+            "{t}"
+        );
+        assert!(
+            t.contains("xcgi_request_duration_seconds_bucket{le=\"+Inf\"} 3"),
+            "{t}"
+        );
+        assert!(t.contains("xcgi_request_duration_seconds_count 3"), "{t}");
+        assert!(
+            t.contains("xcgi_vm_boot_seconds_bucket{le=\"0.001\"} 1"),
+            "{t}"
+        );
+        assert!(t.contains("xcgi_vms_running 2"), "{t}");
+        assert!(t.contains("# TYPE xcgi_queue_depth gauge"), "{t}");
+    }
+}

@@ -1,0 +1,1708 @@
+//! A virtio-console device: the byte channel between the host and the guest that carries CGI
+//! requests and responses.
+//!
+//! The guest sees one port, `/dev/hvc0` (Linux's `hvc` over virtio_console, which the guest puts
+//! in raw mode); the host end is a connected `SOCK_STREAM` socket (a Unix socket pair end handed
+//! over by the gateway), which [`VirtioConsole::new`] checks and puts in non-blocking mode. Bytes
+//! move between guest memory and the socket with one `readv`/`sendmsg` per buffer, without a
+//! bounce buffer. Not to be confused with [`crate::devices::console`], the serial log capture.
+//!
+//! Features offered: VIRTIO_F_VERSION_1 only: no SIZE, MULTIPORT or EMERG_WRITE. The
+//! configuration space (`struct virtio_console_config`: `cols`, `rows`, `max_nr_ports`,
+//! `emerg_wr`, 12 bytes) reads as zeros; writes are ignored. Without MULTIPORT there is no
+//! control queue and no port open/close messages: the guest cannot tell the host it closed the
+//! port, and the host's end reads end-of-file only once the VM (and every duplicate of the
+//! descriptor) is gone.
+//!
+//! Queues (256 entries each): 0 = receiveq (host to guest), 1 = transmitq (guest to host).
+//!
+//! - **TX** runs on the vCPU thread, synchronously on QueueNotify for queue 1. Linux's
+//!   `put_chars` busy-waits until the host returns the buffer, so finishing it within the exit
+//!   is the fastest way. Each chain's device-readable descriptors are sent with `sendmsg`
+//!   (`MSG_NOSIGNAL`: the peer may be gone, and SIGPIPE must not kill the VMM), partial sends
+//!   resumed where they stopped. When the socket is full (`EAGAIN`) the vCPU waits in `poll` for
+//!   room, in slices of at most [`TX_WAIT_SLICE`], and gives up on the chain (its remaining bytes
+//!   counted as discarded) once the stop flag is set: by a [`ConsoleStopper`] (which the VM sets
+//!   when its deadline passes or it is cancelled, so a vCPU blocked on a peer that does not read
+//!   is released) or when the device is dropped. After `EPIPE`/`ECONNRESET` (or any other hard
+//!   error) the peer is taken as gone: further output is discarded and counted, never an error.
+//!   Every chain is returned with a used length of 0. Malformed chains (a device-writable
+//!   descriptor, out of guest memory, a broken chain, longer than the queue) are returned
+//!   without sending anything.
+//! - **RX** runs on a worker thread started on activation (so it needs a [`SharedTransport`];
+//!   see the [module docs](super) for the threading model), as virtio-net's does. It waits in
+//!   `epoll` for the socket (edge-triggered `EPOLLIN | EPOLLRDHUP`), a kick eventfd written when
+//!   the driver notifies queue 0, and a stop eventfd. Under the transport lock it pops a receive
+//!   chain, `readv`s whatever the socket holds into its writable descriptors (a stream: a partial
+//!   fill is fine, the used length is the byte count), adds it to the used ring and, once per
+//!   batch, raises the interrupt. When no receive buffer is available it leaves the bytes in the
+//!   socket (the peer's writes block once the socket buffer is full), re-enables driver
+//!   notifications and waits for a kick. At end-of-file (or a read error) it stops watching the
+//!   socket, but runs on until told to stop. At most [`RX_BATCH`] chains are filled per lock
+//!   acquisition.
+//!
+//! Note that a vCPU blocked in TX holds the transport lock (and the VMM's device-bus lock): the RX
+//! worker and every other device exit wait meanwhile. A peer must therefore keep reading while
+//! it writes (the gateway does both asynchronously); otherwise only the stop flag ends the wait.
+//!
+//! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
+//! released the lock; dropping the transport (or a bare [`VirtioConsole`]) stops and joins it
+//! too. No thread outlives the device.
+//!
+//! Per-chain guest errors are logged at `debug` (a hostile guest could otherwise flood the log)
+//! and counted in [`ConsoleStats`]; nothing the guest writes can panic the device.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tracing::{debug, error, warn};
+use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::mmio::{MmioError, SharedTransport};
+use super::{ActivateError, QueueAccess, QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1};
+
+/// Size of each virtqueue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue (host to guest).
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue (guest to host).
+pub const TX_QUEUE: usize = 1;
+/// Most receive chains the RX worker fills per acquisition of the transport lock.
+pub const RX_BATCH: usize = 64;
+/// Longest single wait for room in the socket before TX looks at the stop flag again.
+pub const TX_WAIT_SLICE: Duration = Duration::from_millis(10);
+
+const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
+/// `struct virtio_console_config`: cols, rows (u16), max_nr_ports, emerg_wr (u32); all zero.
+const CONFIG: [u8; 12] = [0; 12];
+/// Longest descriptor chain accepted (we do not offer indirect descriptors).
+const MAX_CHAIN: usize = QUEUE_SIZE as usize;
+/// Most iovecs a single `readv`/`sendmsg` may take (Linux's UIO_MAXIOV); a longer chain is moved
+/// in several calls.
+const MAX_IOVECS: usize = 1024;
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_KICK: u64 = 1;
+const TOKEN_SOCKET: u64 = 2;
+
+/// Errors setting up a virtio-console device.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("the console channel is not a socket (need a connected SOCK_STREAM Unix socket)")]
+    NotASocket,
+    #[error(
+        "the console channel is a socket of type {0} ({name}), need SOCK_STREAM",
+        name = socket_type_name(*.0)
+    )]
+    NotStream(i32),
+    #[error("cannot configure the console channel ({what}): {source}")]
+    Socket {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("virtio-console transport: {0}")]
+    Transport(#[from] MmioError),
+}
+
+/// Why a chain was not used. Only logged and counted.
+#[derive(Debug, thiserror::Error)]
+enum ChainError {
+    #[error("descriptor chain longer than {MAX_CHAIN}")]
+    ChainTooLong,
+    /// virtio-queue ends a chain early, without an error, when a descriptor cannot be read,
+    /// the next index is out of range, it loops, or the lengths overflow 32 bits: the last
+    /// descriptor we saw still says "next".
+    #[error("broken descriptor chain (bad next index, loop, or over 4 GiB)")]
+    BrokenChain,
+    #[error("device-writable descriptor in a transmit chain")]
+    WritableInTx,
+    #[error("device-readable descriptor in a receive chain")]
+    ReadableInRx,
+    #[error("receive chain without room for a byte")]
+    EmptyRx,
+    #[error("buffer at {addr:#x}+{len} is outside guest memory: {source}")]
+    BadBuffer {
+        addr: u64,
+        len: u32,
+        #[source]
+        source: GuestMemoryError,
+    },
+}
+
+/// Counters of a virtio-console device.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleStats {
+    /// Bytes the guest sent that reached the socket.
+    pub tx_bytes: u64,
+    /// Bytes the guest sent that were dropped: the peer was gone, or the device was stopped
+    /// while waiting for room.
+    pub tx_discarded_bytes: u64,
+    /// Transmit chains given up on (partly or wholly unsent) because the stop flag was set
+    /// while the socket was full.
+    pub tx_abandoned: u64,
+    /// Transmit chains returned unsent because they were malformed.
+    pub tx_malformed: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Receive chains returned unused (used length 0) because they were malformed.
+    pub rx_malformed: u64,
+    /// The RX worker read end-of-file (or an error) from the socket and stopped watching it.
+    pub rx_closed: bool,
+}
+
+/// A handle on a device's counters that outlives handing the transport to the MMIO bus.
+#[derive(Debug, Clone)]
+pub struct ConsoleStatsReader(Arc<Counters>);
+
+impl ConsoleStatsReader {
+    /// The counters now.
+    pub fn get(&self) -> ConsoleStats {
+        self.0.snapshot()
+    }
+}
+
+/// Stops a device's transmit waits from any thread: once stopped, a vCPU waiting for room in the
+/// socket gives up on its chain within [`TX_WAIT_SLICE`], and later chains are sent only as far
+/// as the socket takes them without waiting. Permanent: for the end of the VM.
+#[derive(Debug, Clone)]
+pub struct ConsoleStopper(Arc<AtomicBool>);
+
+impl ConsoleStopper {
+    /// Set the stop flag.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the stop flag is set.
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    tx_bytes: AtomicU64,
+    tx_discarded_bytes: AtomicU64,
+    tx_abandoned: AtomicU64,
+    tx_malformed: AtomicU64,
+    rx_bytes: AtomicU64,
+    rx_malformed: AtomicU64,
+    rx_closed: AtomicBool,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Counters {
+    fn snapshot(&self) -> ConsoleStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ConsoleStats {
+            tx_bytes: get(&self.tx_bytes),
+            tx_discarded_bytes: get(&self.tx_discarded_bytes),
+            tx_abandoned: get(&self.tx_abandoned),
+            tx_malformed: get(&self.tx_malformed),
+            rx_bytes: get(&self.rx_bytes),
+            rx_malformed: get(&self.rx_malformed),
+            rx_closed: self.rx_closed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The running RX worker, as the device sees it.
+struct Worker {
+    handle: JoinHandle<()>,
+    stop: EventFd,
+    kick: EventFd,
+    tid: Arc<AtomicI32>,
+}
+
+/// virtio-console device (one port, `/dev/hvc0`) on a connected stream socket.
+pub struct VirtioConsole {
+    socket: Arc<OwnedFd>,
+    stats: Arc<Counters>,
+    /// Set by a [`ConsoleStopper`] or when the device goes away: TX stops waiting for room.
+    stop: Arc<AtomicBool>,
+    /// The peer is gone (`EPIPE`, `ECONNRESET`, another hard error): TX discards everything.
+    peer_gone: bool,
+    worker: Option<Worker>,
+    /// Workers told to stop and not joined yet (see `VirtioDevice::take_stopped_workers`).
+    stopping: Vec<JoinHandle<()>>,
+}
+
+/// Build a virtio-console device on `socket` behind a shared virtio-mmio transport, ready for the
+/// MMIO bus. `irq` is written on every interrupt and must be registered as a KVM irqfd for the
+/// device's GSI. Take the device's [`ConsoleStopper`] through `lock().device().stopper()`.
+pub fn attach_console(
+    socket: OwnedFd,
+    mem: GuestMemoryMmap,
+    irq: EventFd,
+) -> Result<SharedTransport<VirtioConsole>, ConsoleError> {
+    let console = VirtioConsole::new(socket)?;
+    Ok(SharedTransport::new(console, mem, irq)?)
+}
+
+impl VirtioConsole {
+    /// A device on `socket`, which must be a connected `SOCK_STREAM` socket. Puts the descriptor
+    /// in non-blocking mode (on its open file description: every duplicate shares it).
+    pub fn new(socket: OwnedFd) -> Result<VirtioConsole, ConsoleError> {
+        check_stream_socket(socket.as_raw_fd())?;
+        set_nonblocking(socket.as_raw_fd())?;
+        debug!("virtio-console: created");
+        Ok(VirtioConsole {
+            socket: Arc::new(socket),
+            stats: Arc::default(),
+            stop: Arc::default(),
+            peer_gone: false,
+            worker: None,
+            stopping: Vec::new(),
+        })
+    }
+
+    /// The device's counters so far.
+    pub fn stats(&self) -> ConsoleStats {
+        self.stats.snapshot()
+    }
+
+    /// A handle to read the counters later, e.g. after the transport went onto the MMIO bus.
+    pub fn stats_reader(&self) -> ConsoleStatsReader {
+        ConsoleStatsReader(self.stats.clone())
+    }
+
+    /// A handle that releases a vCPU waiting in TX for room in the socket, usable from any
+    /// thread while the device sits on the MMIO bus (the VM sets it when it ends).
+    pub fn stopper(&self) -> ConsoleStopper {
+        ConsoleStopper(self.stop.clone())
+    }
+
+    /// Whether an RX worker is running (the device is activated).
+    pub fn has_worker(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// Kernel thread id of the running RX worker, once it has started (for diagnostics).
+    pub fn worker_tid(&self) -> Option<i32> {
+        self.worker
+            .as_ref()
+            .map(|w| w.tid.load(Ordering::Acquire))
+            .filter(|&tid| tid != 0)
+    }
+
+    fn spawn_worker(&self, access: QueueAccess) -> io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let kick = EventFd::new(EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_STOP),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            kick.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_KICK),
+        )?;
+        // After end-of-file there is nothing to watch (a worker of an earlier activation saw it).
+        let watching = !self.stats.rx_closed.load(Ordering::Relaxed);
+        if watching {
+            epoll.ctl(
+                ControlOperation::Add,
+                self.socket.as_raw_fd(),
+                EpollEvent::new(
+                    EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
+                    TOKEN_SOCKET,
+                ),
+            )?;
+        }
+        let tid = Arc::new(AtomicI32::new(0));
+        // The worker owns its own handles on the eventfds: an epoll registration dies with the
+        // last descriptor of its file, and a stop written just before that would be lost.
+        let worker = RxWorker {
+            socket: self.socket.clone(),
+            access,
+            epoll,
+            kick: kick.try_clone()?,
+            _stop: stop.try_clone()?,
+            stats: self.stats.clone(),
+            tid: tid.clone(),
+            watching,
+        };
+        let handle = thread::Builder::new()
+            .name("virtio-console-rx".into())
+            .spawn(move || worker.run())?;
+        Ok(Worker {
+            handle,
+            stop,
+            kick,
+            tid,
+        })
+    }
+
+    /// Tell the RX worker to stop; it is joined later (see `take_stopped_workers`).
+    fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if let Err(e) = worker.stop.write(1) {
+                // It still exits on its next queue access, which the transport now refuses.
+                error!(error = %e, "virtio-console: cannot signal the RX worker to stop");
+            }
+            self.stopping.push(worker.handle);
+        }
+    }
+
+    fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        let Some(pending) = super::pending_chains(queue, mem, "virtio-console") else {
+            return false;
+        };
+        let mut iovecs = Vec::new();
+        let mut used_any = false;
+        for _ in 0..pending {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            iovecs.clear();
+            match load_tx(chain, mem, &mut iovecs) {
+                Ok(total) => self.send(&mut iovecs, total),
+                Err(e) => {
+                    debug!(head, error = %e, "virtio-console: malformed TX chain; returned unsent");
+                    bump(&self.stats.tx_malformed, 1);
+                }
+            }
+            iovecs.clear();
+            match queue.add_used(mem, head, 0) {
+                Ok(()) => used_any = true,
+                Err(e) => warn!(head, error = %e, "virtio-console: cannot return a TX buffer"),
+            }
+        }
+        used_any && queue.needs_notification(mem).unwrap_or(true)
+    }
+
+    /// Send `total` bytes described by `iovecs` (guest memory) to the socket, waiting for room
+    /// while the stop flag is clear. Consumes `iovecs` as it goes.
+    fn send(&mut self, iovecs: &mut [libc::iovec], total: u64) {
+        let fd = self.socket.as_raw_fd();
+        let mut sent = 0u64;
+        let mut start = 0usize;
+        while sent < total {
+            if self.peer_gone {
+                bump(&self.stats.tx_discarded_bytes, total - sent);
+                return;
+            }
+            let Some(rest) = iovecs.get_mut(start..).filter(|rest| !rest.is_empty()) else {
+                // The iovecs add up to `total`; never reached.
+                return;
+            };
+            // SAFETY: msghdr is plain old data; all zeros is a valid value.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = rest.as_mut_ptr();
+            msg.msg_iovlen = rest.len().min(MAX_IOVECS);
+            // SAFETY: every iovec points into guest memory that the caller's `mem` keeps mapped
+            // (checked by push_iovecs) and sendmsg only reads through them; no address, no
+            // control data.
+            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+            if n > 0 {
+                let n = n as u64;
+                sent += n;
+                bump(&self.stats.tx_bytes, n);
+                advance(iovecs, &mut start, n as usize);
+                continue;
+            }
+            let e = if n == 0 {
+                // Not for a non-empty stream send; wait and retry rather than spin.
+                io::Error::from(io::ErrorKind::WouldBlock)
+            } else {
+                io::Error::last_os_error()
+            };
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    if self.stop.load(Ordering::SeqCst) {
+                        debug!(
+                            unsent = total - sent,
+                            "virtio-console: stopped while the socket is full; TX chain dropped"
+                        );
+                        bump(&self.stats.tx_abandoned, 1);
+                        bump(&self.stats.tx_discarded_bytes, total - sent);
+                        return;
+                    }
+                    wait_writable(fd);
+                }
+                _ => {
+                    // The peer closing its end is how a request ends; anything else is odd.
+                    if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+                        debug!(error = %e, "virtio-console: peer gone; discarding output");
+                    } else {
+                        warn!(error = %e, "virtio-console: cannot send; discarding output");
+                    }
+                    self.peer_gone = true;
+                }
+            }
+        }
+    }
+}
+
+/// Wait until `fd` may take more bytes, for at most [`TX_WAIT_SLICE`] (a signal, an error or a
+/// hang-up end it early; the caller's next send tells which).
+fn wait_writable(fd: RawFd) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let slice = TX_WAIT_SLICE.as_millis() as libc::c_int;
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, slice) };
+}
+
+/// Drop the first `n` bytes of `iovecs[*start..]`: whole iovecs move `start` on, a partial one
+/// is shortened from the front.
+fn advance(iovecs: &mut [libc::iovec], start: &mut usize, mut n: usize) {
+    while n > 0 {
+        let Some(iov) = iovecs.get_mut(*start) else {
+            return;
+        };
+        if n >= iov.iov_len {
+            n -= iov.iov_len;
+            *start += 1;
+        } else {
+            iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
+            iov.iov_len -= n;
+            n = 0;
+        }
+    }
+    // Skip iovecs left empty, so the next send starts on bytes.
+    while iovecs.get(*start).is_some_and(|iov| iov.iov_len == 0) {
+        *start += 1;
+    }
+}
+
+/// Check a transmit chain and resolve it to host iovecs; returns its length in bytes.
+fn load_tx(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    iovecs: &mut Vec<libc::iovec>,
+) -> Result<u64, ChainError> {
+    let mut total = 0u64;
+    let mut more = false;
+    for (i, desc) in chain.enumerate() {
+        if i == MAX_CHAIN {
+            return Err(ChainError::ChainTooLong);
+        }
+        more = desc.has_next();
+        if desc.is_write_only() {
+            return Err(ChainError::WritableInTx);
+        }
+        if desc.len() == 0 {
+            continue;
+        }
+        push_iovecs(mem, desc.addr(), desc.len(), Permissions::Read, iovecs)?;
+        total += u64::from(desc.len());
+    }
+    if more {
+        return Err(ChainError::BrokenChain);
+    }
+    Ok(total)
+}
+
+impl Drop for VirtioConsole {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.stop_worker();
+        for handle in self.stopping.drain(..) {
+            // Never join ourselves (only possible if the worker dropped the last reference to
+            // the transport, which SharedTransport's drop rules out).
+            if handle.thread().id() == thread::current().id() {
+                continue;
+            }
+            if handle.join().is_err() {
+                error!("virtio-console: RX worker panicked");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for VirtioConsole {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&CONFIG, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            offset,
+            len = data.len(),
+            "virtio-console: write to read-only config space ignored"
+        );
+    }
+
+    fn activate(&mut self, _acked_features: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
+        Err(ActivateError::NeedsSharedTransport(VIRTIO_ID_CONSOLE))
+    }
+
+    fn activate_with_access(
+        &mut self,
+        _acked_features: u64,
+        queues: &[Queue],
+        access: QueueAccess,
+    ) -> Result<(), ActivateError> {
+        for index in [RX_QUEUE, TX_QUEUE] {
+            if !queues.get(index).is_some_and(|q| q.ready()) {
+                return Err(ActivateError::QueueNotReady(index));
+            }
+        }
+        self.stop_worker();
+        let worker = self.spawn_worker(access).map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        debug!("virtio-console: activated");
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        match index {
+            RX_QUEUE => {
+                // New receive buffers: wake the worker, which fills them under the lock later.
+                if let Some(worker) = &self.worker {
+                    if let Err(e) = worker.kick.write(1) {
+                        warn!(error = %e, "virtio-console: cannot kick the RX worker");
+                    }
+                }
+                false
+            }
+            TX_QUEUE => self.process_tx(queue, mem),
+            _ => {
+                warn!(
+                    index,
+                    "virtio-console: notify for a queue that does not exist"
+                );
+                false
+            }
+        }
+    }
+
+    /// Stops the RX worker. The TX stop flag is left alone: TX runs under the same transport
+    /// lock as a reset, so a reset never finds it waiting, and the flag is permanent (a driver
+    /// resets the device while probing it, before any output).
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+
+    fn stop_workers(&mut self) {
+        // The transport is going away; nothing should wait for the socket any more.
+        self.stop.store(true, Ordering::SeqCst);
+        self.stop_worker();
+    }
+
+    fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut self.stopping)
+    }
+}
+
+/// What one RX batch ended on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// The batch limit: release the lock and go on.
+    More,
+    /// Nothing more to read from the socket now: wait for it.
+    Drained,
+    /// End-of-file or a read error: stop watching the socket.
+    Closed,
+    /// No receive buffer: wait for a kick.
+    NoBuffers,
+}
+
+/// A receive chain, resolved to host memory.
+#[derive(Default)]
+struct RxChain {
+    iovecs: Vec<libc::iovec>,
+}
+
+impl RxChain {
+    fn load(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), ChainError> {
+        self.iovecs.clear();
+        let mut more = false;
+        for (i, desc) in chain.enumerate() {
+            if i == MAX_CHAIN {
+                return Err(ChainError::ChainTooLong);
+            }
+            more = desc.has_next();
+            if !desc.is_write_only() {
+                return Err(ChainError::ReadableInRx);
+            }
+            if desc.len() == 0 {
+                continue;
+            }
+            push_iovecs(
+                mem,
+                desc.addr(),
+                desc.len(),
+                Permissions::Write,
+                &mut self.iovecs,
+            )?;
+        }
+        if more {
+            return Err(ChainError::BrokenChain);
+        }
+        if self.iovecs.is_empty() {
+            // A readv into nothing returns 0, which would read as end-of-file.
+            return Err(ChainError::EmptyRx);
+        }
+        Ok(())
+    }
+
+    /// Read what the socket holds into the chain (up to its capacity).
+    fn readv(&mut self, fd: RawFd) -> io::Result<u64> {
+        let count = self.iovecs.len().min(MAX_IOVECS) as libc::c_int;
+        // SAFETY: the iovecs point into guest memory that the caller's `mem` keeps mapped
+        // (checked by push_iovecs), valid for writes of their lengths for the duration of the
+        // call.
+        let n = unsafe { libc::readv(fd, self.iovecs.as_ptr(), count) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as u64)
+        }
+    }
+}
+
+/// The RX worker thread's state.
+struct RxWorker {
+    socket: Arc<OwnedFd>,
+    access: QueueAccess,
+    epoll: Epoll,
+    kick: EventFd,
+    /// Keeps the stop eventfd (registered in `epoll`) open as long as the worker runs.
+    _stop: EventFd,
+    stats: Arc<Counters>,
+    tid: Arc<AtomicI32>,
+    /// The socket is registered in `epoll` (until end-of-file).
+    watching: bool,
+}
+
+impl RxWorker {
+    fn run(mut self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.tid.store(tid, Ordering::Release);
+        debug!(tid, "virtio-console: RX worker started");
+        let mut chain = RxChain::default();
+        // Look at both right away: bytes may already wait, the driver may have posted buffers.
+        let mut readable = true;
+        let mut have_buffers = true;
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            while self.watching && readable && have_buffers {
+                match self.deliver(&mut chain) {
+                    Ok(Batch::More) => {}
+                    Ok(Batch::Drained) => readable = false,
+                    Ok(Batch::Closed) => self.unwatch(),
+                    Ok(Batch::NoBuffers) => have_buffers = false,
+                    // The driver stopped the queue: nothing to do until the device is reset.
+                    Err(QueueAccessError::NotReady(_)) => have_buffers = false,
+                    Err(QueueAccessError::Stale) => {
+                        debug!(tid, "virtio-console: RX worker done (device reset or gone)");
+                        return;
+                    }
+                }
+            }
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!(error = %e, "virtio-console: RX worker cannot wait; stopping");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TOKEN_STOP => {
+                        debug!(tid, "virtio-console: RX worker stopped");
+                        return;
+                    }
+                    TOKEN_KICK => {
+                        // Reset the counter; a failure (already 0) changes nothing.
+                        let _ = self.kick.read();
+                        have_buffers = true;
+                    }
+                    TOKEN_SOCKET => readable = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Stop watching the socket: after end-of-file it would report readable forever.
+    fn unwatch(&mut self) {
+        self.watching = false;
+        self.stats.rx_closed.store(true, Ordering::Relaxed);
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Delete,
+            self.socket.as_raw_fd(),
+            EpollEvent::default(),
+        ) {
+            debug!(error = %e, "virtio-console: cannot remove the socket from epoll");
+        }
+        debug!("virtio-console: the peer closed the channel; RX idle");
+    }
+
+    /// Fill up to RX_BATCH receive chains from the socket, under the transport lock.
+    fn deliver(&mut self, chain: &mut RxChain) -> Result<Batch, QueueAccessError> {
+        let mut outcome = Batch::NoBuffers;
+        let socket = self.socket.as_raw_fd();
+        let stats = &self.stats;
+        self.access.with_queue(RX_QUEUE, |queue, mem| {
+            // While we have buffers we need no kicks; re-enabled when we run out.
+            if let Err(e) = queue.disable_notification(mem) {
+                debug!(error = %e, "virtio-console: cannot disable RX notifications");
+            }
+            let mut used = false;
+            outcome = rx_batch(queue, mem, socket, chain, stats, &mut used);
+            used && queue.needs_notification(mem).unwrap_or(true)
+        })?;
+        Ok(outcome)
+    }
+}
+
+fn rx_batch(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    socket: RawFd,
+    chain: &mut RxChain,
+    stats: &Counters,
+    used: &mut bool,
+) -> Batch {
+    for _ in 0..RX_BATCH {
+        let Some(pending) = super::pending_chains(queue, mem, "virtio-console") else {
+            enable_notification(queue, mem);
+            return Batch::NoBuffers;
+        };
+        if pending == 0 {
+            // Out of buffers: ask for a kick, then look once more in case the driver posted
+            // some before it could see the request.
+            if enable_notification(queue, mem) {
+                continue;
+            }
+            return Batch::NoBuffers;
+        }
+        let Some(desc_chain) = queue.pop_descriptor_chain(mem) else {
+            enable_notification(queue, mem);
+            return Batch::NoBuffers;
+        };
+        let head = desc_chain.head_index();
+        if let Err(e) = chain.load(desc_chain, mem) {
+            debug!(head, error = %e, "virtio-console: malformed RX chain; returned unused");
+            bump(&stats.rx_malformed, 1);
+            add_used(queue, mem, head, 0, used);
+            continue;
+        }
+        match chain.readv(socket) {
+            Ok(0) => {
+                // End of file: keep the chain for nothing, stop reading.
+                queue.go_to_previous_position();
+                return Batch::Closed;
+            }
+            Ok(n) => {
+                // n <= the chain's capacity, which 256 descriptors of u32 bound: fits.
+                add_used(queue, mem, head, u32::try_from(n).unwrap_or(0), used);
+                bump(&stats.rx_bytes, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                queue.go_to_previous_position();
+                return Batch::Drained;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                queue.go_to_previous_position();
+            }
+            Err(e) => {
+                queue.go_to_previous_position();
+                match e.raw_os_error() {
+                    Some(libc::ECONNRESET) => {
+                        debug!(error = %e, "virtio-console: the peer reset the channel");
+                    }
+                    _ => warn!(error = %e, "virtio-console: reading the channel failed"),
+                }
+                return Batch::Closed;
+            }
+        }
+    }
+    Batch::More
+}
+
+fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, used: &mut bool) {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => *used = true,
+        Err(e) => debug!(head, error = %e, "virtio-console: cannot return an RX buffer"),
+    }
+}
+
+/// Re-enable driver notifications; returns whether buffers were posted meanwhile.
+fn enable_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    queue.enable_notification(mem).unwrap_or_else(|e| {
+        debug!(error = %e, "virtio-console: cannot enable RX notifications");
+        false
+    })
+}
+
+/// Append iovecs covering the guest range `addr..addr + len` (one per memory region it spans).
+fn push_iovecs(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u32,
+    access: Permissions,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), ChainError> {
+    let bad = |source| ChainError::BadBuffer {
+        addr: addr.0,
+        len,
+        source,
+    };
+    let slices = GuestMemory::get_slices(mem, addr, len as usize, access).map_err(bad)?;
+    for slice in slices {
+        let slice = slice.map_err(bad)?;
+        // The mutable guard serves both directions: iovec only has `*mut`. Without Xen the guard
+        // maps nothing; the pointer stays valid as long as the regions `mem` holds.
+        let base = slice.ptr_guard_mut().as_ptr();
+        out.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Check that `fd` is a socket of type `SOCK_STREAM`.
+fn check_stream_socket(fd: RawFd) -> Result<(), ConsoleError> {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_TYPE writes one int to the pointer, which is valid for `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            std::ptr::addr_of_mut!(kind).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        let source = io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ENOTSOCK) {
+            return Err(ConsoleError::NotASocket);
+        }
+        return Err(ConsoleError::Socket {
+            what: "getsockopt SO_TYPE",
+            source,
+        });
+    }
+    if kind != libc::SOCK_STREAM {
+        return Err(ConsoleError::NotStream(kind));
+    }
+    Ok(())
+}
+
+fn socket_type_name(kind: i32) -> &'static str {
+    match kind {
+        libc::SOCK_STREAM => "SOCK_STREAM",
+        libc::SOCK_DGRAM => "SOCK_DGRAM",
+        libc::SOCK_SEQPACKET => "SOCK_SEQPACKET",
+        libc::SOCK_RAW => "SOCK_RAW",
+        _ => "unknown",
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> Result<(), ConsoleError> {
+    let err = |what| ConsoleError::Socket {
+        what,
+        source: io::Error::last_os_error(),
+    };
+    // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(err("F_GETFL"));
+    }
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(err("F_SETFL O_NONBLOCK"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+    use std::path::Path;
+    use std::time::Instant;
+
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::testing::{
+        bring_up, eventfd, memory, r, read_reg, w, wait_for, write_reg, Desc, DriverQueue,
+        BUF_BASE, MEM_SIZE, QUEUE_BASE,
+    };
+    use crate::devices::MmioDevice;
+
+    const DEVICE_ID: u64 = 0x008;
+    const DEVICE_FEATURES: u64 = 0x010;
+    const DEVICE_FEATURES_SEL: u64 = 0x014;
+    const QUEUE_SEL: u64 = 0x030;
+    const QUEUE_NUM_MAX: u64 = 0x034;
+    const QUEUE_NOTIFY: u64 = 0x050;
+    const INTERRUPT_STATUS: u64 = 0x060;
+    const STATUS: u64 = 0x070;
+    const CONFIG_SPACE: u64 = 0x100;
+    const TXQ_BASE: GuestAddress = GuestAddress(0x8000);
+    /// Receive buffers go here, 0x1000 apart; transmit buffers above (512 KiB of room).
+    const RX_BUF: u64 = BUF_BASE;
+    const TX_BUF: u64 = BUF_BASE + 0x4_0000;
+    const POISON: u8 = 0xee;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) ^ (i >> 8) as u8)
+            .collect()
+    }
+
+    fn task_alive(tid: i32) -> bool {
+        Path::new(&format!("/proc/self/task/{tid}")).exists()
+    }
+
+    fn is_nonblocking(fd: RawFd) -> bool {
+        // SAFETY: F_GETFL on a descriptor the caller owns.
+        unsafe { libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK != 0 }
+    }
+
+    struct Fixture {
+        mem: GuestMemoryMmap,
+        t: SharedTransport<VirtioConsole>,
+        rxq: DriverQueue,
+        txq: DriverQueue,
+        /// The host side of the channel (the gateway's end), non-blocking.
+        peer: UnixStream,
+        /// Another descriptor for the device's end (same socket), to peek at or fill it.
+        device_end: UnixStream,
+        stopper: ConsoleStopper,
+    }
+
+    impl Fixture {
+        /// A device on a stream socket pair, not brought up yet.
+        fn unstarted() -> Fixture {
+            let (dev, peer) = UnixStream::pair().expect("socketpair");
+            let device_end = dev.try_clone().expect("clone");
+            peer.set_nonblocking(true).expect("nonblocking");
+            let mem = memory();
+            let t = attach_console(OwnedFd::from(dev), mem.clone(), eventfd()).expect("console");
+            let stopper = t.lock().device().stopper();
+            mem.write_slice(&vec![POISON; 0x8_0000], GuestAddress(BUF_BASE))
+                .expect("poison");
+            Fixture {
+                rxq: DriverQueue::new(&mem, QUEUE_BASE, 16),
+                txq: DriverQueue::new(&mem, TXQ_BASE, 16),
+                mem,
+                t,
+                peer,
+                device_end,
+                stopper,
+            }
+        }
+
+        /// Brought up, with the RX worker running.
+        fn new() -> Fixture {
+            let mut f = Fixture::unstarted();
+            f.start();
+            f
+        }
+
+        fn start(&mut self) {
+            bring_up(&mut self.t, &[&self.rxq, &self.txq]);
+            assert!(self.t.lock().is_activated());
+            wait_for("the RX worker to start", || self.tid().is_some());
+        }
+
+        fn tid(&self) -> Option<i32> {
+            self.t.lock().device().worker_tid()
+        }
+
+        fn notify(&mut self, queue: usize) {
+            write_reg(&mut self.t, QUEUE_NOTIFY, queue as u32);
+        }
+
+        /// Post one receive chain and tell the device.
+        fn post_rx(&mut self, chain: &[Desc]) -> u16 {
+            let head = self.rxq.add_chain(chain);
+            self.notify(RX_QUEUE);
+            head
+        }
+
+        fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.mem
+                .read_slice(&mut buf, GuestAddress(at))
+                .expect("read guest");
+            buf
+        }
+
+        fn put(&self, at: u64, data: &[u8]) {
+            self.mem
+                .write_slice(data, GuestAddress(at))
+                .expect("write guest");
+        }
+
+        /// Everything the device sent that the peer can read now.
+        fn sent(&mut self) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 0x1_0000];
+            loop {
+                match self.peer.read(&mut buf) {
+                    Ok(0) => return out,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return out,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+        }
+
+        /// Bytes waiting in the socket for the device (without taking them).
+        fn waiting_for_device(&self) -> usize {
+            let mut buf = vec![0u8; 0x1_0000];
+            // SAFETY: recv into a valid buffer of its length.
+            let n = unsafe {
+                libc::recv(
+                    self.device_end.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            usize::try_from(n).unwrap_or(0)
+        }
+
+        /// Fill the socket towards the peer until it takes no more; returns the bytes queued.
+        fn fill_towards_peer(&mut self) -> usize {
+            let filler = [0x55u8; 4096];
+            let mut queued = 0;
+            loop {
+                match self.device_end.write(&filler) {
+                    Ok(n) => queued += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return queued,
+                    Err(e) => panic!("write: {e}"),
+                }
+                assert!(queued < 64 << 20, "socket never filled up");
+            }
+        }
+
+        fn irq_fired(&self) -> bool {
+            self.t.lock().interrupt_evt().read().is_ok()
+        }
+
+        fn stats(&self) -> ConsoleStats {
+            self.t.lock().device().stats()
+        }
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let mut f = Fixture::unstarted();
+        let t = &mut f.t;
+        assert_eq!(read_reg(t, DEVICE_ID), 3);
+        assert_eq!(read_reg(t, DEVICE_FEATURES), 0); // no SIZE, MULTIPORT, EMERG_WRITE
+        write_reg(t, DEVICE_FEATURES_SEL, 1);
+        assert_eq!(read_reg(t, DEVICE_FEATURES), 1); // VERSION_1 only
+        for (sel, max) in [(0, 256), (1, 256), (2, 0)] {
+            write_reg(t, QUEUE_SEL, sel);
+            assert_eq!(read_reg(t, QUEUE_NUM_MAX), max, "queue {sel}");
+        }
+        // 12 bytes of zeros, read-only, and zeros beyond.
+        let mut config = [0xffu8; 16];
+        t.read(CONFIG_SPACE, &mut config);
+        assert_eq!(config, [0; 16]);
+        t.write(CONFIG_SPACE, &[0xff; 12]);
+        t.write(CONFIG_SPACE + 4, &7u32.to_le_bytes());
+        let mut config = [0xffu8; 12];
+        t.read(CONFIG_SPACE, &mut config);
+        assert_eq!(config, [0; 12]);
+        assert_eq!(read_reg(t, CONFIG_SPACE + 8), 0);
+        let device = t.lock();
+        assert!(!device.device().has_worker());
+        assert_eq!(device.device().stats(), ConsoleStats::default());
+    }
+
+    #[test]
+    fn new_refuses_non_stream_descriptors_and_makes_the_fd_nonblocking() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: descriptors we just created and own.
+        let (read_end, _write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        match VirtioConsole::new(read_end) {
+            Err(e @ ConsoleError::NotASocket) => assert!(e.to_string().contains("not a socket")),
+            Err(e) => panic!("pipe refused for another reason: {e}"),
+            Ok(_) => panic!("a pipe was accepted"),
+        }
+
+        let (dgram, _peer) = UnixDatagram::pair().expect("socketpair");
+        match VirtioConsole::new(OwnedFd::from(dgram)) {
+            Err(e @ ConsoleError::NotStream(libc::SOCK_DGRAM)) => {
+                assert!(e.to_string().contains("SOCK_DGRAM"), "{e}");
+            }
+            Err(e) => panic!("datagram socket refused for another reason: {e}"),
+            Ok(_) => panic!("a datagram socket was accepted"),
+        }
+
+        let (dev, _peer) = UnixStream::pair().expect("socketpair");
+        let probe = dev.try_clone().expect("clone");
+        assert!(!is_nonblocking(probe.as_raw_fd()));
+        let console = VirtioConsole::new(OwnedFd::from(dev)).expect("console");
+        assert!(is_nonblocking(probe.as_raw_fd()));
+        assert_eq!(console.stats(), ConsoleStats::default());
+        assert!(!console.stopper().is_stopped());
+    }
+
+    #[test]
+    fn plain_transport_refuses_to_activate() {
+        let (dev, _peer) = UnixStream::pair().expect("socketpair");
+        let console = VirtioConsole::new(OwnedFd::from(dev)).expect("console");
+        let mem = memory();
+        let mut t = MmioTransport::new(console, mem.clone(), eventfd()).expect("transport");
+        let rxq = DriverQueue::new(&mem, QUEUE_BASE, 16);
+        let txq = DriverQueue::new(&mem, TXQ_BASE, 16);
+        bring_up(&mut t, &[&rxq, &txq]);
+        assert!(!t.is_activated());
+        assert_ne!(read_reg(&mut t, STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(!t.device().has_worker());
+    }
+
+    #[test]
+    fn activation_needs_both_queues() {
+        let mut f = Fixture::unstarted();
+        bring_up(&mut f.t, &[&f.rxq]);
+        assert!(!f.t.lock().is_activated());
+        assert!(!f.t.lock().device().has_worker());
+        f.start();
+        assert!(f.t.lock().device().has_worker());
+    }
+
+    #[test]
+    fn tx_bytes_reach_the_peer_intact_and_in_order() {
+        let mut f = Fixture::new();
+        let data = pattern(3000, 1);
+        // One chain in three descriptors (an empty one among them), then two single ones.
+        f.put(TX_BUF, &data[..100]);
+        f.put(TX_BUF + 0x1000, &data[100..1100]);
+        f.put(TX_BUF + 0x2000, &data[1100..2000]);
+        f.put(TX_BUF + 0x3000, &data[2000..2001]);
+        f.put(TX_BUF + 0x4000, &data[2001..]);
+        let heads = [
+            f.txq.add_chain(&[
+                r(TX_BUF, 100),
+                r(TX_BUF + 0x1000, 1000),
+                r(TX_BUF + 0x5000, 0),
+                r(TX_BUF + 0x2000, 900),
+            ]),
+            f.txq.add_chain(&[r(TX_BUF + 0x3000, 1)]),
+            f.txq.add_chain(&[r(TX_BUF + 0x4000, 999)]),
+        ];
+        f.notify(TX_QUEUE);
+        assert_eq!(f.txq.used_idx(), 3);
+        for (i, head) in heads.iter().enumerate() {
+            assert_eq!(f.txq.used_elem(i as u16), (u32::from(*head), 0));
+        }
+        assert_eq!(read_reg(&mut f.t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert!(f.irq_fired());
+        assert_eq!(f.sent(), data);
+
+        // A later notify continues the stream.
+        let more = pattern(500, 9);
+        f.put(TX_BUF + 0x6000, &more);
+        f.txq.add_chain(&[r(TX_BUF + 0x6000, 500)]);
+        f.notify(TX_QUEUE);
+        assert_eq!(f.sent(), more);
+        let stats = f.stats();
+        assert_eq!(stats.tx_bytes, 3500);
+        assert_eq!(stats.tx_discarded_bytes + stats.tx_malformed, 0);
+        // TX used nothing of the receive side.
+        assert_eq!(f.rxq.used_idx(), 0);
+    }
+
+    #[test]
+    fn tx_larger_than_the_socket_buffer_waits_for_the_reader() {
+        let mut f = Fixture::new();
+        // 384 KiB in twelve descriptors: more than a Unix socket buffers, so the sends are
+        // partial and the vCPU waits for the reader in between.
+        let data = pattern(12 * 0x8000, 3);
+        f.put(TX_BUF, &data);
+        let chain: Vec<Desc> = (0..12).map(|i| r(TX_BUF + i * 0x8000, 0x8000)).collect();
+        let head = f.txq.add_chain(&chain);
+        let mut reader = f.peer.try_clone().expect("clone");
+        let total = data.len();
+        let got = thread::scope(|s| {
+            let handle = s.spawn(move || {
+                let mut got = Vec::with_capacity(total);
+                let mut buf = vec![0u8; 0x1000];
+                while got.len() < total {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                        Err(e) => panic!("read: {e}"),
+                    }
+                }
+                got
+            });
+            f.notify(TX_QUEUE);
+            handle.join().expect("reader")
+        });
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the stream arrived altered");
+        assert_eq!(f.txq.used_elem(0), (u32::from(head), 0));
+        assert_eq!(f.stats().tx_bytes, data.len() as u64);
+    }
+
+    #[test]
+    fn tx_blocked_on_a_full_socket_is_released_by_the_stopper() {
+        let mut f = Fixture::new();
+        let queued = f.fill_towards_peer();
+        let data = pattern(100, 5);
+        f.put(TX_BUF, &data);
+        let head = f.txq.add_chain(&[r(TX_BUF, 60), r(TX_BUF + 60, 40)]);
+        let stopper = f.stopper.clone();
+        let (started, stopped_at) = thread::scope(|s| {
+            let handle = s.spawn(move || {
+                thread::sleep(Duration::from_millis(150));
+                let at = Instant::now();
+                stopper.stop();
+                at
+            });
+            let started = Instant::now();
+            f.notify(TX_QUEUE); // blocks until the stop flag is set
+            let returned = Instant::now();
+            let stopped_at = handle.join().expect("stopper thread");
+            assert!(
+                returned.duration_since(stopped_at) < Duration::from_millis(500),
+                "the vCPU was released {:?} after the stop",
+                returned.duration_since(stopped_at)
+            );
+            (started, stopped_at)
+        });
+        assert!(stopped_at.duration_since(started) >= Duration::from_millis(100));
+        assert_eq!(f.txq.used_idx(), 1);
+        assert_eq!(f.txq.used_elem(0), (u32::from(head), 0));
+        let stats = f.stats();
+        assert_eq!(
+            (stats.tx_abandoned, stats.tx_discarded_bytes, stats.tx_bytes),
+            (1, 100, 0)
+        );
+        assert!(f.stopper.is_stopped());
+
+        // Only the filler got through. With room again, stopped or not, bytes still go out.
+        assert_eq!(f.sent().len(), queued);
+        f.txq.add_chain(&[r(TX_BUF, 100)]);
+        f.notify(TX_QUEUE);
+        assert_eq!(f.sent(), data);
+        // Full again: once stopped, nothing waits at all.
+        f.fill_towards_peer();
+        f.txq.add_chain(&[r(TX_BUF, 100)]);
+        let t0 = Instant::now();
+        f.notify(TX_QUEUE);
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        assert_eq!(f.txq.used_idx(), 3);
+        let stats = f.stats();
+        assert_eq!((stats.tx_abandoned, stats.tx_discarded_bytes), (2, 200));
+        assert_eq!(stats.tx_bytes, 100);
+        // The same numbers through a reader taken from the device.
+        let reader = f.t.lock().device().stats_reader();
+        assert_eq!(reader.get(), f.stats());
+    }
+
+    /// SIGPIPE blocked in this thread, so that one raised by a send stays pending (even though
+    /// the test harness ignores SIGPIPE) and can be looked for.
+    struct SigpipeBlocked {
+        old: libc::sigset_t,
+    }
+
+    impl SigpipeBlocked {
+        fn new() -> SigpipeBlocked {
+            // SAFETY: sigset_t manipulation on local values; pthread_sigmask changes only this
+            // thread's mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                let mut old: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGPIPE);
+                assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old), 0);
+                SigpipeBlocked { old }
+            }
+        }
+
+        /// Whether a SIGPIPE is pending; takes it if so.
+        fn take_pending(&self) -> bool {
+            // SAFETY: as above; sigtimedwait with a zero timeout only consumes a pending
+            // SIGPIPE (it is blocked, so it can be waited for).
+            unsafe {
+                let mut pending: libc::sigset_t = std::mem::zeroed();
+                assert_eq!(libc::sigpending(&mut pending), 0);
+                if libc::sigismember(&pending, libc::SIGPIPE) != 1 {
+                    return false;
+                }
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGPIPE);
+                let zero = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                libc::sigtimedwait(&set, std::ptr::null_mut(), &zero);
+                true
+            }
+        }
+    }
+
+    impl Drop for SigpipeBlocked {
+        fn drop(&mut self) {
+            self.take_pending();
+            // SAFETY: restores this thread's previous mask.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+        }
+    }
+
+    #[test]
+    fn tx_after_the_peer_closed_discards_without_sigpipe() {
+        let mut f = Fixture::new();
+        let sigpipe = SigpipeBlocked::new();
+        let (_, dead_peer) = UnixStream::pair().expect("socketpair");
+        let peer = std::mem::replace(&mut f.peer, dead_peer);
+        drop(peer);
+        f.put(TX_BUF, &pattern(200, 7));
+        let heads = [
+            f.txq.add_chain(&[r(TX_BUF, 50)]),
+            f.txq.add_chain(&[r(TX_BUF + 50, 70), r(TX_BUF + 120, 80)]),
+        ];
+        f.notify(TX_QUEUE);
+        f.txq.add_chain(&[r(TX_BUF, 30)]);
+        f.notify(TX_QUEUE);
+        assert_eq!(f.txq.used_idx(), 3);
+        for (i, head) in heads.iter().enumerate() {
+            assert_eq!(f.txq.used_elem(i as u16), (u32::from(*head), 0));
+        }
+        let stats = f.stats();
+        assert_eq!((stats.tx_bytes, stats.tx_discarded_bytes), (0, 230));
+        assert_eq!(stats.tx_abandoned + stats.tx_malformed, 0);
+        assert!(!sigpipe.take_pending(), "the device raised SIGPIPE");
+
+        // Control: a send without MSG_NOSIGNAL on the same socket does raise it.
+        // SAFETY: send one byte from a valid buffer.
+        let n = unsafe { libc::send(f.device_end.as_raw_fd(), b"x".as_ptr().cast(), 1, 0) };
+        assert_eq!(n, -1);
+        assert!(sigpipe.take_pending(), "the SIGPIPE check does not work");
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_returned_unsent() {
+        let mut f = Fixture::new();
+        let chains: [&[Desc]; 5] = [
+            // Device-writable.
+            &[w(TX_BUF, 64)],
+            // Readable then writable.
+            &[r(TX_BUF, 12), w(TX_BUF + 0x100, 64)],
+            // Runs out of guest memory; wraps around the address space.
+            &[r(MEM_SIZE - 16, 64)],
+            &[r(u64::MAX - 8, 64)],
+            // Over 4 GiB: virtio-queue stops after the first descriptor, which says "next".
+            &[r(TX_BUF, 12), r(TX_BUF + 0x100, u32::MAX)],
+        ];
+        let mut heads: Vec<u16> = chains.iter().map(|c| f.txq.add_chain(c)).collect();
+        // A chain whose next index is outside the table.
+        f.txq
+            .write_desc(15, TX_BUF, 12, VRING_DESC_F_NEXT as u16, 99);
+        f.txq.publish(15);
+        heads.push(15);
+        // A chain that loops onto itself: longer than the queue.
+        f.txq
+            .write_desc(14, TX_BUF, 12, VRING_DESC_F_NEXT as u16, 14);
+        f.txq.publish(14);
+        heads.push(14);
+        f.notify(TX_QUEUE);
+        assert_eq!(f.txq.used_idx(), heads.len() as u16);
+        for (i, head) in heads.iter().enumerate() {
+            assert_eq!(
+                f.txq.used_elem(i as u16),
+                (u32::from(*head), 0),
+                "chain {i}"
+            );
+        }
+        assert_eq!(f.sent(), b"");
+        let stats = f.stats();
+        assert_eq!(stats.tx_malformed, heads.len() as u64);
+        assert_eq!(stats.tx_bytes + stats.tx_discarded_bytes, 0);
+        assert!(f.irq_fired());
+
+        // The queue still works.
+        f.put(TX_BUF, b"still here");
+        f.txq.add_chain(&[r(TX_BUF, 10)]);
+        f.notify(TX_QUEUE);
+        assert_eq!(f.sent(), b"still here");
+    }
+
+    #[test]
+    fn rx_bytes_land_in_a_posted_buffer() {
+        let mut f = Fixture::new();
+        let head = f.post_rx(&[w(RX_BUF, 8), w(RX_BUF + 0x100, 2000)]);
+        let data = pattern(50, 2);
+        f.peer.write_all(&data).expect("write");
+        wait_for("the bytes to be used", || f.rxq.used_idx() == 1);
+        assert_eq!(f.rxq.used_elem(0), (u32::from(head), 50));
+        assert_eq!(f.bytes(RX_BUF, 8), data[..8]);
+        assert_eq!(f.bytes(RX_BUF + 0x100, 42), data[8..]);
+        // Nothing written past them.
+        assert_eq!(f.bytes(RX_BUF + 0x100 + 42, 16), [POISON; 16]);
+        wait_for("the interrupt", || f.irq_fired());
+        assert_ne!(
+            read_reg(&mut f.t, INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+            0
+        );
+        assert_eq!(f.stats().rx_bytes, 50);
+        assert_eq!(f.waiting_for_device(), 0);
+    }
+
+    #[test]
+    fn rx_bytes_wait_in_the_socket_until_buffers_are_posted() {
+        let mut f = Fixture::new();
+        let data = pattern(100, 4);
+        f.peer.write_all(&data).expect("write");
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(f.rxq.used_idx(), 0);
+        assert!(!f.irq_fired());
+        assert_eq!(f.waiting_for_device(), 100);
+
+        // A buffer smaller than what waits: filled, the rest stays in the socket.
+        let head = f.post_rx(&[w(RX_BUF, 64)]);
+        wait_for("the first part", || f.rxq.used_idx() == 1);
+        assert_eq!(f.rxq.used_elem(0), (u32::from(head), 64));
+        assert_eq!(f.bytes(RX_BUF, 64), data[..64]);
+        wait_for("the interrupt", || f.irq_fired());
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(f.rxq.used_idx(), 1);
+        assert_eq!(f.waiting_for_device(), 36);
+
+        let head = f.post_rx(&[w(RX_BUF + 0x1000, 64)]);
+        wait_for("the rest", || f.rxq.used_idx() == 2);
+        assert_eq!(f.rxq.used_elem(1), (u32::from(head), 36));
+        assert_eq!(f.bytes(RX_BUF + 0x1000, 36), data[64..]);
+        assert_eq!(f.waiting_for_device(), 0);
+        assert_eq!(f.stats().rx_bytes, 100);
+    }
+
+    #[test]
+    fn rx_one_mib_through_4k_buffers_in_order_then_eof() {
+        let mut f = Fixture::new();
+        const SLOTS: u64 = 16;
+        const BUF: u32 = 0x1000;
+        for i in 0..SLOTS {
+            f.rxq.add_chain(&[w(RX_BUF + i * 0x1000, BUF)]);
+        }
+        f.notify(RX_QUEUE);
+        let data = pattern(1 << 20, 6);
+        let mut writer = f.peer.try_clone().expect("clone");
+        writer.set_nonblocking(false).expect("blocking");
+        let mut got = Vec::with_capacity(data.len());
+        thread::scope(|s| {
+            let data = &data;
+            s.spawn(move || {
+                writer.write_all(data).expect("write");
+                writer
+                    .shutdown(std::net::Shutdown::Write)
+                    .expect("shutdown");
+            });
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut seen: u16 = 0;
+            while got.len() < data.len() {
+                let used = f.rxq.used_idx();
+                if used == seen {
+                    assert!(Instant::now() < deadline, "stuck at {} bytes", got.len());
+                    thread::sleep(Duration::from_micros(200));
+                    continue;
+                }
+                while seen != used {
+                    let (id, len) = f.rxq.used_elem(seen);
+                    // Buffers come back in the order they were posted.
+                    assert_eq!(u64::from(id), u64::from(seen) % SLOTS);
+                    assert!(len > 0 && len <= BUF, "used length {len}");
+                    let at = RX_BUF + u64::from(id) * 0x1000;
+                    got.extend_from_slice(&f.bytes(at, len as usize));
+                    seen = seen.wrapping_add(1);
+                    let head = f.rxq.add_chain(&[w(at, BUF)]);
+                    assert_eq!(u32::from(head), id);
+                }
+                f.notify(RX_QUEUE);
+            }
+        });
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "the stream arrived altered");
+        // End of file: the worker stops reading but runs on, and returns no more buffers.
+        wait_for("end of file", || f.stats().rx_closed);
+        let used = f.rxq.used_idx();
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(f.rxq.used_idx(), used);
+        let stats = f.stats();
+        assert_eq!((stats.rx_bytes, stats.rx_malformed), (1 << 20, 0));
+        let tid = f.tid().expect("worker tid");
+        assert!(task_alive(tid));
+        // Kicks after end-of-file are harmless.
+        f.notify(RX_QUEUE);
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(f.rxq.used_idx(), used);
+    }
+
+    #[test]
+    fn malformed_rx_chains_are_returned_unused() {
+        let mut f = Fixture::new();
+        let mut bad = vec![
+            f.post_rx(&[r(RX_BUF, 2048)]),                      // device-readable
+            f.post_rx(&[w(RX_BUF, 64), r(RX_BUF + 0x100, 64)]), // writable then readable
+            f.post_rx(&[w(MEM_SIZE - 16, 2048)]),               // outside guest memory
+            f.post_rx(&[w(RX_BUF, 0)]),                         // no room at all
+            f.post_rx(&[w(RX_BUF, 64), w(RX_BUF + 0x100, u32::MAX)]), // over 4 GiB
+        ];
+        // A chain whose next index is outside the table.
+        f.rxq.write_desc(
+            15,
+            RX_BUF,
+            64,
+            (VRING_DESC_F_NEXT | virtio_bindings::virtio_ring::VRING_DESC_F_WRITE) as u16,
+            99,
+        );
+        f.rxq.publish(15);
+        bad.push(15);
+        let good = f.post_rx(&[w(RX_BUF + 0x2000, 2048)]);
+        f.peer.write_all(b"hello").expect("write");
+        wait_for("all chains used", || {
+            f.rxq.used_idx() == bad.len() as u16 + 1
+        });
+        for (i, head) in bad.iter().enumerate() {
+            assert_eq!(
+                f.rxq.used_elem(i as u16),
+                (u32::from(*head), 0),
+                "chain {i}"
+            );
+        }
+        assert_eq!(f.rxq.used_elem(bad.len() as u16), (u32::from(good), 5));
+        assert_eq!(f.bytes(RX_BUF + 0x2000, 5), b"hello");
+        let stats = f.stats();
+        assert_eq!((stats.rx_malformed, stats.rx_bytes), (bad.len() as u64, 5));
+        assert!(!stats.rx_closed);
+    }
+
+    #[test]
+    fn reset_stops_the_worker_and_drop_joins_it() {
+        let mut f = Fixture::new();
+        let tid = f.tid().expect("worker tid");
+        assert!(task_alive(tid));
+
+        write_reg(&mut f.t, STATUS, 0);
+        // The write returned after joining the worker.
+        assert!(!f.t.lock().device().has_worker());
+        wait_for("the worker's task to go", || !task_alive(tid));
+        // A reset does not stop TX for good.
+        assert!(!f.stopper.is_stopped());
+
+        // A reset device receives nothing: bytes wait in the socket.
+        f.peer.write_all(b"after reset").expect("write");
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(f.waiting_for_device(), 11);
+
+        // Up again (fresh rings, as a driver would after a reset): a new worker delivers them.
+        f.rxq = DriverQueue::new(&f.mem, QUEUE_BASE, 16);
+        f.txq = DriverQueue::new(&f.mem, TXQ_BASE, 16);
+        f.start();
+        let tid2 = f.tid().expect("second worker tid");
+        assert_ne!(tid2, tid);
+        let head = f.post_rx(&[w(RX_BUF, 2048)]);
+        wait_for("the waiting bytes", || f.rxq.used_idx() == 1);
+        assert_eq!(f.rxq.used_elem(0), (u32::from(head), 11));
+
+        // Dropping the transport joins the worker, sets the stop flag and closes the socket.
+        let Fixture {
+            t,
+            mut peer,
+            device_end,
+            stopper,
+            ..
+        } = f;
+        drop(t);
+        wait_for("the second worker's task to go", || !task_alive(tid2));
+        assert!(stopper.is_stopped());
+        drop(device_end);
+        peer.set_nonblocking(false).expect("blocking");
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            peer.read(&mut buf).expect("read"),
+            0,
+            "the device's end is open"
+        );
+    }
+
+    #[test]
+    fn dropping_an_idle_device_joins_its_worker() {
+        let f = Fixture::new();
+        let tid = f.tid().expect("worker tid");
+        drop(f);
+        wait_for("the worker's task to go", || !task_alive(tid));
+    }
+
+    #[test]
+    fn advance_moves_through_iovecs() {
+        let mut bufs = [[0u8; 10]; 3];
+        let mut iovecs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let base1 = iovecs[1].iov_base as usize;
+        let mut start = 0;
+        advance(&mut iovecs, &mut start, 4);
+        assert_eq!((start, iovecs[0].iov_len), (0, 6));
+        advance(&mut iovecs, &mut start, 6);
+        assert_eq!(start, 1);
+        advance(&mut iovecs, &mut start, 13);
+        assert_eq!((start, iovecs[2].iov_len), (2, 7));
+        assert_eq!(iovecs[1].iov_base as usize, base1);
+        advance(&mut iovecs, &mut start, 7);
+        assert_eq!(start, 3);
+    }
+}

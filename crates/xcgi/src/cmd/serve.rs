@@ -1,0 +1,139 @@
+//! `xcgi serve`: an HTTP server in which every request gets a fresh microVM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use xcgi_gateway::config::{Config, Isolation, Mode, NetworkSection, Route, ServerSection};
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["config", "handler"])))]
+pub struct Args {
+    /// The configuration file (routes, limits, network); see docs/serve.md.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Quick start: serve every path with this one handler program (no config file).
+    #[arg(long, value_name = "PROGRAM")]
+    handler: Option<PathBuf>,
+    /// With --handler: cgi (a CGI/1.1 program) or http (an HTTP server listening on --port).
+    #[arg(long, value_enum, default_value = "cgi")]
+    mode: ModeArg,
+    /// With --handler: a directory copied into the guest's root (e.g. a busybox).
+    #[arg(long, value_name = "DIR")]
+    tree: Option<PathBuf>,
+    /// With --handler: the port the HTTP handler listens on inside the guest.
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+    /// With --handler: guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u64,
+    /// With --handler: per-request timeout in milliseconds (then 504).
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    timeout_ms: u64,
+    /// Address to listen on [default: the config's, else 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// vm: a fresh microVM per request; process: a classic CGI child per request (baseline).
+    #[arg(long, value_enum)]
+    isolation: Option<IsolationArg>,
+    /// Requests handled at once [default: the config's, else 8].
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Requests waiting beyond that [default: the config's, else 64].
+    #[arg(long)]
+    queue: Option<usize>,
+    /// The guest kernel [default: the config's, else the one `xcgi kernel build` cached].
+    #[arg(long, value_name = "VMLINUX")]
+    kernel: Option<PathBuf>,
+    /// xcgi-init, the guest side of CGI mode [default: next to this binary].
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum ModeArg {
+    Cgi,
+    Http,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum IsolationArg {
+    Vm,
+    Process,
+}
+
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let mut cfg = match (&args.config, &args.handler) {
+        (Some(file), _) => Config::load(file)?,
+        (None, Some(handler)) => {
+            let mut route = Route::quick(
+                handler.clone(),
+                match args.mode {
+                    ModeArg::Cgi => Mode::Cgi,
+                    ModeArg::Http => Mode::Http,
+                },
+            );
+            route.tree = args.tree.clone();
+            route.port = args.port;
+            route.memory_mib = args.memory;
+            route.timeout_ms = args.timeout_ms;
+            Config::from_parts(
+                ServerSection::default(),
+                NetworkSection::default(),
+                vec![route],
+            )?
+        }
+        (None, None) => anyhow::bail!("give --config FILE or --handler PROGRAM"),
+    };
+    if let Some(l) = args.listen {
+        cfg.server.listen = l;
+    }
+    if let Some(i) = args.isolation {
+        cfg.server.isolation = match i {
+            IsolationArg::Vm => Isolation::Vm,
+            IsolationArg::Process => Isolation::Process,
+        };
+    }
+    if let Some(c) = args.concurrency {
+        anyhow::ensure!(c > 0, "--concurrency must be at least 1");
+        cfg.server.concurrency = c;
+    }
+    if let Some(q) = args.queue {
+        cfg.server.queue = q;
+    }
+    if args.kernel.is_some() {
+        cfg.server.kernel = args.kernel.clone();
+    }
+    if args.init.is_some() {
+        cfg.server.init = args.init.clone();
+    }
+    let cfg = cfg.checked()?;
+    if cfg.server.isolation == Isolation::Vm && std::path::Path::new("/sys/module/kvm_pvm").exists()
+    {
+        tracing::warn!(
+            "this host's /dev/kvm cannot boot a standard Linux guest (PVM); VMs will fail. \
+             Run inside the lab (`xcgi lab -- xcgi serve ...`) or use --isolation process"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("xcgi-serve")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let server = Arc::new(xcgi_gateway::Server::new(cfg).context("preparing the routes")?);
+        let listener = xcgi_gateway::server::bind(server.config()).await?;
+        let addr = listener
+            .local_addr()
+            .context("reading the listening address")?;
+        eprintln!(
+            "xcgi serve: listening on http://{addr} ({} route(s), isolation {:?}, concurrency {})",
+            server.config().routes.len(),
+            server.config().server.isolation,
+            server.config().server.concurrency
+        );
+        xcgi_gateway::server::run(server, listener).await;
+        anyhow::Ok(())
+    })?;
+    Ok(0)
+}

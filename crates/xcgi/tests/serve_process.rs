@@ -1,0 +1,494 @@
+//! `xcgi serve --isolation process` on this host, with real curl: the CGI/1.1 layer, limits,
+//! errors, streaming, draining and metrics. The same server code paths serve VMs; the VM side
+//! (guest init, channel, one VM per request) is tested in serve_vm.rs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Served {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// Starts `xcgi serve --config` with `routes` (TOML) under a [server] with `server` lines.
+    fn start(server: &str, routes: &str) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("xcgi.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nisolation = \"process\"\n{server}\n{routes}"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(xcgi())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start xcgi serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let l2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+                let mut g = l2.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("server did not start:\n{}", log.lock().unwrap()));
+        Served {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) -> i32 {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code().unwrap_or(-1);
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "server did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// curl with `args`; returns (stdout, http code).
+fn curl(args: &[&str]) -> (String, u16) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (body.to_string(), code.trim().parse().unwrap_or(0))
+}
+
+fn cgi_c() -> PathBuf {
+    example("cgi-c/cgi")
+}
+
+fn route(prefix: &str, handler: &Path, extra: &str) -> String {
+    format!(
+        "[[route]]\nprefix = \"{prefix}\"\nhandler = \"{}\"\n{extra}\n",
+        handler.display()
+    )
+}
+
+/// Children of the server (handler processes) still alive.
+fn count_handlers(s: &Served) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    // pid (comm) state ppid ...
+                    let rest = st.rsplit_once(')')?.1.to_string();
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(s.pid())
+        })
+        .count()
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn cgi_environment_body_status_headers_and_redirects() {
+    let s = Served::start(
+        "",
+        &route(
+            "/cgi",
+            &cgi_c(),
+            "env = { GREETING = \"hi\" }\nmax_body = 4000000",
+        ),
+    );
+    let (body, code) = curl(&[
+        &s.url("/cgi/env/more?a=1&b=two"),
+        "-H",
+        "X-Custom: yes",
+        "-H",
+        "Content-Type: text/x-test",
+        "-u",
+        "alice:pw",
+        "--data-binary",
+        "hello body",
+    ]);
+    assert_eq!(code, 200, "{body}");
+    for want in [
+        "GATEWAY_INTERFACE=CGI/1.1",
+        "SERVER_PROTOCOL=HTTP/1.1",
+        "SERVER_SOFTWARE=xcgi/",
+        "SERVER_NAME=127.0.0.1",
+        &format!("SERVER_PORT={}", s.addr.rsplit(':').next().unwrap()),
+        "REQUEST_METHOD=POST",
+        "SCRIPT_NAME=/cgi",
+        "PATH_INFO=/env/more",
+        "PATH_TRANSLATED=/env/more",
+        "QUERY_STRING=a=1&b=two",
+        "REMOTE_ADDR=127.0.0.1",
+        "REMOTE_HOST=127.0.0.1",
+        "CONTENT_LENGTH=10",
+        "CONTENT_TYPE=text/x-test",
+        "AUTH_TYPE=Basic",
+        "REMOTE_USER=alice",
+        "HTTP_X_CUSTOM=yes",
+        "HTTP_USER_AGENT=curl/",
+        "GREETING=hi",
+        "body=[hello body]",
+    ] {
+        assert!(body.contains(want), "{want} missing from:\n{body}");
+    }
+    assert!(!body.contains("HTTP_AUTHORIZATION"), "{body}");
+    // PATH_INFO /env/more is not /env: the program greets. Ask /env itself for the rest.
+    let (body, _) = curl(&[&s.url("/cgi/env")]);
+    assert!(body.contains("PATH_INFO=/env\n"), "{body}");
+    assert!(
+        !body.contains("CONTENT_LENGTH"),
+        "no body, no CONTENT_LENGTH:\n{body}"
+    );
+
+    // A 3 MB body through the handler and back, byte for byte (streamed both ways).
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&big, &data).unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "--data-binary"])
+        .arg(format!("@{}", big.display()))
+        .arg(s.url("/cgi/echo"))
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout == data,
+        "echoed {} bytes, sent {}",
+        out.stdout.len(),
+        data.len()
+    );
+
+    // Status and extra headers.
+    let out = Command::new("curl")
+        .args(["-s", "-i"])
+        .arg(s.url("/cgi/status"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 418"), "{text}");
+    assert!(text.to_lowercase().contains("x-handler: cgi-c"), "{text}");
+    assert!(text.ends_with("short and stout\n"), "{text}");
+    // Client redirect: 302 with the Location.
+    let out = Command::new("curl")
+        .args(["-s", "-i"])
+        .arg(s.url("/cgi/client"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 302"), "{text}");
+    assert!(
+        text.contains("location: http://example.org/elsewhere"),
+        "{text}"
+    );
+    // Local redirect: the server serves the new path itself, as a GET.
+    let (body, code) = curl(&[&s.url("/cgi/local"), "-d", "ignored"]);
+    assert_eq!(code, 200);
+    assert!(body.contains("QUERY_STRING=via=local"), "{body}");
+    assert!(body.contains("REQUEST_METHOD=GET"), "{body}");
+    assert!(body.contains("PATH_INFO=/env"), "{body}");
+    assert_eq!(s.stop(), 0);
+}
+
+#[test]
+fn streamed_response_arrives_as_it_is_written() {
+    let s = Served::start("", &route("/cgi", &cgi_c(), ""));
+    let script = format!(
+        "curl -sN {} | while read -r l; do echo \"$(date +%s%N) $l\"; done",
+        s.url("/cgi/stream")
+    );
+    let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stamps: Vec<u128> = text
+        .lines()
+        .filter(|l| l.contains("tick"))
+        .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(stamps.len(), 5, "{text}");
+    let spread_ms = (stamps[4] - stamps[0]) / 1_000_000;
+    assert!(
+        spread_ms >= 900,
+        "the ticks came {spread_ms} ms apart in all: buffered, not streamed:\n{text}"
+    );
+}
+
+#[test]
+fn failures_map_to_502_504_413_404_and_the_log_says_why() {
+    let s = Served::start(
+        "",
+        &route("/cgi", &cgi_c(), "timeout_ms = 1500\nmax_body = 1000"),
+    );
+    assert_eq!(curl(&[&s.url("/cgi/crash")]).1, 502);
+    assert_eq!(curl(&[&s.url("/cgi/garbage")]).1, 502);
+    let t = Instant::now();
+    assert_eq!(curl(&[&s.url("/cgi/sleep")]).1, 504);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let big = "x".repeat(5000);
+    assert_eq!(curl(&[&s.url("/cgi/echo"), "--data-binary", &big]).1, 413);
+    // Chunked (no Content-Length) over the limit: 413 too; under it: served, with CONTENT_LENGTH.
+    assert_eq!(
+        curl(&[
+            &s.url("/cgi/echo"),
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &big
+        ])
+        .1,
+        413
+    );
+    let (body, code) = curl(&[
+        &s.url("/cgi/env"),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "small",
+    ]);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("CONTENT_LENGTH=5") && body.contains("body=[small]"),
+        "{body}"
+    );
+    assert_eq!(curl(&[&s.url("/nothing-here")]).1, 404);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = s.log();
+    assert!(
+        log.contains("crashing on purpose"),
+        "stderr in the log line:\n{log}"
+    );
+    assert!(log.contains("malformed header line"), "{log}");
+    assert!(log.contains("timeout"), "{log}");
+    // Nothing left running: the sleeping handler was killed.
+    assert_eq!(count_handlers(&s), 0);
+    assert_eq!(s.stop(), 0);
+}
+
+#[test]
+fn queue_overflow_gives_503_and_a_client_that_leaves_gets_its_handler_killed() {
+    let s = Served::start(
+        "concurrency = 1\nqueue = 1\nqueue_timeout_ms = 10000",
+        &route("/cgi", &cgi_c(), "timeout_ms = 2500"),
+    );
+    // One request holds the only slot for 2.5 s, one waits in the queue, the rest get 503.
+    let first = {
+        let url = s.url("/cgi/sleep");
+        std::thread::spawn(move || curl(&[&url]).1)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let others: Vec<_> = (0..3)
+        .map(|_| {
+            let url = s.url("/cgi/sleep");
+            std::thread::spawn(move || curl(&[&url]).1)
+        })
+        .collect();
+    let mut codes: Vec<u16> = others.into_iter().map(|h| h.join().unwrap()).collect();
+    codes.push(first.join().unwrap());
+    codes.sort();
+    assert_eq!(codes, vec![503, 503, 504, 504], "{}", s.log());
+
+    // A client that gives up: its handler goes at once, long before the route's timeout.
+    let before = count_handlers(&s);
+    assert_eq!(before, 0);
+    let (_, code) = curl(&["-m", "1", &s.url("/cgi/sleep")]);
+    assert_eq!(code, 0, "curl gave up (timeout)");
+    let t = Instant::now();
+    while count_handlers(&s) > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "handler still running after its client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.stop(), 0);
+}
+
+#[test]
+fn many_requests_sequential_and_concurrent_all_correct_nothing_leaks() {
+    let s = Served::start(
+        "concurrency = 8\nqueue = 64",
+        &format!(
+            "{}{}{}",
+            route("/cgi", &cgi_c(), ""),
+            route("/sh", &example("cgi-sh/hello.sh"), ""),
+            route("/go", &example("cgi-go/cgi-go"), "")
+        ),
+    );
+    // Warm up, then count the server's fds.
+    assert_eq!(curl(&[&s.url("/cgi")]).1, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let fds = fd_count(s.pid());
+    for i in 0..100 {
+        let (body, code) = curl(&[&s.url(&format!("/cgi/env?n={i}"))]);
+        assert_eq!(code, 200);
+        assert!(body.contains(&format!("QUERY_STRING=n={i}\n")), "{body}");
+    }
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let url = s.url(&format!("/cgi/env?c={i}"));
+            std::thread::spawn(move || (i, curl(&[&url])))
+        })
+        .collect();
+    for h in handles {
+        let (i, (body, code)) = h.join().unwrap();
+        assert_eq!(code, 200);
+        assert!(body.contains(&format!("QUERY_STRING=c={i}\n")), "{body}");
+    }
+    let (body, code) = curl(&[&s.url("/sh?x=1"), "--data-binary", "abc"]);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("Hello from busybox sh! method=POST query=x=1"),
+        "{body}"
+    );
+    assert!(body.contains("body=[abc]"), "{body}");
+    let (body, code) = curl(&[&s.url("/go/p?q=2"), "--data-binary", "gobody"]);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("Hello from Go CGI! POST /go/p query=q=2 body=[gobody]"),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fd_count(s.pid()), fds, "the server's fd count grew");
+    assert_eq!(count_handlers(&s), 0);
+    let (metrics, code) = curl(&[&s.url("/metrics")]);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("xcgi_requests_total{status=\"200\"} 123"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("xcgi_request_duration_seconds_count 123"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("xcgi_queue_depth 0"), "{metrics}");
+    let log = s.log();
+    assert!(
+        log.contains("route=/cgi") && log.contains("status=200") && log.contains("total_ms="),
+        "{log}"
+    );
+    assert_eq!(s.stop(), 0);
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits() {
+    let s = Served::start("", &route("/cgi", &cgi_c(), ""));
+    let url = s.url("/cgi/stream");
+    let streaming = std::thread::spawn(move || curl(&["-N", &url]));
+    std::thread::sleep(Duration::from_millis(300));
+    let addr = s.addr.clone();
+    let code = s.stop();
+    let (body, status) = streaming.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        body.matches("tick").count(),
+        5,
+        "the in-flight response was cut:\n{body}"
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        curl(&[&format!("http://{addr}/cgi")]).1,
+        0,
+        "still accepting after exit"
+    );
+}
+
+#[test]
+fn bad_configuration_is_refused_with_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[route]]\nprefix = \"/x\"\nhandler = \"{}\"\nmemory_mib = 8\n",
+            cgi_c().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(xcgi())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("memory_mib") && err.contains("at least 32"),
+        "{err}"
+    );
+    std::fs::write(
+        &cfg,
+        "[[route]]\nprefix = \"/x\"\nhandler = \"/nonexistent\"\n",
+    )
+    .unwrap();
+    let out = Command::new(xcgi())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("route[0]") && err.contains("handler") && err.contains("/nonexistent"),
+        "{err}"
+    );
+}

@@ -1,0 +1,3 @@
+module xcgi.example/cgi-go
+
+go 1.19
