@@ -2,7 +2,7 @@
 # builds xcgi, the guest kernel and the examples, and sets X (the xcgi binary), KERNEL (the
 # vmlinux) and HW_KVM (1 when this host's /dev/kvm can boot a standard guest, else 0).
 scripts/setup.sh
-cargo build --release --locked -p xcgi >&2
+cargo build --release --locked -p xcgi -p xcgi-init >&2
 X=target/x86_64-unknown-linux-gnu/release/xcgi
 KERNEL=$($X kernel build)
 XCGI=$X scripts/build-examples.sh >&2

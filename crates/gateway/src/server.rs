@@ -33,12 +33,14 @@ use crate::prepare::Prepared;
 
 /// Local redirects followed for one request before giving up (502).
 const MAX_LOCAL_REDIRECTS: usize = 5;
-/// Longest wait for a guest's port to accept, per attempt.
-const CONNECT_ATTEMPT: Duration = Duration::from_millis(250);
+/// Longest wait for an answer to one connection attempt.
+const CONNECT_ATTEMPT: Duration = Duration::from_millis(1000);
 /// Pause between connection attempts to a booting guest (the bound: 1 ms).
 const CONNECT_RETRY: Duration = Duration::from_millis(1);
 /// Connection attempts in flight at once while a guest boots.
-const CONNECT_PARALLEL: usize = 16;
+const CONNECT_PARALLEL: usize = 8;
+/// Longest pause before another attempt while earlier ones are still unanswered.
+const CONNECT_PATIENCE_MAX: Duration = Duration::from_millis(16);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -54,6 +56,8 @@ pub enum ServeError {
     Net(#[from] xcgi_net::NetError),
     #[error("cannot create the work directory: {0}")]
     Workdir(std::io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -62,7 +66,22 @@ type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 /// that makes sockets for connecting to guests.
 struct GuestNet {
     pool: xcgi_net::Pool,
-    sockets: std::sync::mpsc::Sender<oneshot::Sender<std::io::Result<std::net::TcpStream>>>,
+    sockets: Option<SocketRequests>,
+    /// The socket thread; it holds the namespace, so it is joined on drop (before the process
+    /// exits, the namespace's bind mount must be gone).
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+type SocketRequests =
+    std::sync::mpsc::Sender<oneshot::Sender<std::io::Result<std::net::TcpStream>>>;
+
+impl Drop for GuestNet {
+    fn drop(&mut self) {
+        self.sockets = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl GuestNet {
@@ -83,7 +102,7 @@ impl GuestNet {
         )?;
         let (tx, rx) =
             std::sync::mpsc::channel::<oneshot::Sender<std::io::Result<std::net::TcpStream>>>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("xcgi-netns-sock".into())
             .spawn(move || {
                 let _ = ns.run(move || {
@@ -92,14 +111,20 @@ impl GuestNet {
                     }
                 });
             })
-            .map_err(|e| ServeError::Workdir(std::io::Error::other(e)))?;
-        Ok(GuestNet { pool, sockets: tx })
+            .map_err(ServeError::Thread)?;
+        Ok(GuestNet {
+            pool,
+            sockets: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     /// A fresh, unconnected, nonblocking TCP socket in the guests' namespace.
     async fn socket(&self) -> std::io::Result<tokio::net::TcpSocket> {
         let (tx, rx) = oneshot::channel();
         self.sockets
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the guest network is shutting down"))?
             .send(tx)
             .map_err(|_| std::io::Error::other("the namespace socket thread is gone"))?;
         let std_sock = rx
@@ -517,10 +542,12 @@ impl Server {
         let guest = SocketAddr::from((lease.guest_ip(), route.route.port));
         let cancel = xcgi_vmm::vm::Cancel::new();
         let mut cfg = spec.config(cancel.clone());
+        let rx_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         cfg.net = Some(xcgi_vmm::vm::NetAttachment {
             tap: Arc::new(tap),
             mac: lease.guest_mac().0,
             ip_param: lease.kernel_ip_param(),
+            rx_ready: Some(Arc::clone(&rx_ready)),
         });
         let vm = match exec::start_vm(cfg, Arc::clone(&self.metrics), lease) {
             Ok(vm) => vm,
@@ -532,7 +559,7 @@ impl Server {
         let killer = Killer::new(move || cancel.cancel());
         let mut outcome = vm.outcome;
         let stream = tokio::select! {
-            s = connect_guest(net, guest, deadline) => s,
+            s = connect_guest(net, guest, &rx_ready, deadline) => s,
             r = &mut outcome => {
                 let why = r.map(|o| exec::describe_outcome(&o)).unwrap_or_else(|_| "VM thread lost".into());
                 log.note = Some(format!("the VM ended before its port accepted: {why}"));
@@ -630,27 +657,49 @@ impl Server {
     }
 }
 
-/// Connects to a booting guest: a new attempt every [`CONNECT_RETRY`], up to
-/// [`CONNECT_PARALLEL`] in flight, each given [`CONNECT_ATTEMPT`]; the first to connect wins.
-/// `None` at the deadline.
+/// Connects to a booting guest's port as soon as it accepts, without flooding it.
+///
+/// Until the guest's interface is up (its driver posted receive buffers: `rx_ready`, checked
+/// every [`CONNECT_RETRY`]), nothing is sent: packets would only queue up and hit the guest in
+/// one burst. Then one SYN at a time: a refusal (RST: the stack is up, the port not yet open)
+/// is retried [`CONNECT_RETRY`] later; an attempt with no answer yet gets company after
+/// `patience` (1 ms, doubling to 16 ms while the guest stays silent), at most
+/// [`CONNECT_PARALLEL`] in flight, each kept up to [`CONNECT_ATTEMPT`] so a slow answer still
+/// counts. On hardware a try goes out every ~1 ms; a slow guest (the lab) paces the tries
+/// with its own answers instead of drowning in them. `None` at the deadline.
 async fn connect_guest(
     net: &GuestNet,
     addr: SocketAddr,
+    rx_ready: &std::sync::atomic::AtomicBool,
     deadline: Instant,
 ) -> Option<tokio::net::TcpStream> {
-    let mut attempts = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(CONNECT_RETRY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::Instant::from_std(deadline);
+    while !rx_ready.load(Ordering::Acquire) {
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(CONNECT_RETRY).await;
+    }
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut patience = CONNECT_RETRY;
+    let mut next_try = tokio::time::Instant::now();
     loop {
+        let can_try = attempts.len() < CONNECT_PARALLEL;
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return None,
             Some(done) = attempts.join_next(), if !attempts.is_empty() => {
-                if let Ok(Ok(Ok(stream))) = done {
-                    return Some(stream);
+                match done {
+                    Ok(Ok(Ok(stream))) => return Some(stream),
+                    // Refused (or reset): the guest answered; try again shortly.
+                    Ok(Ok(Err(_))) => {
+                        patience = CONNECT_RETRY;
+                        next_try = tokio::time::Instant::now() + CONNECT_RETRY;
+                    }
+                    // No answer within CONNECT_ATTEMPT, or the task failed: others go on.
+                    _ => {}
                 }
             }
-            _ = tick.tick(), if attempts.len() < CONNECT_PARALLEL => {
+            _ = tokio::time::sleep_until(next_try), if can_try => {
                 match net.socket().await {
                     Ok(sock) => {
                         attempts.spawn(tokio::time::timeout(CONNECT_ATTEMPT, sock.connect(addr)));
@@ -660,6 +709,9 @@ async fn connect_guest(
                         return None;
                     }
                 }
+                // If this one stays unanswered, the next goes out after `patience`.
+                next_try = tokio::time::Instant::now() + patience;
+                patience = (patience * 2).min(CONNECT_PATIENCE_MAX);
             }
         }
     }
@@ -894,8 +946,13 @@ impl RequestLog {
         }
         let finish = self.finish.take();
         let client_gone = !self.done;
-        // Exit status and stderr come a moment later; log once they are known.
-        tokio::spawn(async move {
+        // Exit status and stderr come a moment later; log once they are known (no runtime
+        // left, at shutdown: log what is known now).
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            warn!(vm = self.id, route = %self.route, status = self.status, "request cut off at shutdown");
+            return;
+        };
+        rt.spawn(async move {
             let fin = match finish {
                 Some(f) => tokio::time::timeout(Duration::from_secs(2), f)
                     .await

@@ -15,6 +15,9 @@ use xcgi_channel as ch;
 const CHANNEL: &str = "/dev/hvc0";
 /// Outside a VM (tests), the channel can be another tty, e.g. a pty: `XCGI_INIT_CHANNEL=/dev/pts/N`.
 const CHANNEL_ENV: &str = "XCGI_INIT_CHANNEL";
+/// Body bytes held for a program that is slow to read its stdin; beyond this init stops
+/// reading the channel, and the host's writes wait (no unbounded buffering in the guest).
+const MAX_PENDING: usize = 1 << 20;
 
 fn main() {
     let code = match run() {
@@ -249,7 +252,7 @@ fn relay(chan: RawFd, mut dec: ch::Decoder, mut child: Child) -> io::Result<i32>
             break;
         }
         let mut fds = Vec::with_capacity(4);
-        if chan_open {
+        if chan_open && pending.len() < MAX_PENDING {
             fds.push(pollfd(chan, libc::POLLIN));
         }
         for fd in [child.stdout, child.stderr].into_iter().flatten() {

@@ -103,6 +103,10 @@ pub struct NetAttachment {
     pub mac: [u8; 6],
     /// The kernel's `ip=` parameter for the guest (e.g. `ip=172.16.0.2::172.16.0.1:...`).
     pub ip_param: String,
+    /// Set when the guest's driver first posts receive buffers (its interface is up): until
+    /// then, packets sent to the guest only queue up. Lets a host wait for the guest without
+    /// sending anything.
+    pub rx_ready: Option<Arc<AtomicBool>>,
 }
 
 /// Everything that describes one VM.
@@ -371,7 +375,8 @@ pub fn run(
         let tap = net.tap.try_clone().map_err(VmError::TapFd)?;
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         kvm("KVM_IRQFD (virtio-net)", vm.register_irqfd(&evt, irq))?;
-        let transport = virtio::net::attach_net(tap, net.mac, mem.clone(), evt)?;
+        let transport =
+            virtio::net::attach_net(tap, net.mac, mem.clone(), evt, net.rx_ready.clone())?;
         mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
         device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
         device_params.push(net.ip_param.clone());

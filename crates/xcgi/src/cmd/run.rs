@@ -155,6 +155,7 @@ impl Network {
             tap: std::sync::Arc::new(self.lease.try_clone_tap_fd()?),
             mac: self.lease.guest_mac().0,
             ip_param: self.lease.kernel_ip_param(),
+            rx_ready: None,
         })
     }
 }

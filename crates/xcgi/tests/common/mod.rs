@@ -11,6 +11,16 @@ pub fn xcgi() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_xcgi"))
 }
 
+/// xcgi-init, built next to xcgi (`cargo build --workspace` builds both).
+pub fn xcgi_init() -> PathBuf {
+    let p = xcgi().with_file_name("xcgi-init");
+    assert!(
+        p.is_file(),
+        "{p:?} missing: build it with `cargo build -p xcgi-init` (scripts/test.sh does)"
+    );
+    p
+}
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -108,6 +118,7 @@ pub fn run_script_mem(
     let mut cmd = xcgi_lab::LabCommand::new(String::new())
         .binary(xcgi(), "/usr/bin/xcgi")
         .binary("/usr/bin/curl", "/usr/bin/curl")
+        .file(xcgi_init(), "/usr/bin/xcgi-init")
         .timeout(timeout)
         .mem_mib(lab_mem_mib)
         .cpus(lab_cpus);
@@ -118,9 +129,21 @@ pub fn run_script_mem(
     }
     cmd.command = format!("{prelude}{script}");
     let lab = xcgi_lab::Lab::prepare().expect("prepare the lab");
-    let out = lab
-        .run(&cmd, |line| println!("lab| {line}"))
-        .expect("lab run");
+    // The lab's own kernel (Debian's, nested SVM under QEMU/TCG) sometimes dies with nested
+    // guests running: QEMU exits without the command's exit marker. That is the lab failing,
+    // not xcgi (whose VMs cannot take the host kernel down): run the script once more, loudly.
+    // A timeout (which could be an xcgi hang) is never retried.
+    let mut tries = 0;
+    let out = loop {
+        tries += 1;
+        match lab.run(&cmd, |line| println!("lab| {line}")) {
+            Ok(out) => break out,
+            Err(e @ xcgi_lab::LabError::Exited { .. }) if tries < 2 => {
+                eprintln!("LAB DIED (not the command): {e}\nrunning the script once more");
+            }
+            Err(e) => panic!("lab run: {e:?}"),
+        }
+    };
     Ran {
         code: out.exit_code,
         output: out.output,

@@ -38,7 +38,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -210,6 +210,8 @@ pub struct Net {
     worker: Option<Worker>,
     /// Workers told to stop and not joined yet (see `VirtioDevice::take_stopped_workers`).
     stopping: Vec<JoinHandle<()>>,
+    /// Set when the driver first posts receive buffers (Linux: the interface was opened).
+    rx_ready: Option<Arc<AtomicBool>>,
 }
 
 /// Build a virtio-net device on `tap` behind a shared virtio-mmio transport, ready for the MMIO
@@ -220,8 +222,10 @@ pub fn attach_net(
     mac: [u8; 6],
     mem: GuestMemoryMmap,
     irq: EventFd,
+    rx_ready: Option<Arc<AtomicBool>>,
 ) -> Result<SharedTransport<Net>, NetError> {
-    let net = Net::new(tap, mac)?;
+    let mut net = Net::new(tap, mac)?;
+    net.rx_ready = rx_ready;
     Ok(SharedTransport::new(net, mem, irq)?)
 }
 
@@ -246,6 +250,7 @@ impl Net {
             stats: Arc::default(),
             worker: None,
             stopping: Vec::new(),
+            rx_ready: None,
         })
     }
 
@@ -493,6 +498,9 @@ impl VirtioDevice for Net {
         match index {
             RX_QUEUE => {
                 // New receive buffers: wake the worker, which fills them under the lock later.
+                if let Some(flag) = &self.rx_ready {
+                    flag.store(true, Ordering::Release);
+                }
                 if let Some(worker) = &self.worker {
                     if let Err(e) = worker.kick.write(1) {
                         warn!(error = %e, "virtio-net: cannot kick the RX worker");
@@ -973,7 +981,7 @@ mod tests {
             let device_end = dev.try_clone().expect("clone");
             peer.set_nonblocking(true).expect("nonblocking");
             let mem = memory();
-            let t = attach_net(OwnedFd::from(dev), MAC, mem.clone(), eventfd()).expect("net");
+            let t = attach_net(OwnedFd::from(dev), MAC, mem.clone(), eventfd(), None).expect("net");
             mem.write_slice(&vec![POISON; 0x8_0000], GuestAddress(BUF_BASE))
                 .expect("poison");
             Fixture {
@@ -1479,7 +1487,8 @@ mod tests {
         };
 
         let mem = memory();
-        let mut t = attach_net(tap.fd, MAC, mem.clone(), eventfd()).expect("net on a real TAP");
+        let mut t =
+            attach_net(tap.fd, MAC, mem.clone(), eventfd(), None).expect("net on a real TAP");
         let mut rxq = DriverQueue::new(&mem, QUEUE_BASE, 16);
         let mut txq = DriverQueue::new(&mem, TXQ_BASE, 16);
         bring_up(&mut t, &[&rxq, &txq]);

@@ -1,0 +1,43 @@
+#!/bin/sh
+# Runs where the VMs boot (on a hardware-KVM host, or inside the lab): one xcgi server with VM
+# isolation and one with --isolation process, same handler (examples/cgi-c), same machine,
+# same run. Prints per-request latency (sequential curl) and throughput (wrk).
+#   bench/serve-compare.sh KERNEL CGI_PROGRAM REQUESTS WRK_SECONDS CONCURRENCY
+set -eu
+K=$1; CGI=$2; N=$3; SECS=$4; C=$5
+for iso in vm process; do
+  port=$([ $iso = vm ] && echo 8090 || echo 8091)
+  cat > bench-$iso.toml <<T
+[server]
+listen = "127.0.0.1:$port"
+isolation = "$iso"
+kernel = "$K"
+concurrency = $C
+queue = 1024
+queue_timeout_ms = 600000
+[[route]]
+prefix = "/hello"
+handler = "$CGI"
+timeout_ms = 120000
+T
+  xcgi serve --config bench-$iso.toml > bench-$iso.log 2>&1 &
+  echo $! > bench-$iso.pid
+  w=0; until grep -q 'listening on' bench-$iso.log; do
+    w=$((w+1)); [ $w -lt 600 ] || { cat bench-$iso.log; exit 1; }; sleep 0.1; done
+done
+# pct FILE P: the P-th percentile (nearest rank) of the numbers in FILE, in ms.
+pct() { sort -n "$1" | awk -v p="$2" '{a[NR]=$1} END {i=int((p*NR+99)/100); if(i<1)i=1; printf "%.2f", a[i]*1000}'; }
+for iso in vm process; do
+  port=$([ $iso = vm ] && echo 8090 || echo 8091)
+  url=http://127.0.0.1:$port/hello
+  curl -s -o /dev/null "$url"   # warm-up
+  : > lat-$iso.txt
+  i=0; while [ $i -lt "$N" ]; do
+    curl -s -o /dev/null -w '%{time_total}\n' "$url" >> lat-$iso.txt; i=$((i+1)); done
+  bad=$(curl -s "$url" | grep -c 'Hello from CGI' || true)
+  [ "$bad" = 1 ] || { echo "$iso: wrong body"; exit 1; }
+  rps=$(wrk -t1 -c"$C" -d"${SECS}s" "$url" | awk '/Requests\/sec/ {print $2}')
+  echo "RESULT isolation=$iso requests=$N p50_ms=$(pct lat-$iso.txt 50) p99_ms=$(pct lat-$iso.txt 99) wrk_c=$C wrk_rps=$rps"
+done
+for iso in vm process; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
+grep -h 'status=' bench-vm.log | tail -3

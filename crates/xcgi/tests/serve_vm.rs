@@ -1,0 +1,308 @@
+//! End to end: `xcgi serve` with a fresh microVM per request (in the lab where this host has
+//! no hardware KVM), real curl against the real server. CGI mode over virtio-console with
+//! xcgi-init in the guest, and HTTP mode proxying to a guest's own HTTP server over a TAP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Shell helpers: start a server from a config and wait until it listens; count leftovers.
+const PRELUDE: &str = r#"
+    start_server() { # NAME CONFIG
+        xcgi serve --config "$2" > "$1.log" 2>&1 &
+        echo $! > "$1.pid"
+        w=0; while [ $w -lt 600 ]; do grep -q 'listening on' "$1.log" && return 0; sleep 0.1; w=$((w+1)); done
+        echo "server $1 did not start"; cat "$1.log"; return 1
+    }
+    stop_server() { kill -TERM $(cat "$1.pid"); wait $(cat "$1.pid"); echo "rc=$?"; }
+    code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+    count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
+    leftovers() { echo "netns=[$(ls /run/netns 2>/dev/null | tr '\n' ' ')] taps=[$(ip -o link show | grep -c xcgi)] vmms=$(count_xcgi) workdirs=$(ls -d /tmp/xcgi-serve-* 2>/dev/null | wc -l)"; }
+    metric() { curl -s "http://$1/metrics" | grep "^$2 " | cut -d' ' -f2; }
+"#;
+
+#[test]
+fn cgi_requests_each_get_a_fresh_vm_and_leave_nothing() {
+    let kernel = kernel();
+    let cgi = example("cgi-c/cgi");
+    let sh = example("cgi-sh/hello.sh");
+    let tree = example("cgi-sh/tree");
+    let go = example("cgi-go/cgi-go");
+    let script = format!(
+        r#"{PRELUDE}
+        cat > main.toml <<EOF
+[server]
+listen = "127.0.0.1:8080"
+kernel = "$K"
+concurrency = 2
+queue = 64
+[[route]]
+prefix = "/cgi"
+handler = "$CGI"
+timeout_ms = 60000
+max_body = 1000000
+env = {{ GREETING = "hi" }}
+[[route]]
+prefix = "/slow"
+handler = "$CGI"
+timeout_ms = 8000
+max_body = 1000
+[[route]]
+prefix = "/sh"
+handler = "$SH"
+tree = "$TREE"
+[[route]]
+prefix = "/go"
+handler = "$GO"
+EOF
+        start_server main main.toml || exit 1
+        A=127.0.0.1:8080
+        echo "===env==="
+        curl -s "http://$A/cgi/env/x?a=1" -H 'X-Custom: yes' --data-binary 'hello body'
+        echo "===end env==="
+        echo "===misc==="
+        echo "status: $(curl -s -i http://$A/cgi/status | tr -d '\r' | grep -iE '^(HTTP|x-handler)' | tr '\n' ' ')"
+        echo "client: $(curl -s -i http://$A/cgi/client | tr -d '\r' | grep -iE '^(HTTP|location)' | tr '\n' ' ')"
+        echo "local: $(curl -s http://$A/cgi/local | grep -E 'QUERY_STRING|REQUEST_METHOD' | tr '\n' ' ')"
+        echo "persist1: $(curl -s http://$A/cgi/persist)"
+        echo "persist2: $(curl -s http://$A/cgi/persist)"
+        echo "sh: $(curl -s "http://$A/sh?q=1" --data-binary abc | tr '\n' ' ')"
+        echo "go: $(curl -s "http://$A/go/p?q=2" --data-binary gobody)"
+        head -c 300000 /dev/urandom > big.bin
+        curl -s --data-binary @big.bin http://$A/cgi/echo > big.out
+        cmp big.bin big.out && echo "echo300k=same"
+        echo "crash=$(code http://$A/cgi/crash)"
+        echo "garbage=$(code http://$A/cgi/garbage)"
+        echo "toolarge=$(code --data-binary @big.bin http://$A/slow/echo)"
+        s=$(date +%s); echo "timeout=$(code http://$A/slow/sleep) after=$(( $(date +%s) - s ))s"
+        # Streaming: the five ticks come 300 ms apart, and so reach the client.
+        # (Stamps from /proc/uptime, in ms: the lab's date has no %N.)
+        curl -sN http://$A/cgi/stream | while read -r l; do echo "$(awk '{{printf "%d", $1*1000}}' /proc/uptime) $l"; done > ticks.txt
+        echo "ticks_spread_ms=$(( $(tail -1 ticks.txt | cut -d' ' -f1) - $(head -1 ticks.txt | cut -d' ' -f1) ))"
+        # A client that leaves: its VM is killed at once, not at the route's timeout.
+        curl -s -m 1 http://$A/cgi/sleep > /dev/null; sleep 1
+        echo "vms_after_client_left=$(metric $A xcgi_vms_running)"
+        echo "===end misc==="
+        echo "===seq==="
+        ok=0; i=0
+        while [ $i -lt 100 ]; do
+            curl -s "http://$A/cgi/env?n=$i" | grep -qx "QUERY_STRING=n=$i" && ok=$((ok+1))
+            i=$((i+1))
+        done
+        echo "sequential_ok=$ok"
+        echo "===end seq==="
+        echo "===conc==="
+        i=0
+        while [ $i -lt 20 ]; do
+            (curl -s "http://$A/cgi/env?c=$i" | grep -qx "QUERY_STRING=c=$i" && echo ok > c$i.res || echo bad > c$i.res) &
+            i=$((i+1))
+        done
+        wait
+        echo "concurrent_ok=$(cat c*.res | grep -c ok)"
+        echo "vms_started=$(metric $A xcgi_vms_started_total)"
+        echo "===end conc==="
+        fds_before=$(ls /proc/$(cat main.pid)/fd | wc -l)
+        curl -s http://$A/cgi > /dev/null; sleep 0.5
+        echo "fds_grew=$(( $(ls /proc/$(cat main.pid)/fd | wc -l) - fds_before ))"
+        echo "===stop==="
+        stop_server main
+        echo "after: $(leftovers)"
+        echo "===end stop==="
+        echo "===log==="; cat main.log; echo "===end log==="
+    "#
+    );
+    let r = run_script(
+        &script,
+        &[
+            (&kernel, "K"),
+            (&cgi, "CGI"),
+            (&sh, "SH"),
+            (&tree, "TREE"),
+            (&go, "GO"),
+        ],
+        Duration::from_secs(1500),
+    );
+    assert_eq!(r.code, 0, "{}", r.output);
+    let env = section(&r.output, "env");
+    for want in [
+        "GATEWAY_INTERFACE=CGI/1.1",
+        "REQUEST_METHOD=POST",
+        "SCRIPT_NAME=/cgi",
+        "PATH_INFO=/env/x",
+        "QUERY_STRING=a=1",
+        "CONTENT_LENGTH=10",
+        "HTTP_X_CUSTOM=yes",
+        "REMOTE_ADDR=127.0.0.1",
+        "SERVER_PORT=8080",
+        "GREETING=hi",
+        "body=[hello body]",
+    ] {
+        assert!(env.contains(want), "{want} missing:\n{env}");
+    }
+    let m = section(&r.output, "misc");
+    for want in [
+        "status: HTTP/1.1 418 I'm a teapot x-handler: cgi-c",
+        "client: HTTP/1.1 302 Found location: http://example.org/elsewhere",
+        "QUERY_STRING=via=local REQUEST_METHOD=GET",
+        "persist1: before=no created=yes",
+        // The second request's VM is new: the first one's file is gone.
+        "persist2: before=no created=yes",
+        "sh: Hello from busybox sh! method=POST query=q=1 body=[abc]",
+        "go: Hello from Go CGI! POST /go/p query=q=2 body=[gobody]",
+        "echo300k=same",
+        "crash=502",
+        "garbage=502",
+        "toolarge=413",
+        "vms_after_client_left=0",
+    ] {
+        assert!(m.contains(want), "{want} missing:\n{m}");
+    }
+    let t = m
+        .lines()
+        .find_map(|l| l.strip_prefix("timeout="))
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(t.starts_with("504 "), "{t}");
+    let spread: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ticks_spread_ms="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(
+        spread >= 900,
+        "ticks {spread} ms apart: streamed responses must not be buffered"
+    );
+    assert!(
+        section(&r.output, "seq").contains("sequential_ok=100"),
+        "{}",
+        r.output
+    );
+    let c = section(&r.output, "conc");
+    assert!(c.contains("concurrent_ok=20"), "{c}");
+    assert!(r.output.contains("fds_grew=0"), "{}", r.output);
+    let stop = section(&r.output, "stop");
+    assert_eq!(rc(stop), 0, "{stop}");
+    assert!(
+        stop.contains("after: netns=[] taps=[0] vmms=0 workdirs=0"),
+        "nothing left:\n{stop}"
+    );
+    let log = section(&r.output, "log");
+    assert!(
+        log.contains("crashing on purpose"),
+        "crash reason logged:\n{log}"
+    );
+    assert!(log.contains("boot_ms="), "{log}");
+}
+
+#[test]
+fn queue_overflow_gives_503_and_sigterm_drains() {
+    let kernel = kernel();
+    let cgi = example("cgi-c/cgi");
+    let script = format!(
+        r#"{PRELUDE}
+        cat > q.toml <<EOF
+[server]
+listen = "127.0.0.1:8081"
+kernel = "$K"
+concurrency = 1
+queue = 1
+queue_timeout_ms = 60000
+[[route]]
+prefix = "/cgi"
+handler = "$CGI"
+timeout_ms = 20000
+EOF
+        start_server q q.toml || exit 1
+        A=127.0.0.1:8081
+        echo "===queue==="
+        # One streams (holding the only slot ~2 s in the lab), one waits, two are refused.
+        curl -sN http://$A/cgi/stream > s1.txt &
+        p1=$!
+        sleep 0.3
+        for i in 1 2 3; do (echo "code=$(code http://$A/cgi)" > q$i.res) & done
+        sleep 0.5
+        # SIGTERM while requests are in flight: they finish, then the server exits.
+        kill -TERM $(cat q.pid)
+        wait $p1
+        wait
+        cat q*.res | sort
+        echo "streamed_ticks=$(grep -c tick s1.txt)"
+        wait $(cat q.pid); echo "rc=$?"
+        echo "after: $(leftovers)"
+        echo "===end queue==="
+        cat q.log
+    "#
+    );
+    let r = run_script(
+        &script,
+        &[(&kernel, "K"), (&cgi, "CGI")],
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.code, 0, "{}", r.output);
+    let s = section(&r.output, "queue");
+    assert_eq!(s.matches("code=503").count(), 2, "{s}");
+    assert_eq!(s.matches("code=200").count(), 1, "{s}");
+    assert!(s.contains("streamed_ticks=5"), "drained, not cut:\n{s}");
+    assert_eq!(rc(s), 0, "{s}");
+    assert!(
+        s.contains("after: netns=[] taps=[0] vmms=0 workdirs=0"),
+        "{s}"
+    );
+}
+
+#[test]
+fn http_mode_proxies_to_the_guests_own_server() {
+    let kernel = kernel();
+    let http = example("http-hello/http-hello");
+    let script = format!(
+        r#"{PRELUDE}
+        cat > h.toml <<EOF
+[server]
+listen = "127.0.0.1:8082"
+kernel = "$K"
+concurrency = 2
+[network]
+base = "172.16.0.0"
+size = 4
+prefill = 2
+netns = "xcgi-http"
+[[route]]
+prefix = "/"
+mode = "http"
+handler = "$HTTP"
+port = 80
+timeout_ms = 60000
+EOF
+        start_server h h.toml || exit 1
+        A=127.0.0.1:8082
+        echo "===http==="
+        for i in 1 2 3; do echo "body$i=[$(curl -s http://$A/)]"; done
+        echo "taps_during=$(ip -n xcgi-http -o link show | grep -c xcgi)"
+        echo "vms_started=$(metric $A xcgi_vms_started_total)"
+        stop_server h
+        echo "after: $(leftovers)"
+        echo "===end http==="
+        cat h.log
+    "#
+    );
+    let r = run_script(
+        &script,
+        &[(&kernel, "K"), (&http, "HTTP")],
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.code, 0, "{}", r.output);
+    let s = section(&r.output, "http");
+    for i in 1..=3 {
+        assert!(
+            s.contains(&format!("body{i}=[Hello from a fresh VM!]")),
+            "request {i}:\n{s}"
+        );
+    }
+    assert!(s.contains("vms_started=3"), "one VM per request:\n{s}");
+    assert_eq!(rc(s), 0, "{s}");
+    assert!(
+        s.contains("after: netns=[] taps=[0] vmms=0 workdirs=0"),
+        "{s}"
+    );
+}
