@@ -19,6 +19,7 @@ queue_timeout_ms = 600000
 prefix = "/hello"
 handler = "$CGI"
 timeout_ms = 120000
+max_body = 67108864
 T
   xcgi serve --config bench-$iso.toml > bench-$iso.log 2>&1 &
   echo $! > bench-$iso.pid
@@ -37,7 +38,13 @@ for iso in vm process; do
   bad=$(curl -s "$url" | grep -c 'Hello from CGI' || true)
   [ "$bad" = 1 ] || { echo "$iso: wrong body"; exit 1; }
   rps=$(wrk -t1 -c"$C" -d"${SECS}s" "$url" | awk '/Requests\/sec/ {print $2}')
-  echo "RESULT isolation=$iso requests=$N p50_ms=$(pct lat-$iso.txt 50) p99_ms=$(pct lat-$iso.txt 99) wrk_c=$C wrk_rps=$rps"
+  # Large bodies through the handler: 32 MiB down (the handler writes it), 32 MiB up and back.
+  down=$(curl -s -o /dev/null -w '%{size_download} %{time_total}' "$url/big?33554432" |
+    awk '{printf "%.1f", $1/1048576/$2}')
+  head -c 33554432 /dev/zero > up.bin
+  echo_rate=$(curl -s -o /dev/null --data-binary @up.bin -w '%{size_download} %{time_total}' "$url/echo" |
+    awk '{printf "%.1f", $1/1048576/$2}')
+  echo "RESULT isolation=$iso requests=$N p50_ms=$(pct lat-$iso.txt 50) p99_ms=$(pct lat-$iso.txt 99) wrk_c=$C wrk_rps=$rps download_MiBps=$down echo_MiBps=$echo_rate"
 done
 for iso in vm process; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
 grep -h 'status=' bench-vm.log | tail -3

@@ -15,7 +15,7 @@ echo "## machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d
 echo "## kernel: $KERNEL ($(stat -c %s "$KERNEL") bytes)"
 echo
 echo "## 1. VMM setup on this host"
-$X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RUNS" --populate --reserve-hugepages
+$X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RUNS" --populate --net --reserve-hugepages
 echo
 echo "## 2. boot to init, xcgi vs QEMU microvm"
 if [ "$HW_KVM" = 1 ]; then
@@ -29,4 +29,18 @@ else
     --files "$fw:/xcgi/qemu" --files "$KERNEL:/xcgi/vmlinux" --files "$CPIO:/xcgi/hello.cpio" -- \
     xcgi bench boot --kernel /xcgi/vmlinux --initramfs /xcgi/hello.cpio --runs "$BOOT_RUNS" \
       --qemu /usr/bin/qemu-system-x86_64 --qemu-datadir /xcgi/qemu
+fi
+echo
+echo "## 3. boot to network-ready (host's first accepted TCP connection), ipconfig patch vs none"
+UNPATCHED=$($X kernel build --no-patches --quiet)
+HTTP=target/examples/http-hello/http-hello
+NET_RUNS=${NET_RUNS:-10}
+if [ "$HW_KVM" = 1 ]; then
+  PATH=$(dirname "$X"):$PATH bench/net-ready.sh "$KERNEL" "$UNPATCHED" "$PWD/$HTTP" "$NET_RUNS"
+else
+  echo "(inside the lab: a 10 ms difference is within the lab's boot-to-boot noise)"
+  $X lab --timeout 1800 --bin /usr/bin/curl:/usr/bin/curl --files "$KERNEL:/xcgi/patched" \
+    --files "$UNPATCHED:/xcgi/unpatched" --files "$HTTP:/xcgi/http-hello" \
+    --files bench/net-ready.sh:/xcgi/net-ready.sh -- \
+    sh /xcgi/net-ready.sh /xcgi/patched /xcgi/unpatched /xcgi/http-hello "$NET_RUNS"
 fi

@@ -156,6 +156,8 @@ pub struct Variant {
     pub smp: bool,
     /// `CONFIG_IA32_EMULATION=y` and `CONFIG_COMPAT_32BIT_TIME=y`: run i386 programs.
     pub ia32: bool,
+    /// Without [`PATCHES`] (for measuring what they save).
+    pub unpatched: bool,
 }
 
 impl Variant {
@@ -176,13 +178,31 @@ impl Variant {
         v
     }
 
-    /// A short name: `default`, `smp`, `ia32` or `smp+ia32`.
-    pub fn name(&self) -> &'static str {
-        match (self.smp, self.ia32) {
-            (false, false) => "default",
-            (true, false) => "smp",
-            (false, true) => "ia32",
-            (true, true) => "smp+ia32",
+    /// A short name: `default`, or the variant's parts joined with `+` (`smp+ia32`,
+    /// `unpatched`).
+    pub fn name(&self) -> String {
+        let parts: Vec<&str> = [
+            (self.smp, "smp"),
+            (self.ia32, "ia32"),
+            (self.unpatched, "unpatched"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+        if parts.is_empty() {
+            "default".into()
+        } else {
+            parts.join("+")
+        }
+    }
+
+    /// The patches this variant applies.
+    pub fn patches(&self) -> &'static [(&'static str, &'static str)] {
+        if self.unpatched {
+            &[]
+        } else {
+            PATCHES
         }
     }
 }
@@ -436,6 +456,10 @@ pub fn cache_key(
     }
     field("smp", &[variant.smp as u8]);
     field("ia32", &[variant.ia32 as u8]);
+    // Only when set, so that adding the flag kept every existing key.
+    if variant.unpatched {
+        field("unpatched", &[1]);
+    }
     let mut key = hex::encode(h.finalize());
     key.truncate(KEY_LEN);
     key
@@ -493,7 +517,7 @@ impl KernelBuild {
         Ok(cache_key(
             &self.source.identity()?,
             &fragment_text(self.variant),
-            PATCHES,
+            self.variant.patches(),
             self.variant,
         ))
     }
@@ -561,7 +585,7 @@ impl KernelBuild {
         let tree = work.0.join("linux");
         fs::create_dir(&tree).map_err(io_err(format!("creating {}", tree.display())))?;
         self.unpack(&tree, &steps)?;
-        for (name, text) in PATCHES {
+        for (name, text) in self.variant.patches() {
             self.progress(&format!("applying patch {name}"));
             apply_patch(&tree, name, text)?;
         }

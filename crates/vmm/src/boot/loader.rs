@@ -506,6 +506,76 @@ mod tests {
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x100_0000)).unwrap(), 0xff);
     }
 
+    /// Issue 5's guarantee: two VMs started from the same kernel and initramfs files share no
+    /// writable memory. Every host mapping behind either guest's RAM is private (`p` in
+    /// /proc/self/maps, never `s`), and a write by one guest to every kernel and initrd page is
+    /// seen neither by the other guest nor in the files.
+    #[test]
+    fn two_guests_from_the_same_files_share_no_writable_memory() {
+        use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+        let new_mem = || {
+            crate::memory::create(&crate::memory::MemoryConfig {
+                size_mib: 64,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let payload: Vec<u8> = (0..8 * 4096).map(|i| (i % 253) as u8).collect();
+        let kfile = write_tmp(&tiny_elf(&payload, 4096));
+        let ifile = write_tmp(&payload);
+        let (a, b) = (new_mem(), new_mem());
+        let ka = load_kernel(&a, kfile.path(), LoadMode::Map).unwrap();
+        let kb = load_kernel(&b, kfile.path(), LoadMode::Map).unwrap();
+        let ia = load_initrd(&a, ifile.path(), ka.end, LoadMode::Map).unwrap();
+        let ib = load_initrd(&b, ifile.path(), kb.end, LoadMode::Map).unwrap();
+        assert_eq!((ia.0, ia.1), (ib.0, ib.1));
+
+        // Every mapping overlapping either guest's RAM is private.
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut checked = 0;
+        for m in [&a, &b] {
+            for region in m.iter() {
+                let start = region.as_ptr() as u64;
+                let end = start + region.len();
+                for line in maps.lines() {
+                    let mut f = line.split_whitespace();
+                    let (range, perms) = (f.next().unwrap(), f.next().unwrap());
+                    let (lo, hi) = range.split_once('-').unwrap();
+                    let lo = u64::from_str_radix(lo, 16).unwrap();
+                    let hi = u64::from_str_radix(hi, 16).unwrap();
+                    if lo < end && hi > start {
+                        assert_eq!(&perms[3..4], "p", "shared mapping in guest RAM: {line}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            checked >= 4,
+            "found only {checked} mappings behind the two guests"
+        );
+
+        // Guest A scribbles over every kernel and initrd page; B and the files are untouched.
+        let kernel_at = GuestAddress(0x100_0000);
+        let initrd_at = GuestAddress(ia.0);
+        for off in (0..payload.len() as u64).step_by(512) {
+            a.write_obj(0xAAu8, kernel_at.unchecked_add(off)).unwrap();
+            a.write_obj(0xAAu8, initrd_at.unchecked_add(off)).unwrap();
+        }
+        let mut got = vec![0u8; payload.len()];
+        b.read_slice(&mut got, kernel_at).unwrap();
+        assert_eq!(got, payload, "guest B's kernel changed");
+        b.read_slice(&mut got, initrd_at).unwrap();
+        assert_eq!(got, payload, "guest B's initrd changed");
+        a.read_slice(&mut got, kernel_at).unwrap();
+        assert_eq!(got[0], 0xAA);
+        assert_eq!(
+            &std::fs::read(kfile.path()).unwrap()[4096..4096 + 16],
+            &payload[..16]
+        );
+        assert_eq!(std::fs::read(ifile.path()).unwrap(), payload);
+    }
+
     #[test]
     fn copy_mode_copies_instead_of_mapping() {
         let m = crate::memory::create(&crate::memory::MemoryConfig {

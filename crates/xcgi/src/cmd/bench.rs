@@ -45,6 +45,11 @@ struct SetupArgs {
     /// Raise vm.nr_hugepages for the 2 MiB runs and put the old value back afterwards.
     #[arg(long)]
     reserve_hugepages: bool,
+    /// Also measure with a virtio-net device on a TAP (`xcgi run --net`): the VMM's cost of
+    /// the device is the difference in the "devices" phase and in "vmm" (setup minus process
+    /// start, which holds the host-side namespace and TAP).
+    #[arg(long)]
+    net: bool,
 }
 
 #[derive(clap::Args)]
@@ -130,6 +135,7 @@ fn setup_once(
     mem: u64,
     huge: bool,
     populate: bool,
+    net: bool,
 ) -> anyhow::Result<SetupRun> {
     let mut cmd = Command::new(exe);
     cmd.args(["run", "--setup-only", "--kernel"])
@@ -142,6 +148,9 @@ fn setup_once(
     }
     if populate {
         cmd.arg("--populate");
+    }
+    if net {
+        cmd.arg("--net");
     }
     let t0 = monotonic_ns();
     let out = cmd.output().context("spawning xcgi run")?;
@@ -213,29 +222,37 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         s.kernel.display()
     );
     println!(
-        "{:>8} {:>6} {:>9} {:>10} {:>10} {:>12} {:>12}  slowest phases (median ms)",
-        "mem MiB", "pages", "populate", "median ms", "p90 ms", "in-proc ms", "teardown ms"
+        "{:>8} {:>6} {:>9} {:>4} {:>10} {:>10} {:>12} {:>8} {:>8} {:>12}  slowest phases (median ms)",
+        "mem MiB",
+        "pages",
+        "populate",
+        "net",
+        "median ms",
+        "p90 ms",
+        "in-proc ms",
+        "vmm ms",
+        "devices",
+        "teardown ms"
     );
     let mut failed = false;
     for &mem in &s.mem {
         for huge in [false, true] {
-            for populate in if s.populate {
-                vec![false, true]
-            } else {
-                vec![false]
-            } {
+            for (populate, net) in [(false, false), (true, false), (false, true)] {
+                if (populate && !s.populate) || (net && !s.net) {
+                    continue;
+                }
                 if huge && !huge_ok {
-                    println!("{mem:>8} {:>6} {:>9}  skipped: not enough free huge pages (pass --reserve-hugepages or raise vm.nr_hugepages)", "2M", populate);
+                    println!("{mem:>8} {:>6} {:>9} {net:>4}  skipped: not enough free huge pages (pass --reserve-hugepages or raise vm.nr_hugepages)", "2M", populate);
                     continue;
                 }
                 // One warm-up run, then the measured ones.
-                let _ = setup_once(&exe, &s, mem, huge, populate);
+                let _ = setup_once(&exe, &s, mem, huge, populate, net);
                 let mut spawn = Vec::new();
                 let mut inproc = Vec::new();
                 let mut teardown = Vec::new();
                 let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
                 for _ in 0..s.runs {
-                    match setup_once(&exe, &s, mem, huge, populate) {
+                    match setup_once(&exe, &s, mem, huge, populate, net) {
                         Ok(r) => {
                             spawn.push(r.from_spawn_ms);
                             inproc.push(r.in_process_ms);
@@ -258,6 +275,15 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     .into_iter()
                     .map(|(n, mut v)| (n, median(&mut v)))
                     .collect();
+                let phase = |name: &str| {
+                    top.iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| *v)
+                        .unwrap_or(f64::NAN)
+                };
+                let devices = phase("devices");
+                let in_proc = median(&mut inproc);
+                let vmm = in_proc - phase("process_start");
                 top.sort_by(|a, b| b.1.total_cmp(&a.1));
                 let top: Vec<String> = top
                     .iter()
@@ -265,12 +291,14 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     .map(|(n, v)| format!("{n} {v:.3}"))
                     .collect();
                 println!(
-                    "{mem:>8} {:>6} {:>9} {:>10.3} {:>10.3} {:>12.3} {:>12.3}  {}",
+                    "{mem:>8} {:>6} {:>9} {net:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>12.3}  {}",
                     if huge { "2M" } else { "4K" },
                     populate,
                     median(&mut spawn.clone()),
                     percentile(&mut spawn, 0.9),
-                    median(&mut inproc),
+                    in_proc,
+                    vmm,
+                    devices,
                     median(&mut teardown),
                     top.join(", ")
                 );

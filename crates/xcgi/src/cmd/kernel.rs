@@ -36,6 +36,9 @@ struct BuildArgs {
     /// i386 programs.
     #[arg(long)]
     ia32: bool,
+    /// Without kernel/patches (to measure what they save; cached separately).
+    #[arg(long)]
+    no_patches: bool,
     /// Parallel make jobs (default: number of CPUs).
     #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     jobs: Option<u16>,
@@ -60,6 +63,7 @@ fn build(args: BuildArgs) -> anyhow::Result<i32> {
     let variant = Variant {
         smp: args.smp,
         ia32: args.ia32,
+        unpatched: args.no_patches,
     };
     if args.print_fragment {
         print!("{}", kernel::fragment_text(variant));
@@ -86,10 +90,15 @@ fn build(args: BuildArgs) -> anyhow::Result<i32> {
             }
             None => {
                 eprintln!(
-                    "xcgi kernel: the {} kernel is not built yet; run `xcgi kernel build{}{}`",
+                    "xcgi kernel: the {} kernel is not built yet; run `xcgi kernel build{}{}{}`",
                     variant.name(),
                     if variant.smp { " --smp" } else { "" },
                     if variant.ia32 { " --ia32" } else { "" },
+                    if variant.unpatched {
+                        " --no-patches"
+                    } else {
+                        ""
+                    },
                 );
                 Ok(1)
             }

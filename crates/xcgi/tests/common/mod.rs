@@ -129,17 +129,20 @@ pub fn run_script_mem(
     }
     cmd.command = format!("{prelude}{script}");
     let lab = xcgi_lab::Lab::prepare().expect("prepare the lab");
-    // The lab's own kernel (Debian's, nested SVM under QEMU/TCG) sometimes dies with nested
-    // guests running: QEMU exits without the command's exit marker. That is the lab failing,
-    // not xcgi (whose VMs cannot take the host kernel down): run the script once more, loudly.
-    // A timeout (which could be an xcgi hang) is never retried.
+    // The lab's own kernel (Debian's, nested SVM under QEMU/TCG) sometimes dies or hangs
+    // after many nested guests: QEMU exits, or its console stops, without the command's exit
+    // marker. Run the script once more, loudly; a deterministic failure (an xcgi hang
+    // included: every request in these scripts has a deadline) fails both times.
     let mut tries = 0;
     let out = loop {
         tries += 1;
         match lab.run(&cmd, |line| println!("lab| {line}")) {
             Ok(out) => break out,
-            Err(e @ xcgi_lab::LabError::Exited { .. }) if tries < 2 => {
-                eprintln!("LAB DIED (not the command): {e}\nrunning the script once more");
+            Err(
+                e @ (xcgi_lab::LabError::Exited { .. }
+                | xcgi_lab::LabError::Timeout { booted: true, .. }),
+            ) if tries < 2 => {
+                eprintln!("LAB FAILED (no exit marker): {e}\nrunning the script once more");
             }
             Err(e) => panic!("lab run: {e:?}"),
         }
