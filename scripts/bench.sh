@@ -39,7 +39,7 @@ if [ "$HW_KVM" = 1 ]; then
   PATH=$(dirname "$X"):$PATH bench/net-ready.sh "$KERNEL" "$UNPATCHED" "$PWD/$HTTP" "$NET_RUNS"
 else
   echo "(inside the lab: a 10 ms difference is within the lab's boot-to-boot noise)"
-  $X lab --timeout 1800 --bin /usr/bin/curl:/usr/bin/curl --files "$KERNEL:/xcgi/patched" \
+  $X lab --cpus 1 --timeout 1800 --bin /usr/bin/curl:/usr/bin/curl --files "$KERNEL:/xcgi/patched" \
     --files "$UNPATCHED:/xcgi/unpatched" --files "$HTTP:/xcgi/http-hello" \
     --files bench/net-ready.sh:/xcgi/net-ready.sh -- \
     sh /xcgi/net-ready.sh /xcgi/patched /xcgi/unpatched /xcgi/http-hello "$NET_RUNS"

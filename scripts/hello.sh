@@ -49,7 +49,7 @@ if [ "$HW_KVM" = 1 ]; then
 else
   echo "hello: no hardware KVM here; serving inside the lab (QEMU/TCG with nested KVM)" >&2
   printf '%s' "$JOB" > target/hello-job.sh
-  exec $X lab --bin /usr/bin/curl:/usr/bin/curl --files "$INIT:/usr/bin/xcgi-init" \
+  exec $X lab --cpus 1 --bin /usr/bin/curl:/usr/bin/curl --files "$INIT:/usr/bin/xcgi-init" \
     --files "$KERNEL:/xcgi/vmlinux" --files "$E/cgi-c/cgi:/xcgi/cgi" \
     --files "$E/cgi-sh/hello.sh:/xcgi/hello.sh" --files "$E/cgi-sh/tree:/xcgi/tree" \
     --files "$E/cgi-go/cgi-go:/xcgi/cgi-go" --files target/hello-job.sh:/xcgi/job.sh -- \

@@ -140,7 +140,12 @@ pub struct Route {
     pub prefix: String,
     #[serde(default)]
     pub mode: Mode,
+    /// The handler program, or a prebuilt guest image (`.cpio` initramfs or `.ext4`) holding
+    /// it (CGI: with xcgi-init as /init; see `program`).
     pub handler: PathBuf,
+    /// CGI with an image handler: the program's path inside the image
+    /// (default `/cgi-bin/handler`).
+    pub program: Option<String>,
     pub tree: Option<PathBuf>,
     pub kernel: Option<PathBuf>,
     #[serde(default = "default_memory")]
@@ -236,6 +241,7 @@ impl Route {
             prefix: "/".into(),
             mode,
             handler,
+            program: None,
             tree: None,
             kernel: None,
             memory_mib: default_memory(),
@@ -420,6 +426,28 @@ impl Config {
             if r.timeout_ms == 0 {
                 return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
             }
+            let is_image = crate::prepare::image_kind(&r.handler).is_some();
+            if is_image && self.server.isolation == Isolation::Process {
+                return Err(self.invalid(
+                    key("handler"),
+                    "an image handler needs isolation \"vm\" (process isolation runs a program)",
+                ));
+            }
+            if is_image && r.tree.is_some() {
+                return Err(self.invalid(
+                    key("tree"),
+                    "only for a handler program (an image handler is used as it is)",
+                ));
+            }
+            if r.program.is_some() && !(is_image && r.mode == Mode::Cgi) {
+                return Err(self.invalid(
+                    key("program"),
+                    "only for a CGI route whose handler is an image",
+                ));
+            }
+            if r.program.as_ref().is_some_and(|p| !p.starts_with('/')) {
+                return Err(self.invalid(key("program"), "must be an absolute path in the image"));
+            }
             if r.mode == Mode::Http && self.server.isolation == Isolation::Process {
                 return Err(self.invalid(
                     key("mode"),
@@ -501,6 +529,33 @@ mod tests {
 
     fn err(d: &tempfile::TempDir, text: &str) -> String {
         parse(d, text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn image_handlers_are_checked() {
+        let d = dir_with_handler();
+        std::fs::write(d.path().join("app.cpio"), b"070701").unwrap();
+        let c = parse(
+            &d,
+            "[[route]]\nprefix = \"/\"\nhandler = \"app.cpio\"\nprogram = \"/cgi-bin/app\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].program.as_deref(), Some("/cgi-bin/app"));
+        let e = err(
+            &d,
+            "[server]\nisolation = \"process\"\n[[route]]\nprefix = \"/\"\nhandler = \"app.cpio\"\n",
+        );
+        assert!(e.contains(".handler") && e.contains("isolation"), "{e}");
+        let e = err(
+            &d,
+            "[[route]]\nprefix = \"/\"\nhandler = \"h\"\nprogram = \"/x\"\n",
+        );
+        assert!(e.contains(".program") && e.contains("image"), "{e}");
+        let e = err(
+            &d,
+            "[[route]]\nprefix = \"/\"\nhandler = \"app.cpio\"\nprogram = \"rel\"\n",
+        );
+        assert!(e.contains(".program") && e.contains("absolute"), "{e}");
     }
 
     #[test]

@@ -201,11 +201,26 @@ pub fn spawn_process(
     })
 }
 
+/// The guest's root: an initramfs or a read-only ext4 disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRoot {
+    Initramfs(PathBuf),
+    Disk(PathBuf),
+}
+
+impl GuestRoot {
+    pub fn path(&self) -> &Path {
+        match self {
+            GuestRoot::Initramfs(p) | GuestRoot::Disk(p) => p,
+        }
+    }
+}
+
 /// How to boot a route's VM: prepared once per route at start.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub kernel: PathBuf,
-    pub initramfs: PathBuf,
+    pub root: GuestRoot,
     pub memory_mib: u64,
     pub hugepages: bool,
     pub vcpus: u8,
@@ -214,9 +229,14 @@ pub struct VmSpec {
 
 impl VmSpec {
     pub fn config(&self, cancel: Cancel) -> VmConfig {
+        let (initramfs, rootfs) = match &self.root {
+            GuestRoot::Initramfs(p) => (Some(p.clone()), None),
+            GuestRoot::Disk(p) => (None, Some(p.clone())),
+        };
         VmConfig {
             kernel: self.kernel.clone(),
-            initramfs: Some(self.initramfs.clone()),
+            initramfs,
+            rootfs,
             memory: xcgi_vmm::memory::MemoryConfig {
                 size_mib: self.memory_mib,
                 hugepages: self.hugepages,

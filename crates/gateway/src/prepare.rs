@@ -12,7 +12,74 @@ use std::path::{Path, PathBuf};
 use xcgi_image::rootfs::{self, ImageFormat, ImageOptions, ImageSource};
 
 use crate::config::{Config, Isolation, Mode, Route};
-use crate::exec::VmSpec;
+use crate::exec::{GuestRoot, VmSpec};
+
+/// A handler that is a prebuilt image (`xcgi image build`): `.cpio` is an initramfs, `.ext4`
+/// a read-only root filesystem. Anything else is a program to pack.
+pub fn image_kind(handler: &Path) -> Option<fn(PathBuf) -> GuestRoot> {
+    match handler.extension().and_then(|e| e.to_str()) {
+        Some("cpio") => Some(GuestRoot::Initramfs),
+        Some("ext4") => Some(GuestRoot::Disk),
+        _ => None,
+    }
+}
+
+/// Packs a guest root for a handler program: the `tree` first, then (CGI) `/init` = xcgi-init
+/// and the program at `/cgi-bin/<name>`, or (HTTP) the program as `/init`. Writes `output`
+/// in `format`; returns the program's path and working directory in the guest. `stage` is a
+/// scratch directory (removed afterwards).
+pub fn pack_root(
+    mode: Mode,
+    init: &Path,
+    handler: &Path,
+    tree: Option<&Path>,
+    stage: &Path,
+    output: &Path,
+    format: ImageFormat,
+) -> Result<(PathBuf, PathBuf), String> {
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    let _ = fs::remove_dir_all(stage);
+    fs::create_dir_all(stage).map_err(|e| io("creating the staging directory", e))?;
+    let result = (|| {
+        if let Some(tree) = tree {
+            copy_tree(tree, stage).map_err(|e| io(&format!("copying {}", tree.display()), e))?;
+        }
+        for d in ["dev", "proc", "tmp"] {
+            fs::create_dir_all(stage.join(d)).map_err(|e| io("creating /dev, /proc, /tmp", e))?;
+        }
+        let (program, cwd) = match mode {
+            Mode::Cgi => {
+                copy_file(init, &stage.join("init")).map_err(|e| io("copying xcgi-init", e))?;
+                let name = handler
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "handler".into());
+                fs::create_dir_all(stage.join("cgi-bin")).map_err(|e| io("mkdir cgi-bin", e))?;
+                copy_file(handler, &stage.join("cgi-bin").join(&name))
+                    .map_err(|e| io("copying the handler", e))?;
+                (
+                    PathBuf::from("/cgi-bin").join(&name),
+                    PathBuf::from("/cgi-bin"),
+                )
+            }
+            Mode::Http => {
+                copy_file(handler, &stage.join("init"))
+                    .map_err(|e| io("copying the handler", e))?;
+                (PathBuf::from("/init"), PathBuf::from("/"))
+            }
+        };
+        rootfs::build_image(&ImageOptions {
+            source: ImageSource::Dir(stage.to_path_buf()),
+            format,
+            output: output.to_path_buf(),
+            ia32: false,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok((program, cwd))
+    })();
+    let _ = fs::remove_dir_all(stage);
+    result
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -88,56 +155,47 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
         None => Some(default_kernel()?),
     };
     let init = cfg.server.init.clone().unwrap_or_else(default_init);
-    if cfg.routes.iter().any(|r| r.mode == Mode::Cgi) && !init.is_file() {
+    if cfg
+        .routes
+        .iter()
+        .any(|r| r.mode == Mode::Cgi && image_kind(&r.handler).is_none())
+        && !init.is_file()
+    {
         return Err(PrepareError::NoInit(init));
     }
     for (i, r) in cfg.routes.iter().enumerate() {
-        let io = |what: &str, e: std::io::Error| PrepareError::Io {
-            prefix: r.prefix.clone(),
-            detail: format!("{what}: {e}"),
-        };
-        let stage = workdir.join(format!("route{i}"));
-        fs::create_dir_all(&stage).map_err(|e| io("creating the staging directory", e))?;
-        if let Some(tree) = &r.tree {
-            copy_tree(tree, &stage).map_err(|e| io(&format!("copying {}", tree.display()), e))?;
-        }
-        for d in ["dev", "proc", "tmp"] {
-            fs::create_dir_all(stage.join(d)).map_err(|e| io("creating /dev, /proc, /tmp", e))?;
-        }
-        let (program, cwd) = match r.mode {
-            Mode::Cgi => {
-                copy_file(&init, &stage.join("init")).map_err(|e| io("copying xcgi-init", e))?;
-                let name = r
-                    .handler
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "handler".into());
-                fs::create_dir_all(stage.join("cgi-bin")).map_err(|e| io("mkdir cgi-bin", e))?;
-                copy_file(&r.handler, &stage.join("cgi-bin").join(&name))
-                    .map_err(|e| io("copying the handler", e))?;
-                (
-                    PathBuf::from("/cgi-bin").join(&name),
-                    PathBuf::from("/cgi-bin"),
+        let (root, program, cwd) = match image_kind(&r.handler) {
+            // A prebuilt image: used as it is (CGI: its /init must be xcgi-init).
+            Some(kind) => {
+                let program = match (r.mode, &r.program) {
+                    (Mode::Cgi, Some(p)) => PathBuf::from(p),
+                    (Mode::Cgi, None) => PathBuf::from("/cgi-bin/handler"),
+                    (Mode::Http, _) => PathBuf::from("/init"),
+                };
+                let cwd = program
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("/"));
+                (kind(r.handler.clone()), program, cwd)
+            }
+            None => {
+                let image = workdir.join(format!("route{i}.cpio"));
+                let (program, cwd) = pack_root(
+                    r.mode,
+                    &init,
+                    &r.handler,
+                    r.tree.as_deref(),
+                    &workdir.join(format!("route{i}")),
+                    &image,
+                    ImageFormat::Initramfs,
                 )
-            }
-            Mode::Http => {
-                copy_file(&r.handler, &stage.join("init"))
-                    .map_err(|e| io("copying the handler", e))?;
-                (PathBuf::from("/init"), PathBuf::from("/"))
+                .map_err(|detail| PrepareError::Image {
+                    prefix: r.prefix.clone(),
+                    detail,
+                })?;
+                (GuestRoot::Initramfs(image), program, cwd)
             }
         };
-        let image = workdir.join(format!("route{i}.cpio"));
-        rootfs::build_image(&ImageOptions {
-            source: ImageSource::Dir(stage.clone()),
-            format: ImageFormat::Initramfs,
-            output: image.clone(),
-            ia32: false,
-        })
-        .map_err(|e| PrepareError::Image {
-            prefix: r.prefix.clone(),
-            detail: e.to_string(),
-        })?;
-        let _ = fs::remove_dir_all(&stage);
         let kernel = match (&r.kernel, &server_kernel) {
             (Some(k), _) | (None, Some(k)) => k.clone(),
             (None, None) => return Err(PrepareError::NoKernel),
@@ -145,7 +203,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
         tracing::info!(
             prefix = %r.prefix,
             mode = ?r.mode,
-            image = %image.display(),
+            image = %root.path().display(),
             kernel = %kernel.display(),
             "route ready"
         );
@@ -153,7 +211,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
             route: r.clone(),
             spec: Some(VmSpec {
                 kernel,
-                initramfs: image,
+                root,
                 memory_mib: r.memory_mib,
                 hugepages: r.hugepages,
                 vcpus: r.vcpus,

@@ -980,6 +980,7 @@ mod tests {
         let smp = requested_options(Variant {
             smp: true,
             ia32: false,
+            ..Default::default()
         })
         .unwrap();
         let smp_opts: Vec<_> = smp.iter().filter(|o| o.name == "CONFIG_SMP").collect();
@@ -989,6 +990,7 @@ mod tests {
         let ia32 = requested_options(Variant {
             smp: false,
             ia32: true,
+            ..Default::default()
         })
         .unwrap();
         for n in ["CONFIG_IA32_EMULATION", "CONFIG_COMPAT_32BIT_TIME"] {
@@ -998,6 +1000,7 @@ mod tests {
         let text = fragment_text(Variant {
             smp: true,
             ia32: false,
+            ..Default::default()
         });
         let last_smp = text.lines().rfind(|l| l.starts_with("CONFIG_SMP="));
         assert_eq!(last_smp, Some("CONFIG_SMP=y"));
@@ -1068,6 +1071,7 @@ mod tests {
                 Variant {
                     smp: true,
                     ia32: false,
+                    ..Default::default()
                 },
             ),
             cache_key(
@@ -1077,12 +1081,25 @@ mod tests {
                 Variant {
                     smp: false,
                     ia32: true,
+                    ..Default::default()
                 },
             ),
         ];
         for (i, k) in others.iter().enumerate() {
             assert_ne!(&base, k, "input {i} did not change the key");
         }
+        let unpatched = Variant {
+            unpatched: true,
+            ..Default::default()
+        };
+        assert_ne!(
+            base,
+            cache_key("src", "CONFIG_A=y\n", &[("p", "x")], unpatched),
+            "the unpatched variant has a key of its own"
+        );
+        assert!(unpatched.patches().is_empty());
+        assert_eq!(Variant::default().patches().len(), PATCHES.len());
+        assert_eq!(unpatched.name(), "unpatched");
     }
 
     #[test]

@@ -50,6 +50,9 @@ struct SetupArgs {
     /// start, which holds the host-side namespace and TAP).
     #[arg(long)]
     net: bool,
+    /// Also write the medians as an SVG chart (setup time against memory size, log-log).
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -235,6 +238,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         "teardown ms"
     );
     let mut failed = false;
+    let mut plotted: Vec<(String, f64, f64)> = Vec::new();
     for &mem in &s.mem {
         for huge in [false, true] {
             for (populate, net) in [(false, false), (true, false), (false, true)] {
@@ -290,6 +294,16 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     .take(3)
                     .map(|(n, v)| format!("{n} {v:.3}"))
                     .collect();
+                plotted.push((
+                    format!(
+                        "{}{}{}",
+                        if huge { "2 MiB pages" } else { "4 KiB pages" },
+                        if populate { ", populate" } else { "" },
+                        if net { ", net" } else { "" }
+                    ),
+                    mem as f64,
+                    median(&mut spawn.clone()),
+                ));
                 println!(
                     "{mem:>8} {:>6} {:>9} {net:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>12.3}  {}",
                     if huge { "2M" } else { "4K" },
@@ -304,6 +318,26 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                 );
             }
         }
+    }
+    if let Some(path) = &s.svg {
+        let mut series: Vec<super::svg::Series> = Vec::new();
+        for (name, x, y) in plotted {
+            match series.iter_mut().find(|se| se.name == name) {
+                Some(se) => se.points.push((x, y)),
+                None => series.push(super::svg::Series {
+                    name,
+                    points: vec![(x, y)],
+                }),
+            }
+        }
+        let svg = super::svg::log_log_chart(
+            "VMM setup: process spawn to first KVM_RUN (median)",
+            "guest memory (MiB)",
+            "milliseconds",
+            &series,
+        );
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+        println!("# chart written to {}", path.display());
     }
     if s.reserve_hugepages {
         if let Some(old) = old_pool {

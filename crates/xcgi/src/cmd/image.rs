@@ -29,7 +29,7 @@ enum Format {
 }
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["program", "dir"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["program", "dir"])))]
 struct BuildArgs {
     /// A static x86-64 ELF program to run as /init.
     #[arg(long, short, value_name = "FILE")]
@@ -46,6 +46,13 @@ struct BuildArgs {
     /// Accept 32-bit i386 programs (boot them with a kernel from `xcgi kernel build --ia32`).
     #[arg(long)]
     ia32: bool,
+    /// A CGI image for `xcgi serve`: /init is xcgi-init, --program goes to
+    /// /cgi-bin/<its name> (the route's `program`), --dir (optional) is copied in first.
+    #[arg(long, requires = "program")]
+    cgi: bool,
+    /// With --cgi: xcgi-init [default: next to this binary].
+    #[arg(long, value_name = "FILE", requires = "cgi")]
+    init: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -55,6 +62,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 }
 
 fn build(args: BuildArgs) -> anyhow::Result<i32> {
+    if args.cgi {
+        return build_cgi(args);
+    }
     let source = match (args.program, args.dir) {
         (Some(p), None) => ImageSource::Program(p),
         (None, Some(d)) => ImageSource::Dir(d),
@@ -82,5 +92,43 @@ fn build(args: BuildArgs) -> anyhow::Result<i32> {
         }
     }
     println!("{}", report.output.display());
+    Ok(0)
+}
+
+fn build_cgi(args: BuildArgs) -> anyhow::Result<i32> {
+    let program = args
+        .program
+        .ok_or_else(|| anyhow::anyhow!("--cgi needs --program FILE"))?;
+    let init = args
+        .init
+        .unwrap_or_else(xcgi_gateway::prepare::default_init);
+    anyhow::ensure!(
+        init.is_file(),
+        "xcgi-init not found at {}: build it with `cargo build --release -p xcgi-init`, or pass --init",
+        init.display()
+    );
+    let format = match args.format {
+        Format::Ext4 => ImageFormat::Ext4,
+        Format::Initramfs => ImageFormat::Initramfs,
+    };
+    let output = args
+        .output
+        .unwrap_or_else(|| rootfs::default_output(&ImageSource::Program(program.clone()), format));
+    let stage = tempfile::tempdir().context("creating a staging directory")?;
+    let (in_guest, _) = xcgi_gateway::prepare::pack_root(
+        xcgi_gateway::config::Mode::Cgi,
+        &init,
+        &program,
+        args.dir.as_deref(),
+        &stage.path().join("root"),
+        &output,
+        format,
+    )
+    .map_err(|e| anyhow::anyhow!("building the CGI image: {e}"))?;
+    eprintln!(
+        "xcgi image: CGI program at {} in the image (the route's `program`)",
+        in_guest.display()
+    );
+    println!("{}", output.display());
     Ok(0)
 }

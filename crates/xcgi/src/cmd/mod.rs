@@ -7,6 +7,7 @@ pub mod kernel;
 pub mod lab;
 pub mod run;
 pub mod serve;
+pub mod svg;
 
 /// Exit code for errors in xcgi itself (bad input, missing files, setup failures).
 pub const EXIT_USAGE: i32 = 2;
