@@ -5,7 +5,7 @@
  *   (none)      a greeting                     /env[/..] every variable, then the body
  *   /echo       the body back, byte for byte   /status   418 with a custom header
  *   /local      a local redirect to /env       /client   a redirect to another site
- *   /stream     five lines, 300 ms apart       /big?N    N bytes of 'x'
+ *   /stream[?N] N lines (5), 300 ms apart      /big?N    N bytes of 'x'
  *   /persist    whether /tmp/xcgi-persist was already there (then creates it)
  *   /crash      abort()                        /garbage  output that is not a CGI response
  *   /sleep      sleeps for an hour
@@ -64,11 +64,13 @@ int main(void) {
     } else if (!strcmp(pi, "/client")) {
         printf("Location: http://example.org/elsewhere\r\n\r\n");
     } else if (!strcmp(pi, "/stream")) {
+        int n = atoi(env("QUERY_STRING"));
+        if (n <= 0) n = 5;
         printf("Content-Type: text/plain\r\n\r\n");
-        for (int i = 1; i <= 5; i++) {
+        for (int i = 1; i <= n; i++) {
             printf("tick %d\n", i);
             fflush(stdout);
-            if (i < 5) usleep(300 * 1000);
+            if (i < n) usleep(300 * 1000);
         }
     } else if (!strcmp(pi, "/big")) {
         long n = atol(env("QUERY_STRING"));

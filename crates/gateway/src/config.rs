@@ -534,7 +534,7 @@ mod tests {
     #[test]
     fn image_handlers_are_checked() {
         let d = dir_with_handler();
-        std::fs::write(d.path().join("app.cpio"), b"070701").unwrap();
+        std::fs::write(d.path().join("app.cpio"), b"070701rest-of-a-cpio-header").unwrap();
         let c = parse(
             &d,
             "[[route]]\nprefix = \"/\"\nhandler = \"app.cpio\"\nprogram = \"/cgi-bin/app\"\n",

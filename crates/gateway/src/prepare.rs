@@ -14,14 +14,28 @@ use xcgi_image::rootfs::{self, ImageFormat, ImageOptions, ImageSource};
 use crate::config::{Config, Isolation, Mode, Route};
 use crate::exec::{GuestRoot, VmSpec};
 
-/// A handler that is a prebuilt image (`xcgi image build`): `.cpio` is an initramfs, `.ext4`
-/// a read-only root filesystem. Anything else is a program to pack.
+/// A handler that is a prebuilt image (`xcgi image build`), told by its content: a newc cpio
+/// archive is an initramfs, an ext4 filesystem a read-only root disk. Anything else (an ELF
+/// program, a script) is a program to pack.
 pub fn image_kind(handler: &Path) -> Option<fn(PathBuf) -> GuestRoot> {
-    match handler.extension().and_then(|e| e.to_str()) {
-        Some("cpio") => Some(GuestRoot::Initramfs),
-        Some("ext4") => Some(GuestRoot::Disk),
-        _ => None,
+    use std::io::Read;
+    let mut head = [0u8; 1082];
+    let mut f = fs::File::open(handler).ok()?;
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
     }
+    if n >= 6 && &head[..6] == b"070701" {
+        return Some(GuestRoot::Initramfs);
+    }
+    // The ext2/3/4 superblock starts at byte 1024; its magic 0xEF53 is at offset 56.
+    if n >= 1082 && head[1080..1082] == [0x53, 0xef] {
+        return Some(GuestRoot::Disk);
+    }
+    None
 }
 
 /// Packs a guest root for a handler program: the `tree` first, then (CGI) `/init` = xcgi-init

@@ -251,13 +251,18 @@ EOF
         start_server q q.toml || exit 1
         A=127.0.0.1:8081
         echo "===queue==="
-        # One streams (holding the only slot ~2 s in the lab), one waits, two are refused.
-        curl -sN http://$A/cgi/stream > s1.txt &
+        # One streams (holding the only slot: boot, then 20 lines 300 ms apart), one waits,
+        # two are refused.
+        curl -sN "http://$A/cgi/stream?20" > s1.txt &
         p1=$!
         sleep 0.3
         pids=""
         for i in 1 2 3; do (echo "code=$(code http://$A/cgi)" > q$i.res) & pids="$pids $!"; done
-        sleep 0.5
+        # Until one waits in the queue and two were refused (the lab's one CPU is slow).
+        w=0; while [ $w -lt 600 ]; do
+            [ "$(metric $A xcgi_queue_depth)" = 1 ] && [ "$(metric $A 'xcgi_requests_total{{status="503"}}')" = 2 ] && break
+            sleep 0.1; w=$((w+1)); done
+        echo "queued=$(metric $A xcgi_queue_depth)"
         # SIGTERM while requests are in flight: they finish, then the server exits.
         kill -TERM $(cat q.pid)
         wait $p1 $pids
@@ -278,7 +283,8 @@ EOF
     let s = section(&r.output, "queue");
     assert_eq!(s.matches("code=503").count(), 2, "{s}");
     assert_eq!(s.matches("code=200").count(), 1, "{s}");
-    assert!(s.contains("streamed_ticks=5"), "drained, not cut:\n{s}");
+    assert!(s.contains("queued=1"), "{s}");
+    assert!(s.contains("streamed_ticks=20"), "drained, not cut:\n{s}");
     assert_eq!(rc(s), 0, "{s}");
     assert!(
         s.contains("after: netns=[] taps=[0] vmms=0 workdirs=0"),

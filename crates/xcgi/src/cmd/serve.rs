@@ -12,9 +12,13 @@ pub struct Args {
     /// The configuration file (routes, limits, network); see docs/serve.md.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Quick start: serve every path with this one handler program (no config file).
-    #[arg(long, value_name = "PROGRAM")]
+    /// Quick start: serve every path with this one handler (no config file): a program, or a
+    /// prebuilt image (.cpio / .ext4).
+    #[arg(long, value_name = "PROGRAM|IMAGE")]
     handler: Option<PathBuf>,
+    /// With --handler IMAGE in CGI mode: the program's path inside the image.
+    #[arg(long, value_name = "PATH")]
+    program: Option<String>,
     /// With --handler: cgi (a CGI/1.1 program) or http (an HTTP server listening on --port).
     #[arg(long, value_enum, default_value = "cgi")]
     mode: ModeArg,
@@ -74,6 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 },
             );
             route.tree = args.tree.clone();
+            route.program = args.program.clone();
             route.port = args.port;
             route.memory_mib = args.memory;
             route.timeout_ms = args.timeout_ms;
