@@ -161,6 +161,9 @@ pub struct Route {
     /// HTTP mode: the port the handler listens on in the guest.
     #[serde(default = "default_port")]
     pub port: u16,
+    /// HTTP mode: forward the path without the route's prefix (`/app/x` → `/x`).
+    #[serde(default)]
+    pub strip_prefix: bool,
     /// PATH_TRANSLATED = document_root + PATH_INFO.
     #[serde(default = "default_document_root")]
     pub document_root: String,
@@ -250,6 +253,7 @@ impl Route {
             timeout_ms: default_timeout(),
             max_body: default_max_body(),
             port: default_port(),
+            strip_prefix: false,
             document_root: default_document_root(),
             env: BTreeMap::new(),
         }

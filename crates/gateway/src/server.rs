@@ -591,13 +591,8 @@ impl Server {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let mut out = Request::builder().method(parts.method.clone()).uri(
-            parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/"),
-        );
+        let target = forwarded_target(&parts.uri, &route.route);
+        let mut out = Request::builder().method(parts.method.clone()).uri(target);
         for (k, v) in parts.headers.iter() {
             if !is_hop_by_hop(k.as_str()) {
                 out = out.header(k, v);
@@ -714,6 +709,28 @@ async fn connect_guest(
                 patience = (patience * 2).min(CONNECT_PATIENCE_MAX);
             }
         }
+    }
+}
+
+/// The request target sent to an HTTP-mode guest: the path and query as received, or with
+/// the route's prefix taken off (`strip_prefix`).
+fn forwarded_target(uri: &hyper::Uri, route: &crate::config::Route) -> String {
+    let path = uri.path();
+    let path = if route.strip_prefix {
+        let rest = path
+            .strip_prefix(route.prefix.trim_end_matches('/'))
+            .unwrap_or(path);
+        if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        }
+    } else {
+        path.to_string()
+    };
+    match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
     }
 }
 
@@ -1123,4 +1140,22 @@ pub async fn bind(cfg: &Config) -> Result<TcpListener, ServeError> {
             addr: cfg.server.listen,
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_target_keeps_or_strips_the_prefix() {
+        let mut r = crate::config::Route::quick("/bin/true".into(), Mode::Http);
+        r.prefix = "/app".into();
+        let uri: hyper::Uri = "/app/x/y?q=1".parse().unwrap();
+        assert_eq!(forwarded_target(&uri, &r), "/app/x/y?q=1");
+        r.strip_prefix = true;
+        assert_eq!(forwarded_target(&uri, &r), "/x/y?q=1");
+        assert_eq!(forwarded_target(&"/app".parse().unwrap(), &r), "/");
+        r.prefix = "/".into();
+        assert_eq!(forwarded_target(&"/z".parse().unwrap(), &r), "/z");
+    }
 }

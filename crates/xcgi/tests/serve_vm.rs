@@ -336,6 +336,7 @@ timeout_ms = 60000
 [[route]]
 prefix = "/img"
 mode = "http"
+strip_prefix = true
 handler = "$HTTPIMG"
 timeout_ms = 60000
 [[route]]
