@@ -365,6 +365,7 @@ async fn drive_vm(
     let mut start = Some(start);
     let mut exit = None;
     let mut failure = None;
+    let mut stdout_closed = false;
     'outer: loop {
         let n = match rd.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -417,7 +418,10 @@ async fn drive_vm(
                     }
                 }
                 (ch::STDERR, data) => push_tail(&mut tail, &data),
-                (ch::STDOUT_CLOSED, _) => out_tx = None,
+                (ch::STDOUT_CLOSED, _) => {
+                    out_tx = None;
+                    stdout_closed = true;
+                }
                 (ch::EXIT, data) => {
                     let status = data
                         .get(..4)
@@ -444,8 +448,10 @@ async fn drive_vm(
     if let Some(w) = writer {
         w.abort();
     }
-    if exit.is_none() && failure.is_none() {
-        // The channel closed without an exit status: the VM ended. Say how.
+    if exit.is_none() && failure.is_none() && !stdout_closed {
+        // The channel closed without an exit status or a complete response: the VM ended.
+        // Say how. (After a complete response the server stops the VM at once, often before
+        // init has reported the exit status: that is no failure.)
         vm.cancel.cancel();
         let outcome = vm
             .outcome
