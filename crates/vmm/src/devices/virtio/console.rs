@@ -62,12 +62,15 @@ use std::time::Duration;
 use tracing::{debug, error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestMemoryMmap, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{MmioError, SharedTransport};
-use super::{ActivateError, QueueAccess, QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    add_used, bump, enable_notification, push_iovecs, ActivateError, BadBuffer, QueueAccess,
+    QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// Size of each virtqueue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -129,13 +132,8 @@ enum ChainError {
     ReadableInRx,
     #[error("receive chain without room for a byte")]
     EmptyRx,
-    #[error("buffer at {addr:#x}+{len} is outside guest memory: {source}")]
-    BadBuffer {
-        addr: u64,
-        len: u32,
-        #[source]
-        source: GuestMemoryError,
-    },
+    #[error(transparent)]
+    BadBuffer(#[from] BadBuffer),
 }
 
 /// Counters of a virtio-console device.
@@ -197,10 +195,6 @@ struct Counters {
     rx_bytes: AtomicU64,
     rx_malformed: AtomicU64,
     rx_closed: AtomicBool,
-}
-
-fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
 }
 
 impl Counters {
@@ -796,26 +790,26 @@ fn rx_batch(
 ) -> Batch {
     for _ in 0..RX_BATCH {
         let Some(pending) = super::pending_chains(queue, mem, "virtio-console") else {
-            enable_notification(queue, mem);
+            enable_notification("virtio-console", queue, mem);
             return Batch::NoBuffers;
         };
         if pending == 0 {
             // Out of buffers: ask for a kick, then look once more in case the driver posted
             // some before it could see the request.
-            if enable_notification(queue, mem) {
+            if enable_notification("virtio-console", queue, mem) {
                 continue;
             }
             return Batch::NoBuffers;
         }
         let Some(desc_chain) = queue.pop_descriptor_chain(mem) else {
-            enable_notification(queue, mem);
+            enable_notification("virtio-console", queue, mem);
             return Batch::NoBuffers;
         };
         let head = desc_chain.head_index();
         if let Err(e) = chain.load(desc_chain, mem) {
             debug!(head, error = %e, "virtio-console: malformed RX chain; returned unused");
             bump(&stats.rx_malformed, 1);
-            add_used(queue, mem, head, 0, used);
+            add_used("virtio-console", queue, mem, head, 0, used);
             continue;
         }
         match chain.readv(socket) {
@@ -826,7 +820,14 @@ fn rx_batch(
             }
             Ok(n) => {
                 // n <= the chain's capacity, which 256 descriptors of u32 bound: fits.
-                add_used(queue, mem, head, u32::try_from(n).unwrap_or(0), used);
+                add_used(
+                    "virtio-console",
+                    queue,
+                    mem,
+                    head,
+                    u32::try_from(n).unwrap_or(0),
+                    used,
+                );
                 bump(&stats.rx_bytes, n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -849,48 +850,6 @@ fn rx_batch(
         }
     }
     Batch::More
-}
-
-fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, used: &mut bool) {
-    match queue.add_used(mem, head, len) {
-        Ok(()) => *used = true,
-        Err(e) => debug!(head, error = %e, "virtio-console: cannot return an RX buffer"),
-    }
-}
-
-/// Re-enable driver notifications; returns whether buffers were posted meanwhile.
-fn enable_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    queue.enable_notification(mem).unwrap_or_else(|e| {
-        debug!(error = %e, "virtio-console: cannot enable RX notifications");
-        false
-    })
-}
-
-/// Append iovecs covering the guest range `addr..addr + len` (one per memory region it spans).
-fn push_iovecs(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u32,
-    access: Permissions,
-    out: &mut Vec<libc::iovec>,
-) -> Result<(), ChainError> {
-    let bad = |source| ChainError::BadBuffer {
-        addr: addr.0,
-        len,
-        source,
-    };
-    let slices = GuestMemory::get_slices(mem, addr, len as usize, access).map_err(bad)?;
-    for slice in slices {
-        let slice = slice.map_err(bad)?;
-        // The mutable guard serves both directions: iovec only has `*mut`. Without Xen the guard
-        // maps nothing; the pointer stays valid as long as the regions `mem` holds.
-        let base = slice.ptr_guard_mut().as_ptr();
-        out.push(libc::iovec {
-            iov_base: base.cast(),
-            iov_len: slice.len(),
-        });
-    }
-    Ok(())
 }
 
 /// Check that `fd` is a socket of type `SOCK_STREAM`.
@@ -959,6 +918,8 @@ mod tests {
     use std::os::unix::net::{UnixDatagram, UnixStream};
     use std::path::Path;
     use std::time::Instant;
+
+    use vm_memory::GuestAddress;
 
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
     use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;

@@ -249,6 +249,74 @@ pub fn pending_chains(queue: &Queue, mem: &GuestMemoryMmap, device: &str) -> Opt
     Some(pending)
 }
 
+/// A descriptor's buffer that is not (wholly) in guest memory.
+#[derive(Debug, thiserror::Error)]
+#[error("buffer at {addr:#x}+{len} is outside guest memory: {source}")]
+pub(crate) struct BadBuffer {
+    pub addr: u64,
+    pub len: u32,
+    #[source]
+    pub source: vm_memory::GuestMemoryError,
+}
+
+/// Appends iovecs covering the guest range `addr..addr + len` (one per memory region it
+/// spans), for one `readv`/`writev`/`sendmsg` straight from or into guest memory.
+pub(crate) fn push_iovecs(
+    mem: &GuestMemoryMmap,
+    addr: vm_memory::GuestAddress,
+    len: u32,
+    access: vm_memory::Permissions,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), BadBuffer> {
+    let bad = |source| BadBuffer {
+        addr: addr.0,
+        len,
+        source,
+    };
+    let slices =
+        vm_memory::GuestMemory::get_slices(mem, addr, len as usize, access).map_err(bad)?;
+    for slice in slices {
+        let slice = slice.map_err(bad)?;
+        // The mutable guard serves both directions: iovec only has `*mut`. Without Xen the guard
+        // maps nothing; the pointer stays valid as long as the regions `mem` holds.
+        let base = slice.ptr_guard_mut().as_ptr();
+        out.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Returns a chain to the driver; `used` becomes true when it went into the used ring.
+/// `device` names the device in the (debug) log line of a guest-caused failure.
+pub(crate) fn add_used(
+    device: &str,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    used: &mut bool,
+) {
+    match queue.add_used(mem, head, len) {
+        Ok(()) => *used = true,
+        Err(e) => tracing::debug!(head, error = %e, "{device}: cannot return an RX buffer"),
+    }
+}
+
+/// Re-enables driver notifications; returns whether buffers were posted meanwhile.
+pub(crate) fn enable_notification(device: &str, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    queue.enable_notification(mem).unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "{device}: cannot enable RX notifications");
+        false
+    })
+}
+
+/// Adds to a statistics counter.
+pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64, by: u64) {
+    counter.fetch_add(by, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

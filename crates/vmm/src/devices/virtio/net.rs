@@ -46,12 +46,15 @@ use tracing::{debug, error, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{MmioError, SharedTransport};
-use super::{ActivateError, QueueAccess, QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    add_used, bump, enable_notification, push_iovecs, ActivateError, BadBuffer, QueueAccess,
+    QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
 /// Bytes of `struct virtio_net_hdr_v1` in front of every frame, in both directions.
 pub const VNET_HDR_LEN: usize = 12;
@@ -113,13 +116,8 @@ enum FrameError {
     WritableInTx,
     #[error("device-readable descriptor in a receive chain")]
     ReadableInRx,
-    #[error("buffer at {addr:#x}+{len} is outside guest memory: {source}")]
-    BadBuffer {
-        addr: u64,
-        len: u32,
-        #[source]
-        source: GuestMemoryError,
-    },
+    #[error(transparent)]
+    BadBuffer(#[from] BadBuffer),
     #[error("chain holds {0} bytes, less than the {VNET_HDR_LEN}-byte header")]
     TooShort(u64),
     #[error("frame of {0} bytes exceeds {MAX_TX_LEN}")]
@@ -171,10 +169,6 @@ struct Counters {
     rx_bytes: AtomicU64,
     rx_dropped: AtomicU64,
     rx_malformed: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
 }
 
 impl Counters {
@@ -730,26 +724,26 @@ fn rx_batch(
 ) -> Batch {
     for _ in 0..RX_BATCH {
         let Some(pending) = super::pending_chains(queue, mem, "virtio-net") else {
-            enable_notification(queue, mem);
+            enable_notification("virtio-net", queue, mem);
             return Batch::NoBuffers;
         };
         if pending == 0 {
             // Out of buffers: ask for a kick, then look once more in case the driver posted
             // some before it could see the request.
-            if enable_notification(queue, mem) {
+            if enable_notification("virtio-net", queue, mem) {
                 continue;
             }
             return Batch::NoBuffers;
         }
         let Some(desc_chain) = queue.pop_descriptor_chain(mem) else {
-            enable_notification(queue, mem);
+            enable_notification("virtio-net", queue, mem);
             return Batch::NoBuffers;
         };
         let head = desc_chain.head_index();
         if let Err(e) = chain.load(desc_chain, mem) {
             debug!(head, error = %e, "virtio-net: malformed RX chain; returned unused");
             bump(&stats.rx_malformed, 1);
-            add_used(queue, mem, head, 0, used);
+            add_used("virtio-net", queue, mem, head, 0, used);
             continue;
         }
         match chain.readv(tap) {
@@ -782,7 +776,14 @@ fn rx_batch(
                     debug!(head, error = %e, "virtio-net: cannot write num_buffers");
                 }
                 // n <= capacity <= 256 descriptors of u32: fits.
-                add_used(queue, mem, head, u32::try_from(n).unwrap_or(0), used);
+                add_used(
+                    "virtio-net",
+                    queue,
+                    mem,
+                    head,
+                    u32::try_from(n).unwrap_or(0),
+                    used,
+                );
                 bump(&stats.rx_frames, 1);
                 bump(&stats.rx_bytes, n - VNET_HDR_LEN as u64);
             }
@@ -805,48 +806,6 @@ fn rx_batch(
         }
     }
     Batch::More
-}
-
-fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, used: &mut bool) {
-    match queue.add_used(mem, head, len) {
-        Ok(()) => *used = true,
-        Err(e) => debug!(head, error = %e, "virtio-net: cannot return an RX buffer"),
-    }
-}
-
-/// Re-enable driver notifications; returns whether buffers were posted meanwhile.
-fn enable_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    queue.enable_notification(mem).unwrap_or_else(|e| {
-        debug!(error = %e, "virtio-net: cannot enable RX notifications");
-        false
-    })
-}
-
-/// Append iovecs covering the guest range `addr..addr + len` (one per memory region it spans).
-fn push_iovecs(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u32,
-    access: Permissions,
-    out: &mut Vec<libc::iovec>,
-) -> Result<(), FrameError> {
-    let bad = |source| FrameError::BadBuffer {
-        addr: addr.0,
-        len,
-        source,
-    };
-    let slices = GuestMemory::get_slices(mem, addr, len as usize, access).map_err(bad)?;
-    for slice in slices {
-        let slice = slice.map_err(bad)?;
-        // The mutable guard serves both directions: iovec only has `*mut`. Without Xen the guard
-        // maps nothing; the pointer stays valid as long as the regions `mem` holds.
-        let base = slice.ptr_guard_mut().as_ptr();
-        out.push(libc::iovec {
-            iov_base: base.cast(),
-            iov_len: slice.len(),
-        });
-    }
-    Ok(())
 }
 
 fn set_nonblocking(fd: RawFd) -> Result<(), NetError> {
