@@ -2,6 +2,7 @@
 //! where the i32 is the process exit code.
 
 pub mod bench;
+mod bench_boot;
 pub mod image;
 pub mod kernel;
 pub mod lab;
