@@ -20,6 +20,7 @@
 //! handler = "hello-cgi"     # the program (relative paths: from this file's directory)
 //! tree = "rootfs/"          # optional: more files for the guest's root (busybox, data)
 //! memory_mib = 128
+//! prepared = 2              # VMs built ahead for this route (off the request path); 0: none
 //! timeout_ms = 10000
 //! max_body = 1048576
 //! env = { GREETING = "hi" }
@@ -154,6 +155,10 @@ pub struct Route {
     pub vcpus: u8,
     #[serde(default)]
     pub hugepages: bool,
+    /// VMs kept prepared ahead for this route (memory, kernel, vCPUs built; nothing run),
+    /// each used by one request. 0 builds every VM on its request.
+    #[serde(default = "default_prepared")]
+    pub prepared: usize,
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
     #[serde(default = "default_max_body")]
@@ -214,6 +219,9 @@ fn default_net_size() -> u32 {
 fn default_net_prefill() -> u32 {
     4
 }
+fn default_prepared() -> usize {
+    2
+}
 fn default_memory() -> u64 {
     128
 }
@@ -250,6 +258,7 @@ impl Route {
             memory_mib: default_memory(),
             vcpus: default_vcpus(),
             hugepages: false,
+            prepared: default_prepared(),
             timeout_ms: default_timeout(),
             max_body: default_max_body(),
             port: default_port(),
@@ -423,6 +432,12 @@ impl Config {
             }
             if r.memory_mib > 64 * 1024 {
                 return Err(self.invalid(key("memory_mib"), "at most 65536 (64 GiB)"));
+            }
+            if r.prepared > 64 {
+                return Err(self.invalid(
+                    key("prepared"),
+                    format!("{} is too many VMs to keep ready: at most 64", r.prepared),
+                ));
             }
             if r.vcpus == 0 || r.vcpus > 32 {
                 return Err(self.invalid(key("vcpus"), "must be 1 to 32"));

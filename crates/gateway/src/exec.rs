@@ -225,6 +225,8 @@ pub struct VmSpec {
     pub hugepages: bool,
     pub vcpus: u8,
     pub timeout: Duration,
+    /// VMs of this shape prepared ahead (None: every request builds its own).
+    pub spares: Option<Arc<crate::spares::Spares>>,
 }
 
 impl VmSpec {
@@ -256,13 +258,17 @@ pub struct VmThread {
     pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
 }
 
-/// Boots `cfg` on a new thread. `metrics.vms_running` counts it until its teardown is done.
-/// `keep` (a TAP lease) is dropped after the VM is gone.
+/// Boots `cfg` on a new thread, from a VM prepared ahead when `spec` has one ready.
+/// `metrics.vms_running` counts it until its teardown is done. `keep` (a TAP lease) is
+/// dropped after the VM is gone.
 pub fn start_vm<K: Send + 'static>(
+    spec: &VmSpec,
     cfg: VmConfig,
     metrics: Arc<Metrics>,
     keep: K,
 ) -> Result<VmThread, ExecError> {
+    let t0 = Instant::now();
+    let prepared = spec.spares.as_ref().and_then(|s| s.take());
     let cancel = cfg.cancel.clone();
     let (tx, outcome) = oneshot::channel();
     metrics.vms_running.fetch_add(1, Ordering::Relaxed);
@@ -271,7 +277,11 @@ pub fn start_vm<K: Send + 'static>(
     let spawned = std::thread::Builder::new()
         .name("xcgi-vm".into())
         .spawn(move || {
-            let r = xcgi_vmm::run(&cfg, Instant::now(), None).map_err(|e| e.to_string());
+            let r = match prepared {
+                Some(p) => xcgi_vmm::launch(p, &cfg, t0, None),
+                None => xcgi_vmm::run(&cfg, t0, None),
+            }
+            .map_err(|e| e.to_string());
             drop(keep);
             m.vms_running.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(r);
@@ -314,7 +324,7 @@ pub fn spawn_vm_cgi(
     let cancel = Cancel::new();
     let mut cfg = spec.config(cancel.clone());
     cfg.channel = Some(Arc::new(OwnedFd::from(guest)));
-    let vm = start_vm(cfg, metrics, ())?;
+    let vm = start_vm(spec, cfg, metrics, ())?;
     let start = ch::Start {
         program: path_bytes(&inv.program),
         args: vec![path_bytes(&inv.program)],

@@ -5,6 +5,7 @@
 //! - [`prepare`]: once per route at start: kernel, `xcgi-init`, the route's guest image.
 //! - [`cgi`]: CGI/1.1 meta-variables and response parsing (RFC 3875).
 //! - [`exec`]: running one handler: VM (CGI over virtio-console) or process.
+//! - [`spares`]: VMs prepared ahead per route, so a request only adds its devices.
 //! - [`server`]: hyper server, routing, admission (concurrency, queue), HTTP-mode proxying,
 //!   timeouts, logs; [`metrics`]: `/metrics`.
 
@@ -14,6 +15,7 @@ pub mod exec;
 pub mod metrics;
 pub mod prepare;
 pub mod server;
+pub mod spares;
 
 pub use config::Config;
 pub use server::Server;

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub latency: Histogram,
     pub boot: Histogram,
     pub vms_running: AtomicI64,
+    /// VMs prepared ahead and waiting for a request.
+    pub vms_prepared: AtomicI64,
     pub queue_depth: AtomicI64,
     pub in_flight: AtomicI64,
     pub vms_started: AtomicU64,
@@ -106,6 +108,12 @@ impl Metrics {
             "xcgi_vms_running",
             "VMs alive now (teardown included).",
             self.vms_running.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "xcgi_vms_prepared",
+            "VMs built ahead (nothing run yet), waiting for a request.",
+            self.vms_prepared.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,

@@ -30,6 +30,7 @@ use crate::config::{Config, Isolation, Mode};
 use crate::exec::{self, Exchange, Finish, Invocation, Killer};
 use crate::metrics::Metrics;
 use crate::prepare::Prepared;
+use crate::spares::Spares;
 
 /// Local redirects followed for one request before giving up (502).
 const MAX_LOCAL_REDIRECTS: usize = 5;
@@ -58,6 +59,8 @@ pub enum ServeError {
     Workdir(std::io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot start the thread that prepares VMs ahead: {0}")]
+    Spares(std::io::Error),
 }
 
 type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -170,17 +173,32 @@ impl Server {
             .prefix("xcgi-serve-")
             .tempdir()
             .map_err(ServeError::Workdir)?;
-        let routes = crate::prepare::prepare(&cfg, workdir.path())?;
+        let mut routes = crate::prepare::prepare(&cfg, workdir.path())?;
         let net = if cfg.needs_network() {
             Some(GuestNet::new(&cfg)?)
         } else {
             None
         };
+        let metrics = Arc::new(Metrics::default());
+        if cfg.server.isolation == Isolation::Vm {
+            for r in &mut routes {
+                if let Some(spec) = &mut r.spec {
+                    let shape = spec.config(xcgi_vmm::vm::Cancel::new());
+                    spec.spares = Spares::start(
+                        &r.route.prefix,
+                        shape,
+                        r.route.prepared,
+                        Arc::clone(&metrics),
+                    )
+                    .map_err(ServeError::Spares)?;
+                }
+            }
+        }
         Ok(Server {
             slots: Arc::new(Semaphore::new(cfg.server.concurrency)),
             cfg,
             routes,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             waiting: AtomicUsize::new(0),
             net,
             next_id: AtomicU64::new(1),
@@ -239,6 +257,12 @@ impl Server {
             .is_err()
         {
             warn!("drain timeout passed; remaining requests are cut off");
+        }
+        // VMs prepared ahead and never used go too.
+        for r in &self.routes {
+            if let Some(spares) = r.spec.as_ref().and_then(|s| s.spares.as_ref()) {
+                spares.stop();
+            }
         }
         // Wait (bounded) for VMs still tearing down, so nothing outlives the server.
         let t = Instant::now();
@@ -549,7 +573,7 @@ impl Server {
             ip_param: lease.kernel_ip_param(),
             rx_ready: Some(Arc::clone(&rx_ready)),
         });
-        let vm = match exec::start_vm(cfg, Arc::clone(&self.metrics), lease) {
+        let vm = match exec::start_vm(spec, cfg, Arc::clone(&self.metrics), lease) {
             Ok(vm) => vm,
             Err(e) => {
                 log.note = Some(e.to_string());

@@ -1,7 +1,9 @@
 //! xcgi-vmm: a minimal microVM monitor on the rust-vmm crates.
 //!
 //! [`vm::run`] builds a VM from a [`vm::VmConfig`] (memory, kernel, root, devices, vCPUs),
-//! runs it to its end and returns a typed [`vm::Outcome`].
+//! runs it to its end and returns a typed [`vm::Outcome`]. It is [`vm::prepare`] (everything
+//! that does not depend on a request: memory, slots, kernel, vCPUs) followed by [`vm::launch`]
+//! (devices, command line, run), so a server can prepare VMs ahead of their requests.
 
 pub mod boot;
 pub mod devices;
@@ -9,4 +11,4 @@ pub mod layout;
 pub mod memory;
 pub mod vm;
 
-pub use vm::{run, ExitReason, Outcome, Timings, VmConfig, VmError};
+pub use vm::{launch, prepare, run, ExitReason, Outcome, PreparedVm, Timings, VmConfig, VmError};

@@ -71,6 +71,8 @@ pub enum VmError {
     ChannelFd(std::io::Error),
     #[error("creating an eventfd failed: {0}")]
     EventFd(std::io::Error),
+    #[error("a VM prepared for {prepared} was launched with {wanted}")]
+    ShapeMismatch { prepared: String, wanted: String },
     #[error("starting a vCPU thread failed: {0}")]
     Thread(std::io::Error),
 }
@@ -226,6 +228,9 @@ pub struct Timings {
     pub phases: Vec<(&'static str, Duration)>,
     /// Start to the first KVM_RUN.
     pub setup: Duration,
+    /// Set when the VM was built ahead of `start` ([`prepare`]): how long that took, off the
+    /// measured path. The phases are then the request path's only.
+    pub prepared_ahead: Option<Duration>,
     /// CLOCK_MONOTONIC (ns) at the first KVM_RUN, for measuring across processes.
     pub setup_end_clock_ns: u128,
     /// Releasing the VM: KVM fds, guest memory, threads.
@@ -300,6 +305,111 @@ pub fn run(
     start: Instant,
     live: Option<Box<dyn Write + Send>>,
 ) -> Result<Outcome, VmError> {
+    let prepared = prepare(cfg, start)?;
+    launch(prepared, cfg, start, live)
+}
+
+/// What a [`PreparedVm`] was built from. A prepared VM only launches with a config of the
+/// same shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shape {
+    kernel: PathBuf,
+    rootfs: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+    memory: MemoryConfig,
+    vcpus: u8,
+    load_mode: loader::LoadMode,
+}
+
+impl Shape {
+    fn of(cfg: &VmConfig) -> Shape {
+        Shape {
+            kernel: cfg.kernel.clone(),
+            rootfs: cfg.rootfs.clone(),
+            initramfs: cfg.initramfs.clone(),
+            memory: cfg.memory,
+            vcpus: cfg.vcpus,
+            load_mode: cfg.load_mode,
+        }
+    }
+}
+
+/// A VM built ahead of its request, up to everything that does not depend on the request:
+/// the KVM VM, its private guest memory and memory slots, the interrupt controller, the kernel
+/// and initramfs loaded (copy-on-write), page tables, and the vCPUs with their CPUID, MSRs and
+/// registers. No guest instruction has run in it. It is used once, by [`launch`], which adds
+/// the devices and the command line; dropping it unused releases everything.
+///
+/// Building these off the request path (a server keeps a few per route) is what makes the
+/// request path's setup small and flat in memory size: memory slots and kernel loading, the
+/// parts that grow with memory or cost page faults, are already done.
+pub struct PreparedVm {
+    // Field order is drop order: vCPUs, then the VM, then its memory.
+    vcpus: Vec<VcpuFd>,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    kernel: loader::LoadedKernel,
+    initrd: Option<(u64, u64)>,
+    root: RootSource,
+    shape: Shape,
+    phases: Vec<(&'static str, Duration)>,
+    /// When preparation ended.
+    ready_at: Instant,
+    /// How long preparation took (from its own start, not from `start`).
+    took: Duration,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedVm")
+            .field("shape", &self.shape)
+            .field("took", &self.took)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedVm {
+    /// The guest memory's host mappings, one (address, length) per region.
+    pub fn host_ranges(&self) -> Vec<(u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| (r.as_ptr() as u64, r.len()))
+            .collect()
+    }
+
+    /// How long building it took.
+    pub fn took(&self) -> Duration {
+        self.took
+    }
+}
+
+/// /dev/kvm, opened once per process.
+static KVM: OnceLock<Kvm> = OnceLock::new();
+/// What KVM supports, asked once per process.
+static SUPPORTED_CPUID: OnceLock<kvm_bindings::CpuId> = OnceLock::new();
+
+fn kvm_handle() -> Result<&'static Kvm, VmError> {
+    if let Some(k) = KVM.get() {
+        return Ok(k);
+    }
+    let k = Kvm::new().map_err(VmError::OpenKvm)?;
+    Ok(KVM.get_or_init(|| k))
+}
+
+fn supported_cpuid(kvm_sys: &Kvm) -> Result<&'static kvm_bindings::CpuId, VmError> {
+    if let Some(c) = SUPPORTED_CPUID.get() {
+        return Ok(c);
+    }
+    let c = kvm(
+        "KVM_GET_SUPPORTED_CPUID",
+        kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+    )?;
+    Ok(SUPPORTED_CPUID.get_or_init(|| c))
+}
+
+/// Builds everything of the VM described by `cfg` that does not depend on a request (see
+/// [`PreparedVm`]). `start` is the reference instant for the first phase.
+pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
     if cfg.vcpus == 0 || cfg.vcpus > 32 {
         return Err(VmError::BadVcpuCount(cfg.vcpus));
     }
@@ -310,10 +420,11 @@ pub fn run(
     };
     // Cheap checks first: fail before touching KVM.
     memory::validate(&cfg.memory)?;
+    let began = Instant::now();
     let mut clock = PhaseClock::new(start);
     clock.lap("process start");
 
-    let kvm_sys = Kvm::new().map_err(VmError::OpenKvm)?;
+    let kvm_sys = kvm_handle()?;
     let vm = kvm("KVM_CREATE_VM", kvm_sys.create_vm())?;
     clock.lap("create vm");
 
@@ -340,6 +451,77 @@ pub fn run(
         _ => None,
     };
     clock.lap("load initrd");
+
+    mptable::write(&mem, cfg.vcpus)?;
+    let cr3 = paging::write(&mem).map_err(VmError::PageTables)?;
+    clock.lap("page tables");
+
+    let cpuid = supported_cpuid(kvm_sys)?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for id in 0..cfg.vcpus {
+        let vcpu = kvm("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
+        cpu::setup_cpuid(&vcpu, cpuid.clone(), id, cfg.vcpus)?;
+        cpu::setup_msrs(&vcpu)?;
+        cpu::setup_lint(&vcpu)?;
+        if id == 0 {
+            cpu::setup_regs(&vcpu, kernel.entry)?;
+            cpu::setup_sregs(&vcpu, &mem, cr3)?;
+            cpu::setup_fpu(&vcpu)?;
+        }
+        vcpus.push(vcpu);
+    }
+    clock.lap("vcpus");
+    Ok(PreparedVm {
+        vcpus,
+        vm,
+        mem,
+        kernel,
+        initrd,
+        root,
+        shape: Shape::of(cfg),
+        phases: clock.phases,
+        ready_at: Instant::now(),
+        took: began.elapsed(),
+    })
+}
+
+/// Adds the request's devices and command line to a [`PreparedVm`], runs it to its end and
+/// tears it down. `cfg` must have the shape the VM was prepared with (kernel, root, memory,
+/// vCPUs); its devices, command line, deadline and cancel are this run's.
+///
+/// Times are measured from `start`. When the VM was prepared before `start` (ahead of the
+/// request), the reported phases are this call's only and [`Timings::prepared_ahead`] says
+/// what preparing took.
+pub fn launch(
+    prepared: PreparedVm,
+    cfg: &VmConfig,
+    start: Instant,
+    live: Option<Box<dyn Write + Send>>,
+) -> Result<Outcome, VmError> {
+    let shape = Shape::of(cfg);
+    if prepared.shape != shape {
+        return Err(VmError::ShapeMismatch {
+            prepared: format!("{:?}", prepared.shape),
+            wanted: format!("{shape:?}"),
+        });
+    }
+    let PreparedVm {
+        vcpus,
+        vm,
+        mem,
+        kernel,
+        initrd,
+        root,
+        phases,
+        ready_at,
+        took,
+        ..
+    } = prepared;
+    let ahead = ready_at <= start;
+    let mut clock = PhaseClock::new(if ahead { start } else { ready_at });
+    if !ahead {
+        clock.phases = phases;
+    }
 
     // Devices.
     let console = Arc::new(Mutex::new(Console::new(start, live)));
@@ -408,34 +590,14 @@ pub fn run(
             setup_header: kernel.setup_header,
         },
     )?;
-    mptable::write(&mem, cfg.vcpus)?;
-    let cr3 = paging::write(&mem).map_err(VmError::PageTables)?;
     clock.lap("boot params");
-
-    let cpuid = kvm(
-        "KVM_GET_SUPPORTED_CPUID",
-        kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
-    )?;
-    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-    for id in 0..cfg.vcpus {
-        let vcpu = kvm("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
-        cpu::setup_cpuid(&vcpu, cpuid.clone(), id, cfg.vcpus)?;
-        cpu::setup_msrs(&vcpu)?;
-        cpu::setup_lint(&vcpu)?;
-        if id == 0 {
-            cpu::setup_regs(&vcpu, kernel.entry)?;
-            cpu::setup_sregs(&vcpu, &mem, cr3)?;
-            cpu::setup_fpu(&vcpu)?;
-        }
-        vcpus.push(vcpu);
-    }
-    clock.lap("vcpus");
     tracing::debug!(%cmdline, entry = kernel.entry, "VM ready");
 
     let mut timings = Timings {
         phases: clock.phases,
         setup: start.elapsed(),
         setup_end_clock_ns: monotonic_ns(),
+        prepared_ahead: ahead.then_some(took),
         ..Default::default()
     };
     if cfg.setup_only {
@@ -750,6 +912,80 @@ mod tests {
         assert_eq!(ExitReason::Timeout.exit_code(), EXIT_TIMEOUT);
         assert_eq!(ExitReason::TripleFault.exit_code(), EXIT_GUEST_CRASH);
         assert_eq!(ExitReason::PowerOff.exit_code(), 0);
+    }
+
+    fn tiny_guest() -> (VmConfig, tempfile::NamedTempFile, tempfile::NamedTempFile) {
+        use crate::boot::loader::tests::{tiny_elf, write_tmp};
+        let payload: Vec<u8> = (0..4 * 4096).map(|i| (i % 251) as u8).collect();
+        let k = write_tmp(&tiny_elf(&payload, 4096));
+        let i = write_tmp(&payload);
+        let cfg = VmConfig {
+            kernel: k.path().into(),
+            initramfs: Some(i.path().into()),
+            memory: MemoryConfig {
+                size_mib: 64,
+                ..Default::default()
+            },
+            setup_only: true,
+            ..Default::default()
+        };
+        (cfg, k, i)
+    }
+
+    /// VMs prepared ahead from one config are separate VMs: their guest RAM does not overlap,
+    /// every mapping behind it is private, and a write into one is not in the other. Each
+    /// launches once, with the request path's phases only; a different shape is refused.
+    #[test]
+    fn prepared_vms_are_private_and_launch_with_the_request_path_only() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (cfg, _k, _i) = tiny_guest();
+        let a = prepare(&cfg, Instant::now()).unwrap();
+        let b = prepare(&cfg, Instant::now()).unwrap();
+        let (ra, rb) = (a.host_ranges(), b.host_ranges());
+        for &(sa, la) in &ra {
+            for &(sb, lb) in &rb {
+                assert!(sa + la <= sb || sb + lb <= sa, "guest RAM overlaps");
+            }
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut behind = 0;
+        for &(start, len) in ra.iter().chain(&rb) {
+            for line in maps.lines() {
+                let mut f = line.split_whitespace();
+                let (range, perms) = (f.next().unwrap(), f.next().unwrap());
+                let (lo, hi) = range.split_once('-').unwrap();
+                let lo = u64::from_str_radix(lo, 16).unwrap();
+                let hi = u64::from_str_radix(hi, 16).unwrap();
+                if lo < start + len && hi > start {
+                    assert_eq!(&perms[3..4], "p", "shared mapping in guest RAM: {line}");
+                    behind += 1;
+                }
+            }
+        }
+        assert!(behind >= 4, "only {behind} mappings behind two guests");
+        let at = GuestAddress(0x100_0000);
+        a.mem.write_obj(0x5555_5555_u32, at).unwrap();
+        assert_ne!(b.mem.read_obj::<u32>(at).unwrap(), 0x5555_5555);
+
+        // Launched after it was prepared: only the request path is timed.
+        let t = Instant::now();
+        let out = launch(a, &cfg, t, None).unwrap();
+        assert_eq!(out.reason, ExitReason::SetupOnly);
+        assert!(out.timings.prepared_ahead.is_some());
+        let names: Vec<_> = out.timings.phases.iter().map(|p| p.0).collect();
+        assert!(!names.contains(&"memory slots"), "{names:?}");
+        assert!(names.contains(&"boot params"), "{names:?}");
+
+        let mut other = cfg.clone();
+        other.memory.size_mib = 96;
+        let e = launch(b, &other, Instant::now(), None).unwrap_err();
+        assert!(matches!(e, VmError::ShapeMismatch { .. }), "{e}");
+
+        // Built and launched in one go (`run`), every phase is reported.
+        let out = run(&cfg, Instant::now(), None).unwrap();
+        assert!(out.timings.prepared_ahead.is_none());
+        let names: Vec<_> = out.timings.phases.iter().map(|p| p.0).collect();
+        assert!(names.contains(&"memory slots"), "{names:?}");
     }
 
     #[test]

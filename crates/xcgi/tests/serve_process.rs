@@ -21,15 +21,19 @@ struct Served {
 }
 
 impl Served {
-    /// Starts `xcgi serve --config` with `routes` (TOML) under a [server] with `server` lines.
+    /// Starts `xcgi serve --config` with `routes` (TOML) under a [server] with `server` lines
+    /// (isolation "process" unless they say otherwise).
     fn start(server: &str, routes: &str) -> Served {
+        let isolation = if server.contains("isolation") {
+            ""
+        } else {
+            "isolation = \"process\"\n"
+        };
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("xcgi.toml");
         std::fs::write(
             &cfg,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nisolation = \"process\"\n{server}\n{routes}"
-            ),
+            format!("[server]\nlisten = \"127.0.0.1:0\"\n{isolation}{server}\n{routes}"),
         )
         .unwrap();
         let mut child = Command::new(xcgi())
@@ -491,4 +495,63 @@ fn bad_configuration_is_refused_with_file_key_and_reason() {
         err.contains("route[0]") && err.contains("handler") && err.contains("/nonexistent"),
         "{err}"
     );
+}
+
+/// KVM fds (VMs, vCPUs) the server holds: (VMs, vCPUs).
+fn kvm_fds(pid: u32) -> (usize, usize) {
+    let mut n = (0, 0);
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let link = std::fs::read_link(e.path()).unwrap_or_default();
+        match link.to_string_lossy().as_ref() {
+            "anon_inode:kvm-vm" => n.0 += 1,
+            l if l.starts_with("anon_inode:kvm-vcpu") => n.1 += 1,
+            _ => {}
+        }
+    }
+    n
+}
+
+/// VM isolation builds VMs ahead for each route (this host's /dev/kvm runs every setup call;
+/// booting is the lab's job, serve_vm.rs): the pool fills to each route's `prepared`, holds
+/// exactly that many VMs and vCPUs, and releases them all when the server stops.
+#[test]
+fn vm_routes_keep_their_prepared_vms_and_release_them_on_exit() {
+    let kernel = kernel();
+    let server = format!(
+        "isolation = \"vm\"\nkernel = \"{}\"\ninit = \"{}\"",
+        kernel.display(),
+        xcgi_init().display()
+    );
+    let routes = route("/a", &cgi_c(), "prepared = 3\nmemory_mib = 64")
+        + &route("/b", &cgi_c(), "prepared = 0")
+        + &route("/c", &cgi_c(), "");
+    let s = Served::start(&server, &routes);
+    let metric = |name: &str| -> Option<i64> {
+        let (body, _) = curl(&[&s.url("/metrics")]);
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+    };
+    let t = Instant::now();
+    while metric("xcgi_vms_prepared") != Some(5) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "pool never filled (3 for /a, 2 by default for /c): {:?}\n{}",
+            metric("xcgi_vms_prepared"),
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And stays there: nothing is prepared beyond the target.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric("xcgi_vms_prepared"), Some(5));
+    assert_eq!(
+        kvm_fds(s.pid()),
+        (5, 5),
+        "one VM and one vCPU per prepared VM"
+    );
+    assert_eq!(metric("xcgi_vms_started_total"), Some(0));
+    assert_eq!(s.stop(), 0);
 }

@@ -53,13 +53,16 @@ prefix = "/slow"
 handler = "$CGI"
 timeout_ms = 8000
 max_body = 1000
+prepared = 0
 [[route]]
 prefix = "/sh"
 handler = "$SH"
 tree = "$TREE"
+prepared = 1
 [[route]]
 prefix = "/go"
 handler = "$GO"
+prepared = 1
 EOF
         start_server main main.toml || exit 1
         A=127.0.0.1:8080
@@ -214,8 +217,13 @@ fn a_hundred_sequential_and_twenty_concurrent_requests_all_correct() {
         echo "concurrent_ok=$(cat c*.res | grep -c ok)"
         echo "vms_started=$(metric $A xcgi_vms_started_total)"
         echo "===end conc==="
+        # VMs prepared ahead hold fds too: count once the pool is full again
+        # (/cgi keeps 2, /sh and /go 1 each, /slow none).
+        wait_prepared() { w=0; while [ "$(metric $A xcgi_vms_prepared)" != 4 ] && [ $w -lt 600 ]; do sleep 0.1; w=$((w+1)); done; }
+        wait_prepared
+        echo "prepared=$(metric $A xcgi_vms_prepared)"
         fds_before=$(ls /proc/$(cat main.pid)/fd | wc -l)
-        curl -s http://$A/cgi > /dev/null; sleep 0.5
+        curl -s http://$A/cgi > /dev/null; sleep 0.5; wait_prepared
         echo "fds_grew=$(( $(ls /proc/$(cat main.pid)/fd | wc -l) - fds_before ))"
 "#,
         Duration::from_secs(900),
@@ -228,6 +236,11 @@ fn a_hundred_sequential_and_twenty_concurrent_requests_all_correct() {
     let c = section(&r.output, "conc");
     assert!(c.contains("concurrent_ok=20"), "{c}");
     assert!(r.output.contains("fds_grew=0"), "{}", r.output);
+    assert!(
+        r.output.contains("prepared=4"),
+        "the routes keep 4 VMs prepared:\n{}",
+        r.output
+    );
 }
 
 #[test]

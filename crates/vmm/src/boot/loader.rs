@@ -422,7 +422,7 @@ pub fn load_initrd(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
     use vm_memory::Bytes;
@@ -432,7 +432,7 @@ mod tests {
     }
 
     /// A minimal 64-bit x86 ELF with one PT_LOAD segment at 16 MiB.
-    fn tiny_elf(payload: &[u8], bss: u64) -> Vec<u8> {
+    pub(crate) fn tiny_elf(payload: &[u8], bss: u64) -> Vec<u8> {
         let mut f = vec![0u8; 0x1000];
         f[0..4].copy_from_slice(ELF_MAGIC);
         f[4] = 2;
@@ -455,7 +455,7 @@ mod tests {
         f
     }
 
-    fn write_tmp(bytes: &[u8]) -> tempfile::NamedTempFile {
+    pub(crate) fn write_tmp(bytes: &[u8]) -> tempfile::NamedTempFile {
         let mut t = tempfile::NamedTempFile::new().unwrap();
         t.write_all(bytes).unwrap();
         t

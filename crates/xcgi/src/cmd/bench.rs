@@ -48,6 +48,11 @@ struct SetupArgs {
     /// start, which holds the host-side namespace and TAP).
     #[arg(long)]
     net: bool,
+    /// Also measure the request path of a VM prepared ahead (as `xcgi serve` keeps them): in
+    /// this process, `prepare` a VM (untimed), then time `launch` with a CGI channel device
+    /// to the point of the first KVM_RUN.
+    #[arg(long)]
+    prepared: bool,
     /// Also write the medians as an SVG chart (setup time against memory size, log-log).
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
@@ -172,6 +177,44 @@ fn setup_once(
     Ok(r)
 }
 
+/// One VM prepared ahead, then launched (setup only) with a CGI channel device as a request
+/// would: (request path ms, prepare ms, request path phases).
+type PreparedRun = (f64, f64, Vec<(&'static str, f64)>);
+
+fn prepared_once(s: &SetupArgs, mem: u64, huge: bool) -> anyhow::Result<PreparedRun> {
+    use std::os::fd::OwnedFd;
+    use std::sync::Arc;
+    let mut cfg = xcgi_vmm::VmConfig {
+        kernel: s.kernel.clone(),
+        initramfs: Some(s.initramfs.clone()),
+        memory: xcgi_vmm::memory::MemoryConfig {
+            size_mib: mem,
+            hugepages: huge,
+            populate: false,
+        },
+        setup_only: true,
+        ..Default::default()
+    };
+    let prepared = xcgi_vmm::prepare(&cfg, std::time::Instant::now())?;
+    let took = prepared.took().as_secs_f64() * 1e3;
+    // Let the preparation's own page faults and allocations settle, as they would in a pool.
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let (_host, guest) =
+        std::os::unix::net::UnixStream::pair().context("creating the channel socketpair")?;
+    cfg.channel = Some(Arc::new(OwnedFd::from(guest)));
+    let t = std::time::Instant::now();
+    let out = xcgi_vmm::launch(prepared, &cfg, t, None)?;
+    Ok((
+        out.timings.setup.as_secs_f64() * 1e3,
+        took,
+        out.timings
+            .phases
+            .iter()
+            .map(|(n, d)| (*n, d.as_secs_f64() * 1e3))
+            .collect(),
+    ))
+}
+
 fn read_sysctl() -> Option<u64> {
     std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
         .ok()?
@@ -286,6 +329,76 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     vmm,
                     devices,
                     median(&mut teardown),
+                    top.join(", ")
+                );
+            }
+        }
+    }
+    if s.prepared {
+        println!(
+            "# request path: a VM prepared ahead (off the request path) launched to its first KVM_RUN, in-process, {} runs each",
+            s.runs
+        );
+        println!(
+            "{:>8} {:>6} {:>10} {:>10} {:>12}  slowest phases (median ms)",
+            "mem MiB", "pages", "median ms", "p90 ms", "prepare ms"
+        );
+        for &mem in &s.mem {
+            for huge in [false, true] {
+                if huge && !huge_ok {
+                    println!("{mem:>8} {:>6}  skipped: not enough free huge pages", "2M");
+                    continue;
+                }
+                let mut req = Vec::new();
+                let mut prep = Vec::new();
+                let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
+                // One warm-up run (process-level caches: /dev/kvm, CPUID), then the measured.
+                for i in 0..=s.runs {
+                    let r = match prepared_once(&s, mem, huge) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            eprintln!("xcgi bench: {e:#}");
+                            failed = true;
+                            break;
+                        }
+                    };
+                    if i == 0 {
+                        continue;
+                    }
+                    req.push(r.0);
+                    prep.push(r.1);
+                    for (name, v) in r.2 {
+                        match phases.iter_mut().find(|(n, _)| *n == name) {
+                            Some((_, vs)) => vs.push(v),
+                            None => phases.push((name, vec![v])),
+                        }
+                    }
+                }
+                let mut top: Vec<(&str, f64)> = phases
+                    .into_iter()
+                    .map(|(n, mut v)| (n, median(&mut v)))
+                    .collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let top: Vec<String> = top
+                    .iter()
+                    .take(3)
+                    .map(|(n, v)| format!("{n} {v:.3}"))
+                    .collect();
+                let m = median(&mut req.clone());
+                plotted.push((
+                    format!(
+                        "{}, prepared ahead: request path",
+                        if huge { "2 MiB pages" } else { "4 KiB pages" }
+                    ),
+                    mem as f64,
+                    m,
+                ));
+                println!(
+                    "{mem:>8} {:>6} {:>10.3} {:>10.3} {:>12.3}  {}",
+                    if huge { "2M" } else { "4K" },
+                    m,
+                    percentile(&mut req, 0.9),
+                    median(&mut prep),
                     top.join(", ")
                 );
             }

@@ -31,6 +31,12 @@ pub struct Args {
     /// With --handler: guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     memory: u64,
+    /// With --handler: VMs kept prepared ahead (built, nothing run; one per request).
+    #[arg(long, default_value_t = 2)]
+    prepared: usize,
+    /// With --handler: 2 MiB huge pages for guest memory (needs vm.nr_hugepages).
+    #[arg(long)]
+    hugepages: bool,
     /// With --handler: per-request timeout in milliseconds (then 504).
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     timeout_ms: u64,
@@ -81,6 +87,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             route.program = args.program.clone();
             route.port = args.port;
             route.memory_mib = args.memory;
+            route.prepared = args.prepared;
+            route.hugepages = args.hugepages;
             route.timeout_ms = args.timeout_ms;
             Config::from_parts(
                 ServerSection::default(),
