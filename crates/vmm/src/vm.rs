@@ -130,6 +130,8 @@ pub struct VmConfig {
     pub cancel: Cancel,
     /// A virtio-net interface backed by a TAP device.
     pub net: Option<NetAttachment>,
+    /// Measure the host memory behind the VM when it ends ([`Outcome::memory`]).
+    pub measure_memory: bool,
     /// A virtio-console port (/dev/hvc0 in the guest) bridged to this connected Unix stream
     /// socket. The VM uses a duplicate, closed when `run` returns; the socket is put in
     /// non-blocking mode (shared by every duplicate).
@@ -151,6 +153,7 @@ impl Default for VmConfig {
             cancel: Cancel::default(),
             net: None,
             channel: None,
+            measure_memory: false,
         }
     }
 }
@@ -247,6 +250,8 @@ pub struct Outcome {
     /// The console, each line stamped (capped at 1 MiB).
     pub console: String,
     pub timings: Timings,
+    /// Host memory behind the VM at its end (with [`VmConfig::measure_memory`]).
+    pub memory: Option<memory::MemoryUse>,
 }
 
 impl Outcome {
@@ -600,7 +605,13 @@ pub fn launch(
         prepared_ahead: ahead.then_some(took),
         ..Default::default()
     };
+    let measure = |mem: &GuestMemoryMmap| {
+        cfg.measure_memory
+            .then(|| memory::usage(mem))
+            .and_then(|r| r.map_err(|e| tracing::warn!("measuring memory: {e}")).ok())
+    };
     if cfg.setup_only {
+        let memory = measure(&mem);
         let t = Instant::now();
         drop(vcpus);
         drop(mmio);
@@ -613,6 +624,7 @@ pub fn launch(
             reason: ExitReason::SetupOnly,
             console: String::new(),
             timings,
+            memory,
         });
     }
 
@@ -661,6 +673,7 @@ pub fn launch(
         (r, _, _) => r,
     };
     timings.first_output = first_output;
+    let memory = measure(&mem);
     let t = Instant::now();
     drop(devices);
     drop(vm);
@@ -671,6 +684,7 @@ pub fn launch(
         reason,
         console: console_text,
         timings,
+        memory,
     })
 }
 

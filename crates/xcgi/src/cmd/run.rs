@@ -60,6 +60,10 @@ pub struct Args {
     /// The /30 the guest's link uses: host side base+1, guest base+2.
     #[arg(long, requires = "net", default_value = "172.16.0.0")]
     pub net_base: std::net::Ipv4Addr,
+    /// Print the host memory behind the VM when it ends: guest pages touched (4 KiB resident,
+    /// 2 MiB huge pages) and the process's peak resident memory beyond them.
+    #[arg(long)]
+    pub memory_stats: bool,
     /// Print no summary line.
     #[arg(long, short)]
     pub quiet: bool,
@@ -112,6 +116,7 @@ pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
         cancel: Cancel::new(),
         net: None,
         channel: None,
+        measure_memory: a.memory_stats,
     })
 }
 
@@ -239,6 +244,15 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
             ms(t.total),
             outcome.reason.describe(),
             outcome.exit_code()
+        );
+    }
+    if let Some(m) = &outcome.memory {
+        println!(
+            "xcgi: memory: guest touched {} KiB in 4 KiB pages + {} huge pages | process peak RSS {} KiB | overhead beyond guest pages {} KiB",
+            m.guest_resident_kib,
+            m.guest_huge_pages,
+            m.process_peak_kib,
+            m.overhead_kib()
         );
     }
     if outcome.reason == ExitReason::Cancelled {
