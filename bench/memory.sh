@@ -6,7 +6,7 @@
 #   bench/memory.sh VMLINUX INITRAMFS RUNS
 set -eu
 K=$1; I=$2; N=${3:-3}
-echo "mem_mib pages run guest_4k_kib huge_pages process_peak_kib overhead_kib exit"
+echo "mem_mib pages run guest_4k_kib huge_pages shared_file_kib process_peak_kib overhead_kib exit"
 for mem in 128 1024; do
   for pages in 4k 2m; do
     flag=""; [ $pages = 2m ] && flag="--hugepages"
@@ -14,9 +14,9 @@ for mem in 128 1024; do
     while [ $r -le "$N" ]; do
       out=$(xcgi run --kernel "$K" --initramfs "$I" --mem $mem $flag --memory-stats --timeout 120 2>&1) && code=0 || code=$?
       line=$(echo "$out" | grep 'xcgi: memory:' || true)
-      # "guest touched A KiB in 4 KiB pages + B huge pages | process peak RSS C KiB | overhead ... D KiB"
+      # "guest touched A KiB in 4 KiB pages + B huge pages | F KiB ... | process peak RSS C KiB | overhead ... D KiB"
       set -- $(echo "$line" | tr -c '0-9\n' ' ')
-      echo "$mem $pages $r ${1:-?} ${3:-?} ${4:-?} ${5:-?} $code"
+      echo "$mem $pages $r ${1:-?} ${3:-?} ${4:-?} ${5:-?} ${6:-?} $code"
       r=$((r+1))
     done
   done

@@ -174,6 +174,9 @@ pub fn create(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
 pub struct MemoryUse {
     /// Guest RAM backed by 4 KiB pages that the guest touched (resident), in KiB.
     pub guest_resident_kib: u64,
+    /// Of those, pages still shared with the page cache: kernel and initramfs pages the guest
+    /// read but never wrote (mapped copy-on-write, not copied), in KiB.
+    pub guest_shared_file_kib: u64,
     /// 2 MiB huge pages the guest touched.
     pub guest_huge_pages: u64,
     /// The process's peak resident set (VmHWM), in KiB. Huge pages are not part of it.
@@ -200,25 +203,33 @@ fn kib_field(line: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-/// Pages of `[addr, addr + len)` present in this process's page tables (touched), from
-/// /proc/self/pagemap (bit 63 of each 8-byte entry). Exact per range, unlike smaps, whose
-/// entries are whole mappings (the kernel merges neighbouring ones).
-fn present_pages(pagemap: &std::fs::File, addr: u64, len: u64) -> io::Result<u64> {
+/// Pages of `[addr, addr + len)` present in this process's page tables (touched), and how many
+/// of them are file pages (bit 61: never written, still the page cache's), from
+/// /proc/self/pagemap (bit 63 of each 8-byte entry: present). Exact per range, unlike smaps,
+/// whose entries are whole mappings (the kernel merges neighbouring ones).
+fn present_pages(pagemap: &std::fs::File, addr: u64, len: u64) -> io::Result<(u64, u64)> {
     use std::os::unix::fs::FileExt;
     const CHUNK: u64 = 64 * 1024; // entries per read (512 KiB)
     let first = addr / 4096;
     let pages = len.div_ceil(4096);
     let mut buf = vec![0u8; (CHUNK * 8) as usize];
-    let mut present = 0;
+    let (mut present, mut file) = (0, 0);
     let mut done = 0;
     while done < pages {
         let n = (pages - done).min(CHUNK);
         let bytes = &mut buf[..(n * 8) as usize];
         pagemap.read_exact_at(bytes, (first + done) * 8)?;
-        present += bytes.chunks_exact(8).filter(|e| e[7] & 0x80 != 0).count() as u64;
+        for e in bytes.chunks_exact(8) {
+            if e[7] & 0x80 != 0 {
+                present += 1;
+                if e[7] & 0x20 != 0 {
+                    file += 1;
+                }
+            }
+        }
         done += n;
     }
-    Ok(present)
+    Ok((present, file))
 }
 
 /// Measures what `mem`'s guest has touched and the process's resident memory.
@@ -227,11 +238,12 @@ pub fn usage(mem: &GuestMemoryMmap) -> io::Result<MemoryUse> {
     let pagemap = std::fs::File::open("/proc/self/pagemap")?;
     let mut u = MemoryUse::default();
     for r in mem.iter() {
-        let present = present_pages(&pagemap, r.as_ptr() as u64, r.len())?;
+        let (present, file) = present_pages(&pagemap, r.as_ptr() as u64, r.len())?;
         if r.is_hugetlbfs() == Some(true) {
             u.guest_huge_pages += present.div_ceil(512);
         } else {
             u.guest_resident_kib += present * 4;
+            u.guest_shared_file_kib += file * 4;
         }
     }
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -325,6 +337,33 @@ mod tests {
         assert_eq!(after.guest_huge_pages, 0);
         assert!(after.process_peak_kib >= after.process_now_kib);
         assert!(after.process_now_kib >= after.guest_resident_kib);
+    }
+
+    /// Pages mapped copy-on-write from a file count as shared until the guest writes them.
+    #[test]
+    fn usage_tells_pages_still_shared_with_the_file_from_written_ones() {
+        use crate::boot::loader::{load_initrd, tests::write_tmp, LoadMode};
+        let mem = create(&MemoryConfig {
+            size_mib: 64,
+            ..Default::default()
+        })
+        .unwrap();
+        let f = write_tmp(&vec![7u8; 64 * 4096]);
+        let (addr, _) = load_initrd(&mem, f.path(), 0x100_0000, LoadMode::Map).unwrap();
+        for p in 0..64 {
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(addr + p * 4096)).unwrap(),
+                7
+            );
+        }
+        let read = usage(&mem).unwrap();
+        assert_eq!(read.guest_shared_file_kib, 64 * 4);
+        for p in 0..4 {
+            mem.write_obj(1u8, GuestAddress(addr + p * 4096)).unwrap();
+        }
+        let written = usage(&mem).unwrap();
+        assert_eq!(written.guest_shared_file_kib, 60 * 4);
+        assert_eq!(written.guest_resident_kib, read.guest_resident_kib);
     }
 
     #[test]
