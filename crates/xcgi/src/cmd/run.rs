@@ -248,12 +248,13 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
     }
     if let Some(m) = &outcome.memory {
         println!(
-            "xcgi: memory: guest touched {} KiB in 4 KiB pages + {} huge pages | {} KiB of them shared with the page cache | process peak RSS {} KiB | overhead beyond guest pages {} KiB",
+            "xcgi: memory: guest touched {} KiB in 4 KiB pages + {} huge pages | {} KiB of them shared with the page cache | process peak RSS {} KiB | overhead beyond guest pages {} KiB, {} KiB of it private",
             m.guest_resident_kib,
             m.guest_huge_pages,
             m.guest_shared_file_kib,
             m.process_peak_kib,
-            m.overhead_kib()
+            m.overhead_kib(),
+            m.private_overhead_kib()
         );
     }
     if outcome.reason == ExitReason::Cancelled {
