@@ -244,18 +244,43 @@ fn present_pages(pagemap: &std::fs::File, addr: u64, len: u64) -> io::Result<(u6
     Ok((present, file))
 }
 
+/// The pieces of host `[start, start + len)` by mapping, from /proc/self/smaps: (start, end,
+/// huge pages?). Huge-page RAM can hold 4 KiB windows (the kernel's, the initramfs's).
+fn pieces(smaps: &str, start: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-') {
+            if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                let (lo, hi) = (lo.max(start), hi.min(start + len));
+                current = (lo < hi).then_some((lo, hi));
+                continue;
+            }
+        }
+        if let (Some((lo, hi)), Some(size)) = (current, line.strip_prefix("KernelPageSize:")) {
+            out.push((lo, hi, size.trim() != "4 kB"));
+            current = None;
+        }
+    }
+    out
+}
+
 /// Measures what `mem`'s guest has touched and the process's resident memory.
 pub fn usage(mem: &GuestMemoryMmap) -> io::Result<MemoryUse> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut u = MemoryUse::default();
     for r in mem.iter() {
-        let (present, file) = present_pages(&pagemap, r.as_ptr() as u64, r.len())?;
-        if r.is_hugetlbfs() == Some(true) {
-            u.guest_huge_pages += present.div_ceil(512);
-        } else {
-            u.guest_resident_kib += present * 4;
-            u.guest_shared_file_kib += file * 4;
+        for (lo, hi, huge) in pieces(&smaps, r.as_ptr() as u64, r.len()) {
+            let (present, file) = present_pages(&pagemap, lo, hi - lo)?;
+            if huge {
+                u.guest_huge_pages += present.div_ceil(512);
+            } else {
+                u.guest_resident_kib += present * 4;
+                u.guest_shared_file_kib += file * 4;
+            }
         }
     }
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -354,6 +379,28 @@ mod tests {
         // The 4 MiB written are anonymous and guest RAM: not private overhead.
         assert!(after.process_anon_kib >= 4096);
         assert!(after.private_overhead_kib() < after.process_anon_kib);
+    }
+
+    #[test]
+    fn smaps_pieces_are_clipped_to_the_range_with_their_page_size() {
+        let smaps = "\
+7f0000000000-7f0001000000 rw-p 00000000 00:00 0
+Size:              16384 kB
+KernelPageSize:     2048 kB
+7f0001000000-7f0001200000 rw-p 00000000 00:00 0
+KernelPageSize:        4 kB
+7f0001200000-7f0004000000 rw-p 00000000 00:00 0
+KernelPageSize:     2048 kB
+";
+        let p = pieces(smaps, 0x7f00_0080_0000, 0x100_0000);
+        assert_eq!(
+            p,
+            vec![
+                (0x7f00_0080_0000, 0x7f00_0100_0000, true),
+                (0x7f00_0100_0000, 0x7f00_0120_0000, false),
+                (0x7f00_0120_0000, 0x7f00_0180_0000, true),
+            ]
+        );
     }
 
     /// Pages mapped copy-on-write from a file count as shared until the guest writes them.

@@ -17,6 +17,7 @@ const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
 const PAGE: u64 = 4096;
+const HUGE_PAGE: u64 = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -284,11 +285,24 @@ fn load_elf(
     path: &Path,
     mode: LoadMode,
 ) -> Result<LoadedKernel, LoaderError> {
-    let mut end = 0;
     for seg in &elf.segments {
         check_fits(mem, seg.paddr, seg.memsz, path)?;
+    }
+    let mut window = None;
+    if mode == LoadMode::Map {
+        let lo = elf.segments.iter().map(|s| s.paddr).min().unwrap_or(0);
+        let hi = elf
+            .segments
+            .iter()
+            .map(|s| s.paddr + s.memsz)
+            .max()
+            .unwrap_or(0);
+        window = small_page_window(mem, lo, hi);
+    }
+    let mut end = 0;
+    for seg in &elf.segments {
         let done = match mode {
-            LoadMode::Map => map_file_pages(mem, file, seg.offset, seg.paddr, seg.filesz),
+            LoadMode::Map => map_file_pages(mem, file, seg.offset, seg.paddr, seg.filesz, window),
             LoadMode::Copy => None,
         }
         .unwrap_or(0);
@@ -311,31 +325,86 @@ fn load_elf(
     })
 }
 
+/// In huge-page RAM, turns the 2 MiB pages that cover guest-physical `[start, end)` into
+/// ordinary anonymous 4 KiB pages (zero, private, reserved nothing), so that file pages can be
+/// mapped copy-on-write there as in ordinary RAM instead of copied into freshly zeroed huge
+/// pages. The rest of RAM keeps its huge pages. Returns the guest-physical window made, or
+/// None where RAM is not huge pages or the window cannot be made (RAM is then left as it was).
+fn small_page_window(mem: &GuestMemoryMmap, start: u64, end: u64) -> Option<SmallPages> {
+    let region = mem.find_region(GuestAddress(start))?;
+    if region.is_hugetlbfs() != Some(true) {
+        return None;
+    }
+    let base = region.start_addr().0;
+    let lo = (start / HUGE_PAGE * HUGE_PAGE).max(base);
+    let hi = end
+        .div_ceil(HUGE_PAGE)
+        .saturating_mul(HUGE_PAGE)
+        .min(base + region.len());
+    if hi <= lo || !lo.is_multiple_of(HUGE_PAGE) || !(hi - lo).is_multiple_of(HUGE_PAGE) {
+        return None;
+    }
+    let host = mem.get_host_address(GuestAddress(lo)).ok()?;
+    // SAFETY: [host, host + hi - lo) lies inside the guest RAM mapping owned by `mem` and is
+    // 2 MiB aligned at both ends (a hugetlb mapping can only be replaced in whole huge pages);
+    // MAP_FIXED swaps those huge pages for anonymous pages of the same protection, which `mem`
+    // unmaps with the rest of the region on drop. Nothing has been written there yet.
+    let addr = unsafe {
+        libc::mmap(
+            host as *mut libc::c_void,
+            (hi - lo) as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED || addr as u64 != host as u64 {
+        tracing::debug!(
+            "4 KiB window in huge-page RAM failed ({}); copying",
+            io::Error::last_os_error()
+        );
+        return None;
+    }
+    Some(SmallPages { start: lo, end: hi })
+}
+
+/// A guest-physical range of huge-page RAM turned into 4 KiB pages by [`small_page_window`].
+#[derive(Debug, Clone, Copy)]
+struct SmallPages {
+    start: u64,
+    end: u64,
+}
+
 /// Maps the whole pages of a segment from the file, copy-on-write, over the anonymous guest
 /// RAM: no copy and no page faults until the guest touches a page, which then comes straight
 /// from the page cache (and is copied only if the guest writes it). Guest writes never reach
-/// the file. Returns how many bytes were mapped (None where this does not apply: huge pages,
-/// unaligned offsets, less than a page).
+/// the file. Returns how many bytes were mapped (None where this does not apply: huge pages
+/// without a 4 KiB window, unaligned offsets, less than a page).
 fn map_file_pages(
     mem: &GuestMemoryMmap,
     file: &File,
     offset: u64,
     paddr: u64,
     filesz: u64,
+    window: Option<SmallPages>,
 ) -> Option<u64> {
     use std::os::fd::AsRawFd;
     if !paddr.is_multiple_of(PAGE) || !offset.is_multiple_of(PAGE) {
         return None;
     }
     let region = mem.find_region(GuestAddress(paddr))?;
-    if region.is_hugetlbfs() != Some(false) {
-        return None;
-    }
     let len = filesz / PAGE * PAGE;
     if len == 0 {
         return None;
     }
     let host = mem.get_host_address(GuestAddress(paddr)).ok()?;
+    match (region.is_hugetlbfs(), window) {
+        (Some(false), _) => {}
+        // Huge-page RAM: only inside a 4 KiB window, never over huge pages.
+        (Some(true), Some(w)) if w.start <= paddr && paddr + len <= w.end => {}
+        _ => return None,
+    }
     // SAFETY: [host, host+len) lies inside the guest RAM mapping owned by `mem` (checked by
     // check_fits); MAP_FIXED replaces those anonymous pages with a private file mapping of the
     // same size and protection, which `mem` unmaps with the rest of the region on drop.
@@ -411,7 +480,15 @@ pub fn load_initrd(
         return Err(too_big());
     }
     let done = match mode {
-        LoadMode::Map => map_file_pages(mem, &file, 0, addr, size),
+        LoadMode::Map => {
+            // A window must not reach down into the kernel's (it would replace its pages).
+            let clear_of_kernel =
+                addr / HUGE_PAGE * HUGE_PAGE >= kernel_end.div_ceil(HUGE_PAGE) * HUGE_PAGE;
+            let window = clear_of_kernel
+                .then(|| small_page_window(mem, addr, addr + size))
+                .flatten();
+            map_file_pages(mem, &file, 0, addr, size, window)
+        }
         LoadMode::Copy => None,
     }
     .unwrap_or(0);
@@ -573,6 +650,110 @@ pub(crate) mod tests {
             &std::fs::read(kfile.path()).unwrap()[4096..4096 + 16],
             &payload[..16]
         );
+        assert_eq!(std::fs::read(ifile.path()).unwrap(), payload);
+    }
+
+    /// Raises vm.nr_hugepages until `free` huge pages are free; puts the old value back on drop.
+    struct HugePool(Option<u64>);
+
+    impl HugePool {
+        fn reserve(free: u64) -> HugePool {
+            let have = crate::memory::free_huge_pages().unwrap_or(0);
+            if have >= free {
+                return HugePool(None);
+            }
+            let sysctl = "/proc/sys/vm/nr_hugepages";
+            let old: u64 = std::fs::read_to_string(sysctl)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            std::fs::write(sysctl, (old + free - have).to_string())
+                .expect("raising vm.nr_hugepages (the test runs as root)");
+            let now = crate::memory::free_huge_pages().unwrap_or(0);
+            assert!(now >= free, "only {now} huge pages could be reserved");
+            HugePool(Some(old))
+        }
+    }
+
+    impl Drop for HugePool {
+        fn drop(&mut self) {
+            if let Some(old) = self.0 {
+                let _ = std::fs::write("/proc/sys/vm/nr_hugepages", old.to_string());
+            }
+        }
+    }
+
+    /// Huge-page RAM: the kernel and the initramfs are mapped copy-on-write in 4 KiB windows
+    /// instead of copied into huge pages; loading them touches no huge page, the rest of RAM
+    /// stays huge pages, and two guests still share nothing writable.
+    #[test]
+    fn huge_page_ram_maps_kernel_and_initrd_in_small_page_windows() {
+        use vm_memory::{Address, GuestMemoryBackend};
+        let _pool = HugePool::reserve(64);
+        let new_mem = || {
+            crate::memory::create(&crate::memory::MemoryConfig {
+                size_mib: 64,
+                hugepages: true,
+                populate: false,
+            })
+            .unwrap()
+        };
+        let payload: Vec<u8> = (0..8 * 4096).map(|i| (i % 251) as u8).collect();
+        let kfile = write_tmp(&tiny_elf(&payload, 3 * 4096));
+        let ifile = write_tmp(&payload);
+        let (a, b) = (new_mem(), new_mem());
+        let ka = load_kernel(&a, kfile.path(), LoadMode::Map).unwrap();
+        load_kernel(&b, kfile.path(), LoadMode::Map).unwrap();
+        let ia = load_initrd(&a, ifile.path(), ka.end, LoadMode::Map).unwrap();
+        load_initrd(&b, ifile.path(), ka.end, LoadMode::Map).unwrap();
+
+        let used = crate::memory::usage(&a).unwrap();
+        assert_eq!(
+            used.guest_huge_pages, 0,
+            "loading touched huge pages: {used:?}"
+        );
+        let kernel_at = GuestAddress(0x100_0000);
+        let initrd_at = GuestAddress(ia.0);
+        let mut got = vec![0u8; payload.len()];
+        a.read_slice(&mut got, kernel_at).unwrap();
+        assert_eq!(got, payload);
+        a.read_slice(&mut got, initrd_at).unwrap();
+        assert_eq!(got, payload);
+        // bss is zero.
+        let bss: u64 = a
+            .read_obj(kernel_at.unchecked_add(payload.len() as u64))
+            .unwrap();
+        assert_eq!(bss, 0);
+        let used = crate::memory::usage(&a).unwrap();
+        assert_eq!(used.guest_huge_pages, 0, "{used:?}");
+        assert_eq!(
+            used.guest_shared_file_kib,
+            2 * 32,
+            "kernel and initrd pages come from the page cache: {used:?}"
+        );
+        // Below the kernel, RAM is still huge pages.
+        a.write_obj(1u8, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(crate::memory::usage(&a).unwrap().guest_huge_pages, 1);
+        for m in [&a, &b] {
+            assert!(
+                std::fs::read_to_string("/proc/self/maps")
+                    .unwrap()
+                    .contains(kfile.path().to_str().unwrap()),
+                "the kernel is a file mapping"
+            );
+            assert!(m.num_regions() == 1);
+        }
+
+        // A's writes reach neither B nor the files.
+        for off in (0..payload.len() as u64).step_by(512) {
+            a.write_obj(0xAAu8, kernel_at.unchecked_add(off)).unwrap();
+            a.write_obj(0xAAu8, initrd_at.unchecked_add(off)).unwrap();
+        }
+        b.read_slice(&mut got, kernel_at).unwrap();
+        assert_eq!(got, payload, "guest B's kernel changed");
+        b.read_slice(&mut got, initrd_at).unwrap();
+        assert_eq!(got, payload, "guest B's initrd changed");
         assert_eq!(std::fs::read(ifile.path()).unwrap(), payload);
     }
 
