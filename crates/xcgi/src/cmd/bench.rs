@@ -240,7 +240,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         s.kernel.display()
     );
     println!(
-        "{:>8} {:>6} {:>9} {:>4} {:>10} {:>10} {:>12} {:>8} {:>8} {:>12}  slowest phases (median ms)",
+        "{:>8} {:>6} {:>9} {:>4} {:>10} {:>10} {:>12} {:>8} {:>8} {:>8} {:>12}  slowest phases (median ms)",
         "mem MiB",
         "pages",
         "populate",
@@ -249,6 +249,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         "p90 ms",
         "in-proc ms",
         "vmm ms",
+        "slots",
         "devices",
         "teardown ms"
     );
@@ -301,6 +302,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                         .unwrap_or(f64::NAN)
                 };
                 let devices = phase("devices");
+                let slots = phase("memory_slots");
                 let in_proc = median(&mut inproc);
                 let vmm = in_proc - phase("process_start");
                 top.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -320,13 +322,14 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     median(&mut spawn.clone()),
                 ));
                 println!(
-                    "{mem:>8} {:>6} {:>9} {net:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>12.3}  {}",
+                    "{mem:>8} {:>6} {:>9} {net:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>8.3} {:>12.3}  {}",
                     if huge { "2M" } else { "4K" },
                     populate,
                     median(&mut spawn.clone()),
                     percentile(&mut spawn, 0.9),
                     in_proc,
                     vmm,
+                    slots,
                     devices,
                     median(&mut teardown),
                     top.join(", ")
