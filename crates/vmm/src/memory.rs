@@ -71,22 +71,32 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
-/// Free 2 MiB huge pages, from /proc/meminfo (None when unknown).
+/// 2 MiB huge pages that a new mapping can still get, from /proc/meminfo (None when
+/// unknown): free minus reserved. Pages reserved by existing mappings (every huge-page VM
+/// reserves all of its pages when it maps them, prepared VMs included) are counted as free
+/// until touched, but are not available.
 pub fn free_huge_pages() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    available_huge_pages(&info)
+}
+
+fn available_huge_pages(meminfo: &str) -> Option<u64> {
     let mut free = None;
+    let mut reserved = 0;
     let mut size_kb = None;
-    for line in info.lines() {
+    for line in meminfo.lines() {
         let mut it = line.split_whitespace();
+        let value = |it: &mut std::str::SplitWhitespace<'_>| it.next()?.parse::<u64>().ok();
         match it.next() {
-            Some("HugePages_Free:") => free = it.next().and_then(|v| v.parse::<u64>().ok()),
-            Some("Hugepagesize:") => size_kb = it.next().and_then(|v| v.parse::<u64>().ok()),
+            Some("HugePages_Free:") => free = value(&mut it),
+            Some("HugePages_Rsvd:") => reserved = value(&mut it).unwrap_or(0),
+            Some("Hugepagesize:") => size_kb = value(&mut it),
             _ => {}
         }
     }
     // Only the default huge page size is counted; we map 2 MiB pages.
     match size_kb {
-        Some(2048) => free,
+        Some(2048) => free.map(|f| f.saturating_sub(reserved)),
         _ => Some(0),
     }
 }
@@ -428,6 +438,14 @@ KernelPageSize:     2048 kB
         let written = usage(&mem).unwrap();
         assert_eq!(written.guest_shared_file_kib, 60 * 4);
         assert_eq!(written.guest_resident_kib, read.guest_resident_kib);
+    }
+
+    #[test]
+    fn reserved_huge_pages_are_not_available() {
+        let info = "HugePages_Total:     200\nHugePages_Free:      113\nHugePages_Rsvd:       64\nHugePages_Surp:        0\nHugepagesize:       2048 kB\n";
+        assert_eq!(available_huge_pages(info), Some(49));
+        let other = "HugePages_Free:      113\nHugepagesize:    1048576 kB\n";
+        assert_eq!(available_huge_pages(other), Some(0));
     }
 
     #[test]

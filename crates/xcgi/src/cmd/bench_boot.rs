@@ -1,14 +1,49 @@
 //! `xcgi bench boot`: boot to init with xcgi and with QEMU `-M microvm -enable-kvm`, same kernel
-//! and initramfs, same machine, same run (in the lab where hardware KVM is missing).
+//! and initramfs, same machine, same run (in the lab where hardware KVM is missing), for each
+//! memory size and page size asked for.
+//!
+//! 2 MiB pages: xcgi maps guest RAM with MAP_HUGETLB (`xcgi run --hugepages`); QEMU gets a
+//! hugetlbfs-backed memory backend (`memory-backend-file` on a hugetlbfs mount, `share=off`,
+//! no prealloc, so both fault their pages in on demand). Huge pages are reserved here when
+//! too few are free (the old `vm.nr_hugepages` is put back at the end), and hugetlbfs is
+//! mounted at /dev/hugepages when no hugetlbfs is mounted (unmounted at the end).
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 use super::bench::median;
+
+/// Guest RAM page size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pages {
+    /// 4 KiB pages (ordinary anonymous memory).
+    Small,
+    /// 2 MiB huge pages (hugetlb).
+    Huge,
+}
+
+impl Pages {
+    fn label(self) -> &'static str {
+        match self {
+            Pages::Small => "4K",
+            Pages::Huge => "2M",
+        }
+    }
+}
+
+/// `--pages` values: `4k` or `2m` (case does not matter; `4KiB`, `2MiB` accepted too).
+fn parse_pages(s: &str) -> Result<Pages, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "4k" | "4kib" | "4096" => Ok(Pages::Small),
+        "2m" | "2mib" | "2048k" => Ok(Pages::Huge),
+        other => Err(format!("{other:?}: a page size is 4k or 2m")),
+    }
+}
 
 #[derive(clap::Args)]
 pub struct BootArgs {
@@ -22,10 +57,22 @@ pub struct BootArgs {
     /// Exit code every xcgi run must end with (the hello example's is 4).
     #[arg(long, default_value_t = 4)]
     expect_exit: i32,
+    /// Measured runs per (memory, pages, VMM).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    #[arg(long, default_value_t = 128)]
-    mem: u64,
+    /// Runs per (memory, pages, VMM) before the measured ones, not counted (first touch of
+    /// freshly reserved or freed memory).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Guest memory sizes in MiB, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [128u64])]
+    mem: Vec<u64>,
+    /// Guest page sizes, comma separated: 4k (ordinary memory), 2m (hugetlb).
+    #[arg(long, value_delimiter = ',', value_parser = parse_pages, default_value = "4k")]
+    pages: Vec<Pages>,
+    /// Also write boot to init exit (host wall time, median) against memory as an SVG chart.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
     /// Skip the QEMU side.
     #[arg(long)]
     no_qemu: bool,
@@ -34,6 +81,22 @@ pub struct BootArgs {
     /// QEMU's firmware directory (-L), e.g. when QEMU was copied into the lab.
     #[arg(long)]
     qemu_datadir: Option<PathBuf>,
+}
+
+/// Checks the (memory, pages) grid before anything is booted.
+fn check_grid(mem: &[u64], pages: &[Pages]) -> anyhow::Result<()> {
+    if mem.is_empty() || pages.is_empty() {
+        bail!("--mem and --pages need at least one value each");
+    }
+    for &m in mem {
+        if m < 32 {
+            bail!("--mem {m}: at least 32 MiB");
+        }
+        if pages.contains(&Pages::Huge) && m % 2 != 0 {
+            bail!("--mem {m}: with 2 MiB pages the size must be a multiple of 2 MiB");
+        }
+    }
+    Ok(())
 }
 
 fn guest_stamp(line: &str) -> Option<f64> {
@@ -50,22 +113,36 @@ struct BootRun {
     /// The guest's own clock on that line.
     guest_init_exit_ms: Option<f64>,
     code: Option<i32>,
+    /// The end of the VMM's stderr, kept for runs that never reached init.
+    stderr_tail: String,
 }
 
 /// Spawns `cmd` and stamps each console line as it arrives; stops the VMM once the guest's
 /// init has exited (how long a VMM takes to exit after that is not boot time).
 fn time_boot(mut cmd: Command, marker: &str, timeout: Duration) -> anyhow::Result<BootRun> {
     cmd.stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .stdin(Stdio::null());
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let stdout = child.stdout.take().context("no stdout")?;
+    let mut stderr = child.stderr.take().context("no stderr")?;
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        let start = text.len().saturating_sub(2000);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        text[start..].to_string()
+    });
     let mut run = BootRun {
         marker_ms: f64::NAN,
         init_exit_ms: f64::NAN,
         guest_init_exit_ms: None,
         code: None,
+        stderr_tail: String::new(),
     };
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
@@ -96,10 +173,21 @@ fn time_boot(mut cmd: Command, marker: &str, timeout: Duration) -> anyhow::Resul
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    run.stderr_tail = err_reader.join().unwrap_or_default();
     Ok(run)
 }
 
-fn report(name: &str, runs: &[BootRun]) -> (f64, f64) {
+/// Medians of one (memory, pages, VMM) cell.
+struct Row {
+    marker_ms: f64,
+    init_exit_ms: f64,
+    guest_ms: f64,
+    guest_min: f64,
+    guest_max: f64,
+    codes: String,
+}
+
+fn summarize(runs: &[BootRun]) -> Row {
     let mut m: Vec<f64> = runs.iter().map(|r| r.marker_ms).collect();
     let mut e: Vec<f64> = runs.iter().map(|r| r.init_exit_ms).collect();
     let mut g: Vec<f64> = runs.iter().filter_map(|r| r.guest_init_exit_ms).collect();
@@ -107,81 +195,379 @@ fn report(name: &str, runs: &[BootRun]) -> (f64, f64) {
         .iter()
         .map(|r| r.code.map(|c| c.to_string()).unwrap_or("killed".into()))
         .collect();
-    let (mm, me) = (median(&mut m), median(&mut e));
+    let guest_ms = median(&mut g); // sorts g
+    Row {
+        marker_ms: median(&mut m),
+        init_exit_ms: median(&mut e),
+        guest_ms,
+        guest_min: g.first().copied().unwrap_or(f64::NAN),
+        guest_max: g.last().copied().unwrap_or(f64::NAN),
+        codes: codes.join(","),
+    }
+}
+
+fn print_header() {
     println!(
-        "{name:<5} | marker {mm:>8.1} ms | init exit {me:>8.1} ms | guest clock at init exit {:>8.1} ms (min {:.1}, max {:.1}) | exit codes {}",
-        median(&mut g),
-        g.first().copied().unwrap_or(f64::NAN),
-        g.last().copied().unwrap_or(f64::NAN),
-        codes.join(",")
+        "{:>7} {:>5} {:>5} {:>12} {:>14} {:>30}  exit codes",
+        "mem MiB", "pages", "vmm", "to marker ms", "to init exit", "guest clock at init exit ms"
     );
-    (mm, me)
+}
+
+fn print_row(mem: u64, pages: Pages, vmm: &str, r: &Row, extra: &str) {
+    let guest = format!("{:.1} ({:.1}-{:.1})", r.guest_ms, r.guest_min, r.guest_max);
+    println!(
+        "{mem:>7} {:>5} {vmm:>5} {:>12.1} {:>14.1} {guest:>30}  {}{extra}",
+        pages.label(),
+        r.marker_ms,
+        r.init_exit_ms,
+        r.codes
+    );
+}
+
+/// A hugetlbfs mount point from /proc/mounts text (2 MiB pages: the x86 default size, or an
+/// explicit `pagesize=2M`).
+fn hugetlbfs_mount(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 4 || f[2] != "hugetlbfs" {
+            return None;
+        }
+        let size = f[3]
+            .split(',')
+            .find_map(|o| o.strip_prefix("pagesize="))
+            .unwrap_or("2M");
+        matches!(size, "2M" | "2048k" | "2048K").then(|| PathBuf::from(f[1]))
+    })
+}
+
+fn read_nr_hugepages() -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .context("reading /proc/sys/vm/nr_hugepages")?;
+    s.trim()
+        .parse()
+        .context("parsing /proc/sys/vm/nr_hugepages")
+}
+
+/// What was changed on the machine for the 2 MiB runs; put back on drop.
+#[derive(Default)]
+struct HugeSetup {
+    /// The hugetlbfs directory QEMU's memory backend uses.
+    dir: Option<PathBuf>,
+    /// We mounted `dir` ourselves.
+    mounted: bool,
+    /// vm.nr_hugepages before we raised it.
+    old_nr: Option<u64>,
+}
+
+impl HugeSetup {
+    /// Makes `need` free 2 MiB pages available (and a hugetlbfs mount when QEMU needs one).
+    fn prepare(need: u64, qemu: bool) -> anyhow::Result<Self> {
+        let mut h = HugeSetup::default();
+        let free = xcgi_vmm::memory::free_huge_pages().unwrap_or(0);
+        if free < need {
+            let old = read_nr_hugepages()?;
+            let want = old + (need - free);
+            if let Err(e) = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()) {
+                bail!(
+                    "2 MiB pages: {need} free huge pages needed, {free} free, and raising \
+                     vm.nr_hugepages to {want} failed ({e}; needs root): reserve them with \
+                     `echo {want} > /proc/sys/vm/nr_hugepages`, or leave 2m out of --pages"
+                );
+            }
+            h.old_nr = Some(old);
+            let now = xcgi_vmm::memory::free_huge_pages().unwrap_or(0);
+            if now < need {
+                bail!(
+                    "2 MiB pages: {need} free huge pages needed, only {now} after raising \
+                     vm.nr_hugepages to {want} (memory too small or fragmented); use smaller \
+                     --mem sizes or reserve the pages at boot"
+                );
+            }
+            eprintln!("xcgi bench: vm.nr_hugepages {old} -> {want} (put back at the end)");
+        }
+        if qemu {
+            let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+            if let Some(dir) = hugetlbfs_mount(&mounts) {
+                h.dir = Some(dir);
+            } else {
+                let dir = PathBuf::from("/dev/hugepages");
+                mount_hugetlbfs(&dir).with_context(|| {
+                    format!(
+                        "QEMU with 2 MiB pages needs a hugetlbfs mount and none is mounted; \
+                         mounting one at {} failed (needs root): \
+                         `mount -t hugetlbfs none {}`, or pass --no-qemu or leave 2m out of --pages",
+                        dir.display(),
+                        dir.display()
+                    )
+                })?;
+                eprintln!(
+                    "xcgi bench: mounted hugetlbfs at {} (unmounted at the end)",
+                    dir.display()
+                );
+                h.dir = Some(dir);
+                h.mounted = true;
+            }
+        }
+        Ok(h)
+    }
+}
+
+impl Drop for HugeSetup {
+    fn drop(&mut self) {
+        if self.mounted {
+            if let Some(dir) = &self.dir {
+                if let Ok(c) = CString::new(dir.as_os_str().as_encoded_bytes()) {
+                    // SAFETY: umount(2) with a valid NUL-terminated path.
+                    unsafe { libc::umount(c.as_ptr()) };
+                }
+            }
+        }
+        if let Some(old) = self.old_nr {
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", old.to_string());
+        }
+    }
+}
+
+fn mount_hugetlbfs(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let target = CString::new(dir.as_os_str().as_encoded_bytes())?;
+    let src = CString::new("none")?;
+    let fstype = CString::new("hugetlbfs")?;
+    // SAFETY: mount(2) with valid NUL-terminated strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// QEMU's memory options: plain `-m`, or `-m` plus a hugetlbfs-backed memory backend.
+fn qemu_memory_args(mem: u64, hugetlbfs: Option<&Path>) -> (String, Vec<String>) {
+    match hugetlbfs {
+        None => ("microvm".into(), vec!["-m".into(), mem.to_string()]),
+        Some(dir) => (
+            "microvm,memory-backend=mem".into(),
+            vec![
+                "-m".into(),
+                mem.to_string(),
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=mem,size={mem}M,mem-path={},share=off",
+                    dir.display()
+                ),
+            ],
+        ),
+    }
 }
 
 pub fn boot(b: BootArgs) -> anyhow::Result<i32> {
+    check_grid(&b.mem, &b.pages)?;
     let exe = std::env::current_exe().context("finding the xcgi executable")?;
     let timeout = Duration::from_secs(120);
     // xcgi's own command line, except the reboot method: QEMU's microvm has no i8042 (the
     // guest would spin on the missing controller), so there the guest ends by triple fault.
     let cmdline =
         "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 no_timer_check quiet rdinit=/init";
-    let mut ours = Vec::new();
-    let mut qemu = Vec::new();
-    for i in 0..b.runs {
+    // One VM runs at a time: the largest size decides how many huge pages are needed.
+    let huge = if b.pages.contains(&Pages::Huge) {
+        let need = b.mem.iter().copied().max().unwrap_or(0) / 2;
+        HugeSetup::prepare(need, !b.no_qemu)?
+    } else {
+        HugeSetup::default()
+    };
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+
+    let xcgi_cmd = |mem: u64, pages: Pages| {
         let mut c = Command::new(&exe);
         c.args(["run", "--quiet", "--timeout", "100", "--kernel"])
             .arg(&b.kernel)
             .arg("--initramfs")
             .arg(&b.initramfs)
-            .args(["--mem", &b.mem.to_string()]);
-        ours.push(time_boot(c, &b.marker, timeout)?);
-        if !b.no_qemu {
-            let mut q = Command::new(&b.qemu);
-            if let Some(dir) = &b.qemu_datadir {
-                q.arg("-L").arg(dir);
-            }
-            q.args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-smp", "1"])
-                .args(["-m", &b.mem.to_string()])
-                .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-                .args(["-serial", "stdio", "-kernel"])
-                .arg(&b.kernel)
-                .arg("-initrd")
-                .arg(&b.initramfs)
-                .args(["-append", cmdline]);
-            qemu.push(time_boot(q, &b.marker, timeout)?);
+            .args(["--mem", &mem.to_string()]);
+        if pages == Pages::Huge {
+            c.arg("--hugepages");
         }
-        eprintln!("xcgi bench: run {}/{} done", i + 1, b.runs);
+        c
+    };
+    let qemu_cmd = |mem: u64, pages: Pages| {
+        let dir = match pages {
+            Pages::Small => None,
+            Pages::Huge => huge.dir.as_deref(),
+        };
+        let (machine, mem_args) = qemu_memory_args(mem, dir);
+        let mut q = Command::new(&b.qemu);
+        if let Some(dir) = &b.qemu_datadir {
+            q.arg("-L").arg(dir);
+        }
+        q.args(["-M", &machine, "-enable-kvm", "-cpu", "host", "-smp", "1"])
+            .args(&mem_args)
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .args(["-serial", "stdio", "-kernel"])
+            .arg(&b.kernel)
+            .arg("-initrd")
+            .arg(&b.initramfs)
+            .args(["-append", cmdline]);
+        q
+    };
+
+    let cells = b.mem.len() * b.pages.len();
+    let mut cell = 0;
+    let mut results: Vec<(u64, Pages, Row, Option<Row>)> = Vec::new();
+    let mut bad_xcgi = false;
+    let mut bad_qemu = false;
+    for &mem in &b.mem {
+        for &pages in &b.pages {
+            cell += 1;
+            for _ in 0..b.warmup {
+                time_boot(xcgi_cmd(mem, pages), &b.marker, timeout)?;
+                if !b.no_qemu {
+                    time_boot(qemu_cmd(mem, pages), &b.marker, timeout)?;
+                }
+            }
+            let mut ours = Vec::new();
+            let mut qemu = Vec::new();
+            for _ in 0..b.runs {
+                ours.push(time_boot(xcgi_cmd(mem, pages), &b.marker, timeout)?);
+                if !b.no_qemu {
+                    qemu.push(time_boot(qemu_cmd(mem, pages), &b.marker, timeout)?);
+                }
+            }
+            for r in &ours {
+                if r.marker_ms.is_nan() || r.code != Some(b.expect_exit) {
+                    bad_xcgi = true;
+                    eprintln!(
+                        "xcgi bench: xcgi {mem} MiB {}: marker {}, exit {:?}; stderr: {}",
+                        pages.label(),
+                        if r.marker_ms.is_nan() {
+                            "missing"
+                        } else {
+                            "seen"
+                        },
+                        r.code,
+                        r.stderr_tail.trim()
+                    );
+                }
+            }
+            for r in &qemu {
+                if r.init_exit_ms.is_nan() {
+                    bad_qemu = true;
+                    eprintln!(
+                        "xcgi bench: QEMU {mem} MiB {}: no init exit seen; stderr: {}",
+                        pages.label(),
+                        r.stderr_tail.trim()
+                    );
+                }
+            }
+            eprintln!(
+                "xcgi bench: {mem} MiB {} done ({cell}/{cells})",
+                pages.label()
+            );
+            let q = (!b.no_qemu).then(|| summarize(&qemu));
+            results.push((mem, pages, summarize(&ours), q));
+        }
     }
+
     println!(
-        "# boot to init: host wall time from spawn, median of {} runs, {} MiB, kernel {}",
+        "# boot to init: host wall time from spawn, median of {} runs ({} warm-up not counted), kernel {}",
         b.runs,
-        b.mem,
+        b.warmup,
         b.kernel.display()
     );
-    let (om, oe) = report("xcgi", &ours);
-    if !b.no_qemu {
-        let (qm, qe) = report("qemu", &qemu);
-        println!(
-            "ratio qemu/xcgi: to marker {:.2}x, to init exit {:.2}x",
-            qm / om,
-            qe / oe
-        );
+    println!(
+        "# 2M: xcgi MAP_HUGETLB, QEMU memory-backend-file on {} (share=off, no prealloc); THP: {thp}",
+        huge.dir
+            .as_deref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    print_header();
+    for (mem, pages, ours, q) in &results {
+        print_row(*mem, *pages, "xcgi", ours, "");
+        if let Some(q) = q {
+            let ratio = format!(
+                "  | qemu/xcgi: marker {:.2}x, init exit {:.2}x",
+                q.marker_ms / ours.marker_ms,
+                q.init_exit_ms / ours.init_exit_ms
+            );
+            print_row(*mem, *pages, "qemu", q, &ratio);
+        }
     }
-    let bad = ours
-        .iter()
-        .any(|r| r.marker_ms.is_nan() || r.code != Some(b.expect_exit));
-    if bad {
+
+    if let Some(path) = &b.svg {
+        let mut series: Vec<super::svg::Series> = Vec::new();
+        let mut add =
+            |name: String, x: f64, y: f64| match series.iter_mut().find(|s| s.name == name) {
+                Some(s) => s.points.push((x, y)),
+                None => series.push(super::svg::Series {
+                    name,
+                    points: vec![(x, y)],
+                }),
+            };
+        for (mem, pages, ours, q) in &results {
+            add(
+                format!("xcgi {}", pages.label()),
+                *mem as f64,
+                ours.init_exit_ms,
+            );
+            if let Some(q) = q {
+                add(
+                    format!("QEMU microvm {}", pages.label()),
+                    *mem as f64,
+                    q.init_exit_ms,
+                );
+            }
+        }
+        // Legend order: xcgi first, then QEMU; 4K before 2M.
+        series.sort_by_key(|s| (s.name.starts_with("QEMU"), s.name.ends_with("2M")));
+        let svg = super::svg::log_log_chart(
+            "Boot to init exit (host wall time, median)",
+            "guest memory (MiB)",
+            "milliseconds",
+            &series,
+        );
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+        println!("# chart written to {}", path.display());
+    }
+
+    if bad_xcgi {
         eprintln!(
             "xcgi bench: not every xcgi run showed {:?} and exited {}",
             b.marker, b.expect_exit
         );
     }
-    Ok(if bad { 1 } else { 0 })
+    if bad_qemu {
+        eprintln!("xcgi bench: not every QEMU run reached init exit");
+    }
+    drop(huge);
+    Ok(if bad_xcgi || bad_qemu { 1 } else { 0 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct T {
+        #[command(flatten)]
+        b: BootArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<BootArgs, clap::Error> {
+        let mut argv = vec!["t", "--kernel", "k", "--initramfs", "i"];
+        argv.extend_from_slice(extra);
+        T::try_parse_from(argv).map(|t| t.b)
+    }
 
     #[test]
     fn guest_stamp_parses_printk_time() {
@@ -192,5 +578,79 @@ mod tests {
             Some(0.498765)
         );
         assert_eq!(guest_stamp("no stamp"), None);
+    }
+
+    #[test]
+    fn page_sizes_parse() {
+        assert_eq!(parse_pages("4k"), Ok(Pages::Small));
+        assert_eq!(parse_pages("4KiB"), Ok(Pages::Small));
+        assert_eq!(parse_pages(" 2M "), Ok(Pages::Huge));
+        assert_eq!(parse_pages("2mib"), Ok(Pages::Huge));
+        assert!(parse_pages("1g").unwrap_err().contains("4k or 2m"));
+        assert!(parse_pages("").is_err());
+    }
+
+    #[test]
+    fn memory_and_page_lists_parse() {
+        let b = parse(&[]).unwrap();
+        assert_eq!(
+            (b.mem, b.pages, b.runs, b.warmup),
+            (vec![128], vec![Pages::Small], 5, 1)
+        );
+        let b = parse(&[
+            "--mem",
+            "128,512,2048",
+            "--pages",
+            "4k,2m",
+            "--svg",
+            "x.svg",
+        ])
+        .unwrap();
+        assert_eq!(b.mem, vec![128, 512, 2048]);
+        assert_eq!(b.pages, vec![Pages::Small, Pages::Huge]);
+        assert_eq!(b.svg, Some(PathBuf::from("x.svg")));
+        assert!(parse(&["--pages", "4k,1g"]).is_err());
+        assert!(parse(&["--mem", "128,lots"]).is_err());
+    }
+
+    #[test]
+    fn grid_is_checked() {
+        assert!(check_grid(&[128, 4096], &[Pages::Small, Pages::Huge]).is_ok());
+        assert!(check_grid(&[16], &[Pages::Small]).is_err());
+        assert!(check_grid(&[129], &[Pages::Small]).is_ok());
+        let e = check_grid(&[129], &[Pages::Huge]).unwrap_err().to_string();
+        assert!(e.contains("multiple of 2 MiB"), "{e}");
+        assert!(check_grid(&[], &[Pages::Small]).is_err());
+    }
+
+    #[test]
+    fn finds_a_2m_hugetlbfs_mount() {
+        let m = "proc /proc proc rw 0 0\n\
+                 none /mnt/huge1g hugetlbfs rw,relatime,pagesize=1024M 0 0\n\
+                 hugetlbfs /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n";
+        assert_eq!(hugetlbfs_mount(m), Some(PathBuf::from("/dev/hugepages")));
+        let m = "none /mnt/h hugetlbfs rw,relatime 0 0\n";
+        assert_eq!(hugetlbfs_mount(m), Some(PathBuf::from("/mnt/h")));
+        assert_eq!(hugetlbfs_mount("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn qemu_gets_a_hugetlbfs_backend_for_2m() {
+        let (m, a) = qemu_memory_args(512, None);
+        assert_eq!(
+            (m.as_str(), a),
+            ("microvm", vec!["-m".into(), "512".into()])
+        );
+        let (m, a) = qemu_memory_args(512, Some(Path::new("/dev/hugepages")));
+        assert_eq!(m, "microvm,memory-backend=mem");
+        assert_eq!(
+            a,
+            vec![
+                "-m",
+                "512",
+                "-object",
+                "memory-backend-file,id=mem,size=512M,mem-path=/dev/hugepages,share=off"
+            ]
+        );
     }
 }
