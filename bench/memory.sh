@@ -7,6 +7,14 @@
 #   bench/memory.sh VMLINUX INITRAMFS RUNS
 set -eu
 K=$1; I=$2; N=${3:-3}
+# The 1 GiB huge-page runs need 512 free huge pages: raise vm.nr_hugepages (root) if short,
+# and put it back at the end.
+free=$(awk '/^HugePages_Free:/ {f=$2} /^HugePages_Rsvd:/ {r=$2} END {print f-r}' /proc/meminfo)
+if [ "$free" -lt 520 ]; then
+  old_nr=$(cat /proc/sys/vm/nr_hugepages)
+  trap 'echo "$old_nr" > /proc/sys/vm/nr_hugepages' EXIT
+  echo $((old_nr + 520 - free)) > /proc/sys/vm/nr_hugepages
+fi
 echo "mem_mib pages run guest_4k_kib huge_pages shared_file_kib process_peak_kib overhead_kib private_overhead_kib exit"
 for mem in 128 1024; do
   for pages in 4k 2m; do

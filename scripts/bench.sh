@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Benchmarks for docs/benchmarks.md. Prints its figures; run on an otherwise idle machine.
 #  1. VMM setup (process spawn -> first KVM_RUN) on this host's /dev/kvm, which runs VMM setup
-#     natively even where it cannot boot Linux: 128 MiB and 1 GiB, 4 KiB vs 2 MiB pages.
+#     natively even where it cannot boot Linux: 128 MiB and 1 GiB, 4 KiB vs 2 MiB pages, and
+#     the request path of a VM prepared ahead; then against memory size, 128 MiB to 4 GiB,
+#     with the chart (docs/plots/setup-vs-memory.svg).
 #  2. Boot to init: xcgi vs QEMU `-M microvm -enable-kvm`, same kernel and initramfs, same
 #     run; inside the lab unless this host has hardware KVM. Then the sweep against memory
 #     size and page size (4 KiB, 2 MiB): boot to init for both VMMs (chart written to
 #     $BOOT_SVG), and boot to network-ready for xcgi (bench/net-ready-sweep.sh).
+#  4. Host memory per VM: guest pages touched, huge pages, VMM overhead (bench/memory.sh).
 #   RUNS=20 BOOT_RUNS=5 SWEEP_RUNS=3 SWEEP_MEM=128,512,2048,4096 scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +20,9 @@ echo "## machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d
 echo "## kernel: $KERNEL ($(stat -c %s "$KERNEL") bytes)"
 echo
 echo "## 1. VMM setup on this host"
-$X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RUNS" --populate --net --reserve-hugepages
+$X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RUNS" --populate --net --prepared --reserve-hugepages
+$X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,512,1024,2048,4096 --runs 5 --populate --prepared \
+  --reserve-hugepages --svg docs/plots/setup-vs-memory.svg
 echo
 echo "## 2. boot to init, xcgi vs QEMU microvm"
 if [ "$HW_KVM" = 1 ]; then
@@ -80,4 +85,14 @@ else
     --files "$UNPATCHED:/xcgi/unpatched" --files "$HTTP:/xcgi/http-hello" \
     --files bench/net-ready.sh:/xcgi/net-ready.sh -- \
     sh /xcgi/net-ready.sh /xcgi/patched /xcgi/unpatched /xcgi/http-hello "$NET_RUNS"
+fi
+echo
+echo "## 4. host memory per VM (guest pages touched, huge pages, VMM overhead)"
+MEM_RUNS=${MEM_RUNS:-5}
+if [ "$HW_KVM" = 1 ]; then
+  PATH=$(dirname "$X"):$PATH bench/memory.sh "$KERNEL" "$CPIO" "$MEM_RUNS"
+else
+  $X lab --cpus 1 --mem 3072 --hugepages 600 --timeout 1400 --files "$KERNEL:/xcgi/vmlinux" \
+    --files "$CPIO:/xcgi/hello.cpio" --files bench/memory.sh:/xcgi/memory.sh -- \
+    sh /xcgi/memory.sh /xcgi/vmlinux /xcgi/hello.cpio "$MEM_RUNS"
 fi
