@@ -961,21 +961,8 @@ mod tests {
                 assert!(sa + la <= sb || sb + lb <= sa, "guest RAM overlaps");
             }
         }
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let mut behind = 0;
-        for &(start, len) in ra.iter().chain(&rb) {
-            for line in maps.lines() {
-                let mut f = line.split_whitespace();
-                let (range, perms) = (f.next().unwrap(), f.next().unwrap());
-                let (lo, hi) = range.split_once('-').unwrap();
-                let lo = u64::from_str_radix(lo, 16).unwrap();
-                let hi = u64::from_str_radix(hi, 16).unwrap();
-                if lo < start + len && hi > start {
-                    assert_eq!(&perms[3..4], "p", "shared mapping in guest RAM: {line}");
-                    behind += 1;
-                }
-            }
-        }
+        let all: Vec<(u64, u64)> = ra.iter().chain(&rb).copied().collect();
+        let behind = crate::boot::loader::tests::assert_private_mappings(&all);
         assert!(behind >= 4, "only {behind} mappings behind two guests");
         let at = GuestAddress(0x100_0000);
         a.mem.write_obj(0x5555_5555_u32, at).unwrap();

@@ -508,6 +508,27 @@ pub(crate) mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()
     }
 
+    /// Asserts that every mapping of this process overlapping one of `ranges` (host address,
+    /// length) is private (`p` in /proc/self/maps, never `s`); returns how many there are.
+    pub(crate) fn assert_private_mappings(ranges: &[(u64, u64)]) -> usize {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut found = 0;
+        for &(start, len) in ranges {
+            for line in maps.lines() {
+                let mut f = line.split_whitespace();
+                let (range, perms) = (f.next().unwrap(), f.next().unwrap());
+                let (lo, hi) = range.split_once('-').unwrap();
+                let lo = u64::from_str_radix(lo, 16).unwrap();
+                let hi = u64::from_str_radix(hi, 16).unwrap();
+                if lo < start + len && hi > start {
+                    assert_eq!(&perms[3..4], "p", "shared mapping in guest RAM: {line}");
+                    found += 1;
+                }
+            }
+        }
+        found
+    }
+
     /// A minimal 64-bit x86 ELF with one PT_LOAD segment at 16 MiB.
     pub(crate) fn tiny_elf(payload: &[u8], bss: u64) -> Vec<u8> {
         let mut f = vec![0u8; 0x1000];
@@ -608,25 +629,11 @@ pub(crate) mod tests {
         assert_eq!((ia.0, ia.1), (ib.0, ib.1));
 
         // Every mapping overlapping either guest's RAM is private.
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let mut checked = 0;
-        for m in [&a, &b] {
-            for region in m.iter() {
-                let start = region.as_ptr() as u64;
-                let end = start + region.len();
-                for line in maps.lines() {
-                    let mut f = line.split_whitespace();
-                    let (range, perms) = (f.next().unwrap(), f.next().unwrap());
-                    let (lo, hi) = range.split_once('-').unwrap();
-                    let lo = u64::from_str_radix(lo, 16).unwrap();
-                    let hi = u64::from_str_radix(hi, 16).unwrap();
-                    if lo < end && hi > start {
-                        assert_eq!(&perms[3..4], "p", "shared mapping in guest RAM: {line}");
-                        checked += 1;
-                    }
-                }
-            }
-        }
+        let ranges: Vec<(u64, u64)> = [&a, &b]
+            .iter()
+            .flat_map(|m| m.iter().map(|r| (r.as_ptr() as u64, r.len())))
+            .collect();
+        let checked = assert_private_mappings(&ranges);
         assert!(
             checked >= 4,
             "found only {checked} mappings behind the two guests"

@@ -215,6 +215,17 @@ fn prepared_once(s: &SetupArgs, mem: u64, huge: bool) -> anyhow::Result<Prepared
     ))
 }
 
+/// The three slowest phases, "name ms, ...".
+fn slowest<S: std::fmt::Display>(mut phases: Vec<(S, f64)>) -> String {
+    phases.sort_by(|a, b| b.1.total_cmp(&a.1));
+    phases
+        .iter()
+        .take(3)
+        .map(|(n, v)| format!("{n} {v:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn read_sysctl() -> Option<u64> {
     std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
         .ok()?
@@ -291,7 +302,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                         }
                     }
                 }
-                let mut top: Vec<(String, f64)> = phases
+                let top: Vec<(String, f64)> = phases
                     .into_iter()
                     .map(|(n, mut v)| (n, median(&mut v)))
                     .collect();
@@ -305,12 +316,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                 let slots = phase("memory_slots");
                 let in_proc = median(&mut inproc);
                 let vmm = in_proc - phase("process_start");
-                top.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let top: Vec<String> = top
-                    .iter()
-                    .take(3)
-                    .map(|(n, v)| format!("{n} {v:.3}"))
-                    .collect();
+                let top = slowest(top);
                 plotted.push((
                     format!(
                         "{}{}{}",
@@ -332,7 +338,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     slots,
                     devices,
                     median(&mut teardown),
-                    top.join(", ")
+                    top
                 );
             }
         }
@@ -377,16 +383,12 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                         }
                     }
                 }
-                let mut top: Vec<(&str, f64)> = phases
-                    .into_iter()
-                    .map(|(n, mut v)| (n, median(&mut v)))
-                    .collect();
-                top.sort_by(|a, b| b.1.total_cmp(&a.1));
-                let top: Vec<String> = top
-                    .iter()
-                    .take(3)
-                    .map(|(n, v)| format!("{n} {v:.3}"))
-                    .collect();
+                let top = slowest(
+                    phases
+                        .into_iter()
+                        .map(|(n, mut v)| (n, median(&mut v)))
+                        .collect(),
+                );
                 let m = median(&mut req.clone());
                 plotted.push((
                     format!(
@@ -402,7 +404,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     m,
                     percentile(&mut req, 0.9),
                     median(&mut prep),
-                    top.join(", ")
+                    top
                 );
             }
         }
