@@ -1091,8 +1091,9 @@ impl Body for LoggedBody {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         if let Some(mut log) = self.log.take() {
-            // Dropped before its end: only an error here if there was a body left to send.
-            log.done = self.inner.is_end_stream();
+            // Dropped before its end: only an error here if there was a body left to send. A
+            // HEAD response has no body to send: hyper drops it unpolled once the head is out.
+            log.done = self.inner.is_end_stream() || log.method == Method::HEAD;
             log.write();
         }
     }

@@ -194,6 +194,27 @@ fn cgi_environment_body_status_headers_and_redirects() {
         assert!(body.contains(want), "{want} missing from:\n{body}");
     }
     assert!(!body.contains("HTTP_AUTHORIZATION"), "{body}");
+    // HEAD: the head only, logged as a complete request (not as a client that went away).
+    let out = Command::new("curl")
+        .args(["-s", "-I", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(s.url("/cgi/env"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let t = Instant::now();
+    while !s.log().contains("method=HEAD") && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let head_line = s
+        .log()
+        .lines()
+        .find(|l| l.contains("method=HEAD"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        head_line.contains("status=200") && !head_line.contains("went away"),
+        "HEAD logged as: {head_line:?}"
+    );
     // PATH_INFO /env/more is not /env: the program greets. Ask /env itself for the rest.
     let (body, _) = curl(&[&s.url("/cgi/env")]);
     assert!(body.contains("PATH_INFO=/env\n"), "{body}");
