@@ -48,28 +48,31 @@
 //! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
 //! released the lock; dropping the transport (or a bare [`VirtioConsole`]) stops and joins it
 //! too. No thread outlives the device.
+//! The thread and its life (epoll, kick, stop, join) are `rx_worker::RxWorkers`, shared by
+//! virtio-net and virtio-console; this module supplies the batch.
 //!
 //! Per-chain guest errors are logged at `debug` (a hostile guest could otherwise flood the log)
 //! and counted in [`ConsoleStats`]; nothing the guest writes can panic the device.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryMmap, Permissions};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{MmioError, SharedTransport};
+use super::rx_worker::{Batch, RxFill, RxWorkers, Source};
 use super::{
     add_used, bump, enable_notification, push_iovecs, ActivateError, BadBuffer, QueueAccess,
-    QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Size of each virtqueue.
@@ -91,10 +94,6 @@ const MAX_CHAIN: usize = QUEUE_SIZE as usize;
 /// Most iovecs a single `readv`/`sendmsg` may take (Linux's UIO_MAXIOV); a longer chain is moved
 /// in several calls.
 const MAX_IOVECS: usize = 1024;
-
-const TOKEN_STOP: u64 = 0;
-const TOKEN_KICK: u64 = 1;
-const TOKEN_SOCKET: u64 = 2;
 
 /// Errors setting up a virtio-console device.
 #[derive(Debug, thiserror::Error)]
@@ -212,14 +211,6 @@ impl Counters {
     }
 }
 
-/// The running RX worker, as the device sees it.
-struct Worker {
-    handle: JoinHandle<()>,
-    stop: EventFd,
-    kick: EventFd,
-    tid: Arc<AtomicI32>,
-}
-
 /// virtio-console device (one port, `/dev/hvc0`) on a connected stream socket.
 pub struct VirtioConsole {
     socket: Arc<OwnedFd>,
@@ -228,9 +219,8 @@ pub struct VirtioConsole {
     stop: Arc<AtomicBool>,
     /// The peer is gone (`EPIPE`, `ECONNRESET`, another hard error): TX discards everything.
     peer_gone: bool,
-    worker: Option<Worker>,
-    /// Workers told to stop and not joined yet (see `VirtioDevice::take_stopped_workers`).
-    stopping: Vec<JoinHandle<()>>,
+    /// The RX worker (joined on drop).
+    rx: RxWorkers,
 }
 
 /// Build a virtio-console device on `socket` behind a shared virtio-mmio transport, ready for the
@@ -257,8 +247,7 @@ impl VirtioConsole {
             stats: Arc::default(),
             stop: Arc::default(),
             peer_gone: false,
-            worker: None,
-            stopping: Vec::new(),
+            rx: RxWorkers::new("virtio-console", RX_QUEUE),
         })
     }
 
@@ -280,76 +269,12 @@ impl VirtioConsole {
 
     /// Whether an RX worker is running (the device is activated).
     pub fn has_worker(&self) -> bool {
-        self.worker.is_some()
+        self.rx.is_running()
     }
 
     /// Kernel thread id of the running RX worker, once it has started (for diagnostics).
     pub fn worker_tid(&self) -> Option<i32> {
-        self.worker
-            .as_ref()
-            .map(|w| w.tid.load(Ordering::Acquire))
-            .filter(|&tid| tid != 0)
-    }
-
-    fn spawn_worker(&self, access: QueueAccess) -> io::Result<Worker> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let kick = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            kick.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_KICK),
-        )?;
-        // After end-of-file there is nothing to watch (a worker of an earlier activation saw it).
-        let watching = !self.stats.rx_closed.load(Ordering::Relaxed);
-        if watching {
-            epoll.ctl(
-                ControlOperation::Add,
-                self.socket.as_raw_fd(),
-                EpollEvent::new(
-                    EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
-                    TOKEN_SOCKET,
-                ),
-            )?;
-        }
-        let tid = Arc::new(AtomicI32::new(0));
-        // The worker owns its own handles on the eventfds: an epoll registration dies with the
-        // last descriptor of its file, and a stop written just before that would be lost.
-        let worker = RxWorker {
-            socket: self.socket.clone(),
-            access,
-            epoll,
-            kick: kick.try_clone()?,
-            _stop: stop.try_clone()?,
-            stats: self.stats.clone(),
-            tid: tid.clone(),
-            watching,
-        };
-        let handle = thread::Builder::new()
-            .name("virtio-console-rx".into())
-            .spawn(move || worker.run())?;
-        Ok(Worker {
-            handle,
-            stop,
-            kick,
-            tid,
-        })
-    }
-
-    /// Tell the RX worker to stop; it is joined later (see `take_stopped_workers`).
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            if let Err(e) = worker.stop.write(1) {
-                // It still exits on its next queue access, which the transport now refuses.
-                error!(error = %e, "virtio-console: cannot signal the RX worker to stop");
-            }
-            self.stopping.push(worker.handle);
-        }
+        self.rx.tid()
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -509,18 +434,8 @@ fn load_tx(
 
 impl Drop for VirtioConsole {
     fn drop(&mut self) {
+        // Then `rx` stops and joins the worker.
         self.stop.store(true, Ordering::SeqCst);
-        self.stop_worker();
-        for handle in self.stopping.drain(..) {
-            // Never join ourselves (only possible if the worker dropped the last reference to
-            // the transport, which SharedTransport's drop rules out).
-            if handle.thread().id() == thread::current().id() {
-                continue;
-            }
-            if handle.join().is_err() {
-                error!("virtio-console: RX worker panicked");
-            }
-        }
     }
 }
 
@@ -564,9 +479,21 @@ impl VirtioDevice for VirtioConsole {
                 return Err(ActivateError::QueueNotReady(index));
             }
         }
-        self.stop_worker();
-        let worker = self.spawn_worker(access).map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        let source = Source {
+            fd: self.socket.clone(),
+            events: EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
+            // After end-of-file there is nothing to watch (a worker of an earlier activation
+            // saw it).
+            watch: !self.stats.rx_closed.load(Ordering::Relaxed),
+        };
+        let stats = self.stats.clone();
+        let fill = move || ConsoleRx {
+            stats,
+            chain: RxChain::default(),
+        };
+        self.rx
+            .start(source, access, fill)
+            .map_err(ActivateError::Worker)?;
         debug!("virtio-console: activated");
         Ok(())
     }
@@ -575,11 +502,7 @@ impl VirtioDevice for VirtioConsole {
         match index {
             RX_QUEUE => {
                 // New receive buffers: wake the worker, which fills them under the lock later.
-                if let Some(worker) = &self.worker {
-                    if let Err(e) = worker.kick.write(1) {
-                        warn!(error = %e, "virtio-console: cannot kick the RX worker");
-                    }
-                }
+                self.rx.kick();
                 false
             }
             TX_QUEUE => self.process_tx(queue, mem),
@@ -597,31 +520,18 @@ impl VirtioDevice for VirtioConsole {
     /// lock as a reset, so a reset never finds it waiting, and the flag is permanent (a driver
     /// resets the device while probing it, before any output).
     fn reset(&mut self) {
-        self.stop_worker();
+        self.rx.stop();
     }
 
     fn stop_workers(&mut self) {
         // The transport is going away; nothing should wait for the socket any more.
         self.stop.store(true, Ordering::SeqCst);
-        self.stop_worker();
+        self.rx.stop();
     }
 
     fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
-        std::mem::take(&mut self.stopping)
+        self.rx.take_stopped()
     }
-}
-
-/// What one RX batch ended on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Batch {
-    /// The batch limit: release the lock and go on.
-    More,
-    /// Nothing more to read from the socket now: wait for it.
-    Drained,
-    /// End-of-file or a read error: stop watching the socket.
-    Closed,
-    /// No receive buffer: wait for a kick.
-    NoBuffers,
 }
 
 /// A receive chain, resolved to host memory.
@@ -682,101 +592,26 @@ impl RxChain {
     }
 }
 
-/// The RX worker thread's state.
-struct RxWorker {
-    socket: Arc<OwnedFd>,
-    access: QueueAccess,
-    epoll: Epoll,
-    kick: EventFd,
-    /// Keeps the stop eventfd (registered in `epoll`) open as long as the worker runs.
-    _stop: EventFd,
+/// virtio-console's receive work: bytes from the socket into receive chains.
+struct ConsoleRx {
     stats: Arc<Counters>,
-    tid: Arc<AtomicI32>,
-    /// The socket is registered in `epoll` (until end-of-file).
-    watching: bool,
+    chain: RxChain,
 }
 
-impl RxWorker {
-    fn run(mut self) {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        self.tid.store(tid, Ordering::Release);
-        debug!(tid, "virtio-console: RX worker started");
-        let mut chain = RxChain::default();
-        // Look at both right away: bytes may already wait, the driver may have posted buffers.
-        let mut readable = true;
-        let mut have_buffers = true;
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            while self.watching && readable && have_buffers {
-                match self.deliver(&mut chain) {
-                    Ok(Batch::More) => {}
-                    Ok(Batch::Drained) => readable = false,
-                    Ok(Batch::Closed) => self.unwatch(),
-                    Ok(Batch::NoBuffers) => have_buffers = false,
-                    // The driver stopped the queue: nothing to do until the device is reset.
-                    Err(QueueAccessError::NotReady(_)) => have_buffers = false,
-                    Err(QueueAccessError::Stale) => {
-                        debug!(tid, "virtio-console: RX worker done (device reset or gone)");
-                        return;
-                    }
-                }
-            }
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    error!(error = %e, "virtio-console: RX worker cannot wait; stopping");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_STOP => {
-                        debug!(tid, "virtio-console: RX worker stopped");
-                        return;
-                    }
-                    TOKEN_KICK => {
-                        // Reset the counter; a failure (already 0) changes nothing.
-                        let _ = self.kick.read();
-                        have_buffers = true;
-                    }
-                    TOKEN_SOCKET => readable = true,
-                    _ => {}
-                }
-            }
-        }
+impl RxFill for ConsoleRx {
+    fn fill(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        socket: RawFd,
+        used: &mut bool,
+    ) -> Batch {
+        rx_batch(queue, mem, socket, &mut self.chain, &self.stats, used)
     }
 
-    /// Stop watching the socket: after end-of-file it would report readable forever.
-    fn unwatch(&mut self) {
-        self.watching = false;
+    fn closed(&mut self) {
         self.stats.rx_closed.store(true, Ordering::Relaxed);
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Delete,
-            self.socket.as_raw_fd(),
-            EpollEvent::default(),
-        ) {
-            debug!(error = %e, "virtio-console: cannot remove the socket from epoll");
-        }
         debug!("virtio-console: the peer closed the channel; RX idle");
-    }
-
-    /// Fill up to RX_BATCH receive chains from the socket, under the transport lock.
-    fn deliver(&mut self, chain: &mut RxChain) -> Result<Batch, QueueAccessError> {
-        let mut outcome = Batch::NoBuffers;
-        let socket = self.socket.as_raw_fd();
-        let stats = &self.stats;
-        self.access.with_queue(RX_QUEUE, |queue, mem| {
-            // While we have buffers we need no kicks; re-enabled when we run out.
-            if let Err(e) = queue.disable_notification(mem) {
-                debug!(error = %e, "virtio-console: cannot disable RX notifications");
-            }
-            let mut used = false;
-            outcome = rx_batch(queue, mem, socket, chain, stats, &mut used);
-            used && queue.needs_notification(mem).unwrap_or(true)
-        })?;
-        Ok(outcome)
     }
 }
 
@@ -914,6 +749,7 @@ fn set_nonblocking(fd: RawFd) -> Result<(), ConsoleError> {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
+    use std::thread;
     use std::os::fd::FromRawFd;
     use std::os::unix::net::{UnixDatagram, UnixStream};
     use std::path::Path;

@@ -41,6 +41,7 @@ pub mod block;
 pub mod console;
 pub mod mmio;
 pub mod net;
+mod rx_worker;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -32,28 +32,31 @@
 //! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
 //! released the lock; dropping the transport (or a bare [`Net`]) stops and joins it too. No
 //! thread outlives the device.
+//! The thread and its life (epoll, kick, stop, join) are `rx_worker::RxWorkers`, shared by
+//! virtio-net and virtio-console; this module supplies the batch.
 //!
 //! Per-frame guest errors are logged at `debug` (a hostile guest could otherwise flood the log)
 //! and counted in [`NetStats`]; nothing the guest writes can panic the device.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, Permissions};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{MmioError, SharedTransport};
+use super::rx_worker::{Batch, RxFill, RxWorkers, Source};
 use super::{
     add_used, bump, enable_notification, push_iovecs, ActivateError, BadBuffer, QueueAccess,
-    QueueAccessError, VirtioDevice, VIRTIO_F_VERSION_1,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 
 /// Bytes of `struct virtio_net_hdr_v1` in front of every frame, in both directions.
@@ -78,10 +81,6 @@ const MAX_IOVECS: usize = 1024;
 const MAX_TX_LEN: u64 = VNET_HDR_LEN as u64 + 65_536;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: u64 = 10;
-
-const TOKEN_STOP: u64 = 0;
-const TOKEN_KICK: u64 = 1;
-const TOKEN_TAP: u64 = 2;
 
 /// Errors setting up a virtio-net device.
 #[derive(Debug, thiserror::Error)]
@@ -187,23 +186,14 @@ impl Counters {
     }
 }
 
-/// The running RX worker, as the device sees it.
-struct Worker {
-    handle: JoinHandle<()>,
-    stop: EventFd,
-    kick: EventFd,
-    tid: Arc<AtomicI32>,
-}
-
 /// virtio-net device on a TAP.
 pub struct Net {
     tap: Arc<OwnedFd>,
     mac: [u8; 6],
     config: [u8; CONFIG_LEN],
     stats: Arc<Counters>,
-    worker: Option<Worker>,
-    /// Workers told to stop and not joined yet (see `VirtioDevice::take_stopped_workers`).
-    stopping: Vec<JoinHandle<()>>,
+    /// The RX worker (joined on drop).
+    rx: RxWorkers,
     /// Set when the driver first posts receive buffers (Linux: the interface was opened).
     rx_ready: Option<Arc<AtomicBool>>,
 }
@@ -242,8 +232,7 @@ impl Net {
             mac,
             config,
             stats: Arc::default(),
-            worker: None,
-            stopping: Vec::new(),
+            rx: RxWorkers::new("virtio-net", RX_QUEUE),
             rx_ready: None,
         })
     }
@@ -265,69 +254,12 @@ impl Net {
 
     /// Whether an RX worker is running (the device is activated).
     pub fn has_worker(&self) -> bool {
-        self.worker.is_some()
+        self.rx.is_running()
     }
 
     /// Kernel thread id of the running RX worker, once it has started (for diagnostics).
     pub fn worker_tid(&self) -> Option<i32> {
-        self.worker
-            .as_ref()
-            .map(|w| w.tid.load(Ordering::Acquire))
-            .filter(|&tid| tid != 0)
-    }
-
-    fn spawn_worker(&self, access: QueueAccess) -> io::Result<Worker> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let kick = EventFd::new(EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            kick.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_KICK),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.tap.as_raw_fd(),
-            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
-        )?;
-        let tid = Arc::new(AtomicI32::new(0));
-        // The worker owns its own handles on the eventfds: an epoll registration dies with the
-        // last descriptor of its file, and a stop written just before that would be lost.
-        let worker = RxWorker {
-            tap: self.tap.clone(),
-            access,
-            epoll,
-            kick: kick.try_clone()?,
-            _stop: stop.try_clone()?,
-            stats: self.stats.clone(),
-            tid: tid.clone(),
-            tap_error_logged: false,
-        };
-        let handle = thread::Builder::new()
-            .name("virtio-net-rx".into())
-            .spawn(move || worker.run())?;
-        Ok(Worker {
-            handle,
-            stop,
-            kick,
-            tid,
-        })
-    }
-
-    /// Tell the RX worker to stop; it is joined later (see `take_stopped_workers`).
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            if let Err(e) = worker.stop.write(1) {
-                // It still exits on its next queue access, which the transport now refuses.
-                error!(error = %e, "virtio-net: cannot signal the RX worker to stop");
-            }
-            self.stopping.push(worker.handle);
-        }
+        self.rx.tid()
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -425,22 +357,6 @@ impl Net {
     }
 }
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop_worker();
-        for handle in self.stopping.drain(..) {
-            // Never join ourselves (only possible if the worker dropped the last reference to
-            // the transport, which SharedTransport's drop rules out).
-            if handle.thread().id() == thread::current().id() {
-                continue;
-            }
-            if handle.join().is_err() {
-                error!("virtio-net: RX worker panicked");
-            }
-        }
-    }
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -481,9 +397,20 @@ impl VirtioDevice for Net {
                 return Err(ActivateError::QueueNotReady(index));
             }
         }
-        self.stop_worker();
-        let worker = self.spawn_worker(access).map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
+        let source = Source {
+            fd: self.tap.clone(),
+            events: EventSet::IN | EventSet::EDGE_TRIGGERED,
+            watch: true,
+        };
+        let stats = self.stats.clone();
+        let fill = move || NetRx {
+            stats,
+            chain: RxChain::default(),
+            tap_error_logged: false,
+        };
+        self.rx
+            .start(source, access, fill)
+            .map_err(ActivateError::Worker)?;
         debug!(mac = %fmt_mac(&self.mac), "virtio-net: activated");
         Ok(())
     }
@@ -495,11 +422,7 @@ impl VirtioDevice for Net {
                 if let Some(flag) = &self.rx_ready {
                     flag.store(true, Ordering::Release);
                 }
-                if let Some(worker) = &self.worker {
-                    if let Err(e) = worker.kick.write(1) {
-                        warn!(error = %e, "virtio-net: cannot kick the RX worker");
-                    }
-                }
+                self.rx.kick();
                 false
             }
             TX_QUEUE => self.process_tx(queue, mem),
@@ -511,27 +434,16 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.rx.stop();
     }
 
     fn stop_workers(&mut self) {
-        self.stop_worker();
+        self.rx.stop();
     }
 
     fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
-        std::mem::take(&mut self.stopping)
+        self.rx.take_stopped()
     }
-}
-
-/// What one RX batch ended on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Batch {
-    /// The batch limit: release the lock and go on.
-    More,
-    /// Nothing more to read from the TAP (or it failed): wait for it.
-    TapDrained,
-    /// No receive buffer: wait for a kick.
-    NoBuffers,
 }
 
 /// A receive chain, resolved to host memory.
@@ -630,86 +542,30 @@ impl RxChain {
     }
 }
 
-/// The RX worker thread's state.
-struct RxWorker {
-    tap: Arc<OwnedFd>,
-    access: QueueAccess,
-    epoll: Epoll,
-    kick: EventFd,
-    /// Keeps the stop eventfd (registered in `epoll`) open as long as the worker runs.
-    _stop: EventFd,
+/// virtio-net's receive work: frames from the TAP into receive chains.
+struct NetRx {
     stats: Arc<Counters>,
-    tid: Arc<AtomicI32>,
+    chain: RxChain,
     tap_error_logged: bool,
 }
 
-impl RxWorker {
-    fn run(mut self) {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        self.tid.store(tid, Ordering::Release);
-        debug!(tid, "virtio-net: RX worker started");
-        let mut chain = RxChain::default();
-        // Look at both right away: frames may already wait, the driver may have posted buffers.
-        let mut tap_readable = true;
-        let mut have_buffers = true;
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            while tap_readable && have_buffers {
-                match self.deliver(&mut chain) {
-                    Ok(Batch::More) => {}
-                    Ok(Batch::TapDrained) => tap_readable = false,
-                    Ok(Batch::NoBuffers) => have_buffers = false,
-                    // The driver stopped the queue: nothing to do until the device is reset.
-                    Err(QueueAccessError::NotReady(_)) => have_buffers = false,
-                    Err(QueueAccessError::Stale) => {
-                        debug!(tid, "virtio-net: RX worker done (device reset or gone)");
-                        return;
-                    }
-                }
-            }
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    error!(error = %e, "virtio-net: RX worker cannot wait; stopping");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_STOP => {
-                        debug!(tid, "virtio-net: RX worker stopped");
-                        return;
-                    }
-                    TOKEN_KICK => {
-                        // Reset the counter; a failure (already 0) changes nothing.
-                        let _ = self.kick.read();
-                        have_buffers = true;
-                    }
-                    TOKEN_TAP => tap_readable = true,
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Move up to RX_BATCH frames from the TAP into receive chains, under the transport lock.
-    fn deliver(&mut self, chain: &mut RxChain) -> Result<Batch, QueueAccessError> {
-        let mut outcome = Batch::NoBuffers;
-        let tap = self.tap.as_raw_fd();
-        let stats = &self.stats;
-        let tap_error_logged = &mut self.tap_error_logged;
-        self.access.with_queue(RX_QUEUE, |queue, mem| {
-            // While we have buffers we need no kicks; re-enabled when we run out.
-            if let Err(e) = queue.disable_notification(mem) {
-                debug!(error = %e, "virtio-net: cannot disable RX notifications");
-            }
-            let mut used = false;
-            outcome = rx_batch(queue, mem, tap, chain, stats, tap_error_logged, &mut used);
-            used && queue.needs_notification(mem).unwrap_or(true)
-        })?;
-        Ok(outcome)
+impl RxFill for NetRx {
+    fn fill(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        tap: RawFd,
+        used: &mut bool,
+    ) -> Batch {
+        rx_batch(
+            queue,
+            mem,
+            tap,
+            &mut self.chain,
+            &self.stats,
+            &mut self.tap_error_logged,
+            used,
+        )
     }
 }
 
@@ -750,7 +606,7 @@ fn rx_batch(
             Ok(0) => {
                 // End of file (a stand-in whose peer closed): nothing to read, keep the chain.
                 queue.go_to_previous_position();
-                return Batch::TapDrained;
+                return Batch::Drained;
             }
             Ok(n) if n > chain.capacity => {
                 debug!(
@@ -789,7 +645,7 @@ fn rx_batch(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 queue.go_to_previous_position();
-                return Batch::TapDrained;
+                return Batch::Drained;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                 queue.go_to_previous_position();
@@ -801,7 +657,7 @@ fn rx_batch(
                 } else {
                     debug!(error = %e, "virtio-net: reading the TAP failed");
                 }
-                return Batch::TapDrained;
+                return Batch::Drained;
             }
         }
     }
