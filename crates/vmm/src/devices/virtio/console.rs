@@ -69,10 +69,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{MmioError, SharedTransport};
-use super::rx_worker::{Batch, RxFill, RxWorkers, Source};
+use super::rx_worker::{next_chain, Batch, RxFill, RxWorkers, Source};
 use super::{
-    add_used, bump, enable_notification, push_iovecs, ActivateError, BadBuffer, QueueAccess,
-    VirtioDevice, VIRTIO_F_VERSION_1,
+    add_used, bump, push_iovecs, ActivateError, BadBuffer, QueueAccess, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Size of each virtqueue.
@@ -624,20 +624,8 @@ fn rx_batch(
     used: &mut bool,
 ) -> Batch {
     for _ in 0..RX_BATCH {
-        let Some(pending) = super::pending_chains(queue, mem, "virtio-console") else {
-            enable_notification("virtio-console", queue, mem);
-            return Batch::NoBuffers;
-        };
-        if pending == 0 {
-            // Out of buffers: ask for a kick, then look once more in case the driver posted
-            // some before it could see the request.
-            if enable_notification("virtio-console", queue, mem) {
-                continue;
-            }
-            return Batch::NoBuffers;
-        }
-        let Some(desc_chain) = queue.pop_descriptor_chain(mem) else {
-            enable_notification("virtio-console", queue, mem);
+        // Out of buffers: wait for a kick (notifications are on again).
+        let Some(desc_chain) = next_chain("virtio-console", queue, mem) else {
             return Batch::NoBuffers;
         };
         let head = desc_chain.head_index();
@@ -749,10 +737,10 @@ fn set_nonblocking(fd: RawFd) -> Result<(), ConsoleError> {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::thread;
     use std::os::fd::FromRawFd;
     use std::os::unix::net::{UnixDatagram, UnixStream};
     use std::path::Path;
+    use std::thread;
     use std::time::Instant;
 
     use vm_memory::GuestAddress;

@@ -53,10 +53,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{MmioError, SharedTransport};
-use super::rx_worker::{Batch, RxFill, RxWorkers, Source};
+use super::rx_worker::{next_chain, Batch, RxFill, RxWorkers, Source};
 use super::{
-    add_used, bump, enable_notification, push_iovecs, ActivateError, BadBuffer, QueueAccess,
-    VirtioDevice, VIRTIO_F_VERSION_1,
+    add_used, bump, push_iovecs, ActivateError, BadBuffer, QueueAccess, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// Bytes of `struct virtio_net_hdr_v1` in front of every frame, in both directions.
@@ -579,20 +579,8 @@ fn rx_batch(
     used: &mut bool,
 ) -> Batch {
     for _ in 0..RX_BATCH {
-        let Some(pending) = super::pending_chains(queue, mem, "virtio-net") else {
-            enable_notification("virtio-net", queue, mem);
-            return Batch::NoBuffers;
-        };
-        if pending == 0 {
-            // Out of buffers: ask for a kick, then look once more in case the driver posted
-            // some before it could see the request.
-            if enable_notification("virtio-net", queue, mem) {
-                continue;
-            }
-            return Batch::NoBuffers;
-        }
-        let Some(desc_chain) = queue.pop_descriptor_chain(mem) else {
-            enable_notification("virtio-net", queue, mem);
+        // Out of buffers: wait for a kick (notifications are on again).
+        let Some(desc_chain) = next_chain("virtio-net", queue, mem) else {
             return Batch::NoBuffers;
         };
         let head = desc_chain.head_index();

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use tracing::{debug, error, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{QueueAccess, QueueAccessError};
+use super::{enable_notification, pending_chains, QueueAccess, QueueAccessError};
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_KICK: u64 = 1;
@@ -53,6 +53,34 @@ pub(crate) trait RxFill {
 
     /// The source closed ([`Batch::Closed`]): it is no longer watched.
     fn closed(&mut self) {}
+}
+
+/// The next receive chain the driver posted, for a [`RxFill`]. None when there is none (or
+/// the ring is broken): driver notifications are then on again, after one more look for
+/// buffers posted before the driver could see that.
+pub(crate) fn next_chain<'m>(
+    device: &str,
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    for _ in 0..2 {
+        let Some(pending) = pending_chains(queue, mem, device) else {
+            enable_notification(device, queue, mem);
+            return None;
+        };
+        if pending == 0 {
+            if enable_notification(device, queue, mem) {
+                continue;
+            }
+            return None;
+        }
+        let chain = queue.pop_descriptor_chain(mem);
+        if chain.is_none() {
+            enable_notification(device, queue, mem);
+        }
+        return chain;
+    }
+    None
 }
 
 /// The descriptor a worker reads from, and how to watch it.
