@@ -33,6 +33,11 @@ pub enum MemoryError {
         free: u64,
         suggest: u64,
     },
+    #[error(
+        "raising vm.nr_hugepages to {want} failed ({source}); it needs root: \
+         `echo {want} > /proc/sys/vm/nr_hugepages`"
+    )]
+    RaiseHugePages { want: u64, source: io::Error },
     #[error("mapping {size_mib} MiB of guest memory failed: {source}")]
     Mmap { size_mib: u64, source: io::Error },
     #[error("building the guest memory map failed: {0}")]
@@ -101,6 +106,60 @@ fn available_huge_pages(meminfo: &str) -> Option<u64> {
     }
 }
 
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// vm.nr_hugepages: the size of the huge page pool (None when unknown).
+pub fn nr_hugepages() -> Option<u64> {
+    std::fs::read_to_string(NR_HUGEPAGES)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A raise of vm.nr_hugepages, put back when dropped (benchmarks and tests that need huge
+/// pages on a machine that has too few reserved).
+#[derive(Debug)]
+pub struct HugePagePool {
+    /// vm.nr_hugepages before and after the raise; None when nothing was raised.
+    raised: Option<(u64, u64)>,
+}
+
+impl HugePagePool {
+    /// Raises vm.nr_hugepages by what is missing for `needed` huge pages to be available
+    /// ([`free_huge_pages`]); nothing when they already are. Fails only when the sysctl cannot
+    /// be written: whether the kernel found the pages (memory may be short or fragmented) is
+    /// for the caller to check with [`free_huge_pages`].
+    pub fn raise_to(needed: u64) -> Result<HugePagePool, MemoryError> {
+        let available = free_huge_pages().unwrap_or(0);
+        if available >= needed {
+            return Ok(HugePagePool { raised: None });
+        }
+        let old = nr_hugepages().unwrap_or(0);
+        let want = old + (needed - available);
+        std::fs::write(NR_HUGEPAGES, want.to_string())
+            .map_err(|source| MemoryError::RaiseHugePages { want, source })?;
+        Ok(HugePagePool {
+            raised: Some((old, want)),
+        })
+    }
+
+    /// (before, after) when vm.nr_hugepages was raised.
+    pub fn raised(&self) -> Option<(u64, u64)> {
+        self.raised
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        if let Some((old, _)) = self.raised {
+            if let Err(e) = std::fs::write(NR_HUGEPAGES, old.to_string()) {
+                tracing::warn!("putting vm.nr_hugepages back to {old} failed: {e}");
+            }
+        }
+    }
+}
+
 /// Validates a memory configuration without allocating anything.
 pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
     if cfg.size_mib < MIN_MEM_MIB {
@@ -116,10 +175,7 @@ pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
         let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;
         let free = free_huge_pages().unwrap_or(0);
         if free < needed {
-            let total = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .unwrap_or(0);
+            let total = nr_hugepages().unwrap_or(0);
             return Err(MemoryError::HugePagesShort {
                 needed,
                 free,

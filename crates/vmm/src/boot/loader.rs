@@ -660,44 +660,19 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read(ifile.path()).unwrap(), payload);
     }
 
-    /// Raises vm.nr_hugepages until `free` huge pages are free; puts the old value back on drop.
-    struct HugePool(Option<u64>);
-
-    impl HugePool {
-        fn reserve(free: u64) -> HugePool {
-            let have = crate::memory::free_huge_pages().unwrap_or(0);
-            if have >= free {
-                return HugePool(None);
-            }
-            let sysctl = "/proc/sys/vm/nr_hugepages";
-            let old: u64 = std::fs::read_to_string(sysctl)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            std::fs::write(sysctl, (old + free - have).to_string())
-                .expect("raising vm.nr_hugepages (the test runs as root)");
-            let now = crate::memory::free_huge_pages().unwrap_or(0);
-            assert!(now >= free, "only {now} huge pages could be reserved");
-            HugePool(Some(old))
-        }
-    }
-
-    impl Drop for HugePool {
-        fn drop(&mut self) {
-            if let Some(old) = self.0 {
-                let _ = std::fs::write("/proc/sys/vm/nr_hugepages", old.to_string());
-            }
-        }
-    }
-
     /// Huge-page RAM: the kernel and the initramfs are mapped copy-on-write in 4 KiB windows
     /// instead of copied into huge pages; loading them touches no huge page, the rest of RAM
     /// stays huge pages, and two guests still share nothing writable.
     #[test]
     fn huge_page_ram_maps_kernel_and_initrd_in_small_page_windows() {
         use vm_memory::{Address, GuestMemoryBackend};
-        let _pool = HugePool::reserve(64);
+        let _pool = crate::memory::HugePagePool::raise_to(64)
+            .expect("raising vm.nr_hugepages (the test runs as root)");
+        let available = crate::memory::free_huge_pages().unwrap_or(0);
+        assert!(
+            available >= 64,
+            "only {available} huge pages could be reserved"
+        );
         let new_mem = || {
             crate::memory::create(&crate::memory::MemoryConfig {
                 size_mib: 64,

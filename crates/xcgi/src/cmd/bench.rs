@@ -226,25 +226,16 @@ fn slowest<S: std::fmt::Display>(mut phases: Vec<(S, f64)>) -> String {
         .join(", ")
 }
 
-fn read_sysctl() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 fn setup(s: SetupArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("finding the xcgi executable")?;
     let max_mem = s.mem.iter().copied().max().unwrap_or(128);
-    let old_pool = read_sysctl();
-    let mut huge_ok = xcgi_vmm::memory::free_huge_pages().unwrap_or(0) * 2 >= max_mem;
-    if !huge_ok && s.reserve_hugepages {
-        let want = old_pool.unwrap_or(0) + max_mem / 2;
-        std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string())
-            .context("raising vm.nr_hugepages (needs root)")?;
-        huge_ok = xcgi_vmm::memory::free_huge_pages().unwrap_or(0) * 2 >= max_mem;
-    }
+    // Put back when the benchmark ends, early or not.
+    let _pool = if s.reserve_hugepages {
+        Some(xcgi_vmm::memory::HugePagePool::raise_to(max_mem / 2)?)
+    } else {
+        None
+    };
+    let huge_ok = xcgi_vmm::memory::free_huge_pages().unwrap_or(0) * 2 >= max_mem;
     println!(
         "# VMM setup: process spawn -> first KVM_RUN, {} runs each, kernel {}",
         s.runs,
@@ -428,11 +419,6 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         );
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
         println!("# chart written to {}", path.display());
-    }
-    if s.reserve_hugepages {
-        if let Some(old) = old_pool {
-            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", old.to_string());
-        }
     }
     Ok(if failed { 1 } else { 0 })
 }

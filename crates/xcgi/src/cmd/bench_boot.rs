@@ -240,14 +240,6 @@ fn hugetlbfs_mount(mounts: &str) -> Option<PathBuf> {
     })
 }
 
-fn read_nr_hugepages() -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-        .context("reading /proc/sys/vm/nr_hugepages")?;
-    s.trim()
-        .parse()
-        .context("parsing /proc/sys/vm/nr_hugepages")
-}
-
 /// What was changed on the machine for the 2 MiB runs; put back on drop.
 #[derive(Default)]
 struct HugeSetup {
@@ -255,8 +247,8 @@ struct HugeSetup {
     dir: Option<PathBuf>,
     /// We mounted `dir` ourselves.
     mounted: bool,
-    /// vm.nr_hugepages before we raised it.
-    old_nr: Option<u64>,
+    /// vm.nr_hugepages raised for the 2 MiB runs (put back on drop, after the unmount).
+    pool: Option<xcgi_vmm::memory::HugePagePool>,
 }
 
 impl HugeSetup {
@@ -264,17 +256,11 @@ impl HugeSetup {
     fn prepare(need: u64, qemu: bool) -> anyhow::Result<Self> {
         let mut h = HugeSetup::default();
         let free = xcgi_vmm::memory::free_huge_pages().unwrap_or(0);
-        if free < need {
-            let old = read_nr_hugepages()?;
-            let want = old + (need - free);
-            if let Err(e) = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string()) {
-                bail!(
-                    "2 MiB pages: {need} free huge pages needed, {free} free, and raising \
-                     vm.nr_hugepages to {want} failed ({e}; needs root): reserve them with \
-                     `echo {want} > /proc/sys/vm/nr_hugepages`, or leave 2m out of --pages"
-                );
-            }
-            h.old_nr = Some(old);
+        let pool = xcgi_vmm::memory::HugePagePool::raise_to(need).with_context(|| {
+            format!("2 MiB pages: {need} free huge pages needed, {free} free (or leave 2m out of --pages)")
+        })?;
+        if let Some((old, want)) = pool.raised() {
+            h.pool = Some(pool);
             let now = xcgi_vmm::memory::free_huge_pages().unwrap_or(0);
             if now < need {
                 bail!(
@@ -321,9 +307,6 @@ impl Drop for HugeSetup {
                     unsafe { libc::umount(c.as_ptr()) };
                 }
             }
-        }
-        if let Some(old) = self.old_nr {
-            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", old.to_string());
         }
     }
 }
