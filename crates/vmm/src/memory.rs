@@ -13,7 +13,8 @@ use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 pub const MIB: u64 = 1 << 20;
 /// Smallest guest we accept: the kernel is loaded at 16 MiB and needs room above it.
 pub const MIN_MEM_MIB: u64 = 32;
-const HUGE_PAGE_SIZE: u64 = 2 * MIB;
+/// Size of the huge pages guest RAM can be backed with.
+pub const HUGE_PAGE_SIZE: u64 = 2 * MIB;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

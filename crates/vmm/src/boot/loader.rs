@@ -10,6 +10,7 @@ use linux_loader::loader::{BzImage, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{BZIMAGE_LOAD_ADDR, HIGH_MEMORY_START, INITRD_ADDR_MAX};
+use crate::memory::HUGE_PAGE_SIZE as HUGE_PAGE;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
@@ -17,7 +18,6 @@ const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
 const PAGE: u64 = 4096;
-const HUGE_PAGE: u64 = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
