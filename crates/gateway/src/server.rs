@@ -258,12 +258,14 @@ impl Server {
         {
             warn!("drain timeout passed; remaining requests are cut off");
         }
-        // VMs prepared ahead and never used go too.
-        for r in &self.routes {
-            if let Some(spares) = r.spec.as_ref().and_then(|s| s.spares.as_ref()) {
-                spares.stop();
-            }
-        }
+        // VMs prepared ahead and never used go too (closing a VM blocks for milliseconds:
+        // off the runtime's threads).
+        let spares: Vec<_> = self
+            .routes
+            .iter()
+            .filter_map(|r| r.spec.as_ref()?.spares.clone())
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || spares.iter().for_each(|s| s.stop())).await;
         // Wait (bounded) for VMs still tearing down, so nothing outlives the server.
         let t = Instant::now();
         while self.metrics.vms_running.load(Ordering::Relaxed) > 0
