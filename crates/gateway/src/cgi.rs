@@ -12,11 +12,30 @@ pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 pub const SERVER_SOFTWARE: &str = concat!("xcgi/", env!("CARGO_PKG_VERSION"));
 
+/// Longest single `NAME=value` string handed to a handler: Linux refuses a longer one in
+/// execve (MAX_ARG_STRLEN, 128 KiB with its NUL).
+pub const MAX_ENV_STRING: usize = 128 * 1024 - 1;
+/// Most bytes of environment (all strings together) handed to a handler.
+pub const MAX_ENV_TOTAL: usize = 256 * 1024;
+
+/// The request's environment is too large for a handler (the client gets 431).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("the variable {name} is {len} bytes: more than a handler accepts ({MAX_ENV_STRING})")]
+    VariableTooLong { name: String, len: usize },
+    #[error(
+        "the request's environment is {0} bytes: more than a handler accepts ({MAX_ENV_TOTAL})"
+    )]
+    TooLarge(usize),
+}
+
 /// What the meta-variables are made from.
 #[derive(Debug, Clone)]
 pub struct RequestInfo<'a> {
     pub method: &'a Method,
-    /// The decoded request path.
+    /// The request's protocol (SERVER_PROTOCOL).
+    pub version: hyper::Version,
+    /// The decoded, normalised request path (see [`crate::path`]).
     pub path: &'a str,
     /// The query string as sent (not decoded), without `?`.
     pub query: &'a str,
@@ -29,16 +48,27 @@ pub struct RequestInfo<'a> {
     pub document_root: &'a str,
     /// The body length when there is a body.
     pub content_length: Option<u64>,
+    /// Pass `Authorization` as HTTP_AUTHORIZATION (the route opted in).
+    pub pass_authorization: bool,
 }
 
 /// The environment for a CGI handler, as `NAME=value` strings: the RFC 3875 meta-variables,
-/// one `HTTP_*` per request header (minus Authorization, Content-Type, Content-Length and
-/// hop-by-hop Connection), then `extra` (route configuration), which wins over PATH only.
-pub fn environment(req: &RequestInfo<'_>, extra: &[(String, String)]) -> Vec<String> {
+/// one `HTTP_*` per request header (minus Authorization unless the route passes it,
+/// Proxy-Authorization, Content-Type, Content-Length, hop-by-hop Connection, and any name
+/// with `_`, which would pass for the same variable as its `-` twin), then `extra` (route
+/// configuration), which wins over PATH only.
+///
+/// The server authenticates nobody, so REMOTE_USER and AUTH_TYPE are never set: a handler
+/// must not take a client's unverified Basic credentials for an identity (RFC 3875 4.1.1,
+/// 4.1.11 say both come from the server's own authentication).
+pub fn environment(
+    req: &RequestInfo<'_>,
+    extra: &[(String, String)],
+) -> Result<Vec<String>, EnvError> {
     let mut env: Vec<(String, String)> = Vec::with_capacity(32 + req.headers.len());
     let mut put = |k: &str, v: String| env.push((k.to_string(), v));
     put("GATEWAY_INTERFACE", "CGI/1.1".into());
-    put("SERVER_PROTOCOL", "HTTP/1.1".into());
+    put("SERVER_PROTOCOL", protocol(req.version).into());
     put("SERVER_SOFTWARE", SERVER_SOFTWARE.into());
     let (server_name, server_port) = server_name_port(req);
     put("SERVER_NAME", server_name);
@@ -62,19 +92,6 @@ pub fn environment(req: &RequestInfo<'_>, extra: &[(String, String)]) -> Vec<Str
     if let Some(ct) = header_str(req.headers, "content-type") {
         put("CONTENT_TYPE", ct);
     }
-    if let Some(auth) = header_str(req.headers, "authorization") {
-        let mut parts = auth.splitn(2, ' ');
-        let scheme = parts.next().unwrap_or("").to_string();
-        let cred = parts.next().unwrap_or("").trim();
-        if scheme.eq_ignore_ascii_case("basic") {
-            if let Some(user) = basic_user(cred) {
-                put("REMOTE_USER", user);
-            }
-        }
-        if !scheme.is_empty() {
-            put("AUTH_TYPE", scheme);
-        }
-    }
     // One HTTP_* per header field; repeated fields joined with ", " (RFC 3875 4.1.18).
     let mut seen: Vec<&HeaderName> = Vec::new();
     for name in req.headers.keys() {
@@ -85,12 +102,10 @@ pub fn environment(req: &RequestInfo<'_>, extra: &[(String, String)]) -> Vec<Str
         let n = name.as_str();
         if matches!(
             n,
-            "authorization"
-                | "proxy-authorization"
-                | "content-type"
-                | "content-length"
-                | "connection"
-        ) {
+            "proxy-authorization" | "content-type" | "content-length" | "connection"
+        ) || (n == "authorization" && !req.pass_authorization)
+            || n.contains('_')
+        {
             continue;
         }
         let values: Vec<String> = req
@@ -112,7 +127,31 @@ pub fn environment(req: &RequestInfo<'_>, extra: &[(String, String)]) -> Vec<Str
     for (k, v) in extra {
         put(k, v.clone());
     }
-    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+    let mut total = 0;
+    for (k, v) in &env {
+        let len = k.len() + 1 + v.len();
+        if len > MAX_ENV_STRING {
+            return Err(EnvError::VariableTooLong {
+                name: k.clone(),
+                len,
+            });
+        }
+        total += len + 1;
+    }
+    if total > MAX_ENV_TOTAL {
+        return Err(EnvError::TooLarge(total));
+    }
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+fn protocol(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_09 => "HTTP/0.9",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_2 => "HTTP/2.0",
+        hyper::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/1.1",
+    }
 }
 
 fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
@@ -134,40 +173,6 @@ fn server_name_port(req: &RequestInfo<'_>) -> (String, u16) {
     (req.local.ip().to_string(), req.local.port())
 }
 
-/// The user-id of HTTP Basic credentials (base64 of `user:password`).
-fn basic_user(cred: &str) -> Option<String> {
-    let raw = base64_decode(cred)?;
-    let text = String::from_utf8(raw).ok()?;
-    let user = text.split(':').next()?;
-    (!user.is_empty()).then(|| user.to_string())
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for &c in s {
-        acc = (acc << 6) | val(c)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
-}
-
 /// Why a handler's response cannot be used (the gateway answers 502 and logs this).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CgiResponseError {
@@ -181,7 +186,7 @@ pub enum CgiResponseError {
     BadName(String),
     #[error("invalid value for header {0}")]
     BadValue(String),
-    #[error("invalid Status {0:?} (expected a 3-digit code and a reason)")]
+    #[error("invalid Status {0:?} (expected a code from 200 to 599 and a reason)")]
     BadStatus(String),
     #[error("no Content-Type, Location or Status header: not a CGI response")]
     NoCgiField,
@@ -204,17 +209,47 @@ pub enum CgiHead {
 /// Finds the end of the header block in `buf`: the index of the first body byte, or `None`
 /// when the blank line has not arrived yet. Lines end with LF or CRLF.
 pub fn header_end(buf: &[u8]) -> Option<usize> {
-    let mut line_start = 0;
-    for (i, &b) in buf.iter().enumerate() {
-        if b == b'\n' {
-            let line = &buf[line_start..i];
-            if line.is_empty() || line == b"\r" {
-                return Some(i + 1);
+    HeadScanner::default().scan(buf)
+}
+
+/// Finds the end of a header block that arrives in pieces, looking at each byte once: a
+/// handler (or a guest) writing its head a byte at a time costs linear time, not quadratic.
+#[derive(Debug, Default, Clone)]
+pub struct HeadScanner {
+    /// Bytes of the buffer already looked at.
+    scanned: usize,
+    /// Where the line being scanned starts.
+    line_start: usize,
+}
+
+impl HeadScanner {
+    /// `buf` is everything received so far (the previous call's `buf` plus new bytes).
+    /// Returns the index of the first body byte once the blank line is in `buf`.
+    pub fn scan(&mut self, buf: &[u8]) -> Option<usize> {
+        let from = self.scanned.min(buf.len());
+        let mut found = None;
+        for (off, &b) in buf[from..].iter().enumerate() {
+            let i = from + off;
+            if b == b'\n' {
+                let line = &buf[self.line_start..i];
+                if line.is_empty() || line == b"\r" {
+                    found = Some(i + 1);
+                    self.scanned = i + 1;
+                    break;
+                }
+                self.line_start = i + 1;
             }
-            line_start = i + 1;
         }
+        if found.is_none() {
+            self.scanned = buf.len();
+        }
+        found
     }
-    None
+
+    /// Bytes looked at so far.
+    pub fn scanned(&self) -> usize {
+        self.scanned
+    }
 }
 
 /// Parses the header block (`block` ends with its blank line). `body_follows` tells whether
@@ -295,7 +330,9 @@ fn parse_status(value: &str) -> Result<StatusCode, CgiResponseError> {
     code.parse::<u16>()
         .ok()
         .and_then(|c| StatusCode::from_u16(c).ok())
-        .filter(|c| c.as_u16() >= 100)
+        // 1xx are interim responses the server's framing owns (a bare 101 would promise an
+        // upgrade that never happens); above 599 is no HTTP status.
+        .filter(|c| (200..=599).contains(&c.as_u16()))
         .ok_or_else(|| CgiResponseError::BadStatus(value.to_string()))
 }
 
@@ -304,6 +341,17 @@ mod tests {
     use super::*;
 
     fn env_of(method: &str, path: &str, query: &str, headers: &[(&str, &str)]) -> Vec<String> {
+        env_with(method, path, query, headers, hyper::Version::HTTP_11, false).unwrap()
+    }
+
+    fn env_with(
+        method: &str,
+        path: &str,
+        query: &str,
+        headers: &[(&str, &str)],
+        version: hyper::Version,
+        pass_authorization: bool,
+    ) -> Result<Vec<String>, EnvError> {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
             h.append(
@@ -314,6 +362,7 @@ mod tests {
         let m = Method::from_bytes(method.as_bytes()).unwrap();
         let info = RequestInfo {
             method: &m,
+            version,
             path,
             query,
             headers: &h,
@@ -322,6 +371,7 @@ mod tests {
             script_name: "/cgi/",
             document_root: "/srv",
             content_length: if method == "POST" { Some(5) } else { None },
+            pass_authorization,
         };
         environment(&info, &[("ROUTE_VAR".into(), "x".into())])
     }
@@ -361,8 +411,6 @@ mod tests {
             ("REMOTE_HOST", "10.1.2.3"),
             ("CONTENT_LENGTH", "5"),
             ("CONTENT_TYPE", "text/plain"),
-            ("AUTH_TYPE", "Basic"),
-            ("REMOTE_USER", "alice"),
             ("HTTP_HOST", "example.org:8443"),
             ("HTTP_X_THING", "one, two"),
             ("PATH", DEFAULT_PATH),
@@ -377,6 +425,8 @@ mod tests {
             "HTTP_CONTENT_TYPE",
             "HTTP_CONTENT_LENGTH",
             "HTTP_PROXY",
+            "REMOTE_USER",
+            "AUTH_TYPE",
         ] {
             assert_eq!(get(&env, absent), None, "{absent} must not be set");
         }
@@ -484,8 +534,106 @@ mod tests {
     }
 
     #[test]
-    fn base64_user() {
-        assert_eq!(basic_user("YWxpY2U6c2VjcmV0"), Some("alice".into()));
-        assert_eq!(basic_user("!!!"), None);
+    fn unverified_credentials_give_no_identity_unless_the_route_passes_them() {
+        let hdr = [("authorization", "Basic YWRtaW46eA==")]; // admin:x
+        let env = env_of("GET", "/cgi", "", &hdr);
+        for absent in ["REMOTE_USER", "AUTH_TYPE", "HTTP_AUTHORIZATION"] {
+            assert_eq!(get(&env, absent), None, "{absent} in {env:?}");
+        }
+        let env = env_with("GET", "/cgi", "", &hdr, hyper::Version::HTTP_11, true).unwrap();
+        assert_eq!(get(&env, "HTTP_AUTHORIZATION"), Some("Basic YWRtaW46eA=="));
+        assert_eq!(get(&env, "REMOTE_USER"), None);
+    }
+
+    #[test]
+    fn header_names_with_underscores_cannot_pose_as_their_dash_twin() {
+        let env = env_of(
+            "GET",
+            "/cgi",
+            "",
+            &[("x-forwarded-for", "good"), ("x_forwarded_for", "evil")],
+        );
+        let hits: Vec<_> = env
+            .iter()
+            .filter(|e| e.starts_with("HTTP_X_FORWARDED_FOR="))
+            .collect();
+        assert_eq!(hits, ["HTTP_X_FORWARDED_FOR=good"]);
+    }
+
+    #[test]
+    fn server_protocol_is_the_requests() {
+        let env = env_with("GET", "/cgi", "", &[], hyper::Version::HTTP_10, false).unwrap();
+        assert_eq!(get(&env, "SERVER_PROTOCOL"), Some("HTTP/1.0"));
+    }
+
+    #[test]
+    fn an_environment_too_large_for_execve_is_refused() {
+        let big = "v".repeat(200 * 1024);
+        let r = env_with(
+            "GET",
+            "/cgi",
+            "",
+            &[("x-big", &big)],
+            hyper::Version::HTTP_11,
+            false,
+        );
+        assert!(matches!(r, Err(EnvError::VariableTooLong { .. })), "{r:?}");
+        let mid = "v".repeat(100 * 1024);
+        let hdr = [
+            ("x-a", mid.as_str()),
+            ("x-b", mid.as_str()),
+            ("x-c", mid.as_str()),
+        ];
+        let r = env_with("GET", "/cgi", "", &hdr, hyper::Version::HTTP_11, false);
+        assert!(matches!(r, Err(EnvError::TooLarge(_))), "{r:?}");
+    }
+
+    #[test]
+    fn status_outside_200_to_599_is_refused() {
+        for bad in [
+            "100 Continue",
+            "101 Switching",
+            "199 X",
+            "600 X",
+            "999 Nope",
+        ] {
+            let head = format!("Status: {bad}\nContent-Type: a/b\n\n");
+            assert!(
+                matches!(
+                    parse_head(head.as_bytes(), true),
+                    Err(CgiResponseError::BadStatus(_))
+                ),
+                "{bad}"
+            );
+        }
+        for good in ["200 OK", "599 X"] {
+            let head = format!("Status: {good}\nContent-Type: a/b\n\n");
+            assert!(parse_head(head.as_bytes(), true).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn head_scanner_looks_at_each_byte_once() {
+        // 64 KiB of header lines arriving a byte at a time: the whole-buffer rescan this
+        // replaced looked at ~2^31 bytes here; the scanner looks at each once.
+        let mut head = Vec::new();
+        while head.len() < 64 * 1024 - 64 {
+            head.extend_from_slice(b"X-Filler: 0123456789abcdef\r\n");
+        }
+        head.extend_from_slice(b"Content-Type: a/b\r\n\r\nbody");
+        let mut sc = HeadScanner::default();
+        let mut looked = 0;
+        let mut end = None;
+        for n in 1..=head.len() {
+            let before = sc.scanned();
+            end = sc.scan(&head[..n]);
+            looked += sc.scanned() - before;
+            if end.is_some() {
+                break;
+            }
+        }
+        assert_eq!(end, Some(head.len() - 4));
+        assert_eq!(looked, head.len() - 4, "each byte looked at once");
+        assert_eq!(end, header_end(&head));
     }
 }

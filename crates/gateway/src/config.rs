@@ -8,7 +8,20 @@
 //! concurrency = 8           # requests handled at once (VMs running)
 //! queue = 64                # requests waiting for a slot; beyond that: 503
 //! queue_timeout_ms = 10000  # longest wait for a slot: then 503
+//! header_timeout_ms = 10000 # a request head must arrive within this, else the connection closes
+//! idle_timeout_ms = 5000    # a keep-alive connection with no request is closed after this
+//! write_timeout_ms = 30000  # a response the client does not read for this long is aborted
+//! body_timeout_ms = 30000   # a request body must arrive within this (after its head): 408
+//! max_connections = 4096    # open client connections; more are accepted and closed at once
+//! body_budget = 268435456   # bytes of chunked request bodies held at once, all requests: 503
 //! kernel = "vmlinux"        # default guest kernel (else the one `xcgi kernel build` cached)
+//!
+//! [process]                 # isolation = "process" only: how each handler process runs
+//! user = "nobody"           # an unprivileged user (when the server runs as root)
+//! cpu_seconds = 60          # RLIMIT_CPU
+//! memory_mib = 1024         # RLIMIT_AS
+//! processes = 256           # RLIMIT_NPROC (counted per user: all handlers together)
+//! cgroup = true             # a cgroup v2 per handler where writable (kills every descendant)
 //!
 //! [network]                 # HTTP-mode routes only: a /30 per VM from this pool
 //! base = "172.16.0.0"
@@ -24,6 +37,7 @@
 //! timeout_ms = 10000
 //! max_body = 1048576
 //! env = { GREETING = "hi" }
+//! pass_authorization = false # pass the Authorization header as HTTP_AUTHORIZATION
 //! ```
 
 use std::collections::BTreeMap;
@@ -89,6 +103,29 @@ pub struct ServerSection {
     /// In-flight requests get this long to finish on SIGTERM.
     #[serde(default = "default_drain")]
     pub drain_timeout_ms: u64,
+    /// A request's head (request line and headers) must arrive within this, counted from its
+    /// first byte; else the connection is closed.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// A connection waiting for its next request is closed after this.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
+    /// A response that cannot be written for this long (the client does not read) is
+    /// aborted: the connection closes and the handler is killed.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_ms: u64,
+    /// A request body must arrive completely within this after the request's head: else 408
+    /// (and the handler is killed).
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout_ms: u64,
+    /// Client connections open at once; a connection over the cap is accepted and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Bytes of chunked request bodies held in memory at once, across all requests (a
+    /// chunked body is taken in whole before the handler starts: CGI needs its length). A
+    /// request that would go over gets 503.
+    #[serde(default = "default_body_budget")]
+    pub body_budget: u64,
     pub kernel: Option<PathBuf>,
     /// `xcgi-init`, the guest side of CGI mode (default: next to the xcgi binary).
     pub init: Option<PathBuf>,
@@ -103,8 +140,48 @@ impl Default for ServerSection {
             queue: default_queue(),
             queue_timeout_ms: default_queue_timeout(),
             drain_timeout_ms: default_drain(),
+            header_timeout_ms: default_header_timeout(),
+            idle_timeout_ms: default_idle_timeout(),
+            write_timeout_ms: default_write_timeout(),
+            body_timeout_ms: default_body_timeout(),
+            max_connections: default_max_connections(),
+            body_budget: default_body_budget(),
             kernel: None,
             init: None,
+        }
+    }
+}
+
+/// How a handler process runs (`isolation = "process"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSection {
+    /// The user handlers run as, when the server runs as root (never root itself).
+    #[serde(default = "default_process_user")]
+    pub user: String,
+    /// RLIMIT_CPU: seconds of CPU time per handler process.
+    #[serde(default = "default_process_cpu")]
+    pub cpu_seconds: u64,
+    /// RLIMIT_AS: address space per handler process, MiB.
+    #[serde(default = "default_process_memory")]
+    pub memory_mib: u64,
+    /// RLIMIT_NPROC: processes of the handlers' user (all handlers together).
+    #[serde(default = "default_process_processes")]
+    pub processes: u64,
+    /// A cgroup v2 per handler where the server can make one: every descendant is killed
+    /// with it, even one that left the handler's process group.
+    #[serde(default = "default_true")]
+    pub cgroup: bool,
+}
+
+impl Default for ProcessSection {
+    fn default() -> Self {
+        ProcessSection {
+            user: default_process_user(),
+            cpu_seconds: default_process_cpu(),
+            memory_mib: default_process_memory(),
+            processes: default_process_processes(),
+            cgroup: true,
         }
     }
 }
@@ -174,6 +251,10 @@ pub struct Route {
     pub document_root: String,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Pass the client's `Authorization` header to the handler as HTTP_AUTHORIZATION (the
+    /// server itself authenticates nobody, so REMOTE_USER and AUTH_TYPE are never set).
+    #[serde(default)]
+    pub pass_authorization: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,6 +262,8 @@ pub struct Route {
 struct RawConfig {
     #[serde(default)]
     server: ServerSection,
+    #[serde(default)]
+    process: ProcessSection,
     network: Option<NetworkSection>,
     #[serde(default, rename = "route")]
     routes: Vec<Route>,
@@ -191,6 +274,7 @@ struct RawConfig {
 pub struct Config {
     pub file: PathBuf,
     pub server: ServerSection,
+    pub process: ProcessSection,
     pub network: NetworkSection,
     pub routes: Vec<Route>,
 }
@@ -209,6 +293,39 @@ fn default_queue_timeout() -> u64 {
 }
 fn default_drain() -> u64 {
     30_000
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_idle_timeout() -> u64 {
+    5_000
+}
+fn default_write_timeout() -> u64 {
+    30_000
+}
+fn default_body_timeout() -> u64 {
+    30_000
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_body_budget() -> u64 {
+    256 << 20
+}
+fn default_process_user() -> String {
+    "nobody".into()
+}
+fn default_process_cpu() -> u64 {
+    60
+}
+fn default_process_memory() -> u64 {
+    1024
+}
+fn default_process_processes() -> u64 {
+    256
+}
+fn default_true() -> bool {
+    true
 }
 fn default_net_base() -> Ipv4Addr {
     Ipv4Addr::new(172, 16, 0, 0)
@@ -265,6 +382,7 @@ impl Route {
             strip_prefix: false,
             document_root: default_document_root(),
             env: BTreeMap::new(),
+            pass_authorization: false,
         }
     }
 
@@ -295,10 +413,20 @@ impl Config {
             file: file.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        let base = file.parent().unwrap_or(Path::new("."));
+        // Relative paths in the file are relative to its directory, made absolute now: a
+        // process handler runs in its own directory, where a relative path means nothing.
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let base = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let base = base.as_path();
         let cfg = Config {
             file: file.to_path_buf(),
             server: raw.server,
+            process: raw.process,
             network: raw.network.unwrap_or_default(),
             routes: raw.routes,
         };
@@ -314,6 +442,7 @@ impl Config {
         Config {
             file: PathBuf::from("(command line)"),
             server,
+            process: ProcessSection::default(),
             network,
             routes,
         }
@@ -362,8 +491,38 @@ impl Config {
         if s.concurrency == 0 {
             return Err(self.invalid("server.concurrency", "must be at least 1"));
         }
-        if s.queue_timeout_ms == 0 {
-            return Err(self.invalid("server.queue_timeout_ms", "must be at least 1"));
+        for (key, v) in [
+            ("server.queue_timeout_ms", s.queue_timeout_ms),
+            ("server.header_timeout_ms", s.header_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
+            ("server.write_timeout_ms", s.write_timeout_ms),
+            ("server.body_timeout_ms", s.body_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(self.invalid(key, "must be at least 1"));
+            }
+        }
+        if s.max_connections == 0 {
+            return Err(self.invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.body_budget == 0 {
+            return Err(self.invalid("server.body_budget", "must be at least 1"));
+        }
+        let p = &self.process;
+        if p.user.is_empty() || p.user == "root" || p.user == "0" {
+            return Err(self.invalid(
+                "process.user",
+                "handlers must not run as root: name an unprivileged user (default \"nobody\")",
+            ));
+        }
+        for (key, v) in [
+            ("process.cpu_seconds", p.cpu_seconds),
+            ("process.memory_mib", p.memory_mib),
+            ("process.processes", p.processes),
+        ] {
+            if v == 0 {
+                return Err(self.invalid(key, "must be at least 1"));
+            }
         }
         if let Some(k) = &s.kernel {
             if !k.is_file() {

@@ -5,7 +5,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,8 +50,12 @@ pub struct Finish {
 
 /// A running handler.
 pub struct Exchange {
-    /// The handler's stdout, chunk by chunk; closed when the handler closes it.
+    /// The handler's stdout, chunk by chunk; closed when the handler closes it (or dies).
     pub stdout: mpsc::Receiver<Bytes>,
+    /// Set before `stdout` closes when the handler's output ended properly (it closed its
+    /// stdout, or exited); unset when it was killed or its VM died mid-response: then the
+    /// response is truncated and the client must be able to tell.
+    pub complete: Arc<AtomicBool>,
     /// Sent once when the handler is done (or could not run).
     pub finish: oneshot::Receiver<Finish>,
     /// Time from start until the handler got the request (VM boot, or process spawn).
@@ -107,10 +111,16 @@ fn push_tail(tail: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
-/// `--isolation process`: the handler as a classic CGI child (fork/exec, no VM).
-pub fn spawn_process(
+/// `--isolation process`: the handler as a classic CGI child (fork/exec, no VM), confined by
+/// `jail` (unprivileged user, rlimits, its own process group and cgroup). `keep` (the
+/// request's concurrency slot) is dropped once the handler and everything it started are
+/// gone.
+pub fn spawn_process<K: Send + 'static>(
     inv: &Invocation,
     mut body: mpsc::Receiver<Bytes>,
+    jail: &crate::jail::ProcessJail,
+    id: u64,
+    keep: K,
 ) -> Result<Exchange, ExecError> {
     let t0 = Instant::now();
     let mut cmd = tokio::process::Command::new(&inv.program);
@@ -121,10 +131,20 @@ pub fn spawn_process(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+    let spawn_err = |source| ExecError::Spawn {
         program: inv.program.clone(),
         source,
-    })?;
+    };
+    let mut group = jail.prepare(&mut cmd, id).map_err(spawn_err)?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tokio::spawn(group.finish());
+            return Err(spawn_err(e));
+        }
+    };
+    group.started(child.id());
+    let group = Arc::new(std::sync::Mutex::new(Some(group)));
     let (ready_tx, ready) = oneshot::channel();
     let _ = ready_tx.send(t0.elapsed());
     let mut stdin = child.stdin.take();
@@ -139,13 +159,21 @@ pub fn spawn_process(
             }
         }
     });
+    let killed = Arc::new(AtomicBool::new(false));
+    let complete = Arc::new(AtomicBool::new(false));
     let (out_tx, out_rx) = mpsc::channel(STDOUT_DEPTH);
+    let (k2, c2) = (Arc::clone(&killed), Arc::clone(&complete));
     tokio::spawn(async move {
         if let Some(mut r) = stdout.take() {
             loop {
                 let mut buf = BytesMut::with_capacity(ch::CHUNK);
                 match r.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => {
+                        // Killed first: the end of output is a cut, not the end.
+                        c2.store(!k2.load(Ordering::SeqCst), Ordering::SeqCst);
+                        break;
+                    }
+                    Err(_) => break,
                     Ok(_) => {
                         if out_tx.send(buf.freeze()).await.is_err() {
                             break;
@@ -170,17 +198,27 @@ pub fn spawn_process(
     });
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let (fin_tx, finish) = oneshot::channel();
+    let g2 = Arc::clone(&group);
     tokio::spawn(async move {
         let mut failure = None;
         let status = tokio::select! {
             s = child.wait() => s.ok(),
             _ = kill_rx => {
-                let _ = child.start_kill();
                 failure = Some("killed".to_string());
                 child.wait().await.ok()
             }
         };
-        let stderr_tail = err_task.await.unwrap_or_default();
+        // The handler is gone: so is everything it started (a child it did not exec would
+        // otherwise keep running and keep its pipes, and our fds, open).
+        let group = g2.lock().ok().and_then(|mut g| g.take());
+        if let Some(g) = group {
+            g.finish().await;
+        }
+        let stderr_tail = tokio::time::timeout(Duration::from_secs(2), err_task)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
         let exit = status.and_then(|s| {
             use std::os::unix::process::ExitStatusExt;
             s.code().or_else(|| s.signal().map(|sig| 128 + sig))
@@ -190,12 +228,18 @@ pub fn spawn_process(
             failure,
             stderr_tail,
         });
+        drop(keep);
     });
     Ok(Exchange {
         stdout: out_rx,
+        complete,
         finish,
         ready,
         killer: Killer::new(move || {
+            killed.store(true, Ordering::SeqCst);
+            if let Some(g) = group.lock().ok().as_ref().and_then(|g| g.as_ref()) {
+                g.kill();
+            }
             let _ = kill_tx.send(());
         }),
     })
@@ -311,11 +355,12 @@ pub fn describe_outcome(r: &Result<xcgi_vmm::Outcome, String>) -> String {
 
 /// CGI in a fresh VM: boots the route's kernel and image (whose /init is `xcgi-init`), sends
 /// the request over the channel and relays the handler's output.
-pub fn spawn_vm_cgi(
+pub fn spawn_vm_cgi<K: Send + 'static>(
     spec: &VmSpec,
     inv: &Invocation,
     body: mpsc::Receiver<Bytes>,
     metrics: Arc<Metrics>,
+    keep: K,
 ) -> Result<Exchange, ExecError> {
     let t0 = Instant::now();
     let (host, guest) = std::os::unix::net::UnixStream::pair().map_err(ExecError::Channel)?;
@@ -324,7 +369,7 @@ pub fn spawn_vm_cgi(
     let cancel = Cancel::new();
     let mut cfg = spec.config(cancel.clone());
     cfg.channel = Some(Arc::new(OwnedFd::from(guest)));
-    let vm = start_vm(spec, cfg, metrics, ())?;
+    let vm = start_vm(spec, cfg, metrics, keep)?;
     let start = ch::Start {
         program: path_bytes(&inv.program),
         args: vec![path_bytes(&inv.program)],
@@ -334,9 +379,17 @@ pub fn spawn_vm_cgi(
     let (out_tx, out_rx) = mpsc::channel(STDOUT_DEPTH);
     let (ready_tx, ready) = oneshot::channel();
     let (fin_tx, finish) = oneshot::channel();
+    let (kill_tx, killed) = tokio::sync::watch::channel(false);
+    let complete = Arc::new(AtomicBool::new(false));
     let c2 = cancel.clone();
+    let chan = Relay {
+        out_tx,
+        ready_tx,
+        complete: Arc::clone(&complete),
+        killed,
+    };
     tokio::spawn(async move {
-        let fin = drive_vm(host, start, body, out_tx, ready_tx, t0, vm).await;
+        let fin = drive_vm(host, start, body, chan, t0, vm).await;
         // The response is complete (or failed): stop the VM now rather than let init's exit
         // panic run; its teardown goes on in the background.
         c2.cancel();
@@ -344,9 +397,13 @@ pub fn spawn_vm_cgi(
     });
     Ok(Exchange {
         stdout: out_rx,
+        complete,
         finish,
         ready,
-        killer: Killer::new(move || cancel.cancel()),
+        killer: Killer::new(move || {
+            cancel.cancel();
+            let _ = kill_tx.send(true);
+        }),
     })
 }
 
@@ -355,15 +412,28 @@ fn path_bytes(p: &Path) -> Vec<u8> {
     p.as_os_str().as_bytes().to_vec()
 }
 
+/// Where [`drive_vm`] relays the handler's output, and how it learns of a kill.
+struct Relay {
+    out_tx: mpsc::Sender<Bytes>,
+    ready_tx: oneshot::Sender<Duration>,
+    complete: Arc<AtomicBool>,
+    killed: tokio::sync::watch::Receiver<bool>,
+}
+
 async fn drive_vm(
     host: tokio::net::UnixStream,
     start: ch::Start,
     mut body: mpsc::Receiver<Bytes>,
-    out_tx: mpsc::Sender<Bytes>,
-    ready_tx: oneshot::Sender<Duration>,
+    relay: Relay,
     t0: Instant,
     vm: VmThread,
 ) -> Finish {
+    let Relay {
+        out_tx,
+        ready_tx,
+        complete,
+        mut killed,
+    } = relay;
     let (mut rd, wr) = host.into_split();
     let mut wr = Some(wr);
     let mut dec = ch::Decoder::new();
@@ -377,9 +447,18 @@ async fn drive_vm(
     let mut failure = None;
     let mut stdout_closed = false;
     'outer: loop {
-        let n = match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        let n = tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = killed.wait_for(|k| *k) => {
+                // After a complete response, the kill is the server's normal end of the VM.
+                if !stdout_closed {
+                    failure = Some("killed".into());
+                }
+                break;
+            }
         };
         dec.feed(&buf[..n]);
         loop {
@@ -419,7 +498,16 @@ async fn drive_vm(
                 }
                 (ch::STDOUT, data) => {
                     if let Some(tx) = &out_tx {
-                        if tx.send(Bytes::from(data)).await.is_err() {
+                        // A client that does not read must not keep this task (and the
+                        // VM's slot) past a kill.
+                        let sent = tokio::select! {
+                            r = tx.send(Bytes::from(data)) => r.is_ok(),
+                            _ = killed.wait_for(|k| *k) => {
+                                failure = Some("killed".into());
+                                break 'outer;
+                            }
+                        };
+                        if !sent {
                             // Nobody reads the response any more: the client went away.
                             out_tx = None;
                             failure = Some("the response was abandoned".into());
@@ -429,10 +517,13 @@ async fn drive_vm(
                 }
                 (ch::STDERR, data) => push_tail(&mut tail, &data),
                 (ch::STDOUT_CLOSED, _) => {
+                    complete.store(true, Ordering::SeqCst);
                     out_tx = None;
                     stdout_closed = true;
                 }
                 (ch::EXIT, data) => {
+                    // Frames arrive in order: everything the handler wrote came before.
+                    complete.store(true, Ordering::SeqCst);
                     let status = data
                         .get(..4)
                         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -441,7 +532,9 @@ async fn drive_vm(
                     break 'outer;
                 }
                 (ch::FAILED, data) => {
-                    failure = Some(String::from_utf8_lossy(&data).into_owned());
+                    // Guest text: escaped where it is logged (RequestLog), capped here.
+                    let text = String::from_utf8_lossy(&data);
+                    failure = Some(text.chars().take(512).collect());
                     break 'outer;
                 }
                 (other, _) => {

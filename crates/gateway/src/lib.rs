@@ -4,15 +4,23 @@
 //! - [`config`]: `xcgi.toml` (routes, limits, network pool), checked at start.
 //! - [`prepare`]: once per route at start: kernel, `xcgi-init`, the route's guest image.
 //! - [`cgi`]: CGI/1.1 meta-variables and response parsing (RFC 3875).
-//! - [`exec`]: running one handler: VM (CGI over virtio-console) or process.
+//! - [`exec`]: running one handler: VM (CGI over virtio-console) or process ([`jail`]:
+//!   unprivileged user, rlimits, process group and cgroup killed whole).
+//! - [`path`]: request paths decoded and normalised before routing.
+//! - [`conn`]: per-connection deadlines (idle, header, write), the accept loop's guards.
+//! - [`escape`]: untrusted text made safe for log lines.
 //! - [`spares`]: VMs prepared ahead per route, so a request only adds its devices.
 //! - [`server`]: hyper server, routing, admission (concurrency, queue), HTTP-mode proxying,
 //!   timeouts, logs; [`metrics`]: `/metrics`.
 
 pub mod cgi;
 pub mod config;
+pub mod conn;
+pub mod escape;
 pub mod exec;
+pub mod jail;
 pub mod metrics;
+pub mod path;
 pub mod prepare;
 pub mod server;
 pub mod spares;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Bucket bounds in seconds, shared by the latency and boot-time histograms.
@@ -65,6 +65,38 @@ pub struct Metrics {
     pub queue_depth: AtomicI64,
     pub in_flight: AtomicI64,
     pub vms_started: AtomicU64,
+    /// Client connections open now.
+    pub connections_open: AtomicI64,
+    /// Connections closed at once because `max_connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Bytes of chunked request bodies held now (against `body_budget`).
+    pub body_bytes_buffered: AtomicI64,
+}
+
+/// A gauge held up by one for as long as this lives (RAII): however the holder ends (a
+/// future cancelled when its client hangs up included), the gauge comes back down.
+#[derive(Debug)]
+pub struct GaugeGuard {
+    metrics: Arc<Metrics>,
+    which: fn(&Metrics) -> &AtomicI64,
+    by: i64,
+}
+
+impl GaugeGuard {
+    pub fn add(metrics: &Arc<Metrics>, which: fn(&Metrics) -> &AtomicI64, by: i64) -> Self {
+        which(metrics).fetch_add(by, Ordering::Relaxed);
+        GaugeGuard {
+            metrics: Arc::clone(metrics),
+            which,
+            by,
+        }
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        (self.which)(&self.metrics).fetch_sub(self.by, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -127,10 +159,35 @@ impl Metrics {
             "Requests being handled.",
             self.in_flight.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "# HELP xcgi_vms_started_total VMs started.\n# TYPE xcgi_vms_started_total counter\nxcgi_vms_started_total {}",
-            self.vms_started.load(Ordering::Relaxed)
+        gauge(
+            &mut out,
+            "xcgi_connections_open",
+            "Client connections open.",
+            self.connections_open.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "xcgi_body_bytes_buffered",
+            "Bytes of chunked request bodies held in memory.",
+            self.body_bytes_buffered.load(Ordering::Relaxed),
+        );
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            &mut out,
+            "xcgi_vms_started_total",
+            "VMs started.",
+            self.vms_started.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "xcgi_connections_refused_total",
+            "Connections closed at once: max_connections were open.",
+            self.connections_refused.load(Ordering::Relaxed),
         );
         out
     }
@@ -170,5 +227,18 @@ mod tests {
         );
         assert!(t.contains("xcgi_vms_running 2"), "{t}");
         assert!(t.contains("# TYPE xcgi_queue_depth gauge"), "{t}");
+    }
+
+    #[test]
+    fn gauge_guards_come_back_down_however_their_holder_ends() {
+        let m = Arc::new(Metrics::default());
+        let g = GaugeGuard::add(&m, |m| &m.queue_depth, 1);
+        let fut = async move {
+            let _g = g;
+            std::future::pending::<()>().await;
+        };
+        assert_eq!(m.queue_depth.load(Ordering::Relaxed), 1);
+        drop(fut); // a cancelled future (a client that hung up while queued)
+        assert_eq!(m.queue_depth.load(Ordering::Relaxed), 0);
     }
 }

@@ -7,6 +7,7 @@
 //! request ends in one log line and in `/metrics`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -23,15 +24,19 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cgi::{self, CgiHead, MAX_HEADER_BLOCK};
 use crate::config::{Config, Isolation, Mode};
 use crate::exec::{self, Exchange, Finish, Invocation, Killer};
-use crate::metrics::Metrics;
+use crate::jail::ProcessJail;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::prepare::Prepared;
 use crate::spares::Spares;
+use crate::{conn, escape};
 
+/// Longest request head (request line and headers) taken from a client; over it: 431.
+const MAX_REQUEST_HEAD: usize = 256 * 1024;
 /// Local redirects followed for one request before giving up (502).
 const MAX_LOCAL_REDIRECTS: usize = 5;
 /// Longest wait for an answer to one connection attempt.
@@ -61,6 +66,8 @@ pub enum ServeError {
     Thread(std::io::Error),
     #[error("cannot start the thread that prepares VMs ahead: {0}")]
     Spares(std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -159,12 +166,27 @@ pub struct Server {
     cfg: Config,
     routes: Vec<Prepared>,
     pub metrics: Arc<Metrics>,
+    /// Handlers running at once (`concurrency`). A permit is held until the handler (VM or
+    /// process) is gone, not until its response is written.
     slots: Arc<Semaphore>,
+    /// Requests waiting for a slot (`queue`).
     waiting: AtomicUsize,
+    /// Client connections open at once (`max_connections`).
+    conns: Arc<Semaphore>,
+    /// Bytes of chunked request bodies held at once (`body_budget`).
+    body_budget: Arc<Semaphore>,
+    /// Process isolation's confinement (None with VM isolation).
+    jail: Option<ProcessJail>,
     net: Option<GuestNet>,
     next_id: AtomicU64,
     _workdir: tempfile::TempDir,
 }
+
+/// Most bytes one request may hold of the body budget (the semaphore counts in u32).
+const BODY_BUDGET_MAX: u64 = u32::MAX as u64;
+/// How long a proxied response may still drain after its VM ended (what the guest sent is
+/// already in the host's socket buffer by then).
+const VM_END_GRACE: Duration = Duration::from_millis(200);
 
 impl Server {
     /// Prepares every route (images, kernel, network). Slow work happens here, once.
@@ -174,6 +196,15 @@ impl Server {
             .tempdir()
             .map_err(ServeError::Workdir)?;
         let mut routes = crate::prepare::prepare(&cfg, workdir.path())?;
+        let jail = if cfg.server.isolation == Isolation::Process {
+            let jail = ProcessJail::new(&cfg.process)?;
+            for r in &routes {
+                jail.check_executable(&r.program)?;
+            }
+            Some(jail)
+        } else {
+            None
+        };
         let net = if cfg.needs_network() {
             Some(GuestNet::new(&cfg)?)
         } else {
@@ -196,10 +227,15 @@ impl Server {
         }
         Ok(Server {
             slots: Arc::new(Semaphore::new(cfg.server.concurrency)),
+            conns: Arc::new(Semaphore::new(cfg.server.max_connections)),
+            body_budget: Arc::new(Semaphore::new(
+                cfg.server.body_budget.min(BODY_BUDGET_MAX) as usize
+            )),
             cfg,
             routes,
             metrics,
             waiting: AtomicUsize::new(0),
+            jail,
             net,
             next_id: AtomicU64::new(1),
             _workdir: workdir,
@@ -208,6 +244,15 @@ impl Server {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    fn timeouts(&self) -> conn::Timeouts {
+        let s = &self.cfg.server;
+        conn::Timeouts {
+            idle: Duration::from_millis(s.idle_timeout_ms),
+            header: Duration::from_millis(s.header_timeout_ms),
+            write: Duration::from_millis(s.write_timeout_ms),
+        }
     }
 
     /// Serves on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
@@ -219,31 +264,69 @@ impl Server {
     ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let local = listener.local_addr().ok();
+        let timeouts = self.timeouts();
+        let mut backoff = conn::AcceptBackoff::default();
         tokio::pin!(shutdown);
         loop {
             let (stream, remote) = tokio::select! {
                 r = listener.accept() => match r {
-                    Ok(x) => x,
+                    Ok(x) => {
+                        backoff.succeeded();
+                        x
+                    }
+                    Err(e) if conn::AcceptBackoff::is_resource_error(&e) => {
+                        // The pending connection stays queued: retrying at once would spin.
+                        let (pause, report) = backoff.failed(Instant::now());
+                        if let Some(failures) = report {
+                            warn!(error = %e, failures, pause_ms = pause.as_millis() as u64,
+                                "accept failed for lack of resources; backing off (at most one line per 10 s)");
+                        }
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
                     Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        debug!(error = %e, "accept failed (one connection)");
                         continue;
                     }
                 },
                 _ = &mut shutdown => break,
             };
+            let Ok(conn_slot) = Arc::clone(&self.conns).try_acquire_owned() else {
+                // Over the cap: close at once (the client sees the connection reset or
+                // closed) rather than let it queue behind the cap.
+                let n = self
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                if n.is_multiple_of(1000) {
+                    warn!(
+                        max_connections = self.cfg.server.max_connections,
+                        refused = n + 1,
+                        "connection cap reached: closing new connections (logged every 1000th)"
+                    );
+                }
+                drop(stream);
+                continue;
+            };
+            let open = GaugeGuard::add(&self.metrics, |m| &m.connections_open, 1);
             let _ = stream.set_nodelay(true);
             let local = stream.local_addr().ok().or(local).unwrap_or(remote);
+            let activity = Arc::new(conn::Activity::default());
+            let io = conn::TimedIo::new(stream, timeouts, Arc::clone(&activity));
             let me = Arc::clone(&self);
             let svc = hyper::service::service_fn(move |req| {
                 let me = Arc::clone(&me);
-                async move { Ok::<_, Infallible>(me.handle(req, remote, local).await) }
+                let activity = Arc::clone(&activity);
+                async move { Ok::<_, Infallible>(me.handle(req, remote, local, activity).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .serve_connection(TokioIo::new(io), svc);
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _ = conn.await;
+                drop(conn_slot);
+                drop(open);
             });
         }
         drop(listener);
@@ -266,9 +349,10 @@ impl Server {
             .filter_map(|r| r.spec.as_ref()?.spares.clone())
             .collect();
         let _ = tokio::task::spawn_blocking(move || spares.iter().for_each(|s| s.stop())).await;
-        // Wait (bounded) for VMs still tearing down, so nothing outlives the server.
+        // Wait (bounded) for handlers still ending, so nothing outlives the server.
         let t = Instant::now();
-        while self.metrics.vms_running.load(Ordering::Relaxed) > 0
+        while (self.metrics.vms_running.load(Ordering::Relaxed) > 0
+            || self.slots.available_permits() < self.cfg.server.concurrency)
             && t.elapsed() < Duration::from_secs(10)
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -284,8 +368,10 @@ impl Server {
         req: Request<Incoming>,
         remote: SocketAddr,
         local: SocketAddr,
+        activity: Arc<conn::Activity>,
     ) -> Response<OutBody> {
         let t0 = Instant::now();
+        let active = activity.begin();
         if req.uri().path() == "/metrics"
             && self
                 .cfg
@@ -296,21 +382,15 @@ impl Server {
                 .map(|b| b.map_err(|never| match never {}).boxed());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-        let mut log = RequestLog {
+        let mut log = RequestLog::new(
             id,
-            route: String::new(),
-            method: req.method().clone(),
-            path: req.uri().path().to_string(),
+            req.method().clone(),
+            req.uri().path(),
             t0,
-            boot: None,
-            status: 0,
-            note: None,
-            metrics: Arc::clone(&self.metrics),
-            finish: None,
-            done: false,
-        };
-        let resp = self.dispatch(req, remote, local, &mut log).await;
+            &self.metrics,
+            active,
+        );
+        let resp = self.dispatch(req, remote, local, id, &mut log).await;
         log.status = resp.status().as_u16();
         // The log line is written when the response body ends (or is dropped).
         resp.map(|b| {
@@ -327,10 +407,17 @@ impl Server {
         req: Request<Incoming>,
         remote: SocketAddr,
         local: SocketAddr,
+        id: u64,
         log: &mut RequestLog,
     ) -> Response<OutBody> {
-        let path = req.uri().path().to_string();
-        let Some((index, _)) = self.cfg.route_for(&path) else {
+        let rpath = match crate::path::normalize(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => {
+                log.note = Some(format!("bad request path: {e}"));
+                return error(StatusCode::BAD_REQUEST, &format!("bad request path: {e}"));
+            }
+        };
+        let Some((index, _)) = self.cfg.route_for(&rpath.decoded) else {
             return error(StatusCode::NOT_FOUND, "no route for this path");
         };
         let route = &self.routes[index];
@@ -349,92 +436,178 @@ impl Server {
             ));
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
         }
-        let body = if declared.is_some() || incoming.is_end_stream() {
-            RequestBody::Stream(incoming, declared.unwrap_or(0))
-        } else {
-            // Chunked: CGI needs CONTENT_LENGTH, so take it in (up to the limit) first.
-            match http_body_util::Limited::new(incoming, route.route.max_body as usize)
-                .collect()
-                .await
-            {
-                Ok(c) => RequestBody::Buffered(c.to_bytes()),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    log.note = Some("chunked body over the route's max_body".into());
-                    return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-                }
-                Err(_) => return error(StatusCode::BAD_REQUEST, "cannot read the request body"),
-            }
-        };
-        let permit = match self.admit().await {
+        // Admission first: nothing of a request is taken in before it has a slot.
+        let deadline = log.t0 + route.route.timeout();
+        let permit = match self.admit(deadline).await {
             Ok(p) => p,
-            Err(why) => {
+            Err(Refused::Busy(why)) => {
                 log.note = Some(why.into());
                 return error(StatusCode::SERVICE_UNAVAILABLE, why);
             }
-        };
-        let deadline = log.t0 + route.route.timeout();
-        match route.route.mode {
-            Mode::Cgi => {
-                self.cgi(route, parts, body, remote, local, permit, deadline, log)
-                    .await
+            Err(Refused::Deadline) => {
+                log.note = Some("the request's deadline passed while it waited for a slot".into());
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the request's deadline passed while it waited",
+                );
             }
-            Mode::Http => self.http(route, parts, body, permit, deadline, log).await,
+        };
+        let slot = Arc::new(permit);
+        let body_deadline = Instant::now() + Duration::from_millis(self.cfg.server.body_timeout_ms);
+        let body = if declared.is_some() || incoming.is_end_stream() {
+            RequestBody::Stream(incoming, declared.unwrap_or(0), body_deadline)
+        } else {
+            // Chunked: CGI needs CONTENT_LENGTH, so take it in (up to the limits) first.
+            match self
+                .buffer_body(incoming, route.route.max_body, body_deadline.min(deadline))
+                .await
+            {
+                Ok((bytes, budget)) => RequestBody::Buffered(bytes, budget),
+                Err(e) => {
+                    log.note = Some(e.to_string());
+                    return e.response();
+                }
+            }
+        };
+        let job = Job {
+            route,
+            parts,
+            path: rpath,
+            body,
+            slot,
+            deadline,
+            id,
+        };
+        match route.route.mode {
+            Mode::Cgi => self.cgi(job, remote, local, log).await,
+            Mode::Http => self.http(job, log).await,
         }
     }
 
-    async fn admit(&self) -> Result<OwnedSemaphorePermit, &'static str> {
+    /// Takes in a chunked body whole: at most `max` bytes, within the server's body budget,
+    /// before `deadline`.
+    async fn buffer_body(
+        &self,
+        mut incoming: Incoming,
+        max: u64,
+        deadline: Instant,
+    ) -> Result<(Bytes, Option<BudgetHold>), BodyError> {
+        let mut buf = bytes::BytesMut::new();
+        let mut hold: Option<BudgetHold> = None;
+        let deadline = tokio::time::Instant::from_std(deadline);
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+                Err(_) => return Err(BodyError::Timeout),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(BodyError::Read),
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            let len = data.len() as u64;
+            if buf.len() as u64 + len > max {
+                return Err(BodyError::TooLarge);
+            }
+            let more = u32::try_from(len).map_err(|_| BodyError::TooLarge)?;
+            let permit = Arc::clone(&self.body_budget)
+                .try_acquire_many_owned(more)
+                .map_err(|_| BodyError::Budget)?;
+            match &mut hold {
+                Some(h) => h.add(permit, len),
+                None => hold = Some(BudgetHold::new(permit, len, &self.metrics)),
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok((buf.freeze(), hold))
+    }
+
+    /// A concurrency slot: at once, or after waiting in the bounded queue (no longer than
+    /// `queue_timeout_ms`, nor past the request's deadline).
+    async fn admit(&self, deadline: Instant) -> Result<OwnedSemaphorePermit, Refused> {
         if let Ok(p) = Arc::clone(&self.slots).try_acquire_owned() {
             return Ok(p);
         }
-        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.cfg.server.queue {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err("server busy: the request queue is full");
-        }
-        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let r = tokio::time::timeout(
-            Duration::from_millis(self.cfg.server.queue_timeout_ms),
+        // Both counts come back down however this ends: a queued client that hangs up
+        // cancels this future mid-wait.
+        let Some(_spot) = QueueSpot::take(&self.waiting, self.cfg.server.queue) else {
+            return Err(Refused::Busy("server busy: the request queue is full"));
+        };
+        let _depth = GaugeGuard::add(&self.metrics, |m| &m.queue_depth, 1);
+        let queue_end = Instant::now() + Duration::from_millis(self.cfg.server.queue_timeout_ms);
+        let until = queue_end.min(deadline);
+        let r = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(until),
             Arc::clone(&self.slots).acquire_owned(),
         )
         .await;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match r {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(_)) => Err("server shutting down"),
-            Err(_) => Err("server busy: waited too long in the queue"),
+            Ok(Ok(p)) if Instant::now() < deadline => Ok(p),
+            Ok(Ok(_)) => Err(Refused::Deadline),
+            Ok(Err(_)) => Err(Refused::Busy("server shutting down")),
+            Err(_) if deadline <= queue_end => Err(Refused::Deadline),
+            Err(_) => Err(Refused::Busy("server busy: waited too long in the queue")),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn cgi(
+    /// Starts the route's handler for one CGI request: a VM, or a jailed process.
+    fn start_cgi(
         &self,
         route: &Prepared,
-        parts: hyper::http::request::Parts,
-        body: RequestBody,
+        inv: &Invocation,
+        body: mpsc::Receiver<Bytes>,
+        slot: &Arc<OwnedSemaphorePermit>,
+        id: u64,
+    ) -> Result<Exchange, exec::ExecError> {
+        match (&route.spec, &self.jail) {
+            (Some(spec), None) => {
+                exec::spawn_vm_cgi(spec, inv, body, Arc::clone(&self.metrics), Arc::clone(slot))
+            }
+            (_, Some(jail)) => exec::spawn_process(inv, body, jail, id, Arc::clone(slot)),
+            (None, None) => Err(exec::ExecError::Spawn {
+                program: inv.program.clone(),
+                source: std::io::Error::other("VM isolation without a VM spec"),
+            }),
+        }
+    }
+
+    async fn cgi(
+        &self,
+        job: Job<'_>,
         remote: SocketAddr,
         local: SocketAddr,
-        permit: OwnedSemaphorePermit,
-        deadline: Instant,
         log: &mut RequestLog,
     ) -> Response<OutBody> {
+        let Job {
+            mut route,
+            parts,
+            path: rpath,
+            body,
+            slot,
+            deadline,
+            id,
+        } = job;
         let mut method = parts.method.clone();
-        let mut path = parts.uri.path().to_string();
+        let mut path = rpath.decoded;
         let mut query = parts.uri.query().unwrap_or("").to_string();
         let mut body = Some(body);
-        let extra: Vec<(String, String)> = route
-            .route
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let mut route = route;
         for _ in 0..=MAX_LOCAL_REDIRECTS {
-            let (body_rx, content_length) = match body.take() {
+            let (body_rx, content_length, mut late) = match body.take() {
                 Some(b) => b.into_channel(),
-                None => (mpsc::channel(1).1, None),
+                None => (mpsc::channel(1).1, None, oneshot::channel().1),
             };
+            let extra: Vec<(String, String)> = route
+                .route
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             let info = cgi::RequestInfo {
                 method: &method,
+                version: parts.version,
                 path: &path,
                 query: &query,
                 headers: &parts.headers,
@@ -443,19 +616,24 @@ impl Server {
                 script_name: &route.route.prefix,
                 document_root: &route.route.document_root,
                 content_length,
+                pass_authorization: route.route.pass_authorization,
+            };
+            let env = match cgi::environment(&info, &extra) {
+                Ok(env) => env,
+                Err(e) => {
+                    log.note = Some(e.to_string());
+                    return error(
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "request header fields too large for a CGI environment",
+                    );
+                }
             };
             let inv = Invocation {
                 program: route.program.clone(),
-                env: cgi::environment(&info, &extra),
+                env,
                 cwd: route.cwd.clone(),
             };
-            let spawned = match (&route.spec, self.cfg.server.isolation) {
-                (Some(spec), Isolation::Vm) => {
-                    exec::spawn_vm_cgi(spec, &inv, body_rx, Arc::clone(&self.metrics))
-                }
-                _ => exec::spawn_process(&inv, body_rx),
-            };
-            let mut ex = match spawned {
+            let mut ex = match self.start_cgi(route, &inv, body_rx, &slot, id) {
                 Ok(ex) => ex,
                 Err(e) => {
                     log.note = Some(e.to_string());
@@ -465,7 +643,11 @@ impl Server {
                     );
                 }
             };
-            let (head, rest) = match read_head(&mut ex, deadline).await {
+            let head = tokio::select! {
+                h = read_head(&mut ex, deadline) => h,
+                Ok(()) = &mut late => Err(HeadError::BodyTimeout),
+            };
+            let (head, rest) = match head {
                 Ok(x) => x,
                 Err(HeadError::Timeout) => {
                     ex.killer.kill();
@@ -477,6 +659,18 @@ impl Server {
                     return error(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the handler did not answer in time",
+                    );
+                }
+                Err(HeadError::BodyTimeout) => {
+                    ex.killer.kill();
+                    log.note = Some(format!(
+                        "the request body did not arrive within {} ms",
+                        self.cfg.server.body_timeout_ms
+                    ));
+                    log.finish = Some(ex.finish);
+                    return error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body came too slowly",
                     );
                 }
                 Err(HeadError::Bad(why)) => {
@@ -495,16 +689,17 @@ impl Server {
                 CgiHead::LocalRedirect { location } => {
                     ex.killer.kill();
                     let (p, q) = location.split_once('?').unwrap_or((&location, ""));
-                    path = p.to_string();
+                    let target = crate::path::normalize(p).ok();
                     query = q.to_string();
                     method = Method::GET;
-                    match self.cfg.route_for(&path) {
+                    match target.as_ref().and_then(|t| self.cfg.route_for(&t.decoded)) {
                         Some((i, r)) if r.mode == Mode::Cgi => route = &self.routes[i],
                         _ => {
                             log.note = Some(format!("local redirect to {location}: no CGI route"));
                             return error(StatusCode::BAD_GATEWAY, "bad local redirect");
                         }
                     }
+                    path = target.map(|t| t.decoded).unwrap_or_default();
                     continue;
                 }
                 CgiHead::Document { status, headers } => {
@@ -512,9 +707,9 @@ impl Server {
                         ChanBody {
                             first: (!rest.is_empty()).then_some(rest),
                             rx: Some(ex.stdout),
+                            complete: ex.complete,
                             guard: Some(Guard {
                                 killer: ex.killer.clone(),
-                                _permit: permit,
                                 timer: spawn_deadline(ex.killer.clone(), deadline),
                             }),
                         }
@@ -531,15 +726,16 @@ impl Server {
         error(StatusCode::BAD_GATEWAY, "too many local redirects")
     }
 
-    async fn http(
-        &self,
-        route: &Prepared,
-        parts: hyper::http::request::Parts,
-        body: RequestBody,
-        permit: OwnedSemaphorePermit,
-        deadline: Instant,
-        log: &mut RequestLog,
-    ) -> Response<OutBody> {
+    async fn http(&self, job: Job<'_>, log: &mut RequestLog) -> Response<OutBody> {
+        let Job {
+            route,
+            parts,
+            path,
+            body,
+            slot,
+            deadline,
+            ..
+        } = job;
         let (Some(spec), Some(net)) = (&route.spec, &self.net) else {
             log.note = Some("http mode needs VM isolation".into());
             return error(StatusCode::INTERNAL_SERVER_ERROR, "route misconfigured");
@@ -575,7 +771,8 @@ impl Server {
             ip_param: lease.kernel_ip_param(),
             rx_ready: Some(Arc::clone(&rx_ready)),
         });
-        let vm = match exec::start_vm(spec, cfg, Arc::clone(&self.metrics), lease) {
+        // The slot and the TAP stay taken until the VM is gone.
+        let vm = match exec::start_vm(spec, cfg, Arc::clone(&self.metrics), (lease, slot)) {
             Ok(vm) => vm,
             Err(e) => {
                 log.note = Some(e.to_string());
@@ -617,16 +814,27 @@ impl Server {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let target = forwarded_target(&parts.uri, &route.route);
+        let target = forwarded_target(&path, parts.uri.query(), &route.route);
         let mut out = Request::builder().method(parts.method.clone()).uri(target);
         for (k, v) in parts.headers.iter() {
             if !is_hop_by_hop(k.as_str()) {
                 out = out.header(k, v);
             }
         }
-        let req_body: OutBody = match body {
-            RequestBody::Stream(inc, _) => inc.map_err(std::io::Error::other).boxed(),
-            RequestBody::Buffered(b) => Full::new(b).map_err(|never| match never {}).boxed(),
+        let (req_body, budget): (OutBody, _) = match body {
+            RequestBody::Stream(inc, _, body_deadline) => (
+                TimedBody {
+                    inner: inc,
+                    deadline: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                        body_deadline,
+                    ))),
+                }
+                .boxed(),
+                None,
+            ),
+            RequestBody::Buffered(b, hold) => {
+                (Full::new(b).map_err(|never| match never {}).boxed(), hold)
+            }
         };
         let Ok(out) = out.body(req_body) else {
             killer.kill();
@@ -664,17 +872,123 @@ impl Server {
         }
         let guard = Guard {
             killer: killer.clone(),
-            _permit: permit,
             timer: spawn_deadline(killer, deadline),
         };
         Response::from_parts(
             rparts,
             GuardedBody {
                 inner: rbody.map_err(std::io::Error::other).boxed(),
+                vm_end: outcome,
+                grace: None,
                 _guard: guard,
+                _budget: budget,
             }
             .boxed(),
         )
+    }
+}
+
+/// One admitted request on its way to its handler.
+struct Job<'a> {
+    route: &'a Prepared,
+    parts: hyper::http::request::Parts,
+    path: crate::path::RequestPath,
+    body: RequestBody,
+    /// The concurrency slot: shared with the handler, which holds it until it is gone.
+    slot: Arc<OwnedSemaphorePermit>,
+    deadline: Instant,
+    id: u64,
+}
+
+/// Why a request got no slot.
+enum Refused {
+    /// 503, with the reason.
+    Busy(&'static str),
+    /// 504: its deadline passed while it waited (no handler is started for it).
+    Deadline,
+}
+
+/// A place in the admission queue, given back on drop (RAII).
+struct QueueSpot<'a>(&'a AtomicUsize);
+
+impl<'a> QueueSpot<'a> {
+    fn take(waiting: &'a AtomicUsize, limit: usize) -> Option<Self> {
+        if waiting.fetch_add(1, Ordering::SeqCst) >= limit {
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(QueueSpot(waiting))
+    }
+}
+
+impl Drop for QueueSpot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why a chunked request body was not taken in.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("chunked body over the route's max_body")]
+    TooLarge,
+    #[error("the server's body budget (body_budget) is used up")]
+    Budget,
+    #[error("the request body did not arrive in time (body_timeout_ms)")]
+    Timeout,
+    #[error("cannot read the request body")]
+    Read,
+}
+
+impl BodyError {
+    fn response(&self) -> Response<OutBody> {
+        match self {
+            BodyError::TooLarge => error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            BodyError::Budget => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server busy: too many request bodies in memory",
+            ),
+            BodyError::Timeout => error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body came too slowly",
+            ),
+            BodyError::Read => error(StatusCode::BAD_REQUEST, "cannot read the request body"),
+        }
+    }
+}
+
+/// Bytes of the body budget a buffered body holds, and the gauge that shows them.
+struct BudgetHold {
+    permit: OwnedSemaphorePermit,
+    _gauge: GaugeGuard,
+    metrics: Arc<Metrics>,
+    extra: i64,
+}
+
+impl BudgetHold {
+    fn new(permit: OwnedSemaphorePermit, len: u64, metrics: &Arc<Metrics>) -> Self {
+        BudgetHold {
+            permit,
+            _gauge: GaugeGuard::add(metrics, |m| &m.body_bytes_buffered, len as i64),
+            metrics: Arc::clone(metrics),
+            extra: 0,
+        }
+    }
+
+    fn add(&mut self, permit: OwnedSemaphorePermit, len: u64) {
+        self.permit.merge(permit);
+        self.extra += len as i64;
+        self.metrics
+            .body_bytes_buffered
+            .fetch_add(len as i64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        self.metrics
+            .body_bytes_buffered
+            .fetch_sub(self.extra, Ordering::Relaxed);
     }
 }
 
@@ -738,23 +1052,20 @@ async fn connect_guest(
     }
 }
 
-/// The request target sent to an HTTP-mode guest: the path and query as received, or with
-/// the route's prefix taken off (`strip_prefix`).
-fn forwarded_target(uri: &hyper::Uri, route: &crate::config::Route) -> String {
-    let path = uri.path();
+/// The request target sent to an HTTP-mode guest: the normalised path as the client encoded
+/// it, or without the route's prefix (`strip_prefix`), and the query.
+fn forwarded_target(
+    path: &crate::path::RequestPath,
+    query: Option<&str>,
+    route: &crate::config::Route,
+) -> String {
     let path = if route.strip_prefix {
-        let rest = path
-            .strip_prefix(route.prefix.trim_end_matches('/'))
-            .unwrap_or(path);
-        if rest.starts_with('/') {
-            rest.to_string()
-        } else {
-            format!("/{rest}")
-        }
+        let segments = route.prefix.split('/').filter(|s| !s.is_empty()).count();
+        path.raw_without_segments(segments)
     } else {
-        path.to_string()
+        path.raw.clone()
     };
-    match uri.query() {
+    match query {
         Some(q) => format!("{path}?{q}"),
         None => path,
     }
@@ -774,28 +1085,46 @@ fn is_hop_by_hop(name: &str) -> bool {
 }
 
 enum RequestBody {
-    /// The client's body as it arrives, with its declared length (0: none).
-    Stream(Incoming, u64),
-    /// A chunked body, taken in whole.
-    Buffered(Bytes),
+    /// The client's body as it arrives, with its declared length (0: none) and the time by
+    /// which it must have arrived.
+    Stream(Incoming, u64, Instant),
+    /// A chunked body, taken in whole, and the share of the body budget it holds.
+    Buffered(Bytes, Option<BudgetHold>),
 }
 
 impl RequestBody {
-    /// A channel the handler's stdin is fed from, and CONTENT_LENGTH.
-    fn into_channel(self) -> (mpsc::Receiver<Bytes>, Option<u64>) {
+    /// A channel the handler's stdin is fed from, CONTENT_LENGTH, and a signal that fires
+    /// if the body did not arrive by its deadline (the feeding stops then).
+    fn into_channel(self) -> (mpsc::Receiver<Bytes>, Option<u64>, oneshot::Receiver<()>) {
         let (tx, rx) = mpsc::channel(8);
+        let (late_tx, late) = oneshot::channel();
         match self {
-            RequestBody::Buffered(b) => {
+            RequestBody::Buffered(b, hold) => {
                 let len = b.len() as u64;
                 if !b.is_empty() {
-                    let _ = tx.try_send(b);
+                    tokio::spawn(async move {
+                        if tx.send(b).await.is_ok() {
+                            // The budget is held until the handler is done with the body.
+                            tx.closed().await;
+                        }
+                        drop(hold);
+                        drop(late_tx);
+                    });
                 }
-                (rx, (len > 0).then_some(len))
+                (rx, (len > 0).then_some(len), late)
             }
-            RequestBody::Stream(mut inc, len) => {
+            RequestBody::Stream(mut inc, len, by) => {
                 tokio::spawn(async move {
-                    while let Some(frame) = inc.frame().await {
-                        let Ok(frame) = frame else { break };
+                    let by = tokio::time::Instant::from_std(by);
+                    loop {
+                        let frame = tokio::select! {
+                            f = inc.frame() => f,
+                            _ = tokio::time::sleep_until(by) => {
+                                let _ = late_tx.send(());
+                                return;
+                            }
+                        };
+                        let Some(Ok(frame)) = frame else { break };
                         if let Ok(data) = frame.into_data() {
                             if tx.send(data).await.is_err() {
                                 break;
@@ -803,21 +1132,60 @@ impl RequestBody {
                         }
                     }
                 });
-                (rx, (len > 0).then_some(len))
+                (rx, (len > 0).then_some(len), late)
             }
         }
     }
 }
 
+/// A request body for an HTTP-mode guest that fails once its deadline passes (a client
+/// trickling its body must not hold a VM until the route's deadline).
+struct TimedBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if let Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(f.map(|r| r.map_err(std::io::Error::other)));
+        }
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request body did not arrive in time",
+            )))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 enum HeadError {
     Timeout,
+    BodyTimeout,
     Bad(String),
 }
 
 /// Reads the handler's stdout up to the end of its CGI header block. Returns the parsed head
-/// and the body bytes that came with it.
+/// and the body bytes that came with it. Each byte is looked at once ([`cgi::HeadScanner`]),
+/// however small the pieces it arrives in.
 async fn read_head(ex: &mut Exchange, deadline: Instant) -> Result<(CgiHead, Bytes), HeadError> {
     let mut buf: Vec<u8> = Vec::new();
+    let mut scanner = cgi::HeadScanner::default();
     let deadline = tokio::time::Instant::from_std(deadline);
     loop {
         let chunk = tokio::select! {
@@ -833,7 +1201,7 @@ async fn read_head(ex: &mut Exchange, deadline: Instant) -> Result<(CgiHead, Byt
             return Err(HeadError::Bad(why));
         };
         buf.extend_from_slice(&chunk);
-        if let Some(end) = cgi::header_end(&buf) {
+        if let Some(end) = scanner.scan(&buf) {
             if end > MAX_HEADER_BLOCK {
                 return Err(HeadError::Bad(
                     cgi::CgiResponseError::HeadersTooLong.to_string(),
@@ -884,25 +1252,29 @@ fn spawn_deadline(killer: Killer, deadline: Instant) -> tokio::task::JoinHandle<
     })
 }
 
-/// Held by a response body: the concurrency slot, and the handler's life.
+/// Held by a response body: the handler's life (the concurrency slot is the handler's own:
+/// it goes when the handler is gone, whether or not the client reads).
 struct Guard {
     killer: Killer,
-    _permit: OwnedSemaphorePermit,
     timer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
         self.timer.abort();
-        // Response done or client gone: the VM goes now, whatever it is doing.
+        // Response done or client gone: the handler goes now, whatever it is doing.
         self.killer.kill();
     }
 }
 
 /// A CGI response body: the bytes that came with the headers, then the handler's stdout.
+/// Output cut short (the handler killed at its deadline, its VM died) ends in an error, so
+/// the client sees a truncated response, not a complete one: hyper then closes the
+/// connection without the final chunk.
 struct ChanBody {
     first: Option<Bytes>,
     rx: Option<mpsc::Receiver<Bytes>>,
+    complete: Arc<std::sync::atomic::AtomicBool>,
     guard: Option<Guard>,
 }
 
@@ -925,7 +1297,13 @@ impl Body for ChanBody {
             Poll::Ready(None) => {
                 self.rx = None;
                 self.guard = None;
-                Poll::Ready(None)
+                if self.complete.load(Ordering::SeqCst) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(std::io::Error::other(
+                        "the handler was stopped before its response was complete",
+                    ))))
+                }
             }
             Poll::Pending => Poll::Pending,
         }
@@ -936,10 +1314,17 @@ impl Body for ChanBody {
     }
 }
 
-/// A proxied (HTTP mode) response body that keeps its VM's guard until it ends.
+/// A proxied (HTTP mode) response body that keeps its VM's guard until it ends. Once the VM
+/// is gone (killed at the deadline, crashed), nothing more can come: after a short grace
+/// for what is already in the host's socket buffer, the body fails instead of waiting on a
+/// peer that vanished without closing.
 struct GuardedBody {
     inner: OutBody,
+    /// Resolves when the VM is gone.
+    vm_end: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
+    grace: Option<Pin<Box<tokio::time::Sleep>>>,
     _guard: Guard,
+    _budget: Option<BudgetHold>,
 }
 
 impl Body for GuardedBody {
@@ -950,7 +1335,21 @@ impl Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        if let Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(f);
+        }
+        if self.grace.is_none() {
+            if Pin::new(&mut self.vm_end).poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.grace = Some(Box::pin(tokio::time::sleep(VM_END_GRACE)));
+        }
+        match self.grace.as_mut().map(|g| g.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Some(Err(std::io::Error::other(
+                "the VM ended before its response was complete",
+            )))),
+            _ => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -962,12 +1361,14 @@ impl Body for GuardedBody {
     }
 }
 
-/// The per-request log line and metrics, written when the response body is finished or
-/// dropped.
+/// The per-request log line and metrics, written once, when the response body is finished
+/// or dropped, or when the request is abandoned earlier (its future dropped because the
+/// client went away: `Drop` writes it then, so no gauge is left counting it).
 struct RequestLog {
     id: u64,
     route: String,
     method: Method,
+    /// The path as the client sent it, escaped and cut for the log.
     path: String,
     t0: Instant,
     boot: Option<Duration>,
@@ -977,22 +1378,61 @@ struct RequestLog {
     finish: Option<oneshot::Receiver<Finish>>,
     /// The body reached its end (else the client went away first).
     done: bool,
+    _in_flight: GaugeGuard,
+    _active: conn::ActiveRequest,
+}
+
+/// Rounds a duration to milliseconds with one decimal, for a log field.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
 impl RequestLog {
-    fn write(mut self) {
+    fn new(
+        id: u64,
+        method: Method,
+        path: &str,
+        t0: Instant,
+        metrics: &Arc<Metrics>,
+        active: conn::ActiveRequest,
+    ) -> Self {
+        RequestLog {
+            id,
+            route: String::new(),
+            method,
+            path: escape::for_log(path, 256),
+            t0,
+            boot: None,
+            // Until a response exists: "client closed the request" (nginx's 499).
+            status: 499,
+            note: None,
+            metrics: Arc::clone(metrics),
+            finish: None,
+            done: false,
+            _in_flight: GaugeGuard::add(metrics, |m| &m.in_flight, 1),
+            _active: active,
+        }
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
         let total = self.t0.elapsed();
         self.metrics.record(self.status, total);
-        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(b) = self.boot {
             self.metrics.boot.observe(b);
         }
         let finish = self.finish.take();
         let client_gone = !self.done;
+        let (id, status, boot) = (self.id, self.status, self.boot);
+        let route = escape::for_log(&self.route, 256);
+        let method = self.method.clone();
+        let path = std::mem::take(&mut self.path);
+        let note = self.note.take();
         // Exit status and stderr come a moment later; log once they are known (no runtime
         // left, at shutdown: log what is known now).
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            warn!(vm = self.id, route = %self.route, status = self.status, "request cut off at shutdown");
+            warn!(vm = id, route = %route, status, "request cut off at shutdown");
             return;
         };
         rt.spawn(async move {
@@ -1003,18 +1443,16 @@ impl RequestLog {
                     .and_then(Result::ok),
                 None => None,
             };
-            let boot_ms = self.boot.map(|b| b.as_secs_f64() * 1e3);
-            let handler_ms = self
-                .boot
-                .map(|b| (total.saturating_sub(b)).as_secs_f64() * 1e3);
-            let total_ms = total.as_secs_f64() * 1e3;
+            let boot_ms = boot.map(ms);
+            let handler_ms = boot.map(|b| ms(total.saturating_sub(b)));
+            let total_ms = ms(total);
             let exit = fin.as_ref().and_then(|f| f.exit);
-            let mut note = self.note.clone().unwrap_or_default();
+            let mut note = note.unwrap_or_default();
             if client_gone {
                 note = "client went away: handler killed".into();
             }
             if let Some(f) = &fin {
-                if f.exit.is_none() || self.status >= 500 {
+                if f.exit.is_none() || status >= 500 {
                     if let Some(fl) = &f.failure {
                         if !note.is_empty() {
                             note.push_str("; ");
@@ -1022,17 +1460,20 @@ impl RequestLog {
                         note.push_str(fl);
                     }
                     if !f.stderr_tail.trim().is_empty() {
-                        note.push_str(&format!("; stderr: {}", f.stderr_tail.trim()));
+                        note.push_str("; stderr: ");
+                        note.push_str(f.stderr_tail.trim());
                     }
                 }
             }
-            if self.status >= 500 || client_gone {
+            // Handler, guest and client text is in here: escaped and cut.
+            let note = escape::for_log(&note, escape::LOG_TEXT_MAX);
+            if status >= 500 || client_gone {
                 warn!(
-                    vm = self.id,
-                    route = %self.route,
-                    method = %self.method,
-                    path = %self.path,
-                    status = self.status,
+                    vm = id,
+                    route = %route,
+                    method = %method,
+                    path = %path,
+                    status,
                     boot_ms,
                     handler_ms,
                     total_ms,
@@ -1041,11 +1482,11 @@ impl RequestLog {
                 );
             } else {
                 info!(
-                    vm = self.id,
-                    route = %self.route,
-                    method = %self.method,
-                    path = %self.path,
-                    status = self.status,
+                    vm = id,
+                    route = %route,
+                    method = %method,
+                    path = %path,
+                    status,
                     boot_ms,
                     handler_ms,
                     total_ms,
@@ -1072,11 +1513,23 @@ impl Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = r {
-            if let Some(mut log) = self.log.take() {
-                log.done = true;
-                log.write();
+        match &r {
+            Poll::Ready(None) => {
+                if let Some(mut log) = self.log.take() {
+                    log.done = true;
+                }
             }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(mut log) = self.log.take() {
+                    log.done = true;
+                    let cut = format!("response cut off: {e}");
+                    log.note = Some(match log.note.take() {
+                        Some(n) => format!("{n}; {cut}"),
+                        None => cut,
+                    });
+                }
+            }
+            _ => {}
         }
         r
     }
@@ -1092,11 +1545,10 @@ impl Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        if let Some(mut log) = self.log.take() {
+        if let Some(log) = self.log.as_mut() {
             // Dropped before its end: only an error here if there was a body left to send. A
             // HEAD response has no body to send: hyper drops it unpolled once the head is out.
             log.done = self.inner.is_end_stream() || log.method == Method::HEAD;
-            log.write();
         }
     }
 }
@@ -1134,7 +1586,8 @@ fn describe_finish(f: &Finish) -> String {
         (None, None) => "handler state unknown".into(),
     };
     if !f.stderr_tail.trim().is_empty() {
-        s.push_str(&format!("; stderr: {}", f.stderr_tail.trim()));
+        s.push_str("; stderr: ");
+        s.push_str(f.stderr_tail.trim());
     }
     s
 }
@@ -1159,8 +1612,13 @@ pub async fn run(server: Arc<Server>, listener: TcpListener) {
     server.serve(listener, shutdown).await;
 }
 
-/// Binds the configured address.
+/// Binds the configured address. Raises the open-file limit first (to its hard limit).
 pub async fn bind(cfg: &Config) -> Result<TcpListener, ServeError> {
+    match conn::raise_fd_limit() {
+        Ok((old, new)) if new > old => info!(old, new, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+    }
     TcpListener::bind(cfg.server.listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -1177,12 +1635,19 @@ mod tests {
     fn forwarded_target_keeps_or_strips_the_prefix() {
         let mut r = crate::config::Route::quick("/bin/true".into(), Mode::Http);
         r.prefix = "/app".into();
-        let uri: hyper::Uri = "/app/x/y?q=1".parse().unwrap();
-        assert_eq!(forwarded_target(&uri, &r), "/app/x/y?q=1");
+        let p = |s: &str| crate::path::normalize(s).unwrap();
+        assert_eq!(
+            forwarded_target(&p("/app/x/y"), Some("q=1"), &r),
+            "/app/x/y?q=1"
+        );
         r.strip_prefix = true;
-        assert_eq!(forwarded_target(&uri, &r), "/x/y?q=1");
-        assert_eq!(forwarded_target(&"/app".parse().unwrap(), &r), "/");
+        assert_eq!(
+            forwarded_target(&p("/app/x/y"), Some("q=1"), &r),
+            "/x/y?q=1"
+        );
+        assert_eq!(forwarded_target(&p("/app"), None, &r), "/");
+        assert_eq!(forwarded_target(&p("/app/./a%20b/../c"), None, &r), "/c");
         r.prefix = "/".into();
-        assert_eq!(forwarded_target(&"/z".parse().unwrap(), &r), "/z");
+        assert_eq!(forwarded_target(&p("/z"), None, &r), "/z");
     }
 }

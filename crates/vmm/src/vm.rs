@@ -202,6 +202,8 @@ impl ExitReason {
         }
     }
 
+    /// One line for a log or a terminal. The panic message is guest text: it comes escaped
+    /// ([`escape_guest_text`]).
     pub fn describe(&self) -> String {
         match self {
             ExitReason::InitExited { status } => {
@@ -214,7 +216,9 @@ impl ExitReason {
             }
             ExitReason::PowerOff => "guest powered off".into(),
             ExitReason::Reboot => "guest rebooted".into(),
-            ExitReason::Panic { message } => format!("guest kernel panic: {message}"),
+            ExitReason::Panic { message } => {
+                format!("guest kernel panic: {}", escape_guest_text(message))
+            }
             ExitReason::TripleFault => "guest triple fault".into(),
             ExitReason::Timeout => "deadline reached, VM killed".into(),
             ExitReason::Cancelled => "stopped on request, VM killed".into(),
@@ -222,6 +226,21 @@ impl ExitReason {
             ExitReason::SetupOnly => "stopped before the first KVM_RUN (setup only)".into(),
         }
     }
+}
+
+/// `text` from the guest, fit for a log line or a terminal: control characters (escape
+/// sequences included), invisible formatting characters (bidirectional overrides...) and
+/// backslashes come escaped the way Rust's `{:?}` writes them (`\u{1b}`, `\n`, `\\`);
+/// quotes and other printable text stay as they are.
+pub fn escape_guest_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '"' | '\'' => out.push(c),
+            c => out.extend(c.escape_debug()),
+        }
+    }
+    out
 }
 
 /// Host-side times, all measured from the `start` instant given to [`run`].
@@ -917,6 +936,24 @@ fn handle_exit(exit: VcpuExit<'_>, devices: &Arc<Mutex<Devices>>) -> Option<VmEv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_panic_text_is_escaped_in_descriptions() {
+        let message =
+            "oops \x1b[2J\x1b]0;owned\x07 \r\nFAKE LOG LINE \u{202e}txt.exe \\ 'q' \"q\" é"
+                .to_string();
+        let d = ExitReason::Panic { message }.describe();
+        assert_eq!(
+            d,
+            "guest kernel panic: oops \\u{1b}[2J\\u{1b}]0;owned\\u{7} \\r\\nFAKE LOG LINE \\u{202e}txt.exe \\\\ 'q' \"q\" é"
+        );
+        assert!(!d.chars().any(char::is_control), "{d:?}");
+        // Host text is left alone.
+        assert_eq!(
+            ExitReason::InitExited { status: 0x100 }.describe(),
+            "init exited with status 1"
+        );
+    }
 
     #[test]
     fn exit_codes() {

@@ -2,6 +2,8 @@
 //! example images, and running a shell script either directly (hardware KVM) or in the lab.
 #![allow(dead_code)]
 
+pub mod served;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -19,7 +19,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use tracing::{debug, warn};
+use tracing::debug;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -466,7 +466,9 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         if index != 0 {
-            warn!(index, "virtio-blk: notify for a queue that does not exist");
+            // The transport only notifies queues that exist (and rate-limits its warning about
+            // the others).
+            debug!(index, "virtio-blk: notify for a queue that does not exist");
             return false;
         }
         // Serve what the driver has published so far; it notifies again for anything later.
@@ -475,14 +477,16 @@ impl VirtioDevice for Block {
         };
         let mut used_any = false;
         for _ in 0..pending {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = super::pop_chain("virtio-blk", queue, mem) else {
                 break;
             };
             let head = chain.head_index();
             let len = self.process_chain(chain, mem);
             match queue.add_used(mem, head, len) {
                 Ok(()) => used_any = true,
-                Err(e) => warn!(head, error = %e, "virtio-blk: cannot return a buffer"),
+                // The driver's used ring is the driver's problem (and was checked at
+                // activation): not worth a warning it could repeat at will.
+                Err(e) => debug!(head, error = %e, "virtio-blk: cannot return a buffer"),
             }
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)

@@ -284,7 +284,7 @@ impl VirtioConsole {
         let mut iovecs = Vec::new();
         let mut used_any = false;
         for _ in 0..pending {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = super::pop_chain("virtio-console", queue, mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -299,7 +299,9 @@ impl VirtioConsole {
             iovecs.clear();
             match queue.add_used(mem, head, 0) {
                 Ok(()) => used_any = true,
-                Err(e) => warn!(head, error = %e, "virtio-console: cannot return a TX buffer"),
+                // The driver's used ring is the driver's problem (and was checked at
+                // activation): not worth a warning it could repeat at will.
+                Err(e) => debug!(head, error = %e, "virtio-console: cannot return a TX buffer"),
             }
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
@@ -507,7 +509,9 @@ impl VirtioDevice for VirtioConsole {
             }
             TX_QUEUE => self.process_tx(queue, mem),
             _ => {
-                warn!(
+                // The transport only notifies queues that exist (and rate-limits its warning
+                // about the others).
+                debug!(
                     index,
                     "virtio-console: notify for a queue that does not exist"
                 );

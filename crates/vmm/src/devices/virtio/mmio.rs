@@ -13,11 +13,17 @@
 //! The common registers (below 0x100) accept 4-byte accesses only; any other size reads as zero
 //! and is ignored on write, as are unknown offsets and read-only registers. The device
 //! configuration space (0x100 and up) accepts any size.
+//!
+//! The driver is untrusted: every warning it can provoke (a register written out of order, a
+//! bad queue size, a notify for a queue that does not exist, a failed activation...) goes
+//! through the transport's `LogLimiter`, so a guest looping on a bad register write gets a
+//! few lines per window into the host's log, not one per exit; rarer or uninteresting misuse is
+//! logged at `debug`.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -25,9 +31,10 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::log_limit::{limited, LogLimiter};
 use super::{QueueAccess, QueueAccessError, QueueHost, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::MmioDevice;
 
@@ -114,6 +121,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     /// Bumped on every activation, reset and shutdown: a [`QueueAccess`] is only good for the
     /// epoch it was handed out in.
     epoch: u64,
+    /// Every warning the driver can provoke goes through this.
+    log: LogLimiter,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -121,8 +130,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// `irq` is written whenever the device interrupts the driver and must be registered by the
     /// VMM as a KVM irqfd for the device's GSI.
     pub fn new(device: D, mem: GuestMemoryMmap, irq: EventFd) -> Result<Self, MmioError> {
+        let device_type = device.device_type();
         if device.device_features() & VIRTIO_F_VERSION_1 == 0 {
-            return Err(MmioError::NotModern(device.device_type()));
+            return Err(MmioError::NotModern(device_type));
         }
         let queues = device
             .queue_max_sizes()
@@ -151,6 +161,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             activated: false,
             host: None,
             epoch: 0,
+            log: LogLimiter::new(transport_name(device_type)),
         })
     }
 
@@ -224,7 +235,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn raise_interrupt(&mut self, bit: u32) {
         self.interrupt_status |= bit;
         if let Err(e) = self.irq.write(1) {
-            error!(
+            // Once broken, broken for every interrupt the driver asks for.
+            limited!(
+                self.log,
+                error,
                 device_type = self.device.device_type(),
                 error = %e,
                 "virtio-mmio: failed to signal the irq eventfd"
@@ -257,12 +271,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// Run `f` on the selected queue if the driver may configure queues now: after FEATURES_OK,
-    /// before DRIVER_OK, not failed, and only while the queue is not ready.
-    fn configure_queue(&mut self, what: &str, f: impl FnOnce(&mut Queue)) {
+    /// before DRIVER_OK, not failed, and only while the queue is not ready. `f` gets the log
+    /// limiter for its own complaints.
+    fn configure_queue(&mut self, what: &str, f: impl FnOnce(&mut Queue, &mut LogLimiter)) {
         let phase = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK;
         let mask = phase | S_DRIVER_OK | S_FAILED | S_NEEDS_RESET;
         if self.status & mask != phase {
-            warn!(
+            limited!(
+                self.log,
+                warn,
                 status = self.status,
                 register = what,
                 "virtio-mmio: queue configured outside the FEATURES_OK phase; ignored"
@@ -274,13 +291,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .ok()
             .and_then(|i| self.queues.get_mut(i))
         {
-            Some(q) if q.ready() => warn!(
+            Some(q) if q.ready() => limited!(
+                self.log,
+                warn,
                 queue = sel,
                 register = what,
                 "virtio-mmio: queue configured while ready; ignored"
             ),
-            Some(q) => f(q),
-            None => warn!(
+            Some(q) => f(q, &mut self.log),
+            None => limited!(
+                self.log,
+                warn,
                 queue = sel,
                 register = what,
                 "virtio-mmio: no such queue; write ignored"
@@ -291,7 +312,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn write_driver_features(&mut self, value: u32) {
         let mask = S_DRIVER | S_FEATURES_OK | S_FAILED;
         if self.status & mask != S_DRIVER {
-            warn!(
+            limited!(
+                self.log,
+                warn,
                 status = self.status,
                 "virtio-mmio: DriverFeatures written outside feature negotiation; ignored"
             );
@@ -317,7 +340,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // NEEDS_RESET is the device's to set; keep it whatever the driver writes.
         let mut new = (value & !S_NEEDS_RESET) | (old & S_NEEDS_RESET);
         if new & old != old {
-            warn!(
+            limited!(
+                self.log,
+                warn,
                 old,
                 new = value,
                 "virtio-mmio: driver cleared status bits without a reset; ignored"
@@ -326,13 +351,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let added = new & !old;
         if added & S_FAILED != 0 {
-            warn!(
+            limited!(
+                self.log,
+                warn,
                 device_type = self.device.device_type(),
                 "virtio-mmio: driver gave up on the device (FAILED)"
             );
         }
         if added & S_DRIVER != 0 && new & S_ACKNOWLEDGE == 0 {
-            warn!("virtio-mmio: DRIVER set before ACKNOWLEDGE; ignored");
+            limited!(
+                self.log,
+                warn,
+                "virtio-mmio: DRIVER set before ACKNOWLEDGE; ignored"
+            );
             new &= !S_DRIVER;
         }
         if added & S_FEATURES_OK != 0 && !self.features_acceptable(new) {
@@ -341,7 +372,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         if added & S_DRIVER_OK != 0 {
             if new & S_FEATURES_OK == 0 || new & (S_FAILED | S_NEEDS_RESET) != 0 {
-                warn!(
+                limited!(
+                    self.log,
+                    warn,
                     status = new,
                     "virtio-mmio: DRIVER_OK set out of order; ignored"
                 );
@@ -355,19 +388,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.status = new;
     }
 
-    fn features_acceptable(&self, status: u32) -> bool {
+    fn features_acceptable(&mut self, status: u32) -> bool {
         let offered = self.device.device_features();
         if status & S_DRIVER == 0 {
-            warn!("virtio-mmio: FEATURES_OK set before DRIVER");
+            limited!(self.log, warn, "virtio-mmio: FEATURES_OK set before DRIVER");
             false
         } else if self.driver_features & !offered != 0 {
-            warn!(
+            limited!(
+                self.log,
+                warn,
                 acked = self.driver_features,
-                offered, "virtio-mmio: driver accepted features the device does not offer"
+                offered,
+                "virtio-mmio: driver accepted features the device does not offer"
             );
             false
         } else if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (legacy driver?)");
+            limited!(
+                self.log,
+                warn,
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (legacy driver?)"
+            );
             false
         } else {
             true
@@ -380,7 +420,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let result = match self
             .queues
             .iter()
-            .position(|q| q.ready() && !q.is_valid(&self.mem))
+            .position(|q| q.ready() && !rings_in_memory(q, &self.mem))
         {
             Some(index) => Err(super::ActivateError::InvalidQueue(index)),
             None => {
@@ -408,7 +448,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.activated = true;
             }
             Err(e) => {
-                error!(
+                // A driver can fail activation at will (rings outside memory), over and over.
+                limited!(
+                    self.log,
+                    error,
                     device_type = self.device.device_type(),
                     error = %e,
                     "virtio-mmio: device activation failed"
@@ -430,7 +473,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // Without VIRTIO_F_NOTIFICATION_DATA the value is just the queue index.
         let index = value as usize;
         let Some(queue) = self.queues.get_mut(index) else {
-            warn!(
+            limited!(
+                self.log,
+                warn,
                 queue = value,
                 "virtio-mmio: notify for a queue that does not exist"
             );
@@ -456,7 +501,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             QUEUE_DRIVER_LOW => Ring::Avail,
             _ => Ring::Used,
         };
-        self.configure_queue(ring.register_name(high), |q| {
+        self.configure_queue(ring.register_name(high), |q, log| {
             let old = match ring {
                 Ring::Desc => q.desc_table(),
                 Ring::Avail => q.avail_ring(),
@@ -474,7 +519,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 Ring::Used => q.try_set_used_ring_address(addr),
             };
             if let Err(e) = result {
-                warn!(
+                limited!(
+                    log,
+                    warn,
                     address = addr.0,
                     register = ring.register_name(high),
                     error = %e,
@@ -521,16 +568,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
             DRIVER_FEATURES => self.write_driver_features(value),
             DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             QUEUE_SEL => self.queue_sel = value,
-            QUEUE_NUM => self.configure_queue("QueueNum", |q| {
+            QUEUE_NUM => self.configure_queue("QueueNum", |q, log| {
                 if let Ok(size) = u16::try_from(value) {
                     if q.try_set_size(size).is_ok() {
                         return;
                     }
                 }
-                warn!(size = value, "virtio-mmio: invalid queue size; ignored");
+                limited!(
+                    log,
+                    warn,
+                    size = value,
+                    "virtio-mmio: invalid queue size; ignored"
+                );
             }),
             QUEUE_READY => match value {
-                1 => self.configure_queue("QueueReady", |q| q.set_ready(true)),
+                1 => self.configure_queue("QueueReady", |q, _| q.set_ready(true)),
                 // Stopping a queue is always allowed; we simply stop processing it.
                 0 => {
                     let sel = self.queue_sel;
@@ -541,7 +593,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
                         q.set_ready(false);
                     }
                 }
-                _ => warn!(value, "virtio-mmio: invalid QueueReady value; ignored"),
+                _ => limited!(
+                    self.log,
+                    warn,
+                    value,
+                    "virtio-mmio: invalid QueueReady value; ignored"
+                ),
             },
             QUEUE_NOTIFY => self.queue_notify(value),
             INTERRUPT_ACK => self.interrupt_status &= !value,
@@ -556,6 +613,33 @@ impl<D: VirtioDevice> MmioTransport<D> {
             ),
         }
     }
+}
+
+/// The transport's name in its log lines, by device type.
+fn transport_name(device_type: u32) -> &'static str {
+    match device_type {
+        1 => "virtio-mmio (net)",
+        2 => "virtio-mmio (blk)",
+        3 => "virtio-mmio (console)",
+        _ => "virtio-mmio",
+    }
+}
+
+/// Whether the rings of `q` (at its current size) lie in guest memory. This is
+/// `Queue::is_valid` for a ready queue, without its log line: virtio-queue logs every refusal
+/// through the `log` crate at error level, and a driver can have activation refused at will.
+fn rings_in_memory(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    // Sizes from the virtio spec (2.7): 16-byte descriptors; flags, idx, the ring and
+    // used_event/avail_event around 2- and 8-byte ring elements.
+    let size = u64::from(q.size());
+    let rings = [
+        (q.desc_table(), 16 * size, Permissions::Read),
+        (q.avail_ring(), 6 + 2 * size, Permissions::Read),
+        (q.used_ring(), 6 + 8 * size, Permissions::Write),
+    ];
+    rings.into_iter().all(|(addr, len, access)| {
+        usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access))
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -703,13 +787,15 @@ impl<D: VirtioDevice + 'static> Drop for SharedTransport<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::log_limit::BURST;
     use crate::devices::virtio::testing::{
-        bring_up, eventfd, memory, r, read_reg, w, write_reg, DriverQueue, BUF_BASE, QUEUE_BASE,
+        bring_up, count_warnings, eventfd, memory, r, read_reg, w, warning_bound, write_reg,
+        DriverQueue, BUF_BASE, MEM_SIZE, QUEUE_BASE,
     };
     use crate::devices::virtio::{ActivateError, QueueAccess, QueueAccessError};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::mpsc;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     const ACK: u32 = S_ACKNOWLEDGE;
     const DRV: u32 = S_ACKNOWLEDGE | S_DRIVER;
@@ -1174,6 +1260,101 @@ mod tests {
         bring_up(&mut t, &[&q]);
         assert!(!t.is_activated());
         assert_eq!(read_reg(&mut t, STATUS), DOK | S_NEEDS_RESET);
+    }
+
+    #[test]
+    fn a_guest_misusing_registers_cannot_flood_the_log() {
+        let mem = memory();
+        let mut t = transport_on(&mem);
+        let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        const ROUNDS: usize = 5_000;
+        let start = Instant::now();
+        let (lines, ()) = count_warnings(|| {
+            for _ in 0..ROUNDS {
+                write_reg(&mut t, STATUS, 0);
+                write_reg(&mut t, QUEUE_NUM, 8); // before FEATURES_OK
+                write_reg(&mut t, DRIVER_FEATURES, 1); // before DRIVER
+                write_reg(&mut t, STATUS, S_DRIVER); // DRIVER before ACKNOWLEDGE
+                write_reg(&mut t, STATUS, ACK | S_FEATURES_OK); // FEATURES_OK before DRIVER
+                write_reg(&mut t, STATUS, DRV); // (ACK already set: fine)
+                write_reg(&mut t, DRIVER_FEATURES, 1 << 7); // not offered...
+                write_reg(&mut t, STATUS, FOK); // ...so refused
+                write_reg(&mut t, DRIVER_FEATURES, 1 << 5); // no VERSION_1...
+                write_reg(&mut t, STATUS, FOK); // ...refused
+                write_reg(&mut t, STATUS, DRV | S_DRIVER_OK); // DRIVER_OK out of order
+                write_reg(&mut t, STATUS, 0);
+                negotiate(&mut t);
+                write_reg(&mut t, QUEUE_NUM, 3); // not a power of two
+                write_reg(&mut t, QUEUE_READY, 2); // not 0 or 1
+                write_reg(&mut t, QUEUE_DESC_LOW, 0x1001); // misaligned
+                write_reg(&mut t, QUEUE_SEL, 7);
+                write_reg(&mut t, QUEUE_NUM, 8); // no such queue
+                write_reg(&mut t, QUEUE_SEL, 0);
+                write_reg(&mut t, QUEUE_DESC_HIGH, 0x10); // outside guest memory...
+                write_reg(&mut t, QUEUE_READY, 1);
+                write_reg(&mut t, STATUS, DOK); // ...activation fails
+                bring_up(&mut t, &[&q]);
+                write_reg(&mut t, QUEUE_NOTIFY, 99); // no such queue
+                write_reg(&mut t, QUEUE_NUM, 4); // while ready
+                write_reg(&mut t, STATUS, ACK); // clearing bits
+                write_reg(&mut t, STATUS, DOK | S_FAILED); // giving up
+            }
+        });
+        let elapsed = start.elapsed();
+        // The first lines get through; then at most a burst and a summary per window.
+        assert!(lines >= BURST as usize, "{lines} lines");
+        assert!(
+            lines <= warning_bound(elapsed),
+            "{lines} lines in {elapsed:?} for {ROUNDS} rounds"
+        );
+        // Everything was counted: 16 complaints a round.
+        let counts = t.log.counts();
+        assert_eq!(counts.allowed + counts.suppressed, 16 * ROUNDS as u64);
+        assert!(counts.summaries as usize <= warning_bound(elapsed) / (BURST as usize + 1));
+        // And the device still works.
+        bring_up(&mut t, &[&q]);
+        assert!(t.is_activated());
+    }
+
+    #[test]
+    fn ring_check_agrees_with_virtio_queue() {
+        let mem = memory();
+        let top = MEM_SIZE;
+        // (desc, avail, used) at size 8: 128, 22 and 70 bytes.
+        let cases = [
+            ((0x1000, 0x2000, 0x3000), true),
+            (
+                (top - 128, top - 128 - 22 - 2, top - 128 - 22 - 2 - 72),
+                true,
+            ),
+            ((top - 112, 0x2000, 0x3000), false),
+            ((0x1000, top - 20, 0x3000), false),
+            ((0x1000, 0x2000, top - 68), false),
+            ((0x1000, 0x2000, u64::MAX - 3), false),
+            ((u64::MAX - 15, 0x2000, 0x3000), false),
+            ((0x1000, (1 << 32) + 0x2000, 0x3000), false),
+        ];
+        for ((desc, avail, used), want) in cases {
+            let mut q = Queue::new(16).expect("queue");
+            q.try_set_size(8).expect("size");
+            q.try_set_desc_table_address(GuestAddress(desc))
+                .expect("desc");
+            q.try_set_avail_ring_address(GuestAddress(avail))
+                .expect("avail");
+            q.try_set_used_ring_address(GuestAddress(used))
+                .expect("used");
+            q.set_ready(true);
+            assert_eq!(
+                rings_in_memory(&q, &mem),
+                want,
+                "{desc:#x} {avail:#x} {used:#x}"
+            );
+            assert_eq!(
+                q.is_valid(&mem),
+                want,
+                "virtio-queue: {desc:#x} {avail:#x} {used:#x}"
+            );
+        }
     }
 
     /// A device with a worker thread, to test the shared transport.

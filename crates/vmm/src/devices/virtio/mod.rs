@@ -39,6 +39,7 @@
 
 pub mod block;
 pub mod console;
+pub(crate) mod log_limit;
 pub mod mmio;
 pub mod net;
 mod rx_worker;
@@ -50,7 +51,7 @@ use std::io;
 use std::sync::{Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockError};
@@ -250,6 +251,25 @@ pub fn pending_chains(queue: &Queue, mem: &GuestMemoryMmap, device: &str) -> Opt
     Some(pending)
 }
 
+/// The next chain the driver published, if any: `Queue::pop_descriptor_chain` without its log
+/// line. virtio-queue logs (through the `log` crate, at error level) every time it refuses to
+/// iterate a queue, which a guest can arrange at will: an available ring at guest address 0
+/// (which virtio-queue takes for a queue that was never set up), or an available index moved
+/// out of range between [`pending_chains`] and this call. Here that is a `debug` line.
+pub(crate) fn pop_chain<'m>(
+    device: &str,
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    match queue.iter(mem) {
+        Ok(mut chains) => chains.next(),
+        Err(e) => {
+            tracing::debug!(error = %e, "{device}: cannot read the available ring");
+            None
+        }
+    }
+}
+
 /// A descriptor's buffer that is not (wholly) in guest memory.
 #[derive(Debug, thiserror::Error)]
 #[error("buffer at {addr:#x}+{len} is outside guest memory: {source}")]
@@ -321,6 +341,42 @@ pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64, by: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testing::{memory, r, DriverQueue, BUF_BASE, QUEUE_BASE};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn pop_chain_takes_chains_and_refuses_broken_rings() {
+        let mem = memory();
+        let mut driver = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        let mut q = Queue::new(8).expect("queue");
+        q.try_set_desc_table_address(driver.desc).expect("desc");
+        q.try_set_avail_ring_address(driver.avail).expect("avail");
+        q.try_set_used_ring_address(driver.used).expect("used");
+        q.set_ready(true);
+        let head = driver.add_chain(&[r(BUF_BASE, 16)]);
+        let popped = pop_chain("test", &mut q, &mem).map(|c| c.head_index());
+        assert_eq!(popped, Some(head));
+        assert!(pop_chain("test", &mut q, &mem).is_none(), "nothing more");
+
+        // An available index further ahead than the queue is long.
+        driver.set_avail_idx(100);
+        assert!(pop_chain("test", &mut q, &mem).is_none());
+        assert_eq!(q.next_avail(), 1);
+
+        // An available ring at guest address 0, with a chain in it: virtio-queue takes the
+        // queue for one that was never set up (and would log so at each attempt).
+        driver.set_avail_idx(1);
+        mem.write_obj(2u16.to_le(), GuestAddress(2))
+            .expect("avail idx");
+        q.try_set_avail_ring_address(GuestAddress(0))
+            .expect("avail at 0");
+        assert!(pop_chain("test", &mut q, &mem).is_none());
+
+        // A stopped queue.
+        q.try_set_avail_ring_address(driver.avail).expect("avail");
+        q.set_ready(false);
+        assert!(pop_chain("test", &mut q, &mem).is_none());
+    }
 
     #[test]
     fn cmdline_param_formats_like_linux_expects() {

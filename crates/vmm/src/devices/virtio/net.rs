@@ -11,10 +11,41 @@
 //! and no MRG_RXBUF: every receive chain must hold a whole frame plus its header, which Linux's
 //! "small buffers" mode does (1518 + 12 bytes and more).
 //!
+//! # The transmit header
+//!
+//! The guest's own `virtio_net_hdr_v1` never reaches the TAP: every frame goes out behind an
+//! all-zero header that lives in host memory (`ZERO_HDR`), whatever the guest wrote in front
+//! of it. Why not check the guest's header field by field instead:
+//!
+//! - Without any offload feature negotiated (and none is offered: see [`OFFERED_FEATURES`]),
+//!   the only header a conforming driver sends is all zeros: `flags` must be 0 without
+//!   VIRTIO_NET_F_CSUM and `gso_type` NONE without HOST_TSO4/TSO6/UFO/USO (virtio 1.2, "Packet
+//!   Transmission"), which leaves `hdr_len`, `gso_size`, `csum_start` and `csum_offset`
+//!   nothing to describe, and `num_buffers` means nothing on transmit. Linux's driver zeroes
+//!   the whole header (`xmit_skb`). Zeroing it changes nothing for a conforming guest.
+//! - The host kernel would act on anything else: `tun_get_user` hands the header to
+//!   `virtio_net_hdr_to_skb`, which honours NEEDS_CSUM and every GSO type whatever
+//!   `TUNSETOFFLOAD` says (that ioctl only governs what the TAP gives *us*). Malformed
+//!   offload metadata is a long-running source of kernel bugs (skb_segment, checksum
+//!   offsets past the data); validation here would have to mirror the kernel's rules and
+//!   still let well-formed-but-unusual combinations through, for a feature nobody uses.
+//! - The kernel reads the header from host memory, so there is no window in which another
+//!   vCPU could rewrite it between a check and the `writev` (a check of the guest's bytes in
+//!   place would have that race and need a copy anyway).
+//! - It costs nothing: still one `writev`, with one more iovec.
+//!
+//! Offering an offload feature later means replacing this with validation of a host copy of
+//! the header against the negotiated features; a compile-time assertion on
+//! [`OFFERED_FEATURES`] stops that from happening by accident. A frame whose guest header was
+//! not zero is still sent (its payload is the guest's business: without NEEDS_CSUM honoured, a
+//! partial checksum just makes the receiver drop it), and counted in
+//! [`NetStats::tx_header_ignored`].
+//!
 //! Queues (256 entries each): 0 = receive, 1 = transmit.
 //!
 //! - **TX** runs on the vCPU thread, synchronously on QueueNotify for queue 1: each chain's
-//!   device-readable descriptors are written to the TAP with one `writev`, and the chain is
+//!   device-readable descriptors are written to the TAP with one `writev`, the chain's first
+//!   12 bytes (the guest's header) replaced by `ZERO_HDR`, and the chain is
 //!   returned with a used length of 0. A full TAP (`EAGAIN`) drops the frame rather than block
 //!   the vCPU. Malformed chains (a device-writable descriptor, less than a header, out of guest
 //!   memory, too long) are returned without sending anything.
@@ -46,7 +77,14 @@ use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_GSO, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_HDRLEN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_GUEST_USO4,
+    VIRTIO_NET_F_GUEST_USO6, VIRTIO_NET_F_HASH_REPORT, VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_RSC_EXT,
+};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, Permissions};
 use vmm_sys_util::epoll::EventSet;
@@ -81,6 +119,50 @@ const MAX_IOVECS: usize = 1024;
 const MAX_TX_LEN: u64 = VNET_HDR_LEN as u64 + 65_536;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: u64 = 10;
+
+/// Feature bits the device offers: no offloads (see the [module docs](self)).
+pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << VIRTIO_NET_F_MAC);
+
+/// Features that give the header's fields a meaning (or change its size): checksum and
+/// segmentation offloads both ways, mergeable receive buffers, hash reports, RSC.
+const HEADER_FEATURES: u64 = {
+    let bits = [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+        VIRTIO_NET_F_GSO,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_ECN,
+        VIRTIO_NET_F_GUEST_UFO,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_HOST_UFO,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_GUEST_USO4,
+        VIRTIO_NET_F_GUEST_USO6,
+        VIRTIO_NET_F_HOST_USO,
+        VIRTIO_NET_F_HASH_REPORT,
+        VIRTIO_NET_F_GUEST_HDRLEN,
+        VIRTIO_NET_F_RSC_EXT,
+    ];
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < bits.len() {
+        mask |= 1 << bits[i];
+        i += 1;
+    }
+    mask
+};
+
+// The transmit path replaces the guest's header with zeros, which is only right while no
+// feature gives it a meaning. Offer one and this must become validation (module docs).
+const _: () = assert!(OFFERED_FEATURES & HEADER_FEATURES == 0);
+
+/// The header every frame goes to the TAP with (the guest's is dropped; see the
+/// [module docs](self)).
+static ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 /// Errors setting up a virtio-net device.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +219,9 @@ pub struct NetStats {
     pub tx_dropped: u64,
     /// Transmit chains returned unsent because they were malformed.
     pub tx_malformed: u64,
+    /// Frames sent whose guest header was not all zeros (offload metadata that was never
+    /// negotiated); they went out with a zero header.
+    pub tx_header_ignored: u64,
     /// Frames delivered to the guest.
     pub rx_frames: u64,
     pub rx_bytes: u64,
@@ -164,6 +249,7 @@ struct Counters {
     tx_bytes: AtomicU64,
     tx_dropped: AtomicU64,
     tx_malformed: AtomicU64,
+    tx_header_ignored: AtomicU64,
     rx_frames: AtomicU64,
     rx_bytes: AtomicU64,
     rx_dropped: AtomicU64,
@@ -178,6 +264,7 @@ impl Counters {
             tx_bytes: get(&self.tx_bytes),
             tx_dropped: get(&self.tx_dropped),
             tx_malformed: get(&self.tx_malformed),
+            tx_header_ignored: get(&self.tx_header_ignored),
             rx_frames: get(&self.rx_frames),
             rx_bytes: get(&self.rx_bytes),
             rx_dropped: get(&self.rx_dropped),
@@ -269,7 +356,7 @@ impl Net {
         let mut iovecs = Vec::new();
         let mut used_any = false;
         for _ in 0..pending {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = super::pop_chain("virtio-net", queue, mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -291,19 +378,30 @@ impl Net {
             iovecs.clear();
             match queue.add_used(mem, head, 0) {
                 Ok(()) => used_any = true,
-                Err(e) => warn!(head, error = %e, "virtio-net: cannot return a TX buffer"),
+                // The driver's used ring is the driver's problem (and was checked at
+                // activation): not worth a warning it could repeat at will.
+                Err(e) => debug!(head, error = %e, "virtio-net: cannot return a TX buffer"),
             }
         }
         used_any && queue.needs_notification(mem).unwrap_or(true)
     }
 
-    /// Write one chain to the TAP; returns its length (header included).
+    /// Write one chain to the TAP, behind [`ZERO_HDR`] instead of the guest's header; returns
+    /// its length (header included).
     fn transmit(
         &self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
         iovecs: &mut Vec<libc::iovec>,
     ) -> Result<u64, FrameError> {
+        // Our header first; the guest's bytes follow and lose their first VNET_HDR_LEN below.
+        iovecs.push(libc::iovec {
+            // writev only reads through it.
+            iov_base: ZERO_HDR.as_ptr().cast_mut().cast(),
+            iov_len: VNET_HDR_LEN,
+        });
+        // A copy of the guest's header, only to count and log what it asked for.
+        let mut guest_hdr = [0u8; VNET_HDR_LEN];
         let mut total = 0u64;
         let mut more = false;
         for (i, desc) in chain.enumerate() {
@@ -314,11 +412,27 @@ impl Net {
             if desc.is_write_only() {
                 return Err(FrameError::WritableInTx);
             }
+            let start = total;
             total += u64::from(desc.len());
             if total > MAX_TX_LEN {
                 return Err(FrameError::TooLong(total));
             }
             push_iovecs(mem, desc.addr(), desc.len(), Permissions::Read, iovecs)?;
+            // The part of the header in this descriptor (in guest memory: push_iovecs said so).
+            let end = usize::try_from(total).map_or(VNET_HDR_LEN, |t| t.min(VNET_HDR_LEN));
+            if let Some(dst) = usize::try_from(start)
+                .ok()
+                .and_then(|s| guest_hdr.get_mut(s..end))
+            {
+                if let Err(source) = mem.read_slice(dst, desc.addr()) {
+                    return Err(BadBuffer {
+                        addr: desc.addr().0,
+                        len: desc.len(),
+                        source,
+                    }
+                    .into());
+                }
+            }
         }
         if more {
             return Err(FrameError::BrokenChain);
@@ -326,12 +440,26 @@ impl Net {
         if total < VNET_HDR_LEN as u64 {
             return Err(FrameError::TooShort(total));
         }
+        skip_bytes(iovecs, 1, VNET_HDR_LEN);
         if iovecs.len() > MAX_IOVECS {
             return Err(FrameError::ChainTooLong);
         }
+        if guest_hdr[..NUM_BUFFERS_OFFSET as usize] != [0; NUM_BUFFERS_OFFSET as usize] {
+            let field = |at: usize| u16::from_le_bytes([guest_hdr[at], guest_hdr[at + 1]]);
+            debug!(
+                flags = guest_hdr[0],
+                gso_type = guest_hdr[1],
+                hdr_len = field(2),
+                gso_size = field(4),
+                csum_start = field(6),
+                csum_offset = field(8),
+                "virtio-net: offload metadata in a TX header (none negotiated); sent without it"
+            );
+            bump(&self.stats.tx_header_ignored, 1);
+        }
         let written = loop {
             // SAFETY: every iovec points into guest memory that `mem` keeps mapped (checked by
-            // push_iovecs), and writev only reads through them.
+            // push_iovecs) or at ZERO_HDR (a static), and writev only reads through them.
             let n = unsafe {
                 libc::writev(
                     self.tap.as_raw_fd(),
@@ -367,7 +495,7 @@ impl VirtioDevice for Net {
     }
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | (1 << VIRTIO_NET_F_MAC)
+        OFFERED_FEATURES
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -427,7 +555,9 @@ impl VirtioDevice for Net {
             }
             TX_QUEUE => self.process_tx(queue, mem),
             _ => {
-                warn!(index, "virtio-net: notify for a queue that does not exist");
+                // The transport only notifies queues that exist (and rate-limits its warning
+                // about the others).
+                debug!(index, "virtio-net: notify for a queue that does not exist");
                 false
             }
         }
@@ -652,6 +782,25 @@ fn rx_batch(
     Batch::More
 }
 
+/// Drops `n` bytes from the data `iovecs[first..]` describe (shortening or removing iovecs).
+fn skip_bytes(iovecs: &mut Vec<libc::iovec>, first: usize, mut n: usize) {
+    let mut whole = 0;
+    for iov in iovecs.iter_mut().skip(first) {
+        if n == 0 {
+            break;
+        }
+        if iov.iov_len <= n {
+            n -= iov.iov_len;
+            whole += 1;
+        } else {
+            iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
+            iov.iov_len -= n;
+            n = 0;
+        }
+    }
+    iovecs.drain(first..first + whole);
+}
+
 fn set_nonblocking(fd: RawFd) -> Result<(), NetError> {
     let err = |what| NetError::Tap {
         what,
@@ -717,7 +866,7 @@ mod tests {
     use std::os::fd::{AsFd, FromRawFd};
     use std::os::unix::net::UnixDatagram;
     use std::path::Path;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
     use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
@@ -726,8 +875,8 @@ mod tests {
     use super::*;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::testing::{
-        bring_up, eventfd, memory, r, read_reg, w, wait_for, write_reg, Desc, DriverQueue,
-        BUF_BASE, MEM_SIZE, QUEUE_BASE,
+        bring_up, count_warnings, eventfd, memory, r, read_reg, w, wait_for, warning_bound,
+        write_reg, Desc, DriverQueue, BUF_BASE, MEM_SIZE, QUEUE_BASE,
     };
     use crate::devices::MmioDevice;
 
@@ -735,8 +884,11 @@ mod tests {
     const DEVICE_ID: u64 = 0x008;
     const DEVICE_FEATURES: u64 = 0x010;
     const DEVICE_FEATURES_SEL: u64 = 0x014;
+    const DRIVER_FEATURES: u64 = 0x020;
+    const DRIVER_FEATURES_SEL: u64 = 0x024;
     const QUEUE_SEL: u64 = 0x030;
     const QUEUE_NUM_MAX: u64 = 0x034;
+    const QUEUE_NUM: u64 = 0x038;
     const QUEUE_NOTIFY: u64 = 0x050;
     const INTERRUPT_STATUS: u64 = 0x060;
     const STATUS: u64 = 0x070;
@@ -746,6 +898,53 @@ mod tests {
     const RX_BUF: u64 = BUF_BASE;
     const TX_BUF: u64 = BUF_BASE + 0x4_0000;
     const POISON: u8 = 0xee;
+    /// The transmit header of a driver that negotiated no offloads.
+    const NO_OFFLOAD: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+
+    /// A `virtio_net_hdr_v1` from its fields (little-endian).
+    fn vnet_hdr(
+        flags: u8,
+        gso_type: u8,
+        [hdr_len, gso_size, csum_start, csum_offset, num_buffers]: [u16; 5],
+    ) -> [u8; VNET_HDR_LEN] {
+        let mut h = [0u8; VNET_HDR_LEN];
+        h[0] = flags;
+        h[1] = gso_type;
+        for (i, v) in [hdr_len, gso_size, csum_start, csum_offset, num_buffers]
+            .into_iter()
+            .enumerate()
+        {
+            h[2 + 2 * i..4 + 2 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        h
+    }
+
+    /// Headers a hostile guest might send with no offload negotiated, each with whether it
+    /// carries offload metadata (`num_buffers` alone does not count).
+    fn bogus_headers() -> Vec<([u8; VNET_HDR_LEN], bool)> {
+        const NEEDS_CSUM: u8 = 1;
+        const DATA_VALID: u8 = 2;
+        const GSO_TCPV4: u8 = 1;
+        const GSO_UDP_L4: u8 = 5;
+        const GSO_ECN: u8 = 0x80;
+        vec![
+            // TSO of a frame that is no TCP segment, 1-byte segments, header past the end.
+            (
+                vnet_hdr(NEEDS_CSUM, GSO_TCPV4, [0xffff, 1, 14, 16, 0]),
+                true,
+            ),
+            // A checksum to put far past the frame.
+            (vnet_hdr(NEEDS_CSUM, 0, [0, 0, 0xfff0, 0xffff, 0]), true),
+            // Unknown GSO type and flags, ECN, USO with gso_size 0.
+            (vnet_hdr(0xff, 0x7f, [14, 0, 0, 0, 0]), true),
+            (
+                vnet_hdr(DATA_VALID, GSO_UDP_L4 | GSO_ECN, [42, 0, 0, 0, 0]),
+                true,
+            ),
+            // Only num_buffers, which means nothing on transmit: zeroed too.
+            (vnet_hdr(0, 0, [0, 0, 0, 0, 0x1234]), false),
+        ]
+    }
 
     fn header(seed: u8) -> [u8; VNET_HDR_LEN] {
         std::array::from_fn(|i| seed.wrapping_add(i as u8))
@@ -968,8 +1167,9 @@ mod tests {
     #[test]
     fn tx_frames_reach_the_tap_intact() {
         let mut f = Fixture::new();
-        // Header and frame in separate descriptors, the frame itself split too.
-        let hdr1 = header(0x10);
+        // Header and frame in separate descriptors, the frame itself split too. The headers
+        // are what a driver without offloads sends: zeros.
+        let hdr1 = NO_OFFLOAD;
         let frame1 = payload(60, 1);
         f.put(TX_BUF, &hdr1);
         f.put(TX_BUF + 0x100, &frame1[..20]);
@@ -978,7 +1178,7 @@ mod tests {
             .txq
             .add_chain(&[r(TX_BUF, 12), r(TX_BUF + 0x100, 20), r(TX_BUF + 0x200, 40)]);
         // Header and frame in one descriptor.
-        let hdr2 = header(0x40);
+        let hdr2 = NO_OFFLOAD;
         let frame2 = payload(1514, 2);
         let both = packet(&hdr2, &frame2);
         f.put(TX_BUF + 0x1000, &both);
@@ -995,7 +1195,10 @@ mod tests {
         assert!(f.irq_fired());
         let stats = f.stats();
         assert_eq!((stats.tx_frames, stats.tx_bytes), (2, 60 + 1514));
-        assert_eq!(stats.tx_malformed + stats.tx_dropped, 0);
+        assert_eq!(
+            stats.tx_malformed + stats.tx_dropped + stats.tx_header_ignored,
+            0
+        );
         // TX used nothing of the receive side.
         assert_eq!(f.rxq.used_idx(), 0);
     }
@@ -1040,12 +1243,139 @@ mod tests {
         assert!(f.irq_fired());
 
         // The queue still works.
-        let good = packet(&header(0), &payload(64, 9));
+        let good = packet(&NO_OFFLOAD, &payload(64, 9));
         f.put(TX_BUF, &good);
         f.txq.add_chain(&[r(TX_BUF, good.len() as u32)]);
         f.notify(TX_QUEUE as u32);
         assert_eq!(f.sent(), Some(good));
         assert_eq!(f.stats().tx_frames, 1);
+    }
+
+    #[test]
+    fn guest_tx_header_never_reaches_the_tap() {
+        let mut f = Fixture::new();
+        let headers = bogus_headers();
+        let frame = payload(60, 4);
+        let mut expected_ignored = 0;
+        for (i, (hdr, offload)) in headers.iter().enumerate() {
+            expected_ignored += u64::from(*offload);
+            let at = TX_BUF + i as u64 * 0x1000;
+            f.put(at, &packet(hdr, &frame));
+            // The same bytes in different layouts: the header alone, header and frame in one
+            // descriptor, the header split over three (one of them empty).
+            let layouts: [&[Desc]; 3] = [
+                &[r(at, 12), r(at + 12, 60)],
+                &[r(at, 72)],
+                &[r(at, 5), r(at + 5, 0), r(at + 5, 30), r(at + 35, 37)],
+            ];
+            for chain in layouts {
+                f.txq.add_chain(chain);
+                f.notify(TX_QUEUE as u32);
+                assert_eq!(
+                    f.sent(),
+                    Some(packet(&[0; VNET_HDR_LEN], &frame)),
+                    "header {i} in {} descriptors",
+                    chain.len()
+                );
+            }
+        }
+        assert_eq!(f.sent(), None);
+        let stats = f.stats();
+        let sent = 3 * headers.len() as u64;
+        assert_eq!((stats.tx_frames, stats.tx_bytes), (sent, sent * 60));
+        assert_eq!(stats.tx_header_ignored, 3 * expected_ignored);
+        assert_eq!(stats.tx_malformed + stats.tx_dropped, 0);
+        // The guest's buffers are left as they were (they are device-readable only).
+        assert_eq!(f.bytes(TX_BUF, 12), headers[0].0);
+    }
+
+    #[test]
+    fn no_offload_is_offered_or_can_be_negotiated() {
+        let mut f = Fixture::unstarted();
+        let t = &mut f.t;
+        assert_eq!(t.lock().device().device_features() & HEADER_FEATURES, 0);
+        // A driver that accepts an offload anyway does not get FEATURES_OK.
+        for bit in [
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_UFO,
+            VIRTIO_NET_F_HOST_USO,
+            VIRTIO_NET_F_MRG_RXBUF,
+        ] {
+            let features = OFFERED_FEATURES | (1 << bit);
+            write_reg(t, STATUS, 0);
+            write_reg(t, STATUS, 1);
+            write_reg(t, STATUS, 3);
+            for sel in 0..2 {
+                write_reg(t, DRIVER_FEATURES_SEL, sel);
+                write_reg(t, DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+            }
+            write_reg(t, STATUS, 11);
+            assert_eq!(read_reg(t, STATUS), 3, "feature bit {bit} accepted");
+        }
+    }
+
+    #[test]
+    fn skip_bytes_drops_a_prefix_across_iovecs() {
+        let mut data = *b"hhhhhhhhhhhhpayload!";
+        let base = data.as_mut_ptr();
+        let iov = |at: usize, len: usize| libc::iovec {
+            iov_base: base.wrapping_add(at).cast(),
+            iov_len: len,
+        };
+        let bytes = |v: &[libc::iovec]| -> Vec<(usize, usize)> {
+            v.iter()
+                .map(|i| (i.iov_base as usize - base as usize, i.iov_len))
+                .collect()
+        };
+        // A first iovec that stays; then 5 + 0 + 7 bytes of header and the payload.
+        let mut v = vec![iov(19, 1), iov(0, 5), iov(5, 0), iov(5, 10), iov(15, 5)];
+        skip_bytes(&mut v, 1, 12);
+        assert_eq!(bytes(&v), [(19, 1), (12, 3), (15, 5)]);
+        // Exactly at a boundary.
+        let mut v = vec![iov(19, 1), iov(0, 12), iov(12, 8)];
+        skip_bytes(&mut v, 1, 12);
+        assert_eq!(bytes(&v), [(19, 1), (12, 8)]);
+        // Less data than asked: everything after `first` goes.
+        let mut v = vec![iov(19, 1), iov(0, 4)];
+        skip_bytes(&mut v, 1, 12);
+        assert_eq!(bytes(&v), [(19, 1)]);
+    }
+
+    #[test]
+    fn a_misbehaving_guest_gets_a_bounded_number_of_warnings() {
+        let mut f = Fixture::new();
+        let (bogus, _) = bogus_headers()[0];
+        f.put(TX_BUF, &packet(&bogus, &payload(60, 5)));
+        const ROUNDS: usize = 3_000;
+        let start = Instant::now();
+        let (lines, ()) = count_warnings(|| {
+            for _ in 0..ROUNDS {
+                f.notify(7); // no such queue
+                write_reg(&mut f.t, QUEUE_NUM, 3); // queue set-up after DRIVER_OK
+                f.txq.add_chain(&[w(TX_BUF, 64)]); // device-writable TX buffer
+                f.txq.add_chain(&[r(TX_BUF, 8)]); // shorter than a header
+                f.txq.add_chain(&[r(TX_BUF, 72)]); // offload metadata in the header
+                f.notify(TX_QUEUE as u32);
+                assert!(f.sent().is_some());
+            }
+        });
+        let elapsed = start.elapsed();
+        assert!(
+            lines <= warning_bound(elapsed),
+            "{lines} lines in {elapsed:?} for {ROUNDS} rounds"
+        );
+        let stats = f.stats();
+        assert_eq!(stats.tx_malformed, 2 * ROUNDS as u64);
+        assert_eq!(stats.tx_header_ignored, ROUNDS as u64);
+        assert_eq!(stats.tx_frames, ROUNDS as u64);
+        // Still a working device.
+        let frame = packet(&NO_OFFLOAD, &payload(60, 6));
+        f.put(TX_BUF, &frame);
+        f.txq.add_chain(&[r(TX_BUF, 72)]);
+        f.notify(TX_QUEUE as u32);
+        assert_eq!(f.sent(), Some(frame));
     }
 
     #[test]
@@ -1062,7 +1392,7 @@ mod tests {
             }
             assert!(queued < 100_000, "socket never filled up");
         }
-        let frame = packet(&header(1), &payload(60, 3));
+        let frame = packet(&NO_OFFLOAD, &payload(60, 3));
         f.put(TX_BUF, &frame);
         let head = f.txq.add_chain(&[r(TX_BUF, frame.len() as u32)]);
         f.notify(TX_QUEUE as u32); // returns: the vCPU is not blocked
@@ -1311,6 +1641,23 @@ mod tests {
         assert_eq!(t.lock().device().stats().tx_frames, 1);
         let got = sock.recv_matching(|f| f[12..14] == ETH_P_TEST.to_be_bytes());
         assert_eq!(got, frame);
+
+        // Offload metadata the guest was never offered does not reach the kernel: frames with
+        // headers it would refuse (or act on) go out as plain frames.
+        for (i, (hdr, _)) in bogus_headers().iter().enumerate() {
+            let mut tagged = frame.clone();
+            tagged[14] = i as u8;
+            let pkt = packet(hdr, &tagged);
+            let at = TX_BUF + 0x1000 * (1 + i as u64);
+            mem.write_slice(&pkt, GuestAddress(at)).expect("write");
+            txq.add_chain(&[r(at, pkt.len() as u32)]);
+            write_reg(&mut t, QUEUE_NOTIFY, TX_QUEUE as u32);
+            let got = sock.recv_matching(|f| f[12..14] == ETH_P_TEST.to_be_bytes());
+            assert_eq!(got, tagged, "header {i}");
+        }
+        let stats = t.lock().device().stats();
+        assert_eq!(stats.tx_frames, 1 + bogus_headers().len() as u64);
+        assert_eq!(stats.tx_dropped, 0);
 
         // RX: the host sends to the guest's MAC; the TAP hands it to the worker.
         for i in 0..8 {

@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{enable_notification, pending_chains, QueueAccess, QueueAccessError};
+use super::log_limit::{limited, LogLimiter};
+use super::{enable_notification, pending_chains, pop_chain, QueueAccess, QueueAccessError};
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_KICK: u64 = 1;
@@ -74,7 +75,7 @@ pub(crate) fn next_chain<'m>(
             }
             return None;
         }
-        let chain = queue.pop_descriptor_chain(mem);
+        let chain = pop_chain(device, queue, mem);
         if chain.is_none() {
             enable_notification(device, queue, mem);
         }
@@ -107,6 +108,8 @@ pub(crate) struct RxWorkers {
     queue: usize,
     running: Option<Running>,
     stopping: Vec<JoinHandle<()>>,
+    /// For what the driver's kicks can make us say (each notify of the receive queue kicks).
+    log: LogLimiter,
 }
 
 impl RxWorkers {
@@ -116,6 +119,7 @@ impl RxWorkers {
             queue,
             running: None,
             stopping: Vec::new(),
+            log: LogLimiter::new(name),
         }
     }
 
@@ -181,10 +185,16 @@ impl RxWorkers {
     }
 
     /// New receive buffers: wakes the worker, which fills them under the lock later.
-    pub(crate) fn kick(&self) {
+    pub(crate) fn kick(&mut self) {
         if let Some(w) = &self.running {
             if let Err(e) = w.kick.write(1) {
-                warn!(error = %e, "{}: cannot kick the RX worker", self.name);
+                limited!(
+                    self.log,
+                    warn,
+                    error = %e,
+                    "{}: cannot kick the RX worker",
+                    self.name
+                );
             }
         }
     }

@@ -207,3 +207,42 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// Most warning lines one [`LogLimiter`](super::log_limit::LogLimiter) lets through in
+/// `elapsed`: a burst and a summary per window begun.
+pub fn warning_bound(elapsed: Duration) -> usize {
+    use super::log_limit::{BURST, WINDOW};
+    let windows = (elapsed.as_nanos() / WINDOW.as_nanos()) as usize + 1;
+    windows * (BURST as usize + 1)
+}
+
+/// Run `f` on this thread with a tracing subscriber that counts the events at WARN or ERROR
+/// level (what reaches an operator's log by default); returns that count and `f`'s result.
+pub fn count_warnings<R>(f: impl FnOnce() -> R) -> (usize, R) {
+    let counter = WarnCounter::default();
+    let count = counter.0.clone();
+    let result = tracing::subscriber::with_default(counter, f);
+    (count.load(std::sync::atomic::Ordering::SeqCst), result)
+}
+
+#[derive(Default)]
+struct WarnCounter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl tracing::Subscriber for WarnCounter {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        // ERROR < WARN < ... < TRACE in tracing's order.
+        if *event.metadata().level() <= tracing::Level::WARN {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
