@@ -14,3 +14,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 echo "setup: packages ok" >&2
+# cargo-fuzz, for scripts/fuzz.sh (its targets build with the nightly toolchain where there is
+# one, else with this one). Skipped when already installed or where Rust is not.
+if command -v cargo >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz (crates.io)" >&2
+  cargo install cargo-fuzz --locked --quiet
+fi
+echo "setup: tools ok" >&2

@@ -28,5 +28,8 @@ target/x86_64-unknown-linux-gnu/debug/xcgi lab --prepare
 step "unit tests"
 cargo test --workspace --locked --lib --bins
 
+step "fuzzing (each target 30 s: the parsers and devices that take untrusted bytes)"
+scripts/fuzz.sh 30
+
 step "end-to-end tests (boot real kernels; one at a time, each may start the lab)"
 cargo test --workspace --locked --test '*' -- --test-threads=1

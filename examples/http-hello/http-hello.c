@@ -4,6 +4,8 @@
  *
  * Listens on 0.0.0.0:PORT and serves one connection at a time, then closes it:
  *   GET /            200 text/plain "Hello from a fresh VM!\n"   (a query string is ignored)
+ *   GET /stall       200 with Content-Length 1000000, 5 bytes of it, then nothing, ever (the
+ *                    connection stays open: a server that hangs mid-response, for tests)
  *   GET <other>      404
  *   other methods    405 (with Allow: GET)
  *   400 for a malformed request line, a head over 8 KiB, a head cut short by the client's EOF,
@@ -275,7 +277,13 @@ static int handle(int fd)
 	size_t path_len = strcspn(target, "?");
 	if (path_len == 1 && target[0] == '/')
 		respond(fd, "200 OK", "", HELLO);
-	else
+	else if (path_len == 6 && strncmp(target, "/stall", 6) == 0) {
+		static const char head[] = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+					   "Content-Length: 1000000\r\n\r\nstart";
+		send_all(fd, head, sizeof head - 1);
+		for (;;)
+			pause();
+	} else
 		respond(fd, "404 Not Found", "", "not found\n");
 	return 1;
 }

@@ -144,6 +144,33 @@ pub fn environment(
     Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
+/// Whether the server sets `name` itself for every request (a route's `env` may not: the
+/// environment would hold it twice, and which one a handler sees depends on its language).
+/// `PATH` is the one a route may set.
+pub fn is_gateway_variable(name: &str) -> bool {
+    name.starts_with("HTTP_")
+        || matches!(
+            name,
+            "GATEWAY_INTERFACE"
+                | "SERVER_PROTOCOL"
+                | "SERVER_SOFTWARE"
+                | "SERVER_NAME"
+                | "SERVER_PORT"
+                | "REQUEST_METHOD"
+                | "SCRIPT_NAME"
+                | "PATH_INFO"
+                | "PATH_TRANSLATED"
+                | "QUERY_STRING"
+                | "REMOTE_ADDR"
+                | "REMOTE_HOST"
+                | "REMOTE_PORT"
+                | "REMOTE_USER"
+                | "AUTH_TYPE"
+                | "CONTENT_LENGTH"
+                | "CONTENT_TYPE"
+        )
+}
+
 fn protocol(v: hyper::Version) -> &'static str {
     match v {
         hyper::Version::HTTP_09 => "HTTP/0.9",

@@ -604,6 +604,32 @@ impl Config {
             if r.timeout_ms == 0 {
                 return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
             }
+            for (k, v) in [
+                ("prefix", r.prefix.as_str()),
+                ("document_root", r.document_root.as_str()),
+                ("program", r.program.as_deref().unwrap_or("")),
+            ] {
+                if v.contains('\0') {
+                    return Err(self.invalid(key(k), "contains a NUL character"));
+                }
+            }
+            for (name, value) in &r.env {
+                let k = key(&format!("env.{name}"));
+                if name.is_empty() || name.contains(['=', '\0']) {
+                    return Err(
+                        self.invalid(k, "a variable name must be non-empty, without '=' or NUL")
+                    );
+                }
+                if value.contains('\0') {
+                    return Err(self.invalid(k, "contains a NUL character"));
+                }
+                if crate::cgi::is_gateway_variable(name) {
+                    return Err(self.invalid(
+                        k,
+                        "the server sets this CGI variable itself (only PATH may be overridden)",
+                    ));
+                }
+            }
             let is_image = crate::prepare::image_kind(&r.handler).is_some();
             if is_image && self.server.isolation == Isolation::Process {
                 return Err(self.invalid(
@@ -734,6 +760,29 @@ mod tests {
             "[[route]]\nprefix = \"/\"\nhandler = \"app.cpio\"\nprogram = \"rel\"\n",
         );
         assert!(e.contains(".program") && e.contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn route_env_cannot_shadow_cgi_variables_and_nul_is_refused() {
+        let route =
+            |extra: &str| format!("[[route]]\nprefix = \"/x\"\nhandler = \"/bin/true\"\n{extra}\n");
+        for (extra, want) in [
+            ("env = { REQUEST_METHOD = \"GET\" }", "env.REQUEST_METHOD"),
+            ("env = { HTTP_HOST = \"evil\" }", "env.HTTP_HOST"),
+            ("env = { \"A=B\" = \"1\" }", "env.A=B"),
+            ("env = { A = \"x\\u0000y\" }", "contains a NUL"),
+            ("document_root = \"/srv\\u0000x\"", "document_root"),
+        ] {
+            let e = Config::parse(Path::new("/tmp/x.toml"), &route(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let ok = Config::parse(
+            Path::new("/tmp/x.toml"),
+            &route("env = { PATH = \"/bin\", GREETING = \"hi\" }"),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

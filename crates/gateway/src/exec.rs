@@ -202,6 +202,8 @@ pub fn spawn_process<K: Send + 'static>(
     tokio::spawn(async move {
         let mut failure = None;
         let status = tokio::select! {
+            // Biased: a handler that already exited is not "killed".
+            biased;
             s = child.wait() => s.ok(),
             _ = kill_rx => {
                 failure = Some("killed".to_string());

@@ -304,15 +304,45 @@ fn make_cgroup_parent() -> Option<PathBuf> {
         warn!("no cgroup v2 hierarchy: handler processes are killed by process group only");
         return None;
     };
-    let dir = mount
-        .join(own.trim_start_matches('/'))
-        .join(format!("xcgi-handlers-{}", std::process::id()));
+    let base = mount.join(own.trim_start_matches('/'));
+    remove_stale_cgroups(&base);
+    let dir = base.join(format!("xcgi-handlers-{}", std::process::id()));
     match std::fs::create_dir(&dir) {
         Ok(()) => Some(dir),
         Err(e) => {
             warn!(error = %e, cgroup = %dir.display(),
                 "cannot make a cgroup for handlers: they are killed by process group only");
             None
+        }
+    }
+}
+
+/// Removes what servers killed without a chance to clean up (SIGKILL) left in `base`: their
+/// `xcgi-handlers-PID` cgroups, once no process is left in them.
+fn remove_stale_cgroups(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("xcgi-handlers-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(children) = std::fs::read_dir(e.path()) {
+            for c in children.flatten().filter(|c| c.path().is_dir()) {
+                let _ = std::fs::write(c.path().join("cgroup.kill"), b"1");
+                let _ = std::fs::remove_dir(c.path());
+            }
+        }
+        if std::fs::remove_dir(e.path()).is_ok() {
+            info!(cgroup = %e.path().display(), "removed a cgroup left by an earlier server");
         }
     }
 }

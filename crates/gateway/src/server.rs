@@ -643,9 +643,12 @@ impl Server {
                     );
                 }
             };
+            // Biased: a body that came too late must not pass for complete because the
+            // handler answered the EOF it got when the feeding stopped.
             let head = tokio::select! {
-                h = read_head(&mut ex, deadline) => h,
+                biased;
                 Ok(()) = &mut late => Err(HeadError::BodyTimeout),
+                h = read_head(&mut ex, deadline) => h,
             };
             let (head, rest) = match head {
                 Ok(x) => x,
@@ -1096,16 +1099,18 @@ impl RequestBody {
     /// A channel the handler's stdin is fed from, CONTENT_LENGTH, and a signal that fires
     /// if the body did not arrive by its deadline (the feeding stops then).
     fn into_channel(self) -> (mpsc::Receiver<Bytes>, Option<u64>, oneshot::Receiver<()>) {
-        let (tx, rx) = mpsc::channel(8);
         let (late_tx, late) = oneshot::channel();
         match self {
             RequestBody::Buffered(b, hold) => {
+                // Capacity 1: once the handler side has taken the body, there is room again,
+                // and the budget goes back. The sender is dropped then, so the handler's
+                // stdin gets its EOF.
+                let (tx, rx) = mpsc::channel(1);
                 let len = b.len() as u64;
                 if !b.is_empty() {
                     tokio::spawn(async move {
                         if tx.send(b).await.is_ok() {
-                            // The budget is held until the handler is done with the body.
-                            tx.closed().await;
+                            let _ = tx.reserve().await;
                         }
                         drop(hold);
                         drop(late_tx);
@@ -1114,6 +1119,7 @@ impl RequestBody {
                 (rx, (len > 0).then_some(len), late)
             }
             RequestBody::Stream(mut inc, len, by) => {
+                let (tx, rx) = mpsc::channel(8);
                 tokio::spawn(async move {
                     let by = tokio::time::Instant::from_std(by);
                     loop {

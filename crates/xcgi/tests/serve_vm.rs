@@ -357,6 +357,12 @@ prefix = "/cgiimg"
 handler = "$CGIIMG"
 program = "/cgi-bin/cgi"
 timeout_ms = 60000
+[[route]]
+prefix = "/stall"
+mode = "http"
+handler = "$HTTP"
+prepared = 0
+timeout_ms = 8000
 EOF
         start_server h h.toml || exit 1
         A=127.0.0.1:8082
@@ -366,6 +372,10 @@ EOF
         echo "vms_started=$(metric $A xcgi_vms_started_total)"
         echo "ext4image=[$(curl -s http://$A/img)]"
         echo "cgiimage=[$(curl -s http://$A/cgiimg/env?z=9 | grep QUERY_STRING)]"
+        # A guest that stalls mid-response: at the route's deadline its VM is killed, and the
+        # client must see a cut (curl 18), not wait on a socket whose peer vanished (28).
+        t0=$(date +%s); curl -s -m 90 -o /dev/null http://$A/stall; rc=$?
+        echo "stall_curl=$rc stall_s=$(( $(date +%s) - t0 ))"
         stop_server h
         echo "after: $(leftovers)"
         echo "===end http==="
@@ -393,6 +403,20 @@ EOF
         );
     }
     assert!(s.contains("vms_started=3"), "one VM per request:\n{s}");
+    // Finding 9 of issue 10: the proxied body is aborted when its VM is killed.
+    let stall = s
+        .lines()
+        .find(|l| l.starts_with("stall_curl="))
+        .unwrap_or_else(|| panic!("no stall line:\n{s}"));
+    let secs: u64 = stall
+        .split("stall_s=")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(999);
+    assert!(
+        stall.starts_with("stall_curl=18 ") && secs < 60,
+        "a stalled proxied response must be cut soon after the 8 s deadline: {stall}\n{s}"
+    );
     assert_eq!(rc(s), 0, "{s}");
     assert!(
         s.contains("after: netns=[] taps=[0] vmms=0 workdirs=0"),
