@@ -1384,6 +1384,8 @@ struct RequestLog {
     finish: Option<oneshot::Receiver<Finish>>,
     /// The body reached its end (else the client went away first).
     done: bool,
+    /// The body ended in an error: the client got a truncated response.
+    cut: bool,
     _in_flight: GaugeGuard,
     _active: conn::ActiveRequest,
 }
@@ -1415,6 +1417,7 @@ impl RequestLog {
             metrics: Arc::clone(metrics),
             finish: None,
             done: false,
+            cut: false,
             _in_flight: GaugeGuard::add(metrics, |m| &m.in_flight, 1),
             _active: active,
         }
@@ -1430,7 +1433,7 @@ impl Drop for RequestLog {
         }
         let finish = self.finish.take();
         let client_gone = !self.done;
-        let (id, status, boot) = (self.id, self.status, self.boot);
+        let (id, status, boot, cut) = (self.id, self.status, self.boot, self.cut);
         let route = escape::for_log(&self.route, 256);
         let method = self.method.clone();
         let path = std::mem::take(&mut self.path);
@@ -1473,7 +1476,7 @@ impl Drop for RequestLog {
             }
             // Handler, guest and client text is in here: escaped and cut.
             let note = escape::for_log(&note, escape::LOG_TEXT_MAX);
-            if status >= 500 || client_gone {
+            if status >= 500 || client_gone || cut {
                 warn!(
                     vm = id,
                     route = %route,
@@ -1528,6 +1531,7 @@ impl Body for LoggedBody {
             Poll::Ready(Some(Err(e))) => {
                 if let Some(mut log) = self.log.take() {
                     log.done = true;
+                    log.cut = true;
                     let cut = format!("response cut off: {e}");
                     log.note = Some(match log.note.take() {
                         Some(n) => format!("{n}; {cut}"),

@@ -362,7 +362,7 @@ prefix = "/stall"
 mode = "http"
 handler = "$HTTP"
 prepared = 0
-timeout_ms = 8000
+timeout_ms = 30000
 EOF
         start_server h h.toml || exit 1
         A=127.0.0.1:8082
@@ -414,8 +414,9 @@ EOF
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(999);
     assert!(
-        stall.starts_with("stall_curl=18 ") && secs < 60,
-        "a stalled proxied response must be cut soon after the 8 s deadline: {stall}\n{s}"
+        stall.starts_with("stall_curl=18 ") && secs < 75,
+        "a stalled proxied response must be cut soon after the 30 s deadline (curl 18), not \
+         wait for curl's own 90 s limit (28): {stall}\n{s}"
     );
     assert_eq!(rc(s), 0, "{s}");
     assert!(
