@@ -9,7 +9,7 @@
 #   XCGI_SOAK_REQUESTS=50000 XCGI_SOAK_SECONDS=600 XCGI_SOAK_TIMEOUT=720 scripts/soak.sh
 #   XCGI_SOAK_SKIP=echo_chunked,fork_yes scripts/soak.sh   # leave kinds out (find a leak's cause)
 #   scripts/soak.sh --vm             # the VM-isolation soak in the lab (crates/xcgi/tests/soak_vm.rs):
-#                                    # XCGI_SOAK_VM_ROUNDS rounds (25) of ~12 requests, ~10 min
+#                                    # XCGI_SOAK_VM_ROUNDS rounds (15) of 12 requests, ~16 min
 #
 # Knobs (environment): XCGI_SOAK_REQUESTS (10000), XCGI_SOAK_MIN_SECONDS (60),
 # XCGI_SOAK_SECONDS (140: the traffic's cap; fewer requests by then fails), XCGI_SOAK_CLIENTS

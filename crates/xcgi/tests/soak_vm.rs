@@ -4,8 +4,8 @@
 //! chunked body or send too much, and handlers that crash, hang or write gigabytes. At the
 //! end: no VM, TAP, namespace, huge page, server fd or thread left, gauges back to zero.
 //!
-//! About 10 minutes of one-CPU lab time, so not part of `scripts/test.sh`: run it with
-//! `scripts/soak.sh --vm` (`XCGI_SOAK_VM_ROUNDS` scales it; default 25 rounds, ~12 requests
+//! About 16 minutes of one-CPU lab time (~64 s a round), so not part of `scripts/test.sh`: run it with
+//! `scripts/soak.sh --vm` (`XCGI_SOAK_VM_ROUNDS` scales it; default 15 rounds, 12 requests
 //! each). The native soak (`soak.rs`, process isolation, 10,000+ requests) runs in CI.
 
 mod common;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::*;
 
 const SCRIPT: &str = r#"
+    curl() { command curl -m 150 "$@"; }
     code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
     count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
     metric() { curl -s "http://$A/metrics" | grep "^$1 " | cut -d' ' -f2; }
@@ -61,17 +62,23 @@ EOF
     grep -q 'listening on' s.log || { echo "server did not start"; cat s.log; exit 1; }
     curl -s -o /dev/null http://$A/cgi/env; sleep 3
     echo "before: $(figures)"
+    # A watchdog: if the script stalls, the server's state is in the output.
+    (while sleep 60; do echo "watch: $(date +%s) in_flight=$(metric xcgi_requests_in_flight) vms=$(metric xcgi_vms_running) queue=$(metric xcgi_queue_depth)"; done) &
+    WATCH=$!
     ok=0; bad=0; http_ok=0; http_bad=0; sent=0
     head -c 3000 /dev/urandom > body.bin
     head -c 2000000 /dev/zero > big.bin
     r=0
     while [ $r -lt $ROUNDS ]; do
         r=$((r+1))
-        # hostile, in the background
-        curl -s -m 1 -o /dev/null http://$A/cgi/stream?10 &
-        (curl -s http://$A/short/big?1000000000 | sleep 12) &
-        (printf 'GET /cgi/env HTTP/1.1\r\nHost: x\r\n'; sleep 8) | busybox nc 127.0.0.1 8090 > /dev/null 2>&1 &
-        (i=0; while [ $i -lt 8 ]; do printf x; sleep 1; i=$((i+1)); done) | curl -s -o /dev/null -T - -H 'Transfer-Encoding: chunked' http://$A/cgi/echo &
+        echo "round $r: $(date +%s) in_flight=$(metric xcgi_requests_in_flight) vms=$(metric xcgi_vms_running)"
+        # hostile, in the background (every client with its own time limit: nothing waits forever)
+        # (their pids are waited for at the end of the round: a bare `wait` would wait for the
+        # server too)
+        curl -s -m 1 -o /dev/null http://$A/cgi/stream?10 & jobs_="$!"
+        (curl -s -m 60 http://$A/short/big?1000000000 | sleep 12) & jobs_="$jobs_ $!"
+        (printf 'GET /cgi/env HTTP/1.1\r\nHost: x\r\n'; sleep 8) | busybox timeout 30 busybox nc 127.0.0.1 8090 > /dev/null 2>&1 & jobs_="$jobs_ $!"
+        (i=0; while [ $i -lt 8 ]; do printf x; sleep 1; i=$((i+1)); done) | curl -s -m 60 -o /dev/null -T - -H 'Transfer-Encoding: chunked' http://$A/cgi/echo & jobs_="$jobs_ $!"
         sent=$((sent+4))
         # normal, checked
         curl -s --data-binary @body.bin http://$A/cgi/echo > echo.out
@@ -91,8 +98,9 @@ EOF
         c=$(code http://$A/short/big?10000000000); rc=$?
         [ "$rc" = 18 ] || [ "$rc.$c" = 0.504 ] || echo "gigabytes: curl $rc http $c"
         sent=$((sent+4))
-        wait
+        wait $jobs_
     done
+    kill $WATCH 2>/dev/null
     echo "traffic: rounds=$ROUNDS requests=$sent normal_ok=$ok normal_bad=$bad http_ok=$http_ok http_bad=$http_bad"
     sleep 12
     echo "after: $(figures)"
@@ -116,12 +124,12 @@ fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
 }
 
 #[test]
-#[ignore = "about 10 minutes of lab time: scripts/soak.sh --vm"]
+#[ignore = "about 16 minutes of lab time: scripts/soak.sh --vm"]
 fn vm_isolation_holds_under_hostile_traffic_and_leaks_nothing() {
     let rounds: u32 = std::env::var("XCGI_SOAK_VM_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(25);
+        .unwrap_or(15);
     let files = [
         (kernel(), "K"),
         (example("cgi-c/cgi"), "CGI"),
@@ -131,7 +139,8 @@ fn vm_isolation_holds_under_hostile_traffic_and_leaks_nothing() {
         files.iter().map(|(p, n)| (p.as_path(), *n)).collect();
     let script = format!("ROUNDS={rounds}\n{SCRIPT}");
     let t = std::time::Instant::now();
-    let r = run_script_mem(&script, &refs, Duration::from_secs(60 * 60), 2048, 1);
+    let limit = Duration::from_secs(120 + 90 * u64::from(rounds));
+    let r = run_script_mem(&script, &refs, limit, 2048, 1);
     let out = &r.output;
     assert_eq!(r.code, 0, "{out}");
     let traffic = line(out, "traffic: ");
