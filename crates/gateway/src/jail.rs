@@ -158,10 +158,13 @@ impl ProcessJail {
                 check(unsafe { libc::setrlimit(res, &lim) })?;
             }
             if let Some(u) = &user {
-                // SAFETY: plain credential changes of this (child) process; groups first,
-                // the uid last (after it, nothing else may be changed).
+                // Groups first, the uid last (after it, nothing else may be changed).
+                // SAFETY: drops every supplementary group of this (child) process; a null
+                // list with length 0 is valid.
                 check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
+                // SAFETY: a plain credential change of this (child) process.
                 check(unsafe { libc::setgid(u.gid) })?;
+                // SAFETY: a plain credential change of this (child) process.
                 check(unsafe { libc::setuid(u.uid) })?;
             }
             // Die with the server. Set after the uid change, which clears it.
@@ -244,6 +247,7 @@ impl HandlerGroup {
 
 fn lookup_user(name: &str) -> Option<User> {
     let cname = CString::new(name).ok()?;
+    // SAFETY: passwd is a plain C struct of integers and pointers: all zeroes is a valid value.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
