@@ -84,42 +84,11 @@ fn connect(addr: &str) -> TcpStream {
     c
 }
 
-/// A connection whose receive buffer is as small as the kernel allows (set before connecting,
-/// so the window it announces stays small): a client that barely reads.
+/// A connection whose receive buffer is as small as the kernel allows: a client that
+/// barely reads (see [`common::served::connect_small_rcvbuf`]).
 fn connect_small_rcvbuf(addr: &str) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let a: std::net::SocketAddrV4 = addr.parse().unwrap();
-    // SAFETY: a fresh socket, configured and connected with plain syscalls on local values;
-    // the fd is owned by the returned stream.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let size: libc::c_int = 1024;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &size as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*a.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let r = libc::connect(
-            fd,
-            &sin as *const libc::sockaddr_in as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        let err = std::io::Error::last_os_error();
-        let c = TcpStream::from_raw_fd(fd);
-        assert_eq!(r, 0, "connect: {err}");
-        c
-    }
+    let a: SocketAddr = addr.parse().unwrap();
+    common::served::connect_small_rcvbuf(a).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// How a read ended.

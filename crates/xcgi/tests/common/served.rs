@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -374,5 +375,49 @@ pub fn kill_pids(pids: &[u32]) {
     for &p in pids {
         // SAFETY: kill(2) on a pid this test started (directly or through the server).
         unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+}
+
+/// A connection whose receive buffer is as small as the kernel allows (set before
+/// connecting, so the window it announces stays small): a client that barely reads.
+pub fn connect_small_rcvbuf(addr: SocketAddr) -> Result<TcpStream, String> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(a) = addr else {
+        return Err("not IPv4".into());
+    };
+    // SAFETY: a fresh socket, configured and connected with plain syscalls on local values;
+    // the fd is owned by the returned stream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let c = TcpStream::from_raw_fd(fd);
+        let size: libc::c_int = 1024;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if r != 0 {
+            return Err(format!("connect: {}", std::io::Error::last_os_error()));
+        }
+        c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        Ok(c)
     }
 }
