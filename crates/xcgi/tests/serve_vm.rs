@@ -45,7 +45,7 @@ queue_timeout_ms = 600000
 [[route]]
 prefix = "/cgi"
 handler = "$CGI"
-timeout_ms = 60000
+timeout_ms = 180000
 max_body = 1000000
 env = { GREETING = "hi" }
 [[route]]
