@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The soak (crates/xcgi/tests/soak.rs): `xcgi serve` (isolation "process") under minutes of
 # normal requests checked byte for byte, mixed with hostile clients and handlers; then the
-# server must be back where it started (fds, threads, RSS, /metrics gauges, no process or
+# server must be back where it started (fds, threads, RSS, metrics gauges, no process or
 # cgroup left) and stop cleanly on SIGTERM. Prints the requests by kind and outcome, the
 # server's figures, and one line per check. Runs as root (handlers run as nobody, in cgroups).
 #

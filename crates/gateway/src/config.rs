@@ -129,6 +129,23 @@ pub struct ServerSection {
     pub kernel: Option<PathBuf>,
     /// `xcgi-init`, the guest side of CGI mode (default: next to the xcgi binary).
     pub init: Option<PathBuf>,
+    /// Reserved path prefix on the serving port for `healthz`, `readyz` and (without
+    /// `admin_listen`) `metrics`. No route may be configured under it.
+    #[serde(default = "default_admin_prefix")]
+    pub admin_prefix: String,
+    /// A second listener for `/healthz`, `/readyz` and `/metrics` (then metrics are no
+    /// longer on the serving port). Keep it private.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// SO_REUSEPORT on the listeners: a new instance can bind beside the old one during a
+    /// restart (docs/deploy.md). Off by default: a second server started by mistake on the
+    /// same port is refused instead of silently sharing its traffic.
+    #[serde(default)]
+    pub reuse_port: bool,
+    /// On SIGTERM readiness goes false at once; new connections are still accepted for this
+    /// long (so a balancer's health check sees the server leave) before the drain starts.
+    #[serde(default)]
+    pub drain_delay_ms: u64,
 }
 
 impl Default for ServerSection {
@@ -148,6 +165,10 @@ impl Default for ServerSection {
             body_budget: default_body_budget(),
             kernel: None,
             init: None,
+            admin_prefix: default_admin_prefix(),
+            admin_listen: None,
+            reuse_port: false,
+            drain_delay_ms: 0,
         }
     }
 }
@@ -281,6 +302,9 @@ pub struct Config {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin_prefix() -> String {
+    "/_xcgi".into()
 }
 fn default_concurrency() -> usize {
     8
@@ -486,6 +510,40 @@ impl Config {
         self.validate()
     }
 
+    /// The admin prefix, the admin listener, and routes kept out of the reserved prefix.
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let p = &s.admin_prefix;
+        let well_formed = p.len() > 1
+            && p.starts_with('/')
+            && !p.ends_with('/')
+            && crate::path::normalize(p).is_ok_and(|n| n.decoded == *p && n.raw == *p)
+            && p.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'%' && b != b'?' && b != b'#');
+        if !well_formed {
+            return Err(self.invalid(
+                "server.admin_prefix",
+                format!("{p:?} must be a plain absolute path like \"/_xcgi\" (not \"/\", no trailing '/', no '.', '..', '%', '?' or '#')"),
+            ));
+        }
+        if s.admin_listen == Some(s.listen) {
+            return Err(self.invalid(
+                "server.admin_listen",
+                "is the serving address: give the admin listener its own port",
+            ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let under = r.prefix.trim_end_matches('/');
+            if under == p || under.starts_with(&format!("{p}/")) {
+                return Err(self.invalid(
+                    format!("route[{i}] (prefix {:?}).prefix", r.prefix),
+                    format!("is under the reserved admin prefix {p:?} (healthz, readyz, metrics): choose another prefix or set server.admin_prefix"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate(self) -> Result<Config, ConfigError> {
         let s = &self.server;
         if s.concurrency == 0 {
@@ -508,6 +566,7 @@ impl Config {
         if s.body_budget == 0 {
             return Err(self.invalid("server.body_budget", "must be at least 1"));
         }
+        self.validate_admin()?;
         let p = &self.process;
         if p.user.is_empty() || p.user == "root" || p.user == "0" {
             return Err(self.invalid(
@@ -783,6 +842,44 @@ mod tests {
             &route("env = { PATH = \"/bin\", GREETING = \"hi\" }"),
         );
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn the_admin_prefix_is_reserved_and_well_formed() {
+        let d = dir_with_handler();
+        let r = |p: &str| format!("[[route]]\nprefix = \"{p}\"\nhandler = \"h\"\n");
+        let c = parse(&d, &r("/")).unwrap();
+        assert_eq!(c.server.admin_prefix, "/_xcgi");
+        assert!(!c.server.reuse_port && c.server.admin_listen.is_none());
+        for p in ["/_xcgi", "/_xcgi/", "/_xcgi/app"] {
+            let e = err(&d, &r(p));
+            assert!(e.contains("reserved admin prefix \"/_xcgi\""), "{p}: {e}");
+        }
+        assert!(parse(&d, &r("/_xcgiapp")).is_ok());
+        for bad in ["/", "", "x", "/a/", "/a/../b", "/a%20", "/a?b", "/a/./b"] {
+            let e = err(
+                &d,
+                &format!("[server]\nadmin_prefix = \"{bad}\"\n{}", r("/")),
+            );
+            assert!(e.contains("server.admin_prefix"), "{bad:?}: {e}");
+        }
+        let c = parse(
+            &d,
+            &format!("[server]\nadmin_prefix = \"/-/a\"\n{}", r("/_xcgi")),
+        )
+        .unwrap();
+        assert_eq!(c.server.admin_prefix, "/-/a");
+        let e = err(
+            &d,
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:9\"\nadmin_listen = \"127.0.0.1:9\"\n{}",
+                r("/")
+            ),
+        );
+        assert!(
+            e.contains("server.admin_listen") && e.contains("own port"),
+            "{e}"
+        );
     }
 
     #[test]

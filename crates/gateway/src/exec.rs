@@ -315,6 +315,9 @@ pub fn start_vm<K: Send + 'static>(
 ) -> Result<VmThread, ExecError> {
     let t0 = Instant::now();
     let prepared = spec.spares.as_ref().and_then(|s| s.take());
+    if spec.spares.is_some() && prepared.is_none() {
+        metrics.prepared_misses.fetch_add(1, Ordering::Relaxed);
+    }
     let cancel = cfg.cancel.clone();
     let (tx, outcome) = oneshot::channel();
     metrics.vms_running.fetch_add(1, Ordering::Relaxed);

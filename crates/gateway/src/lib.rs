@@ -11,8 +11,11 @@
 //! - [`escape`]: untrusted text made safe for log lines.
 //! - [`spares`]: VMs prepared ahead per route, so a request only adds its devices.
 //! - [`server`]: hyper server, routing, admission (concurrency, queue), HTTP-mode proxying,
-//!   timeouts, logs; [`metrics`]: `/metrics`.
+//!   timeouts, logs; [`metrics`]: the Prometheus text.
+//! - [`admin`]: healthz, readyz and metrics (reserved prefix, admin listener);
+//!   [`systemd`]: readiness notification and socket activation.
 
+pub mod admin;
 pub mod cgi;
 pub mod config;
 pub mod conn;
@@ -24,6 +27,7 @@ pub mod path;
 pub mod prepare;
 pub mod server;
 pub mod spares;
+pub mod systemd;
 
 pub use config::Config;
 pub use server::Server;

@@ -1,4 +1,5 @@
-//! Server metrics, served at `/metrics` in the Prometheus text format (version 0.0.4).
+//! Server metrics in the Prometheus text format (version 0.0.4), served at
+//! `<admin_prefix>/metrics` or on the admin listener (see [`crate::admin`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -71,6 +72,12 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Bytes of chunked request bodies held now (against `body_budget`).
     pub body_bytes_buffered: AtomicI64,
+    /// VM requests that found no prepared VM and built their own (the pool ran dry).
+    pub prepared_misses: AtomicU64,
+    /// 1 while `/readyz` says ready.
+    pub ready: AtomicI64,
+    /// 1 from SIGTERM on.
+    pub draining: AtomicI64,
 }
 
 /// A gauge held up by one for as long as this lives (RAII): however the holder ends (a
@@ -171,6 +178,18 @@ impl Metrics {
             "Bytes of chunked request bodies held in memory.",
             self.body_bytes_buffered.load(Ordering::Relaxed),
         );
+        gauge(
+            &mut out,
+            "xcgi_ready",
+            "1 while the server is ready for traffic (what /readyz says), else 0.",
+            self.ready.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "xcgi_draining",
+            "1 once SIGTERM came: finishing in-flight requests before exit.",
+            self.draining.load(Ordering::Relaxed),
+        );
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -188,6 +207,12 @@ impl Metrics {
             "xcgi_connections_refused_total",
             "Connections closed at once: max_connections were open.",
             self.connections_refused.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "xcgi_prepared_misses_total",
+            "VM requests that found no VM prepared ahead and built their own (pool ran dry).",
+            self.prepared_misses.load(Ordering::Relaxed),
         );
         out
     }

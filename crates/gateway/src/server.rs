@@ -4,7 +4,8 @@
 //! admitted (at most `concurrency` at once, then a bounded queue with a timeout: 503), and
 //! handed to its handler. The response streams back as the handler writes it; when it ends,
 //! or the client goes away, or the route's timeout passes, the handler's VM is killed. Every
-//! request ends in one log line and in `/metrics`.
+//! request ends in one log line and in the metrics. Health, readiness and metrics are
+//! answered under a reserved prefix and on an optional admin listener ([`crate::admin`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::admin::{self, Health};
 use crate::cgi::{self, CgiHead, MAX_HEADER_BLOCK};
 use crate::config::{Config, Isolation, Mode};
 use crate::exec::{self, Exchange, Finish, Invocation, Killer};
@@ -50,12 +52,15 @@ const CONNECT_PATIENCE_MAX: Duration = Duration::from_millis(16);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{hint}")]
     Listen {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
+        hint: &'static str,
     },
+    #[error("cannot use the socket passed by the service manager: {0}")]
+    Systemd(#[from] crate::systemd::SystemdError),
     #[error(transparent)]
     Prepare(#[from] crate::prepare::PrepareError),
     #[error("guest network: {0}")]
@@ -179,8 +184,23 @@ pub struct Server {
     jail: Option<ProcessJail>,
     net: Option<GuestNet>,
     next_id: AtomicU64,
+    /// Readiness (`readyz`, `xcgi_ready`, sd_notify).
+    health: Arc<Health>,
     _workdir: tempfile::TempDir,
 }
+
+/// The sockets a server accepts on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The serving port.
+    pub http: TcpListener,
+    /// `server.admin_listen`: healthz, readyz and metrics only.
+    pub admin: Option<TcpListener>,
+}
+
+/// Admin connections open at once (probes and scrapes: a few; kept apart from
+/// `max_connections` so that a flood on the serving port does not fail the liveness probe).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Most bytes one request may hold of the body budget (the semaphore counts in u32).
 const BODY_BUDGET_MAX: u64 = u32::MAX as u64;
@@ -225,7 +245,12 @@ impl Server {
                 }
             }
         }
+        let pools = routes
+            .iter()
+            .filter_map(|r| Some((r.route.prefix.clone(), r.spec.as_ref()?.spares.clone()?)))
+            .collect();
         Ok(Server {
+            health: Arc::new(Health::new(Arc::clone(&metrics), pools)),
             slots: Arc::new(Semaphore::new(cfg.server.concurrency)),
             conns: Arc::new(Semaphore::new(cfg.server.max_connections)),
             body_budget: Arc::new(Semaphore::new(
@@ -255,18 +280,68 @@ impl Server {
         }
     }
 
-    /// Serves on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
-    /// requests finish (up to the drain timeout) and waits for every VM to be torn down.
+    /// Serves until `shutdown` resolves; then readiness goes false, new connections are
+    /// still taken for `drain_delay_ms`, then accepting stops, in-flight requests finish (up
+    /// to `drain_timeout_ms`) and every VM is torn down.
     pub async fn serve(
         self: Arc<Self>,
-        listener: TcpListener,
+        listeners: Listeners,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let admin = listeners
+            .admin
+            .map(|l| tokio::spawn(Arc::clone(&self).serve_admin(l)));
+        self.health.set_serving();
+        let watcher = tokio::spawn(watch_readiness(Arc::clone(&self.health)));
+        let health = Arc::clone(&self.health);
+        let delay = Duration::from_millis(self.cfg.server.drain_delay_ms);
+        let stop = async move {
+            shutdown.await;
+            health.begin_drain();
+            notify("STOPPING=1\nSTATUS=draining");
+            if !delay.is_zero() {
+                info!(
+                    drain_delay_ms = delay.as_millis() as u64,
+                    "not ready any more; still accepting for drain_delay_ms"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        };
+        Arc::clone(&self)
+            .accept_loop(listeners.http, &graceful, stop)
+            .await;
+        watcher.abort();
+        let drain = Duration::from_millis(self.cfg.server.drain_timeout_ms);
+        info!(
+            in_flight = self.metrics.in_flight.load(Ordering::Relaxed),
+            "shutting down: draining in-flight requests"
+        );
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!("drain timeout passed; remaining requests are cut off");
+        }
+        self.wind_down().await;
+        if let Some(a) = admin {
+            a.abort();
+        }
+        info!("server stopped");
+    }
+
+    /// Accepts on the serving port until `stop` resolves; each connection is watched by
+    /// `graceful`.
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        graceful: &hyper_util::server::graceful::GracefulShutdown,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         let local = listener.local_addr().ok();
         let timeouts = self.timeouts();
         let mut backoff = conn::AcceptBackoff::default();
-        tokio::pin!(shutdown);
+        tokio::pin!(stop);
         loop {
             let (stream, remote) = tokio::select! {
                 r = listener.accept() => match r {
@@ -274,38 +349,15 @@ impl Server {
                         backoff.succeeded();
                         x
                     }
-                    Err(e) if conn::AcceptBackoff::is_resource_error(&e) => {
-                        // The pending connection stays queued: retrying at once would spin.
-                        let (pause, report) = backoff.failed(Instant::now());
-                        if let Some(failures) = report {
-                            warn!(error = %e, failures, pause_ms = pause.as_millis() as u64,
-                                "accept failed for lack of resources; backing off (at most one line per 10 s)");
-                        }
-                        tokio::time::sleep(pause).await;
-                        continue;
-                    }
                     Err(e) => {
-                        debug!(error = %e, "accept failed (one connection)");
+                        accept_failed(&mut backoff, e).await;
                         continue;
                     }
                 },
-                _ = &mut shutdown => break,
+                _ = &mut stop => break,
             };
             let Ok(conn_slot) = Arc::clone(&self.conns).try_acquire_owned() else {
-                // Over the cap: close at once (the client sees the connection reset or
-                // closed) rather than let it queue behind the cap.
-                let n = self
-                    .metrics
-                    .connections_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                if n.is_multiple_of(1000) {
-                    warn!(
-                        max_connections = self.cfg.server.max_connections,
-                        refused = n + 1,
-                        "connection cap reached: closing new connections (logged every 1000th)"
-                    );
-                }
-                drop(stream);
+                self.refuse(stream);
                 continue;
             };
             let open = GaugeGuard::add(&self.metrics, |m| &m.connections_open, 1);
@@ -329,27 +381,71 @@ impl Server {
                 drop(open);
             });
         }
-        drop(listener);
-        let drain = Duration::from_millis(self.cfg.server.drain_timeout_ms);
-        info!(
-            in_flight = self.metrics.in_flight.load(Ordering::Relaxed),
-            "shutting down: draining in-flight requests"
-        );
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            warn!("drain timeout passed; remaining requests are cut off");
+    }
+
+    /// Over `max_connections`: close at once (the client sees the connection reset or
+    /// closed) rather than let it queue behind the cap.
+    fn refuse(&self, stream: tokio::net::TcpStream) {
+        let n = self
+            .metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(1000) {
+            warn!(
+                max_connections = self.cfg.server.max_connections,
+                refused = n + 1,
+                "connection cap reached: closing new connections (logged every 1000th)"
+            );
         }
-        // VMs prepared ahead and never used go too (closing a VM blocks for milliseconds:
-        // off the runtime's threads).
+        drop(stream);
+    }
+
+    /// The admin listener: healthz, readyz and metrics, with the serving port's deadlines
+    /// and a small connection cap of its own. Runs until aborted.
+    async fn serve_admin(self: Arc<Self>, listener: TcpListener) {
+        let cap = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+        let timeouts = self.timeouts();
+        let mut backoff = conn::AcceptBackoff::default();
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => {
+                    backoff.succeeded();
+                    s
+                }
+                Err(e) => {
+                    accept_failed(&mut backoff, e).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = Arc::clone(&cap).try_acquire_owned() else {
+                continue; // dropped: closed at once
+            };
+            let io = conn::TimedIo::new(stream, timeouts, Arc::new(conn::Activity::default()));
+            let me = Arc::clone(&self);
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let ep = admin::on_admin_port(req.uri().path(), &me.cfg.server.admin_prefix);
+                let resp = admin::respond(ep, req.method(), &me.health);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// After the drain: VMs prepared ahead go, handlers still ending are waited for (so
+    /// nothing outlives the server), and the TAP pool is emptied.
+    async fn wind_down(&self) {
+        // Closing a VM blocks for milliseconds: off the runtime's threads.
         let spares: Vec<_> = self
             .routes
             .iter()
             .filter_map(|r| r.spec.as_ref()?.spares.clone())
             .collect();
         let _ = tokio::task::spawn_blocking(move || spares.iter().for_each(|s| s.stop())).await;
-        // Wait (bounded) for handlers still ending, so nothing outlives the server.
         let t = Instant::now();
         while (self.metrics.vms_running.load(Ordering::Relaxed) > 0
             || self.slots.available_permits() < self.cfg.server.concurrency)
@@ -360,7 +456,15 @@ impl Server {
         if let Some(net) = &self.net {
             net.pool.wait_idle(Duration::from_secs(5));
         }
-        info!("server stopped");
+    }
+
+    /// The admin endpoint a serving-port request names (under `admin_prefix`), if any. The
+    /// path is normalised first, so `/x/../_xcgi/readyz` is the endpoint too, and nothing
+    /// under the prefix ever reaches a route.
+    fn admin_endpoint(&self, raw: &str) -> Option<admin::Endpoint> {
+        let s = &self.cfg.server;
+        let path = crate::path::normalize(raw).ok()?;
+        admin::on_serving_port(&path.decoded, &s.admin_prefix, s.admin_listen.is_none())
     }
 
     async fn handle(
@@ -372,13 +476,8 @@ impl Server {
     ) -> Response<OutBody> {
         let t0 = Instant::now();
         let active = activity.begin();
-        if req.uri().path() == "/metrics"
-            && self
-                .cfg
-                .route_for("/metrics")
-                .is_none_or(|(_, r)| r.prefix != "/metrics")
-        {
-            return text(StatusCode::OK, self.metrics.render())
+        if let Some(ep) = self.admin_endpoint(req.uri().path()) {
+            return admin::respond(ep, req.method(), &self.health)
                 .map(|b| b.map_err(|never| match never {}).boxed());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -1563,16 +1662,6 @@ impl Drop for LoggedBody {
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
-}
-
 fn error(status: StatusCode, msg: &str) -> Response<OutBody> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{} {msg}\n", status.as_u16())))
@@ -1602,8 +1691,61 @@ fn describe_finish(f: &Finish) -> String {
     s
 }
 
+/// An accept error: resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off, since the
+/// pending connection stays queued and retrying at once would spin; others are one
+/// connection's problem.
+async fn accept_failed(backoff: &mut conn::AcceptBackoff, e: std::io::Error) {
+    if !conn::AcceptBackoff::is_resource_error(&e) {
+        debug!(error = %e, "accept failed (one connection)");
+        return;
+    }
+    let (pause, report) = backoff.failed(Instant::now());
+    if let Some(failures) = report {
+        warn!(error = %e, failures, pause_ms = pause.as_millis() as u64,
+            "accept failed for lack of resources; backing off (at most one line per 10 s)");
+    }
+    tokio::time::sleep(pause).await;
+}
+
+/// Tells the service manager (sd_notify), where there is one; a failure is logged once.
+fn notify(state: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if let Err(e) = crate::systemd::notify(state) {
+        WARNED
+            .call_once(|| warn!(error = %e, "cannot notify the service manager ($NOTIFY_SOCKET)"));
+    }
+}
+
+/// Follows readiness: READY=1 to the service manager the first time it is ready, STATUS=
+/// when it changes, and the `xcgi_ready` gauge kept current between scrapes.
+async fn watch_readiness(health: Arc<Health>) {
+    let mut said_ready = false;
+    let mut last = String::new();
+    loop {
+        let r = health.readiness();
+        let status = match &r {
+            Ok(()) => "ready".to_string(),
+            Err(why) => format!("not ready: {why}"),
+        };
+        if r.is_ok() && !said_ready {
+            said_ready = true;
+            info!("ready for traffic");
+            notify(&format!("READY=1\nSTATUS={status}"));
+        } else if status != last {
+            info!(%status, "readiness changed");
+            notify(&format!("STATUS={status}"));
+        }
+        last = status;
+        if health.draining() {
+            return;
+        }
+        let pause = if said_ready { 1000 } else { 10 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
 /// Runs the server until SIGTERM or SIGINT. Returns after the drain.
-pub async fn run(server: Arc<Server>, listener: TcpListener) {
+pub async fn run(server: Arc<Server>, listeners: Listeners) {
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -1619,23 +1761,73 @@ pub async fn run(server: Arc<Server>, listener: TcpListener) {
             _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
         }
     };
-    server.serve(listener, shutdown).await;
+    server.serve(listeners, shutdown).await;
 }
 
-/// Binds the configured address. Raises the open-file limit first (to its hard limit).
-pub async fn bind(cfg: &Config) -> Result<TcpListener, ServeError> {
+/// The listeners: those the service manager passed (socket activation), else bound to the
+/// configured addresses (SO_REUSEPORT with `reuse_port`). Raises the open-file limit first
+/// (to its hard limit).
+pub async fn bind(
+    cfg: &Config,
+    inherited: crate::systemd::Inherited,
+) -> Result<Listeners, ServeError> {
     match conn::raise_fd_limit() {
         Ok((old, new)) if new > old => info!(old, new, "raised the open-file limit"),
         Ok(_) => {}
         Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
     }
-    TcpListener::bind(cfg.server.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: cfg.server.listen,
+    let s = &cfg.server;
+    let from_manager = |l: std::net::TcpListener, addr| {
+        TcpListener::from_std(l).map_err(|source| ServeError::Listen {
+            addr,
             source,
+            hint: "",
         })
+    };
+    let http = match inherited.http {
+        Some(l) => from_manager(l, s.listen)?,
+        None => bind_one(s.listen, s.reuse_port)?,
+    };
+    let admin = match (inherited.admin, s.admin_listen) {
+        (Some(l), a) => Some(from_manager(l, a.unwrap_or(s.listen))?),
+        (None, Some(a)) => Some(bind_one(a, s.reuse_port)?),
+        (None, None) => None,
+    };
+    Ok(Listeners { http, admin })
 }
+
+/// A listening socket on `addr` (SO_REUSEADDR; SO_REUSEPORT when asked).
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener, ServeError> {
+    let err = |source: std::io::Error| ServeError::Listen {
+        addr,
+        hint: match source.kind() {
+            std::io::ErrorKind::AddrInUse if reuse_port => {
+                " (another socket holds it without SO_REUSEPORT, or as another user)"
+            }
+            std::io::ErrorKind::AddrInUse => {
+                " (another server listens there; to start a new instance beside a running one \
+                 during a restart, set server.reuse_port = true in both, or --reuse-port)"
+            }
+            _ => "",
+        },
+        source,
+    };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    sock.set_reuseaddr(true).map_err(err)?;
+    if reuse_port {
+        sock.set_reuseport(true).map_err(err)?;
+    }
+    sock.bind(addr).map_err(err)?;
+    sock.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+/// The accept queue's length (the kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@
 //! in it before its request, and its memory is its own. When none is ready (a burst larger
 //! than the pool), the request builds its VM itself, as without a pool.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,6 +18,19 @@ use crate::metrics::Metrics;
 
 /// The longest wait between two attempts after preparing failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Failures in a row after which the pool counts as failing (readiness goes false).
+const FAILING_AFTER: u32 = 3;
+
+/// What a pool says about readiness (`/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolHealth {
+    /// It has been full at least once since start, and preparing works.
+    Filled,
+    /// Still filling for the first time.
+    Warming { ready: usize, target: usize },
+    /// Preparing failed this many times in a row (VMs cannot be built: requests would fail).
+    Failing { failures: u32 },
+}
 
 pub struct Spares {
     shared: Arc<Shared>,
@@ -31,12 +44,16 @@ struct Shared {
     wake: Condvar,
     metrics: Arc<Metrics>,
     route: String,
+    /// Preparing failures in a row (0 after a success).
+    failures: AtomicU32,
 }
 
 #[derive(Default)]
 struct State {
     ready: Vec<PreparedVm>,
     stop: bool,
+    /// The pool has held `target` VMs at least once.
+    filled_once: bool,
 }
 
 impl std::fmt::Debug for Spares {
@@ -66,6 +83,7 @@ impl Spares {
             wake: Condvar::new(),
             metrics,
             route: route.to_string(),
+            failures: AtomicU32::new(0),
         });
         let s = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -94,6 +112,25 @@ impl Spares {
     /// How many are ready now.
     pub fn ready(&self) -> usize {
         self.shared.state.lock().map(|s| s.ready.len()).unwrap_or(0)
+    }
+
+    /// Readiness: warming until the pool was full once; failing while preparing fails
+    /// [`FAILING_AFTER`] times in a row. A pool drained by a burst stays `Filled` (requests
+    /// then build their own VMs, counted in `xcgi_prepared_misses_total`): taking a busy
+    /// server out of a balancer for that would make it flap.
+    pub fn health(&self) -> PoolHealth {
+        let failures = self.shared.failures.load(Ordering::Relaxed);
+        if failures >= FAILING_AFTER {
+            return PoolHealth::Failing { failures };
+        }
+        match self.shared.state.lock() {
+            Ok(st) if st.filled_once => PoolHealth::Filled,
+            Ok(st) => PoolHealth::Warming {
+                ready: st.ready.len(),
+                target: self.shared.target,
+            },
+            Err(_) => PoolHealth::Failing { failures },
+        }
     }
 
     /// Stops the refiller and releases every VM still waiting (waits for both).
@@ -153,10 +190,13 @@ fn refill(s: &Shared) {
                     return;
                 }
                 st.ready.push(vm);
+                st.filled_once |= st.ready.len() >= s.target;
+                s.failures.store(0, Ordering::Relaxed);
                 s.metrics.vms_prepared.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
+                s.failures.store(failures, Ordering::Relaxed);
                 if failures == 1 || failures.is_multiple_of(100) {
                     tracing::warn!(
                         route = %s.route,
@@ -197,6 +237,18 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert!(s.take().is_none());
         assert_eq!(s.ready(), 0);
+        // Three tries (10 + 20 ms of back-off) fit in well under a second.
+        let t = Instant::now();
+        while s.health() != (PoolHealth::Failing { failures: 3 })
+            && t.elapsed() < Duration::from_secs(1)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            matches!(s.health(), PoolHealth::Failing { failures } if failures >= 3),
+            "{:?}",
+            s.health()
+        );
         let t = Instant::now();
         s.stop();
         assert!(t.elapsed() < Duration::from_secs(1));

@@ -287,7 +287,7 @@ fn clients_that_leave_the_queue_give_back_their_places() {
         &route("/cgi", &h.cgi_c(), "timeout_ms = 60000"),
     );
     let metrics = || {
-        let (m, _) = curl(&["-m", "5", &s.url("/metrics")]);
+        let (m, _) = curl(&["-m", "5", &s.url("/_xcgi/metrics")]);
         m.lines()
             .filter(|l| l.starts_with("xcgi_queue_depth") || l.starts_with("xcgi_requests_in"))
             .collect::<Vec<_>>()

@@ -304,7 +304,7 @@ fn many_requests_sequential_and_concurrent_all_correct_nothing_leaks() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(fd_count(s.pid()), fds, "the server's fd count grew");
     assert_eq!(count_handlers(&s), 0);
-    let (metrics, code) = curl(&[&s.url("/metrics")]);
+    let (metrics, code) = curl(&[&s.url("/_xcgi/metrics")]);
     assert_eq!(code, 200);
     assert!(
         metrics.contains("xcgi_requests_total{status=\"200\"} 123"),
@@ -420,7 +420,7 @@ fn vm_routes_keep_their_prepared_vms_and_release_them_on_exit() {
         + &route("/c", &cgi_c(), "");
     let s = Served::start(&server, &routes);
     let metric = |name: &str| -> Option<i64> {
-        let (body, _) = curl(&[&s.url("/metrics")]);
+        let (body, _) = curl(&[&s.url("/_xcgi/metrics")]);
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
     };

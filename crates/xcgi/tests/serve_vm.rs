@@ -29,7 +29,7 @@ const PRELUDE: &str = r#"
     code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
     count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
     leftovers() { echo "netns=[$(ls /run/netns 2>/dev/null | tr '\n' ' ')] taps=[$(ip -o link show | grep -c xcgi)] vmms=$(count_xcgi) workdirs=$(ls -d /tmp/xcgi-serve-* 2>/dev/null | wc -l)"; }
-    metric() { curl -s "http://$1/metrics" | grep "^$2 " | cut -d' ' -f2; }
+    metric() { curl -s "http://$1/_xcgi/metrics" | grep "^$2 " | cut -d' ' -f2; }
 "#;
 
 /// The main test server's configuration (a shell here-document; $K, $CGI, ... set by the

@@ -1337,7 +1337,7 @@ struct Gauges {
 
 impl Gauges {
     fn read(s: &Served) -> Gauges {
-        let (text, code) = curl(&["-m", "5", &s.url("/metrics")]);
+        let (text, code) = curl(&["-m", "5", &s.url("/_xcgi/metrics")]);
         if code != 200 {
             return Gauges::default();
         }

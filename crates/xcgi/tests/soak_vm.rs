@@ -18,7 +18,7 @@ const SCRIPT: &str = r#"
     curl() { command curl -m 150 "$@"; }
     code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
     count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
-    metric() { curl -s "http://$A/metrics" | grep "^$1 " | cut -d' ' -f2; }
+    metric() { curl -s "http://$A/_xcgi/metrics" | grep "^$1 " | cut -d' ' -f2; }
     figures() { echo "fds=$(ls /proc/$PID/fd | wc -l) threads=$(grep Threads /proc/$PID/status | tr -dc 0-9) hp_free=$(grep HugePages_Free /proc/meminfo | tr -dc 0-9) hp_rsvd=$(grep HugePages_Rsvd /proc/meminfo | tr -dc 0-9)"; }
     cat > s.toml <<EOF
 [server]

@@ -43,6 +43,13 @@ pub struct Args {
     /// Address to listen on [default: the config's, else 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
+    /// A second listener for /healthz, /readyz and /metrics [default: the config's; else
+    /// they are served under /_xcgi/ on the serving port].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// SO_REUSEPORT: bind beside a running instance (rolling restart; docs/deploy.md).
+    #[arg(long)]
+    reuse_port: bool,
     /// vm: a fresh microVM per request; process: a classic CGI child per request (baseline).
     #[arg(long, value_enum)]
     isolation: Option<IsolationArg>,
@@ -73,6 +80,9 @@ enum IsolationArg {
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
+    // Before any thread starts: the variables that name them are removed.
+    let inherited = xcgi_gateway::systemd::take_listen_fds()
+        .context("taking the sockets passed by the service manager")?;
     let mut cfg = match (&args.config, &args.handler) {
         (Some(file), _) => Config::load(file)?,
         (None, Some(handler)) => {
@@ -101,6 +111,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if let Some(l) = args.listen {
         cfg.server.listen = l;
     }
+    if let Some(a) = args.admin_listen {
+        cfg.server.admin_listen = Some(a);
+    }
+    cfg.server.reuse_port |= args.reuse_port;
     if let Some(i) = args.isolation {
         cfg.server.isolation = match i {
             IsolationArg::Vm => Isolation::Vm,
@@ -135,17 +149,25 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let server = Arc::new(xcgi_gateway::Server::new(cfg).context("preparing the routes")?);
-        let listener = xcgi_gateway::server::bind(server.config()).await?;
-        let addr = listener
+        let listeners = xcgi_gateway::server::bind(server.config(), inherited).await?;
+        let addr = listeners
+            .http
             .local_addr()
             .context("reading the listening address")?;
+        let admin = match &listeners.admin {
+            Some(l) => format!(
+                "; admin on http://{}",
+                l.local_addr().context("reading the admin address")?
+            ),
+            None => format!("; health at {}/readyz", server.config().server.admin_prefix),
+        };
         eprintln!(
-            "xcgi serve: listening on http://{addr} ({} route(s), isolation {:?}, concurrency {})",
+            "xcgi serve: listening on http://{addr} ({} route(s), isolation {:?}, concurrency {}{admin})",
             server.config().routes.len(),
             server.config().server.isolation,
             server.config().server.concurrency
         );
-        xcgi_gateway::server::run(server, listener).await;
+        xcgi_gateway::server::run(server, listeners).await;
         anyhow::Ok(())
     })?;
     Ok(0)

@@ -43,7 +43,7 @@ pub struct Served {
 
 impl Served {
     /// Starts `xcgi serve --config` with `routes` (TOML) under a [server] with `server` lines
-    /// (isolation "process" unless they say otherwise).
+    /// (isolation "process" and listen on a free loopback port unless they say otherwise).
     pub fn start(server: &str, routes: &str) -> Served {
         Served::start_with(server, routes, &Launch::default())
     }
@@ -55,11 +55,16 @@ impl Served {
         } else {
             "isolation = \"process\"\n"
         };
+        let listen = if server.lines().any(|l| l.trim_start().starts_with("listen")) {
+            ""
+        } else {
+            "listen = \"127.0.0.1:0\"\n"
+        };
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("xcgi.toml");
         std::fs::write(
             &cfg,
-            format!("[server]\nlisten = \"127.0.0.1:0\"\n{isolation}{server}\n{routes}"),
+            format!("[server]\n{listen}{isolation}{server}\n{routes}"),
         )
         .unwrap();
         Served::launch(&cfg, launch, Some(dir))
@@ -161,7 +166,7 @@ impl Served {
 
     /// A gauge or counter from /metrics (`name value` lines).
     pub fn metric(&self, name: &str) -> Option<i64> {
-        let (body, _) = curl(&["-m", "5", &self.url("/metrics")]);
+        let (body, _) = curl(&["-m", "5", &self.url("/_xcgi/metrics")]);
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
     }
@@ -195,6 +200,23 @@ impl Drop for Served {
             kill_pids(&below);
         }
     }
+}
+
+/// `xcgi serve --config` with a file holding `config`, expected to refuse to start: asserts
+/// that it exits non-zero and returns its stderr.
+pub fn serve_refuses(config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("xcgi.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let out = Command::new(xcgi())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_ne!(out.status.code(), Some(0), "it started: {err}");
+    err
 }
 
 /// curl with `args`; returns (stdout, http code).
