@@ -5,8 +5,10 @@
 //! that does not depend on a request: memory, slots, kernel, vCPUs) followed by [`vm::launch`]
 //! (devices, command line, run), so a server can prepare VMs ahead of their requests.
 
-pub mod boot;
+pub mod arch;
+pub mod device_manager;
 pub mod devices;
+pub mod hypervisor;
 pub mod layout;
 pub mod memory;
 pub mod vm;

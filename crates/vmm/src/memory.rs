@@ -473,7 +473,7 @@ KernelPageSize:     2048 kB
     /// Pages mapped copy-on-write from a file count as shared until the guest writes them.
     #[test]
     fn usage_tells_pages_still_shared_with_the_file_from_written_ones() {
-        use crate::boot::loader::{load_initrd, tests::write_tmp, LoadMode};
+        use crate::arch::x86_64::loader::{load_initrd, tests::write_tmp, LoadMode};
         let mem = create(&MemoryConfig {
             size_mib: 64,
             ..Default::default()

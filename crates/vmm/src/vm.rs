@@ -5,25 +5,19 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::boot::params::RootSource;
-use crate::boot::{cpu, loader, mptable, paging, params};
+use crate::arch::x86_64::params::RootSource;
+use crate::arch::x86_64::{cpu, loader, mptable, paging, params};
+use crate::device_manager::{Buses, DeviceError, DeviceManager};
 use crate::devices::console::{Console, ConsoleWriter};
-use crate::devices::i8042::I8042;
-use crate::devices::serial::{self, SerialDevice};
 use crate::devices::virtio::{self, block::Block, mmio::MmioTransport, ConsoleStopper};
-use crate::devices::MmioDevice;
+use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::{self, HypervisorError, Vcpu, VcpuExit};
 use crate::layout::*;
 use crate::memory::{self, MemoryConfig};
 
@@ -36,13 +30,10 @@ pub const EXIT_CANCELLED: i32 = 143;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open /dev/kvm: {0}; xcgi needs KVM (on a machine without hardware KVM run it inside the lab: `xcgi lab -- xcgi run ...`)")]
-    OpenKvm(kvm_ioctls::Error),
-    #[error("KVM call {what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    #[error("{0}; xcgi needs KVM (on a machine without hardware KVM run it inside the lab: `xcgi lab -- xcgi run ...`)")]
+    OpenKvm(HypervisorError),
+    #[error("hypervisor call {0}")]
+    Hypervisor(#[from] HypervisorError),
     #[error("{0} vCPUs requested; xcgi supports 1 to 32")]
     BadVcpuCount(u8),
     #[error("no root: pass a root filesystem image (--rootfs) or an initramfs (--initramfs)")]
@@ -57,20 +48,10 @@ pub enum VmError {
     MpTable(#[from] mptable::MpTableError),
     #[error(transparent)]
     Cpu(#[from] cpu::CpuError),
-    #[error("root filesystem {path}: {detail}")]
-    Rootfs { path: PathBuf, detail: String },
     #[error("writing page tables failed: {0}")]
     PageTables(vm_memory::GuestMemoryError),
-    #[error("network device: {0}")]
-    Net(#[from] virtio::net::NetError),
-    #[error("duplicating the TAP file descriptor failed: {0}")]
-    TapFd(std::io::Error),
-    #[error("CGI channel (virtio-console): {0}")]
-    Channel(#[from] virtio::console::ConsoleError),
-    #[error("duplicating the CGI channel's socket failed: {0}")]
-    ChannelFd(std::io::Error),
-    #[error("creating an eventfd failed: {0}")]
-    EventFd(std::io::Error),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("a VM prepared for {prepared} was launched with {wanted}")]
     ShapeMismatch { prepared: String, wanted: String },
     #[error("starting a vCPU thread failed: {0}")]
@@ -289,14 +270,6 @@ pub enum VmEvent {
     Failed(String),
 }
 
-type MmioBus = Vec<(u64, u64, Box<dyn MmioDevice>)>;
-
-struct Devices {
-    serial: SerialDevice,
-    i8042: I8042,
-    mmio: MmioBus,
-}
-
 struct PhaseClock {
     last: Instant,
     phases: Vec<(&'static str, Duration)>,
@@ -314,10 +287,6 @@ impl PhaseClock {
         self.phases.push((name, now - self.last));
         self.last = now;
     }
-}
-
-fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
-    r.map_err(|source| VmError::Kvm { what, source })
 }
 
 /// Builds the VM described by `cfg`, runs it to its end and tears it down.
@@ -369,8 +338,8 @@ impl Shape {
 /// parts that grow with memory or cost page faults, are already done.
 pub struct PreparedVm {
     // Field order is drop order: vCPUs, then the VM, then its memory.
-    vcpus: Vec<VcpuFd>,
-    vm: VmFd,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    vm: Box<dyn hypervisor::Vm>,
     mem: GuestMemoryMmap,
     kernel: loader::LoadedKernel,
     initrd: Option<(u64, u64)>,
@@ -407,30 +376,6 @@ impl PreparedVm {
     }
 }
 
-/// /dev/kvm, opened once per process.
-static KVM: OnceLock<Kvm> = OnceLock::new();
-/// What KVM supports, asked once per process.
-static SUPPORTED_CPUID: OnceLock<kvm_bindings::CpuId> = OnceLock::new();
-
-fn kvm_handle() -> Result<&'static Kvm, VmError> {
-    if let Some(k) = KVM.get() {
-        return Ok(k);
-    }
-    let k = Kvm::new().map_err(VmError::OpenKvm)?;
-    Ok(KVM.get_or_init(|| k))
-}
-
-fn supported_cpuid(kvm_sys: &Kvm) -> Result<&'static kvm_bindings::CpuId, VmError> {
-    if let Some(c) = SUPPORTED_CPUID.get() {
-        return Ok(c);
-    }
-    let c = kvm(
-        "KVM_GET_SUPPORTED_CPUID",
-        kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
-    )?;
-    Ok(SUPPORTED_CPUID.get_or_init(|| c))
-}
-
 /// Builds everything of the VM described by `cfg` that does not depend on a request (see
 /// [`PreparedVm`]). `start` is the reference instant for the first phase.
 pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
@@ -448,22 +393,18 @@ pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
     let mut clock = PhaseClock::new(start);
     clock.lap("process start");
 
-    let kvm_sys = kvm_handle()?;
-    let vm = kvm("KVM_CREATE_VM", kvm_sys.create_vm())?;
+    let hv = KvmHypervisor::get().map_err(VmError::OpenKvm)?;
+    let vm = hypervisor::Hypervisor::create_vm(hv)?;
     clock.lap("create vm");
 
     let mem = memory::create(&cfg.memory)?;
     clock.lap("map memory");
     // Memory slots go in before the irqchip and PIT exist: afterwards each costs milliseconds.
-    register_memory(&vm, &mem)?;
+    register_memory(&*vm, &mem)?;
     clock.lap("memory slots");
-    kvm("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDR))?;
-    kvm("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    kvm("KVM_CREATE_PIT2", vm.create_pit2(pit))?;
+    vm.set_tss_address(KVM_TSS_ADDR as u64)?;
+    vm.create_irqchip()?;
+    vm.create_pit()?;
     clock.lap("irqchip");
 
     let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.load_mode)?;
@@ -480,17 +421,17 @@ pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
     let cr3 = paging::write(&mem).map_err(VmError::PageTables)?;
     clock.lap("page tables");
 
-    let cpuid = supported_cpuid(kvm_sys)?;
+    let cpuid = hypervisor::Hypervisor::supported_cpuid(hv)?;
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for id in 0..cfg.vcpus {
-        let vcpu = kvm("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(id)))?;
-        cpu::setup_cpuid(&vcpu, cpuid.clone(), id, cfg.vcpus)?;
-        cpu::setup_msrs(&vcpu)?;
-        cpu::setup_lint(&vcpu)?;
+        let vcpu = vm.create_vcpu(id)?;
+        cpu::setup_cpuid(&*vcpu, cpuid.clone(), id, cfg.vcpus)?;
+        cpu::setup_msrs(&*vcpu)?;
+        cpu::setup_lint(&*vcpu)?;
         if id == 0 {
-            cpu::setup_regs(&vcpu, kernel.entry)?;
-            cpu::setup_sregs(&vcpu, &mem, cr3)?;
-            cpu::setup_fpu(&vcpu)?;
+            cpu::setup_regs(&*vcpu, kernel.entry)?;
+            cpu::setup_sregs(&*vcpu, &mem, cr3)?;
+            cpu::setup_fpu(&*vcpu)?;
         }
         vcpus.push(vcpu);
     }
@@ -549,61 +490,13 @@ pub fn launch(
 
     // Devices.
     let console = Arc::new(Mutex::new(Console::new(start, live)));
-    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    kvm(
-        "KVM_IRQFD (serial)",
-        vm.register_irqfd(&serial_evt, SERIAL_IRQ),
-    )?;
-    let serial = serial::new(serial_evt, ConsoleWriter(console.clone()));
-    let mut mmio: MmioBus = Vec::new();
-    let mut device_params = Vec::new();
-    if let Some(path) = &cfg.rootfs {
-        let base = VIRTIO_MMIO_BASE;
-        let irq = VIRTIO_IRQ_BASE;
-        let block = Block::open(path).map_err(|e| VmError::Rootfs {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        kvm("KVM_IRQFD (virtio-blk)", vm.register_irqfd(&evt, irq))?;
-        let transport =
-            MmioTransport::new(block, mem.clone(), evt).map_err(|e| VmError::Rootfs {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
-        mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
-        device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
-    }
-    if let Some(net) = &cfg.net {
-        let slot = mmio.len() as u64;
-        let base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_BASE + slot as u32;
-        let tap = net.tap.try_clone().map_err(VmError::TapFd)?;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        kvm("KVM_IRQFD (virtio-net)", vm.register_irqfd(&evt, irq))?;
-        let transport =
-            virtio::net::attach_net(tap, net.mac, mem.clone(), evt, net.rx_ready.clone())?;
-        mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
-        device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
-        device_params.push(net.ip_param.clone());
-    }
-    // Set when the VM ends: a vCPU waiting for room in the channel's socket must not hold it up.
-    let mut channel_stop = None;
-    if let Some(channel) = &cfg.channel {
-        let slot = mmio.len() as u64;
-        let base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_BASE + slot as u32;
-        let socket = channel.try_clone().map_err(VmError::ChannelFd)?;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        kvm("KVM_IRQFD (virtio-console)", vm.register_irqfd(&evt, irq))?;
-        let transport = virtio::console::attach_console(socket, mem.clone(), evt)?;
-        channel_stop = Some(transport.lock().device().stopper());
-        mmio.push((base, VIRTIO_MMIO_SIZE, Box::new(transport)));
-        device_params.push(virtio::cmdline_param(base, VIRTIO_MMIO_SIZE, irq));
-    }
+    let (tx, rx) = mpsc::channel();
+    let mut dm = DeviceManager::new();
+    dm.attach_legacy(&*vm, ConsoleWriter(console.clone()), tx.clone())?;
+    let channel_stop = attach_devices(&mut dm, &*vm, &mem, cfg)?;
     clock.lap("devices");
 
-    let cmdline = params::build_cmdline(&root, &device_params, cfg.cmdline_extra.as_deref());
+    let cmdline = params::build_cmdline(&root, dm.cmdline(), cfg.cmdline_extra.as_deref());
     let cmdline_len = params::write_cmdline(&mem, &cmdline)?;
     params::write_zero_page(
         &mem,
@@ -633,8 +526,7 @@ pub fn launch(
         let memory = measure(&mem);
         let t = Instant::now();
         drop(vcpus);
-        drop(mmio);
-        drop(serial);
+        drop(dm);
         drop(vm);
         drop(mem);
         timings.teardown = t.elapsed();
@@ -647,15 +539,10 @@ pub fn launch(
         });
     }
 
-    let (tx, rx) = mpsc::channel();
     if let Ok(mut c) = console.lock() {
         c.set_events(tx.clone());
     }
-    let devices = Arc::new(Mutex::new(Devices {
-        serial,
-        i8042: I8042,
-        mmio,
-    }));
+    let devices = Arc::new(dm.into_buses());
     let first_run = Arc::new(OnceLock::new());
     let reason = run_vcpus(
         vcpus,
@@ -707,32 +594,58 @@ pub fn launch(
     })
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+fn register_memory(vm: &dyn hypervisor::Vm, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, region) in mem.iter().enumerate() {
-        let host = region.as_ptr() as u64;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host,
-        };
-        // SAFETY: the region is a live mapping of exactly memory_size bytes owned by `mem`,
-        // which outlives the VM (both are dropped at the end of `run`, the VM first).
-        kvm("KVM_SET_USER_MEMORY_REGION", unsafe {
-            vm.set_user_memory_region(r)
-        })?;
+        // SAFETY: the region is a live mapping of exactly `len` bytes owned by `mem`, which
+        // outlives the VM (both are dropped at the end of `launch`, the VM first).
+        unsafe {
+            vm.set_memory_region(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                region.as_ptr() as u64,
+            )
+        }?;
     }
     Ok(())
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN() + 1
+/// The request's devices (root disk, NIC, CGI channel), each through
+/// [`DeviceManager::attach_virtio_device`]. Returns the channel's TX stop flag.
+fn attach_devices(
+    dm: &mut DeviceManager,
+    vm: &dyn hypervisor::Vm,
+    mem: &GuestMemoryMmap,
+    cfg: &VmConfig,
+) -> Result<Option<ConsoleStopper>, VmError> {
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    if let Some(path) = &cfg.rootfs {
+        dm.attach_virtio_device(vm, mem, "root filesystem (virtio-blk)", |mem, evt| {
+            let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+            let block = Block::open(path).map_err(|e| named(&e))?;
+            MmioTransport::new(block, mem, evt).map_err(|e| BoxError::from(named(&e)))
+        })?;
+    }
+    if let Some(net) = &cfg.net {
+        dm.attach_virtio_device(vm, mem, "network device (virtio-net)", |mem, evt| {
+            let tap = net.tap.try_clone()?;
+            virtio::net::attach_net(tap, net.mac, mem, evt, net.rx_ready.clone())
+                .map_err(BoxError::from)
+        })?;
+        dm.add_cmdline(net.ip_param.clone());
+    }
+    // Set when the VM ends: a vCPU waiting for room in the channel's socket must not hold it up.
+    let mut channel_stop = None;
+    if let Some(channel) = &cfg.channel {
+        dm.attach_virtio_device(vm, mem, "CGI channel (virtio-console)", |mem, evt| {
+            let socket = channel.try_clone()?;
+            let transport = virtio::console::attach_console(socket, mem, evt)?;
+            channel_stop = Some(transport.lock().device().stopper());
+            Ok::<_, BoxError>(transport)
+        })?;
+    }
+    Ok(channel_stop)
 }
-
-static KICK_HANDLER: Once = Once::new();
 
 /// When vCPU 0 first entered KVM_RUN: (instant, CLOCK_MONOTONIC ns).
 type FirstRun = Arc<OnceLock<(Instant, u128)>>;
@@ -768,18 +681,13 @@ impl Ending<'_> {
 }
 
 fn run_vcpus(
-    vcpus: Vec<VcpuFd>,
-    devices: Arc<Mutex<Devices>>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    devices: Arc<Buses>,
     tx: Sender<VmEvent>,
     rx: Receiver<VmEvent>,
     ending: Ending<'_>,
     first_run: FirstRun,
 ) -> Result<ExitReason, VmError> {
-    KICK_HANDLER.call_once(|| {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
-            tracing::error!("cannot install the vCPU kick handler: {e}");
-        }
-    });
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles: Vec<JoinHandle<()>> = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -787,79 +695,93 @@ fn run_vcpus(
         let first_run = (id == 0).then(|| first_run.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, devices, tx, thread_stop, first_run));
+            .spawn(move || vcpu_loop(vcpu, &devices, tx, thread_stop, first_run));
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
                 // Never leave a started vCPU running behind an error.
                 ending.release_channel();
                 stop.store(true, Ordering::SeqCst);
-                stop_threads(handles, kick_signal());
+                stop_threads(handles);
                 return Err(VmError::Thread(e));
             }
         }
     }
     drop(tx);
-    // The deadline counts from the first KVM_RUN, which is a moment away.
+    let reason = wait_for_end(&rx, &ending);
+    ending.release_channel();
+    stop.store(true, Ordering::SeqCst);
+    stop_threads(handles);
+    Ok(reason)
+}
+
+/// Waits for the guest's end, the deadline (counted from now: the first KVM_RUN is a moment
+/// away) or a cancel.
+fn wait_for_end(rx: &Receiver<VmEvent>, ending: &Ending<'_>) -> ExitReason {
     let deadline = Instant::now() + ending.timeout;
-    let reason = loop {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(CANCEL_POLL)) {
-            Ok(VmEvent::Reset) => break ExitReason::Reboot,
-            Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => break ExitReason::PowerOff,
-            Ok(VmEvent::TripleFault) => break ExitReason::TripleFault,
-            Ok(VmEvent::Failed(detail)) => break ExitReason::VcpuFailed { detail },
+            Ok(VmEvent::Reset) => return ExitReason::Reboot,
+            Ok(VmEvent::Shutdown) | Ok(VmEvent::Halted) => return ExitReason::PowerOff,
+            Ok(VmEvent::TripleFault) => return ExitReason::TripleFault,
+            Ok(VmEvent::Failed(detail)) => return ExitReason::VcpuFailed { detail },
             Err(RecvTimeoutError::Timeout) if ending.cancel.is_cancelled() => {
-                break ExitReason::Cancelled
+                return ExitReason::Cancelled
             }
-            Err(RecvTimeoutError::Timeout) if left.is_zero() => break ExitReason::Timeout,
+            Err(RecvTimeoutError::Timeout) if left.is_zero() => return ExitReason::Timeout,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
-                break ExitReason::VcpuFailed {
+                return ExitReason::VcpuFailed {
                     detail: "all vCPU threads ended".into(),
                 }
             }
         }
-    };
-    ending.release_channel();
-    stop.store(true, Ordering::SeqCst);
-    stop_threads(handles, kick_signal());
-    Ok(reason)
+    }
 }
 
-/// Kicks each vCPU thread out of KVM_RUN until it has ended. A kick can land just before a
-/// thread re-enters KVM_RUN, so it is repeated until the thread is gone.
-fn stop_threads(handles: Vec<JoinHandle<()>>, sig: libc::c_int) {
+/// How long a stopping vCPU thread gets before it is kicked again (one kick is enough: it
+/// sets the vCPU's `immediate_exit`; the repeat only guards against a thread stuck elsewhere).
+const REKICK: Duration = Duration::from_millis(10);
+
+/// Kicks each vCPU thread out of KVM_RUN (the stop flag is already set) and joins it.
+fn stop_threads(handles: Vec<JoinHandle<()>>) {
     use std::os::unix::thread::JoinHandleExt;
+    for h in &handles {
+        hypervisor::kick(h.as_pthread_t());
+    }
     for h in handles {
+        let mut kicked = Instant::now();
         while !h.is_finished() {
-            // SAFETY: the pthread handle is alive until joined below; the signal's handler
-            // does nothing but interrupt the blocking ioctl.
-            unsafe { libc::pthread_kill(h.as_pthread_t(), sig) };
-            std::thread::sleep(Duration::from_micros(200));
+            if kicked.elapsed() >= REKICK {
+                hypervisor::kick(h.as_pthread_t());
+                kicked = Instant::now();
+            }
+            std::thread::sleep(Duration::from_micros(50));
         }
         let _ = h.join();
     }
 }
 
 fn vcpu_loop(
-    mut vcpu: VcpuFd,
-    devices: Arc<Mutex<Devices>>,
+    mut vcpu: Box<dyn Vcpu>,
+    devices: &Buses,
     tx: Sender<VmEvent>,
     stop: Arc<AtomicBool>,
     first_run: Option<FirstRun>,
 ) {
+    vcpu.bind_kicks();
     if let Some(f) = first_run {
         let _ = f.set((Instant::now(), monotonic_ns()));
     }
     loop {
+        // After the kick is armed (bind_kicks): a stop set from here on is seen at once.
         if stop.load(Ordering::SeqCst) {
             return;
         }
         let event = match vcpu.run() {
-            Ok(exit) => handle_exit(exit, &devices),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(VmEvent::Failed(format!("KVM_RUN: {e}"))),
+            Ok(exit) => handle_exit(exit, devices),
+            Err(e) => Some(VmEvent::Failed(e.to_string())),
         };
         if let Some(ev) = event {
             let _ = tx.send(ev);
@@ -868,66 +790,39 @@ fn vcpu_loop(
     }
 }
 
-fn handle_exit(exit: VcpuExit<'_>, devices: &Arc<Mutex<Devices>>) -> Option<VmEvent> {
-    let Ok(mut d) = devices.lock() else {
-        return Some(VmEvent::Failed("device lock poisoned".into()));
-    };
+/// One exit: a device access goes to the bus (locking that device only); the rest ends the
+/// vCPU with an event or goes back into the guest.
+fn handle_exit(exit: VcpuExit<'_>, devices: &Buses) -> Option<VmEvent> {
     match exit {
-        VcpuExit::IoOut(port, data) => {
-            if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + 8).contains(&port) && !data.is_empty() {
-                if let Err(e) = d.serial.write((port - SERIAL_PORT_BASE) as u8, data[0]) {
-                    tracing::warn!("serial: {e:?}");
-                }
-            } else if port == I8042_COMMAND_PORT
-                && data.first().is_some_and(|v| d.i8042.write_command(*v))
-            {
-                return Some(VmEvent::Reset);
-            }
+        VcpuExit::IoOut { port, data } => {
+            devices.pio.write(u64::from(port), data);
             None
         }
-        VcpuExit::IoIn(port, data) => {
+        VcpuExit::IoIn { port, data } => {
             data.fill(0);
-            if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + 8).contains(&port) && !data.is_empty() {
-                data[0] = d.serial.read((port - SERIAL_PORT_BASE) as u8);
-            } else if port == I8042_COMMAND_PORT || port == I8042_DATA_PORT {
-                data[0] = d.i8042.read();
-            }
+            devices.pio.read(u64::from(port), data);
             None
         }
-        VcpuExit::MmioRead(addr, data) => {
+        VcpuExit::MmioRead { addr, data } => {
             data.fill(0);
-            if let Some((base, _, dev)) = d
-                .mmio
-                .iter_mut()
-                .find(|(b, len, _)| addr >= *b && addr < b + len)
-            {
-                dev.read(addr - *base, data);
-            }
+            devices.mmio.read(addr, data);
             None
         }
-        VcpuExit::MmioWrite(addr, data) => {
-            if let Some((base, _, dev)) = d
-                .mmio
-                .iter_mut()
-                .find(|(b, len, _)| addr >= *b && addr < b + len)
-            {
-                dev.write(addr - *base, data);
-            }
+        VcpuExit::MmioWrite { addr, data } => {
+            devices.mmio.write(addr, data);
             None
         }
-        VcpuExit::Hlt => None,
-        VcpuExit::Shutdown => Some(VmEvent::TripleFault),
-        VcpuExit::SystemEvent(kind, _) => match kind {
-            KVM_SYSTEM_EVENT_RESET => Some(VmEvent::Reset),
-            KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmEvent::Shutdown),
-            other => Some(VmEvent::Failed(format!("system event {other}"))),
-        },
-        VcpuExit::FailEntry(reason, cpu) => Some(VmEvent::Failed(format!(
+        VcpuExit::Halt | VcpuExit::Interrupted => None,
+        VcpuExit::TripleFault => Some(VmEvent::TripleFault),
+        VcpuExit::Reset => Some(VmEvent::Reset),
+        VcpuExit::PowerOff => Some(VmEvent::Shutdown),
+        VcpuExit::SystemEvent(kind) => Some(VmEvent::Failed(format!("system event {kind}"))),
+        VcpuExit::FailEntry { reason, cpu } => Some(VmEvent::Failed(format!(
             "VM entry failed on cpu {cpu}: reason {reason:#x}"
         ))),
         VcpuExit::InternalError => Some(VmEvent::Failed("KVM internal error".into())),
-        other => {
-            tracing::debug!("unhandled vCPU exit: {other:?}");
+        VcpuExit::Other(what) => {
+            tracing::debug!("unhandled vCPU exit: {what}");
             None
         }
     }
@@ -966,7 +861,7 @@ mod tests {
     }
 
     fn tiny_guest() -> (VmConfig, tempfile::NamedTempFile, tempfile::NamedTempFile) {
-        use crate::boot::loader::tests::{tiny_elf, write_tmp};
+        use crate::arch::x86_64::loader::tests::{tiny_elf, write_tmp};
         let payload: Vec<u8> = (0..4 * 4096).map(|i| (i % 251) as u8).collect();
         let k = write_tmp(&tiny_elf(&payload, 4096));
         let i = write_tmp(&payload);
@@ -999,7 +894,7 @@ mod tests {
             }
         }
         let all: Vec<(u64, u64)> = ra.iter().chain(&rb).copied().collect();
-        let behind = crate::boot::loader::tests::assert_private_mappings(&all);
+        let behind = crate::arch::x86_64::loader::tests::assert_private_mappings(&all);
         assert!(behind >= 4, "only {behind} mappings behind two guests");
         let at = GuestAddress(0x100_0000);
         a.mem.write_obj(0x5555_5555_u32, at).unwrap();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use xcgi_vmm::boot::loader::LoadMode;
+use xcgi_vmm::arch::x86_64::loader::LoadMode;
 use xcgi_vmm::memory::MemoryConfig;
 use xcgi_vmm::vm::Cancel;
 use xcgi_vmm::{ExitReason, VmConfig};

@@ -1,7 +1,7 @@
 //! The boot GDT. The 64-bit boot protocol wants flat descriptors at __BOOT_CS (0x10) and
 //! __BOOT_DS (0x18); the kernel loads its own GDT almost at once.
 
-use kvm_bindings::kvm_segment;
+use crate::hypervisor::Segment;
 
 pub const BOOT_CS: u16 = 0x10;
 pub const BOOT_DS: u16 = 0x18;
@@ -31,7 +31,7 @@ pub fn table() -> [u64; 5] {
 }
 
 /// The KVM segment register state matching descriptor `desc` loaded with `selector`.
-pub fn segment(desc: u64, selector: u16) -> kvm_segment {
+pub fn segment(desc: u64, selector: u16) -> Segment {
     let base = ((desc >> 16) & 0xff_ffff) | ((desc >> 32) & 0xff00_0000);
     let raw_limit = ((desc & 0xffff) | ((desc >> 32) & 0xf_0000)) as u32;
     let g = ((desc >> 55) & 1) as u8;
@@ -41,7 +41,7 @@ pub fn segment(desc: u64, selector: u16) -> kvm_segment {
         raw_limit
     };
     let present = ((desc >> 47) & 1) as u8;
-    kvm_segment {
+    Segment {
         base,
         limit,
         selector,

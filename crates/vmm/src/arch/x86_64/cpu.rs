@@ -1,8 +1,7 @@
 //! vCPU state for the 64-bit Linux entry: CPUID, MSRs, FPU, general and special registers,
 //! local APIC LINT pins.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs};
-use kvm_ioctls::VcpuFd;
+use crate::hypervisor::{CpuId, Fpu, HypervisorError, MsrEntry, Regs, SpecialRegs, Vcpu};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::gdt;
@@ -10,22 +9,20 @@ use crate::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, ZERO_PAGE_ADDR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
-    #[error("KVM_SET_CPUID2 failed: {0}")]
-    SetCpuid(kvm_ioctls::Error),
+    #[error("setting CPUID: {0}")]
+    SetCpuid(HypervisorError),
     #[error("KVM_SET_MSRS set {set} of {wanted} MSRs (the first refused is {first_refused:#x})")]
     SetMsrs {
         set: usize,
         wanted: usize,
         first_refused: u32,
     },
-    #[error("KVM_SET_MSRS failed: {0}")]
-    SetMsrsIoctl(kvm_ioctls::Error),
-    #[error("building the MSR list failed: {0:?}")]
-    MsrList(vmm_sys_util::fam::Error),
-    #[error("setting vCPU registers ({what}) failed: {source}")]
+    #[error("setting MSRs: {0}")]
+    SetMsrsIoctl(HypervisorError),
+    #[error("vCPU registers ({what}): {source}")]
     Regs {
         what: &'static str,
-        source: kvm_ioctls::Error,
+        source: HypervisorError,
     },
     #[error("writing GDT/IDT/page tables into guest memory failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
@@ -75,13 +72,13 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
     }
 }
 
-pub fn setup_cpuid(vcpu: &VcpuFd, mut cpuid: CpuId, id: u8, count: u8) -> Result<(), CpuError> {
+pub fn setup_cpuid(vcpu: &dyn Vcpu, mut cpuid: CpuId, id: u8, count: u8) -> Result<(), CpuError> {
     patch_cpuid(&mut cpuid, id, count);
-    vcpu.set_cpuid2(&cpuid).map_err(CpuError::SetCpuid)
+    vcpu.set_cpuid(&cpuid).map_err(CpuError::SetCpuid)
 }
 
-pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry {
+pub fn boot_msrs() -> Vec<MsrEntry> {
+    let e = |index, data| MsrEntry {
         index,
         data,
         ..Default::default()
@@ -101,10 +98,9 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     ]
 }
 
-pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
+pub fn setup_msrs(vcpu: &dyn Vcpu) -> Result<(), CpuError> {
     let entries = boot_msrs();
-    let msrs = Msrs::from_entries(&entries).map_err(CpuError::MsrList)?;
-    let set = vcpu.set_msrs(&msrs).map_err(CpuError::SetMsrsIoctl)?;
+    let set = vcpu.set_msrs(&entries).map_err(CpuError::SetMsrsIoctl)?;
     if set != entries.len() {
         return Err(CpuError::SetMsrs {
             set,
@@ -115,8 +111,8 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), CpuError> {
     Ok(())
 }
 
-pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), CpuError> {
-    let fpu = kvm_fpu {
+pub fn setup_fpu(vcpu: &dyn Vcpu) -> Result<(), CpuError> {
+    let fpu = Fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
@@ -128,8 +124,8 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), CpuError> {
 }
 
 /// General registers for the boot CPU: entry point, stack, zero page in %rsi.
-pub fn boot_regs(entry: u64) -> kvm_regs {
-    kvm_regs {
+pub fn boot_regs(entry: u64) -> Regs {
+    Regs {
         rflags: 0x2,
         rip: entry,
         rsp: BOOT_STACK_ADDR,
@@ -139,7 +135,7 @@ pub fn boot_regs(entry: u64) -> kvm_regs {
     }
 }
 
-pub fn setup_regs(vcpu: &VcpuFd, entry: u64) -> Result<(), CpuError> {
+pub fn setup_regs(vcpu: &dyn Vcpu, entry: u64) -> Result<(), CpuError> {
     vcpu.set_regs(&boot_regs(entry))
         .map_err(|source| CpuError::Regs {
             what: "regs",
@@ -150,9 +146,9 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: u64) -> Result<(), CpuError> {
 /// Writes the GDT and IDT into guest memory and returns special registers for long mode.
 pub fn write_tables_and_sregs<M: GuestMemoryBackend>(
     mem: &M,
-    mut sregs: kvm_sregs,
+    mut sregs: SpecialRegs,
     cr3: u64,
-) -> Result<kvm_sregs, CpuError> {
+) -> Result<SpecialRegs, CpuError> {
     let table = gdt::table();
     for (i, d) in table.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(GDT_ADDR + (i as u64) * 8))?;
@@ -181,11 +177,11 @@ pub fn write_tables_and_sregs<M: GuestMemoryBackend>(
 }
 
 pub fn setup_sregs<M: GuestMemoryBackend>(
-    vcpu: &VcpuFd,
+    vcpu: &dyn Vcpu,
     mem: &M,
     cr3: u64,
 ) -> Result<(), CpuError> {
-    let sregs = vcpu.get_sregs().map_err(|source| CpuError::Regs {
+    let sregs = vcpu.sregs().map_err(|source| CpuError::Regs {
         what: "get sregs",
         source,
     })?;
@@ -197,12 +193,12 @@ pub fn setup_sregs<M: GuestMemoryBackend>(
 }
 
 /// LINT0 as ExtINT (the 8259 reaches the CPU), LINT1 as NMI: the wiring of a PC.
-pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), CpuError> {
+pub fn setup_lint(vcpu: &dyn Vcpu) -> Result<(), CpuError> {
     const APIC_LVT0: usize = 0x350;
     const APIC_LVT1: usize = 0x360;
     const MODE_EXTINT: u32 = 0x7;
     const MODE_NMI: u32 = 0x4;
-    let mut lapic = vcpu.get_lapic().map_err(|source| CpuError::Regs {
+    let mut lapic = vcpu.lapic().map_err(|source| CpuError::Regs {
         what: "get lapic",
         source,
     })?;
@@ -225,18 +221,18 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), CpuError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::kvm_cpuid_entry2;
+    use crate::hypervisor::CpuIdEntry;
     use vm_memory::GuestMemoryMmap;
 
     #[test]
     fn cpuid_leaf1_carries_apic_id_and_hypervisor_bit() {
         let mut c = CpuId::from_entries(&[
-            kvm_cpuid_entry2 {
+            CpuIdEntry {
                 function: 1,
                 ebx: 0xffff_ffff,
                 ..Default::default()
             },
-            kvm_cpuid_entry2 {
+            CpuIdEntry {
                 function: 0xb,
                 edx: 7,
                 ..Default::default()
@@ -255,7 +251,7 @@ mod tests {
     #[test]
     fn long_mode_sregs() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let s = write_tables_and_sregs(&mem, kvm_sregs::default(), 0x9000).unwrap();
+        let s = write_tables_and_sregs(&mem, SpecialRegs::default(), 0x9000).unwrap();
         assert_eq!(s.cr0 & X86_CR0_PG, X86_CR0_PG);
         assert_eq!(s.cr0 & X86_CR0_PE, X86_CR0_PE);
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
