@@ -20,7 +20,7 @@ use hyper::header::HeaderValue;
 use hyper::{Method, Response, StatusCode};
 
 use crate::metrics::Metrics;
-use crate::spares::{PoolHealth, Spares};
+use xcgi_vmm::{Pool, PoolHealth};
 
 /// One of the admin endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,13 +37,13 @@ pub enum Endpoint {
 pub struct Health {
     metrics: Arc<Metrics>,
     /// Each route's pool of VMs prepared ahead, by route prefix.
-    pools: Vec<(String, Arc<Spares>)>,
+    pools: Vec<(String, Arc<Pool>)>,
     serving: AtomicBool,
     draining: AtomicBool,
 }
 
 impl Health {
-    pub fn new(metrics: Arc<Metrics>, pools: Vec<(String, Arc<Spares>)>) -> Health {
+    pub fn new(metrics: Arc<Metrics>, pools: Vec<(String, Arc<Pool>)>) -> Health {
         Health {
             metrics,
             pools,
@@ -266,11 +266,11 @@ mod tests {
     #[test]
     fn a_failing_pool_makes_it_unready() {
         let m = Arc::new(Metrics::default());
-        let cfg = xcgi_vmm::VmConfig {
+        let shape = xcgi_vmm::MachineShape {
             kernel: "/nonexistent/vmlinux".into(),
             ..Default::default()
         };
-        let pool = Spares::start("/x", cfg, 1, Arc::clone(&m))
+        let pool = Pool::start("/x", shape, 1, Arc::default())
             .unwrap()
             .unwrap();
         let h = Health::new(m, vec![("/x".into(), Arc::clone(&pool))]);

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use xcgi_channel as ch;
 use xcgi_vmm::vm::Cancel;
-use xcgi_vmm::{ExitReason, VmConfig};
+use xcgi_vmm::{Attachments, ExitReason, MachineShape, Pool, RunOptions};
 
 use crate::metrics::Metrics;
 
@@ -272,16 +272,17 @@ pub struct VmSpec {
     pub vcpus: u8,
     pub timeout: Duration,
     /// VMs of this shape prepared ahead (None: every request builds its own).
-    pub spares: Option<Arc<crate::spares::Spares>>,
+    pub pool: Option<Arc<Pool>>,
 }
 
 impl VmSpec {
-    pub fn config(&self, cancel: Cancel) -> VmConfig {
+    /// The machine: what its prepared VMs are keyed by.
+    pub fn shape(&self) -> MachineShape {
         let (initramfs, rootfs) = match &self.root {
             GuestRoot::Initramfs(p) => (Some(p.clone()), None),
             GuestRoot::Disk(p) => (None, Some(p.clone())),
         };
-        VmConfig {
+        MachineShape {
             kernel: self.kernel.clone(),
             initramfs,
             rootfs,
@@ -291,9 +292,16 @@ impl VmSpec {
                 populate: false,
             },
             vcpus: self.vcpus,
+            ..MachineShape::default()
+        }
+    }
+
+    /// One request's run: the route's deadline, stopped early by `cancel`.
+    pub fn run_options(&self, cancel: Cancel) -> RunOptions {
+        RunOptions {
             timeout: self.timeout,
             cancel,
-            ..VmConfig::default()
+            ..RunOptions::default()
         }
     }
 }
@@ -304,21 +312,23 @@ pub struct VmThread {
     pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
 }
 
-/// Boots `cfg` on a new thread, from a VM prepared ahead when `spec` has one ready.
-/// `metrics.vms_running` counts it until its teardown is done. `keep` (a TAP lease) is
-/// dropped after the VM is gone.
+/// Boots `spec`'s machine with `attach` on a new thread, from a VM prepared ahead when its
+/// pool has one ready. `metrics.vms_running` counts it until its teardown is done. `keep` (a
+/// TAP lease) is dropped after the VM is gone.
 pub fn start_vm<K: Send + 'static>(
     spec: &VmSpec,
-    cfg: VmConfig,
+    attach: Attachments,
+    opts: RunOptions,
     metrics: Arc<Metrics>,
     keep: K,
 ) -> Result<VmThread, ExecError> {
     let t0 = Instant::now();
-    let prepared = spec.spares.as_ref().and_then(|s| s.take());
-    if spec.spares.is_some() && prepared.is_none() {
+    let prepared = spec.pool.as_ref().and_then(|s| s.take());
+    if spec.pool.is_some() && prepared.is_none() {
         metrics.prepared_misses.fetch_add(1, Ordering::Relaxed);
     }
-    let cancel = cfg.cancel.clone();
+    let shape = prepared.is_none().then(|| spec.shape());
+    let cancel = opts.cancel.clone();
     let (tx, outcome) = oneshot::channel();
     metrics.vms_running.fetch_add(1, Ordering::Relaxed);
     metrics.vms_started.fetch_add(1, Ordering::Relaxed);
@@ -326,9 +336,10 @@ pub fn start_vm<K: Send + 'static>(
     let spawned = std::thread::Builder::new()
         .name("xcgi-vm".into())
         .spawn(move || {
-            let r = match prepared {
-                Some(p) => xcgi_vmm::launch(p, &cfg, t0, None),
-                None => xcgi_vmm::run(&cfg, t0, None),
+            let r = match (prepared, shape) {
+                (Some(p), _) => xcgi_vmm::launch(p, &attach, &opts, t0, None),
+                (None, Some(shape)) => xcgi_vmm::run(&shape, &attach, &opts, t0, None),
+                (None, None) => unreachable!("a shape is made when no VM was prepared"),
             }
             .map_err(|e| e.to_string());
             drop(keep);
@@ -372,9 +383,11 @@ pub fn spawn_vm_cgi<K: Send + 'static>(
     host.set_nonblocking(true).map_err(ExecError::Channel)?;
     let host = tokio::net::UnixStream::from_std(host).map_err(ExecError::Channel)?;
     let cancel = Cancel::new();
-    let mut cfg = spec.config(cancel.clone());
-    cfg.channel = Some(Arc::new(OwnedFd::from(guest)));
-    let vm = start_vm(spec, cfg, metrics, ())?;
+    let attach = Attachments {
+        channel: Some(Arc::new(OwnedFd::from(guest))),
+        ..Attachments::default()
+    };
+    let vm = start_vm(spec, attach, spec.run_options(cancel.clone()), metrics, ())?;
     let start = ch::Start {
         program: path_bytes(&inv.program),
         args: vec![path_bytes(&inv.program)],

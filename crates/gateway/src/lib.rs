@@ -9,7 +9,6 @@
 //! - [`path`]: request paths decoded and normalised before routing.
 //! - [`conn`]: per-connection deadlines (idle, header, write), the accept loop's guards.
 //! - [`escape`]: untrusted text made safe for log lines.
-//! - [`spares`]: VMs prepared ahead per route, so a request only adds its devices.
 //! - [`server`]: hyper server, routing, admission (concurrency, queue), HTTP-mode proxying,
 //!   timeouts, logs; [`metrics`]: the Prometheus text.
 //! - [`admin`]: healthz, readyz and metrics (reserved prefix, admin listener);
@@ -26,7 +25,6 @@ pub mod metrics;
 pub mod path;
 pub mod prepare;
 pub mod server;
-pub mod spares;
 pub mod systemd;
 
 pub use config::Config;

@@ -61,8 +61,8 @@ pub struct Metrics {
     pub latency: Histogram,
     pub boot: Histogram,
     pub vms_running: AtomicI64,
-    /// VMs prepared ahead and waiting for a request.
-    pub vms_prepared: AtomicI64,
+    /// VMs prepared ahead and waiting for a request (kept by the pools).
+    pub vms_prepared: Arc<AtomicI64>,
     pub queue_depth: AtomicI64,
     pub in_flight: AtomicI64,
     pub vms_started: AtomicU64,

@@ -231,7 +231,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
                 vcpus: r.vcpus,
                 // The server enforces the route's timeout; the VM's own deadline is a backstop.
                 timeout: r.timeout() + std::time::Duration::from_secs(1),
-                spares: None,
+                pool: None,
             }),
             program,
             cwd,

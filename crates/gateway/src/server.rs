@@ -34,7 +34,6 @@ use crate::exec::{self, Exchange, Finish, Invocation, Killer};
 use crate::jail::ProcessJail;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::prepare::Prepared;
-use crate::spares::Spares;
 use crate::{conn, escape};
 
 /// Longest request head (request line and headers) taken from a client; over it: 431.
@@ -70,7 +69,7 @@ pub enum ServeError {
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot start the thread that prepares VMs ahead: {0}")]
-    Spares(std::io::Error),
+    Pool(std::io::Error),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
 }
@@ -231,24 +230,11 @@ impl Server {
             None
         };
         let metrics = Arc::new(Metrics::default());
-        if cfg.server.isolation == Isolation::Vm {
-            for r in &mut routes {
-                if let Some(spec) = &mut r.spec {
-                    let shape = spec.config(xcgi_vmm::vm::Cancel::new());
-                    spec.spares = Spares::start(
-                        &r.route.prefix,
-                        shape,
-                        r.route.prepared,
-                        Arc::clone(&metrics),
-                    )
-                    .map_err(ServeError::Spares)?;
-                }
-            }
-        }
-        let pools = routes
-            .iter()
-            .filter_map(|r| Some((r.route.prefix.clone(), r.spec.as_ref()?.spares.clone()?)))
-            .collect();
+        let pools = if cfg.server.isolation == Isolation::Vm {
+            start_pools(&mut routes, &metrics)?
+        } else {
+            Vec::new()
+        };
         Ok(Server {
             health: Arc::new(Health::new(Arc::clone(&metrics), pools)),
             slots: Arc::new(Semaphore::new(cfg.server.concurrency)),
@@ -443,7 +429,7 @@ impl Server {
         let spares: Vec<_> = self
             .routes
             .iter()
-            .filter_map(|r| r.spec.as_ref()?.spares.clone())
+            .filter_map(|r| r.spec.as_ref()?.pool.clone())
             .collect();
         let _ = tokio::task::spawn_blocking(move || spares.iter().for_each(|s| s.stop())).await;
         let t = Instant::now();
@@ -864,17 +850,21 @@ impl Server {
             }
         };
         let guest = SocketAddr::from((lease.guest_ip(), route.route.port));
-        let cancel = xcgi_vmm::vm::Cancel::new();
-        let mut cfg = spec.config(cancel.clone());
+        let cancel = xcgi_vmm::Cancel::new();
         let rx_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        cfg.net = Some(xcgi_vmm::vm::NetAttachment {
-            tap: Arc::new(tap),
-            mac: lease.guest_mac().0,
-            ip_param: lease.kernel_ip_param(),
-            rx_ready: Some(Arc::clone(&rx_ready)),
-        });
+        let attach = xcgi_vmm::Attachments {
+            net: Some(xcgi_vmm::NetAttachment {
+                tap: Arc::new(tap),
+                mac: lease.guest_mac().0,
+                ip_param: lease.kernel_ip_param(),
+                rx_ready: Some(Arc::clone(&rx_ready)),
+            }),
+            ..xcgi_vmm::Attachments::default()
+        };
+        let opts = spec.run_options(cancel.clone());
+        let metrics = Arc::clone(&self.metrics);
         // The slot and the TAP stay taken until the VM is gone.
-        let vm = match exec::start_vm(spec, cfg, Arc::clone(&self.metrics), (lease, slot)) {
+        let vm = match exec::start_vm(spec, attach, opts, metrics, (lease, slot)) {
             Ok(vm) => vm,
             Err(e) => {
                 log.note = Some(e.to_string());
@@ -1689,6 +1679,46 @@ fn describe_finish(f: &Finish) -> String {
         s.push_str(f.stderr_tail.trim());
     }
     s
+}
+
+/// One pool of VMs prepared ahead per machine shape: routes of the same shape share it (its
+/// target the sum of theirs). Returns (the routes it serves, the pool) for readiness.
+fn start_pools(
+    routes: &mut [Prepared],
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<(String, Arc<xcgi_vmm::Pool>)>, ServeError> {
+    let mut by_shape: Vec<(xcgi_vmm::MachineShape, Vec<usize>, usize)> = Vec::new();
+    for (i, r) in routes.iter().enumerate() {
+        let Some(spec) = &r.spec else { continue };
+        let shape = spec.shape();
+        match by_shape.iter_mut().find(|(s, _, _)| *s == shape) {
+            Some((_, members, target)) => {
+                members.push(i);
+                *target += r.route.prepared;
+            }
+            None => by_shape.push((shape, vec![i], r.route.prepared)),
+        }
+    }
+    let gauge = Arc::clone(&metrics.vms_prepared);
+    let mut pools = Vec::new();
+    for (shape, members, target) in by_shape {
+        let name = members
+            .iter()
+            .map(|&i| routes[i].route.prefix.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let pool = xcgi_vmm::Pool::start(&name, shape, target, Arc::clone(&gauge))
+            .map_err(ServeError::Pool)?;
+        for &i in &members {
+            if let Some(spec) = &mut routes[i].spec {
+                spec.pool = pool.clone();
+            }
+        }
+        if let Some(p) = pool {
+            pools.push((name, p));
+        }
+    }
+    Ok(pools)
 }
 
 /// An accept error: resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off, since the

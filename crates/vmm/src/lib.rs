@@ -1,9 +1,13 @@
 //! xcgi-vmm: a minimal microVM monitor on the rust-vmm crates.
 //!
-//! [`vm::run`] builds a VM from a [`vm::VmConfig`] (memory, kernel, root, devices, vCPUs),
-//! runs it to its end and returns a typed [`vm::Outcome`]. It is [`vm::prepare`] (everything
-//! that does not depend on a request: memory, slots, kernel, vCPUs) followed by [`vm::launch`]
-//! (devices, command line, run), so a server can prepare VMs ahead of their requests.
+//! [`vm::run`] builds the machine a [`MachineShape`] describes (kernel, root, memory, vCPUs),
+//! adds a run's [`Attachments`] (CGI channel, NIC), runs it as its [`RunOptions`] say and
+//! returns a typed [`vm::Outcome`]. It is [`vm::prepare`] (everything that does not depend on
+//! a request: memory, slots, kernel, vCPUs) followed by [`vm::launch`] (devices, command line,
+//! run), so a server can prepare VMs ahead of their requests ([`pool`]).
+//!
+//! Layers: [`vm`] (the builder) → [`device_manager`] (buses, [`devices`]) and
+//! [`arch`] (the x86-64 boot protocol) → [`hypervisor`] (KVM behind a trait).
 
 pub mod arch;
 pub mod device_manager;
@@ -11,6 +15,10 @@ pub mod devices;
 pub mod hypervisor;
 pub mod layout;
 pub mod memory;
+pub mod pool;
+pub mod resources;
 pub mod vm;
 
-pub use vm::{launch, prepare, run, ExitReason, Outcome, PreparedVm, Timings, VmConfig, VmError};
+pub use pool::{Pool, PoolHealth};
+pub use resources::{Attachments, Cancel, MachineShape, NetAttachment, RunOptions};
+pub use vm::{launch, prepare, run, ExitReason, Outcome, PreparedVm, Timings, VmError};

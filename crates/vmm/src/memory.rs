@@ -46,7 +46,7 @@ pub enum MemoryError {
 }
 
 /// How guest RAM is backed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MemoryConfig {
     pub size_mib: u64,
     /// Back RAM with 2 MiB huge pages (MAP_HUGETLB).

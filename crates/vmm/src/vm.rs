@@ -2,7 +2,6 @@
 //! [`Outcome`]. One VM per call; everything it owns is released when `run` returns.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,7 +18,8 @@ use crate::devices::virtio::{self, block::Block, mmio::MmioTransport, ConsoleSto
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{self, HypervisorError, Vcpu, VcpuExit};
 use crate::layout::*;
-use crate::memory::{self, MemoryConfig};
+use crate::memory;
+pub use crate::resources::{Attachments, Cancel, MachineShape, NetAttachment, RunOptions};
 
 /// Exit code of `xcgi run` when the deadline killed the VM (as timeout(1)).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -52,92 +52,12 @@ pub enum VmError {
     PageTables(vm_memory::GuestMemoryError),
     #[error(transparent)]
     Device(#[from] DeviceError),
-    #[error("a VM prepared for {prepared} was launched with {wanted}")]
-    ShapeMismatch { prepared: String, wanted: String },
     #[error("starting a vCPU thread failed: {0}")]
     Thread(std::io::Error),
 }
 
-/// Asks a running VM to stop (from another thread, a signal handler thread, a server whose
-/// client went away). The VM ends within about 10 ms with [`ExitReason::Cancelled`].
-#[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 /// How often the owner thread looks at the cancel flag while the guest runs.
 const CANCEL_POLL: Duration = Duration::from_millis(10);
-
-/// A network interface for the guest: a TAP device (opened with IFF_TAP | IFF_NO_PI |
-/// IFF_VNET_HDR, 12-byte header) and how the guest configures itself.
-#[derive(Debug, Clone)]
-pub struct NetAttachment {
-    pub tap: Arc<std::os::fd::OwnedFd>,
-    pub mac: [u8; 6],
-    /// The kernel's `ip=` parameter for the guest (e.g. `ip=172.16.0.2::172.16.0.1:...`).
-    pub ip_param: String,
-    /// Set when the guest's driver first posts receive buffers (its interface is up): until
-    /// then, packets sent to the guest only queue up. Lets a host wait for the guest without
-    /// sending anything.
-    pub rx_ready: Option<Arc<AtomicBool>>,
-}
-
-/// Everything that describes one VM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub rootfs: Option<PathBuf>,
-    pub initramfs: Option<PathBuf>,
-    pub memory: MemoryConfig,
-    pub vcpus: u8,
-    /// Extra kernel parameters, appended last.
-    pub cmdline_extra: Option<String>,
-    pub timeout: Duration,
-    /// Stop right before the first KVM_RUN (to measure setup alone).
-    pub setup_only: bool,
-    /// Map the kernel and initramfs copy-on-write (default) or copy them.
-    pub load_mode: loader::LoadMode,
-    /// Stops the VM early when cancelled.
-    pub cancel: Cancel,
-    /// A virtio-net interface backed by a TAP device.
-    pub net: Option<NetAttachment>,
-    /// Measure the host memory behind the VM when it ends ([`Outcome::memory`]).
-    pub measure_memory: bool,
-    /// A virtio-console port (/dev/hvc0 in the guest) bridged to this connected Unix stream
-    /// socket. The VM uses a duplicate, closed when `run` returns; the socket is put in
-    /// non-blocking mode (shared by every duplicate).
-    pub channel: Option<Arc<std::os::fd::OwnedFd>>,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        VmConfig {
-            kernel: PathBuf::new(),
-            rootfs: None,
-            initramfs: None,
-            memory: MemoryConfig::default(),
-            vcpus: 1,
-            cmdline_extra: None,
-            timeout: Duration::from_secs(10),
-            setup_only: false,
-            load_mode: loader::LoadMode::Map,
-            cancel: Cancel::default(),
-            net: None,
-            channel: None,
-            measure_memory: false,
-        }
-    }
-}
 
 /// Why the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,42 +209,20 @@ impl PhaseClock {
     }
 }
 
-/// Builds the VM described by `cfg`, runs it to its end and tears it down.
+/// Builds the machine `shape` describes, runs it with `attach` as `opts` says, and tears it
+/// down.
 ///
 /// `start` is the reference instant for every reported time (the CLI passes process start);
 /// `live` receives console lines as they come.
 pub fn run(
-    cfg: &VmConfig,
+    shape: &MachineShape,
+    attach: &Attachments,
+    opts: &RunOptions,
     start: Instant,
     live: Option<Box<dyn Write + Send>>,
 ) -> Result<Outcome, VmError> {
-    let prepared = prepare(cfg, start)?;
-    launch(prepared, cfg, start, live)
-}
-
-/// What a [`PreparedVm`] was built from. A prepared VM only launches with a config of the
-/// same shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Shape {
-    kernel: PathBuf,
-    rootfs: Option<PathBuf>,
-    initramfs: Option<PathBuf>,
-    memory: MemoryConfig,
-    vcpus: u8,
-    load_mode: loader::LoadMode,
-}
-
-impl Shape {
-    fn of(cfg: &VmConfig) -> Shape {
-        Shape {
-            kernel: cfg.kernel.clone(),
-            rootfs: cfg.rootfs.clone(),
-            initramfs: cfg.initramfs.clone(),
-            memory: cfg.memory,
-            vcpus: cfg.vcpus,
-            load_mode: cfg.load_mode,
-        }
-    }
+    let prepared = prepare(shape, start)?;
+    launch(prepared, attach, opts, start, live)
 }
 
 /// A VM built ahead of its request, up to everything that does not depend on the request:
@@ -344,7 +242,7 @@ pub struct PreparedVm {
     kernel: loader::LoadedKernel,
     initrd: Option<(u64, u64)>,
     root: RootSource,
-    shape: Shape,
+    shape: MachineShape,
     phases: Vec<(&'static str, Duration)>,
     /// When preparation ended.
     ready_at: Instant,
@@ -374,21 +272,26 @@ impl PreparedVm {
     pub fn took(&self) -> Duration {
         self.took
     }
+
+    /// What it was built as.
+    pub fn shape(&self) -> &MachineShape {
+        &self.shape
+    }
 }
 
-/// Builds everything of the VM described by `cfg` that does not depend on a request (see
-/// [`PreparedVm`]). `start` is the reference instant for the first phase.
-pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
-    if cfg.vcpus == 0 || cfg.vcpus > 32 {
-        return Err(VmError::BadVcpuCount(cfg.vcpus));
+/// Builds everything of the machine `shape` describes that does not depend on a request
+/// (see [`PreparedVm`]). `start` is the reference instant for the first phase.
+pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmError> {
+    if shape.vcpus == 0 || shape.vcpus > 32 {
+        return Err(VmError::BadVcpuCount(shape.vcpus));
     }
-    let root = match (&cfg.rootfs, &cfg.initramfs) {
+    let root = match (&shape.rootfs, &shape.initramfs) {
         (Some(_), _) => RootSource::Disk,
         (None, Some(_)) => RootSource::Initramfs,
         (None, None) => return Err(VmError::NoRoot),
     };
     // Cheap checks first: fail before touching KVM.
-    memory::validate(&cfg.memory)?;
+    memory::validate(&shape.memory)?;
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
     clock.lap("process start");
@@ -396,8 +299,7 @@ pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
     let hv = KvmHypervisor::get().map_err(VmError::OpenKvm)?;
     let vm = hypervisor::Hypervisor::create_vm(hv)?;
     clock.lap("create vm");
-
-    let mem = memory::create(&cfg.memory)?;
+    let mem = memory::create(&shape.memory)?;
     clock.lap("map memory");
     // Memory slots go in before the irqchip and PIT exist: afterwards each costs milliseconds.
     register_memory(&*vm, &mem)?;
@@ -407,34 +309,19 @@ pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
     vm.create_pit()?;
     clock.lap("irqchip");
 
-    let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.load_mode)?;
+    let kernel = loader::load_kernel(&mem, &shape.kernel, shape.load_mode)?;
     clock.lap("load kernel");
-    let initrd = match &cfg.initramfs {
-        Some(p) if cfg.rootfs.is_none() => {
-            Some(loader::load_initrd(&mem, p, kernel.end, cfg.load_mode)?)
+    let initrd = match &shape.initramfs {
+        Some(p) if shape.rootfs.is_none() => {
+            Some(loader::load_initrd(&mem, p, kernel.end, shape.load_mode)?)
         }
         _ => None,
     };
     clock.lap("load initrd");
-
-    mptable::write(&mem, cfg.vcpus)?;
+    mptable::write(&mem, shape.vcpus)?;
     let cr3 = paging::write(&mem).map_err(VmError::PageTables)?;
     clock.lap("page tables");
-
-    let cpuid = hypervisor::Hypervisor::supported_cpuid(hv)?;
-    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-    for id in 0..cfg.vcpus {
-        let vcpu = vm.create_vcpu(id)?;
-        cpu::setup_cpuid(&*vcpu, cpuid.clone(), id, cfg.vcpus)?;
-        cpu::setup_msrs(&*vcpu)?;
-        cpu::setup_lint(&*vcpu)?;
-        if id == 0 {
-            cpu::setup_regs(&*vcpu, kernel.entry)?;
-            cpu::setup_sregs(&*vcpu, &mem, cr3)?;
-            cpu::setup_fpu(&*vcpu)?;
-        }
-        vcpus.push(vcpu);
-    }
+    let vcpus = create_vcpus(hv, &*vm, &mem, shape.vcpus, kernel.entry, cr3)?;
     clock.lap("vcpus");
     Ok(PreparedVm {
         vcpus,
@@ -443,145 +330,103 @@ pub fn prepare(cfg: &VmConfig, start: Instant) -> Result<PreparedVm, VmError> {
         kernel,
         initrd,
         root,
-        shape: Shape::of(cfg),
+        shape: shape.clone(),
         phases: clock.phases,
         ready_at: Instant::now(),
         took: began.elapsed(),
     })
 }
 
-/// Adds the request's devices and command line to a [`PreparedVm`], runs it to its end and
-/// tears it down. `cfg` must have the shape the VM was prepared with (kernel, root, memory,
-/// vCPUs); its devices, command line, deadline and cancel are this run's.
+/// `count` vCPUs with CPUID, MSRs and LINT pins; the boot CPU also gets the 64-bit entry's
+/// registers.
+fn create_vcpus(
+    hv: &dyn hypervisor::Hypervisor,
+    vm: &dyn hypervisor::Vm,
+    mem: &GuestMemoryMmap,
+    count: u8,
+    entry: u64,
+    cr3: u64,
+) -> Result<Vec<Box<dyn Vcpu>>, VmError> {
+    let cpuid = hv.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for id in 0..count {
+        let vcpu = vm.create_vcpu(id)?;
+        cpu::setup_cpuid(&*vcpu, cpuid.clone(), id, count)?;
+        cpu::setup_msrs(&*vcpu)?;
+        cpu::setup_lint(&*vcpu)?;
+        if id == 0 {
+            cpu::setup_regs(&*vcpu, entry)?;
+            cpu::setup_sregs(&*vcpu, mem, cr3)?;
+            cpu::setup_fpu(&*vcpu)?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// A prepared VM with this run's devices and boot parameters: ready for the first KVM_RUN.
+struct Configured {
+    prepared: PreparedVm,
+    devices: DeviceManager,
+    console: Arc<Mutex<Console>>,
+    events: (Sender<VmEvent>, Receiver<VmEvent>),
+    channel_stop: Option<ConsoleStopper>,
+    timings: Timings,
+}
+
+/// Adds `attach`'s devices and the command line to a [`PreparedVm`], runs it to its end as
+/// `opts` says, and tears it down.
 ///
 /// Times are measured from `start`. When the VM was prepared before `start` (ahead of the
 /// request), the reported phases are this call's only and [`Timings::prepared_ahead`] says
 /// what preparing took.
 pub fn launch(
     prepared: PreparedVm,
-    cfg: &VmConfig,
+    attach: &Attachments,
+    opts: &RunOptions,
     start: Instant,
     live: Option<Box<dyn Write + Send>>,
 ) -> Result<Outcome, VmError> {
-    let shape = Shape::of(cfg);
-    if prepared.shape != shape {
-        return Err(VmError::ShapeMismatch {
-            prepared: format!("{:?}", prepared.shape),
-            wanted: format!("{shape:?}"),
-        });
+    let c = configure(prepared, attach, start, live)?;
+    if opts.setup_only {
+        return Ok(release(
+            c.prepared,
+            c.devices,
+            opts,
+            start,
+            c.timings,
+            ExitReason::SetupOnly,
+            String::new(),
+        ));
     }
-    let PreparedVm {
-        vcpus,
-        vm,
-        mem,
-        kernel,
-        initrd,
-        root,
-        phases,
-        ready_at,
-        took,
-        ..
-    } = prepared;
-    let ahead = ready_at <= start;
-    let mut clock = PhaseClock::new(if ahead { start } else { ready_at });
-    if !ahead {
-        clock.phases = phases;
-    }
-
-    // Devices.
-    let console = Arc::new(Mutex::new(Console::new(start, live)));
-    let (tx, rx) = mpsc::channel();
-    let mut dm = DeviceManager::new();
-    dm.attach_legacy(&*vm, ConsoleWriter(console.clone()), tx.clone())?;
-    let channel_stop = attach_devices(&mut dm, &*vm, &mem, cfg)?;
-    clock.lap("devices");
-
-    let cmdline = params::build_cmdline(&root, dm.cmdline(), cfg.cmdline_extra.as_deref());
-    let cmdline_len = params::write_cmdline(&mem, &cmdline)?;
-    params::write_zero_page(
-        &mem,
-        &params::ZeroPageConfig {
-            mem_size: cfg.memory.size_mib * memory::MIB,
-            cmdline_len,
-            initrd,
-            setup_header: kernel.setup_header,
-        },
-    )?;
-    clock.lap("boot params");
-    tracing::debug!(%cmdline, entry = kernel.entry, "VM ready");
-
-    let mut timings = Timings {
-        phases: clock.phases,
-        setup: start.elapsed(),
-        setup_end_clock_ns: monotonic_ns(),
-        prepared_ahead: ahead.then_some(took),
-        ..Default::default()
-    };
-    let measure = |mem: &GuestMemoryMmap| {
-        cfg.measure_memory
-            .then(|| memory::usage(mem))
-            .and_then(|r| r.map_err(|e| tracing::warn!("measuring memory: {e}")).ok())
-    };
-    if cfg.setup_only {
-        let memory = measure(&mem);
-        let t = Instant::now();
-        drop(vcpus);
-        drop(dm);
-        drop(vm);
-        drop(mem);
-        timings.teardown = t.elapsed();
-        timings.total = start.elapsed();
-        return Ok(Outcome {
-            reason: ExitReason::SetupOnly,
-            console: String::new(),
-            timings,
-            memory,
-        });
-    }
-
+    let Configured {
+        prepared,
+        devices,
+        console,
+        events: (tx, rx),
+        channel_stop,
+        mut timings,
+    } = c;
     if let Ok(mut c) = console.lock() {
         c.set_events(tx.clone());
     }
-    let devices = Arc::new(dm.into_buses());
+    let buses = Arc::new(devices.into_buses());
     let first_run = Arc::new(OnceLock::new());
-    let reason = run_vcpus(
-        vcpus,
-        devices.clone(),
-        tx,
-        rx,
-        Ending {
-            timeout: cfg.timeout,
-            cancel: &cfg.cancel,
-            channel: channel_stop,
-        },
-        first_run.clone(),
-    )?;
+    let ending = Ending {
+        timeout: opts.timeout,
+        cancel: &opts.cancel,
+        channel: channel_stop,
+    };
+    let PreparedVm { vcpus, vm, mem, .. } = prepared;
+    let reason = run_vcpus(vcpus, Arc::clone(&buses), tx, rx, ending, first_run.clone())?;
     if let Some((at, clock_ns)) = first_run.get() {
         timings.setup = at.saturating_duration_since(start);
         timings.setup_end_clock_ns = *clock_ns;
     }
-
-    let (console_text, first_output, report) = match console.lock() {
-        Ok(mut c) => {
-            c.flush();
-            (c.text(), c.first_output(), c.report().clone())
-        }
-        Err(_) => (String::new(), None, Default::default()),
-    };
-    // What the kernel said outranks how the vCPU stopped: a panic ends in a reset.
-    let reason = match (reason, report.init_status, report.panic) {
-        (ExitReason::Timeout, _, _) => ExitReason::Timeout,
-        (ExitReason::Cancelled, _, _) => ExitReason::Cancelled,
-        (_, Some(status), _) => ExitReason::InitExited { status },
-        (ExitReason::Reboot | ExitReason::TripleFault, None, Some(message)) => {
-            ExitReason::Panic { message }
-        }
-        (r, _, _) => r,
-    };
-    timings.first_output = first_output;
-    let memory = measure(&mem);
+    let (console_text, reason) = console_verdict(&console, reason, &mut timings);
+    let memory = measure(opts, &mem);
     let t = Instant::now();
-    drop(devices);
+    drop(buses);
     drop(vm);
     drop(mem);
     timings.teardown = t.elapsed();
@@ -592,6 +437,119 @@ pub fn launch(
         timings,
         memory,
     })
+}
+
+/// The request's devices and boot parameters, timed from `start` (or from the end of
+/// preparing, when that came after `start`).
+fn configure(
+    prepared: PreparedVm,
+    attach: &Attachments,
+    start: Instant,
+    live: Option<Box<dyn Write + Send>>,
+) -> Result<Configured, VmError> {
+    let ahead = prepared.ready_at <= start;
+    let mut clock = PhaseClock::new(if ahead { start } else { prepared.ready_at });
+    if !ahead {
+        clock.phases = prepared.phases.clone();
+    }
+    let console = Arc::new(Mutex::new(Console::new(start, live)));
+    let (tx, rx) = mpsc::channel();
+    let mut dm = DeviceManager::new();
+    dm.attach_legacy(&*prepared.vm, ConsoleWriter(console.clone()), tx.clone())?;
+    let rootfs = prepared.shape.rootfs.as_deref();
+    let channel_stop = attach_devices(&mut dm, &*prepared.vm, &prepared.mem, rootfs, attach)?;
+    clock.lap("devices");
+
+    let p = &prepared;
+    let cmdline = params::build_cmdline(&p.root, dm.cmdline(), attach.cmdline_extra.as_deref());
+    let cmdline_len = params::write_cmdline(&p.mem, &cmdline)?;
+    params::write_zero_page(
+        &p.mem,
+        &params::ZeroPageConfig {
+            mem_size: p.shape.memory.size_mib * memory::MIB,
+            cmdline_len,
+            initrd: p.initrd,
+            setup_header: p.kernel.setup_header,
+        },
+    )?;
+    clock.lap("boot params");
+    tracing::debug!(%cmdline, entry = p.kernel.entry, "VM ready");
+    let timings = Timings {
+        phases: clock.phases,
+        setup: start.elapsed(),
+        setup_end_clock_ns: monotonic_ns(),
+        prepared_ahead: ahead.then_some(p.took),
+        ..Default::default()
+    };
+    Ok(Configured {
+        prepared,
+        devices: dm,
+        console,
+        events: (tx, rx),
+        channel_stop,
+        timings,
+    })
+}
+
+/// Host memory behind the VM, when asked for.
+fn measure(opts: &RunOptions, mem: &GuestMemoryMmap) -> Option<memory::MemoryUse> {
+    opts.measure_memory
+        .then(|| memory::usage(mem))
+        .and_then(|r| r.map_err(|e| tracing::warn!("measuring memory: {e}")).ok())
+}
+
+/// Tears down a VM that never ran (setup only) and reports it.
+fn release(
+    prepared: PreparedVm,
+    devices: DeviceManager,
+    opts: &RunOptions,
+    start: Instant,
+    mut timings: Timings,
+    reason: ExitReason,
+    console: String,
+) -> Outcome {
+    let memory = measure(opts, &prepared.mem);
+    let t = Instant::now();
+    let PreparedVm { vcpus, vm, mem, .. } = prepared;
+    drop(vcpus);
+    drop(devices);
+    drop(vm);
+    drop(mem);
+    timings.teardown = t.elapsed();
+    timings.total = start.elapsed();
+    Outcome {
+        reason,
+        console,
+        timings,
+        memory,
+    }
+}
+
+/// The console's text, and the exit reason once what the kernel said is taken into account:
+/// it outranks how the vCPU stopped (a panic ends in a reset).
+fn console_verdict(
+    console: &Mutex<Console>,
+    reason: ExitReason,
+    timings: &mut Timings,
+) -> (String, ExitReason) {
+    let (text, first_output, report) = match console.lock() {
+        Ok(mut c) => {
+            c.flush();
+            (c.text(), c.first_output(), c.report().clone())
+        }
+        Err(_) => (String::new(), None, Default::default()),
+    };
+    timings.first_output = first_output;
+    let reason = match (reason, report.init_status, report.panic) {
+        (ExitReason::Timeout, _, _) => ExitReason::Timeout,
+        (ExitReason::Cancelled, _, _) => ExitReason::Cancelled,
+        (_, Some(status), _) => ExitReason::InitExited { status },
+        (ExitReason::Reboot | ExitReason::TripleFault, None, Some(message)) => {
+            ExitReason::Panic { message }
+        }
+        (r, _, _) => r,
+    };
+    (text, reason)
 }
 
 fn register_memory(vm: &dyn hypervisor::Vm, mem: &GuestMemoryMmap) -> Result<(), VmError> {
@@ -610,23 +568,24 @@ fn register_memory(vm: &dyn hypervisor::Vm, mem: &GuestMemoryMmap) -> Result<(),
     Ok(())
 }
 
-/// The request's devices (root disk, NIC, CGI channel), each through
+/// The machine's root disk and the request's devices (NIC, CGI channel), each through
 /// [`DeviceManager::attach_virtio_device`]. Returns the channel's TX stop flag.
 fn attach_devices(
     dm: &mut DeviceManager,
     vm: &dyn hypervisor::Vm,
     mem: &GuestMemoryMmap,
-    cfg: &VmConfig,
+    rootfs: Option<&std::path::Path>,
+    attach: &Attachments,
 ) -> Result<Option<ConsoleStopper>, VmError> {
     type BoxError = Box<dyn std::error::Error + Send + Sync>;
-    if let Some(path) = &cfg.rootfs {
+    if let Some(path) = rootfs {
         dm.attach_virtio_device(vm, mem, "root filesystem (virtio-blk)", |mem, evt| {
             let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
             let block = Block::open(path).map_err(|e| named(&e))?;
             MmioTransport::new(block, mem, evt).map_err(|e| BoxError::from(named(&e)))
         })?;
     }
-    if let Some(net) = &cfg.net {
+    if let Some(net) = &attach.net {
         dm.attach_virtio_device(vm, mem, "network device (virtio-net)", |mem, evt| {
             let tap = net.tap.try_clone()?;
             virtio::net::attach_net(tap, net.mac, mem, evt, net.rx_ready.clone())
@@ -636,7 +595,7 @@ fn attach_devices(
     }
     // Set when the VM ends: a vCPU waiting for room in the channel's socket must not hold it up.
     let mut channel_stop = None;
-    if let Some(channel) = &cfg.channel {
+    if let Some(channel) = &attach.channel {
         dm.attach_virtio_device(vm, mem, "CGI channel (virtio-console)", |mem, evt| {
             let socket = channel.try_clone()?;
             let transport = virtio::console::attach_console(socket, mem, evt)?;
@@ -860,33 +819,43 @@ mod tests {
         assert_eq!(ExitReason::PowerOff.exit_code(), 0);
     }
 
-    fn tiny_guest() -> (VmConfig, tempfile::NamedTempFile, tempfile::NamedTempFile) {
+    fn tiny_guest() -> (
+        MachineShape,
+        tempfile::NamedTempFile,
+        tempfile::NamedTempFile,
+    ) {
         use crate::arch::x86_64::loader::tests::{tiny_elf, write_tmp};
         let payload: Vec<u8> = (0..4 * 4096).map(|i| (i % 251) as u8).collect();
         let k = write_tmp(&tiny_elf(&payload, 4096));
         let i = write_tmp(&payload);
-        let cfg = VmConfig {
+        let shape = MachineShape {
             kernel: k.path().into(),
             initramfs: Some(i.path().into()),
-            memory: MemoryConfig {
+            memory: memory::MemoryConfig {
                 size_mib: 64,
                 ..Default::default()
             },
-            setup_only: true,
             ..Default::default()
         };
-        (cfg, k, i)
+        (shape, k, i)
     }
 
-    /// VMs prepared ahead from one config are separate VMs: their guest RAM does not overlap,
+    fn setup_only() -> RunOptions {
+        RunOptions {
+            setup_only: true,
+            ..Default::default()
+        }
+    }
+
+    /// VMs prepared ahead from one shape are separate VMs: their guest RAM does not overlap,
     /// every mapping behind it is private, and a write into one is not in the other. Each
-    /// launches once, with the request path's phases only; a different shape is refused.
+    /// launches once, with the request path's phases only.
     #[test]
     fn prepared_vms_are_private_and_launch_with_the_request_path_only() {
         use vm_memory::{Bytes, GuestAddress};
-        let (cfg, _k, _i) = tiny_guest();
-        let a = prepare(&cfg, Instant::now()).unwrap();
-        let b = prepare(&cfg, Instant::now()).unwrap();
+        let (shape, _k, _i) = tiny_guest();
+        let a = prepare(&shape, Instant::now()).unwrap();
+        let b = prepare(&shape, Instant::now()).unwrap();
         let (ra, rb) = (a.host_ranges(), b.host_ranges());
         for &(sa, la) in &ra {
             for &(sb, lb) in &rb {
@@ -902,20 +871,23 @@ mod tests {
 
         // Launched after it was prepared: only the request path is timed.
         let t = Instant::now();
-        let out = launch(a, &cfg, t, None).unwrap();
+        let out = launch(a, &Attachments::default(), &setup_only(), t, None).unwrap();
         assert_eq!(out.reason, ExitReason::SetupOnly);
         assert!(out.timings.prepared_ahead.is_some());
         let names: Vec<_> = out.timings.phases.iter().map(|p| p.0).collect();
         assert!(!names.contains(&"memory slots"), "{names:?}");
         assert!(names.contains(&"boot params"), "{names:?}");
-
-        let mut other = cfg.clone();
-        other.memory.size_mib = 96;
-        let e = launch(b, &other, Instant::now(), None).unwrap_err();
-        assert!(matches!(e, VmError::ShapeMismatch { .. }), "{e}");
+        drop(b);
 
         // Built and launched in one go (`run`), every phase is reported.
-        let out = run(&cfg, Instant::now(), None).unwrap();
+        let out = run(
+            &shape,
+            &Attachments::default(),
+            &setup_only(),
+            Instant::now(),
+            None,
+        )
+        .unwrap();
         assert!(out.timings.prepared_ahead.is_none());
         let names: Vec<_> = out.timings.phases.iter().map(|p| p.0).collect();
         assert!(names.contains(&"memory slots"), "{names:?}");
@@ -923,26 +895,26 @@ mod tests {
 
     #[test]
     fn no_root_is_refused_before_kvm() {
-        let cfg = VmConfig {
+        let shape = MachineShape {
             kernel: "/nonexistent".into(),
             ..Default::default()
         };
-        let e = run(&cfg, Instant::now(), None).unwrap_err();
+        let e = prepare(&shape, Instant::now()).unwrap_err();
         assert!(matches!(e, VmError::NoRoot), "{e}");
     }
 
     #[test]
     fn small_memory_is_refused_before_kvm() {
-        let cfg = VmConfig {
+        let shape = MachineShape {
             kernel: "/nonexistent".into(),
             initramfs: Some("/nonexistent".into()),
-            memory: MemoryConfig {
+            memory: memory::MemoryConfig {
                 size_mib: 16,
                 ..Default::default()
             },
             ..Default::default()
         };
-        let e = run(&cfg, Instant::now(), None).unwrap_err();
+        let e = prepare(&shape, Instant::now()).unwrap_err();
         assert!(e.to_string().contains("below the minimum"), "{e}");
     }
 }

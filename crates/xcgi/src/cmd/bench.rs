@@ -184,7 +184,7 @@ type PreparedRun = (f64, f64, Vec<(&'static str, f64)>);
 fn prepared_once(s: &SetupArgs, mem: u64, huge: bool) -> anyhow::Result<PreparedRun> {
     use std::os::fd::OwnedFd;
     use std::sync::Arc;
-    let mut cfg = xcgi_vmm::VmConfig {
+    let shape = xcgi_vmm::MachineShape {
         kernel: s.kernel.clone(),
         initramfs: Some(s.initramfs.clone()),
         memory: xcgi_vmm::memory::MemoryConfig {
@@ -192,18 +192,24 @@ fn prepared_once(s: &SetupArgs, mem: u64, huge: bool) -> anyhow::Result<Prepared
             hugepages: huge,
             populate: false,
         },
+        ..Default::default()
+    };
+    let opts = xcgi_vmm::RunOptions {
         setup_only: true,
         ..Default::default()
     };
-    let prepared = xcgi_vmm::prepare(&cfg, std::time::Instant::now())?;
+    let prepared = xcgi_vmm::prepare(&shape, std::time::Instant::now())?;
     let took = prepared.took().as_secs_f64() * 1e3;
     // Let the preparation's own page faults and allocations settle, as they would in a pool.
     std::thread::sleep(std::time::Duration::from_millis(2));
     let (_host, guest) =
         std::os::unix::net::UnixStream::pair().context("creating the channel socketpair")?;
-    cfg.channel = Some(Arc::new(OwnedFd::from(guest)));
+    let attach = xcgi_vmm::Attachments {
+        channel: Some(Arc::new(OwnedFd::from(guest))),
+        ..Default::default()
+    };
     let t = std::time::Instant::now();
-    let out = xcgi_vmm::launch(prepared, &cfg, t, None)?;
+    let out = xcgi_vmm::launch(prepared, &attach, &opts, t, None)?;
     Ok((
         out.timings.setup.as_secs_f64() * 1e3,
         took,

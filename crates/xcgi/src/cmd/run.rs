@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use xcgi_vmm::arch::x86_64::loader::LoadMode;
 use xcgi_vmm::memory::MemoryConfig;
-use xcgi_vmm::vm::Cancel;
-use xcgi_vmm::{ExitReason, VmConfig};
+
+use xcgi_vmm::{Attachments, Cancel, ExitReason, MachineShape, RunOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -69,7 +69,8 @@ pub struct Args {
     pub quiet: bool,
 }
 
-pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
+/// The machine, and how this run goes.
+pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
     if !(a.timeout.is_finite() && a.timeout > 0.0 && a.timeout <= 86_400.0) {
         anyhow::bail!(
             "--timeout {} is not a number of seconds between 0 and 86400",
@@ -95,7 +96,7 @@ pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
             }
         }
     }
-    Ok(VmConfig {
+    let shape = MachineShape {
         kernel: a.kernel.clone(),
         rootfs: a.rootfs.clone(),
         initramfs: a.initramfs.clone(),
@@ -105,19 +106,19 @@ pub fn config(a: &Args) -> anyhow::Result<VmConfig> {
             populate: a.populate,
         },
         vcpus: a.vcpus,
-        cmdline_extra: a.cmdline.clone(),
-        timeout: Duration::from_secs_f64(a.timeout),
-        setup_only: a.setup_only,
         load_mode: if a.copy_kernel {
             LoadMode::Copy
         } else {
             LoadMode::Map
         },
+    };
+    let opts = RunOptions {
+        timeout: Duration::from_secs_f64(a.timeout),
         cancel: Cancel::new(),
-        net: None,
-        channel: None,
+        setup_only: a.setup_only,
         measure_memory: a.memory_stats,
-    })
+    };
+    Ok((shape, opts))
 }
 
 /// The guest's network for one `xcgi run`: a namespace, a one-slot pool, one lease.
@@ -203,15 +204,18 @@ fn stop_on_signals(cancel: Cancel) -> std::sync::Arc<std::sync::atomic::AtomicI3
 }
 
 pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
-    let cfg = config(&a)?;
-    if !cfg.setup_only && std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    let (shape, opts) = config(&a)?;
+    if !opts.setup_only && std::path::Path::new("/sys/module/kvm_pvm").exists() {
         eprintln!(
             "xcgi: warning: this host's /dev/kvm is PVM, which cannot boot a standard Linux guest \
              (it will not get far before the deadline); run it in the lab: `xcgi lab -- xcgi run ...`"
         );
     }
-    let signal = stop_on_signals(cfg.cancel.clone());
-    let mut cfg = cfg;
+    let signal = stop_on_signals(opts.cancel.clone());
+    let mut attach = Attachments {
+        cmdline_extra: a.cmdline.clone(),
+        ..Attachments::default()
+    };
     // Declared before the VM so that it is released after it: lease, pool, then namespace.
     let network = if a.net {
         Some(Network::open(&a)?)
@@ -219,13 +223,14 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
         None
     };
     if let Some(n) = &network {
-        cfg.net = Some(n.attachment()?);
+        attach.net = Some(n.attachment()?);
     }
-    let outcome = xcgi_vmm::run(&cfg, start, Some(Box::new(std::io::stdout())))
-        .context("cannot start the VM")?;
+    let live = Some(Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>);
+    let outcome =
+        xcgi_vmm::run(&shape, &attach, &opts, start, live).context("cannot start the VM")?;
     // The VM's own copy of the TAP descriptor is closed; ours goes before the lease returns.
-    let setup_only = cfg.setup_only;
-    drop(cfg);
+    let setup_only = opts.setup_only;
+    drop(attach);
     drop(network);
     let t = &outcome.timings;
     if setup_only {

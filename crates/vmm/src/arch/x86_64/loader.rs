@@ -198,7 +198,7 @@ fn check_fits(mem: &GuestMemoryMmap, start: u64, len: u64, path: &Path) -> Resul
 
 /// Loads a kernel image (ELF vmlinux or bzImage, told apart by content).
 /// How file contents get into guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum LoadMode {
     /// Map whole pages copy-on-write from the file (falls back to copying where it cannot).
     #[default]

@@ -1,7 +1,8 @@
-//! VMs prepared ahead for a route ([`xcgi_vmm::PreparedVm`]): a background thread keeps
-//! `route.prepared` of them ready, so that a request only adds its devices and command line
-//! to one (tens of microseconds) instead of building a VM (memory slots, kernel load, vCPUs:
-//! about a millisecond, growing with memory size).
+//! VMs prepared ahead ([`PreparedVm`]), one pool per [`MachineShape`]: a background thread
+//! keeps `target` of them ready, so that a request only adds its devices and command line to
+//! one (tens of microseconds) instead of building a VM (memory slots, kernel load, vCPUs:
+//! about a millisecond, growing with memory size). `xcgi serve` keeps one per route shape;
+//! a pool of restored snapshots or jailed workers can offer the same interface.
 //!
 //! Each prepared VM is used by one request and never returned: no guest instruction has run
 //! in it before its request, and its memory is its own. When none is ready (a burst larger
@@ -12,9 +13,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xcgi_vmm::{PreparedVm, VmConfig};
+use std::sync::atomic::AtomicI64;
 
-use crate::metrics::Metrics;
+use crate::resources::MachineShape;
+use crate::vm::{self, PreparedVm};
 
 /// The longest wait between two attempts after preparing failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -32,18 +34,19 @@ pub enum PoolHealth {
     Failing { failures: u32 },
 }
 
-pub struct Spares {
+pub struct Pool {
     shared: Arc<Shared>,
     refiller: Mutex<Option<JoinHandle<()>>>,
 }
 
 struct Shared {
-    cfg: VmConfig,
+    shape: MachineShape,
     target: usize,
     state: Mutex<State>,
     wake: Condvar,
-    metrics: Arc<Metrics>,
-    route: String,
+    /// Kept equal to the VMs ready, summed over every pool that shares it (a metric).
+    gauge: Arc<AtomicI64>,
+    name: String,
     /// Preparing failures in a row (0 after a success).
     failures: AtomicU32,
 }
@@ -56,40 +59,41 @@ struct State {
     filled_once: bool,
 }
 
-impl std::fmt::Debug for Spares {
+impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spares")
-            .field("route", &self.shared.route)
+        f.debug_struct("Pool")
+            .field("name", &self.shared.name)
             .field("target", &self.shared.target)
             .finish_non_exhaustive()
     }
 }
 
-impl Spares {
-    /// Starts keeping `target` VMs of `cfg`'s shape ready for `route`. None when `target` is 0.
+impl Pool {
+    /// Starts keeping `target` VMs of `shape` ready; `name` is for the log, `gauge` counts the
+    /// VMs ready. None when `target` is 0.
     pub fn start(
-        route: &str,
-        cfg: VmConfig,
+        name: &str,
+        shape: MachineShape,
         target: usize,
-        metrics: Arc<Metrics>,
-    ) -> std::io::Result<Option<Arc<Spares>>> {
+        gauge: Arc<AtomicI64>,
+    ) -> std::io::Result<Option<Arc<Pool>>> {
         if target == 0 {
             return Ok(None);
         }
         let shared = Arc::new(Shared {
-            cfg,
+            shape,
             target,
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
-            metrics,
-            route: route.to_string(),
+            gauge,
+            name: name.to_string(),
             failures: AtomicU32::new(0),
         });
         let s = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
-            .name("xcgi-spares".into())
+            .name("xcgi-pool".into())
             .spawn(move || refill(&s))?;
-        Ok(Some(Arc::new(Spares {
+        Ok(Some(Arc::new(Pool {
             shared,
             refiller: Mutex::new(Some(handle)),
         })))
@@ -100,10 +104,7 @@ impl Spares {
         let mut st = self.shared.state.lock().ok()?;
         let vm = st.ready.pop();
         if vm.is_some() {
-            self.shared
-                .metrics
-                .vms_prepared
-                .fetch_sub(1, Ordering::Relaxed);
+            self.shared.gauge.fetch_sub(1, Ordering::Relaxed);
             self.shared.wake.notify_all();
         }
         vm
@@ -144,8 +145,7 @@ impl Spares {
         };
         self.shared.wake.notify_all();
         self.shared
-            .metrics
-            .vms_prepared
+            .gauge
             .fetch_sub(unused.len() as i64, Ordering::Relaxed);
         drop(unused);
         let handle = self.refiller.lock().ok().and_then(|mut h| h.take());
@@ -155,7 +155,7 @@ impl Spares {
     }
 }
 
-impl Drop for Spares {
+impl Drop for Pool {
     fn drop(&mut self) {
         self.stop();
     }
@@ -176,10 +176,10 @@ fn refill(s: &Shared) {
                 return;
             }
         }
-        match xcgi_vmm::prepare(&s.cfg, Instant::now()) {
+        match vm::prepare(&s.shape, Instant::now()) {
             Ok(vm) => {
                 if failures > 0 {
-                    tracing::info!(route = %s.route, "preparing VMs ahead works again");
+                    tracing::info!(pool = %s.name, "preparing VMs ahead works again");
                 }
                 failures = 0;
                 let Ok(mut st) = s.state.lock() else { return };
@@ -192,14 +192,14 @@ fn refill(s: &Shared) {
                 st.ready.push(vm);
                 st.filled_once |= st.ready.len() >= s.target;
                 s.failures.store(0, Ordering::Relaxed);
-                s.metrics.vms_prepared.fetch_add(1, Ordering::Relaxed);
+                s.gauge.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
                 s.failures.store(failures, Ordering::Relaxed);
                 if failures == 1 || failures.is_multiple_of(100) {
                     tracing::warn!(
-                        route = %s.route,
+                        pool = %s.name,
                         error = %e,
                         failures,
                         "cannot prepare a VM ahead; requests build their own meanwhile"
@@ -225,13 +225,13 @@ mod tests {
     /// A kernel that is not there: preparing fails, the pool stays empty, stop still returns.
     #[test]
     fn failing_preparation_backs_off_and_stops() {
-        let metrics = Arc::new(Metrics::default());
-        let cfg = VmConfig {
+        let gauge = Arc::new(AtomicI64::new(0));
+        let shape = MachineShape {
             kernel: "/nonexistent/vmlinux".into(),
             initramfs: Some("/nonexistent/initrd".into()),
             ..Default::default()
         };
-        let s = Spares::start("/x", cfg, 2, Arc::clone(&metrics))
+        let s = Pool::start("/x", shape, 2, Arc::clone(&gauge))
             .unwrap()
             .unwrap();
         std::thread::sleep(Duration::from_millis(50));
@@ -239,7 +239,7 @@ mod tests {
         assert_eq!(s.ready(), 0);
         // Three tries (10 + 20 ms of back-off) fit in well under a second.
         let t = Instant::now();
-        while s.health() != (PoolHealth::Failing { failures: 3 })
+        while !matches!(s.health(), PoolHealth::Failing { .. })
             && t.elapsed() < Duration::from_secs(1)
         {
             std::thread::sleep(Duration::from_millis(5));
@@ -252,12 +252,54 @@ mod tests {
         let t = Instant::now();
         s.stop();
         assert!(t.elapsed() < Duration::from_secs(1));
-        assert_eq!(metrics.vms_prepared.load(Ordering::Relaxed), 0);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
+    }
+
+    /// A real (tiny) machine: the pool fills to its target, says so, refills what is taken,
+    /// and the gauge follows; every VM taken has the pool's shape.
+    #[test]
+    fn fills_refills_and_counts() {
+        use crate::arch::x86_64::loader::tests::{tiny_elf, write_tmp};
+        let payload: Vec<u8> = (0..4 * 4096).map(|i| (i % 251) as u8).collect();
+        let k = write_tmp(&tiny_elf(&payload, 4096));
+        let i = write_tmp(&payload);
+        let shape = MachineShape {
+            kernel: k.path().into(),
+            initramfs: Some(i.path().into()),
+            memory: crate::memory::MemoryConfig {
+                size_mib: 64,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let gauge = Arc::new(AtomicI64::new(0));
+        let pool = Pool::start("tiny", shape.clone(), 3, Arc::clone(&gauge))
+            .unwrap()
+            .unwrap();
+        let full = |n: usize| {
+            let t = Instant::now();
+            while pool.ready() < n && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            pool.ready() == n
+        };
+        assert!(full(3), "{:?}", pool.health());
+        assert_eq!(pool.health(), PoolHealth::Filled);
+        assert_eq!(gauge.load(Ordering::Relaxed), 3);
+        let vm = pool.take().unwrap();
+        assert_eq!(vm.shape(), &shape);
+        assert!(full(3), "not refilled");
+        // Drained by a burst, it stays Filled (readiness does not flap under load).
+        let taken: Vec<_> = (0..3).filter_map(|_| pool.take()).collect();
+        assert_eq!(taken.len(), 3);
+        assert_eq!(pool.health(), PoolHealth::Filled);
+        pool.stop();
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn zero_means_no_pool() {
-        let s = Spares::start("/x", VmConfig::default(), 0, Arc::new(Metrics::default())).unwrap();
+        let s = Pool::start("/x", MachineShape::default(), 0, Arc::default()).unwrap();
         assert!(s.is_none());
     }
 }
