@@ -689,7 +689,7 @@ impl Config {
                     ));
                 }
             }
-            let is_image = crate::prepare::image_kind(&r.handler).is_some();
+            let is_image = crate::images::image_kind(&r.handler).is_some();
             if is_image && self.server.isolation == Isolation::Process {
                 return Err(self.invalid(
                     key("handler"),

@@ -2,7 +2,7 @@
 //! it (or, for `--isolation process`, a child process), destroyed when the response ends.
 //!
 //! - [`config`]: `xcgi.toml` (routes, limits, network pool), checked at start.
-//! - [`prepare`]: once per route at start: kernel, `xcgi-init`, the route's guest image.
+//! - [`images`]: once per route at start: kernel, `xcgi-init`, the route's guest image.
 //! - [`cgi`]: CGI/1.1 meta-variables and response parsing (RFC 3875).
 //! - [`exec`]: running one handler: VM (CGI over virtio-console) or process ([`jail`]:
 //!   unprivileged user, rlimits, process group and cgroup killed whole).
@@ -20,10 +20,10 @@ pub mod config;
 pub mod conn;
 pub mod escape;
 pub mod exec;
+pub mod images;
 pub mod jail;
 pub mod metrics;
 pub mod path;
-pub mod prepare;
 pub mod server;
 pub mod systemd;
 

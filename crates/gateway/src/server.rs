@@ -31,9 +31,9 @@ use crate::admin::{self, Health};
 use crate::cgi::{self, CgiHead, MAX_HEADER_BLOCK};
 use crate::config::{Config, Isolation, Mode};
 use crate::exec::{self, Exchange, Finish, Invocation, Killer};
+use crate::images::ServedRoute;
 use crate::jail::ProcessJail;
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::prepare::Prepared;
 use crate::{conn, escape};
 
 /// Longest request head (request line and headers) taken from a client; over it: 431.
@@ -61,7 +61,7 @@ pub enum ServeError {
     #[error("cannot use the socket passed by the service manager: {0}")]
     Systemd(#[from] crate::systemd::SystemdError),
     #[error(transparent)]
-    Prepare(#[from] crate::prepare::PrepareError),
+    Prepare(#[from] crate::images::ImageError),
     #[error("guest network: {0}")]
     Net(#[from] xcgi_net::NetError),
     #[error("cannot create the work directory: {0}")]
@@ -168,7 +168,7 @@ fn new_tcp_socket() -> std::io::Result<std::net::TcpStream> {
 /// A running server's shared state.
 pub struct Server {
     cfg: Config,
-    routes: Vec<Prepared>,
+    routes: Vec<ServedRoute>,
     pub metrics: Arc<Metrics>,
     /// Handlers running at once (`concurrency`). A permit is held until the handler (VM or
     /// process) is gone, not until its response is written.
@@ -214,7 +214,7 @@ impl Server {
             .prefix("xcgi-serve-")
             .tempdir()
             .map_err(ServeError::Workdir)?;
-        let mut routes = crate::prepare::prepare(&cfg, workdir.path())?;
+        let mut routes = crate::images::build_routes(&cfg, workdir.path())?;
         let jail = if cfg.server.isolation == Isolation::Process {
             let jail = ProcessJail::new(&cfg.process)?;
             for r in &routes {
@@ -641,7 +641,7 @@ impl Server {
     /// Starts the route's handler for one CGI request: a VM, or a jailed process.
     fn start_cgi(
         &self,
-        route: &Prepared,
+        route: &ServedRoute,
         inv: &Invocation,
         body: mpsc::Receiver<Bytes>,
         slot: &Arc<OwnedSemaphorePermit>,
@@ -982,7 +982,7 @@ impl Server {
 
 /// One admitted request on its way to its handler.
 struct Job<'a> {
-    route: &'a Prepared,
+    route: &'a ServedRoute,
     parts: hyper::http::request::Parts,
     path: crate::path::RequestPath,
     body: RequestBody,
@@ -1684,7 +1684,7 @@ fn describe_finish(f: &Finish) -> String {
 /// One pool of VMs prepared ahead per machine shape: routes of the same shape share it (its
 /// target the sum of theirs). Returns (the routes it serves, the pool) for readiness.
 fn start_pools(
-    routes: &mut [Prepared],
+    routes: &mut [ServedRoute],
     metrics: &Arc<Metrics>,
 ) -> Result<Vec<(String, Arc<xcgi_vmm::Pool>)>, ServeError> {
     let mut by_shape: Vec<(xcgi_vmm::MachineShape, Vec<usize>, usize)> = Vec::new();

@@ -99,9 +99,7 @@ fn build_cgi(args: BuildArgs) -> anyhow::Result<i32> {
     let program = args
         .program
         .ok_or_else(|| anyhow::anyhow!("--cgi needs --program FILE"))?;
-    let init = args
-        .init
-        .unwrap_or_else(xcgi_gateway::prepare::default_init);
+    let init = args.init.unwrap_or_else(xcgi_gateway::images::default_init);
     anyhow::ensure!(
         init.is_file(),
         "xcgi-init not found at {}: build it with `cargo build --release -p xcgi-init`, or pass --init",
@@ -115,7 +113,7 @@ fn build_cgi(args: BuildArgs) -> anyhow::Result<i32> {
         .output
         .unwrap_or_else(|| rootfs::default_output(&ImageSource::Program(program.clone()), format));
     let stage = tempfile::tempdir().context("creating a staging directory")?;
-    let (in_guest, _) = xcgi_gateway::prepare::pack_root(
+    let (in_guest, _) = xcgi_gateway::images::pack_root(
         xcgi_gateway::config::Mode::Cgi,
         &init,
         &program,

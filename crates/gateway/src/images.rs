@@ -96,7 +96,7 @@ pub fn pack_root(
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
+pub enum ImageError {
     #[error(
         "no guest kernel: build one with `xcgi kernel build`, or set `kernel` in [server] or \
          the route (or pass --kernel)"
@@ -117,7 +117,7 @@ pub enum PrepareError {
 
 /// A route ready to serve.
 #[derive(Debug, Clone)]
-pub struct Prepared {
+pub struct ServedRoute {
     pub route: Route,
     /// How to boot its VM (VM isolation).
     pub spec: Option<VmSpec>,
@@ -128,12 +128,12 @@ pub struct Prepared {
 }
 
 /// The default kernel: the one `xcgi kernel build` cached.
-pub fn default_kernel() -> Result<PathBuf, PrepareError> {
-    let cache = xcgi_image::cache_dir().map_err(|e| PrepareError::KernelLookup(e.to_string()))?;
+pub fn default_kernel() -> Result<PathBuf, ImageError> {
+    let cache = xcgi_image::cache_dir().map_err(|e| ImageError::KernelLookup(e.to_string()))?;
     match xcgi_image::kernel::KernelBuild::new(cache).cached() {
         Ok(Some(a)) => Ok(a.vmlinux),
-        Ok(None) => Err(PrepareError::NoKernel),
-        Err(e) => Err(PrepareError::KernelLookup(e.to_string())),
+        Ok(None) => Err(ImageError::NoKernel),
+        Err(e) => Err(ImageError::KernelLookup(e.to_string())),
     }
 }
 
@@ -145,7 +145,7 @@ pub fn default_init() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("xcgi-init"))
 }
 
-pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareError> {
+pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, ImageError> {
     let mut out = Vec::with_capacity(cfg.routes.len());
     if cfg.server.isolation == Isolation::Process {
         for r in &cfg.routes {
@@ -154,7 +154,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("/"));
-            out.push(Prepared {
+            out.push(ServedRoute {
                 route: r.clone(),
                 spec: None,
                 program: r.handler.clone(),
@@ -175,7 +175,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
         .any(|r| r.mode == Mode::Cgi && image_kind(&r.handler).is_none())
         && !init.is_file()
     {
-        return Err(PrepareError::NoInit(init));
+        return Err(ImageError::NoInit(init));
     }
     for (i, r) in cfg.routes.iter().enumerate() {
         let (root, program, cwd) = match image_kind(&r.handler) {
@@ -203,7 +203,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
                     &image,
                     ImageFormat::Initramfs,
                 )
-                .map_err(|detail| PrepareError::Image {
+                .map_err(|detail| ImageError::Image {
                     prefix: r.prefix.clone(),
                     detail,
                 })?;
@@ -212,7 +212,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
         };
         let kernel = match (&r.kernel, &server_kernel) {
             (Some(k), _) | (None, Some(k)) => k.clone(),
-            (None, None) => return Err(PrepareError::NoKernel),
+            (None, None) => return Err(ImageError::NoKernel),
         };
         tracing::info!(
             prefix = %r.prefix,
@@ -221,7 +221,7 @@ pub fn prepare(cfg: &Config, workdir: &Path) -> Result<Vec<Prepared>, PrepareErr
             kernel = %kernel.display(),
             "route ready"
         );
-        out.push(Prepared {
+        out.push(ServedRoute {
             route: r.clone(),
             spec: Some(VmSpec {
                 kernel,
