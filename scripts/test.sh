@@ -22,6 +22,9 @@ target/x86_64-unknown-linux-gnu/debug/xcgi kernel build
 step "examples and their images"
 XCGI=target/x86_64-unknown-linux-gnu/debug/xcgi scripts/build-examples.sh
 
+step "dist/: systemd units, container image, Kubernetes manifests"
+scripts/check-dist.sh
+
 step "lab assets (for the lab tests and guests without hardware KVM; cached after the first build)"
 target/x86_64-unknown-linux-gnu/debug/xcgi lab --prepare
 
