@@ -125,6 +125,8 @@ pub struct ServedRoute {
     pub program: PathBuf,
     /// Its working directory.
     pub cwd: PathBuf,
+    /// How its requests run: set by the server once its pools, jail and network exist.
+    pub exec: Option<crate::exec::RouteExec>,
 }
 
 /// The default kernel: the one `xcgi kernel build` cached.
@@ -159,6 +161,7 @@ pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, Im
                 spec: None,
                 program: r.handler.clone(),
                 cwd,
+                exec: None,
             });
         }
         return Ok(out);
@@ -235,6 +238,7 @@ pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, Im
             }),
             program,
             cwd,
+            exec: None,
         });
     }
     Ok(out)

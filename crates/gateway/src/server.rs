@@ -27,10 +27,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use xcgi_net::GuestNet;
+
 use crate::admin::{self, Health};
 use crate::cgi::{self, CgiHead, MAX_HEADER_BLOCK};
 use crate::config::{Config, Isolation, Mode};
-use crate::exec::{self, Exchange, Finish, Invocation, Killer};
+use crate::exec::{
+    Exchange, Finish, GuestConnection, Invocation, Killer, ProcessExecutor, RouteExec,
+    VmCgiExecutor, VmHttpExecutor,
+};
 use crate::images::ServedRoute;
 use crate::jail::ProcessJail;
 use crate::metrics::{GaugeGuard, Metrics};
@@ -40,15 +45,6 @@ use crate::{conn, escape};
 const MAX_REQUEST_HEAD: usize = 256 * 1024;
 /// Local redirects followed for one request before giving up (502).
 const MAX_LOCAL_REDIRECTS: usize = 5;
-/// Longest wait for an answer to one connection attempt.
-const CONNECT_ATTEMPT: Duration = Duration::from_millis(1000);
-/// Pause between connection attempts to a booting guest (the bound: 1 ms).
-const CONNECT_RETRY: Duration = Duration::from_millis(1);
-/// Connection attempts in flight at once while a guest boots.
-const CONNECT_PARALLEL: usize = 8;
-/// Longest pause before another attempt while earlier ones are still unanswered.
-const CONNECT_PATIENCE_MAX: Duration = Duration::from_millis(16);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}{hint}")]
@@ -72,98 +68,11 @@ pub enum ServeError {
     Pool(std::io::Error),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    #[error("route {0:?}: no way to run it (VM isolation without a VM, or HTTP mode without a guest network)")]
+    Unwired(String),
 }
 
 type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-/// Guest networking for HTTP-mode routes: the TAP pool and a thread inside its namespace
-/// that makes sockets for connecting to guests.
-struct GuestNet {
-    pool: xcgi_net::Pool,
-    sockets: Option<SocketRequests>,
-    /// The socket thread; it holds the namespace, so it is joined on drop (before the process
-    /// exits, the namespace's bind mount must be gone).
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-type SocketRequests =
-    std::sync::mpsc::Sender<oneshot::Sender<std::io::Result<std::net::TcpStream>>>;
-
-impl Drop for GuestNet {
-    fn drop(&mut self) {
-        self.sockets = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl GuestNet {
-    fn new(cfg: &Config) -> Result<GuestNet, ServeError> {
-        let name = cfg
-            .network
-            .netns
-            .clone()
-            .unwrap_or_else(|| format!("xcgi-serve-{}", std::process::id()));
-        let ns = Arc::new(xcgi_net::NetNs::create(Some(&name))?);
-        let pool = xcgi_net::Pool::new(
-            Arc::clone(&ns),
-            xcgi_net::PoolConfig {
-                base: cfg.network.base,
-                size: cfg.network.size,
-                prefill: cfg.network.prefill,
-            },
-        )?;
-        let (tx, rx) =
-            std::sync::mpsc::channel::<oneshot::Sender<std::io::Result<std::net::TcpStream>>>();
-        let thread = std::thread::Builder::new()
-            .name("xcgi-netns-sock".into())
-            .spawn(move || {
-                let _ = ns.run(move || {
-                    while let Ok(reply) = rx.recv() {
-                        let _ = reply.send(new_tcp_socket());
-                    }
-                });
-            })
-            .map_err(ServeError::Thread)?;
-        Ok(GuestNet {
-            pool,
-            sockets: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// A fresh, unconnected, nonblocking TCP socket in the guests' namespace.
-    async fn socket(&self) -> std::io::Result<tokio::net::TcpSocket> {
-        let (tx, rx) = oneshot::channel();
-        self.sockets
-            .as_ref()
-            .ok_or_else(|| std::io::Error::other("the guest network is shutting down"))?
-            .send(tx)
-            .map_err(|_| std::io::Error::other("the namespace socket thread is gone"))?;
-        let std_sock = rx
-            .await
-            .map_err(|_| std::io::Error::other("the namespace socket thread is gone"))??;
-        Ok(tokio::net::TcpSocket::from_std_stream(std_sock))
-    }
-}
-
-fn new_tcp_socket() -> std::io::Result<std::net::TcpStream> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket(2); the fd is owned by the returned stream.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket we own.
-    Ok(unsafe { std::net::TcpStream::from_raw_fd(fd) })
-}
 
 /// A running server's shared state.
 pub struct Server {
@@ -179,9 +88,8 @@ pub struct Server {
     conns: Arc<Semaphore>,
     /// Bytes of chunked request bodies held at once (`body_budget`).
     body_budget: Arc<Semaphore>,
-    /// Process isolation's confinement (None with VM isolation).
-    jail: Option<ProcessJail>,
-    net: Option<GuestNet>,
+    /// The guests' network (HTTP-mode routes).
+    net: Option<Arc<GuestNet>>,
     next_id: AtomicU64,
     /// Readiness (`readyz`, `xcgi_ready`, sd_notify).
     health: Arc<Health>,
@@ -215,17 +123,18 @@ impl Server {
             .tempdir()
             .map_err(ServeError::Workdir)?;
         let mut routes = crate::images::build_routes(&cfg, workdir.path())?;
-        let jail = if cfg.server.isolation == Isolation::Process {
-            let jail = ProcessJail::new(&cfg.process)?;
-            for r in &routes {
-                jail.check_executable(&r.program)?;
-            }
-            Some(jail)
-        } else {
-            None
-        };
         let net = if cfg.needs_network() {
-            Some(GuestNet::new(&cfg)?)
+            let name = cfg
+                .network
+                .netns
+                .clone()
+                .unwrap_or_else(|| format!("xcgi-serve-{}", std::process::id()));
+            let pool = xcgi_net::PoolConfig {
+                base: cfg.network.base,
+                size: cfg.network.size,
+                prefill: cfg.network.prefill,
+            };
+            Some(Arc::new(GuestNet::new(&name, pool)?))
         } else {
             None
         };
@@ -235,6 +144,7 @@ impl Server {
         } else {
             Vec::new()
         };
+        wire_executors(&cfg, &mut routes, &metrics, net.as_ref())?;
         Ok(Server {
             health: Arc::new(Health::new(Arc::clone(&metrics), pools)),
             slots: Arc::new(Semaphore::new(cfg.server.concurrency)),
@@ -246,7 +156,6 @@ impl Server {
             routes,
             metrics,
             waiting: AtomicUsize::new(0),
-            jail,
             net,
             next_id: AtomicU64::new(1),
             _workdir: workdir,
@@ -563,9 +472,16 @@ impl Server {
             deadline,
             id,
         };
-        match route.route.mode {
-            Mode::Cgi => self.cgi(job, remote, local, log).await,
-            Mode::Http => self.http(job, log).await,
+        match &route.exec {
+            Some(RouteExec::Cgi(_)) => self.cgi(job, remote, local, log).await,
+            Some(RouteExec::Http(e)) => {
+                let e = Arc::clone(e);
+                self.http(&e, job, log).await
+            }
+            None => {
+                log.note = Some("route has no executor".into());
+                error(StatusCode::INTERNAL_SERVER_ERROR, "route misconfigured")
+            }
         }
     }
 
@@ -638,27 +554,6 @@ impl Server {
         }
     }
 
-    /// Starts the route's handler for one CGI request: a VM, or a jailed process.
-    fn start_cgi(
-        &self,
-        route: &ServedRoute,
-        inv: &Invocation,
-        body: mpsc::Receiver<Bytes>,
-        slot: &Arc<OwnedSemaphorePermit>,
-        id: u64,
-    ) -> Result<Exchange, exec::ExecError> {
-        match (&route.spec, &self.jail) {
-            (Some(spec), None) => {
-                exec::spawn_vm_cgi(spec, inv, body, Arc::clone(&self.metrics), Arc::clone(slot))
-            }
-            (_, Some(jail)) => exec::spawn_process(inv, body, jail, id, Arc::clone(slot)),
-            (None, None) => Err(exec::ExecError::Spawn {
-                program: inv.program.clone(),
-                source: std::io::Error::other("VM isolation without a VM spec"),
-            }),
-        }
-    }
-
     async fn cgi(
         &self,
         job: Job<'_>,
@@ -718,7 +613,17 @@ impl Server {
                 env,
                 cwd: route.cwd.clone(),
             };
-            let mut ex = match self.start_cgi(route, &inv, body_rx, &slot, id) {
+            // A local redirect may lead to another route: its own executor runs it.
+            let started = match &route.exec {
+                Some(RouteExec::Cgi(e)) => e.start(&inv, body_rx, Arc::clone(&slot), id),
+                _ => {
+                    log.note = Some(format!(
+                        "local redirect to {path:?}, which is not a CGI route"
+                    ));
+                    return error(StatusCode::BAD_GATEWAY, "the handler failed");
+                }
+            };
+            let mut ex = match started {
                 Ok(ex) => ex,
                 Err(e) => {
                     log.note = Some(e.to_string());
@@ -814,7 +719,12 @@ impl Server {
         error(StatusCode::BAD_GATEWAY, "too many local redirects")
     }
 
-    async fn http(&self, job: Job<'_>, log: &mut RequestLog) -> Response<OutBody> {
+    async fn http(
+        &self,
+        executor: &VmHttpExecutor,
+        job: Job<'_>,
+        log: &mut RequestLog,
+    ) -> Response<OutBody> {
         let Job {
             route,
             parts,
@@ -824,75 +734,20 @@ impl Server {
             deadline,
             ..
         } = job;
-        let (Some(spec), Some(net)) = (&route.spec, &self.net) else {
-            log.note = Some("http mode needs VM isolation".into());
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "route misconfigured");
-        };
-        let t_start = Instant::now();
-        let lease = match net.pool.lease() {
-            Ok(l) => l,
+        let GuestConnection {
+            stream,
+            killer,
+            outcome,
+            boot,
+        } = match executor.start(slot, deadline).await {
+            Ok(c) => c,
             Err(e) => {
                 log.note = Some(e.to_string());
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no free guest network slot",
-                );
+                let (status, public) = e.response();
+                return error(status, public);
             }
         };
-        let tap = match lease.try_clone_tap_fd() {
-            Ok(fd) => fd,
-            Err(e) => {
-                log.note = Some(e.to_string());
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "guest network setup failed",
-                );
-            }
-        };
-        let guest = SocketAddr::from((lease.guest_ip(), route.route.port));
-        let cancel = xcgi_vmm::Cancel::new();
-        let rx_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let attach = xcgi_vmm::Attachments {
-            net: Some(xcgi_vmm::NetAttachment {
-                tap: Arc::new(tap),
-                mac: lease.guest_mac().0,
-                ip_param: lease.kernel_ip_param(),
-                rx_ready: Some(Arc::clone(&rx_ready)),
-            }),
-            ..xcgi_vmm::Attachments::default()
-        };
-        let opts = spec.run_options(cancel.clone());
-        let metrics = Arc::clone(&self.metrics);
-        // The slot and the TAP stay taken until the VM is gone.
-        let vm = match exec::start_vm(spec, attach, opts, metrics, (lease, slot)) {
-            Ok(vm) => vm,
-            Err(e) => {
-                log.note = Some(e.to_string());
-                return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot start the VM");
-            }
-        };
-        let killer = Killer::new(move || cancel.cancel());
-        let mut outcome = vm.outcome;
-        let stream = tokio::select! {
-            s = connect_guest(net, guest, &rx_ready, deadline) => s,
-            r = &mut outcome => {
-                let why = r.map(|o| exec::describe_outcome(&o)).unwrap_or_else(|_| "VM thread lost".into());
-                log.note = Some(format!("the VM ended before its port accepted: {why}"));
-                return error(StatusCode::BAD_GATEWAY, "the handler failed");
-            }
-        };
-        let Some(stream) = stream else {
-            killer.kill();
-            log.note = Some(format!(
-                "timeout: guest {guest} did not accept within {} ms",
-                route.route.timeout_ms
-            ));
-            return error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "the handler did not answer in time",
-            );
-        };
-        let ready = t_start.elapsed();
+        let ready = boot;
         log.boot = Some(ready);
         let (mut sender, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
@@ -1081,66 +936,6 @@ impl Drop for BudgetHold {
         self.metrics
             .body_bytes_buffered
             .fetch_sub(self.extra, Ordering::Relaxed);
-    }
-}
-
-/// Connects to a booting guest's port as soon as it accepts, without flooding it.
-///
-/// Until the guest's interface is up (its driver posted receive buffers: `rx_ready`, checked
-/// every [`CONNECT_RETRY`]), nothing is sent: packets would only queue up and hit the guest in
-/// one burst. Then one SYN at a time: a refusal (RST: the stack is up, the port not yet open)
-/// is retried [`CONNECT_RETRY`] later; an attempt with no answer yet gets company after
-/// `patience` (1 ms, doubling to 16 ms while the guest stays silent), at most
-/// [`CONNECT_PARALLEL`] in flight, each kept up to [`CONNECT_ATTEMPT`] so a slow answer still
-/// counts. On hardware a try goes out every ~1 ms; a slow guest (the lab) paces the tries
-/// with its own answers instead of drowning in them. `None` at the deadline.
-async fn connect_guest(
-    net: &GuestNet,
-    addr: SocketAddr,
-    rx_ready: &std::sync::atomic::AtomicBool,
-    deadline: Instant,
-) -> Option<tokio::net::TcpStream> {
-    let deadline = tokio::time::Instant::from_std(deadline);
-    while !rx_ready.load(Ordering::Acquire) {
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(CONNECT_RETRY).await;
-    }
-    let mut attempts = tokio::task::JoinSet::new();
-    let mut patience = CONNECT_RETRY;
-    let mut next_try = tokio::time::Instant::now();
-    loop {
-        let can_try = attempts.len() < CONNECT_PARALLEL;
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return None,
-            Some(done) = attempts.join_next(), if !attempts.is_empty() => {
-                match done {
-                    Ok(Ok(Ok(stream))) => return Some(stream),
-                    // Refused (or reset): the guest answered; try again shortly.
-                    Ok(Ok(Err(_))) => {
-                        patience = CONNECT_RETRY;
-                        next_try = tokio::time::Instant::now() + CONNECT_RETRY;
-                    }
-                    // No answer within CONNECT_ATTEMPT, or the task failed: others go on.
-                    _ => {}
-                }
-            }
-            _ = tokio::time::sleep_until(next_try), if can_try => {
-                match net.socket().await {
-                    Ok(sock) => {
-                        attempts.spawn(tokio::time::timeout(CONNECT_ATTEMPT, sock.connect(addr)));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "cannot make a socket in the guests' namespace");
-                        return None;
-                    }
-                }
-                // If this one stays unanswered, the next goes out after `patience`.
-                next_try = tokio::time::Instant::now() + patience;
-                patience = (patience * 2).min(CONNECT_PATIENCE_MAX);
-            }
-        }
     }
 }
 
@@ -1679,6 +1474,48 @@ fn describe_finish(f: &Finish) -> String {
         s.push_str(f.stderr_tail.trim());
     }
     s
+}
+
+/// Gives each route its executor: a jailed process (process isolation), a CGI VM, or an
+/// HTTP-mode VM with the guests' network. Checks at start that the jail's user can run every
+/// process handler.
+fn wire_executors(
+    cfg: &Config,
+    routes: &mut [ServedRoute],
+    metrics: &Arc<Metrics>,
+    net: Option<&Arc<GuestNet>>,
+) -> Result<(), ServeError> {
+    let jail = if cfg.server.isolation == Isolation::Process {
+        let jail = Arc::new(ProcessJail::new(&cfg.process)?);
+        for r in routes.iter() {
+            jail.check_executable(&r.program)?;
+        }
+        Some(jail)
+    } else {
+        None
+    };
+    for r in routes.iter_mut() {
+        r.exec = Some(match (&jail, &r.spec, r.route.mode, net) {
+            (Some(jail), _, _, _) => RouteExec::Cgi(Arc::new(ProcessExecutor {
+                jail: Arc::clone(jail),
+            })),
+            (None, Some(spec), Mode::Cgi, _) => RouteExec::Cgi(Arc::new(VmCgiExecutor {
+                spec: spec.clone(),
+                metrics: Arc::clone(metrics),
+            })),
+            (None, Some(spec), Mode::Http, Some(net)) => {
+                RouteExec::Http(Arc::new(VmHttpExecutor {
+                    spec: spec.clone(),
+                    net: Arc::clone(net),
+                    metrics: Arc::clone(metrics),
+                    port: r.route.port,
+                    timeout_ms: r.route.timeout_ms,
+                }))
+            }
+            (None, _, _, _) => return Err(ServeError::Unwired(r.route.prefix.clone())),
+        });
+    }
+    Ok(())
 }
 
 /// One pool of VMs prepared ahead per machine shape: routes of the same shape share it (its

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod addr;
+pub mod guests;
 pub mod netlink;
 pub mod netns;
 pub mod pool;
@@ -27,6 +28,7 @@ pub mod tap;
 use thiserror::Error;
 
 pub use addr::{AddrError, AddrPlan, MacAddr, SlotAddrs};
+pub use guests::{GuestNet, SocketReply};
 pub use netlink::{Netlink, NetlinkError};
 pub use netns::{NetNs, NetnsError};
 pub use pool::{Lease, Pool, PoolConfig, PoolStats};
@@ -58,4 +60,6 @@ pub enum NetError {
     PrefillTooLarge { prefill: u32, size: u32 },
     #[error("internal error in xcgi-net: {0}")]
     Internal(&'static str),
+    #[error("cannot start the guest network's socket thread: {0}")]
+    Thread(std::io::Error),
 }

@@ -1,0 +1,134 @@
+//! A route's VM and one run of it, shared by CGI and HTTP mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use xcgi_vmm::{Attachments, Cancel, ExitReason, MachineShape, Pool, RunOptions};
+
+use super::ExecError;
+use crate::metrics::Metrics;
+
+/// The guest's root: an initramfs or a read-only ext4 disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRoot {
+    Initramfs(PathBuf),
+    Disk(PathBuf),
+}
+
+impl GuestRoot {
+    pub fn path(&self) -> &Path {
+        match self {
+            GuestRoot::Initramfs(p) | GuestRoot::Disk(p) => p,
+        }
+    }
+}
+
+/// How to boot a route's VM: prepared once per route at start.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub kernel: PathBuf,
+    pub root: GuestRoot,
+    pub memory_mib: u64,
+    pub hugepages: bool,
+    pub vcpus: u8,
+    pub timeout: Duration,
+    /// VMs of this shape prepared ahead (None: every request builds its own).
+    pub pool: Option<Arc<Pool>>,
+}
+
+impl VmSpec {
+    /// The machine: what its prepared VMs are keyed by.
+    pub fn shape(&self) -> MachineShape {
+        let (initramfs, rootfs) = match &self.root {
+            GuestRoot::Initramfs(p) => (Some(p.clone()), None),
+            GuestRoot::Disk(p) => (None, Some(p.clone())),
+        };
+        MachineShape {
+            kernel: self.kernel.clone(),
+            initramfs,
+            rootfs,
+            memory: xcgi_vmm::memory::MemoryConfig {
+                size_mib: self.memory_mib,
+                hugepages: self.hugepages,
+                populate: false,
+            },
+            vcpus: self.vcpus,
+            ..MachineShape::default()
+        }
+    }
+
+    /// One request's run: the route's deadline, stopped early by `cancel`.
+    pub fn run_options(&self, cancel: Cancel) -> RunOptions {
+        RunOptions {
+            timeout: self.timeout,
+            cancel,
+            ..RunOptions::default()
+        }
+    }
+}
+
+/// A VM running on its own thread; the outcome arrives when it has been torn down.
+pub struct VmThread {
+    pub cancel: Cancel,
+    pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
+}
+
+/// Boots `spec`'s machine with `attach` on a new thread, from a VM prepared ahead when its
+/// pool has one ready. `metrics.vms_running` counts it until its teardown is done. `keep` (a
+/// TAP lease) is dropped after the VM is gone.
+pub fn start_vm<K: Send + 'static>(
+    spec: &VmSpec,
+    attach: Attachments,
+    opts: RunOptions,
+    metrics: Arc<Metrics>,
+    keep: K,
+) -> Result<VmThread, ExecError> {
+    let t0 = Instant::now();
+    let prepared = spec.pool.as_ref().and_then(|s| s.take());
+    if spec.pool.is_some() && prepared.is_none() {
+        metrics.prepared_misses.fetch_add(1, Ordering::Relaxed);
+    }
+    let shape = prepared.is_none().then(|| spec.shape());
+    let cancel = opts.cancel.clone();
+    let (tx, outcome) = oneshot::channel();
+    metrics.vms_running.fetch_add(1, Ordering::Relaxed);
+    metrics.vms_started.fetch_add(1, Ordering::Relaxed);
+    let m = Arc::clone(&metrics);
+    let spawned = std::thread::Builder::new()
+        .name("xcgi-vm".into())
+        .spawn(move || {
+            let r = match (prepared, shape) {
+                (Some(p), _) => xcgi_vmm::launch(p, &attach, &opts, t0, None),
+                (None, Some(shape)) => xcgi_vmm::run(&shape, &attach, &opts, t0, None),
+                (None, None) => unreachable!("a shape is made when no VM was prepared"),
+            }
+            .map_err(|e| e.to_string());
+            drop(keep);
+            m.vms_running.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        metrics.vms_running.fetch_sub(1, Ordering::Relaxed);
+        return Err(ExecError::Thread(e));
+    }
+    Ok(VmThread { cancel, outcome })
+}
+
+/// A short description of how a VM ended, for a log line.
+pub fn describe_outcome(r: &Result<xcgi_vmm::Outcome, String>) -> String {
+    match r {
+        Ok(o) => {
+            let mut s = o.reason.describe();
+            if matches!(o.reason, ExitReason::Panic { .. } | ExitReason::TripleFault) {
+                if let Some(last) = o.console.lines().rev().find(|l| !l.trim().is_empty()) {
+                    s.push_str(&format!(" (console: {})", last.trim()));
+                }
+            }
+            s
+        }
+        Err(e) => format!("VM failed to start: {e}"),
+    }
+}
