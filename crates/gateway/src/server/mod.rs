@@ -1,0 +1,446 @@
+//! The HTTP server: one fresh handler (VM or process) per request.
+//!
+//! A request is routed (longest prefix), checked against the route's body limit (413),
+//! admitted (at most `concurrency` at once, then a bounded queue with a timeout: 503), and
+//! handed to its handler. The response streams back as the handler writes it; when it ends,
+//! or the client goes away, or the route's timeout passes, the handler's VM is killed. Every
+//! request ends in one log line and in the metrics. Health, readiness and metrics are
+//! answered under a reserved prefix and on an optional admin listener ([`crate::admin`]).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use xcgi_net::GuestNet;
+
+use crate::admin::{self, Health};
+use crate::cgi::{self, CgiHead, MAX_HEADER_BLOCK};
+use crate::config::{Config, Isolation, Mode};
+use crate::exec::{
+    Exchange, Finish, GuestConnection, Invocation, Killer, ProcessExecutor, RouteExec,
+    VmCgiExecutor, VmHttpExecutor,
+};
+use crate::images::ServedRoute;
+use crate::jail::ProcessJail;
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::{conn, escape};
+
+mod admission;
+mod body;
+mod cgi_exchange;
+mod deadline;
+mod listen;
+mod proxy;
+mod reqlog;
+
+use admission::*;
+use body::*;
+use deadline::*;
+pub use listen::{bind, run, Shutdown};
+use reqlog::*;
+
+/// Longest request head (request line and headers) taken from a client; over it: 431.
+const MAX_REQUEST_HEAD: usize = 256 * 1024;
+/// Local redirects followed for one request before giving up (502).
+const MAX_LOCAL_REDIRECTS: usize = 5;
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+        hint: &'static str,
+    },
+    #[error("cannot use the socket passed by the service manager: {0}")]
+    Systemd(#[from] crate::systemd::SystemdError),
+    #[error(transparent)]
+    Prepare(#[from] crate::images::ImageError),
+    #[error("guest network: {0}")]
+    Net(#[from] xcgi_net::NetError),
+    #[error("cannot create the work directory: {0}")]
+    Workdir(std::io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot start the thread that prepares VMs ahead: {0}")]
+    Pool(std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    #[error("route {0:?}: no way to run it (VM isolation without a VM, or HTTP mode without a guest network)")]
+    Unwired(String),
+}
+
+type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// A running server's shared state.
+pub struct Server {
+    cfg: Config,
+    routes: Vec<ServedRoute>,
+    pub metrics: Arc<Metrics>,
+    /// Handlers running at once (`concurrency`). A permit is held until the handler (VM or
+    /// process) is gone, not until its response is written.
+    slots: Arc<Semaphore>,
+    /// Requests waiting for a slot (`queue`).
+    waiting: AtomicUsize,
+    /// Client connections open at once (`max_connections`).
+    conns: Arc<Semaphore>,
+    /// Bytes of chunked request bodies held at once (`body_budget`).
+    body_budget: Arc<Semaphore>,
+    /// The guests' network (HTTP-mode routes).
+    net: Option<Arc<GuestNet>>,
+    next_id: AtomicU64,
+    /// Readiness (`readyz`, `xcgi_ready`, sd_notify).
+    health: Arc<Health>,
+    _workdir: tempfile::TempDir,
+}
+
+/// The sockets a server accepts on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The serving port.
+    pub http: TcpListener,
+    /// `server.admin_listen`: healthz, readyz and metrics only.
+    pub admin: Option<TcpListener>,
+}
+
+/// Admin connections open at once (probes and scrapes: a few; kept apart from
+/// `max_connections` so that a flood on the serving port does not fail the liveness probe).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Most bytes one request may hold of the body budget (the semaphore counts in u32).
+const BODY_BUDGET_MAX: u64 = u32::MAX as u64;
+/// How long a proxied response may still drain after its VM ended (what the guest sent is
+/// already in the host's socket buffer by then).
+const VM_END_GRACE: Duration = Duration::from_millis(200);
+
+impl Server {
+    /// Prepares every route (images, kernel, network). Slow work happens here, once.
+    pub fn new(cfg: Config) -> Result<Server, ServeError> {
+        let workdir = tempfile::Builder::new()
+            .prefix("xcgi-serve-")
+            .tempdir()
+            .map_err(ServeError::Workdir)?;
+        let mut routes = crate::images::build_routes(&cfg, workdir.path())?;
+        let net = if cfg.needs_network() {
+            let name = cfg
+                .network
+                .netns
+                .clone()
+                .unwrap_or_else(|| format!("xcgi-serve-{}", std::process::id()));
+            let pool = xcgi_net::PoolConfig {
+                base: cfg.network.base,
+                size: cfg.network.size,
+                prefill: cfg.network.prefill,
+            };
+            Some(Arc::new(GuestNet::new(&name, pool)?))
+        } else {
+            None
+        };
+        let metrics = Arc::new(Metrics::default());
+        let pools = if cfg.server.isolation == Isolation::Vm {
+            start_pools(&mut routes, &metrics)?
+        } else {
+            Vec::new()
+        };
+        wire_executors(&cfg, &mut routes, &metrics, net.as_ref())?;
+        Ok(Server {
+            health: Arc::new(Health::new(Arc::clone(&metrics), pools)),
+            slots: Arc::new(Semaphore::new(cfg.server.concurrency)),
+            conns: Arc::new(Semaphore::new(cfg.server.max_connections)),
+            body_budget: Arc::new(Semaphore::new(
+                cfg.server.body_budget.min(BODY_BUDGET_MAX) as usize
+            )),
+            cfg,
+            routes,
+            metrics,
+            waiting: AtomicUsize::new(0),
+            net,
+            next_id: AtomicU64::new(1),
+            _workdir: workdir,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn timeouts(&self) -> conn::Timeouts {
+        let s = &self.cfg.server;
+        conn::Timeouts {
+            idle: Duration::from_millis(s.idle_timeout_ms),
+            header: Duration::from_millis(s.header_timeout_ms),
+            write: Duration::from_millis(s.write_timeout_ms),
+        }
+    }
+
+    /// The admin endpoint a serving-port request names (under `admin_prefix`), if any. The
+    /// path is normalised first, so `/x/../_xcgi/readyz` is the endpoint too, and nothing
+    /// under the prefix ever reaches a route.
+    fn admin_endpoint(&self, raw: &str) -> Option<admin::Endpoint> {
+        let s = &self.cfg.server;
+        let path = crate::path::normalize(raw).ok()?;
+        admin::on_serving_port(&path.decoded, &s.admin_prefix, s.admin_listen.is_none())
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+        local: SocketAddr,
+        activity: Arc<conn::Activity>,
+    ) -> Response<OutBody> {
+        let t0 = Instant::now();
+        let active = activity.begin();
+        if let Some(ep) = self.admin_endpoint(req.uri().path()) {
+            return admin::respond(ep, req.method(), &self.health)
+                .map(|b| b.map_err(|never| match never {}).boxed());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut log = RequestLog::new(
+            id,
+            req.method().clone(),
+            req.uri().path(),
+            t0,
+            &self.metrics,
+            active,
+        );
+        let resp = self.dispatch(req, remote, local, id, &mut log).await;
+        log.status = resp.status().as_u16();
+        // The log line is written when the response body ends (or is dropped).
+        resp.map(|b| {
+            LoggedBody {
+                inner: b,
+                log: Some(log),
+            }
+            .boxed()
+        })
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+        local: SocketAddr,
+        id: u64,
+        log: &mut RequestLog,
+    ) -> Response<OutBody> {
+        let rpath = match crate::path::normalize(req.uri().path()) {
+            Ok(p) => p,
+            Err(e) => {
+                log.note = Some(format!("bad request path: {e}"));
+                return error(StatusCode::BAD_REQUEST, &format!("bad request path: {e}"));
+            }
+        };
+        let Some((index, _)) = self.cfg.route_for(&rpath.decoded) else {
+            return error(StatusCode::NOT_FOUND, "no route for this path");
+        };
+        let route = &self.routes[index];
+        log.route = route.route.prefix.clone();
+        let (parts, incoming) = req.into_parts();
+        // Body limit: 413 before anything starts.
+        let declared = parts
+            .headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > route.route.max_body) {
+            log.note = Some(format!(
+                "body of {} bytes over the route's max_body",
+                declared.unwrap_or(0)
+            ));
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        }
+        // Admission first: nothing of a request is taken in before it has a slot.
+        let deadline = log.t0 + route.route.timeout();
+        let permit = match self.admit(deadline).await {
+            Ok(p) => p,
+            Err(Refused::Busy(why)) => {
+                log.note = Some(why.into());
+                return error(StatusCode::SERVICE_UNAVAILABLE, why);
+            }
+            Err(Refused::Deadline) => {
+                log.note = Some("the request's deadline passed while it waited for a slot".into());
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the request's deadline passed while it waited",
+                );
+            }
+        };
+        let slot = Arc::new(permit);
+        let body_deadline = Instant::now() + Duration::from_millis(self.cfg.server.body_timeout_ms);
+        let body = if declared.is_some() || incoming.is_end_stream() {
+            RequestBody::Stream(incoming, declared.unwrap_or(0), body_deadline)
+        } else {
+            // Chunked: CGI needs CONTENT_LENGTH, so take it in (up to the limits) first.
+            match self
+                .buffer_body(incoming, route.route.max_body, body_deadline.min(deadline))
+                .await
+            {
+                Ok((bytes, budget)) => RequestBody::Buffered(bytes, budget),
+                Err(e) => {
+                    log.note = Some(e.to_string());
+                    return e.response();
+                }
+            }
+        };
+        let job = Job {
+            route,
+            parts,
+            path: rpath,
+            body,
+            slot,
+            deadline,
+            id,
+        };
+        match &route.exec {
+            Some(RouteExec::Cgi(_)) => self.cgi(job, remote, local, log).await,
+            Some(RouteExec::Http(e)) => {
+                let e = Arc::clone(e);
+                self.http(&e, job, log).await
+            }
+            None => {
+                log.note = Some("route has no executor".into());
+                error(StatusCode::INTERNAL_SERVER_ERROR, "route misconfigured")
+            }
+        }
+    }
+}
+
+/// One admitted request on its way to its handler.
+struct Job<'a> {
+    route: &'a ServedRoute,
+    parts: hyper::http::request::Parts,
+    path: crate::path::RequestPath,
+    body: RequestBody,
+    /// The concurrency slot: shared with the handler, which holds it until it is gone.
+    slot: Arc<OwnedSemaphorePermit>,
+    deadline: Instant,
+    id: u64,
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<OutBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{} {msg}\n", status.as_u16())))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    let mut h = HeaderMap::new();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    *r.headers_mut() = h;
+    r
+}
+
+fn describe_finish(f: &Finish) -> String {
+    let mut s = match (f.exit, &f.failure) {
+        (_, Some(why)) => why.clone(),
+        (Some(code), None) => format!("handler exited with status {code}"),
+        (None, None) => "handler state unknown".into(),
+    };
+    if !f.stderr_tail.trim().is_empty() {
+        s.push_str("; stderr: ");
+        s.push_str(f.stderr_tail.trim());
+    }
+    s
+}
+
+/// Gives each route its executor: a jailed process (process isolation), a CGI VM, or an
+/// HTTP-mode VM with the guests' network. Checks at start that the jail's user can run every
+/// process handler.
+fn wire_executors(
+    cfg: &Config,
+    routes: &mut [ServedRoute],
+    metrics: &Arc<Metrics>,
+    net: Option<&Arc<GuestNet>>,
+) -> Result<(), ServeError> {
+    let jail = if cfg.server.isolation == Isolation::Process {
+        let jail = Arc::new(ProcessJail::new(&cfg.process)?);
+        for r in routes.iter() {
+            jail.check_executable(&r.program)?;
+        }
+        Some(jail)
+    } else {
+        None
+    };
+    for r in routes.iter_mut() {
+        r.exec = Some(match (&jail, &r.spec, r.route.mode, net) {
+            (Some(jail), _, _, _) => RouteExec::Cgi(Arc::new(ProcessExecutor {
+                jail: Arc::clone(jail),
+            })),
+            (None, Some(spec), Mode::Cgi, _) => RouteExec::Cgi(Arc::new(VmCgiExecutor {
+                spec: spec.clone(),
+                metrics: Arc::clone(metrics),
+            })),
+            (None, Some(spec), Mode::Http, Some(net)) => {
+                RouteExec::Http(Arc::new(VmHttpExecutor {
+                    spec: spec.clone(),
+                    net: Arc::clone(net),
+                    metrics: Arc::clone(metrics),
+                    port: r.route.port,
+                    timeout_ms: r.route.timeout_ms,
+                }))
+            }
+            (None, _, _, _) => return Err(ServeError::Unwired(r.route.prefix.clone())),
+        });
+    }
+    Ok(())
+}
+
+/// One pool of VMs prepared ahead per machine shape: routes of the same shape share it (its
+/// target the sum of theirs). Returns (the routes it serves, the pool) for readiness.
+fn start_pools(
+    routes: &mut [ServedRoute],
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<(String, Arc<xcgi_vmm::Pool>)>, ServeError> {
+    let mut by_shape: Vec<(xcgi_vmm::MachineShape, Vec<usize>, usize)> = Vec::new();
+    for (i, r) in routes.iter().enumerate() {
+        let Some(spec) = &r.spec else { continue };
+        let shape = spec.shape();
+        match by_shape.iter_mut().find(|(s, _, _)| *s == shape) {
+            Some((_, members, target)) => {
+                members.push(i);
+                *target += r.route.prepared;
+            }
+            None => by_shape.push((shape, vec![i], r.route.prepared)),
+        }
+    }
+    let gauge = Arc::clone(&metrics.vms_prepared);
+    let mut pools = Vec::new();
+    for (shape, members, target) in by_shape {
+        let name = members
+            .iter()
+            .map(|&i| routes[i].route.prefix.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let pool = xcgi_vmm::Pool::start(&name, shape, target, Arc::clone(&gauge))
+            .map_err(ServeError::Pool)?;
+        for &i in &members {
+            if let Some(spec) = &mut routes[i].spec {
+                spec.pool = pool.clone();
+            }
+        }
+        if let Some(p) = pool {
+            pools.push((name, p));
+        }
+    }
+    Ok(pools)
+}

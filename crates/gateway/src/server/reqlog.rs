@@ -1,0 +1,200 @@
+//! One log line and one metrics record per request, written when its response ends (or is
+//! dropped: a client that hangs up at any await is still logged, as 499).
+
+use super::*;
+
+/// The per-request log line and metrics, written once, when the response body is finished
+/// or dropped, or when the request is abandoned earlier (its future dropped because the
+/// client went away: `Drop` writes it then, so no gauge is left counting it).
+pub(super) struct RequestLog {
+    pub(super) id: u64,
+    pub(super) route: String,
+    pub(super) method: Method,
+    /// The path as the client sent it, escaped and cut for the log.
+    pub(super) path: String,
+    pub(super) t0: Instant,
+    pub(super) boot: Option<Duration>,
+    pub(super) status: u16,
+    pub(super) note: Option<String>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) finish: Option<oneshot::Receiver<Finish>>,
+    /// The body reached its end (else the client went away first).
+    pub(super) done: bool,
+    /// The body ended in an error: the client got a truncated response.
+    pub(super) cut: bool,
+    pub(super) _in_flight: GaugeGuard,
+    pub(super) _active: conn::ActiveRequest,
+}
+
+/// Rounds a duration to milliseconds with one decimal, for a log field.
+pub(super) fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+impl RequestLog {
+    pub(super) fn new(
+        id: u64,
+        method: Method,
+        path: &str,
+        t0: Instant,
+        metrics: &Arc<Metrics>,
+        active: conn::ActiveRequest,
+    ) -> Self {
+        RequestLog {
+            id,
+            route: String::new(),
+            method,
+            path: escape::for_log(path, 256),
+            t0,
+            boot: None,
+            // Until a response exists: "client closed the request" (nginx's 499).
+            status: 499,
+            note: None,
+            metrics: Arc::clone(metrics),
+            finish: None,
+            done: false,
+            cut: false,
+            _in_flight: GaugeGuard::add(metrics, |m| &m.in_flight, 1),
+            _active: active,
+        }
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let total = self.t0.elapsed();
+        self.metrics.record(self.status, total);
+        if let Some(b) = self.boot {
+            self.metrics.boot.observe(b);
+        }
+        let finish = self.finish.take();
+        let client_gone = !self.done;
+        let (id, status, boot, cut) = (self.id, self.status, self.boot, self.cut);
+        let route = escape::for_log(&self.route, 256);
+        let method = self.method.clone();
+        let path = std::mem::take(&mut self.path);
+        let note = self.note.take();
+        // Exit status and stderr come a moment later; log once they are known (no runtime
+        // left, at shutdown: log what is known now).
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            warn!(vm = id, route = %route, status, "request cut off at shutdown");
+            return;
+        };
+        rt.spawn(async move {
+            let fin = match finish {
+                Some(f) => tokio::time::timeout(Duration::from_secs(2), f)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                None => None,
+            };
+            let boot_ms = boot.map(ms);
+            let handler_ms = boot.map(|b| ms(total.saturating_sub(b)));
+            let total_ms = ms(total);
+            let exit = fin.as_ref().and_then(|f| f.exit);
+            let mut note = note.unwrap_or_default();
+            if client_gone {
+                note = "client went away: handler killed".into();
+            }
+            if let Some(f) = &fin {
+                if f.exit.is_none() || status >= 500 {
+                    if let Some(fl) = &f.failure {
+                        if !note.is_empty() {
+                            note.push_str("; ");
+                        }
+                        note.push_str(fl);
+                    }
+                    if !f.stderr_tail.trim().is_empty() {
+                        note.push_str("; stderr: ");
+                        note.push_str(f.stderr_tail.trim());
+                    }
+                }
+            }
+            // Handler, guest and client text is in here: escaped and cut.
+            let note = escape::for_log(&note, escape::LOG_TEXT_MAX);
+            if status >= 500 || client_gone || cut {
+                warn!(
+                    vm = id,
+                    route = %route,
+                    method = %method,
+                    path = %path,
+                    status,
+                    boot_ms,
+                    handler_ms,
+                    total_ms,
+                    exit,
+                    "{note}"
+                );
+            } else {
+                info!(
+                    vm = id,
+                    route = %route,
+                    method = %method,
+                    path = %path,
+                    status,
+                    boot_ms,
+                    handler_ms,
+                    total_ms,
+                    exit,
+                    "{note}"
+                );
+            }
+        });
+    }
+}
+
+/// Wraps a response body; writes the request's log line when the body ends or is dropped.
+pub(super) struct LoggedBody {
+    pub(super) inner: OutBody,
+    pub(super) log: Option<RequestLog>,
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => {
+                if let Some(mut log) = self.log.take() {
+                    log.done = true;
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(mut log) = self.log.take() {
+                    log.done = true;
+                    log.cut = true;
+                    let cut = format!("response cut off: {e}");
+                    log.note = Some(match log.note.take() {
+                        Some(n) => format!("{n}; {cut}"),
+                        None => cut,
+                    });
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.as_mut() {
+            // Dropped before its end: only an error here if there was a body left to send. A
+            // HEAD response has no body to send: hyper drops it unpolled once the head is out.
+            log.done = self.inner.is_end_stream() || log.method == Method::HEAD;
+        }
+    }
+}
