@@ -12,6 +12,19 @@ pub(super) enum Refused {
     Deadline,
 }
 
+impl Refused {
+    /// The status and the reason (for the client and the log).
+    pub(super) fn response(&self) -> (StatusCode, &'static str) {
+        match self {
+            Refused::Busy(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+            Refused::Deadline => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "the request's deadline passed while it waited for a slot",
+            ),
+        }
+    }
+}
+
 /// A place in the admission queue, given back on drop (RAII).
 pub(super) struct QueueSpot<'a>(&'a AtomicUsize);
 

@@ -205,4 +205,28 @@ impl Server {
         }
         Ok((buf.freeze(), hold))
     }
+
+    /// The request's body as its handler gets it: streamed (a declared length, or none),
+    /// or, when chunked, taken in first (CGI needs CONTENT_LENGTH) up to the route's
+    /// `max_body`, within the body budget, before the body deadline.
+    pub(super) async fn request_body(
+        &self,
+        incoming: Incoming,
+        declared: Option<u64>,
+        route: &ServedRoute,
+        deadline: Instant,
+    ) -> Result<RequestBody, BodyError> {
+        let body_deadline = Instant::now() + Duration::from_millis(self.cfg.server.body_timeout_ms);
+        if declared.is_some() || incoming.is_end_stream() {
+            return Ok(RequestBody::Stream(
+                incoming,
+                declared.unwrap_or(0),
+                body_deadline,
+            ));
+        }
+        let (bytes, budget) = self
+            .buffer_body(incoming, route.route.max_body, body_deadline.min(deadline))
+            .await?;
+        Ok(RequestBody::Buffered(bytes, budget))
+    }
 }

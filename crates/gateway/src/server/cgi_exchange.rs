@@ -123,7 +123,24 @@ impl Body for ChanBody {
     }
 }
 
+/// What a CGI request asks for; a local redirect replaces it with a GET of another path.
+struct Target {
+    method: Method,
+    /// Decoded and normalised.
+    path: String,
+    query: String,
+}
+
+/// Where the handler's stdout comes from, and where the request's own data is.
+struct Caller<'a> {
+    parts: &'a hyper::http::request::Parts,
+    remote: SocketAddr,
+    local: SocketAddr,
+}
+
 impl Server {
+    /// CGI mode: runs the route's handler and answers with its response, following local
+    /// redirects (at most [`MAX_LOCAL_REDIRECTS`]).
     pub(super) async fn cgi(
         &self,
         job: Job<'_>,
@@ -134,42 +151,30 @@ impl Server {
         let Job {
             mut route,
             parts,
-            path: rpath,
+            path,
             body,
             slot,
             deadline,
             id,
         } = job;
-        let mut method = parts.method.clone();
-        let mut path = rpath.decoded;
-        let mut query = parts.uri.query().unwrap_or("").to_string();
+        let caller = Caller {
+            parts: &parts,
+            remote,
+            local,
+        };
+        let mut target = Target {
+            method: parts.method.clone(),
+            path: path.decoded,
+            query: parts.uri.query().unwrap_or("").to_string(),
+        };
         let mut body = Some(body);
         for _ in 0..=MAX_LOCAL_REDIRECTS {
-            let (body_rx, content_length, mut late) = match body.take() {
+            let (body_rx, content_length, late) = match body.take() {
                 Some(b) => b.into_channel(),
                 None => (mpsc::channel(1).1, None, oneshot::channel().1),
             };
-            let extra: Vec<(String, String)> = route
-                .route
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            let info = cgi::RequestInfo {
-                method: &method,
-                version: parts.version,
-                path: &path,
-                query: &query,
-                headers: &parts.headers,
-                remote,
-                local,
-                script_name: &route.route.prefix,
-                document_root: &route.route.document_root,
-                content_length,
-                pass_authorization: route.route.pass_authorization,
-            };
-            let env = match cgi::environment(&info, &extra) {
-                Ok(env) => env,
+            let inv = match invocation(route, &caller, &target, content_length) {
+                Ok(inv) => inv,
                 Err(e) => {
                     log.note = Some(e.to_string());
                     return error(
@@ -178,114 +183,206 @@ impl Server {
                     );
                 }
             };
-            let inv = Invocation {
-                program: route.program.clone(),
-                env,
-                cwd: route.cwd.clone(),
+            let run = Run {
+                route,
+                slot: &slot,
+                id,
+                deadline,
             };
-            // A local redirect may lead to another route: its own executor runs it.
-            let started = match &route.exec {
-                Some(RouteExec::Cgi(e)) => e.start(&inv, body_rx, Arc::clone(&slot), id),
-                _ => {
-                    log.note = Some(format!(
-                        "local redirect to {path:?}, which is not a CGI route"
-                    ));
-                    return error(StatusCode::BAD_GATEWAY, "the handler failed");
-                }
-            };
-            let mut ex = match started {
-                Ok(ex) => ex,
-                Err(e) => {
-                    log.note = Some(e.to_string());
-                    return error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "cannot start the handler",
-                    );
-                }
-            };
-            // Biased: a body that came too late must not pass for complete because the
-            // handler answered the EOF it got when the feeding stopped.
-            let head = tokio::select! {
-                biased;
-                Ok(()) = &mut late => Err(HeadError::BodyTimeout),
-                h = read_head(&mut ex, deadline) => h,
-            };
-            let (head, rest) = match head {
+            let (ex, head, rest) = match self.start_and_read_head(run, &inv, body_rx, late, log).await {
                 Ok(x) => x,
-                Err(HeadError::Timeout) => {
-                    ex.killer.kill();
-                    log.note = Some(format!(
-                        "timeout: no response header within {} ms",
-                        route.route.timeout_ms
-                    ));
-                    log.finish = Some(ex.finish);
-                    return error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the handler did not answer in time",
-                    );
-                }
-                Err(HeadError::BodyTimeout) => {
-                    ex.killer.kill();
-                    log.note = Some(format!(
-                        "the request body did not arrive within {} ms",
-                        self.cfg.server.body_timeout_ms
-                    ));
-                    log.finish = Some(ex.finish);
-                    return error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "the request body came too slowly",
-                    );
-                }
-                Err(HeadError::Bad(why)) => {
-                    ex.killer.kill();
-                    let fin = tokio::time::timeout(Duration::from_secs(2), ex.finish)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or_default();
-                    log.note = Some(format!("bad gateway: {why}; {}", describe_finish(&fin)));
-                    return error(StatusCode::BAD_GATEWAY, "the handler failed");
-                }
+                Err(resp) => return resp,
             };
-            log.boot = ex.ready.try_recv().ok();
             match head {
                 CgiHead::LocalRedirect { location } => {
                     ex.killer.kill();
-                    let (p, q) = location.split_once('?').unwrap_or((&location, ""));
-                    let target = crate::path::normalize(p).ok();
-                    query = q.to_string();
-                    method = Method::GET;
-                    match target.as_ref().and_then(|t| self.cfg.route_for(&t.decoded)) {
-                        Some((i, r)) if r.mode == Mode::Cgi => route = &self.routes[i],
-                        _ => {
+                    match self.redirect(&location) {
+                        Some((r, t)) => (route, target) = (r, t),
+                        None => {
                             log.note = Some(format!("local redirect to {location}: no CGI route"));
                             return error(StatusCode::BAD_GATEWAY, "bad local redirect");
                         }
                     }
-                    path = target.map(|t| t.decoded).unwrap_or_default();
-                    continue;
                 }
                 CgiHead::Document { status, headers } => {
-                    let mut resp = Response::new(
-                        ChanBody {
-                            first: (!rest.is_empty()).then_some(rest),
-                            rx: Some(ex.stdout),
-                            complete: ex.complete,
-                            guard: Some(Guard {
-                                killer: ex.killer.clone(),
-                                timer: spawn_deadline(ex.killer.clone(), deadline),
-                            }),
-                        }
-                        .boxed(),
-                    );
-                    *resp.status_mut() = status;
-                    *resp.headers_mut() = headers;
-                    log.finish = Some(ex.finish);
-                    return resp;
+                    return document(ex, status, headers, rest, deadline, log);
                 }
             }
         }
         log.note = Some(format!("more than {MAX_LOCAL_REDIRECTS} local redirects"));
         error(StatusCode::BAD_GATEWAY, "too many local redirects")
     }
+
+    /// A local redirect's target: a GET of `location`'s path (with its query) on the CGI
+    /// route that serves it.
+    fn redirect(&self, location: &str) -> Option<(&ServedRoute, Target)> {
+        let (p, q) = location.split_once('?').unwrap_or((location, ""));
+        let path = crate::path::normalize(p).ok()?;
+        let (i, r) = self.cfg.route_for(&path.decoded)?;
+        (r.mode == Mode::Cgi).then(|| {
+            let target = Target {
+                method: Method::GET,
+                path: path.decoded,
+                query: q.to_string(),
+            };
+            (&self.routes[i], target)
+        })
+    }
+
+    /// Starts the route's handler and reads its CGI header block: the exchange, the head and
+    /// the body bytes that came with it; or the error response (timeout, slow body, a bad
+    /// head), the handler killed.
+    async fn start_and_read_head(
+        &self,
+        run: Run<'_>,
+        inv: &Invocation,
+        body_rx: mpsc::Receiver<Bytes>,
+        mut late: oneshot::Receiver<()>,
+        log: &mut RequestLog,
+    ) -> Result<(Exchange, CgiHead, Bytes), Response<OutBody>> {
+        // A local redirect may lead to another route: its own executor runs it.
+        let started = match &run.route.exec {
+            Some(RouteExec::Cgi(e)) => e.start(inv, body_rx, Arc::clone(run.slot), run.id),
+            _ => {
+                log.note = Some("the route is not a CGI route".into());
+                return Err(error(StatusCode::BAD_GATEWAY, "the handler failed"));
+            }
+        };
+        let mut ex = started.map_err(|e| {
+            log.note = Some(e.to_string());
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot start the handler",
+            )
+        })?;
+        // Biased: a body that came too late must not pass for complete because the
+        // handler answered the EOF it got when the feeding stopped.
+        let head = tokio::select! {
+            biased;
+            Ok(()) = &mut late => Err(HeadError::BodyTimeout),
+            h = read_head(&mut ex, run.deadline) => h,
+        };
+        match head {
+            Ok((head, rest)) => {
+                log.boot = ex.ready.try_recv().ok();
+                Ok((ex, head, rest))
+            }
+            Err(e) => {
+                ex.killer.kill();
+                Err(self.head_failed(e, ex.finish, run.route, log).await)
+            }
+        }
+    }
+
+    /// The response when no usable CGI head came (the handler is already killed).
+    async fn head_failed(
+        &self,
+        e: HeadError,
+        finish: oneshot::Receiver<Finish>,
+        route: &ServedRoute,
+        log: &mut RequestLog,
+    ) -> Response<OutBody> {
+        match e {
+            HeadError::Timeout => {
+                log.note = Some(format!(
+                    "timeout: no response header within {} ms",
+                    route.route.timeout_ms
+                ));
+                log.finish = Some(finish);
+                error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the handler did not answer in time",
+                )
+            }
+            HeadError::BodyTimeout => {
+                log.note = Some(format!(
+                    "the request body did not arrive within {} ms",
+                    self.cfg.server.body_timeout_ms
+                ));
+                log.finish = Some(finish);
+                error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body came too slowly",
+                )
+            }
+            HeadError::Bad(why) => {
+                let fin = tokio::time::timeout(Duration::from_secs(2), finish)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                log.note = Some(format!("bad gateway: {why}; {}", describe_finish(&fin)));
+                error(StatusCode::BAD_GATEWAY, "the handler failed")
+            }
+        }
+    }
+}
+
+/// One start of a handler: which route, the request's slot, id and deadline.
+struct Run<'a> {
+    route: &'a ServedRoute,
+    slot: &'a crate::exec::Slot,
+    id: u64,
+    deadline: Instant,
+}
+
+/// What the handler runs with: the CGI environment built from the request and the route.
+fn invocation(
+    route: &ServedRoute,
+    caller: &Caller<'_>,
+    target: &Target,
+    content_length: Option<u64>,
+) -> Result<Invocation, cgi::EnvError> {
+    let extra: Vec<(String, String)> = route
+        .route
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let info = cgi::RequestInfo {
+        method: &target.method,
+        version: caller.parts.version,
+        path: &target.path,
+        query: &target.query,
+        headers: &caller.parts.headers,
+        remote: caller.remote,
+        local: caller.local,
+        script_name: &route.route.prefix,
+        document_root: &route.route.document_root,
+        content_length,
+        pass_authorization: route.route.pass_authorization,
+    };
+    Ok(Invocation {
+        program: route.program.clone(),
+        env: cgi::environment(&info, &extra)?,
+        cwd: route.cwd.clone(),
+    })
+}
+
+/// The handler's document: its status and headers, then its output as it comes, cut off
+/// (and the handler killed) at the deadline.
+fn document(
+    ex: Exchange,
+    status: StatusCode,
+    headers: hyper::HeaderMap,
+    rest: Bytes,
+    deadline: Instant,
+    log: &mut RequestLog,
+) -> Response<OutBody> {
+    let mut resp = Response::new(
+        ChanBody {
+            first: (!rest.is_empty()).then_some(rest),
+            rx: Some(ex.stdout),
+            complete: ex.complete,
+            guard: Some(Guard {
+                killer: ex.killer.clone(),
+                timer: spawn_deadline(ex.killer.clone(), deadline),
+            }),
+        }
+        .boxed(),
+    );
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    log.finish = Some(ex.finish);
+    resp
 }

@@ -49,7 +49,6 @@ mod listen;
 mod proxy;
 mod reqlog;
 
-use admission::*;
 use body::*;
 use deadline::*;
 pub use listen::{bind, run, Shutdown};
@@ -268,35 +267,19 @@ impl Server {
         }
         // Admission first: nothing of a request is taken in before it has a slot.
         let deadline = log.t0 + route.route.timeout();
-        let permit = match self.admit(deadline).await {
-            Ok(p) => p,
-            Err(Refused::Busy(why)) => {
+        let slot = match self.admit(deadline).await {
+            Ok(p) => Arc::new(p),
+            Err(refused) => {
+                let (status, why) = refused.response();
                 log.note = Some(why.into());
-                return error(StatusCode::SERVICE_UNAVAILABLE, why);
-            }
-            Err(Refused::Deadline) => {
-                log.note = Some("the request's deadline passed while it waited for a slot".into());
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the request's deadline passed while it waited",
-                );
+                return error(status, why);
             }
         };
-        let slot = Arc::new(permit);
-        let body_deadline = Instant::now() + Duration::from_millis(self.cfg.server.body_timeout_ms);
-        let body = if declared.is_some() || incoming.is_end_stream() {
-            RequestBody::Stream(incoming, declared.unwrap_or(0), body_deadline)
-        } else {
-            // Chunked: CGI needs CONTENT_LENGTH, so take it in (up to the limits) first.
-            match self
-                .buffer_body(incoming, route.route.max_body, body_deadline.min(deadline))
-                .await
-            {
-                Ok((bytes, budget)) => RequestBody::Buffered(bytes, budget),
-                Err(e) => {
-                    log.note = Some(e.to_string());
-                    return e.response();
-                }
+        let body = match self.request_body(incoming, declared, route, deadline).await {
+            Ok(b) => b,
+            Err(e) => {
+                log.note = Some(e.to_string());
+                return e.response();
             }
         };
         let job = Job {

@@ -98,12 +98,7 @@ impl Server {
             deadline,
             ..
         } = job;
-        let GuestConnection {
-            stream,
-            killer,
-            outcome,
-            boot,
-        } = match executor.start(slot, deadline).await {
+        let guest = match executor.start(slot, deadline).await {
             Ok(c) => c,
             Err(e) => {
                 log.note = Some(e.to_string());
@@ -111,76 +106,43 @@ impl Server {
                 return error(status, public);
             }
         };
-        let ready = boot;
-        log.boot = Some(ready);
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    killer.kill();
-                    log.note = Some(format!("HTTP handshake with the guest failed: {e}"));
-                    return error(StatusCode::BAD_GATEWAY, "the handler failed");
-                }
-            };
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        log.boot = Some(guest.boot);
         let target = forwarded_target(&path, parts.uri.query(), &route.route);
-        let mut out = Request::builder().method(parts.method.clone()).uri(target);
-        for (k, v) in parts.headers.iter() {
-            if !is_hop_by_hop(k.as_str()) {
-                out = out.header(k, v);
-            }
-        }
-        let (req_body, budget): (OutBody, _) = match body {
-            RequestBody::Stream(inc, _, body_deadline) => (
-                TimedBody {
-                    inner: inc,
-                    deadline: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
-                        body_deadline,
-                    ))),
-                }
-                .boxed(),
-                None,
-            ),
-            RequestBody::Buffered(b, hold) => {
-                (Full::new(b).map_err(|never| match never {}).boxed(), hold)
+        let (out, budget) = match forwarded_request(&parts, target, body) {
+            Some(x) => x,
+            None => {
+                guest.killer.kill();
+                return error(StatusCode::BAD_REQUEST, "cannot forward this request");
             }
         };
-        let Ok(out) = out.body(req_body) else {
-            killer.kill();
-            return error(StatusCode::BAD_REQUEST, "cannot forward this request");
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let resp = match tokio::time::timeout(left, sender.send_request(out)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        let GuestConnection {
+            stream,
+            killer,
+            outcome,
+            ..
+        } = guest;
+        let resp = match exchange(stream, out, deadline).await {
+            Ok(r) => r,
+            Err(e) => {
                 killer.kill();
-                log.note = Some(format!("the guest's HTTP server failed: {e}"));
-                return error(StatusCode::BAD_GATEWAY, "the handler failed");
-            }
-            Err(_) => {
-                killer.kill();
-                log.note = Some(format!(
-                    "timeout: no response within {} ms",
-                    route.route.timeout_ms
-                ));
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the handler did not answer in time",
-                );
+                log.note = Some(match &e {
+                    ProxyError::Timeout => format!(
+                        "timeout: no response within {} ms",
+                        route.route.timeout_ms
+                    ),
+                    other => other.to_string(),
+                });
+                return match e {
+                    ProxyError::Timeout => error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the handler did not answer in time",
+                    ),
+                    _ => error(StatusCode::BAD_GATEWAY, "the handler failed"),
+                };
             }
         };
         let (mut rparts, rbody) = resp.into_parts();
-        let hop: Vec<_> = rparts
-            .headers
-            .keys()
-            .filter(|k| is_hop_by_hop(k.as_str()))
-            .cloned()
-            .collect();
-        for k in hop {
-            rparts.headers.remove(k);
-        }
+        strip_hop_by_hop(&mut rparts.headers);
         let guard = Guard {
             killer: killer.clone(),
             timer: spawn_deadline(killer, deadline),
@@ -196,6 +158,80 @@ impl Server {
             }
             .boxed(),
         )
+    }
+}
+
+/// Why the guest gave no response.
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("HTTP handshake with the guest failed: {0}")]
+    Handshake(hyper::Error),
+    #[error("the guest's HTTP server failed: {0}")]
+    Failed(hyper::Error),
+    #[error("timeout")]
+    Timeout,
+}
+
+/// The request as the guest gets it: method, target, headers without hop-by-hop ones, and
+/// the body (streamed under its deadline, or as taken in). The body budget hold, if any,
+/// lives as long as the response.
+fn forwarded_request(
+    parts: &hyper::http::request::Parts,
+    target: String,
+    body: RequestBody,
+) -> Option<(Request<OutBody>, Option<BudgetHold>)> {
+    let mut out = Request::builder().method(parts.method.clone()).uri(target);
+    for (k, v) in parts.headers.iter() {
+        if !is_hop_by_hop(k.as_str()) {
+            out = out.header(k, v);
+        }
+    }
+    let (req_body, budget): (OutBody, _) = match body {
+        RequestBody::Stream(inc, _, body_deadline) => (
+            TimedBody {
+                inner: inc,
+                deadline: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                    body_deadline,
+                ))),
+            }
+            .boxed(),
+            None,
+        ),
+        RequestBody::Buffered(b, hold) => {
+            (Full::new(b).map_err(|never| match never {}).boxed(), hold)
+        }
+    };
+    out.body(req_body).ok().map(|r| (r, budget))
+}
+
+/// One HTTP/1.1 exchange with the guest on `stream`, its response head before `deadline`.
+async fn exchange(
+    stream: tokio::net::TcpStream,
+    out: Request<OutBody>,
+    deadline: Instant,
+) -> Result<Response<Incoming>, ProxyError> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(ProxyError::Handshake)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let left = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, sender.send_request(out)).await {
+        Ok(r) => r.map_err(ProxyError::Failed),
+        Err(_) => Err(ProxyError::Timeout),
+    }
+}
+
+/// Removes the hop-by-hop headers of a response (they were the guest's connection's).
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let hop: Vec<_> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k.as_str()))
+        .cloned()
+        .collect();
+    for k in hop {
+        headers.remove(k);
     }
 }
 
