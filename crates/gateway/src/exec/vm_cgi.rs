@@ -110,151 +110,197 @@ struct Relay {
     killed: tokio::sync::watch::Receiver<bool>,
 }
 
+/// What [`drive_vm`] keeps while frames come in.
+struct Drive {
+    out_tx: Option<mpsc::Sender<Bytes>>,
+    ready_tx: Option<oneshot::Sender<Duration>>,
+    complete: Arc<AtomicBool>,
+    killed: tokio::sync::watch::Receiver<bool>,
+    /// The request (sent on the guest's hello) and the body that follows it.
+    start: Option<(ch::Start, mpsc::Receiver<Bytes>)>,
+    wr: Option<tokio::net::unix::OwnedWriteHalf>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    tail: Vec<u8>,
+    exit: Option<i32>,
+    failure: Option<String>,
+    stdout_closed: bool,
+    t0: Instant,
+}
+
+/// After a frame: go on, or the exchange is over.
+enum Flow {
+    More,
+    Done,
+}
+
+impl Drive {
+    /// One frame from the guest.
+    async fn on_frame(&mut self, kind: u8, data: Vec<u8>) -> Flow {
+        match kind {
+            ch::HELLO => self.hello(),
+            ch::STDOUT => return self.stdout(data).await,
+            ch::STDERR => push_tail(&mut self.tail, &data),
+            ch::STDOUT_CLOSED => {
+                self.complete.store(true, Ordering::SeqCst);
+                self.out_tx = None;
+                self.stdout_closed = true;
+            }
+            ch::EXIT => {
+                // Frames arrive in order: everything the handler wrote came before.
+                self.complete.store(true, Ordering::SeqCst);
+                let status = data
+                    .get(..4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                self.exit = Some(ExitReason::InitExited { status }.exit_code());
+                return Flow::Done;
+            }
+            ch::FAILED => {
+                // Guest text: escaped where it is logged (RequestLog), capped here.
+                let text = String::from_utf8_lossy(&data);
+                self.failure = Some(text.chars().take(512).collect());
+                return Flow::Done;
+            }
+            other => {
+                self.failure = Some(format!(
+                    "unexpected frame {:?} from the guest",
+                    other as char
+                ));
+                return Flow::Done;
+            }
+        }
+        Flow::More
+    }
+
+    /// The guest's init is up: it gets the request, then the body as it comes.
+    fn hello(&mut self) {
+        if let Some(tx) = self.ready_tx.take() {
+            let _ = tx.send(self.t0.elapsed());
+        }
+        let (Some((start, mut body)), Some(mut w)) = (self.start.take(), self.wr.take()) else {
+            return;
+        };
+        self.writer = Some(tokio::spawn(async move {
+            if w.write_all(&ch::frame(ch::START, &start.encode()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            while let Some(chunk) = body.recv().await {
+                for piece in chunk.chunks(ch::CHUNK) {
+                    if w.write_all(&ch::frame(ch::DATA, piece)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = w.write_all(&ch::frame(ch::DATA_END, b"")).await;
+        }));
+    }
+
+    /// Handler output, passed on; a client that does not read must not keep this task (and
+    /// the VM's slot) past a kill.
+    async fn stdout(&mut self, data: Vec<u8>) -> Flow {
+        let Some(tx) = &self.out_tx else {
+            return Flow::More;
+        };
+        let sent = tokio::select! {
+            r = tx.send(Bytes::from(data)) => r.is_ok(),
+            _ = self.killed.wait_for(|k| *k) => {
+                self.failure = Some("killed".into());
+                return Flow::Done;
+            }
+        };
+        if !sent {
+            // Nobody reads the response any more: the client went away.
+            self.out_tx = None;
+            self.failure = Some("the response was abandoned".into());
+            return Flow::Done;
+        }
+        Flow::More
+    }
+}
+
 async fn drive_vm(
     host: tokio::net::UnixStream,
     start: ch::Start,
-    mut body: mpsc::Receiver<Bytes>,
+    body: mpsc::Receiver<Bytes>,
     relay: Relay,
     t0: Instant,
     vm: VmThread,
 ) -> Finish {
-    let Relay {
-        out_tx,
-        ready_tx,
-        complete,
-        mut killed,
-    } = relay;
     let (mut rd, wr) = host.into_split();
-    let mut wr = Some(wr);
+    let mut d = Drive {
+        out_tx: Some(relay.out_tx),
+        ready_tx: Some(relay.ready_tx),
+        complete: relay.complete,
+        killed: relay.killed,
+        start: Some((start, body)),
+        wr: Some(wr),
+        writer: None,
+        tail: Vec::new(),
+        exit: None,
+        failure: None,
+        stdout_closed: false,
+        t0,
+    };
     let mut dec = ch::Decoder::new();
     let mut buf = vec![0u8; ch::CHUNK + ch::HEADER_LEN];
-    let mut out_tx = Some(out_tx);
-    let mut ready_tx = Some(ready_tx);
-    let mut tail = Vec::new();
-    let mut writer: Option<tokio::task::JoinHandle<()>> = None;
-    let mut start = Some(start);
-    let mut exit = None;
-    let mut failure = None;
-    let mut stdout_closed = false;
     'outer: loop {
         let n = tokio::select! {
             r = rd.read(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             },
-            _ = killed.wait_for(|k| *k) => {
+            _ = d.killed.wait_for(|k| *k) => {
                 // After a complete response, the kill is the server's normal end of the VM.
-                if !stdout_closed {
-                    failure = Some("killed".into());
+                if !d.stdout_closed {
+                    d.failure = Some("killed".into());
                 }
                 break;
             }
         };
         dec.feed(&buf[..n]);
         loop {
-            let frame = match dec.next_frame() {
-                Ok(Some(f)) => f,
+            match dec.next_frame() {
+                Ok(Some((kind, data))) => {
+                    if let Flow::Done = d.on_frame(kind, data).await {
+                        break 'outer;
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => {
-                    failure = Some(format!("guest sent a bad frame: {e}"));
-                    break 'outer;
-                }
-            };
-            match frame {
-                (ch::HELLO, _) => {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(t0.elapsed());
-                    }
-                    let (Some(s), Some(mut w)) = (start.take(), wr.take()) else {
-                        continue;
-                    };
-                    let mut body = std::mem::replace(&mut body, mpsc::channel(1).1);
-                    writer = Some(tokio::spawn(async move {
-                        if w.write_all(&ch::frame(ch::START, &s.encode()))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                        while let Some(chunk) = body.recv().await {
-                            for piece in chunk.chunks(ch::CHUNK) {
-                                if w.write_all(&ch::frame(ch::DATA, piece)).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        let _ = w.write_all(&ch::frame(ch::DATA_END, b"")).await;
-                    }));
-                }
-                (ch::STDOUT, data) => {
-                    if let Some(tx) = &out_tx {
-                        // A client that does not read must not keep this task (and the
-                        // VM's slot) past a kill.
-                        let sent = tokio::select! {
-                            r = tx.send(Bytes::from(data)) => r.is_ok(),
-                            _ = killed.wait_for(|k| *k) => {
-                                failure = Some("killed".into());
-                                break 'outer;
-                            }
-                        };
-                        if !sent {
-                            // Nobody reads the response any more: the client went away.
-                            out_tx = None;
-                            failure = Some("the response was abandoned".into());
-                            break 'outer;
-                        }
-                    }
-                }
-                (ch::STDERR, data) => push_tail(&mut tail, &data),
-                (ch::STDOUT_CLOSED, _) => {
-                    complete.store(true, Ordering::SeqCst);
-                    out_tx = None;
-                    stdout_closed = true;
-                }
-                (ch::EXIT, data) => {
-                    // Frames arrive in order: everything the handler wrote came before.
-                    complete.store(true, Ordering::SeqCst);
-                    let status = data
-                        .get(..4)
-                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0);
-                    exit = Some(ExitReason::InitExited { status }.exit_code());
-                    break 'outer;
-                }
-                (ch::FAILED, data) => {
-                    // Guest text: escaped where it is logged (RequestLog), capped here.
-                    let text = String::from_utf8_lossy(&data);
-                    failure = Some(text.chars().take(512).collect());
-                    break 'outer;
-                }
-                (other, _) => {
-                    failure = Some(format!(
-                        "unexpected frame {:?} from the guest",
-                        other as char
-                    ));
+                    d.failure = Some(format!("guest sent a bad frame: {e}"));
                     break 'outer;
                 }
             }
         }
     }
-    drop(out_tx);
-    if let Some(w) = writer {
-        w.abort();
-    }
-    if exit.is_none() && failure.is_none() && !stdout_closed {
-        // The channel closed without an exit status or a complete response: the VM ended.
-        // Say how. (After a complete response the server stops the VM at once, often before
-        // init has reported the exit status: that is no failure.)
-        vm.cancel.cancel();
-        let outcome = vm
-            .outcome
-            .await
-            .unwrap_or_else(|_| Err("VM thread lost".to_string()));
-        failure = Some(describe_outcome(&outcome));
-    }
-    Finish {
-        exit,
-        failure,
-        stderr_tail: String::from_utf8_lossy(&tail).into_owned(),
+    d.finish(vm).await
+}
+
+impl Drive {
+    /// The exchange is over: how the handler ended.
+    async fn finish(mut self, vm: VmThread) -> Finish {
+        drop(self.out_tx.take());
+        if let Some(w) = self.writer.take() {
+            w.abort();
+        }
+        if self.exit.is_none() && self.failure.is_none() && !self.stdout_closed {
+            // The channel closed without an exit status or a complete response: the VM
+            // ended. Say how. (After a complete response the server stops the VM at once,
+            // often before init has reported the exit status: that is no failure.)
+            vm.cancel.cancel();
+            let outcome = vm
+                .outcome
+                .await
+                .unwrap_or_else(|_| Err("VM thread lost".to_string()));
+            self.failure = Some(describe_outcome(&outcome));
+        }
+        Finish {
+            exit: self.exit,
+            failure: self.failure,
+            stderr_tail: String::from_utf8_lossy(&self.tail).into_owned(),
+        }
     }
 }
