@@ -189,7 +189,10 @@ impl Server {
                 id,
                 deadline,
             };
-            let (ex, head, rest) = match self.start_and_read_head(run, &inv, body_rx, late, log).await {
+            let (ex, head, rest) = match self
+                .start_and_read_head(run, &inv, body_rx, late, log)
+                .await
+            {
                 Ok(x) => x,
                 Err(resp) => return resp,
             };

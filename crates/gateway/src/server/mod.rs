@@ -48,6 +48,8 @@ mod deadline;
 mod listen;
 mod proxy;
 mod reqlog;
+#[cfg(test)]
+mod tests;
 
 use body::*;
 use deadline::*;

@@ -126,10 +126,9 @@ impl Server {
             Err(e) => {
                 killer.kill();
                 log.note = Some(match &e {
-                    ProxyError::Timeout => format!(
-                        "timeout: no response within {} ms",
-                        route.route.timeout_ms
-                    ),
+                    ProxyError::Timeout => {
+                        format!("timeout: no response within {} ms", route.route.timeout_ms)
+                    }
                     other => other.to_string(),
                 });
                 return match e {
