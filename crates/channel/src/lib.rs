@@ -16,6 +16,14 @@
 //! guest -> host   F  text            init failed (cannot open the channel, exec failed, ...)
 //! ```
 
+#![warn(missing_docs)]
+// Lengths cross between host and guest here: no silent truncation.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use std::fmt;
 
 /// Bytes in a frame header: type + length.
@@ -25,16 +33,26 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// Largest data chunk senders put in one `D`, `O` or `R` frame.
 pub const CHUNK: usize = 64 * 1024;
 
+/// Guest to host: init is up, the channel is in raw mode.
 pub const HELLO: u8 = b'H';
+/// Host to guest: what to run ([`Start`]).
 pub const START: u8 = b'S';
+/// Host to guest: request body bytes.
 pub const DATA: u8 = b'D';
+/// Host to guest: end of the request body.
 pub const DATA_END: u8 = b'E';
+/// Guest to host: the program's stdout.
 pub const STDOUT: u8 = b'O';
+/// Guest to host: the program's stderr.
 pub const STDERR: u8 = b'R';
+/// Guest to host: the program closed its stdout (the response is complete).
 pub const STDOUT_CLOSED: u8 = b'C';
+/// Guest to host: the program's wait status (u32 LE).
 pub const EXIT: u8 = b'X';
+/// Guest to host: init failed (text).
 pub const FAILED: u8 = b'F';
 
+/// A frame that breaks the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtoError {
     /// A frame type this side does not know.
@@ -57,11 +75,17 @@ impl fmt::Display for ProtoError {
 
 impl std::error::Error for ProtoError {}
 
-/// Appends one frame to `out`.
+/// Appends one frame to `out`. Senders keep payloads within [`MAX_FRAME`]; a payload too long
+/// for the `u32` length says `u32::MAX`, which every receiver refuses ([`ProtoError::TooLong`]).
 pub fn encode(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     out.push(kind);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&len_u32(payload.len()).to_le_bytes());
     out.extend_from_slice(payload);
+}
+
+/// A length as the protocol's `u32` (`u32::MAX` when it does not fit: refused by receivers).
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// One frame as a fresh buffer.
@@ -80,10 +104,12 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// An empty decoder.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Adds bytes as they arrived.
     pub fn feed(&mut self, bytes: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
@@ -139,7 +165,9 @@ fn is_known(kind: u8) -> bool {
 /// What the guest's init runs: `program` with `args` (argv[0] included) and exactly `env`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Start {
+    /// The program's path in the guest.
     pub program: Vec<u8>,
+    /// argv, argv[0] included.
     pub args: Vec<Vec<u8>>,
     /// `NAME=value` entries.
     pub env: Vec<Vec<u8>>,
@@ -153,9 +181,9 @@ impl Start {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let put = |out: &mut Vec<u8>, items: &[&[u8]]| {
-            out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+            out.extend_from_slice(&len_u32(items.len()).to_le_bytes());
             for s in items {
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                out.extend_from_slice(&len_u32(s.len()).to_le_bytes());
                 out.extend_from_slice(s);
             }
         };
@@ -176,6 +204,7 @@ impl Start {
         out
     }
 
+    /// Reads a [`Start::encode`]d payload, checking every count and length against it.
     pub fn decode(mut data: &[u8]) -> Result<Start, ProtoError> {
         let mut sections: Vec<Vec<Vec<u8>>> = Vec::with_capacity(4);
         for _ in 0..4 {

@@ -127,9 +127,11 @@ fn open_channel_fd() -> io::Result<RawFd> {
 fn make_raw(fd: RawFd) -> io::Result<()> {
     // SAFETY: termios is plain data; tcgetattr fills it.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes only into `t`, a termios we own.
     cvt(unsafe { libc::tcgetattr(fd, &mut t) })?;
     // SAFETY: t was filled by tcgetattr.
     unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: tcsetattr only reads `t`, a termios filled above.
     cvt(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) })?;
     Ok(())
 }
@@ -342,6 +344,7 @@ fn pipe() -> io::Result<(RawFd, RawFd)> {
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on our own descriptor.
     let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: fcntl on our own descriptor; it only changes its flags.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
     Ok(())
 }

@@ -177,6 +177,7 @@ impl Served {
     }
 
     pub fn stop(mut self) -> i32 {
+        // SAFETY: kill(2) on the server, a child of this test.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t = Instant::now();
         loop {
