@@ -31,6 +31,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions,
 };
 
+use super::queue::serve_chains;
 use super::{ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Sector size of the virtio-blk protocol (independent of the advertised block size).
@@ -471,25 +472,9 @@ impl VirtioDevice for Block {
             debug!(index, "virtio-blk: notify for a queue that does not exist");
             return false;
         }
-        // Serve what the driver has published so far; it notifies again for anything later.
-        let Some(pending) = super::pending_chains(queue, mem, "virtio-blk") else {
-            return false;
-        };
-        let mut used_any = false;
-        for _ in 0..pending {
-            let Some(chain) = super::pop_chain("virtio-blk", queue, mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = self.process_chain(chain, mem);
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used_any = true,
-                // The driver's used ring is the driver's problem (and was checked at
-                // activation): not worth a warning it could repeat at will.
-                Err(e) => debug!(head, error = %e, "virtio-blk: cannot return a buffer"),
-            }
-        }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+        serve_chains("virtio-blk", queue, mem, |chain| {
+            self.process_chain(chain, mem)
+        })
     }
 
     fn reset(&mut self) {

@@ -48,32 +48,36 @@
 //! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
 //! released the lock; dropping the transport (or a bare [`VirtioConsole`]) stops and joins it
 //! too. No thread outlives the device.
-//! The thread and its life (epoll, kick, stop, join) are `rx_worker::RxWorkers`, shared by
-//! virtio-net and virtio-console; this module supplies the batch.
+//! The thread, its life (epoll, kick, stop, join) and the batch loop are `rx_worker`'s, and the
+//! chain rules `chain::IoChain`'s, shared by virtio-net and virtio-console; this module says
+//! what the bytes are and how they are counted.
 //!
 //! Per-chain guest errors are logged at `debug` (a hostile guest could otherwise flood the log)
 //! and counted in [`ConsoleStats`]; nothing the guest writes can panic the device.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing::{debug, warn};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestMemoryMmap, Permissions};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::IoChain;
 use super::mmio::{MmioError, SharedTransport};
-use super::rx_worker::{next_chain, Batch, RxFill, RxWorkers, Source};
-use super::{
-    add_used, bump, push_iovecs, ActivateError, BadBuffer, QueueAccess, VirtioDevice,
-    VIRTIO_F_VERSION_1,
-};
+use super::queue::serve_chains;
+use super::rx_worker::{Batch, RxDevice, RxWorkers, Source};
+use super::stats::device_stats;
+use super::sys::{set_nonblocking, wait_writable, SysError};
+use super::{ActivateError, QueueAccess, VirtioDevice, VIRTIO_F_VERSION_1};
+
+pub use super::rx_worker::RX_BATCH;
 
 /// Size of each virtqueue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -81,19 +85,12 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue (guest to host).
 pub const TX_QUEUE: usize = 1;
-/// Most receive chains the RX worker fills per acquisition of the transport lock.
-pub const RX_BATCH: usize = 64;
 /// Longest single wait for room in the socket before TX looks at the stop flag again.
 pub const TX_WAIT_SLICE: Duration = Duration::from_millis(10);
 
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
 /// `struct virtio_console_config`: cols, rows (u16), max_nr_ports, emerg_wr (u32); all zero.
 const CONFIG: [u8; 12] = [0; 12];
-/// Longest descriptor chain accepted (we do not offer indirect descriptors).
-const MAX_CHAIN: usize = QUEUE_SIZE as usize;
-/// Most iovecs a single `readv`/`sendmsg` may take (Linux's UIO_MAXIOV); a longer chain is moved
-/// in several calls.
-const MAX_IOVECS: usize = 1024;
 
 /// Errors setting up a virtio-console device.
 #[derive(Debug, thiserror::Error)]
@@ -115,56 +112,37 @@ pub enum ConsoleError {
     Transport(#[from] MmioError),
 }
 
-/// Why a chain was not used. Only logged and counted.
-#[derive(Debug, thiserror::Error)]
-enum ChainError {
-    #[error("descriptor chain longer than {MAX_CHAIN}")]
-    ChainTooLong,
-    /// virtio-queue ends a chain early, without an error, when a descriptor cannot be read,
-    /// the next index is out of range, it loops, or the lengths overflow 32 bits: the last
-    /// descriptor we saw still says "next".
-    #[error("broken descriptor chain (bad next index, loop, or over 4 GiB)")]
-    BrokenChain,
-    #[error("device-writable descriptor in a transmit chain")]
-    WritableInTx,
-    #[error("device-readable descriptor in a receive chain")]
-    ReadableInRx,
-    #[error("receive chain without room for a byte")]
-    EmptyRx,
-    #[error(transparent)]
-    BadBuffer(#[from] BadBuffer),
-}
-
-/// Counters of a virtio-console device.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ConsoleStats {
-    /// Bytes the guest sent that reached the socket.
-    pub tx_bytes: u64,
-    /// Bytes the guest sent that were dropped: the peer was gone, or the device was stopped
-    /// while waiting for room.
-    pub tx_discarded_bytes: u64,
-    /// Transmit chains given up on (partly or wholly unsent) because the stop flag was set
-    /// while the socket was full.
-    pub tx_abandoned: u64,
-    /// Transmit chains returned unsent because they were malformed.
-    pub tx_malformed: u64,
-    /// Bytes delivered to the guest.
-    pub rx_bytes: u64,
-    /// Receive chains returned unused (used length 0) because they were malformed.
-    pub rx_malformed: u64,
-    /// The RX worker read end-of-file (or an error) from the socket and stopped watching it.
-    pub rx_closed: bool,
-}
-
-/// A handle on a device's counters that outlives handing the transport to the MMIO bus.
-#[derive(Debug, Clone)]
-pub struct ConsoleStatsReader(Arc<Counters>);
-
-impl ConsoleStatsReader {
-    /// The counters now.
-    pub fn get(&self) -> ConsoleStats {
-        self.0.snapshot()
+impl From<SysError> for ConsoleError {
+    fn from(e: SysError) -> ConsoleError {
+        ConsoleError::Socket {
+            what: e.what,
+            source: e.source,
+        }
     }
+}
+
+device_stats! {
+    /// Counters of a virtio-console device.
+    pub struct ConsoleStats {
+        /// Bytes the guest sent that reached the socket.
+        pub tx_bytes: u64,
+        /// Bytes the guest sent that were dropped: the peer was gone, or the device was stopped
+        /// while waiting for room.
+        pub tx_discarded_bytes: u64,
+        /// Transmit chains given up on (partly or wholly unsent) because the stop flag was set
+        /// while the socket was full.
+        pub tx_abandoned: u64,
+        /// Transmit chains returned unsent because they were malformed.
+        pub tx_malformed: u64,
+        /// Bytes delivered to the guest.
+        pub rx_bytes: u64,
+        /// Receive chains returned unused (used length 0) because they were malformed.
+        pub rx_malformed: u64,
+        /// The RX worker read end-of-file (or an error) from the socket and stopped watching it.
+        pub rx_closed: bool,
+    }
+    counters: Counters,
+    reader: ConsoleStatsReader,
 }
 
 /// Stops a device's transmit waits from any thread: once stopped, a vCPU waiting for room in the
@@ -182,32 +160,6 @@ impl ConsoleStopper {
     /// Whether the stop flag is set.
     pub fn is_stopped(&self) -> bool {
         self.0.load(Ordering::SeqCst)
-    }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    tx_bytes: AtomicU64,
-    tx_discarded_bytes: AtomicU64,
-    tx_abandoned: AtomicU64,
-    tx_malformed: AtomicU64,
-    rx_bytes: AtomicU64,
-    rx_malformed: AtomicU64,
-    rx_closed: AtomicBool,
-}
-
-impl Counters {
-    fn snapshot(&self) -> ConsoleStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        ConsoleStats {
-            tx_bytes: get(&self.tx_bytes),
-            tx_discarded_bytes: get(&self.tx_discarded_bytes),
-            tx_abandoned: get(&self.tx_abandoned),
-            tx_malformed: get(&self.tx_malformed),
-            rx_bytes: get(&self.rx_bytes),
-            rx_malformed: get(&self.rx_malformed),
-            rx_closed: self.rx_closed.load(Ordering::Relaxed),
-        }
     }
 }
 
@@ -258,7 +210,7 @@ impl VirtioConsole {
 
     /// A handle to read the counters later, e.g. after the transport went onto the MMIO bus.
     pub fn stats_reader(&self) -> ConsoleStatsReader {
-        ConsoleStatsReader(self.stats.clone())
+        ConsoleStatsReader::new(self.stats.clone())
     }
 
     /// A handle that releases a vCPU waiting in TX for room in the socket, usable from any
@@ -278,70 +230,39 @@ impl VirtioConsole {
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let Some(pending) = super::pending_chains(queue, mem, "virtio-console") else {
-            return false;
-        };
-        let mut iovecs = Vec::new();
-        let mut used_any = false;
-        for _ in 0..pending {
-            let Some(chain) = super::pop_chain("virtio-console", queue, mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            iovecs.clear();
-            match load_tx(chain, mem, &mut iovecs) {
-                Ok(total) => self.send(&mut iovecs, total),
+        let mut chain = IoChain::default();
+        serve_chains("virtio-console", queue, mem, |desc_chain| {
+            let head = desc_chain.head_index();
+            match chain.load_readable(desc_chain, mem, 0, u64::MAX) {
+                Ok(()) => self.send(&mut chain),
                 Err(e) => {
                     debug!(head, error = %e, "virtio-console: malformed TX chain; returned unsent");
-                    bump(&self.stats.tx_malformed, 1);
+                    self.stats.tx_malformed.add(1);
                 }
             }
-            iovecs.clear();
-            match queue.add_used(mem, head, 0) {
-                Ok(()) => used_any = true,
-                // The driver's used ring is the driver's problem (and was checked at
-                // activation): not worth a warning it could repeat at will.
-                Err(e) => debug!(head, error = %e, "virtio-console: cannot return a TX buffer"),
-            }
-        }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+            0
+        })
     }
 
-    /// Send `total` bytes described by `iovecs` (guest memory) to the socket, waiting for room
-    /// while the stop flag is clear. Consumes `iovecs` as it goes.
-    fn send(&mut self, iovecs: &mut [libc::iovec], total: u64) {
+    /// Send `chain` (guest memory) to the socket, waiting for room while the stop flag is clear.
+    fn send(&mut self, chain: &mut IoChain) {
         let fd = self.socket.as_raw_fd();
+        let total = chain.size();
         let mut sent = 0u64;
-        let mut start = 0usize;
-        while sent < total {
+        while sent < total && !chain.is_drained() {
             if self.peer_gone {
-                bump(&self.stats.tx_discarded_bytes, total - sent);
+                self.stats.tx_discarded_bytes.add(total - sent);
                 return;
             }
-            let Some(rest) = iovecs.get_mut(start..).filter(|rest| !rest.is_empty()) else {
-                // The iovecs add up to `total`; never reached.
-                return;
-            };
-            // SAFETY: msghdr is plain old data; all zeros is a valid value.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = rest.as_mut_ptr();
-            msg.msg_iovlen = rest.len().min(MAX_IOVECS);
-            // SAFETY: every iovec points into guest memory that the caller's `mem` keeps mapped
-            // (checked by push_iovecs) and sendmsg only reads through them; no address, no
-            // control data.
-            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-            if n > 0 {
-                let n = n as u64;
-                sent += n;
-                bump(&self.stats.tx_bytes, n);
-                advance(iovecs, &mut start, n as usize);
-                continue;
-            }
-            let e = if n == 0 {
+            let e = match chain.send_to(fd, libc::MSG_NOSIGNAL) {
+                Ok(n) if n > 0 => {
+                    sent += n;
+                    self.stats.tx_bytes.add(n);
+                    continue;
+                }
                 // Not for a non-empty stream send; wait and retry rather than spin.
-                io::Error::from(io::ErrorKind::WouldBlock)
-            } else {
-                io::Error::last_os_error()
+                Ok(_) => io::Error::from(io::ErrorKind::WouldBlock),
+                Err(e) => e,
             };
             match e.kind() {
                 io::ErrorKind::Interrupted => {}
@@ -351,11 +272,11 @@ impl VirtioConsole {
                             unsent = total - sent,
                             "virtio-console: stopped while the socket is full; TX chain dropped"
                         );
-                        bump(&self.stats.tx_abandoned, 1);
-                        bump(&self.stats.tx_discarded_bytes, total - sent);
+                        self.stats.tx_abandoned.add(1);
+                        self.stats.tx_discarded_bytes.add(total - sent);
                         return;
                     }
-                    wait_writable(fd);
+                    wait_writable(fd, TX_WAIT_SLICE);
                 }
                 _ => {
                     // The peer closing its end is how a request ends; anything else is odd.
@@ -369,69 +290,6 @@ impl VirtioConsole {
             }
         }
     }
-}
-
-/// Wait until `fd` may take more bytes, for at most [`TX_WAIT_SLICE`] (a signal, an error or a
-/// hang-up end it early; the caller's next send tells which).
-fn wait_writable(fd: RawFd) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let slice = TX_WAIT_SLICE.as_millis() as libc::c_int;
-    // SAFETY: one valid pollfd, for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, slice) };
-}
-
-/// Drop the first `n` bytes of `iovecs[*start..]`: whole iovecs move `start` on, a partial one
-/// is shortened from the front.
-fn advance(iovecs: &mut [libc::iovec], start: &mut usize, mut n: usize) {
-    while n > 0 {
-        let Some(iov) = iovecs.get_mut(*start) else {
-            return;
-        };
-        if n >= iov.iov_len {
-            n -= iov.iov_len;
-            *start += 1;
-        } else {
-            iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
-            iov.iov_len -= n;
-            n = 0;
-        }
-    }
-    // Skip iovecs left empty, so the next send starts on bytes.
-    while iovecs.get(*start).is_some_and(|iov| iov.iov_len == 0) {
-        *start += 1;
-    }
-}
-
-/// Check a transmit chain and resolve it to host iovecs; returns its length in bytes.
-fn load_tx(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
-    iovecs: &mut Vec<libc::iovec>,
-) -> Result<u64, ChainError> {
-    let mut total = 0u64;
-    let mut more = false;
-    for (i, desc) in chain.enumerate() {
-        if i == MAX_CHAIN {
-            return Err(ChainError::ChainTooLong);
-        }
-        more = desc.has_next();
-        if desc.is_write_only() {
-            return Err(ChainError::WritableInTx);
-        }
-        if desc.len() == 0 {
-            continue;
-        }
-        push_iovecs(mem, desc.addr(), desc.len(), Permissions::Read, iovecs)?;
-        total += u64::from(desc.len());
-    }
-    if more {
-        return Err(ChainError::BrokenChain);
-    }
-    Ok(total)
 }
 
 impl Drop for VirtioConsole {
@@ -486,15 +344,12 @@ impl VirtioDevice for VirtioConsole {
             events: EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
             // After end-of-file there is nothing to watch (a worker of an earlier activation
             // saw it).
-            watch: !self.stats.rx_closed.load(Ordering::Relaxed),
+            watch: !self.stats.rx_closed.get(),
         };
         let stats = self.stats.clone();
-        let fill = move || ConsoleRx {
-            stats,
-            chain: RxChain::default(),
-        };
+        let rx = move || ConsoleRx { stats };
         self.rx
-            .start(source, access, fill)
+            .start(source, access, rx)
             .map_err(ActivateError::Worker)?;
         debug!("virtio-console: activated");
         Ok(())
@@ -538,145 +393,49 @@ impl VirtioDevice for VirtioConsole {
     }
 }
 
-/// A receive chain, resolved to host memory.
-#[derive(Default)]
-struct RxChain {
-    iovecs: Vec<libc::iovec>,
-}
-
-impl RxChain {
-    fn load(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), ChainError> {
-        self.iovecs.clear();
-        let mut more = false;
-        for (i, desc) in chain.enumerate() {
-            if i == MAX_CHAIN {
-                return Err(ChainError::ChainTooLong);
-            }
-            more = desc.has_next();
-            if !desc.is_write_only() {
-                return Err(ChainError::ReadableInRx);
-            }
-            if desc.len() == 0 {
-                continue;
-            }
-            push_iovecs(
-                mem,
-                desc.addr(),
-                desc.len(),
-                Permissions::Write,
-                &mut self.iovecs,
-            )?;
-        }
-        if more {
-            return Err(ChainError::BrokenChain);
-        }
-        if self.iovecs.is_empty() {
-            // A readv into nothing returns 0, which would read as end-of-file.
-            return Err(ChainError::EmptyRx);
-        }
-        Ok(())
-    }
-
-    /// Read what the socket holds into the chain (up to its capacity).
-    fn readv(&mut self, fd: RawFd) -> io::Result<u64> {
-        let count = self.iovecs.len().min(MAX_IOVECS) as libc::c_int;
-        // SAFETY: the iovecs point into guest memory that the caller's `mem` keeps mapped
-        // (checked by push_iovecs), valid for writes of their lengths for the duration of the
-        // call.
-        let n = unsafe { libc::readv(fd, self.iovecs.as_ptr(), count) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as u64)
-        }
-    }
-}
-
-/// virtio-console's receive work: bytes from the socket into receive chains.
+/// virtio-console's receive side: whatever the socket holds into each receive chain (a
+/// stream: a partial fill is fine).
 struct ConsoleRx {
     stats: Arc<Counters>,
-    chain: RxChain,
 }
 
-impl RxFill for ConsoleRx {
-    fn fill(
+impl RxDevice for ConsoleRx {
+    const NAME: &'static str = "virtio-console";
+    /// A readv into nothing returns 0, which would read as end-of-file.
+    const MIN_CHAIN: u64 = 1;
+    /// End of file: stop reading.
+    const AT_EOF: Batch = Batch::Closed;
+
+    fn received(
         &mut self,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-        socket: RawFd,
-        used: &mut bool,
-    ) -> Batch {
-        rx_batch(queue, mem, socket, &mut self.chain, &self.stats, used)
+        _chain: &IoChain,
+        _mem: &GuestMemoryMmap,
+        _head: u16,
+        n: u64,
+    ) -> Option<u32> {
+        self.stats.rx_bytes.add(n);
+        // n <= the chain's capacity, which 256 descriptors of u32 bound: fits.
+        Some(u32::try_from(n).unwrap_or(0))
+    }
+
+    fn malformed(&mut self) {
+        self.stats.rx_malformed.add(1);
+    }
+
+    fn read_failed(&mut self, e: io::Error) -> Batch {
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) => {
+                debug!(error = %e, "virtio-console: the peer reset the channel");
+            }
+            _ => warn!(error = %e, "virtio-console: reading the channel failed"),
+        }
+        Batch::Closed
     }
 
     fn closed(&mut self) {
-        self.stats.rx_closed.store(true, Ordering::Relaxed);
+        self.stats.rx_closed.set();
         debug!("virtio-console: the peer closed the channel; RX idle");
     }
-}
-
-fn rx_batch(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    socket: RawFd,
-    chain: &mut RxChain,
-    stats: &Counters,
-    used: &mut bool,
-) -> Batch {
-    for _ in 0..RX_BATCH {
-        // Out of buffers: wait for a kick (notifications are on again).
-        let Some(desc_chain) = next_chain("virtio-console", queue, mem) else {
-            return Batch::NoBuffers;
-        };
-        let head = desc_chain.head_index();
-        if let Err(e) = chain.load(desc_chain, mem) {
-            debug!(head, error = %e, "virtio-console: malformed RX chain; returned unused");
-            bump(&stats.rx_malformed, 1);
-            add_used("virtio-console", queue, mem, head, 0, used);
-            continue;
-        }
-        match chain.readv(socket) {
-            Ok(0) => {
-                // End of file: keep the chain for nothing, stop reading.
-                queue.go_to_previous_position();
-                return Batch::Closed;
-            }
-            Ok(n) => {
-                // n <= the chain's capacity, which 256 descriptors of u32 bound: fits.
-                add_used(
-                    "virtio-console",
-                    queue,
-                    mem,
-                    head,
-                    u32::try_from(n).unwrap_or(0),
-                    used,
-                );
-                bump(&stats.rx_bytes, n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                queue.go_to_previous_position();
-                return Batch::Drained;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                queue.go_to_previous_position();
-            }
-            Err(e) => {
-                queue.go_to_previous_position();
-                match e.raw_os_error() {
-                    Some(libc::ECONNRESET) => {
-                        debug!(error = %e, "virtio-console: the peer reset the channel");
-                    }
-                    _ => warn!(error = %e, "virtio-console: reading the channel failed"),
-                }
-                return Batch::Closed;
-            }
-        }
-    }
-    Batch::More
 }
 
 /// Check that `fd` is a socket of type `SOCK_STREAM`.
@@ -717,25 +476,6 @@ fn socket_type_name(kind: i32) -> &'static str {
         libc::SOCK_RAW => "SOCK_RAW",
         _ => "unknown",
     }
-}
-
-fn set_nonblocking(fd: RawFd) -> Result<(), ConsoleError> {
-    let err = |what| ConsoleError::Socket {
-        what,
-        source: io::Error::last_os_error(),
-    };
-    // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(err("F_GETFL"));
-    }
-    if flags & libc::O_NONBLOCK == 0 {
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-            return Err(err("F_SETFL O_NONBLOCK"));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1470,28 +1210,5 @@ mod tests {
         let tid = f.tid().expect("worker tid");
         drop(f);
         wait_for("the worker's task to go", || !task_alive(tid));
-    }
-
-    #[test]
-    fn advance_moves_through_iovecs() {
-        let mut bufs = [[0u8; 10]; 3];
-        let mut iovecs: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        let base1 = iovecs[1].iov_base as usize;
-        let mut start = 0;
-        advance(&mut iovecs, &mut start, 4);
-        assert_eq!((start, iovecs[0].iov_len), (0, 6));
-        advance(&mut iovecs, &mut start, 6);
-        assert_eq!(start, 1);
-        advance(&mut iovecs, &mut start, 13);
-        assert_eq!((start, iovecs[2].iov_len), (2, 7));
-        assert_eq!(iovecs[1].iov_base as usize, base1);
-        advance(&mut iovecs, &mut start, 7);
-        assert_eq!(start, 3);
     }
 }

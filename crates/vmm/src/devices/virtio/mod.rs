@@ -38,11 +38,15 @@
 //! transport's lock and never block while holding it (their file descriptors are non-blocking).
 
 pub mod block;
+mod chain;
 pub mod console;
 pub(crate) mod log_limit;
 pub mod mmio;
 pub mod net;
+mod queue;
 mod rx_worker;
+mod stats;
+mod sys;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -51,13 +55,14 @@ use std::io;
 use std::sync::{Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockError};
 pub use console::{ConsoleError, ConsoleStopper, VirtioConsole};
 pub use mmio::{MmioError, MmioTransport, SharedTransport};
 pub use net::{Net, NetError};
+pub use queue::pending_chains;
 
 /// Feature bit every device offers and every driver must accept: we are "modern" only.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -228,155 +233,9 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&config[start..start + n]);
 }
 
-/// How many chains the driver has published and the device has not taken; `None` if the
-/// available index is unreadable or runs ahead of the queue size (a broken or hostile driver;
-/// logged at debug level, so a guest cannot flood the host's log).
-pub fn pending_chains(queue: &Queue, mem: &GuestMemoryMmap, device: &str) -> Option<u16> {
-    let avail = match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-        Ok(idx) => idx.0,
-        Err(e) => {
-            tracing::debug!(error = %e, "{device}: cannot read the available ring index");
-            return None;
-        }
-    };
-    let pending = avail.wrapping_sub(queue.next_avail());
-    if pending > queue.size() {
-        tracing::debug!(
-            avail,
-            next = queue.next_avail(),
-            "{device}: available index runs ahead of the queue size; ignored"
-        );
-        return None;
-    }
-    Some(pending)
-}
-
-/// The next chain the driver published, if any: `Queue::pop_descriptor_chain` without its log
-/// line. virtio-queue logs (through the `log` crate, at error level) every time it refuses to
-/// iterate a queue, which a guest can arrange at will: an available ring at guest address 0
-/// (which virtio-queue takes for a queue that was never set up), or an available index moved
-/// out of range between [`pending_chains`] and this call. Here that is a `debug` line.
-pub(crate) fn pop_chain<'m>(
-    device: &str,
-    queue: &mut Queue,
-    mem: &'m GuestMemoryMmap,
-) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
-    match queue.iter(mem) {
-        Ok(mut chains) => chains.next(),
-        Err(e) => {
-            tracing::debug!(error = %e, "{device}: cannot read the available ring");
-            None
-        }
-    }
-}
-
-/// A descriptor's buffer that is not (wholly) in guest memory.
-#[derive(Debug, thiserror::Error)]
-#[error("buffer at {addr:#x}+{len} is outside guest memory: {source}")]
-pub(crate) struct BadBuffer {
-    pub addr: u64,
-    pub len: u32,
-    #[source]
-    pub source: vm_memory::GuestMemoryError,
-}
-
-/// Appends iovecs covering the guest range `addr..addr + len` (one per memory region it
-/// spans), for one `readv`/`writev`/`sendmsg` straight from or into guest memory.
-pub(crate) fn push_iovecs(
-    mem: &GuestMemoryMmap,
-    addr: vm_memory::GuestAddress,
-    len: u32,
-    access: vm_memory::Permissions,
-    out: &mut Vec<libc::iovec>,
-) -> Result<(), BadBuffer> {
-    let bad = |source| BadBuffer {
-        addr: addr.0,
-        len,
-        source,
-    };
-    let slices =
-        vm_memory::GuestMemory::get_slices(mem, addr, len as usize, access).map_err(bad)?;
-    for slice in slices {
-        let slice = slice.map_err(bad)?;
-        // The mutable guard serves both directions: iovec only has `*mut`. Without Xen the guard
-        // maps nothing; the pointer stays valid as long as the regions `mem` holds.
-        let base = slice.ptr_guard_mut().as_ptr();
-        out.push(libc::iovec {
-            iov_base: base.cast(),
-            iov_len: slice.len(),
-        });
-    }
-    Ok(())
-}
-
-/// Returns a chain to the driver; `used` becomes true when it went into the used ring.
-/// `device` names the device in the (debug) log line of a guest-caused failure.
-pub(crate) fn add_used(
-    device: &str,
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    head: u16,
-    len: u32,
-    used: &mut bool,
-) {
-    match queue.add_used(mem, head, len) {
-        Ok(()) => *used = true,
-        Err(e) => tracing::debug!(head, error = %e, "{device}: cannot return an RX buffer"),
-    }
-}
-
-/// Re-enables driver notifications; returns whether buffers were posted meanwhile.
-pub(crate) fn enable_notification(device: &str, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    queue.enable_notification(mem).unwrap_or_else(|e| {
-        tracing::debug!(error = %e, "{device}: cannot enable RX notifications");
-        false
-    })
-}
-
-/// Adds to a statistics counter.
-pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64, by: u64) {
-    counter.fetch_add(by, std::sync::atomic::Ordering::Relaxed);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use testing::{memory, r, DriverQueue, BUF_BASE, QUEUE_BASE};
-    use vm_memory::{Bytes, GuestAddress};
-
-    #[test]
-    fn pop_chain_takes_chains_and_refuses_broken_rings() {
-        let mem = memory();
-        let mut driver = DriverQueue::new(&mem, QUEUE_BASE, 8);
-        let mut q = Queue::new(8).expect("queue");
-        q.try_set_desc_table_address(driver.desc).expect("desc");
-        q.try_set_avail_ring_address(driver.avail).expect("avail");
-        q.try_set_used_ring_address(driver.used).expect("used");
-        q.set_ready(true);
-        let head = driver.add_chain(&[r(BUF_BASE, 16)]);
-        let popped = pop_chain("test", &mut q, &mem).map(|c| c.head_index());
-        assert_eq!(popped, Some(head));
-        assert!(pop_chain("test", &mut q, &mem).is_none(), "nothing more");
-
-        // An available index further ahead than the queue is long.
-        driver.set_avail_idx(100);
-        assert!(pop_chain("test", &mut q, &mem).is_none());
-        assert_eq!(q.next_avail(), 1);
-
-        // An available ring at guest address 0, with a chain in it: virtio-queue takes the
-        // queue for one that was never set up (and would log so at each attempt).
-        driver.set_avail_idx(1);
-        mem.write_obj(2u16.to_le(), GuestAddress(2))
-            .expect("avail idx");
-        q.try_set_avail_ring_address(GuestAddress(0))
-            .expect("avail at 0");
-        assert!(pop_chain("test", &mut q, &mem).is_none());
-
-        // A stopped queue.
-        q.try_set_avail_ring_address(driver.avail).expect("avail");
-        q.set_ready(false);
-        assert!(pop_chain("test", &mut q, &mem).is_none());
-    }
 
     #[test]
     fn cmdline_param_formats_like_linux_expects() {

@@ -63,15 +63,16 @@
 //! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
 //! released the lock; dropping the transport (or a bare [`Net`]) stops and joins it too. No
 //! thread outlives the device.
-//! The thread and its life (epoll, kick, stop, join) are `rx_worker::RxWorkers`, shared by
-//! virtio-net and virtio-console; this module supplies the batch.
+//! The thread, its life (epoll, kick, stop, join) and the batch loop are `rx_worker`'s, and the
+//! chain rules `chain::IoChain`'s, shared by virtio-net and virtio-console; this module says
+//! what a frame is and how it is counted.
 //!
 //! Per-frame guest errors are logged at `debug` (a hostile guest could otherwise flood the log)
 //! and counted in [`NetStats`]; nothing the guest writes can panic the device.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -85,17 +86,20 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_RSC_EXT,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, Permissions};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::{ChainError, IoChain};
 use super::mmio::{MmioError, SharedTransport};
-use super::rx_worker::{next_chain, Batch, RxFill, RxWorkers, Source};
-use super::{
-    add_used, bump, push_iovecs, ActivateError, BadBuffer, QueueAccess, VirtioDevice,
-    VIRTIO_F_VERSION_1,
-};
+use super::queue::serve_chains;
+use super::rx_worker::{Batch, RxDevice, RxWorkers, Source};
+use super::stats::device_stats;
+use super::sys::{set_nonblocking, SysError, MAX_IOVECS};
+use super::{ActivateError, QueueAccess, VirtioDevice, VIRTIO_F_VERSION_1};
+
+pub use super::rx_worker::RX_BATCH;
 
 /// Bytes of `struct virtio_net_hdr_v1` in front of every frame, in both directions.
 pub const VNET_HDR_LEN: usize = 12;
@@ -105,16 +109,10 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// Index of the transmit queue.
 pub const TX_QUEUE: usize = 1;
-/// Most frames the RX worker moves per acquisition of the transport lock.
-pub const RX_BATCH: usize = 64;
 
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
 /// Configuration space: `mac[6]` only (no STATUS, MQ or MTU).
 const CONFIG_LEN: usize = 6;
-/// Longest descriptor chain accepted (we do not offer indirect descriptors).
-const MAX_CHAIN: usize = QUEUE_SIZE as usize;
-/// Most iovecs a single `readv`/`writev` may take (Linux's UIO_MAXIOV).
-const MAX_IOVECS: usize = 1024;
 /// Largest frame accepted for transmission, header included: 64 KiB of Ethernet frame.
 const MAX_TX_LEN: u64 = VNET_HDR_LEN as u64 + 65_536;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
@@ -183,94 +181,51 @@ pub enum NetError {
     Transport(#[from] MmioError),
 }
 
-/// Why a frame was not moved. Only logged and counted.
+impl From<SysError> for NetError {
+    fn from(e: SysError) -> NetError {
+        NetError::Tap {
+            what: e.what,
+            source: e.source,
+        }
+    }
+}
+
+/// Why a frame was not sent. Only logged and counted.
 #[derive(Debug, thiserror::Error)]
-enum FrameError {
-    #[error("descriptor chain longer than {MAX_CHAIN}")]
-    ChainTooLong,
-    /// virtio-queue ends a chain early, without an error, when a descriptor cannot be read,
-    /// the next index is out of range, it loops, or the lengths overflow 32 bits: the last
-    /// descriptor we saw still says "next".
-    #[error("broken descriptor chain (bad next index, loop, or over 4 GiB)")]
-    BrokenChain,
-    #[error("device-writable descriptor in a transmit chain")]
-    WritableInTx,
-    #[error("device-readable descriptor in a receive chain")]
-    ReadableInRx,
+enum TxError {
     #[error(transparent)]
-    BadBuffer(#[from] BadBuffer),
-    #[error("chain holds {0} bytes, less than the {VNET_HDR_LEN}-byte header")]
-    TooShort(u64),
-    #[error("frame of {0} bytes exceeds {MAX_TX_LEN}")]
-    TooLong(u64),
+    Chain(#[from] ChainError),
     #[error("the TAP is full")]
     TapFull,
     #[error("TAP: {0}")]
     Tap(#[source] io::Error),
 }
 
-/// Counters of a virtio-net device. Bytes are Ethernet frame bytes (the vnet header excluded).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct NetStats {
-    /// Frames written to the TAP.
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    /// Well-formed frames the TAP did not take (full, or an error).
-    pub tx_dropped: u64,
-    /// Transmit chains returned unsent because they were malformed.
-    pub tx_malformed: u64,
-    /// Frames sent whose guest header was not all zeros (offload metadata that was never
-    /// negotiated); they went out with a zero header.
-    pub tx_header_ignored: u64,
-    /// Frames delivered to the guest.
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    /// Frames read from the TAP and dropped (larger than the receive chain, or shorter than a
-    /// header).
-    pub rx_dropped: u64,
-    /// Receive chains returned unused (used length 0) because they were malformed.
-    pub rx_malformed: u64,
-}
-
-/// A handle on a device's counters that outlives handing the transport to the MMIO bus.
-#[derive(Debug, Clone)]
-pub struct NetStatsReader(Arc<Counters>);
-
-impl NetStatsReader {
-    /// The counters now.
-    pub fn get(&self) -> NetStats {
-        self.0.snapshot()
+device_stats! {
+    /// Counters of a virtio-net device. Bytes are Ethernet frame bytes (the vnet header
+    /// excluded).
+    pub struct NetStats {
+        /// Frames written to the TAP.
+        pub tx_frames: u64,
+        pub tx_bytes: u64,
+        /// Well-formed frames the TAP did not take (full, or an error).
+        pub tx_dropped: u64,
+        /// Transmit chains returned unsent because they were malformed.
+        pub tx_malformed: u64,
+        /// Frames sent whose guest header was not all zeros (offload metadata that was never
+        /// negotiated); they went out with a zero header.
+        pub tx_header_ignored: u64,
+        /// Frames delivered to the guest.
+        pub rx_frames: u64,
+        pub rx_bytes: u64,
+        /// Frames read from the TAP and dropped (larger than the receive chain, or shorter
+        /// than a header).
+        pub rx_dropped: u64,
+        /// Receive chains returned unused (used length 0) because they were malformed.
+        pub rx_malformed: u64,
     }
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    tx_frames: AtomicU64,
-    tx_bytes: AtomicU64,
-    tx_dropped: AtomicU64,
-    tx_malformed: AtomicU64,
-    tx_header_ignored: AtomicU64,
-    rx_frames: AtomicU64,
-    rx_bytes: AtomicU64,
-    rx_dropped: AtomicU64,
-    rx_malformed: AtomicU64,
-}
-
-impl Counters {
-    fn snapshot(&self) -> NetStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        NetStats {
-            tx_frames: get(&self.tx_frames),
-            tx_bytes: get(&self.tx_bytes),
-            tx_dropped: get(&self.tx_dropped),
-            tx_malformed: get(&self.tx_malformed),
-            tx_header_ignored: get(&self.tx_header_ignored),
-            rx_frames: get(&self.rx_frames),
-            rx_bytes: get(&self.rx_bytes),
-            rx_dropped: get(&self.rx_dropped),
-            rx_malformed: get(&self.rx_malformed),
-        }
-    }
+    counters: Counters,
+    reader: NetStatsReader,
 }
 
 /// virtio-net device on a TAP.
@@ -336,7 +291,7 @@ impl Net {
 
     /// A handle to read the counters later, e.g. after the transport went onto the MMIO bus.
     pub fn stats_reader(&self) -> NetStatsReader {
-        NetStatsReader(self.stats.clone())
+        NetStatsReader::new(self.stats.clone())
     }
 
     /// Whether an RX worker is running (the device is activated).
@@ -350,99 +305,47 @@ impl Net {
     }
 
     fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        let Some(pending) = super::pending_chains(queue, mem, "virtio-net") else {
-            return false;
-        };
-        let mut iovecs = Vec::new();
-        let mut used_any = false;
-        for _ in 0..pending {
-            let Some(chain) = super::pop_chain("virtio-net", queue, mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            iovecs.clear();
-            match self.transmit(chain, mem, &mut iovecs) {
+        let mut chain = IoChain::default();
+        serve_chains("virtio-net", queue, mem, |desc_chain| {
+            let head = desc_chain.head_index();
+            match self.transmit(desc_chain, mem, &mut chain) {
                 Ok(len) => {
-                    bump(&self.stats.tx_frames, 1);
-                    bump(&self.stats.tx_bytes, len - VNET_HDR_LEN as u64);
+                    self.stats.tx_frames.add(1);
+                    self.stats.tx_bytes.add(len - VNET_HDR_LEN as u64);
                 }
-                Err(e @ (FrameError::TapFull | FrameError::Tap(_))) => {
+                Err(e @ (TxError::TapFull | TxError::Tap(_))) => {
                     debug!(head, error = %e, "virtio-net: TX frame dropped");
-                    bump(&self.stats.tx_dropped, 1);
+                    self.stats.tx_dropped.add(1);
                 }
                 Err(e) => {
                     debug!(head, error = %e, "virtio-net: malformed TX chain; returned unsent");
-                    bump(&self.stats.tx_malformed, 1);
+                    self.stats.tx_malformed.add(1);
                 }
             }
-            iovecs.clear();
-            match queue.add_used(mem, head, 0) {
-                Ok(()) => used_any = true,
-                // The driver's used ring is the driver's problem (and was checked at
-                // activation): not worth a warning it could repeat at will.
-                Err(e) => debug!(head, error = %e, "virtio-net: cannot return a TX buffer"),
-            }
-        }
-        used_any && queue.needs_notification(mem).unwrap_or(true)
+            0
+        })
     }
 
     /// Write one chain to the TAP, behind [`ZERO_HDR`] instead of the guest's header; returns
     /// its length (header included).
     fn transmit(
         &self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        desc_chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
-        iovecs: &mut Vec<libc::iovec>,
-    ) -> Result<u64, FrameError> {
-        // Our header first; the guest's bytes follow and lose their first VNET_HDR_LEN below.
-        iovecs.push(libc::iovec {
-            // writev only reads through it.
-            iov_base: ZERO_HDR.as_ptr().cast_mut().cast(),
-            iov_len: VNET_HDR_LEN,
-        });
+        chain: &mut IoChain,
+    ) -> Result<u64, TxError> {
+        chain.load_readable(desc_chain, mem, VNET_HDR_LEN as u64, MAX_TX_LEN)?;
         // A copy of the guest's header, only to count and log what it asked for.
         let mut guest_hdr = [0u8; VNET_HDR_LEN];
-        let mut total = 0u64;
-        let mut more = false;
-        for (i, desc) in chain.enumerate() {
-            if i == MAX_CHAIN {
-                return Err(FrameError::ChainTooLong);
-            }
-            more = desc.has_next();
-            if desc.is_write_only() {
-                return Err(FrameError::WritableInTx);
-            }
-            let start = total;
-            total += u64::from(desc.len());
-            if total > MAX_TX_LEN {
-                return Err(FrameError::TooLong(total));
-            }
-            push_iovecs(mem, desc.addr(), desc.len(), Permissions::Read, iovecs)?;
-            // The part of the header in this descriptor (in guest memory: push_iovecs said so).
-            let end = usize::try_from(total).map_or(VNET_HDR_LEN, |t| t.min(VNET_HDR_LEN));
-            if let Some(dst) = usize::try_from(start)
-                .ok()
-                .and_then(|s| guest_hdr.get_mut(s..end))
-            {
-                if let Err(source) = mem.read_slice(dst, desc.addr()) {
-                    return Err(BadBuffer {
-                        addr: desc.addr().0,
-                        len: desc.len(),
-                        source,
-                    }
-                    .into());
-                }
-            }
+        if let Err(e) = chain.read_at(mem, 0, &mut guest_hdr) {
+            // In guest memory (the chain was checked): not reached.
+            debug!(error = %e, "virtio-net: cannot read the guest's TX header");
         }
-        if more {
-            return Err(FrameError::BrokenChain);
-        }
-        if total < VNET_HDR_LEN as u64 {
-            return Err(FrameError::TooShort(total));
-        }
-        skip_bytes(iovecs, 1, VNET_HDR_LEN);
-        if iovecs.len() > MAX_IOVECS {
-            return Err(FrameError::ChainTooLong);
+        // Our header instead of the guest's.
+        chain.consume(VNET_HDR_LEN);
+        chain.prepend(&ZERO_HDR);
+        if chain.iovec_count() > MAX_IOVECS {
+            return Err(ChainError::TooManyIovecs.into());
         }
         if guest_hdr[..NUM_BUFFERS_OFFSET as usize] != [0; NUM_BUFFERS_OFFSET as usize] {
             let field = |at: usize| u16::from_le_bytes([guest_hdr[at], guest_hdr[at + 1]]);
@@ -455,26 +358,17 @@ impl Net {
                 csum_offset = field(8),
                 "virtio-net: offload metadata in a TX header (none negotiated); sent without it"
             );
-            bump(&self.stats.tx_header_ignored, 1);
+            self.stats.tx_header_ignored.add(1);
         }
+        let total = chain.size();
         let written = loop {
-            // SAFETY: every iovec points into guest memory that `mem` keeps mapped (checked by
-            // push_iovecs) or at ZERO_HDR (a static), and writev only reads through them.
-            let n = unsafe {
-                libc::writev(
-                    self.tap.as_raw_fd(),
-                    iovecs.as_ptr(),
-                    iovecs.len() as libc::c_int,
-                )
-            };
-            if n >= 0 {
-                break n as u64;
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => return Err(FrameError::TapFull),
-                _ => return Err(FrameError::Tap(e)),
+            match chain.write_to(self.tap.as_raw_fd()) {
+                Ok(n) => break n,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => return Err(TxError::TapFull),
+                    _ => return Err(TxError::Tap(e)),
+                },
             }
         };
         if written != total {
@@ -531,13 +425,13 @@ impl VirtioDevice for Net {
             watch: true,
         };
         let stats = self.stats.clone();
-        let fill = move || NetRx {
+        let rx = move || NetRx {
             stats,
-            chain: RxChain::default(),
+            overflow: [0],
             tap_error_logged: false,
         };
         self.rx
-            .start(source, access, fill)
+            .start(source, access, rx)
             .map_err(ActivateError::Worker)?;
         debug!(mac = %fmt_mac(&self.mac), "virtio-net: activated");
         Ok(())
@@ -576,248 +470,81 @@ impl VirtioDevice for Net {
     }
 }
 
-/// A receive chain, resolved to host memory.
-#[derive(Default)]
-struct RxChain {
-    iovecs: Vec<libc::iovec>,
-    /// The chain's non-empty descriptors, to write `num_buffers` into.
-    segments: Vec<(GuestAddress, u32)>,
-    capacity: u64,
-    /// Spare byte after the chain: a frame that reaches it did not fit.
-    overflow: [u8; 1],
-}
-
-impl RxChain {
-    fn load(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), FrameError> {
-        self.iovecs.clear();
-        self.segments.clear();
-        self.capacity = 0;
-        let mut more = false;
-        for (i, desc) in chain.enumerate() {
-            if i == MAX_CHAIN {
-                return Err(FrameError::ChainTooLong);
-            }
-            more = desc.has_next();
-            if !desc.is_write_only() {
-                return Err(FrameError::ReadableInRx);
-            }
-            if desc.len() == 0 {
-                continue;
-            }
-            push_iovecs(
-                mem,
-                desc.addr(),
-                desc.len(),
-                Permissions::Write,
-                &mut self.iovecs,
-            )?;
-            self.segments.push((desc.addr(), desc.len()));
-            self.capacity += u64::from(desc.len());
-        }
-        if more {
-            return Err(FrameError::BrokenChain);
-        }
-        if self.capacity < VNET_HDR_LEN as u64 {
-            return Err(FrameError::TooShort(self.capacity));
-        }
-        if self.iovecs.len() >= MAX_IOVECS {
-            return Err(FrameError::ChainTooLong);
-        }
-        Ok(())
-    }
-
-    /// Read one frame from `fd` into the chain (plus the overflow byte).
-    fn readv(&mut self, fd: RawFd) -> io::Result<u64> {
-        self.iovecs.push(libc::iovec {
-            iov_base: self.overflow.as_mut_ptr().cast(),
-            iov_len: self.overflow.len(),
-        });
-        // SAFETY: the iovecs point into guest memory that the caller's `mem` keeps mapped
-        // (checked by push_iovecs) and into `self.overflow`, all valid for writes of their
-        // lengths for the duration of the call.
-        let n = unsafe { libc::readv(fd, self.iovecs.as_ptr(), self.iovecs.len() as libc::c_int) };
-        self.iovecs.pop();
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as u64)
-        }
-    }
-
-    /// The guest address of byte `offset` of the chain.
-    fn addr_of(&self, mut offset: u64) -> Option<GuestAddress> {
-        for &(addr, len) in &self.segments {
-            if offset < u64::from(len) {
-                return addr.0.checked_add(offset).map(GuestAddress);
-            }
-            offset -= u64::from(len);
-        }
-        None
-    }
-
-    /// Set the header's `num_buffers` to 1 (the TAP leaves those two bytes alone; without
-    /// MRG_RXBUF every frame takes exactly one buffer).
-    fn set_num_buffers(&self, mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
-        for (i, byte) in 1u16.to_le_bytes().into_iter().enumerate() {
-            let addr = self
-                .addr_of(NUM_BUFFERS_OFFSET + i as u64)
-                .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(0)))?;
-            mem.write_obj(byte, addr)?;
-        }
-        Ok(())
-    }
-}
-
-/// virtio-net's receive work: frames from the TAP into receive chains.
+/// virtio-net's receive side: one frame from the TAP into each receive chain.
 struct NetRx {
     stats: Arc<Counters>,
-    chain: RxChain,
+    /// Spare byte after the chain: a frame that reaches it did not fit.
+    overflow: [u8; 1],
     tap_error_logged: bool,
 }
 
-impl RxFill for NetRx {
-    fn fill(
+impl RxDevice for NetRx {
+    const NAME: &'static str = "virtio-net";
+    const MIN_CHAIN: u64 = VNET_HDR_LEN as u64;
+    /// A stand-in whose peer closed: nothing to read.
+    const AT_EOF: Batch = Batch::Drained;
+
+    fn check(&self, chain: &IoChain) -> Result<(), ChainError> {
+        // Room for the overflow byte.
+        if chain.iovec_count() >= MAX_IOVECS {
+            return Err(ChainError::TooManyIovecs);
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, chain: &mut IoChain, tap: RawFd) -> io::Result<u64> {
+        chain.read_from(tap, &mut self.overflow)
+    }
+
+    fn received(
         &mut self,
-        queue: &mut Queue,
+        chain: &IoChain,
         mem: &GuestMemoryMmap,
-        tap: RawFd,
-        used: &mut bool,
-    ) -> Batch {
-        rx_batch(
-            queue,
-            mem,
-            tap,
-            &mut self.chain,
-            &self.stats,
-            &mut self.tap_error_logged,
-            used,
-        )
+        head: u16,
+        n: u64,
+    ) -> Option<u32> {
+        if n > chain.size() {
+            debug!(
+                head,
+                frame_len = n,
+                capacity = chain.size(),
+                "virtio-net: RX frame larger than the receive buffer; dropped"
+            );
+            self.stats.rx_dropped.add(1);
+            return None;
+        }
+        if n <= VNET_HDR_LEN as u64 {
+            debug!(
+                head,
+                len = n,
+                "virtio-net: RX frame without payload; dropped"
+            );
+            self.stats.rx_dropped.add(1);
+            return None;
+        }
+        // The TAP leaves num_buffers alone; without MRG_RXBUF every frame takes exactly one
+        // buffer.
+        if let Err(e) = chain.write_at(mem, NUM_BUFFERS_OFFSET, &1u16.to_le_bytes()) {
+            debug!(head, error = %e, "virtio-net: cannot write num_buffers");
+        }
+        self.stats.rx_frames.add(1);
+        self.stats.rx_bytes.add(n - VNET_HDR_LEN as u64);
+        // n <= capacity <= 256 descriptors of u32: fits.
+        Some(u32::try_from(n).unwrap_or(0))
     }
-}
 
-fn rx_batch(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    tap: RawFd,
-    chain: &mut RxChain,
-    stats: &Counters,
-    tap_error_logged: &mut bool,
-    used: &mut bool,
-) -> Batch {
-    for _ in 0..RX_BATCH {
-        // Out of buffers: wait for a kick (notifications are on again).
-        let Some(desc_chain) = next_chain("virtio-net", queue, mem) else {
-            return Batch::NoBuffers;
-        };
-        let head = desc_chain.head_index();
-        if let Err(e) = chain.load(desc_chain, mem) {
-            debug!(head, error = %e, "virtio-net: malformed RX chain; returned unused");
-            bump(&stats.rx_malformed, 1);
-            add_used("virtio-net", queue, mem, head, 0, used);
-            continue;
-        }
-        match chain.readv(tap) {
-            Ok(0) => {
-                // End of file (a stand-in whose peer closed): nothing to read, keep the chain.
-                queue.go_to_previous_position();
-                return Batch::Drained;
-            }
-            Ok(n) if n > chain.capacity => {
-                debug!(
-                    head,
-                    frame_len = n,
-                    capacity = chain.capacity,
-                    "virtio-net: RX frame larger than the receive buffer; dropped"
-                );
-                bump(&stats.rx_dropped, 1);
-                queue.go_to_previous_position();
-            }
-            Ok(n) if n <= VNET_HDR_LEN as u64 => {
-                debug!(
-                    head,
-                    len = n,
-                    "virtio-net: RX frame without payload; dropped"
-                );
-                bump(&stats.rx_dropped, 1);
-                queue.go_to_previous_position();
-            }
-            Ok(n) => {
-                if let Err(e) = chain.set_num_buffers(mem) {
-                    debug!(head, error = %e, "virtio-net: cannot write num_buffers");
-                }
-                // n <= capacity <= 256 descriptors of u32: fits.
-                add_used(
-                    "virtio-net",
-                    queue,
-                    mem,
-                    head,
-                    u32::try_from(n).unwrap_or(0),
-                    used,
-                );
-                bump(&stats.rx_frames, 1);
-                bump(&stats.rx_bytes, n - VNET_HDR_LEN as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                queue.go_to_previous_position();
-                return Batch::Drained;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                queue.go_to_previous_position();
-            }
-            Err(e) => {
-                queue.go_to_previous_position();
-                if !std::mem::replace(tap_error_logged, true) {
-                    warn!(error = %e, "virtio-net: reading the TAP failed");
-                } else {
-                    debug!(error = %e, "virtio-net: reading the TAP failed");
-                }
-                return Batch::Drained;
-            }
-        }
+    fn malformed(&mut self) {
+        self.stats.rx_malformed.add(1);
     }
-    Batch::More
-}
 
-/// Drops `n` bytes from the data `iovecs[first..]` describe (shortening or removing iovecs).
-fn skip_bytes(iovecs: &mut Vec<libc::iovec>, first: usize, mut n: usize) {
-    let mut whole = 0;
-    for iov in iovecs.iter_mut().skip(first) {
-        if n == 0 {
-            break;
-        }
-        if iov.iov_len <= n {
-            n -= iov.iov_len;
-            whole += 1;
+    fn read_failed(&mut self, e: io::Error) -> Batch {
+        if !std::mem::replace(&mut self.tap_error_logged, true) {
+            warn!(error = %e, "virtio-net: reading the TAP failed");
         } else {
-            iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(n).cast();
-            iov.iov_len -= n;
-            n = 0;
+            debug!(error = %e, "virtio-net: reading the TAP failed");
         }
+        Batch::Drained
     }
-    iovecs.drain(first..first + whole);
-}
-
-fn set_nonblocking(fd: RawFd) -> Result<(), NetError> {
-    let err = |what| NetError::Tap {
-        what,
-        source: io::Error::last_os_error(),
-    };
-    // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(err("F_GETFL"));
-    }
-    if flags & libc::O_NONBLOCK == 0 {
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-            return Err(err("F_SETFL O_NONBLOCK"));
-        }
-    }
-    Ok(())
 }
 
 /// If `fd` is a TUN/TAP device, check its mode and header size.
@@ -871,6 +598,8 @@ mod tests {
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
     use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
     use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::devices::virtio::mmio::MmioTransport;
@@ -1314,33 +1043,6 @@ mod tests {
             write_reg(t, STATUS, 11);
             assert_eq!(read_reg(t, STATUS), 3, "feature bit {bit} accepted");
         }
-    }
-
-    #[test]
-    fn skip_bytes_drops_a_prefix_across_iovecs() {
-        let mut data = *b"hhhhhhhhhhhhpayload!";
-        let base = data.as_mut_ptr();
-        let iov = |at: usize, len: usize| libc::iovec {
-            iov_base: base.wrapping_add(at).cast(),
-            iov_len: len,
-        };
-        let bytes = |v: &[libc::iovec]| -> Vec<(usize, usize)> {
-            v.iter()
-                .map(|i| (i.iov_base as usize - base as usize, i.iov_len))
-                .collect()
-        };
-        // A first iovec that stays; then 5 + 0 + 7 bytes of header and the payload.
-        let mut v = vec![iov(19, 1), iov(0, 5), iov(5, 0), iov(5, 10), iov(15, 5)];
-        skip_bytes(&mut v, 1, 12);
-        assert_eq!(bytes(&v), [(19, 1), (12, 3), (15, 5)]);
-        // Exactly at a boundary.
-        let mut v = vec![iov(19, 1), iov(0, 12), iov(12, 8)];
-        skip_bytes(&mut v, 1, 12);
-        assert_eq!(bytes(&v), [(19, 1), (12, 8)]);
-        // Less data than asked: everything after `first` goes.
-        let mut v = vec![iov(19, 1), iov(0, 4)];
-        skip_bytes(&mut v, 1, 12);
-        assert_eq!(bytes(&v), [(19, 1)]);
     }
 
     #[test]
