@@ -32,7 +32,7 @@ use vm_memory::{
 };
 
 use super::queue::serve_chains;
-use super::{ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{ActivateError, QueueAccess, VirtioDevice, VIRTIO_F_VERSION_1};
 
 /// Sector size of the virtio-blk protocol (independent of the advertised block size).
 pub const SECTOR_SIZE: u64 = 512;
@@ -457,7 +457,13 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(&mut self, _acked_features: u64, queues: &[Queue]) -> Result<(), ActivateError> {
+    /// All the work is done on the vCPU thread: `access` is not needed.
+    fn activate(
+        &mut self,
+        _acked_features: u64,
+        queues: &[Queue],
+        _access: QueueAccess,
+    ) -> Result<(), ActivateError> {
         if !queues.first().is_some_and(|q| q.ready()) {
             return Err(ActivateError::QueueNotReady(0));
         }
@@ -487,11 +493,11 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::testing::{
         bring_up, eventfd, memory, r, read_reg, w, write_reg, Desc, DriverQueue, BUF_BASE,
         MEM_SIZE, QUEUE_BASE,
     };
+    use crate::devices::virtio::MmioTransport;
     use crate::devices::MmioDevice;
 
     const HDR: u64 = BUF_BASE;
@@ -530,7 +536,7 @@ mod tests {
             let mut t = MmioTransport::new(block, mem.clone(), eventfd()).expect("transport");
             let q = DriverQueue::new(&mem, QUEUE_BASE, 16);
             bring_up(&mut t, &[&q]);
-            assert!(t.is_activated());
+            assert!(t.lock().is_activated());
             // Poison the buffer area so we can tell what the device wrote.
             mem.write_slice(&vec![POISON; 0x2_0000], GuestAddress(BUF_BASE))
                 .expect("poison");
@@ -558,7 +564,7 @@ mod tests {
 
         fn notify(&mut self) -> bool {
             write_reg(&mut self.t, QUEUE_NOTIFY, 0);
-            self.t.interrupt_evt().read().is_ok()
+            self.t.lock().interrupt_evt().read().is_ok()
         }
 
         fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
@@ -616,7 +622,7 @@ mod tests {
         write_reg(t, 0x14, 1);
         assert_eq!(read_reg(t, 0x10), 1); // VERSION_1
         assert_eq!(
-            t.acked_features() & (1 << VIRTIO_BLK_F_RO),
+            t.lock().acked_features() & (1 << VIRTIO_BLK_F_RO),
             1 << VIRTIO_BLK_F_RO
         );
         // capacity, as Linux reads a u64: two 32-bit reads.

@@ -29,8 +29,8 @@
 //!   Every chain is returned with a used length of 0. Malformed chains (a device-writable
 //!   descriptor, out of guest memory, a broken chain, longer than the queue) are returned
 //!   without sending anything.
-//! - **RX** runs on a worker thread started on activation (so it needs a [`SharedTransport`];
-//!   see the [module docs](super) for the threading model), as virtio-net's does. It waits in
+//! - **RX** runs on a worker thread started on activation (see the
+//!   [module docs](super) for the threading model), as virtio-net's does. It waits in
 //!   `epoll` for the socket (edge-triggered `EPOLLIN | EPOLLRDHUP`), a kick eventfd written when
 //!   the driver notifies queue 0, and a stop eventfd. Under the transport lock it pops a receive
 //!   chain, `readv`s whatever the socket holds into its writable descriptors (a stream: a partial
@@ -45,7 +45,7 @@
 //! worker and every other device exit wait meanwhile. A peer must therefore keep reading while
 //! it writes (the gateway does both asynchronously); otherwise only the stop flag ends the wait.
 //!
-//! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
+//! The worker is told to stop on device reset and joined by [`MmioTransport`] once it has
 //! released the lock; dropping the transport (or a bare [`VirtioConsole`]) stops and joins it
 //! too. No thread outlives the device.
 //! The thread, its life (epoll, kick, stop, join) and the batch loop are `rx_worker`'s, and the
@@ -70,7 +70,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::IoChain;
-use super::mmio::{MmioError, SharedTransport};
+use super::mmio::{MmioError, MmioTransport};
 use super::queue::serve_chains;
 use super::rx_worker::{Batch, RxDevice, RxWorkers, Source};
 use super::stats::device_stats;
@@ -175,16 +175,16 @@ pub struct VirtioConsole {
     rx: RxWorkers,
 }
 
-/// Build a virtio-console device on `socket` behind a shared virtio-mmio transport, ready for the
+/// Build a virtio-console device on `socket` behind a virtio-mmio transport, ready for the
 /// MMIO bus. `irq` is written on every interrupt and must be registered as a KVM irqfd for the
 /// device's GSI. Take the device's [`ConsoleStopper`] through `lock().device().stopper()`.
 pub fn attach_console(
     socket: OwnedFd,
     mem: GuestMemoryMmap,
     irq: EventFd,
-) -> Result<SharedTransport<VirtioConsole>, ConsoleError> {
+) -> Result<MmioTransport<VirtioConsole>, ConsoleError> {
     let console = VirtioConsole::new(socket)?;
-    Ok(SharedTransport::new(console, mem, irq)?)
+    Ok(MmioTransport::new(console, mem, irq)?)
 }
 
 impl VirtioConsole {
@@ -324,11 +324,7 @@ impl VirtioDevice for VirtioConsole {
         );
     }
 
-    fn activate(&mut self, _acked_features: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
-        Err(ActivateError::NeedsSharedTransport(VIRTIO_ID_CONSOLE))
-    }
-
-    fn activate_with_access(
+    fn activate(
         &mut self,
         _acked_features: u64,
         queues: &[Queue],
@@ -489,13 +485,11 @@ mod tests {
 
     use vm_memory::GuestAddress;
 
-    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
     use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
     use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
     use vm_memory::Bytes;
 
     use super::*;
-    use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::testing::{
         bring_up, eventfd, memory, r, read_reg, w, wait_for, write_reg, Desc, DriverQueue,
         BUF_BASE, MEM_SIZE, QUEUE_BASE,
@@ -534,7 +528,7 @@ mod tests {
 
     struct Fixture {
         mem: GuestMemoryMmap,
-        t: SharedTransport<VirtioConsole>,
+        t: MmioTransport<VirtioConsole>,
         rxq: DriverQueue,
         txq: DriverQueue,
         /// The host side of the channel (the gateway's end), non-blocking.
@@ -717,20 +711,6 @@ mod tests {
         assert!(is_nonblocking(probe.as_raw_fd()));
         assert_eq!(console.stats(), ConsoleStats::default());
         assert!(!console.stopper().is_stopped());
-    }
-
-    #[test]
-    fn plain_transport_refuses_to_activate() {
-        let (dev, _peer) = UnixStream::pair().expect("socketpair");
-        let console = VirtioConsole::new(OwnedFd::from(dev)).expect("console");
-        let mem = memory();
-        let mut t = MmioTransport::new(console, mem.clone(), eventfd()).expect("transport");
-        let rxq = DriverQueue::new(&mem, QUEUE_BASE, 16);
-        let txq = DriverQueue::new(&mem, TXQ_BASE, 16);
-        bring_up(&mut t, &[&rxq, &txq]);
-        assert!(!t.is_activated());
-        assert_ne!(read_reg(&mut t, STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
-        assert!(!t.device().has_worker());
     }
 
     #[test]

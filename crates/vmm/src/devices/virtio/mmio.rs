@@ -1,14 +1,16 @@
 //! The virtio-mmio transport, register layout version 2 (virtio 1.1+ "modern" devices only).
 //!
-//! The transport owns the virtqueues and the device model. All register accesses arrive
-//! synchronously from a vCPU thread; a write to QueueNotify processes that queue right away and,
+//! One transport type for every device, [`MmioTransport`]: it owns the virtqueues and the
+//! device model, in a [`TransportState`] behind a mutex. Register accesses arrive synchronously
+//! from a vCPU thread and lock it; a write to QueueNotify processes that queue right away and,
 //! when a buffer was used, sets bit 0 of InterruptStatus and writes the irq eventfd (which the
 //! VMM registers as a KVM irqfd for the device's GSI).
 //!
-//! A device with worker threads (virtio-net's RX) sits behind a [`SharedTransport`] instead: the
-//! same transport in an `Arc<Mutex<_>>`, whose workers reach the queues through
-//! [`QueueAccess`] and [`MmioTransport::with_queue`], which raises the
-//! interrupt the same way. See the [module docs](super) for the threading model.
+//! A device with worker threads (virtio-net's and virtio-console's RX) needs nothing else: on
+//! activation every device gets a [`QueueAccess`], through which its workers reach the queues
+//! ([`TransportState::with_queue`], which raises the interrupt the same way); a device without
+//! workers (virtio-blk) ignores it. There is no second transport to put a device in by mistake.
+//! See the [module docs](super) for the threading model.
 //!
 //! The common registers (below 0x100) accept 4-byte accesses only; any other size reads as zero
 //! and is ignored on write, as are unknown offsets and read-only registers. The device
@@ -102,8 +104,9 @@ pub enum MmioError {
     NotModern(u32),
 }
 
-/// A virtio device behind a virtio-mmio register window.
-pub struct MmioTransport<D: VirtioDevice> {
+/// A virtio device behind a virtio-mmio register window: the state behind an [`MmioTransport`]'s
+/// lock, reached through [`MmioTransport::lock`].
+pub struct TransportState<D: VirtioDevice> {
     device: D,
     mem: GuestMemoryMmap,
     irq: EventFd,
@@ -116,8 +119,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     interrupt_status: u32,
     config_generation: u32,
     activated: bool,
-    /// Set when the transport is shared: what [`QueueAccess`] handles point to.
-    host: Option<Weak<Mutex<dyn QueueHost>>>,
+    /// What [`QueueAccess`] handles point to: this state's own mutex.
+    host: Weak<Mutex<dyn QueueHost>>,
     /// Bumped on every activation, reset and shutdown: a [`QueueAccess`] is only good for the
     /// epoch it was handed out in.
     epoch: u64,
@@ -125,46 +128,7 @@ pub struct MmioTransport<D: VirtioDevice> {
     log: LogLimiter,
 }
 
-impl<D: VirtioDevice> MmioTransport<D> {
-    /// Wrap `device`. `mem` is the guest's memory (a cheap clone: the regions are shared);
-    /// `irq` is written whenever the device interrupts the driver and must be registered by the
-    /// VMM as a KVM irqfd for the device's GSI.
-    pub fn new(device: D, mem: GuestMemoryMmap, irq: EventFd) -> Result<Self, MmioError> {
-        let device_type = device.device_type();
-        if device.device_features() & VIRTIO_F_VERSION_1 == 0 {
-            return Err(MmioError::NotModern(device_type));
-        }
-        let queues = device
-            .queue_max_sizes()
-            .iter()
-            .enumerate()
-            .map(|(index, &size)| {
-                Queue::new(size).map_err(|source| MmioError::InvalidQueueSize {
-                    index,
-                    size,
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(MmioTransport {
-            device,
-            mem,
-            irq,
-            queues,
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            status: 0,
-            interrupt_status: 0,
-            config_generation: 0,
-            activated: false,
-            host: None,
-            epoch: 0,
-            log: LogLimiter::new(transport_name(device_type)),
-        })
-    }
-
+impl<D: VirtioDevice> TransportState<D> {
     /// The device model.
     pub fn device(&self) -> &D {
         &self.device
@@ -428,14 +392,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     q.set_event_idx(event_idx);
                 }
                 self.epoch = self.epoch.wrapping_add(1);
-                match &self.host {
-                    Some(host) => self.device.activate_with_access(
-                        self.driver_features,
-                        &self.queues,
-                        QueueAccess::new(host.clone(), self.epoch),
-                    ),
-                    None => self.device.activate(self.driver_features, &self.queues),
-                }
+                let access = QueueAccess::new(self.host.clone(), self.epoch);
+                self.device
+                    .activate(self.driver_features, &self.queues, access)
             }
         };
         match result {
@@ -662,8 +621,10 @@ impl Ring {
     }
 }
 
-impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+impl<D: VirtioDevice> TransportState<D> {
+    /// A register (or configuration space) read, with the lock held: what
+    /// [`MmioTransport`]'s [`MmioDevice::read`] does.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if offset >= CONFIG_SPACE_OFFSET {
             self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
@@ -680,7 +641,10 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
         data.copy_from_slice(&self.read_register(offset).to_le_bytes());
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
+    /// A register (or configuration space) write, with the lock held. Unlike
+    /// [`MmioTransport`]'s [`MmioDevice::write`], it does not join workers a reset stopped:
+    /// those are joined at the transport's next write, or when it is dropped.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
@@ -697,7 +661,7 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
     }
 }
 
-impl<D: VirtioDevice> QueueHost for MmioTransport<D> {
+impl<D: VirtioDevice> QueueHost for TransportState<D> {
     fn with_queue_at(
         &mut self,
         epoch: u64,
@@ -717,30 +681,64 @@ impl<D: VirtioDevice> QueueHost for MmioTransport<D> {
     }
 }
 
-/// A virtio-mmio transport shared between vCPU threads (through the MMIO bus, where this goes)
-/// and the device's worker threads (through [`QueueAccess`]).
+/// A virtio device on the MMIO bus: the virtio-mmio transport, shared between vCPU threads
+/// (through the MMIO bus, where this goes) and the device's worker threads (through
+/// [`QueueAccess`]).
 ///
 /// Not `Clone`: this is the owner. Dropping it stops and joins the device's workers, then drops
 /// the transport and the device. Workers only hold weak references.
-pub struct SharedTransport<D: VirtioDevice + 'static> {
-    inner: Arc<Mutex<MmioTransport<D>>>,
+pub struct MmioTransport<D: VirtioDevice + 'static> {
+    inner: Arc<Mutex<TransportState<D>>>,
 }
 
-impl<D: VirtioDevice + 'static> SharedTransport<D> {
-    /// Like [`MmioTransport::new`]; on activation the device gets a [`QueueAccess`].
+impl<D: VirtioDevice + 'static> MmioTransport<D> {
+    /// Wrap `device`. `mem` is the guest's memory (a cheap clone: the regions are shared);
+    /// `irq` is written whenever the device interrupts the driver and must be registered by the
+    /// VMM as a KVM irqfd for the device's GSI. On activation the device gets a
+    /// [`QueueAccess`] for its workers.
     pub fn new(device: D, mem: GuestMemoryMmap, irq: EventFd) -> Result<Self, MmioError> {
-        let mut transport = MmioTransport::new(device, mem, irq)?;
-        let inner = Arc::new_cyclic(|weak: &Weak<Mutex<MmioTransport<D>>>| {
+        let device_type = device.device_type();
+        if device.device_features() & VIRTIO_F_VERSION_1 == 0 {
+            return Err(MmioError::NotModern(device_type));
+        }
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| {
+                Queue::new(size).map_err(|source| MmioError::InvalidQueueSize {
+                    index,
+                    size,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let inner = Arc::new_cyclic(|weak: &Weak<Mutex<TransportState<D>>>| {
             let host: Weak<Mutex<dyn QueueHost>> = weak.clone();
-            transport.host = Some(host);
-            Mutex::new(transport)
+            Mutex::new(TransportState {
+                device,
+                mem,
+                irq,
+                queues,
+                queue_sel: 0,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                driver_features: 0,
+                status: 0,
+                interrupt_status: 0,
+                config_generation: 0,
+                activated: false,
+                host,
+                epoch: 0,
+                log: LogLimiter::new(transport_name(device_type)),
+            })
         });
-        Ok(SharedTransport { inner })
+        Ok(MmioTransport { inner })
     }
 
     /// Lock the transport (to inspect the device or its counters). A worker that panicked
     /// while holding the lock does not make the transport unusable.
-    pub fn lock(&self) -> MutexGuard<'_, MmioTransport<D>> {
+    pub fn lock(&self) -> MutexGuard<'_, TransportState<D>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -754,7 +752,7 @@ impl<D: VirtioDevice + 'static> SharedTransport<D> {
     }
 }
 
-impl<D: VirtioDevice + 'static> MmioDevice for SharedTransport<D> {
+impl<D: VirtioDevice + 'static> MmioDevice for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.lock().read(offset, data);
     }
@@ -770,7 +768,7 @@ impl<D: VirtioDevice + 'static> MmioDevice for SharedTransport<D> {
     }
 }
 
-impl<D: VirtioDevice + 'static> Drop for SharedTransport<D> {
+impl<D: VirtioDevice + 'static> Drop for MmioTransport<D> {
     fn drop(&mut self) {
         let (device_type, workers) = {
             let mut t = self.lock();
@@ -837,7 +835,12 @@ mod tests {
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             self.config_writes.push((offset, data.to_vec()));
         }
-        fn activate(&mut self, acked: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
+        fn activate(
+            &mut self,
+            acked: u64,
+            _queues: &[Queue],
+            _access: QueueAccess,
+        ) -> Result<(), ActivateError> {
             if self.fail_activate {
                 return Err(ActivateError::QueueNotReady(0));
             }
@@ -874,6 +877,13 @@ mod tests {
 
     fn transport() -> MmioTransport<TestDevice> {
         transport_on(&memory())
+    }
+
+    /// The ring addresses of queue `index`: descriptor table, available and used ring.
+    fn rings<D: VirtioDevice>(t: &MmioTransport<D>, index: usize) -> (u64, u64, u64) {
+        let t = t.lock();
+        let q = &t.queues()[index];
+        (q.desc_table(), q.avail_ring(), q.used_ring())
     }
 
     /// Status up to FEATURES_OK with every offered feature accepted.
@@ -947,7 +957,7 @@ mod tests {
         let mut t = transport();
         // Before DRIVER, DriverFeatures writes are ignored.
         write_reg(&mut t, DRIVER_FEATURES, 0xffff_ffff);
-        assert_eq!(t.acked_features(), 0);
+        assert_eq!(t.lock().acked_features(), 0);
 
         write_reg(&mut t, STATUS, ACK);
         write_reg(&mut t, STATUS, DRV);
@@ -972,12 +982,12 @@ mod tests {
         write_reg(&mut t, DRIVER_FEATURES, 0xffff_ffff);
         write_reg(&mut t, STATUS, FOK);
         assert_eq!(read_reg(&mut t, STATUS), FOK);
-        assert_eq!(t.acked_features(), VIRTIO_F_VERSION_1 | (1 << 5));
+        assert_eq!(t.lock().acked_features(), VIRTIO_F_VERSION_1 | (1 << 5));
 
         // After FEATURES_OK the features are frozen.
         write_reg(&mut t, DRIVER_FEATURES_SEL, 0);
         write_reg(&mut t, DRIVER_FEATURES, 1 << 3);
-        assert_eq!(t.acked_features(), VIRTIO_F_VERSION_1 | (1 << 5));
+        assert_eq!(t.lock().acked_features(), VIRTIO_F_VERSION_1 | (1 << 5));
     }
 
     #[test]
@@ -986,8 +996,8 @@ mod tests {
         // Queue registers are ignored before FEATURES_OK.
         write_reg(&mut t, QUEUE_NUM, 8);
         write_reg(&mut t, QUEUE_READY, 1);
-        assert_eq!(t.queues()[0].size(), 16);
-        assert!(!t.queues()[0].ready());
+        assert_eq!(t.lock().queues()[0].size(), 16);
+        assert!(!t.lock().queues()[0].ready());
 
         negotiate(&mut t);
         assert_eq!(read_reg(&mut t, QUEUE_NUM_MAX), 16);
@@ -1003,10 +1013,10 @@ mod tests {
         // Sizes that are not a power of two, zero, or above the max are ignored.
         for bad in [0, 3, 32, 0x1_0000 + 8] {
             write_reg(&mut t, QUEUE_NUM, bad);
-            assert_eq!(t.queues()[0].size(), 16, "size {bad}");
+            assert_eq!(t.lock().queues()[0].size(), 16, "size {bad}");
         }
         write_reg(&mut t, QUEUE_NUM, 8);
-        assert_eq!(t.queues()[0].size(), 8);
+        assert_eq!(t.lock().queues()[0].size(), 8);
 
         write_reg(&mut t, QUEUE_DESC_LOW, 0x1000);
         write_reg(&mut t, QUEUE_DESC_HIGH, 0x1);
@@ -1014,19 +1024,13 @@ mod tests {
         write_reg(&mut t, QUEUE_DRIVER_HIGH, 0x2);
         write_reg(&mut t, QUEUE_DEVICE_LOW, 0x3000);
         write_reg(&mut t, QUEUE_DEVICE_HIGH, 0x3);
-        let q = &t.queues()[0];
-        assert_eq!(q.desc_table(), 0x1_0000_1000);
-        assert_eq!(q.avail_ring(), 0x2_0000_2000);
-        assert_eq!(q.used_ring(), 0x3_0000_3000);
+        assert_eq!(rings(&t, 0), (0x1_0000_1000, 0x2_0000_2000, 0x3_0000_3000));
 
         // Misaligned addresses are ignored.
         write_reg(&mut t, QUEUE_DESC_LOW, 0x1008);
         write_reg(&mut t, QUEUE_DRIVER_LOW, 0x2001);
         write_reg(&mut t, QUEUE_DEVICE_LOW, 0x3002);
-        let q = &t.queues()[0];
-        assert_eq!(q.desc_table(), 0x1_0000_1000);
-        assert_eq!(q.avail_ring(), 0x2_0000_2000);
-        assert_eq!(q.used_ring(), 0x3_0000_3000);
+        assert_eq!(rings(&t, 0), (0x1_0000_1000, 0x2_0000_2000, 0x3_0000_3000));
 
         // Queue registers are write-only.
         assert_eq!(read_reg(&mut t, QUEUE_NUM), 0);
@@ -1037,10 +1041,10 @@ mod tests {
         // While ready, the queue cannot be reconfigured.
         write_reg(&mut t, QUEUE_NUM, 4);
         write_reg(&mut t, QUEUE_DESC_LOW, 0x4000);
-        assert_eq!(t.queues()[0].size(), 8);
-        assert_eq!(t.queues()[0].desc_table(), 0x1_0000_1000);
+        assert_eq!(t.lock().queues()[0].size(), 8);
+        assert_eq!(t.lock().queues()[0].desc_table(), 0x1_0000_1000);
         // The other queue is untouched.
-        assert!(!t.queues()[1].ready());
+        assert!(!t.lock().queues()[1].ready());
         // Invalid QueueReady values are ignored; 0 stops the queue.
         write_reg(&mut t, QUEUE_READY, 2);
         assert_eq!(read_reg(&mut t, QUEUE_READY), 1);
@@ -1055,26 +1059,23 @@ mod tests {
         let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
         bring_up(&mut t, &[&q]);
         assert_eq!(read_reg(&mut t, STATUS), DOK);
-        assert!(t.is_activated());
-        assert_eq!(t.device().activated_with, Some(FEATURES));
-        t.notify_config_change();
+        assert!(t.lock().is_activated());
+        assert_eq!(t.lock().device().activated_with, Some(FEATURES));
+        t.lock().notify_config_change();
         assert_ne!(read_reg(&mut t, INTERRUPT_STATUS), 0);
         write_reg(&mut t, QUEUE_SEL, 1);
 
         write_reg(&mut t, STATUS, 0);
         assert_eq!(read_reg(&mut t, STATUS), 0);
-        assert!(!t.is_activated());
-        assert_eq!(t.device().resets, 2); // bring_up starts with a reset too
-        assert_eq!(t.acked_features(), 0);
+        assert!(!t.lock().is_activated());
+        assert_eq!(t.lock().device().resets, 2); // bring_up starts with a reset too
+        assert_eq!(t.lock().acked_features(), 0);
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
         // QueueSel back to 0, queue back to its defaults.
         assert_eq!(read_reg(&mut t, QUEUE_NUM_MAX), 16);
-        let q0 = &t.queues()[0];
-        assert!(!q0.ready());
-        assert_eq!(q0.size(), 16);
-        assert_eq!(q0.desc_table(), 0);
-        assert_eq!(q0.avail_ring(), 0);
-        assert_eq!(q0.used_ring(), 0);
+        assert!(!t.lock().queues()[0].ready());
+        assert_eq!(t.lock().queues()[0].size(), 16);
+        assert_eq!(rings(&t, 0), (0, 0, 0));
 
         // And it can be brought up again.
         let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
@@ -1096,7 +1097,7 @@ mod tests {
         write_reg(&mut t, STATUS, FOK | S_FAILED);
         assert_eq!(read_reg(&mut t, STATUS), FOK | S_FAILED);
         write_reg(&mut t, STATUS, FOK | S_FAILED | S_DRIVER_OK);
-        assert!(!t.is_activated());
+        assert!(!t.lock().is_activated());
         assert_eq!(read_reg(&mut t, STATUS) & S_DRIVER_OK, 0);
     }
 
@@ -1141,8 +1142,8 @@ mod tests {
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
         assert_eq!(read_reg(&mut t, CONFIG_GENERATION), 0);
         assert_eq!(read_reg(&mut t, STATUS), DOK);
-        assert!(t.is_activated());
-        assert_eq!(t.device().resets, 1); // only bring_up's initial reset
+        assert!(t.lock().is_activated());
+        assert_eq!(t.lock().device().resets, 1); // only bring_up's initial reset
     }
 
     #[test]
@@ -1182,16 +1183,16 @@ mod tests {
         t.read(u64::MAX, &mut q);
         assert_eq!(q, [0; 8]);
         t.write(CONFIG_SPACE_OFFSET + 1, &[9, 9]);
-        assert_eq!(t.device().config_writes, vec![(1, vec![9, 9])]);
+        assert_eq!(t.lock().device().config_writes, vec![(1, vec![9, 9])]);
     }
 
     #[test]
     fn config_change_interrupt() {
         let mut t = transport();
-        t.notify_config_change();
+        t.lock().notify_config_change();
         assert_eq!(read_reg(&mut t, CONFIG_GENERATION), 1);
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
-        assert_eq!(t.interrupt_evt().read().expect("irq signalled"), 1);
+        assert_eq!(t.lock().interrupt_evt().read().expect("irq signalled"), 1);
         write_reg(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
     }
@@ -1204,24 +1205,24 @@ mod tests {
         let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 4);
         // Nothing happens before DRIVER_OK.
         write_reg(&mut t, QUEUE_NOTIFY, 0);
-        assert!(t.device().notified.is_empty());
+        assert!(t.lock().device().notified.is_empty());
 
         bring_up(&mut t, &[&q0, &q1]);
         let head = q0.add_chain(&[r(BUF_BASE, 16), w(BUF_BASE + 16, 1)]);
         write_reg(&mut t, QUEUE_NOTIFY, 0);
-        assert_eq!(t.device().notified, vec![0]);
+        assert_eq!(t.lock().device().notified, vec![0]);
         assert_eq!(q0.used_idx(), 1);
         assert_eq!(q0.used_elem(0), (u32::from(head), 0));
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
-        assert_eq!(t.interrupt_evt().read().expect("irq signalled"), 1);
+        assert_eq!(t.lock().interrupt_evt().read().expect("irq signalled"), 1);
         write_reg(&mut t, INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
 
         // Nothing used: no interrupt.
         write_reg(&mut t, QUEUE_NOTIFY, 1);
-        assert_eq!(t.device().notified, vec![0, 1]);
+        assert_eq!(t.lock().device().notified, vec![0, 1]);
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
-        assert!(t.interrupt_evt().read().is_err(), "no irq expected");
+        assert!(t.lock().interrupt_evt().read().is_err(), "no irq expected");
 
         // Queues that do not exist or are stopped are not processed.
         write_reg(&mut t, QUEUE_NOTIFY, 2);
@@ -1229,7 +1230,7 @@ mod tests {
         write_reg(&mut t, QUEUE_SEL, 1);
         write_reg(&mut t, QUEUE_READY, 0);
         write_reg(&mut t, QUEUE_NOTIFY, 1);
-        assert_eq!(t.device().notified, vec![0, 1]);
+        assert_eq!(t.lock().device().notified, vec![0, 1]);
     }
 
     #[test]
@@ -1241,13 +1242,13 @@ mod tests {
         write_reg(&mut t, QUEUE_DESC_HIGH, 0x10);
         write_reg(&mut t, QUEUE_READY, 1);
         write_reg(&mut t, STATUS, DOK);
-        assert!(!t.is_activated());
-        assert_eq!(t.device().activated_with, None);
+        assert!(!t.lock().is_activated());
+        assert_eq!(t.lock().device().activated_with, None);
         assert_eq!(read_reg(&mut t, STATUS), DOK | S_NEEDS_RESET);
         assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
-        assert_eq!(t.interrupt_evt().read().expect("irq signalled"), 1);
+        assert_eq!(t.lock().interrupt_evt().read().expect("irq signalled"), 1);
         write_reg(&mut t, QUEUE_NOTIFY, 0);
-        assert!(t.device().notified.is_empty());
+        assert!(t.lock().device().notified.is_empty());
         // The driver cannot clear NEEDS_RESET except by resetting.
         write_reg(&mut t, STATUS, DOK | S_FAILED);
         assert_eq!(read_reg(&mut t, STATUS), DOK | S_FAILED | S_NEEDS_RESET);
@@ -1255,10 +1256,10 @@ mod tests {
         assert_eq!(read_reg(&mut t, STATUS), 0);
 
         // The device itself refusing.
-        t.device_mut().fail_activate = true;
+        t.lock().device_mut().fail_activate = true;
         let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
         bring_up(&mut t, &[&q]);
-        assert!(!t.is_activated());
+        assert!(!t.lock().is_activated());
         assert_eq!(read_reg(&mut t, STATUS), DOK | S_NEEDS_RESET);
     }
 
@@ -1308,12 +1309,12 @@ mod tests {
             "{lines} lines in {elapsed:?} for {ROUNDS} rounds"
         );
         // Everything was counted: 16 complaints a round.
-        let counts = t.log.counts();
+        let counts = t.lock().log.counts();
         assert_eq!(counts.allowed + counts.suppressed, 16 * ROUNDS as u64);
         assert!(counts.summaries as usize <= warning_bound(elapsed) / (BURST as usize + 1));
         // And the device still works.
         bring_up(&mut t, &[&q]);
-        assert!(t.is_activated());
+        assert!(t.lock().is_activated());
     }
 
     #[test]
@@ -1361,7 +1362,7 @@ mod tests {
     #[derive(Default)]
     struct AsyncDevice {
         access: Option<QueueAccess>,
-        plain_activations: usize,
+        activations: usize,
         /// Start a worker on activation that polls its queue until its access goes stale.
         spawn_worker: bool,
         worker_exited: Arc<AtomicBool>,
@@ -1385,16 +1386,13 @@ mod tests {
             data.fill(0);
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, _acked: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
-            self.plain_activations += 1;
-            Ok(())
-        }
-        fn activate_with_access(
+        fn activate(
             &mut self,
             _acked: u64,
             _queues: &[Queue],
             access: QueueAccess,
         ) -> Result<(), ActivateError> {
+            self.activations += 1;
             if self.spawn_worker {
                 let worker_access = access.clone();
                 let exited = self.worker_exited.clone();
@@ -1430,7 +1428,7 @@ mod tests {
         }
     }
 
-    fn access_of(t: &SharedTransport<AsyncDevice>) -> QueueAccess {
+    fn access_of(t: &MmioTransport<AsyncDevice>) -> QueueAccess {
         t.lock()
             .device()
             .access
@@ -1441,15 +1439,15 @@ mod tests {
     #[test]
     fn shared_transport_gives_workers_queue_access() {
         let mem = memory();
-        let mut t = SharedTransport::new(AsyncDevice::default(), mem.clone(), eventfd())
-            .expect("transport");
+        let mut t =
+            MmioTransport::new(AsyncDevice::default(), mem.clone(), eventfd()).expect("transport");
         let mut q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
         let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
         // Before activation there is nothing to hand out.
         assert!(t.lock().device().access.is_none());
         bring_up(&mut t, &[&q0, &q1]);
         assert!(t.lock().is_activated());
-        assert_eq!(t.lock().device().plain_activations, 0);
+        assert_eq!(t.lock().device().activations, 1);
         let access = access_of(&t);
 
         // A worker completes a buffer: used ring updated, interrupt raised.
@@ -1503,26 +1501,23 @@ mod tests {
     }
 
     #[test]
-    fn plain_transport_activates_without_access() {
+    fn queues_are_only_live_while_activated() {
         let mem = memory();
-        let mut t =
-            MmioTransport::new(AsyncDevice::default(), mem.clone(), eventfd()).expect("transport");
-        let q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
-        let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
-        bring_up(&mut t, &[&q0, &q1]);
-        assert!(t.is_activated());
-        assert_eq!(t.device().plain_activations, 1);
-        assert!(t.device().access.is_none());
-        // Not live before activation either.
+        let mut t = transport_on(&mem);
+        assert!(!t.lock().with_queue(0, |_, _| true));
+        let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
+        bring_up(&mut t, &[&q]);
+        assert!(t.lock().with_queue(0, |_, _| false));
         write_reg(&mut t, STATUS, 0);
-        assert!(!t.with_queue(0, |_, _| true));
+        assert!(!t.lock().with_queue(0, |_, _| true));
+        assert_eq!(read_reg(&mut t, INTERRUPT_STATUS), 0);
     }
 
     #[test]
     fn queue_access_goes_stale_on_reset_and_drop() {
         let mem = memory();
-        let mut t = SharedTransport::new(AsyncDevice::default(), mem.clone(), eventfd())
-            .expect("transport");
+        let mut t =
+            MmioTransport::new(AsyncDevice::default(), mem.clone(), eventfd()).expect("transport");
         let q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
         let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
         bring_up(&mut t, &[&q0, &q1]);
@@ -1562,7 +1557,7 @@ mod tests {
         };
         let exited = dev.worker_exited.clone();
         let polls = dev.worker_polls.clone();
-        let mut t = SharedTransport::new(dev, mem.clone(), eventfd()).expect("transport");
+        let mut t = MmioTransport::new(dev, mem.clone(), eventfd()).expect("transport");
         let q0 = DriverQueue::new(&mem, QUEUE_BASE, 8);
         let q1 = DriverQueue::new(&mem, GuestAddress(0x8000), 8);
 

@@ -7,7 +7,8 @@
 //!
 //! [`MmioTransport`] implements the register file and owns the virtqueues; a device model
 //! implements [`VirtioDevice`] and is called back synchronously, on the vCPU thread, when the
-//! driver writes QueueNotify (the block device does all its work there).
+//! driver writes QueueNotify (the block device does all its work there). It is the one
+//! transport type: every device goes on the MMIO bus in one, whether it runs threads or not.
 //!
 //! # Devices with their own threads
 //!
@@ -16,11 +17,12 @@
 //! worker threads, and those need the virtqueues, guest memory and the interrupt, all of which
 //! live in the transport. So:
 //!
-//! - The transport is shared: [`SharedTransport`] wraps `Arc<Mutex<MmioTransport<D>>>` and is
+//! - The transport is shared: [`MmioTransport`] wraps `Arc<Mutex<TransportState<D>>>` and is
 //!   what goes on the MMIO bus. Register accesses lock it; so do workers.
-//! - On DRIVER_OK a shared transport calls [`VirtioDevice::activate_with_access`] instead of
-//!   [`VirtioDevice::activate`], handing the device a [`QueueAccess`]: a weak handle on the
-//!   transport (no reference cycle) tagged with the activation it belongs to.
+//! - On DRIVER_OK the transport calls [`VirtioDevice::activate`] with a [`QueueAccess`]: a weak
+//!   handle on the transport (no reference cycle) tagged with the activation it belongs to. A
+//!   device without workers ignores it; one with workers hands it to them. No device can end
+//!   up behind a transport that cannot serve its workers: there is no other kind.
 //!   [`QueueAccess::with_queue`] locks the transport, runs a closure on one queue and, when the
 //!   closure says a buffer was used and the driver wants to hear about it, raises the used-buffer
 //!   interrupt exactly like the synchronous path (InterruptStatus bit 0, then the irq eventfd).
@@ -29,10 +31,10 @@
 //!   touch queues the driver is reconfiguring.
 //! - Stopping: [`VirtioDevice::reset`] (called under the lock) and
 //!   [`VirtioDevice::stop_workers`] only *tell* workers to stop; their join handles are collected
-//!   with [`VirtioDevice::take_stopped_workers`] and joined by [`SharedTransport`] after it has
+//!   with [`VirtioDevice::take_stopped_workers`] and joined by [`MmioTransport`] after it has
 //!   released the lock (a stopping worker may be waiting for that very lock). A register write
 //!   that resets the device therefore returns only once the device's workers have exited, and
-//!   dropping the `SharedTransport` joins every worker before the device itself is dropped.
+//!   dropping the `MmioTransport` joins every worker before the device itself is dropped.
 //!
 //! Lock order: the VMM's device-bus lock, then a transport lock. Workers take only their
 //! transport's lock and never block while holding it (their file descriptors are non-blocking).
@@ -60,7 +62,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockError};
 pub use console::{ConsoleError, ConsoleStopper, VirtioConsole};
-pub use mmio::{MmioError, MmioTransport, SharedTransport};
+pub use mmio::{MmioError, MmioTransport, TransportState};
 pub use net::{Net, NetError};
 pub use queue::pending_chains;
 
@@ -76,10 +78,6 @@ pub enum ActivateError {
     /// The queue's rings do not lie in guest memory.
     #[error("virtqueue {0} has rings outside guest memory")]
     InvalidQueue(usize),
-    /// The device needs worker threads, hence a [`SharedTransport`], but sits behind a plain
-    /// [`MmioTransport`].
-    #[error("device type {0} needs a shared transport (it runs worker threads)")]
-    NeedsSharedTransport(u32),
     /// A worker thread (or what it waits on) could not be set up.
     #[error("cannot start the device's worker thread: {0}")]
     Worker(#[source] io::Error),
@@ -144,9 +142,9 @@ impl QueueAccess {
 
 /// A virtio device model, driven by a transport ([`MmioTransport`]).
 ///
-/// Every method is called with the transport's lock held (`&mut self` on the MMIO bus), from a
-/// vCPU thread (or, for the worker hooks, from whoever drops a [`SharedTransport`]). Nothing
-/// here may panic on guest-controlled input.
+/// Every method is called with the transport's lock held, from a vCPU thread (or, for the worker
+/// hooks, from whoever drops the [`MmioTransport`]). Nothing here may panic on
+/// guest-controlled input.
 pub trait VirtioDevice: Send {
     /// Virtio device id (`VIRTIO_ID_*`, e.g. 2 for block).
     fn device_type(&self) -> u32;
@@ -167,8 +165,14 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
     /// The driver set DRIVER_OK after negotiating `acked_features`. The ready queues have already
-    /// been checked to lie in guest memory.
-    fn activate(&mut self, acked_features: u64, queues: &[Queue]) -> Result<(), ActivateError>;
+    /// been checked to lie in guest memory. `access` lets the device's worker threads, if it has
+    /// any, reach its virtqueues until the next reset; a device without workers ignores it.
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: &[Queue],
+        access: QueueAccess,
+    ) -> Result<(), ActivateError>;
 
     /// Process the available buffers of queue `index` (the driver wrote QueueNotify). Returns
     /// whether the driver must be interrupted (a buffer was used and the ring asks for it).
@@ -178,19 +182,6 @@ pub trait VirtioDevice: Send {
     /// with worker threads tells them to stop here, without waiting for them (see
     /// [`take_stopped_workers`](Self::take_stopped_workers)).
     fn reset(&mut self);
-
-    /// [`activate`](Self::activate) for a device behind a [`SharedTransport`]: `access` lets the
-    /// device's worker threads reach its virtqueues until the next reset. Devices without
-    /// workers keep this default, which ignores `access`.
-    fn activate_with_access(
-        &mut self,
-        acked_features: u64,
-        queues: &[Queue],
-        access: QueueAccess,
-    ) -> Result<(), ActivateError> {
-        let _ = access;
-        self.activate(acked_features, queues)
-    }
 
     /// The transport is going away: tell every worker thread to stop (without waiting for it).
     fn stop_workers(&mut self) {}

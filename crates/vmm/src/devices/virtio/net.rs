@@ -49,8 +49,8 @@
 //!   returned with a used length of 0. A full TAP (`EAGAIN`) drops the frame rather than block
 //!   the vCPU. Malformed chains (a device-writable descriptor, less than a header, out of guest
 //!   memory, too long) are returned without sending anything.
-//! - **RX** runs on a worker thread started on activation (so it needs a [`SharedTransport`];
-//!   see the [module docs](super) for the threading model). It waits in `epoll` for the TAP
+//! - **RX** runs on a worker thread started on activation (see the
+//!   [module docs](super) for the threading model). It waits in `epoll` for the TAP
 //!   (edge-triggered), a kick eventfd written when the driver notifies queue 0, and a stop
 //!   eventfd. Under the transport lock, it pops a receive chain, `readv`s one frame straight into
 //!   its writable descriptors, sets `num_buffers` to 1, adds the chain to the used ring and, once
@@ -60,7 +60,7 @@
 //!   `debug`): the chain has one spare byte of host memory after it, and a frame that reaches it
 //!   did not fit. At most [`RX_BATCH`] frames are moved per lock acquisition.
 //!
-//! The worker is told to stop on device reset and joined by [`SharedTransport`] once it has
+//! The worker is told to stop on device reset and joined by [`MmioTransport`] once it has
 //! released the lock; dropping the transport (or a bare [`Net`]) stops and joins it too. No
 //! thread outlives the device.
 //! The thread, its life (epoll, kick, stop, join) and the batch loop are `rx_worker`'s, and the
@@ -92,7 +92,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{ChainError, IoChain};
-use super::mmio::{MmioError, SharedTransport};
+use super::mmio::{MmioError, MmioTransport};
 use super::queue::serve_chains;
 use super::rx_worker::{Batch, RxDevice, RxWorkers, Source};
 use super::stats::device_stats;
@@ -240,7 +240,7 @@ pub struct Net {
     rx_ready: Option<Arc<AtomicBool>>,
 }
 
-/// Build a virtio-net device on `tap` behind a shared virtio-mmio transport, ready for the MMIO
+/// Build a virtio-net device on `tap` behind a virtio-mmio transport, ready for the MMIO
 /// bus. `irq` is written on every interrupt and must be registered as a KVM irqfd for the
 /// device's GSI.
 pub fn attach_net(
@@ -249,10 +249,10 @@ pub fn attach_net(
     mem: GuestMemoryMmap,
     irq: EventFd,
     rx_ready: Option<Arc<AtomicBool>>,
-) -> Result<SharedTransport<Net>, NetError> {
+) -> Result<MmioTransport<Net>, NetError> {
     let mut net = Net::new(tap, mac)?;
     net.rx_ready = rx_ready;
-    Ok(SharedTransport::new(net, mem, irq)?)
+    Ok(MmioTransport::new(net, mem, irq)?)
 }
 
 impl Net {
@@ -404,11 +404,7 @@ impl VirtioDevice for Net {
         );
     }
 
-    fn activate(&mut self, _acked_features: u64, _queues: &[Queue]) -> Result<(), ActivateError> {
-        Err(ActivateError::NeedsSharedTransport(VIRTIO_ID_NET))
-    }
-
-    fn activate_with_access(
+    fn activate(
         &mut self,
         _acked_features: u64,
         queues: &[Queue],
@@ -602,7 +598,6 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::testing::{
         bring_up, count_warnings, eventfd, memory, r, read_reg, w, wait_for, warning_bound,
         write_reg, Desc, DriverQueue, BUF_BASE, MEM_SIZE, QUEUE_BASE,
@@ -696,7 +691,7 @@ mod tests {
 
     struct Fixture {
         mem: GuestMemoryMmap,
-        t: SharedTransport<Net>,
+        t: MmioTransport<Net>,
         rxq: DriverQueue,
         txq: DriverQueue,
         /// The host side of the stand-in TAP.
@@ -865,20 +860,6 @@ mod tests {
         let net = Net::new(OwnedFd::from(dev), MAC).expect("net");
         assert_ne!(flags() & libc::O_NONBLOCK, 0);
         assert_eq!(net.stats(), NetStats::default());
-    }
-
-    #[test]
-    fn plain_transport_refuses_to_activate() {
-        let (dev, _peer) = UnixDatagram::pair().expect("socketpair");
-        let net = Net::new(OwnedFd::from(dev), MAC).expect("net");
-        let mem = memory();
-        let mut t = MmioTransport::new(net, mem.clone(), eventfd()).expect("transport");
-        let rxq = DriverQueue::new(&mem, QUEUE_BASE, 16);
-        let txq = DriverQueue::new(&mem, TXQ_BASE, 16);
-        bring_up(&mut t, &[&rxq, &txq]);
-        assert!(!t.is_activated());
-        assert_ne!(read_reg(&mut t, STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
-        assert!(!t.device().has_worker());
     }
 
     #[test]

@@ -324,7 +324,7 @@ impl Drop for RxWorkers {
         self.stop();
         for handle in self.stopping.drain(..) {
             // Never join ourselves (only possible if the worker dropped the last reference to
-            // the transport, which SharedTransport's drop rules out).
+            // the transport, which MmioTransport's drop rules out).
             if handle.thread().id() == thread::current().id() {
                 continue;
             }

@@ -167,8 +167,7 @@ pub fn write_reg<T: MmioDevice>(dev: &mut T, offset: u64, value: u32) {
 }
 
 /// Negotiate features (accepting everything offered) and set up queue `index` from `q`,
-/// the way Linux's virtio_mmio driver does, ending with DRIVER_OK. Works on any transport on
-/// the bus (`MmioTransport` or `SharedTransport`).
+/// the way Linux's virtio_mmio driver does, ending with DRIVER_OK.
 pub fn bring_up<T: MmioDevice>(t: &mut T, queues: &[&DriverQueue]) {
     let ack = VIRTIO_CONFIG_S_ACKNOWLEDGE;
     let drv = ack | VIRTIO_CONFIG_S_DRIVER;
