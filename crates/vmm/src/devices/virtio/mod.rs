@@ -156,13 +156,28 @@ pub trait VirtioDevice: Send {
     /// Feature bits the device offers. Must include [`VIRTIO_F_VERSION_1`].
     fn device_features(&self) -> u64;
 
+    /// The device-specific configuration space, as the default
+    /// [`read_config`](Self::read_config) serves it. Empty (all zeros) unless a device has one.
+    fn config_space(&self) -> &[u8] {
+        &[]
+    }
+
     /// Read from the device-specific configuration space. `offset` is relative to the start of
     /// the configuration space; bytes past its end read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config_space(), offset, data);
+    }
 
-    /// Write to the device-specific configuration space. Devices with a read-only configuration
-    /// ignore this.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Write to the device-specific configuration space. The default is for a read-only
+    /// configuration: the write is ignored (and logged at `debug`: the driver can repeat it).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            device_type = self.device_type(),
+            offset,
+            len = data.len(),
+            "virtio: write to read-only config space ignored"
+        );
+    }
 
     /// The driver set DRIVER_OK after negotiating `acked_features`. The ready queues have already
     /// been checked to lie in guest memory. `access` lets the device's worker threads, if it has
