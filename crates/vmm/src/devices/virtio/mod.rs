@@ -57,7 +57,7 @@ use std::io;
 use std::sync::{Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub use block::{Block, BlockError};
@@ -65,6 +65,7 @@ pub use console::{ConsoleError, ConsoleStopper, VirtioConsole};
 pub use mmio::{MmioError, MmioTransport, TransportState};
 pub use net::{Net, NetError};
 pub use queue::pending_chains;
+pub use rx_worker::RxWorkers;
 
 /// Feature bit every device offers and every driver must accept: we are "modern" only.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -179,33 +180,70 @@ pub trait VirtioDevice: Send {
         );
     }
 
-    /// The driver set DRIVER_OK after negotiating `acked_features`. The ready queues have already
-    /// been checked to lie in guest memory. `access` lets the device's worker threads, if it has
-    /// any, reach its virtqueues until the next reset; a device without workers ignores it.
-    fn activate(
-        &mut self,
-        acked_features: u64,
-        queues: &[Queue],
-        access: QueueAccess,
-    ) -> Result<(), ActivateError>;
+    /// The driver set DRIVER_OK: start. A device refuses with an error, which the transport
+    /// reports to the driver as NEEDS_RESET.
+    fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError>;
 
-    /// Process the available buffers of queue `index` (the driver wrote QueueNotify). Returns
-    /// whether the driver must be interrupted (a buffer was used and the ring asks for it).
+    /// Process the available buffers of queue `index`, one of the device's queues (the
+    /// transport checks), after the driver wrote QueueNotify. Returns whether the driver must
+    /// be interrupted (a buffer was used and the ring asks for it).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
+
+    /// The device's worker threads, if it runs any: the default [`reset`](Self::reset),
+    /// [`stop_workers`](Self::stop_workers) and
+    /// [`take_stopped_workers`](Self::take_stopped_workers) tell them to stop and hand them
+    /// over, which is all a device with workers needs of those three.
+    fn workers(&mut self) -> Option<&mut RxWorkers> {
+        None
+    }
 
     /// The driver wrote 0 to Status: drop any state negotiated since the last reset. A device
     /// with worker threads tells them to stop here, without waiting for them (see
-    /// [`take_stopped_workers`](Self::take_stopped_workers)).
-    fn reset(&mut self);
+    /// [`take_stopped_workers`](Self::take_stopped_workers)); that is the default.
+    fn reset(&mut self) {
+        if let Some(workers) = self.workers() {
+            workers.stop();
+        }
+    }
 
     /// The transport is going away: tell every worker thread to stop (without waiting for it).
-    fn stop_workers(&mut self) {}
+    fn stop_workers(&mut self) {
+        if let Some(workers) = self.workers() {
+            workers.stop();
+        }
+    }
 
     /// Worker threads told to stop (by [`reset`](Self::reset) or
     /// [`stop_workers`](Self::stop_workers)) and not joined yet. The caller joins them after
     /// releasing the transport lock, which a stopping worker may be waiting for.
     fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
-        Vec::new()
+        self.workers()
+            .map(RxWorkers::take_stopped)
+            .unwrap_or_default()
+    }
+}
+
+/// What a device is given when the driver sets DRIVER_OK.
+pub struct Activation<'a> {
+    /// The features the driver accepted.
+    pub features: u64,
+    /// The virtqueues; the ready ones have been checked to lie in guest memory.
+    pub queues: &'a [Queue],
+    /// Lets the device's worker threads, if it has any, reach its virtqueues until the next
+    /// reset; a device without workers ignores it.
+    pub access: QueueAccess,
+}
+
+impl Activation<'_> {
+    /// Refuses activation unless the driver made every queue in `indices` ready.
+    pub fn require_ready(&self, indices: &[usize]) -> Result<(), ActivateError> {
+        match indices
+            .iter()
+            .find(|&&index| !self.queues.get(index).is_some_and(|q| q.ready()))
+        {
+            Some(&index) => Err(ActivateError::QueueNotReady(index)),
+            None => Ok(()),
+        }
     }
 }
 

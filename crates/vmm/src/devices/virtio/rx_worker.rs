@@ -33,7 +33,7 @@ use super::chain::{ChainError, IoChain};
 use super::log_limit::{limited, LogLimiter};
 use super::queue::{add_used, enable_notification, pending_chains, pop_chain};
 use super::sys::gettid;
-use super::{QueueAccess, QueueAccessError};
+use super::{ActivateError, QueueAccess, QueueAccessError};
 
 /// Most receive chains the RX worker fills per acquisition of the transport lock.
 pub const RX_BATCH: usize = 64;
@@ -76,15 +76,9 @@ pub(crate) trait RxDevice {
         chain.read_from(source, &mut [])
     }
 
-    /// `n` (at least 1) bytes were read into the chain with head `head`: the used length to
-    /// return it with, or `None` to keep it for the next read (what was read is dropped).
-    fn received(
-        &mut self,
-        chain: &IoChain,
-        mem: &GuestMemoryMmap,
-        head: u16,
-        n: u64,
-    ) -> Option<u32>;
+    /// A read filled a chain: the used length to return it with, or `None` to keep the chain
+    /// for the next read (what was read is dropped).
+    fn received(&mut self, filled: Filled<'_>) -> Option<u32>;
 
     /// A malformed chain was returned unused.
     fn malformed(&mut self);
@@ -94,6 +88,16 @@ pub(crate) trait RxDevice {
 
     /// The source closed ([`Batch::Closed`]): it is no longer watched.
     fn closed(&mut self) {}
+}
+
+/// What one read put into a receive chain, for [`RxDevice::received`].
+pub(crate) struct Filled<'a> {
+    pub chain: &'a IoChain,
+    pub mem: &'a GuestMemoryMmap,
+    /// The chain's head index (for log lines).
+    pub head: u16,
+    /// Bytes read: at least 1.
+    pub len: u64,
 }
 
 /// The next receive chain the driver posted. None when there is none (or the ring is broken):
@@ -156,10 +160,19 @@ pub(crate) fn fill_batch<D: RxDevice>(
                 queue.go_to_previous_position();
                 return D::AT_EOF;
             }
-            Ok(n) => match device.received(chain, mem, head, n) {
-                Some(len) => add_used(name, queue, mem, head, len, used),
-                None => queue.go_to_previous_position(),
-            },
+            Ok(len) => {
+                let chain = &*chain;
+                let filled = Filled {
+                    chain,
+                    mem,
+                    head,
+                    len,
+                };
+                match device.received(filled) {
+                    Some(used_len) => add_used(name, queue, mem, head, used_len, used),
+                    None => queue.go_to_previous_position(),
+                }
+            }
             Err(e) => {
                 queue.go_to_previous_position();
                 match e.kind() {
@@ -191,7 +204,8 @@ struct Running {
 }
 
 /// A device's RX worker: at most one running, and those told to stop until they are joined.
-pub(crate) struct RxWorkers {
+/// What [`VirtioDevice::workers`](super::VirtioDevice::workers) hands the transport.
+pub struct RxWorkers {
     /// The device, for logs and the thread name (`<name>-rx`).
     name: &'static str,
     queue: usize,
@@ -215,6 +229,16 @@ impl RxWorkers {
     /// Starts a worker on `source` (stopping the one running, if any); `make` builds its
     /// [`RxDevice`] on the new thread.
     pub(crate) fn start<F: RxDevice>(
+        &mut self,
+        source: Source,
+        access: QueueAccess,
+        make: impl FnOnce() -> F + Send + 'static,
+    ) -> Result<(), ActivateError> {
+        self.spawn(source, access, make)
+            .map_err(ActivateError::Worker)
+    }
+
+    fn spawn<F: RxDevice>(
         &mut self,
         source: Source,
         access: QueueAccess,
@@ -301,12 +325,12 @@ impl RxWorkers {
     }
 
     /// Whether a worker is running (the device is activated).
-    pub(crate) fn is_running(&self) -> bool {
+    pub fn is_running(&self) -> bool {
         self.running.is_some()
     }
 
     /// Kernel thread id of the running worker, once it has started (for diagnostics).
-    pub(crate) fn tid(&self) -> Option<i32> {
+    pub fn tid(&self) -> Option<i32> {
         self.running
             .as_ref()
             .map(|w| w.tid.load(Ordering::Acquire))

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -282,17 +282,11 @@ pub fn assert_identity<T: MmioDevice>(t: &mut T, device_id: u32, features: u64, 
 /// Both have a receive queue 0 filled by a worker and a transmit queue 1.
 pub trait SocketDevice: VirtioDevice + Sized + 'static {
     /// One end of the pair: `UnixDatagram` or `UnixStream`.
-    type Socket: From<OwnedFd> + Into<OwnedFd> + AsFd + AsRawFd;
-    /// The device's counters.
-    type Stats;
-
-    /// A connected pair: the device's end, the host's end.
-    fn socket_pair() -> (Self::Socket, Self::Socket);
+    type Socket: From<OwnedFd> + AsFd + AsRawFd;
+    /// `SOCK_DGRAM` or `SOCK_STREAM`.
+    const SOCKET_TYPE: libc::c_int;
     /// The device on `socket`, behind a transport.
     fn attach(socket: OwnedFd, mem: GuestMemoryMmap) -> MmioTransport<Self>;
-    fn stats(&self) -> Self::Stats;
-    fn has_worker(&self) -> bool;
-    fn worker_tid(&self) -> Option<i32>;
 }
 
 /// Where a [`Fixture`]'s transmit queue lives (its receive queue is at [`QUEUE_BASE`]).
@@ -321,11 +315,10 @@ pub struct Fixture<D: SocketDevice> {
 impl<D: SocketDevice> Fixture<D> {
     /// The device on a socket pair, not brought up yet.
     pub fn unstarted() -> Fixture<D> {
-        let (dev, peer) = D::socket_pair();
-        let device_end = D::Socket::from(dev.as_fd().try_clone_to_owned().expect("dup"));
-        set_nonblocking(peer.as_raw_fd()).expect("nonblocking");
+        let (dev, peer) = socket_pair(D::SOCKET_TYPE);
+        let device_end = D::Socket::from(dev.try_clone().expect("dup"));
         let mem = memory();
-        let t = D::attach(dev.into(), mem.clone());
+        let t = D::attach(dev, mem.clone());
         mem.write_slice(&vec![POISON; 0x8_0000], GuestAddress(BUF_BASE))
             .expect("poison");
         Fixture {
@@ -333,7 +326,7 @@ impl<D: SocketDevice> Fixture<D> {
             txq: DriverQueue::new(&mem, TXQ_BASE, 16),
             mem,
             t,
-            peer,
+            peer: D::Socket::from(peer),
             device_end,
         }
     }
@@ -352,16 +345,14 @@ impl<D: SocketDevice> Fixture<D> {
         wait_for("the RX worker to start", || self.tid().is_some());
     }
 
+    /// Kernel thread id of the running RX worker, once it has started.
     pub fn tid(&self) -> Option<i32> {
-        self.t.lock().device().worker_tid()
+        self.t.lock().device_mut().workers().and_then(|w| w.tid())
     }
 
     pub fn has_worker(&self) -> bool {
-        self.t.lock().device().has_worker()
-    }
-
-    pub fn stats(&self) -> D::Stats {
-        self.t.lock().device().stats()
+        let mut t = self.t.lock();
+        t.device_mut().workers().is_some_and(|w| w.is_running())
     }
 
     pub fn notify(&mut self, queue: usize) {
@@ -418,6 +409,26 @@ impl<D: SocketDevice> Fixture<D> {
         };
         usize::try_from(n).unwrap_or(0)
     }
+}
+
+/// A connected pair of Unix sockets of `kind`: the device's end, and the host's end
+/// (non-blocking).
+fn socket_pair(kind: libc::c_int) -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            kind | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "socketpair: {}", std::io::Error::last_os_error());
+    // SAFETY: both were just created and are owned by nobody else.
+    let (dev, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    set_nonblocking(peer.as_raw_fd()).expect("nonblocking");
+    (dev, peer)
 }
 
 /// One `send` on `socket` (never raising SIGPIPE); the byte count, or None on an error.

@@ -6,14 +6,14 @@ use std::path::Path;
 use tracing::debug;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::backend::{BlockError, DiskImage};
 use super::request::{Disk, Requests};
 use super::{DEFAULT_DEVICE_ID, ID_LEN, QUEUE_SIZE, SECTOR_SIZE};
 use crate::devices::virtio::queue::serve_chains;
-use crate::devices::virtio::{ActivateError, QueueAccess, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Feature bits the device offers.
@@ -88,27 +88,14 @@ impl VirtioDevice for Block {
         &self.config
     }
 
-    /// All the work is done on the vCPU thread: `access` is not needed.
-    fn activate(
-        &mut self,
-        _acked_features: u64,
-        queues: &[Queue],
-        _access: QueueAccess,
-    ) -> Result<(), ActivateError> {
-        if !queues.first().is_some_and(|q| q.ready()) {
-            return Err(ActivateError::QueueNotReady(0));
-        }
+    /// All the work is done on the vCPU thread: the worker access is not needed.
+    fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
+        activation.require_ready(&[0])?;
         debug!(path = %self.disk.image.path().display(), "virtio-blk: activated");
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        if index != 0 {
-            // The transport only notifies queues that exist (and rate-limits its warning about
-            // the others).
-            debug!(index, "virtio-blk: notify for a queue that does not exist");
-            return false;
-        }
+    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let (requests, disk) = (&mut self.requests, &self.disk);
         serve_chains("virtio-blk", queue, mem, |chain| {
             requests.serve(chain, mem, disk)

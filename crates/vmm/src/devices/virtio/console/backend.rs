@@ -2,9 +2,13 @@
 //! checks of the descriptor it is given (the gateway's end of a socket pair).
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::Arc;
+
+use vmm_sys_util::epoll::EventSet;
 
 use super::ConsoleError;
+use crate::devices::virtio::rx_worker::Source;
 use crate::devices::virtio::sys::set_nonblocking;
 
 /// Checks that `fd` is a stream socket and puts it in non-blocking mode (on its open file
@@ -12,6 +16,16 @@ use crate::devices::virtio::sys::set_nonblocking;
 pub(super) fn prepare_socket(fd: RawFd) -> Result<(), ConsoleError> {
     check_stream_socket(fd)?;
     Ok(set_nonblocking(fd)?)
+}
+
+/// What the RX worker watches: the socket, readable or closed by the peer (edge-triggered);
+/// not at all unless `watch`.
+pub(super) fn rx_source(socket: &Arc<OwnedFd>, watch: bool) -> Source {
+    Source {
+        fd: socket.clone(),
+        events: EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
+        watch,
+    }
 }
 
 /// Check that `fd` is a socket of type `SOCK_STREAM`.

@@ -4,24 +4,22 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tracing::debug;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::{prepare_socket, socket_type_name};
+use super::backend::{prepare_socket, rx_source, socket_type_name};
 use super::rx::ConsoleRx;
 use super::tx::{ConsoleStopper, ConsoleTx};
 use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
-use crate::devices::virtio::rx_worker::{RxWorkers, Source};
+use crate::devices::virtio::rx_worker::RxWorkers;
 use crate::devices::virtio::stats::device_stats;
 use crate::devices::virtio::sys::SysError;
-use crate::devices::virtio::{ActivateError, QueueAccess, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
 
@@ -131,16 +129,6 @@ impl VirtioConsole {
     pub fn stopper(&self) -> ConsoleStopper {
         self.tx.stopper()
     }
-
-    /// Whether an RX worker is running (the device is activated).
-    pub fn has_worker(&self) -> bool {
-        self.rx.is_running()
-    }
-
-    /// Kernel thread id of the running RX worker, once it has started (for diagnostics).
-    pub fn worker_tid(&self) -> Option<i32> {
-        self.rx.tid()
-    }
 }
 
 impl Drop for VirtioConsole {
@@ -166,67 +154,36 @@ impl VirtioDevice for VirtioConsole {
     // The configuration space (`struct virtio_console_config`: cols, rows, max_nr_ports,
     // emerg_wr) is not offered: the default, all zeros and read-only.
 
-    fn activate(
-        &mut self,
-        _acked_features: u64,
-        queues: &[Queue],
-        access: QueueAccess,
-    ) -> Result<(), ActivateError> {
-        for index in [RX_QUEUE, TX_QUEUE] {
-            if !queues.get(index).is_some_and(|q| q.ready()) {
-                return Err(ActivateError::QueueNotReady(index));
-            }
-        }
-        let source = Source {
-            fd: self.socket.clone(),
-            events: EventSet::IN | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED,
-            // After end-of-file there is nothing to watch (a worker of an earlier activation
-            // saw it).
-            watch: !self.stats.rx_closed.get(),
-        };
+    fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
+        activation.require_ready(&[RX_QUEUE, TX_QUEUE])?;
+        // After end-of-file there is nothing to watch (a worker of an earlier activation saw it).
+        let source = rx_source(&self.socket, !self.stats.rx_closed.get());
         let stats = self.stats.clone();
         let rx = move || ConsoleRx::new(stats);
-        self.rx
-            .start(source, access, rx)
-            .map_err(ActivateError::Worker)?;
+        self.rx.start(source, activation.access, rx)?;
         debug!("virtio-console: activated");
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        match index {
-            RX_QUEUE => {
-                // New receive buffers: wake the worker, which fills them under the lock later.
-                self.rx.kick();
-                false
-            }
-            TX_QUEUE => self.tx.process(queue, mem),
-            _ => {
-                // The transport only notifies queues that exist (and rate-limits its warning
-                // about the others).
-                debug!(
-                    index,
-                    "virtio-console: notify for a queue that does not exist"
-                );
-                false
-            }
+        if index == RX_QUEUE {
+            // New receive buffers: wake the worker, which fills them under the lock later.
+            self.rx.kick();
+            return false;
         }
+        self.tx.process(queue, mem)
     }
 
-    /// Stops the RX worker. The TX stop flag is left alone: TX runs under the same transport
-    /// lock as a reset, so a reset never finds it waiting, and the flag is permanent (a driver
-    /// resets the device while probing it, before any output).
-    fn reset(&mut self) {
-        self.rx.stop();
+    fn workers(&mut self) -> Option<&mut RxWorkers> {
+        Some(&mut self.rx)
     }
 
+    /// Also sets the TX stop flag: the transport is going away, nothing should wait for the
+    /// socket any more. (A reset leaves the flag alone: TX runs under the same transport lock
+    /// as a reset, so a reset never finds it waiting, and the flag is permanent while a driver
+    /// resets the device when probing it, before any output.)
     fn stop_workers(&mut self) {
-        // The transport is going away; nothing should wait for the socket any more.
         self.tx.stop();
         self.rx.stop();
-    }
-
-    fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
-        self.rx.take_stopped()
     }
 }

@@ -6,11 +6,9 @@ use std::io;
 use std::sync::Arc;
 
 use tracing::{debug, warn};
-use vm_memory::GuestMemoryMmap;
 
 use super::device::Counters;
-use crate::devices::virtio::chain::IoChain;
-use crate::devices::virtio::rx_worker::{Batch, RxDevice};
+use crate::devices::virtio::rx_worker::{Batch, Filled, RxDevice};
 
 /// virtio-console's receive side: whatever the socket holds into each receive chain (a
 /// stream: a partial fill is fine).
@@ -31,13 +29,8 @@ impl RxDevice for ConsoleRx {
     /// End of file: stop reading.
     const AT_EOF: Batch = Batch::Closed;
 
-    fn received(
-        &mut self,
-        _chain: &IoChain,
-        _mem: &GuestMemoryMmap,
-        _head: u16,
-        n: u64,
-    ) -> Option<u32> {
+    fn received(&mut self, filled: Filled<'_>) -> Option<u32> {
+        let n = filled.len;
         self.stats.rx_bytes.add(n);
         // n <= the chain's capacity, which 256 descriptors of u32 bound: fits.
         Some(u32::try_from(n).unwrap_or(0))

@@ -23,22 +23,10 @@ use crate::devices::MmioDevice;
 
 impl SocketDevice for VirtioConsole {
     type Socket = UnixStream;
-    type Stats = ConsoleStats;
+    const SOCKET_TYPE: libc::c_int = libc::SOCK_STREAM;
 
-    fn socket_pair() -> (UnixStream, UnixStream) {
-        UnixStream::pair().expect("socketpair")
-    }
     fn attach(socket: OwnedFd, mem: GuestMemoryMmap) -> MmioTransport<VirtioConsole> {
         attach_console(socket, mem, eventfd()).expect("console")
-    }
-    fn stats(&self) -> ConsoleStats {
-        VirtioConsole::stats(self)
-    }
-    fn has_worker(&self) -> bool {
-        VirtioConsole::has_worker(self)
-    }
-    fn worker_tid(&self) -> Option<i32> {
-        VirtioConsole::worker_tid(self)
     }
 }
 
@@ -57,6 +45,10 @@ fn is_nonblocking(fd: RawFd) -> bool {
 }
 
 impl Fixture<VirtioConsole> {
+    fn stats(&self) -> ConsoleStats {
+        self.t.lock().device().stats()
+    }
+
     /// The device's stop flag.
     fn stopper(&self) -> ConsoleStopper {
         self.t.lock().device().stopper()
@@ -107,9 +99,8 @@ fn identity_features_and_config() {
     t.read(CONFIG_SPACE, &mut config);
     assert_eq!(config, [0; 12]);
     assert_eq!(read_reg(t, CONFIG_SPACE + 8), 0);
-    let device = t.lock();
-    assert!(!device.device().has_worker());
-    assert_eq!(device.device().stats(), ConsoleStats::default());
+    assert!(!f.has_worker());
+    assert_eq!(f.stats(), ConsoleStats::default());
 }
 
 #[test]

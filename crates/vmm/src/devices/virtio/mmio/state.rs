@@ -18,7 +18,8 @@ use super::{
 };
 use crate::devices::virtio::log_limit::{limited, LogLimiter};
 use crate::devices::virtio::{
-    ActivateError, QueueAccess, QueueAccessError, QueueHost, VirtioDevice, VIRTIO_F_VERSION_1,
+    ActivateError, Activation, QueueAccess, QueueAccessError, QueueHost, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 
 /// The virtqueues of `device`, at their maximum sizes; an error if the device is not modern or
@@ -381,9 +382,11 @@ impl<D: VirtioDevice> TransportState<D> {
                     q.set_event_idx(event_idx);
                 }
                 self.epoch = self.epoch.wrapping_add(1);
-                let access = QueueAccess::new(self.host.clone(), self.epoch);
-                self.device
-                    .activate(self.driver_features, &self.queues, access)
+                self.device.activate(Activation {
+                    features: self.driver_features,
+                    queues: &self.queues,
+                    access: QueueAccess::new(self.host.clone(), self.epoch),
+                })
             }
         };
         match result {

@@ -18,7 +18,9 @@ use crate::devices::virtio::testing::{
     bring_up, count_warnings, eventfd, memory, r, read_reg, w, warning_bound, write_reg,
     DriverQueue, BUF_BASE, MEM_SIZE, QUEUE_BASE,
 };
-use crate::devices::virtio::{ActivateError, QueueAccess, QueueAccessError, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateError, Activation, QueueAccess, QueueAccessError, VIRTIO_F_VERSION_1,
+};
 
 const ACK: u32 = S_ACKNOWLEDGE;
 const DRV: u32 = S_ACKNOWLEDGE | S_DRIVER;
@@ -60,16 +62,11 @@ impl VirtioDevice for TestDevice {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.config_writes.push((offset, data.to_vec()));
     }
-    fn activate(
-        &mut self,
-        acked: u64,
-        _queues: &[Queue],
-        _access: QueueAccess,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
         if self.fail_activate {
             return Err(ActivateError::QueueNotReady(0));
         }
-        self.activated_with = Some(acked);
+        self.activated_with = Some(activation.features);
         Ok(())
     }
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
@@ -602,16 +599,8 @@ impl VirtioDevice for AsyncDevice {
     fn device_features(&self) -> u64 {
         VIRTIO_F_VERSION_1
     }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(
-        &mut self,
-        _acked: u64,
-        _queues: &[Queue],
-        access: QueueAccess,
-    ) -> Result<(), ActivateError> {
+    fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
+        let access = activation.access;
         self.activations += 1;
         if self.spawn_worker {
             let worker_access = access.clone();

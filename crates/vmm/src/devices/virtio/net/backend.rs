@@ -2,11 +2,14 @@
 //! given (opened by the host-networking code).
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::Arc;
 
 use tracing::debug;
+use vmm_sys_util::epoll::EventSet;
 
 use super::{NetError, VNET_HDR_LEN};
+use crate::devices::virtio::rx_worker::Source;
 use crate::devices::virtio::sys::set_nonblocking;
 
 /// Puts `fd` in non-blocking mode and, if it is a TUN/TAP device, checks its mode and header
@@ -14,6 +17,15 @@ use crate::devices::virtio::sys::set_nonblocking;
 pub(super) fn prepare_tap(fd: RawFd) -> Result<(), NetError> {
     set_nonblocking(fd)?;
     check_tap(fd)
+}
+
+/// What the RX worker watches: the TAP, readable (edge-triggered).
+pub(super) fn rx_source(tap: &Arc<OwnedFd>) -> Source {
+    Source {
+        fd: tap.clone(),
+        events: EventSet::IN | EventSet::EDGE_TRIGGERED,
+        watch: true,
+    }
 }
 
 /// If `fd` is a TUN/TAP device, check its mode and header size.

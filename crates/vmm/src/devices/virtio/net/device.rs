@@ -5,24 +5,22 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tracing::debug;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::prepare_tap;
+use super::backend::{prepare_tap, rx_source};
 use super::rx::NetRx;
 use super::tx::NetTx;
 use super::{OFFERED_FEATURES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
-use crate::devices::virtio::rx_worker::{RxWorkers, Source};
+use crate::devices::virtio::rx_worker::RxWorkers;
 use crate::devices::virtio::stats::device_stats;
 use crate::devices::virtio::sys::SysError;
-use crate::devices::virtio::{ActivateError, QueueAccess, VirtioDevice};
+use crate::devices::virtio::{ActivateError, Activation, VirtioDevice};
 
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
 
@@ -146,16 +144,6 @@ impl Net {
     pub fn stats_reader(&self) -> NetStatsReader {
         NetStatsReader::new(self.stats.clone())
     }
-
-    /// Whether an RX worker is running (the device is activated).
-    pub fn has_worker(&self) -> bool {
-        self.rx.is_running()
-    }
-
-    /// Kernel thread id of the running RX worker, once it has started (for diagnostics).
-    pub fn worker_tid(&self) -> Option<i32> {
-        self.rx.tid()
-    }
 }
 
 impl VirtioDevice for Net {
@@ -176,60 +164,29 @@ impl VirtioDevice for Net {
         &self.mac
     }
 
-    fn activate(
-        &mut self,
-        _acked_features: u64,
-        queues: &[Queue],
-        access: QueueAccess,
-    ) -> Result<(), ActivateError> {
-        for index in [RX_QUEUE, TX_QUEUE] {
-            if !queues.get(index).is_some_and(|q| q.ready()) {
-                return Err(ActivateError::QueueNotReady(index));
-            }
-        }
-        let source = Source {
-            fd: self.tap.clone(),
-            events: EventSet::IN | EventSet::EDGE_TRIGGERED,
-            watch: true,
-        };
+    fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
+        activation.require_ready(&[RX_QUEUE, TX_QUEUE])?;
         let stats = self.stats.clone();
-        self.rx
-            .start(source, access, move || NetRx::new(stats))
-            .map_err(ActivateError::Worker)?;
+        let rx = move || NetRx::new(stats);
+        self.rx.start(rx_source(&self.tap), activation.access, rx)?;
         debug!(mac = %fmt_mac(&self.mac), "virtio-net: activated");
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-        match index {
-            RX_QUEUE => {
-                // New receive buffers: wake the worker, which fills them under the lock later.
-                if let Some(flag) = &self.rx_ready {
-                    flag.store(true, Ordering::Release);
-                }
-                self.rx.kick();
-                false
-            }
-            TX_QUEUE => self.tx.process(queue, mem),
-            _ => {
-                // The transport only notifies queues that exist (and rate-limits its warning
-                // about the others).
-                debug!(index, "virtio-net: notify for a queue that does not exist");
-                false
-            }
+        if index == TX_QUEUE {
+            return self.tx.process(queue, mem);
         }
+        // New receive buffers: wake the worker, which fills them under the lock later.
+        if let Some(flag) = &self.rx_ready {
+            flag.store(true, Ordering::Release);
+        }
+        self.rx.kick();
+        false
     }
 
-    fn reset(&mut self) {
-        self.rx.stop();
-    }
-
-    fn stop_workers(&mut self) {
-        self.rx.stop();
-    }
-
-    fn take_stopped_workers(&mut self) -> Vec<JoinHandle<()>> {
-        self.rx.take_stopped()
+    fn workers(&mut self) -> Option<&mut RxWorkers> {
+        Some(&mut self.rx)
     }
 }
 

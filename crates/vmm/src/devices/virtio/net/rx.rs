@@ -7,12 +7,11 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use tracing::{debug, warn};
-use vm_memory::GuestMemoryMmap;
 
 use super::device::Counters;
 use super::{NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
 use crate::devices::virtio::chain::{ChainError, IoChain};
-use crate::devices::virtio::rx_worker::{Batch, RxDevice};
+use crate::devices::virtio::rx_worker::{Batch, Filled, RxDevice};
 use crate::devices::virtio::sys::MAX_IOVECS;
 
 /// virtio-net's receive work: frames from the TAP into receive chains.
@@ -51,13 +50,13 @@ impl RxDevice for NetRx {
         chain.read_from(tap, &mut self.overflow)
     }
 
-    fn received(
-        &mut self,
-        chain: &IoChain,
-        mem: &GuestMemoryMmap,
-        head: u16,
-        n: u64,
-    ) -> Option<u32> {
+    fn received(&mut self, filled: Filled<'_>) -> Option<u32> {
+        let Filled {
+            chain,
+            mem,
+            head,
+            len: n,
+        } = filled;
         if n > chain.size() {
             debug!(
                 head,

@@ -34,22 +34,10 @@ const NO_OFFLOAD: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
 impl SocketDevice for Net {
     type Socket = UnixDatagram;
-    type Stats = NetStats;
+    const SOCKET_TYPE: libc::c_int = libc::SOCK_DGRAM;
 
-    fn socket_pair() -> (UnixDatagram, UnixDatagram) {
-        UnixDatagram::pair().expect("socketpair")
-    }
     fn attach(socket: OwnedFd, mem: GuestMemoryMmap) -> MmioTransport<Net> {
         attach_net(socket, MAC, mem, eventfd(), None).expect("net")
-    }
-    fn stats(&self) -> NetStats {
-        Net::stats(self)
-    }
-    fn has_worker(&self) -> bool {
-        Net::has_worker(self)
-    }
-    fn worker_tid(&self) -> Option<i32> {
-        Net::worker_tid(self)
     }
 }
 
@@ -117,6 +105,10 @@ fn packet(hdr: &[u8; VNET_HDR_LEN], frame: &[u8]) -> Vec<u8> {
 type NetFixture = Fixture<Net>;
 
 impl Fixture<Net> {
+    fn stats(&self) -> NetStats {
+        self.t.lock().device().stats()
+    }
+
     /// Next datagram the device sent, if any.
     fn sent(&self) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 70_000];
@@ -163,7 +155,7 @@ fn identity_features_and_config() {
     t.read(CONFIG, &mut eight);
     assert_eq!(&eight[..6], &MAC);
     assert_eq!(t.lock().device().mac(), MAC);
-    assert!(!t.lock().device().has_worker());
+    assert!(!f.has_worker());
 }
 
 #[test]
