@@ -411,6 +411,83 @@ impl<D: SocketDevice> Fixture<D> {
     }
 }
 
+impl<D: SocketDevice> Fixture<D> {
+    /// Publishes chains that break the rules every transmit chain must follow (`chain.rs`),
+    /// then the device's own `extra` ones, and notifies once: every one must come back unsent,
+    /// with a used length of 0, and the driver be interrupted. Returns how many there were.
+    pub fn send_malformed_tx(&mut self, extra: &[&[Desc]]) -> u64 {
+        let common: [&[Desc]; 5] = [
+            // Device-writable.
+            &[w(TX_BUF, 64)],
+            // Readable then writable.
+            &[r(TX_BUF, 12), w(TX_BUF + 0x100, 64)],
+            // Runs out of guest memory; wraps around the address space.
+            &[r(MEM_SIZE - 16, 64)],
+            &[r(u64::MAX - 8, 64)],
+            // Over 4 GiB: virtio-queue stops after the first descriptor, which says "next".
+            &[r(TX_BUF, 12), r(TX_BUF + 0x100, u32::MAX)],
+        ];
+        let chains = common.iter().chain(extra);
+        let mut heads: Vec<u16> = chains.map(|c| self.txq.add_chain(c)).collect();
+        // A chain whose next index is outside the table; one that loops onto itself, longer
+        // than the queue.
+        for (index, next) in [(15, 99), (14, 14)] {
+            let flags = VRING_DESC_F_NEXT as u16;
+            self.txq.write_desc(index, TX_BUF, 12, flags, next);
+            self.txq.publish(index);
+            heads.push(index);
+        }
+        self.notify(RXQ + 1);
+        assert_returned(&self.txq, 0, &heads);
+        assert!(self.irq_fired());
+        heads.len() as u64
+    }
+
+    /// Posts receive chains that break the rules every receive chain must follow
+    /// (`chain.rs`), then the device's own `extra` ones, then a good one of 2 KiB at
+    /// `RX_BUF + 0x2000`, and sends `data` from the host: the bad ones must come back unused,
+    /// the good one with `data.len()` bytes. Returns how many bad ones there were.
+    pub fn post_malformed_rx(&mut self, extra: &[&[Desc]], data: &[u8]) -> u64 {
+        let common: [&[Desc]; 4] = [
+            // Device-readable.
+            &[r(RX_BUF, 2048)],
+            // Writable then readable.
+            &[w(RX_BUF, 64), r(RX_BUF + 0x100, 64)],
+            // Outside guest memory.
+            &[w(MEM_SIZE - 16, 2048)],
+            // Over 4 GiB.
+            &[w(RX_BUF, 64), w(RX_BUF + 0x100, u32::MAX)],
+        ];
+        let chains = common.iter().chain(extra);
+        let mut heads: Vec<u16> = chains.map(|c| self.post_rx(c)).collect();
+        // A chain whose next index is outside the table.
+        let flags = (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16;
+        self.rxq.write_desc(15, RX_BUF, 64, flags, 99);
+        self.rxq.publish(15);
+        heads.push(15);
+        let good = self.post_rx(&[w(RX_BUF + 0x2000, 2048)]);
+        self.send_from_peer(data);
+        let all = heads.len() as u16 + 1;
+        wait_for("all chains used", || self.rxq.used_idx() == all);
+        assert_returned(&self.rxq, 0, &heads);
+        let good_len = data.len() as u32;
+        assert_eq!(self.rxq.used_elem(all - 1), (u32::from(good), good_len));
+        heads.len() as u64
+    }
+}
+
+/// Checks that the used ring of `q` holds `heads` from entry `first` on, each with a used
+/// length of 0.
+fn assert_returned(q: &DriverQueue, first: u16, heads: &[u16]) {
+    assert!(
+        q.used_idx() >= first + heads.len() as u16,
+        "not all returned"
+    );
+    for (i, head) in (first..).zip(heads) {
+        assert_eq!(q.used_elem(i), (u32::from(*head), 0), "chain {i}");
+    }
+}
+
 /// A connected pair of Unix sockets of `kind`: the device's end, and the host's end
 /// (non-blocking).
 fn socket_pair(kind: libc::c_int) -> (OwnedFd, OwnedFd) {
