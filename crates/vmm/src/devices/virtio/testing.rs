@@ -522,6 +522,32 @@ fn send(socket: &impl AsRawFd, data: &[u8]) -> Option<usize> {
     usize::try_from(n).ok()
 }
 
+/// Writes the tests every [`SocketDevice`] shares as `#[test]` functions of the module that
+/// invokes it: `socket_device_tests!(Net, rx_data: frame)`, where `rx_data` is what the host
+/// sends while the device is reset (it must reach the guest whole once it is up again).
+macro_rules! socket_device_tests {
+    ($device:ty, rx_data: $data:expr) => {
+        #[test]
+        fn activation_needs_both_queues() {
+            $crate::devices::virtio::testing::activation_needs_both_queues::<$device>();
+        }
+
+        #[test]
+        fn reset_stops_the_worker_and_drop_joins_it() {
+            let data = $data;
+            $crate::devices::virtio::testing::reset_stops_the_worker_and_drop_joins_it::<$device>(
+                &data,
+            );
+        }
+
+        #[test]
+        fn dropping_an_idle_device_joins_its_worker() {
+            $crate::devices::virtio::testing::dropping_an_idle_device_joins_its_worker::<$device>();
+        }
+    };
+}
+pub(crate) use socket_device_tests;
+
 /// Shared test: the device refuses DRIVER_OK (NEEDS_RESET, no worker) unless the driver set up
 /// both queues; after a reset, a proper bring-up works.
 pub fn activation_needs_both_queues<D: SocketDevice>() {

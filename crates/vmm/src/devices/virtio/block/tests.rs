@@ -4,8 +4,8 @@ use std::io::Write;
 use std::path::Path;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -15,8 +15,8 @@ use super::request::BOUNCE_LEN;
 use super::*;
 use crate::devices::virtio::mmio::regs::{INTERRUPT_STATUS, QUEUE_NOTIFY};
 use crate::devices::virtio::testing::{
-    bring_up, eventfd, memory, r, read_reg, w, write_reg, Desc, DriverQueue, BUF_BASE, MEM_SIZE,
-    POISON, QUEUE_BASE,
+    assert_identity, bring_up, eventfd, memory, r, read_reg, w, write_reg, Desc, DriverQueue,
+    BUF_BASE, MEM_SIZE, POISON, QUEUE_BASE,
 };
 use crate::devices::virtio::MmioTransport;
 use crate::devices::MmioDevice;
@@ -95,6 +95,31 @@ impl Fixture {
         self.bytes(STATUS, 1)[0]
     }
 
+    /// Submits a request of `kind` for `sector` as `chain` (header at [`HDR`]) with the
+    /// status byte at [`STATUS`] poisoned first; returns the status the device wrote there and
+    /// the used length it returned the chain with.
+    fn request(&mut self, kind: u32, sector: u64, chain: &[Desc]) -> (u8, u32) {
+        self.mem
+            .write_obj(POISON, GuestAddress(STATUS))
+            .expect("reset status");
+        self.header(HDR, kind, sector);
+        assert!(self.submit(chain), "the driver must be interrupted");
+        (self.status(), self.last_used().1)
+    }
+
+    /// Submits a read of `sector` as `chain`, which must fail (IOERR, used length 0) before
+    /// writing any of the `len` bytes at `at`.
+    fn read_fails(&mut self, sector: u64, chain: &[Desc], (at, len): (u64, usize)) {
+        let reply = self.request(VIRTIO_BLK_T_IN, sector, chain);
+        assert_eq!(reply, (S_IOERR, 0), "sector {sector}");
+        assert!(self.untouched(at, len), "data written by a failed read");
+    }
+
+    /// Whether the device left `len` bytes at `at` alone.
+    fn untouched(&self, at: u64, len: usize) -> bool {
+        self.bytes(at, len) == vec![POISON; len]
+    }
+
     /// The last used element: (head, len).
     fn last_used(&self) -> (u32, u32) {
         let idx = self.q.used_idx();
@@ -132,17 +157,12 @@ fn open_checks_the_image() {
 fn identity_features_and_config() {
     let mut fx = Fixture::new(8);
     let t = &mut fx.t;
-    assert_eq!(read_reg(t, 0x08), VIRTIO_ID_BLOCK);
-    write_reg(t, 0x14, 0);
-    let low = read_reg(t, 0x10);
-    assert_ne!(low & (1 << VIRTIO_BLK_F_RO), 0);
-    assert_ne!(low & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
-    write_reg(t, 0x14, 1);
-    assert_eq!(read_reg(t, 0x10), 1); // VERSION_1
-    assert_eq!(
-        t.lock().acked_features() & (1 << VIRTIO_BLK_F_RO),
-        1 << VIRTIO_BLK_F_RO
-    );
+    let features = (1 << 32)
+        | [VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE]
+            .iter()
+            .fold(0, |f, bit| f | (1 << bit));
+    assert_identity(t, VIRTIO_ID_BLOCK, features, &[QUEUE_SIZE]);
+    assert_eq!(t.lock().acked_features(), features);
     // capacity, as Linux reads a u64: two 32-bit reads.
     assert_eq!(read_reg(t, 0x100), 8);
     assert_eq!(read_reg(t, 0x104), 0);
@@ -155,7 +175,6 @@ fn identity_features_and_config() {
     // Config space is read-only.
     write_reg(t, 0x100, 99);
     assert_eq!(read_reg(t, 0x100), 8);
-    assert_eq!(read_reg(t, 0x34), u32::from(QUEUE_SIZE));
 }
 
 #[test]
@@ -204,21 +223,18 @@ fn header_with_data_and_data_with_status_share_descriptors() {
     assert_eq!(fx.last_used().1, 513);
 
     // An IN whose header descriptor also carries readable bytes: direction mismatch.
-    fx.header(HDR, VIRTIO_BLK_T_IN, 0);
-    assert!(fx.submit(&[r(HDR, 16 + 512), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
+    let chain = [r(HDR, 16 + 512), w(STATUS, 1)];
+    assert_eq!(fx.request(VIRTIO_BLK_T_IN, 0, &chain), (S_IOERR, 1));
 }
 
 #[test]
 fn write_fails_on_read_only_device() {
     let mut fx = Fixture::new(4);
-    fx.header(HDR, VIRTIO_BLK_T_OUT, 0);
     fx.mem
         .write_slice(&[0x55; 512], GuestAddress(DATA))
         .expect("data");
-    assert!(fx.submit(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.last_used().1, 1);
+    let chain = [r(HDR, 16), r(DATA, 512), w(STATUS, 1)];
+    assert_eq!(fx.request(VIRTIO_BLK_T_OUT, 0, &chain), (S_IOERR, 1));
     assert_eq!(std::fs::read(fx.file.path()).expect("reread"), fx.image);
 }
 
@@ -226,25 +242,14 @@ fn write_fails_on_read_only_device() {
 fn out_of_range_reads_fail() {
     let mut fx = Fixture::new(4);
     // Straddles the end.
-    fx.header(HDR, VIRTIO_BLK_T_IN, 3);
-    assert!(fx.submit(&[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.last_used().1, 0);
-    assert_eq!(fx.bytes(DATA, 1024), vec![POISON; 1024]);
+    fx.read_fails(3, &[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)], (DATA, 1024));
     // Starts past the end; overflowing sector numbers.
+    let chain = [r(HDR, 16), w(DATA, 512), w(STATUS, 1)];
     for sector in [4, 5, u64::MAX, u64::MAX >> 9, (u64::MAX >> 9) + 1] {
-        fx.mem
-            .write_obj(POISON, GuestAddress(STATUS))
-            .expect("reset status");
-        fx.header(HDR, VIRTIO_BLK_T_IN, sector);
-        assert!(fx.submit(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]));
-        assert_eq!(fx.status(), S_IOERR, "sector {sector}");
+        fx.read_fails(sector, &chain, (DATA, 512));
     }
-    assert_eq!(fx.bytes(DATA, 512), vec![POISON; 512]);
     // The last sector itself is fine.
-    fx.header(HDR, VIRTIO_BLK_T_IN, 3);
-    assert!(fx.submit(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_OK);
+    assert_eq!(fx.request(VIRTIO_BLK_T_IN, 3, &chain), (S_OK, 513));
     assert_eq!(fx.bytes(DATA, 512), fx.image[1536..]);
 }
 
@@ -259,68 +264,37 @@ fn out_of_range_is_rejected_before_any_data_moves() {
     fx.mem
         .write_slice(&vec![POISON; len as usize], GuestAddress(data))
         .expect("poison");
-    fx.header(HDR, VIRTIO_BLK_T_IN, 1);
-    assert!(fx.submit(&[r(HDR, 16), w(data, len), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.bytes(data, len as usize), vec![POISON; len as usize]);
+    let chain = [r(HDR, 16), w(data, len), w(STATUS, 1)];
+    fx.read_fails(1, &chain, (data, len as usize));
 }
 
 #[test]
 fn partial_sector_and_bad_buffers_fail() {
     let mut fx = Fixture::new(4);
-    fx.header(HDR, VIRTIO_BLK_T_IN, 0);
-    assert!(fx.submit(&[r(HDR, 16), w(DATA, 100), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.bytes(DATA, 100), vec![POISON; 100]);
-
-    // A data buffer running off the end of guest memory: nothing is written.
-    fx.mem
-        .write_obj(POISON, GuestAddress(STATUS))
-        .expect("reset status");
-    assert!(fx.submit(&[
-        r(HDR, 16),
-        w(DATA, 512),
-        w(MEM_SIZE - 256, 512),
-        w(STATUS, 1)
-    ]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.bytes(DATA, 512), vec![POISON; 512]);
-    // Far outside, and wrapping the address space.
-    for addr in [1 << 40, u64::MAX - 100] {
-        fx.mem
-            .write_obj(POISON, GuestAddress(STATUS))
-            .expect("reset status");
-        assert!(fx.submit(&[r(HDR, 16), w(addr, 512), w(STATUS, 1)]));
-        assert_eq!(fx.status(), S_IOERR);
+    fx.read_fails(0, &[r(HDR, 16), w(DATA, 100), w(STATUS, 1)], (DATA, 100));
+    // A data buffer running off the end of guest memory, far outside, or wrapping the address
+    // space: nothing is written.
+    for addr in [MEM_SIZE - 256, 1 << 40, u64::MAX - 100] {
+        let chain = [r(HDR, 16), w(DATA, 512), w(addr, 512), w(STATUS, 1)];
+        fx.read_fails(0, &chain, (DATA, 512));
     }
 }
 
 #[test]
 fn get_id_flush_and_unsupported() {
     let mut fx = Fixture::new(4);
-    fx.header(HDR, VIRTIO_BLK_T_GET_ID, 0);
-    assert!(fx.submit(&[r(HDR, 16), w(DATA, 20), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_OK);
-    assert_eq!(fx.last_used().1, 21);
+    let chain = [r(HDR, 16), w(DATA, 20), w(STATUS, 1)];
+    assert_eq!(fx.request(VIRTIO_BLK_T_GET_ID, 0, &chain), (S_OK, 21));
     let mut want = b"xcgi-rootfs".to_vec();
     want.resize(20, 0);
     assert_eq!(fx.bytes(DATA, 20), want);
 
-    fx.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
-    fx.mem
-        .write_obj(POISON, GuestAddress(STATUS))
-        .expect("reset status");
-    assert!(fx.submit(&[r(HDR, 16), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_OK);
-    assert_eq!(fx.last_used().1, 1);
+    let chain = [r(HDR, 16), w(STATUS, 1)];
+    assert_eq!(fx.request(VIRTIO_BLK_T_FLUSH, 0, &chain), (S_OK, 1));
 
+    let chain = [r(HDR, 16), w(DATA, 512), w(STATUS, 1)];
     for kind in [VIRTIO_BLK_T_GET_ID + 1, 11, 13, u32::MAX] {
-        fx.header(HDR, kind, 0);
-        fx.mem
-            .write_obj(POISON, GuestAddress(STATUS))
-            .expect("reset status");
-        assert!(fx.submit(&[r(HDR, 16), w(DATA, 512), w(STATUS, 1)]));
-        assert_eq!(fx.status(), S_UNSUPP, "type {kind}");
+        assert_eq!(fx.request(kind, 0, &chain), (S_UNSUPP, 0), "type {kind}");
     }
 }
 
@@ -373,7 +347,7 @@ fn malformed_chains_are_returned_without_status() {
         assert_eq!(fx.q.used_idx(), before.wrapping_add(1), "case {i}");
         assert_eq!(fx.last_used().1, 0, "case {i}");
         assert_eq!(fx.status(), POISON, "case {i}: no status written");
-        assert_eq!(fx.bytes(DATA, 512), vec![POISON; 512], "case {i}");
+        assert!(fx.untouched(DATA, 512), "case {i}");
     }
     // Status byte outside guest memory.
     assert!(fx.submit(&[r(HDR, 16), w(DATA, 512), w(1 << 40, 1)]));
@@ -383,25 +357,23 @@ fn malformed_chains_are_returned_without_status() {
 #[test]
 fn read_only_data_descriptor_for_in_is_rejected() {
     let mut fx = Fixture::new(4);
-    fx.header(HDR, VIRTIO_BLK_T_IN, 0);
-    assert!(fx.submit(&[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.bytes(DATA, 512), vec![POISON; 512]);
-    // Mixed directions too.
-    fx.mem
-        .write_obj(POISON, GuestAddress(STATUS))
-        .expect("reset status");
-    assert!(fx.submit(&[r(HDR, 16), w(DATA, 512), r(DATA + 512, 512), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.bytes(DATA, 512), vec![POISON; 512]);
-    // GET_ID into a read-only buffer.
-    fx.header(HDR, VIRTIO_BLK_T_GET_ID, 0);
-    fx.mem
-        .write_obj(POISON, GuestAddress(STATUS))
-        .expect("reset status");
-    assert!(fx.submit(&[r(HDR, 16), r(DATA, 20), w(STATUS, 1)]));
-    assert_eq!(fx.status(), S_IOERR);
-    assert_eq!(fx.bytes(DATA, 20), vec![POISON; 20]);
+    let chains: [(u32, &[Desc]); 3] = [
+        (VIRTIO_BLK_T_IN, &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]),
+        // Mixed directions too.
+        (
+            VIRTIO_BLK_T_IN,
+            &[r(HDR, 16), w(DATA, 512), r(DATA + 512, 512), w(STATUS, 1)],
+        ),
+        // GET_ID into a read-only buffer.
+        (
+            VIRTIO_BLK_T_GET_ID,
+            &[r(HDR, 16), r(DATA, 20), w(STATUS, 1)],
+        ),
+    ];
+    for (i, (kind, chain)) in chains.into_iter().enumerate() {
+        assert_eq!(fx.request(kind, 0, chain).0, S_IOERR, "chain {i}");
+        assert!(fx.untouched(DATA, 512), "chain {i}");
+    }
 }
 
 #[test]
@@ -447,7 +419,7 @@ fn hostile_rings_do_not_panic_or_hang() {
     fx.q.publish(3);
     assert!(fx.notify());
     assert_eq!(fx.last_used(), (3, 0));
-    assert_eq!(fx.bytes(DATA, 512), vec![POISON; 512], "nothing written");
+    assert!(fx.untouched(DATA, 512), "nothing written");
 
     // An available index far ahead of what was published: ignored.
     fx.q.set_avail_idx(fx.q.used_idx().wrapping_add(100));

@@ -14,8 +14,8 @@ use crate::devices::virtio::mmio::regs::{
     CONFIG_SPACE_OFFSET as CONFIG_SPACE, INTERRUPT_STATUS, STATUS,
 };
 use crate::devices::virtio::testing::{
-    self, assert_identity, eventfd, r, read_reg, task_alive, w, wait_for, write_reg, Desc, Fixture,
-    SocketDevice, POISON, RX_BUF, TX_BUF,
+    assert_identity, eventfd, r, read_reg, socket_device_tests, task_alive, w, wait_for, write_reg,
+    Desc, Fixture, SocketDevice, POISON, RX_BUF, TX_BUF,
 };
 use crate::devices::virtio::MmioTransport;
 use crate::devices::MmioDevice;
@@ -82,6 +82,9 @@ impl Fixture<VirtioConsole> {
     }
 }
 
+// The shared tests; bytes wait in the socket while the device is reset.
+socket_device_tests!(VirtioConsole, rx_data: *b"after reset");
+
 #[test]
 fn identity_features_and_config() {
     let mut f = ConsoleFixture::unstarted();
@@ -132,11 +135,6 @@ fn new_refuses_non_stream_descriptors_and_makes_the_fd_nonblocking() {
     assert!(is_nonblocking(probe.as_raw_fd()));
     assert_eq!(console.stats(), ConsoleStats::default());
     assert!(!console.stopper().is_stopped());
-}
-
-#[test]
-fn activation_needs_both_queues() {
-    testing::activation_needs_both_queues::<VirtioConsole>();
 }
 
 #[test]
@@ -492,12 +490,6 @@ fn malformed_rx_chains_are_returned_unused() {
     assert!(!stats.rx_closed);
 }
 
-#[test]
-fn reset_stops_the_worker_and_drop_joins_it() {
-    // Bytes wait in the socket meanwhile.
-    testing::reset_stops_the_worker_and_drop_joins_it::<VirtioConsole>(b"after reset");
-}
-
 /// The TX stop flag outlives a reset (a driver resets the device while probing it, before any
 /// output) and is set once the transport goes away.
 #[test]
@@ -510,9 +502,4 @@ fn reset_keeps_the_stop_flag_and_drop_sets_it() {
     assert!(!stopper.is_stopped());
     drop(f);
     assert!(stopper.is_stopped());
-}
-
-#[test]
-fn dropping_an_idle_device_joins_its_worker() {
-    testing::dropping_an_idle_device_joins_its_worker::<VirtioConsole>();
 }

@@ -190,14 +190,20 @@ impl<D: VirtioDevice> TransportState<D> {
         self.interrupt_status |= bit;
         if let Err(e) = self.irq.write(1) {
             // Once broken, broken for every interrupt the driver asks for.
-            limited!(
-                self.log,
-                error,
-                device_type = self.device.device_type(),
-                error = %e,
-                "virtio-mmio: failed to signal the irq eventfd"
-            );
+            self.log_error("failed to signal the irq eventfd", &e);
         }
+    }
+
+    /// An error line (through the log limiter) for a failure the driver can repeat at will.
+    fn log_error(&mut self, what: &str, error: &dyn std::fmt::Display) {
+        let device_type = self.device.device_type();
+        limited!(
+            self.log,
+            error,
+            device_type,
+            error = %error,
+            "virtio-mmio: {what}"
+        );
     }
 
     fn reset(&mut self) {
@@ -400,13 +406,7 @@ impl<D: VirtioDevice> TransportState<D> {
             }
             Err(e) => {
                 // A driver can fail activation at will (rings outside memory), over and over.
-                limited!(
-                    self.log,
-                    error,
-                    device_type = self.device.device_type(),
-                    error = %e,
-                    "virtio-mmio: device activation failed"
-                );
+                self.log_error("device activation failed", &e);
                 self.status |= S_NEEDS_RESET;
                 self.raise_interrupt(VIRTIO_MMIO_INT_CONFIG);
             }

@@ -92,6 +92,14 @@ fn transport_on(mem: &GuestMemoryMmap) -> MmioTransport<TestDevice> {
     MmioTransport::new(dev, mem.clone(), eventfd()).expect("transport")
 }
 
+/// A test device brought up by the driver, with queue 0 (8 entries) at [`QUEUE_BASE`].
+fn live_transport() -> (GuestMemoryMmap, MmioTransport<TestDevice>) {
+    let mem = memory();
+    let mut t = transport_on(&mem);
+    bring_up(&mut t, &[&DriverQueue::new(&mem, QUEUE_BASE, 8)]);
+    (mem, t)
+}
+
 fn transport() -> MmioTransport<TestDevice> {
     transport_on(&memory())
 }
@@ -271,10 +279,7 @@ fn queue_setup() {
 
 #[test]
 fn status_zero_resets_device_and_queues() {
-    let mem = memory();
-    let mut t = transport_on(&mem);
-    let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
-    bring_up(&mut t, &[&q]);
+    let (mem, mut t) = live_transport();
     assert_eq!(read_reg(&mut t, STATUS), DOK);
     assert!(t.lock().is_activated());
     assert_eq!(t.lock().device().activated_with, Some(FEATURES));
@@ -320,10 +325,7 @@ fn status_rules() {
 
 #[test]
 fn bad_offsets_read_zero_and_ignore_writes() {
-    let mem = memory();
-    let mut t = transport_on(&mem);
-    let q = DriverQueue::new(&mem, QUEUE_BASE, 8);
-    bring_up(&mut t, &[&q]);
+    let (_, mut t) = live_transport();
     for offset in [
         0x001, 0x018, 0x028, 0x02c, 0x040, 0x048, 0x054, 0x068, 0x0a8, 0x0c0, 0x0f8, 0x0fd,
     ] {

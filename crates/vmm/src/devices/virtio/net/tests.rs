@@ -20,9 +20,9 @@ use crate::devices::virtio::mmio::regs::{
     QUEUE_NOTIFY, QUEUE_NUM, STATUS,
 };
 use crate::devices::virtio::testing::{
-    self, assert_identity, bring_up, count_warnings, eventfd, memory, r, read_reg, w, wait_for,
-    warning_bound, write_reg, Desc, DriverQueue, Fixture, SocketDevice, POISON, QUEUE_BASE, RX_BUF,
-    TXQ_BASE, TX_BUF,
+    assert_identity, bring_up, count_warnings, eventfd, memory, r, read_reg, socket_device_tests,
+    w, wait_for, warning_bound, write_reg, Desc, DriverQueue, Fixture, SocketDevice, POISON,
+    QUEUE_BASE, RX_BUF, TXQ_BASE, TX_BUF,
 };
 use crate::devices::virtio::{MmioTransport, VirtioDevice};
 use crate::devices::MmioDevice;
@@ -122,6 +122,9 @@ impl Fixture<Net> {
     }
 }
 
+// The shared tests; frames wait in the TAP while the device is reset.
+socket_device_tests!(Net, rx_data: packet(&header(7), &payload(60, 7)));
+
 #[test]
 fn identity_features_and_config() {
     let mut f = NetFixture::unstarted();
@@ -178,11 +181,6 @@ fn new_checks_mac_and_makes_the_fd_nonblocking() {
     let net = Net::new(OwnedFd::from(dev), MAC).expect("net");
     assert_ne!(flags() & libc::O_NONBLOCK, 0);
     assert_eq!(net.stats(), NetStats::default());
-}
-
-#[test]
-fn activation_needs_both_queues() {
-    testing::activation_needs_both_queues::<Net>();
 }
 
 #[test]
@@ -504,17 +502,6 @@ fn many_frames_cross_batches_in_order() {
         assert_eq!(f.bytes(at + 12, p.len() - 12), p[12..], "frame {i}");
     }
     assert_eq!(f.stats().rx_frames, u64::from(count));
-}
-
-#[test]
-fn reset_stops_the_worker_and_drop_joins_it() {
-    // Frames wait in the TAP meanwhile.
-    testing::reset_stops_the_worker_and_drop_joins_it::<Net>(&packet(&header(7), &payload(60, 7)));
-}
-
-#[test]
-fn dropping_an_idle_device_joins_its_worker() {
-    testing::dropping_an_idle_device_joins_its_worker::<Net>();
 }
 
 /// A real TAP (needs root and /dev/net/tun; skipped otherwise): TX reaches the host
