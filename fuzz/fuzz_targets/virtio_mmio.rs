@@ -636,7 +636,7 @@ fn setup_queue<D: VirtioDevice>(
 
 /// Runs the operations in `input` against `t`. Returns when the input is used up.
 fn run<D: VirtioDevice>(mut t: Transport<D>, mut d: Driver, peer: Peer, input: &mut Input) {
-    let device_type = t.locked(|t| t.device().device_type());
+    let device_type = t.locked(|t| t.device().info().device_type);
     let nqueues = t.locked(|t| t.queues().len()) as u32;
     check_identity(&mut t, device_type);
     d.snapshot(&mut t);

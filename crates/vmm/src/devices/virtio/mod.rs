@@ -147,33 +147,21 @@ impl QueueAccess {
 /// hooks, from whoever drops the [`MmioTransport`]). Nothing here may panic on
 /// guest-controlled input.
 pub trait VirtioDevice: Send {
-    /// Virtio device id (`VIRTIO_ID_*`, e.g. 2 for block).
-    fn device_type(&self) -> u32;
-
-    /// Maximum size of each virtqueue; the length is the number of queues. Every size must be a
-    /// power of two no larger than 32768.
-    fn queue_max_sizes(&self) -> &[u16];
-
-    /// Feature bits the device offers. Must include [`VIRTIO_F_VERSION_1`].
-    fn device_features(&self) -> u64;
-
-    /// The device-specific configuration space, as the default
-    /// [`read_config`](Self::read_config) serves it. Empty (all zeros) unless a device has one.
-    fn config_space(&self) -> &[u8] {
-        &[]
-    }
+    /// What the device is, as the driver sees it.
+    fn info(&self) -> &DeviceInfo;
 
     /// Read from the device-specific configuration space. `offset` is relative to the start of
-    /// the configuration space; bytes past its end read as zero.
+    /// the configuration space; bytes past its end read as zero. The default serves
+    /// [`DeviceInfo::config`].
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(self.config_space(), offset, data);
+        read_config_bytes(&self.info().config, offset, data);
     }
 
     /// Write to the device-specific configuration space. The default is for a read-only
     /// configuration: the write is ignored (and logged at `debug`: the driver can repeat it).
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         tracing::debug!(
-            device_type = self.device_type(),
+            device_type = self.info().device_type,
             offset,
             len = data.len(),
             "virtio: write to read-only config space ignored"
@@ -220,6 +208,44 @@ pub trait VirtioDevice: Send {
         self.workers()
             .map(RxWorkers::take_stopped)
             .unwrap_or_default()
+    }
+}
+
+/// What a device is, as the driver sees it: its identity and queues (fixed for the device's
+/// life: the transport reads them once), the features it offers and its configuration space.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Virtio device id (`VIRTIO_ID_*`, e.g. 2 for block).
+    pub device_type: u32,
+    /// Maximum size of each virtqueue; the length is the number of queues. Every size must be
+    /// a power of two no larger than 32768.
+    pub queue_max_sizes: &'static [u16],
+    /// Feature bits the device offers. Must include [`VIRTIO_F_VERSION_1`].
+    pub features: u64,
+    /// The device-specific configuration space, as the default
+    /// [`VirtioDevice::read_config`] serves it (read-only). Empty (all zeros) unless the device
+    /// has one.
+    pub config: Vec<u8>,
+}
+
+impl DeviceInfo {
+    /// A device of type `device_type` with `queue_max_sizes` queues, offering `features`, with
+    /// an empty configuration space.
+    pub const fn new(device_type: u32, queue_max_sizes: &'static [u16], features: u64) -> Self {
+        DeviceInfo {
+            device_type,
+            queue_max_sizes,
+            features,
+            config: Vec::new(),
+        }
+    }
+
+    /// The same with `config` as the configuration space.
+    pub fn with_config(self, config: &[u8]) -> Self {
+        DeviceInfo {
+            config: config.to_vec(),
+            ..self
+        }
     }
 }
 

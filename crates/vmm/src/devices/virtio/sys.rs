@@ -9,37 +9,39 @@ use std::time::Duration;
 /// Most iovecs a single `readv`/`writev`/`sendmsg` may take (Linux's `UIO_MAXIOV`).
 pub(crate) const MAX_IOVECS: usize = 1024;
 
-/// A system call on a device's descriptor failed.
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {source}")]
-pub(crate) struct SysError {
-    /// The call (and what it was for), e.g. `F_SETFL O_NONBLOCK`.
-    pub what: &'static str,
-    #[source]
-    pub source: io::Error,
+/// A device's setup error type, which has a variant for a system call on the device's
+/// descriptor that failed.
+pub(crate) trait SyscallError {
+    /// `what` (the call, and what it was for, e.g. `F_SETFL O_NONBLOCK`) failed with `source`.
+    fn syscall(what: &'static str, source: io::Error) -> Self;
+
+    /// `what` failed with the calling thread's `errno`.
+    fn last_os_error(what: &'static str) -> Self
+    where
+        Self: Sized,
+    {
+        Self::syscall(what, io::Error::last_os_error())
+    }
 }
 
-impl SysError {
-    /// `what` failed with the calling thread's `errno`.
-    pub(crate) fn last(what: &'static str) -> SysError {
-        SysError {
-            what,
-            source: io::Error::last_os_error(),
-        }
+/// Just the `errno`, for callers that need no more.
+impl SyscallError for io::Error {
+    fn syscall(_what: &'static str, source: io::Error) -> io::Error {
+        source
     }
 }
 
 /// Puts `fd` in non-blocking mode (on its open file description: every duplicate shares it).
-pub(crate) fn set_nonblocking(fd: RawFd) -> Result<(), SysError> {
+pub(crate) fn set_nonblocking<E: SyscallError>(fd: RawFd) -> Result<(), E> {
     // SAFETY: F_GETFL on a descriptor the caller owns; no memory is passed.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags < 0 {
-        return Err(SysError::last("F_GETFL"));
+        return Err(E::last_os_error("F_GETFL"));
     }
     if flags & libc::O_NONBLOCK == 0 {
         // SAFETY: as above.
         if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-            return Err(SysError::last("F_SETFL O_NONBLOCK"));
+            return Err(E::last_os_error("F_SETFL O_NONBLOCK"));
         }
     }
     Ok(())

@@ -504,7 +504,7 @@ fn socket_pair(kind: libc::c_int) -> (OwnedFd, OwnedFd) {
     assert_eq!(rc, 0, "socketpair: {}", std::io::Error::last_os_error());
     // SAFETY: both were just created and are owned by nobody else.
     let (dev, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    set_nonblocking(peer.as_raw_fd()).expect("nonblocking");
+    set_nonblocking::<std::io::Error>(peer.as_raw_fd()).expect("nonblocking");
     (dev, peer)
 }
 

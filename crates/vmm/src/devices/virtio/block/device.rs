@@ -13,9 +13,10 @@ use super::backend::{BlockError, DiskImage};
 use super::request::{Disk, Requests};
 use super::{DEFAULT_DEVICE_ID, ID_LEN, QUEUE_SIZE, SECTOR_SIZE};
 use crate::devices::virtio::queue::serve_chains;
-use crate::devices::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateError, Activation, DeviceInfo, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
-const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Feature bits the device offers.
 const FEATURES: u64 = VIRTIO_F_VERSION_1
     | (1 << VIRTIO_BLK_F_RO)
@@ -26,8 +27,9 @@ const CONFIG_LEN: usize = 24;
 
 /// Read-only virtio-blk device.
 pub struct Block {
+    /// One request queue; the configuration space holds the capacity.
+    info: DeviceInfo,
     disk: Disk,
-    config: [u8; CONFIG_LEN],
     /// Scratch for serving requests.
     requests: Requests,
 }
@@ -43,11 +45,11 @@ impl Block {
         // geometry (16..20) stays 0: not offered.
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         Ok(Block {
+            info: DeviceInfo::new(VIRTIO_ID_BLOCK, &[QUEUE_SIZE], FEATURES).with_config(&config),
             disk: Disk {
                 image,
                 id: id_bytes(DEFAULT_DEVICE_ID),
             },
-            config,
             requests: Requests::default(),
         })
     }
@@ -72,20 +74,8 @@ fn id_bytes(id: &str) -> [u8; ID_LEN] {
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_BLOCK
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn device_features(&self) -> u64 {
-        FEATURES
-    }
-
-    fn config_space(&self) -> &[u8] {
-        &self.config
+    fn info(&self) -> &DeviceInfo {
+        &self.info
     }
 
     /// All the work is done on the vCPU thread: the worker access is not needed.

@@ -9,13 +9,19 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::ConsoleError;
 use crate::devices::virtio::rx_worker::Source;
-use crate::devices::virtio::sys::set_nonblocking;
+use crate::devices::virtio::sys::{set_nonblocking, SyscallError};
 
 /// Checks that `fd` is a stream socket and puts it in non-blocking mode (on its open file
 /// description: every duplicate shares it).
 pub(super) fn prepare_socket(fd: RawFd) -> Result<(), ConsoleError> {
     check_stream_socket(fd)?;
-    Ok(set_nonblocking(fd)?)
+    set_nonblocking(fd)
+}
+
+impl SyscallError for ConsoleError {
+    fn syscall(what: &'static str, source: io::Error) -> ConsoleError {
+        ConsoleError::Socket { what, source }
+    }
 }
 
 /// What the RX worker watches: the socket, readable or closed by the peer (edge-triggered);
@@ -47,10 +53,7 @@ fn check_stream_socket(fd: RawFd) -> Result<(), ConsoleError> {
         if source.raw_os_error() == Some(libc::ENOTSOCK) {
             return Err(ConsoleError::NotASocket);
         }
-        return Err(ConsoleError::Socket {
-            what: "getsockopt SO_TYPE",
-            source,
-        });
+        return Err(ConsoleError::syscall("getsockopt SO_TYPE", source));
     }
     if kind != libc::SOCK_STREAM {
         return Err(ConsoleError::NotStream(kind));

@@ -18,10 +18,14 @@ use super::{QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::rx_worker::RxWorkers;
 use crate::devices::virtio::stats::device_stats;
-use crate::devices::virtio::sys::SysError;
-use crate::devices::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    ActivateError, Activation, DeviceInfo, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 
-const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
+/// Two queues (receive, transmit); VERSION_1 only (no SIZE, MULTIPORT or EMERG_WRITE). The
+/// configuration space (`struct virtio_console_config`: cols, rows, max_nr_ports, emerg_wr) is
+/// not offered: all zeros, read-only.
+static INFO: DeviceInfo = DeviceInfo::new(VIRTIO_ID_CONSOLE, &[QUEUE_SIZE; 2], VIRTIO_F_VERSION_1);
 
 /// Errors setting up a virtio-console device.
 #[derive(Debug, thiserror::Error)]
@@ -41,15 +45,6 @@ pub enum ConsoleError {
     },
     #[error("virtio-console transport: {0}")]
     Transport(#[from] MmioError),
-}
-
-impl From<SysError> for ConsoleError {
-    fn from(e: SysError) -> ConsoleError {
-        ConsoleError::Socket {
-            what: e.what,
-            source: e.source,
-        }
-    }
 }
 
 device_stats! {
@@ -139,20 +134,9 @@ impl Drop for VirtioConsole {
 }
 
 impl VirtioDevice for VirtioConsole {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_CONSOLE
+    fn info(&self) -> &DeviceInfo {
+        &INFO
     }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    // The configuration space (`struct virtio_console_config`: cols, rows, max_nr_ports,
-    // emerg_wr) is not offered: the default, all zeros and read-only.
 
     fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
         activation.require_ready(&[RX_QUEUE, TX_QUEUE])?;

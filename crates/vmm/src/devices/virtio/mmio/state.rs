@@ -25,12 +25,11 @@ use crate::devices::virtio::{
 /// The virtqueues of `device`, at their maximum sizes; an error if the device is not modern or
 /// declares a size `virtio_queue` rejects.
 pub(super) fn new_queues(device: &impl VirtioDevice) -> Result<Vec<Queue>, MmioError> {
-    let device_type = device.device_type();
-    if device.device_features() & VIRTIO_F_VERSION_1 == 0 {
-        return Err(MmioError::NotModern(device_type));
+    let info = device.info();
+    if info.features & VIRTIO_F_VERSION_1 == 0 {
+        return Err(MmioError::NotModern(info.device_type));
     }
-    device
-        .queue_max_sizes()
+    info.queue_max_sizes
         .iter()
         .enumerate()
         .map(|(index, &size)| {
@@ -76,7 +75,7 @@ impl<D: VirtioDevice> TransportState<D> {
         queues: Vec<Queue>,
         host: Weak<Mutex<dyn QueueHost>>,
     ) -> Self {
-        let log = LogLimiter::new(transport_name(device.device_type()));
+        let log = LogLimiter::new(transport_name(device.info().device_type));
         TransportState {
             device,
             mem,
@@ -100,7 +99,7 @@ impl<D: VirtioDevice> TransportState<D> {
     /// the log line of one that panicked).
     pub(super) fn take_stopped_workers(&mut self) -> (u32, Vec<JoinHandle<()>>) {
         (
-            self.device.device_type(),
+            self.device.info().device_type,
             self.device.take_stopped_workers(),
         )
     }
@@ -196,7 +195,7 @@ impl<D: VirtioDevice> TransportState<D> {
 
     /// An error line (through the log limiter) for a failure the driver can repeat at will.
     fn log_error(&mut self, what: &str, error: &dyn std::fmt::Display) {
-        let device_type = self.device.device_type();
+        let device_type = self.device.info().device_type;
         limited!(
             self.log,
             error,
@@ -208,7 +207,7 @@ impl<D: VirtioDevice> TransportState<D> {
 
     fn reset(&mut self) {
         debug!(
-            device_type = self.device.device_type(),
+            device_type = self.device.info().device_type,
             "virtio-mmio: device reset"
         );
         // Outstanding QueueAccess handles go stale before the device even hears of the reset.
@@ -314,7 +313,7 @@ impl<D: VirtioDevice> TransportState<D> {
             limited!(
                 self.log,
                 warn,
-                device_type = self.device.device_type(),
+                device_type = self.device.info().device_type,
                 "virtio-mmio: driver gave up on the device (FAILED)"
             );
         }
@@ -349,7 +348,7 @@ impl<D: VirtioDevice> TransportState<D> {
     }
 
     fn features_acceptable(&mut self, status: u32) -> bool {
-        let offered = self.device.device_features();
+        let offered = self.device.info().features;
         if status & S_DRIVER == 0 {
             limited!(self.log, warn, "virtio-mmio: FEATURES_OK set before DRIVER");
             false
@@ -398,7 +397,7 @@ impl<D: VirtioDevice> TransportState<D> {
         match result {
             Ok(()) => {
                 debug!(
-                    device_type = self.device.device_type(),
+                    device_type = self.device.info().device_type,
                     features = self.driver_features,
                     "virtio-mmio: device activated"
                 );
@@ -486,10 +485,10 @@ impl<D: VirtioDevice> TransportState<D> {
         match offset {
             MAGIC_VALUE => MMIO_MAGIC_VALUE,
             VERSION => MMIO_VERSION,
-            DEVICE_ID => self.device.device_type(),
+            DEVICE_ID => self.device.info().device_type,
             VENDOR => VENDOR_ID,
             DEVICE_FEATURES => {
-                let features = self.device.device_features();
+                let features = self.device.info().features;
                 match self.device_features_sel {
                     0 => features as u32,
                     1 => (features >> 32) as u32,

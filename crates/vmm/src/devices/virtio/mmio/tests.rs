@@ -19,7 +19,7 @@ use crate::devices::virtio::testing::{
     DriverQueue, BUF_BASE, MEM_SIZE, QUEUE_BASE,
 };
 use crate::devices::virtio::{
-    ActivateError, Activation, QueueAccess, QueueAccessError, VIRTIO_F_VERSION_1,
+    ActivateError, Activation, DeviceInfo, QueueAccess, QueueAccessError, VIRTIO_F_VERSION_1,
 };
 
 const ACK: u32 = S_ACKNOWLEDGE;
@@ -30,9 +30,7 @@ const FEATURES: u64 = VIRTIO_F_VERSION_1 | (1 << 5) | (1 << 3);
 
 #[derive(Default)]
 struct TestDevice {
-    features: u64,
-    sizes: Vec<u16>,
-    config: Vec<u8>,
+    info: DeviceInfo,
     config_writes: Vec<(u64, Vec<u8>)>,
     activated_with: Option<u64>,
     resets: usize,
@@ -41,23 +39,8 @@ struct TestDevice {
 }
 
 impl VirtioDevice for TestDevice {
-    fn device_type(&self) -> u32 {
-        42
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.sizes
-    }
-    fn device_features(&self) -> u64 {
-        self.features
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| self.config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+    fn info(&self) -> &DeviceInfo {
+        &self.info
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         self.config_writes.push((offset, data.to_vec()));
@@ -83,10 +66,9 @@ impl VirtioDevice for TestDevice {
 }
 
 fn transport_on(mem: &GuestMemoryMmap) -> MmioTransport<TestDevice> {
+    let config: Vec<u8> = (1..=8).collect();
     let dev = TestDevice {
-        features: FEATURES,
-        sizes: vec![16, 256],
-        config: (1..=8).collect(),
+        info: DeviceInfo::new(42, &[16, 256], FEATURES).with_config(&config),
         ..Default::default()
     };
     MmioTransport::new(dev, mem.clone(), eventfd()).expect("transport")
@@ -140,8 +122,7 @@ fn identity_registers() {
 #[test]
 fn new_rejects_bad_devices() {
     let legacy = TestDevice {
-        features: 1 << 5,
-        sizes: vec![16],
+        info: DeviceInfo::new(42, &[16], 1 << 5),
         ..Default::default()
     };
     assert!(matches!(
@@ -149,8 +130,7 @@ fn new_rejects_bad_devices() {
         Err(MmioError::NotModern(42))
     ));
     let odd = TestDevice {
-        features: VIRTIO_F_VERSION_1,
-        sizes: vec![16, 100],
+        info: DeviceInfo::new(42, &[16, 100], VIRTIO_F_VERSION_1),
         ..Default::default()
     };
     assert!(matches!(
@@ -592,14 +572,9 @@ struct AsyncDevice {
 }
 
 impl VirtioDevice for AsyncDevice {
-    fn device_type(&self) -> u32 {
-        43
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16, 16]
-    }
-    fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+    fn info(&self) -> &DeviceInfo {
+        static INFO: DeviceInfo = DeviceInfo::new(43, &[16, 16], VIRTIO_F_VERSION_1);
+        &INFO
     }
     fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
         let access = activation.access;

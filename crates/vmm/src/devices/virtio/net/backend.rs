@@ -10,13 +10,19 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{NetError, VNET_HDR_LEN};
 use crate::devices::virtio::rx_worker::Source;
-use crate::devices::virtio::sys::set_nonblocking;
+use crate::devices::virtio::sys::{set_nonblocking, SyscallError};
 
 /// Puts `fd` in non-blocking mode and, if it is a TUN/TAP device, checks its mode and header
 /// size.
 pub(super) fn prepare_tap(fd: RawFd) -> Result<(), NetError> {
-    set_nonblocking(fd)?;
+    set_nonblocking::<NetError>(fd)?;
     check_tap(fd)
+}
+
+impl SyscallError for NetError {
+    fn syscall(what: &'static str, source: io::Error) -> NetError {
+        NetError::Tap { what, source }
+    }
 }
 
 /// What the RX worker watches: the TAP, readable (edge-triggered).
@@ -39,10 +45,7 @@ fn check_tap(fd: RawFd) -> Result<(), NetError> {
             debug!("virtio-net: not a TUN/TAP descriptor; using it as is");
             return Ok(());
         }
-        return Err(NetError::Tap {
-            what: "TUNGETIFF",
-            source,
-        });
+        return Err(NetError::syscall("TUNGETIFF", source));
     }
     // SAFETY: TUNGETIFF fills the flags member of the union.
     let flags = unsafe { ifr.ifr_ifru.ifru_flags } as u16;
@@ -53,10 +56,7 @@ fn check_tap(fd: RawFd) -> Result<(), NetError> {
     let mut size: libc::c_int = 0;
     // SAFETY: TUNGETVNETHDRSZ writes one int to the pointer, which is valid for it.
     if unsafe { libc::ioctl(fd, libc::TUNGETVNETHDRSZ, &mut size) } < 0 {
-        return Err(NetError::Tap {
-            what: "TUNGETVNETHDRSZ",
-            source: io::Error::last_os_error(),
-        });
+        return Err(NetError::last_os_error("TUNGETVNETHDRSZ"));
     }
     if size != VNET_HDR_LEN as libc::c_int {
         return Err(NetError::VnetHdrSize(size));

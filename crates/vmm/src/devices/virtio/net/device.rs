@@ -19,10 +19,7 @@ use super::{OFFERED_FEATURES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::rx_worker::RxWorkers;
 use crate::devices::virtio::stats::device_stats;
-use crate::devices::virtio::sys::SysError;
-use crate::devices::virtio::{ActivateError, Activation, VirtioDevice};
-
-const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE; 2];
+use crate::devices::virtio::{ActivateError, Activation, DeviceInfo, VirtioDevice};
 
 /// Errors setting up a virtio-net device.
 #[derive(Debug, thiserror::Error)]
@@ -41,15 +38,6 @@ pub enum NetError {
     VnetHdrSize(i32),
     #[error("virtio-net transport: {0}")]
     Transport(#[from] MmioError),
-}
-
-impl From<SysError> for NetError {
-    fn from(e: SysError) -> NetError {
-        NetError::Tap {
-            what: e.what,
-            source: e.source,
-        }
-    }
 }
 
 device_stats! {
@@ -81,6 +69,9 @@ device_stats! {
 
 /// virtio-net device on a TAP.
 pub struct Net {
+    /// Two queues (receive, transmit), the features of the [module docs](super), and the
+    /// configuration space: `mac[6]` only (no STATUS, MQ or MTU).
+    info: DeviceInfo,
     tap: Arc<OwnedFd>,
     mac: [u8; 6],
     stats: Arc<Counters>,
@@ -121,6 +112,8 @@ impl Net {
         let tap = Arc::new(tap);
         let stats = Arc::<Counters>::default();
         Ok(Net {
+            info: DeviceInfo::new(VIRTIO_ID_NET, &[QUEUE_SIZE; 2], OFFERED_FEATURES)
+                .with_config(&mac),
             tx: NetTx::new(tap.clone(), stats.clone()),
             tap,
             mac,
@@ -147,21 +140,8 @@ impl Net {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn device_features(&self) -> u64 {
-        OFFERED_FEATURES
-    }
-
-    /// `mac[6]` only (no STATUS, MQ or MTU).
-    fn config_space(&self) -> &[u8] {
-        &self.mac
+    fn info(&self) -> &DeviceInfo {
+        &self.info
     }
 
     fn activate(&mut self, activation: Activation<'_>) -> Result<(), ActivateError> {
