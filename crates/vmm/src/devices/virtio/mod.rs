@@ -10,6 +10,34 @@
 //! driver writes QueueNotify (the block device does all its work there). It is the one
 //! transport type: every device goes on the MMIO bus in one, whether it runs threads or not.
 //!
+//! # Layout
+//!
+//! Each device is a folder in the same shape: `device.rs` (the [`VirtioDevice`]
+//! implementation: its [`DeviceInfo`], activation, queue dispatch, counters), the data paths
+//! (`tx.rs` and `rx.rs` for net and console, `request.rs` for block), `backend.rs` (what is
+//! behind the device on the host: the TAP, the Unix socket, the image file) and `tests.rs`.
+//! What they share is written once, here:
+//!
+//! - [`mmio`]: the transport (`mmio/state.rs` the register file, `mmio/regs.rs` the offsets);
+//! - `queue.rs`: taking the chains the driver published and returning them, and the loop a
+//!   device runs on QueueNotify (`serve_chains`);
+//! - `chain.rs`: a descriptor chain resolved to host iovecs for one system call, and the rules
+//!   every such chain must follow, both directions (`IoChain`);
+//! - `rx_worker.rs`: the receive worker thread of an fd-backed device (epoll on the source, the
+//!   kick and stop eventfds) and the batch loop it runs under the transport lock; a device only
+//!   says what a read means (`RxDevice`);
+//! - `sys.rs`: the descriptor helpers (non-blocking mode, waiting for room, the thread id);
+//! - `stats.rs`: counters the device and its worker bump, read as one snapshot from anywhere
+//!   (`device_stats!`);
+//! - `log_limit.rs`: rate limiting for every line a guest can trigger;
+//! - `testing.rs` (tests only): a driver for split virtqueues, and one fixture (and the tests
+//!   they share) for every device on a socket.
+//!
+//! A new device implements [`VirtioDevice`] in such a folder: its [`DeviceInfo`], `activate`
+//! (start workers, if any, with the [`Activation`]'s access, and say where they are in
+//! [`VirtioDevice::workers`]) and `process_queue` (usually `serve_chains` over one chain
+//! handler); it goes on the bus in an [`MmioTransport`].
+//!
 //! # Devices with their own threads
 //!
 //! Some work does not start with a guest exit: a network frame arriving on a TAP (or bytes on the

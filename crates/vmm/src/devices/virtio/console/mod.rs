@@ -45,9 +45,9 @@
 //! worker and every other device exit wait meanwhile. A peer must therefore keep reading while
 //! it writes (the gateway does both asynchronously); otherwise only the stop flag ends the wait.
 //!
-//! The worker is told to stop on device reset and joined by [`MmioTransport`](super::MmioTransport) once it has
-//! released the lock; dropping the transport (or a bare [`VirtioConsole`]) stops and joins it
-//! too. No thread outlives the device.
+//! The worker is told to stop on device reset and joined by the
+//! [`MmioTransport`](super::MmioTransport) once it has released the lock; dropping the transport
+//! (or a bare [`VirtioConsole`]) stops and joins it too. No thread outlives the device.
 //! The thread, its life (epoll, kick, stop, join) and the batch loop are `rx_worker`'s, and the
 //! chain rules `chain::IoChain`'s, shared by virtio-net and virtio-console; this module says
 //! what the bytes are and how they are counted.

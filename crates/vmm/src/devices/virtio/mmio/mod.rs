@@ -7,10 +7,10 @@
 //! VMM registers as a KVM irqfd for the device's GSI).
 //!
 //! A device with worker threads (virtio-net's and virtio-console's RX) needs nothing else: on
-//! activation every device gets a [`QueueAccess`](super::QueueAccess), through which its workers reach the queues
-//! ([`TransportState::with_queue`], which raises the interrupt the same way); a device without
-//! workers (virtio-blk) ignores it. There is no second transport to put a device in by mistake.
-//! See the [module docs](super) for the threading model.
+//! activation every device gets a [`QueueAccess`](super::QueueAccess), through which its
+//! workers reach the queues ([`TransportState::with_queue`], which raises the interrupt the
+//! same way); a device without workers (virtio-blk) ignores it. There is no second transport
+//! to put a device in by mistake. See the [module docs](super) for the threading model.
 //!
 //! The common registers (below 0x100) accept 4-byte accesses only; any other size reads as zero
 //! and is ignored on write, as are unknown offsets and read-only registers. The device

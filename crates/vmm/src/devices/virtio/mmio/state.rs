@@ -1,5 +1,5 @@
 //! The register file of a virtio-mmio transport and the virtqueues behind it: what the
-//! [`MmioTransport`](super::MmioTransport)'s lock protects.
+//! [`MmioTransport`](super::MmioTransport)(super::MmioTransport)'s lock protects.
 
 use std::sync::{Mutex, Weak};
 use std::thread::JoinHandle;
@@ -42,8 +42,9 @@ pub(super) fn new_queues(device: &impl VirtioDevice) -> Result<Vec<Queue>, MmioE
         .collect()
 }
 
-/// A virtio device behind a virtio-mmio register window: the state behind an [`MmioTransport`]'s
-/// lock, reached through [`MmioTransport::lock`].
+/// A virtio device behind a virtio-mmio register window: the state behind an
+/// [`MmioTransport`](super::MmioTransport)'s lock, reached through
+/// [`MmioTransport::lock`](super::MmioTransport::lock).
 pub struct TransportState<D: VirtioDevice> {
     device: D,
     mem: GuestMemoryMmap,
@@ -613,8 +614,9 @@ impl Ring {
 }
 
 impl<D: VirtioDevice> TransportState<D> {
-    /// A register (or configuration space) read, with the lock held: what
-    /// [`MmioTransport`]'s [`MmioDevice::read`] does.
+    /// A register (or configuration space) read, with the lock held: what the
+    /// [`MmioTransport`](super::MmioTransport)'s
+    /// [`MmioDevice::read`](crate::devices::MmioDevice::read) does.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         if offset >= CONFIG_SPACE_OFFSET {
@@ -632,9 +634,10 @@ impl<D: VirtioDevice> TransportState<D> {
         data.copy_from_slice(&self.read_register(offset).to_le_bytes());
     }
 
-    /// A register (or configuration space) write, with the lock held. Unlike
-    /// [`MmioTransport`]'s [`MmioDevice::write`], it does not join workers a reset stopped:
-    /// those are joined at the transport's next write, or when it is dropped.
+    /// A register (or configuration space) write, with the lock held. Unlike the
+    /// [`MmioTransport`](super::MmioTransport)'s
+    /// [`MmioDevice::write`](crate::devices::MmioDevice::write), it does not join workers a
+    /// reset stopped: those are joined at the transport's next write, or when it is dropped.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);

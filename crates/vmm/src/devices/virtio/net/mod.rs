@@ -60,9 +60,9 @@
 //!   `debug`): the chain has one spare byte of host memory after it, and a frame that reaches it
 //!   did not fit. At most [`RX_BATCH`] frames are moved per lock acquisition.
 //!
-//! The worker is told to stop on device reset and joined by [`MmioTransport`](super::MmioTransport) once it has
-//! released the lock; dropping the transport (or a bare [`Net`]) stops and joins it too. No
-//! thread outlives the device.
+//! The worker is told to stop on device reset and joined by the
+//! [`MmioTransport`](super::MmioTransport) once it has released the lock; dropping the transport
+//! (or a bare [`Net`]) stops and joins it too. No thread outlives the device.
 //! The thread, its life (epoll, kick, stop, join) and the batch loop are `rx_worker`'s, and the
 //! chain rules `chain::IoChain`'s, shared by virtio-net and virtio-console; this module says
 //! what a frame is and how it is counted.

@@ -528,17 +528,33 @@ fn real_tap_round_trip() {
     let mut txq = DriverQueue::new(&mem, TXQ_BASE, 16);
     bring_up(&mut t, &[&rxq, &txq]);
     assert!(t.lock().is_activated());
+    real_tap_tx(&mut t, &mem, &mut txq, &sock);
+    real_tap_rx(&mut t, &mem, &mut rxq, &sock);
+}
 
-    // TX: a broadcast frame of a local experimental ethertype.
-    let mut frame = vec![0xff; 6];
-    frame.extend_from_slice(&MAC);
+/// A 60-byte Ethernet frame of the test ethertype, from `src` to `dst`, carrying `text`.
+fn test_frame(dst: [u8; 6], src: [u8; 6], text: &[u8]) -> Vec<u8> {
+    let mut frame = [dst, src].concat();
     frame.extend_from_slice(&ETH_P_TEST.to_be_bytes());
-    frame.extend_from_slice(b"xcgi virtio-net tx");
+    frame.extend_from_slice(text);
     frame.resize(60, 0);
+    frame
+}
+
+/// [`real_tap_round_trip`]'s transmit half: frames the guest sends reach the host's packet
+/// socket, whatever header the guest put in front of them.
+fn real_tap_tx(
+    t: &mut MmioTransport<Net>,
+    mem: &GuestMemoryMmap,
+    txq: &mut DriverQueue,
+    sock: &PacketSocket,
+) {
+    // A broadcast frame.
+    let frame = test_frame([0xff; 6], MAC, b"xcgi virtio-net tx");
     let pkt = packet(&[0; VNET_HDR_LEN], &frame);
     mem.write_slice(&pkt, GuestAddress(TX_BUF)).expect("write");
     txq.add_chain(&[r(TX_BUF, 12), r(TX_BUF + 12, frame.len() as u32)]);
-    write_reg(&mut t, QUEUE_NOTIFY, TX_QUEUE as u32);
+    write_reg(t, QUEUE_NOTIFY, TX_QUEUE as u32);
     assert_eq!(txq.used_idx(), 1);
     assert_eq!(t.lock().device().stats().tx_frames, 1);
     let got = sock.recv_matching(|f| f[12..14] == ETH_P_TEST.to_be_bytes());
@@ -553,24 +569,28 @@ fn real_tap_round_trip() {
         let at = TX_BUF + 0x1000 * (1 + i as u64);
         mem.write_slice(&pkt, GuestAddress(at)).expect("write");
         txq.add_chain(&[r(at, pkt.len() as u32)]);
-        write_reg(&mut t, QUEUE_NOTIFY, TX_QUEUE as u32);
+        write_reg(t, QUEUE_NOTIFY, TX_QUEUE as u32);
         let got = sock.recv_matching(|f| f[12..14] == ETH_P_TEST.to_be_bytes());
         assert_eq!(got, tagged, "header {i}");
     }
     let stats = t.lock().device().stats();
     assert_eq!(stats.tx_frames, 1 + bogus_headers().len() as u64);
     assert_eq!(stats.tx_dropped, 0);
+}
 
-    // RX: the host sends to the guest's MAC; the TAP hands it to the worker.
+/// [`real_tap_round_trip`]'s receive half: the host sends to the guest's MAC; the TAP hands
+/// it to the worker, which puts it in a receive buffer with an all-zero header.
+fn real_tap_rx(
+    t: &mut MmioTransport<Net>,
+    mem: &GuestMemoryMmap,
+    rxq: &mut DriverQueue,
+    sock: &PacketSocket,
+) {
     for i in 0..8 {
         rxq.add_chain(&[w(RX_BUF + i * 0x1000, 2048)]);
     }
-    write_reg(&mut t, QUEUE_NOTIFY, RX_QUEUE as u32);
-    let mut reply = MAC.to_vec();
-    reply.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
-    reply.extend_from_slice(&ETH_P_TEST.to_be_bytes());
-    reply.extend_from_slice(b"xcgi virtio-net rx");
-    reply.resize(60, 0);
+    write_reg(t, QUEUE_NOTIFY, RX_QUEUE as u32);
+    let reply = test_frame(MAC, [0x02, 0, 0, 0, 0, 0x99], b"xcgi virtio-net rx");
     sock.send(&reply);
     // The host may send other frames (IPv6 chatter) too: look for ours.
     let find = || {
@@ -586,7 +606,6 @@ fn real_tap_round_trip() {
     let buf = find().expect("found");
     // No offloads: an all-zero header, num_buffers 1.
     assert_eq!(buf[..VNET_HDR_LEN], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
-    drop(t);
 }
 
 const ETH_P_TEST: u16 = 0x88b5;
