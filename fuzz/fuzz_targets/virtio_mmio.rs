@@ -32,7 +32,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use xcgi_vmm::devices::virtio::mmio::{MMIO_MAGIC_VALUE, MMIO_VERSION, VENDOR_ID};
 use xcgi_vmm::devices::virtio::{
-    Block, MmioTransport, Net, SharedTransport, VirtioConsole, VirtioDevice,
+    Block, MmioTransport, Net, TransportState, VirtioConsole, VirtioDevice,
 };
 use xcgi_vmm::devices::MmioDevice;
 
@@ -220,25 +220,16 @@ fn socketpair(kind: libc::c_int) -> (OwnedFd, OwnedFd) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The transport under test, plain or shared.
+// The transport under test (every device has the same kind).
 
-enum Transport<D: VirtioDevice + 'static> {
-    Plain(MmioTransport<D>),
-    Shared(SharedTransport<D>),
-}
+struct Transport<D: VirtioDevice + 'static>(MmioTransport<D>);
 
 impl<D: VirtioDevice + 'static> Transport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        match self {
-            Transport::Plain(t) => t.read(offset, data),
-            Transport::Shared(t) => t.read(offset, data),
-        }
+        self.0.read(offset, data);
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        match self {
-            Transport::Plain(t) => t.write(offset, data),
-            Transport::Shared(t) => t.write(offset, data),
-        }
+        self.0.write(offset, data);
     }
     fn read32(&mut self, offset: u64) -> u32 {
         let mut b = [0u8; 4];
@@ -249,11 +240,8 @@ impl<D: VirtioDevice + 'static> Transport<D> {
         self.write(offset, &value.to_le_bytes());
     }
     /// Runs `f` with the transport locked: device workers are held off meanwhile.
-    fn locked<R>(&mut self, f: impl FnOnce(&mut MmioTransport<D>) -> R) -> R {
-        match self {
-            Transport::Plain(t) => f(t),
-            Transport::Shared(t) => f(&mut t.lock()),
-        }
+    fn locked<R>(&mut self, f: impl FnOnce(&mut TransportState<D>) -> R) -> R {
+        f(&mut self.0.lock())
     }
 }
 
@@ -648,7 +636,7 @@ fn setup_queue<D: VirtioDevice>(
 
 /// Runs the operations in `input` against `t`. Returns when the input is used up.
 fn run<D: VirtioDevice>(mut t: Transport<D>, mut d: Driver, peer: Peer, input: &mut Input) {
-    let device_type = t.locked(|t| t.device().device_type());
+    let device_type = t.locked(|t| t.device().info().device_type);
     let nqueues = t.locked(|t| t.queues().len()) as u32;
     check_identity(&mut t, device_type);
     d.snapshot(&mut t);
@@ -868,27 +856,18 @@ fuzz_target!(|data: &[u8]| {
     let d = Driver::new(layout, seed);
     let mem = layout.mem.clone();
     let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    let shared = device & 0x10 != 0;
     match device % 3 {
         0 => {
             let images = images();
             let (_, path) = &images[usize::from(device >> 5) % images.len()];
             let block = Block::open(path).expect("block device");
-            let t = if shared {
-                Transport::Shared(SharedTransport::new(block, mem, irq).unwrap())
-            } else {
-                Transport::Plain(MmioTransport::new(block, mem, irq).unwrap())
-            };
+            let t = Transport(MmioTransport::new(block, mem, irq).unwrap());
             run(t, d, Peer { fd: None }, &mut input);
         }
         1 => {
             let (tap, peer) = socketpair(libc::SOCK_DGRAM);
             let net = Net::new(tap, [0x52, 0x54, 0, 0x12, 0x34, 0x56]).expect("net device");
-            let t = if shared {
-                Transport::Shared(SharedTransport::new(net, mem, irq).unwrap())
-            } else {
-                Transport::Plain(MmioTransport::new(net, mem, irq).unwrap())
-            };
+            let t = Transport(MmioTransport::new(net, mem, irq).unwrap());
             let peer = Peer {
                 fd: (device & 0x20 == 0).then_some(peer),
             };
@@ -899,11 +878,7 @@ fuzz_target!(|data: &[u8]| {
             let console = VirtioConsole::new(sock).expect("console device");
             // TX never waits for a peer that does not read (the VM sets this at its end).
             console.stopper().stop();
-            let t = if shared {
-                Transport::Shared(SharedTransport::new(console, mem, irq).unwrap())
-            } else {
-                Transport::Plain(MmioTransport::new(console, mem, irq).unwrap())
-            };
+            let t = Transport(MmioTransport::new(console, mem, irq).unwrap());
             let peer = Peer {
                 fd: (device & 0x20 == 0).then_some(peer),
             };

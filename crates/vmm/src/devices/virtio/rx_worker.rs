@@ -3,9 +3,19 @@
 //! eventfd (the driver posted receive buffers) and a stop eventfd, and moves data into the
 //! guest's receive queue in batches, each under the transport lock.
 //!
-//! The device supplies the batch ([`RxFill`]); [`RxWorkers`] owns the thread's life: started on
-//! activation, told to stop on reset, and joined by the transport once it is out of the device
-//! lock ([`RxWorkers::take_stopped`]) or when the device is dropped.
+//! Everything but what the data means is here, once for both devices:
+//!
+//! - [`RxWorkers`] owns the thread's life: started on activation, told to stop on reset, and
+//!   joined by the transport once it is out of the device lock ([`RxWorkers::take_stopped`]) or
+//!   when the device is dropped.
+//! - The batch loop ([`fill_batch`]): take a receive chain the driver posted, load it (an
+//!   [`IoChain`]: the common rules for a writable chain), `readv` into it and return it, at most
+//!   [`RX_BATCH`] chains per lock acquisition; a malformed chain goes back unused, the data waits
+//!   in the source while there is no buffer, and driver notifications are on again once the
+//!   buffers run out.
+//! - The device ([`RxDevice`]) says what a chain must hold beyond that, what a read means (a
+//!   frame that did not fit, a stream's bytes), what end-of-file and read errors mean, and
+//!   counts.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -14,13 +24,19 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use tracing::{debug, error};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::chain::{ChainError, IoChain};
 use super::log_limit::{limited, LogLimiter};
-use super::{enable_notification, pending_chains, pop_chain, QueueAccess, QueueAccessError};
+use super::queue::{add_used, enable_notification, pending_chains, pop_chain};
+use super::sys::gettid;
+use super::{ActivateError, QueueAccess, QueueAccessError};
+
+/// Most receive chains the RX worker fills per acquisition of the transport lock.
+pub const RX_BATCH: usize = 64;
 
 const TOKEN_STOP: u64 = 0;
 const TOKEN_KICK: u64 = 1;
@@ -39,27 +55,55 @@ pub(crate) enum Batch {
     NoBuffers,
 }
 
-/// A device's receive work, run on its worker thread (and made there: it may hold host
-/// pointers into guest memory, which are not `Send`).
-pub(crate) trait RxFill {
-    /// Fills up to a batch of `queue`'s receive chains from `source`, under the transport lock;
-    /// sets `used` when it completed a chain.
-    fn fill(
-        &mut self,
-        queue: &mut Queue,
-        mem: &GuestMemoryMmap,
-        source: RawFd,
-        used: &mut bool,
-    ) -> Batch;
+/// A device's receive side, as [`fill_batch`] drives it on the worker thread (where it is made:
+/// what it holds may point into guest memory, which is not `Send`).
+pub(crate) trait RxDevice {
+    /// The device, in log lines and the thread's name.
+    const NAME: &'static str;
+    /// Fewest bytes a receive chain must hold.
+    const MIN_CHAIN: u64;
+    /// What end-of-file on the source means (the chain it found is kept for later).
+    const AT_EOF: Batch;
+
+    /// Checks a loaded chain beyond the common rules.
+    fn check(&self, chain: &IoChain) -> Result<(), ChainError> {
+        let _ = chain;
+        Ok(())
+    }
+
+    /// Reads from `source` into `chain`.
+    fn read(&mut self, chain: &mut IoChain, source: RawFd) -> io::Result<u64> {
+        chain.read_from(source, &mut [])
+    }
+
+    /// A read filled a chain: the used length to return it with, or `None` to keep the chain
+    /// for the next read (what was read is dropped).
+    fn received(&mut self, filled: Filled<'_>) -> Option<u32>;
+
+    /// A malformed chain was returned unused.
+    fn malformed(&mut self);
+
+    /// Reading failed (not `WouldBlock` or `Interrupted`): log it and say what now.
+    fn read_failed(&mut self, error: io::Error) -> Batch;
 
     /// The source closed ([`Batch::Closed`]): it is no longer watched.
     fn closed(&mut self) {}
 }
 
-/// The next receive chain the driver posted, for a [`RxFill`]. None when there is none (or
-/// the ring is broken): driver notifications are then on again, after one more look for
-/// buffers posted before the driver could see that.
-pub(crate) fn next_chain<'m>(
+/// What one read put into a receive chain, for [`RxDevice::received`].
+pub(crate) struct Filled<'a> {
+    pub chain: &'a IoChain,
+    pub mem: &'a GuestMemoryMmap,
+    /// The chain's head index (for log lines).
+    pub head: u16,
+    /// Bytes read: at least 1.
+    pub len: u64,
+}
+
+/// The next receive chain the driver posted. None when there is none (or the ring is broken):
+/// driver notifications are then on again, after one more look for buffers posted before the
+/// driver could see that.
+fn next_chain<'m>(
     device: &str,
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
@@ -84,6 +128,64 @@ pub(crate) fn next_chain<'m>(
     None
 }
 
+/// Fills up to [`RX_BATCH`] of `queue`'s receive chains from `source`, under the transport lock;
+/// sets `used` when it returned a chain to the driver.
+pub(crate) fn fill_batch<D: RxDevice>(
+    device: &mut D,
+    chain: &mut IoChain,
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    source: RawFd,
+    used: &mut bool,
+) -> Batch {
+    let name = D::NAME;
+    for _ in 0..RX_BATCH {
+        // Out of buffers: wait for a kick (notifications are on again).
+        let Some(desc_chain) = next_chain(name, queue, mem) else {
+            return Batch::NoBuffers;
+        };
+        let head = desc_chain.head_index();
+        let loaded = chain
+            .load_writable(desc_chain, mem, D::MIN_CHAIN)
+            .and_then(|()| device.check(chain));
+        if let Err(e) = loaded {
+            debug!(head, error = %e, "{name}: malformed RX chain; returned unused");
+            device.malformed();
+            add_used(name, queue, mem, head, 0, used);
+            continue;
+        }
+        match device.read(chain, source) {
+            Ok(0) => {
+                // End of file: nothing to read; the chain waits for later.
+                queue.go_to_previous_position();
+                return D::AT_EOF;
+            }
+            Ok(len) => {
+                let chain = &*chain;
+                let filled = Filled {
+                    chain,
+                    mem,
+                    head,
+                    len,
+                };
+                match device.received(filled) {
+                    Some(used_len) => add_used(name, queue, mem, head, used_len, used),
+                    None => queue.go_to_previous_position(),
+                }
+            }
+            Err(e) => {
+                queue.go_to_previous_position();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => return Batch::Drained,
+                    io::ErrorKind::Interrupted => {}
+                    _ => return device.read_failed(e),
+                }
+            }
+        }
+    }
+    Batch::More
+}
+
 /// The descriptor a worker reads from, and how to watch it.
 pub(crate) struct Source {
     pub fd: Arc<OwnedFd>,
@@ -102,7 +204,8 @@ struct Running {
 }
 
 /// A device's RX worker: at most one running, and those told to stop until they are joined.
-pub(crate) struct RxWorkers {
+/// What [`VirtioDevice::workers`](super::VirtioDevice::workers) hands the transport.
+pub struct RxWorkers {
     /// The device, for logs and the thread name (`<name>-rx`).
     name: &'static str,
     queue: usize,
@@ -124,8 +227,18 @@ impl RxWorkers {
     }
 
     /// Starts a worker on `source` (stopping the one running, if any); `make` builds its
-    /// [`RxFill`] on the new thread.
-    pub(crate) fn start<F: RxFill>(
+    /// [`RxDevice`] on the new thread.
+    pub(crate) fn start<F: RxDevice>(
+        &mut self,
+        source: Source,
+        access: QueueAccess,
+        make: impl FnOnce() -> F + Send + 'static,
+    ) -> Result<(), ActivateError> {
+        self.spawn(source, access, make)
+            .map_err(ActivateError::Worker)
+    }
+
+    fn spawn<F: RxDevice>(
         &mut self,
         source: Source,
         access: QueueAccess,
@@ -171,7 +284,8 @@ impl RxWorkers {
                     _stop: worker_stop,
                     tid: worker_tid,
                     watching,
-                    fill: make(),
+                    device: make(),
+                    chain: IoChain::default(),
                 }
                 .run()
             })?;
@@ -211,12 +325,12 @@ impl RxWorkers {
     }
 
     /// Whether a worker is running (the device is activated).
-    pub(crate) fn is_running(&self) -> bool {
+    pub fn is_running(&self) -> bool {
         self.running.is_some()
     }
 
     /// Kernel thread id of the running worker, once it has started (for diagnostics).
-    pub(crate) fn tid(&self) -> Option<i32> {
+    pub fn tid(&self) -> Option<i32> {
         self.running
             .as_ref()
             .map(|w| w.tid.load(Ordering::Acquire))
@@ -234,7 +348,7 @@ impl Drop for RxWorkers {
         self.stop();
         for handle in self.stopping.drain(..) {
             // Never join ourselves (only possible if the worker dropped the last reference to
-            // the transport, which SharedTransport's drop rules out).
+            // the transport, which MmioTransport's drop rules out).
             if handle.thread().id() == thread::current().id() {
                 continue;
             }
@@ -258,14 +372,15 @@ struct Worker<F> {
     tid: Arc<AtomicI32>,
     /// The source is registered in `epoll` (until it closes).
     watching: bool,
-    fill: F,
+    device: F,
+    /// Scratch: the receive chain being filled.
+    chain: IoChain,
 }
 
-impl<F: RxFill> Worker<F> {
+impl<F: RxDevice> Worker<F> {
     fn run(mut self) {
         let name = self.name;
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
+        let tid = gettid();
         self.tid.store(tid, Ordering::Release);
         debug!(tid, "{name}: RX worker started");
         // Look at both right away: data may already wait, the driver may have posted buffers.
@@ -323,21 +438,21 @@ impl<F: RxFill> Worker<F> {
         ) {
             debug!(error = %e, "{}: cannot remove the source from epoll", self.name);
         }
-        self.fill.closed();
+        self.device.closed();
     }
 
     /// One batch under the transport lock.
     fn deliver(&mut self) -> Result<Batch, QueueAccessError> {
         let mut outcome = Batch::NoBuffers;
         let source = self.source.as_raw_fd();
-        let (name, fill) = (self.name, &mut self.fill);
+        let (name, device, chain) = (self.name, &mut self.device, &mut self.chain);
         self.access.with_queue(self.queue, |queue, mem| {
             // While we have buffers we need no kicks; re-enabled when we run out.
             if let Err(e) = queue.disable_notification(mem) {
                 debug!(error = %e, "{name}: cannot disable RX notifications");
             }
             let mut used = false;
-            outcome = fill.fill(queue, mem, source, &mut used);
+            outcome = fill_batch(device, chain, queue, mem, source, &mut used);
             used && queue.needs_notification(mem).unwrap_or(true)
         })?;
         Ok(outcome)
