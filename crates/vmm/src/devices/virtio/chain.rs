@@ -218,7 +218,7 @@ impl IoChain {
             });
         }
         let rest = &self.iovecs[self.start.min(self.iovecs.len())..];
-        let count = rest.len().min(MAX_IOVECS) as libc::c_int;
+        let count = iov_count(rest.len());
         // SAFETY: the chain is writable, so every iovec points into guest memory that the
         // caller's `GuestMemoryMmap` keeps mapped (checked by push_iovecs) or into `spare`, all
         // valid for writes of their lengths for the duration of the call.
@@ -233,7 +233,7 @@ impl IoChain {
     /// [`MAX_IOVECS`] iovecs) and consumes what was written.
     pub(crate) fn write_to(&mut self, fd: RawFd) -> io::Result<u64> {
         let rest = self.readable_rest()?;
-        let count = rest.len().min(MAX_IOVECS) as libc::c_int;
+        let count = iov_count(rest.len());
         // SAFETY: every iovec points into guest memory that the caller's `GuestMemoryMmap`
         // keeps mapped (checked by push_iovecs) or at a prepended static, and writev only reads
         // through them.
@@ -368,6 +368,12 @@ fn push_iovecs(
         });
     }
     Ok(())
+}
+
+/// How many of `n` iovecs one readv/writev takes: at most [`MAX_IOVECS`] (1024), which fits a
+/// `c_int`.
+fn iov_count(n: usize) -> libc::c_int {
+    libc::c_int::try_from(n.min(MAX_IOVECS)).unwrap_or(libc::c_int::MAX)
 }
 
 #[cfg(test)]

@@ -67,6 +67,17 @@
 //! Lock order: the VMM's device-bus lock, then a transport lock. Workers take only their
 //! transport's lock and never block while holding it (their file descriptors are non-blocking).
 
+// Numbers from the guest (indices, lengths, addresses) cross into host types here: no cast
+// may silently truncate, wrap or lose a sign (tests build their fixtures freely).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::cast_sign_loss
+    )
+)]
+
 pub mod block;
 mod chain;
 pub mod console;

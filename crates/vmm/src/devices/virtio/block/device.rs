@@ -12,6 +12,10 @@ use vm_memory::GuestMemoryMmap;
 use super::backend::{BlockError, DiskImage};
 use super::request::{Disk, Requests};
 use super::{DEFAULT_DEVICE_ID, ID_LEN, QUEUE_SIZE, SECTOR_SIZE};
+
+/// The sector size as the config space's `u32` field (512 fits).
+#[allow(clippy::cast_possible_truncation)]
+const SECTOR_SIZE_U32: u32 = SECTOR_SIZE as u32;
 use crate::devices::virtio::queue::serve_chains;
 use crate::devices::virtio::{
     ActivateError, Activation, DeviceInfo, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -43,7 +47,7 @@ impl Block {
         // size_max (8..12) stays 0: not offered. seg_max: room for header and status.
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         // geometry (16..20) stays 0: not offered.
-        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        config[20..24].copy_from_slice(&SECTOR_SIZE_U32.to_le_bytes());
         Ok(Block {
             info: DeviceInfo::new(VIRTIO_ID_BLOCK, &[QUEUE_SIZE], FEATURES).with_config(&config),
             disk: Disk {

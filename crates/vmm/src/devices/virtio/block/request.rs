@@ -72,7 +72,7 @@ impl RequestError {
             RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
         };
-        status as u8
+        status_byte(status)
     }
 }
 
@@ -159,7 +159,7 @@ impl Requests {
             .map(|s| u64::from(s.len))
             .sum();
         let (status, written) = match self.execute(&request, mem, disk) {
-            Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+            Ok(written) => (status_byte(VIRTIO_BLK_S_OK), written),
             Err(e) => {
                 debug!(
                     head,
@@ -335,3 +335,11 @@ impl Requests {
         Ok(())
     }
 }
+
+/// A virtio-blk status (`VIRTIO_BLK_S_*`, all below 256) as the byte the device writes.
+fn status_byte(status: u32) -> u8 {
+    u8::try_from(status).unwrap_or(VIRTIO_BLK_S_IOERR_BYTE)
+}
+
+/// `VIRTIO_BLK_S_IOERR` as a byte (the fallback of [`status_byte`]).
+const VIRTIO_BLK_S_IOERR_BYTE: u8 = 1;

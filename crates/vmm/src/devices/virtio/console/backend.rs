@@ -37,7 +37,7 @@ pub(super) fn rx_source(socket: &Arc<OwnedFd>, watch: bool) -> Source {
 /// Check that `fd` is a socket of type `SOCK_STREAM`.
 fn check_stream_socket(fd: RawFd) -> Result<(), ConsoleError> {
     let mut kind: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut len: libc::socklen_t = SOCKLEN_INT;
     // SAFETY: SO_TYPE writes one int to the pointer, which is valid for `len` bytes.
     let rc = unsafe {
         libc::getsockopt(
@@ -70,3 +70,6 @@ pub(super) fn socket_type_name(kind: i32) -> &'static str {
         _ => "unknown",
     }
 }
+
+/// `sizeof(int)` as a `socklen_t` (4).
+const SOCKLEN_INT: libc::socklen_t = 4;

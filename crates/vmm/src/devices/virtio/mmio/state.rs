@@ -491,8 +491,8 @@ impl<D: VirtioDevice> TransportState<D> {
             DEVICE_FEATURES => {
                 let features = self.device.info().features;
                 match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
+                    0 => u32::try_from(features & 0xffff_ffff).unwrap_or(0),
+                    1 => u32::try_from(features >> 32).unwrap_or(0),
                     _ => 0,
                 }
             }

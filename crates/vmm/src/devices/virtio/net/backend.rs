@@ -48,9 +48,11 @@ fn check_tap(fd: RawFd) -> Result<(), NetError> {
         return Err(NetError::syscall("TUNGETIFF", source));
     }
     // SAFETY: TUNGETIFF fills the flags member of the union.
-    let flags = unsafe { ifr.ifr_ifru.ifru_flags } as u16;
-    let want = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
-    if flags & want != want || flags & libc::IFF_TUN as u16 != 0 {
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags }.cast_unsigned();
+    // The IFF_* flags all fit the 16-bit ifr_flags (they are defined for it).
+    let flag = |f: libc::c_int| u16::try_from(f).unwrap_or(0);
+    let want = flag(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
+    if flags & want != want || flags & flag(libc::IFF_TUN) != 0 {
         return Err(NetError::TapFlags(flags));
     }
     let mut size: libc::c_int = 0;
@@ -58,7 +60,7 @@ fn check_tap(fd: RawFd) -> Result<(), NetError> {
     if unsafe { libc::ioctl(fd, libc::TUNGETVNETHDRSZ, &mut size) } < 0 {
         return Err(NetError::last_os_error("TUNGETVNETHDRSZ"));
     }
-    if size != VNET_HDR_LEN as libc::c_int {
+    if usize::try_from(size).ok() != Some(VNET_HDR_LEN) {
         return Err(NetError::VnetHdrSize(size));
     }
     Ok(())

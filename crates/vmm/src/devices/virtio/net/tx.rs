@@ -110,6 +110,8 @@ impl NetTx {
 
     /// Counts (and logs at `debug`) a guest header with offload metadata, which is never sent.
     fn check_header(&self, guest_hdr: &[u8; VNET_HDR_LEN]) {
+        // 10: fits any usize.
+        #[allow(clippy::cast_possible_truncation)]
         const META: usize = NUM_BUFFERS_OFFSET as usize;
         if guest_hdr[..META] == [0; META] {
             return;
