@@ -141,86 +141,92 @@ impl Metrics {
             "xcgi_vm_boot_seconds",
             "Time from VM start to the guest being ready for the request.",
         );
-        for (name, help, v) in self.gauges() {
+        self.render_gauges(&mut out);
+        self.render_counters(&mut out);
+        out
+    }
+
+    /// The gauges: VMs, queue, requests, connections, buffered bodies, readiness, draining.
+    fn render_gauges(&self, out: &mut String) {
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        }
-        for (name, help, v) in self.counters() {
+        };
+        gauge(
+            out,
+            "xcgi_vms_running",
+            "VMs alive now (teardown included).",
+            self.vms_running.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "xcgi_vms_prepared",
+            "VMs built ahead (nothing run yet), waiting for a request.",
+            self.vms_prepared.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "xcgi_queue_depth",
+            "Requests waiting for a free slot.",
+            self.queue_depth.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "xcgi_requests_in_flight",
+            "Requests being handled.",
+            self.in_flight.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "xcgi_connections_open",
+            "Client connections open.",
+            self.connections_open.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "xcgi_body_bytes_buffered",
+            "Bytes of chunked request bodies held in memory.",
+            self.body_bytes_buffered.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "xcgi_ready",
+            "1 while the server is ready for traffic (what /readyz says), else 0.",
+            self.ready.load(Ordering::Relaxed),
+        );
+        gauge(
+            out,
+            "xcgi_draining",
+            "1 once SIGTERM came: finishing in-flight requests before exit.",
+            self.draining.load(Ordering::Relaxed),
+        );
+    }
+
+    /// The counters besides the requests'.
+    fn render_counters(&self, out: &mut String) {
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
-        }
-        out
-    }
-
-    /// The gauges as (name, help, value), in the order they are rendered.
-    fn gauges(&self) -> [(&'static str, &'static str, i64); 8] {
-        let g = |a: &AtomicI64| a.load(Ordering::Relaxed);
-        [
-            (
-                "xcgi_vms_running",
-                "VMs alive now (teardown included).",
-                g(&self.vms_running),
-            ),
-            (
-                "xcgi_vms_prepared",
-                "VMs built ahead (nothing run yet), waiting for a request.",
-                g(&self.vms_prepared),
-            ),
-            (
-                "xcgi_queue_depth",
-                "Requests waiting for a free slot.",
-                g(&self.queue_depth),
-            ),
-            (
-                "xcgi_requests_in_flight",
-                "Requests being handled.",
-                g(&self.in_flight),
-            ),
-            (
-                "xcgi_connections_open",
-                "Client connections open.",
-                g(&self.connections_open),
-            ),
-            (
-                "xcgi_body_bytes_buffered",
-                "Bytes of chunked request bodies held in memory.",
-                g(&self.body_bytes_buffered),
-            ),
-            (
-                "xcgi_ready",
-                "1 while the server is ready for traffic (what /readyz says), else 0.",
-                g(&self.ready),
-            ),
-            (
-                "xcgi_draining",
-                "1 once SIGTERM came: finishing in-flight requests before exit.",
-                g(&self.draining),
-            ),
-        ]
-    }
-
-    /// The counters besides the requests' as (name, help, value), in the order they are
-    /// rendered.
-    fn counters(&self) -> [(&'static str, &'static str, u64); 3] {
-        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        [
-            (
-                "xcgi_vms_started_total",
-                "VMs started.",
-                c(&self.vms_started),
-            ),
-            (
-                "xcgi_connections_refused_total",
-                "Connections closed at once: max_connections were open.",
-                c(&self.connections_refused),
-            ),
-            (
-                "xcgi_prepared_misses_total",
-                "VM requests that found no VM prepared ahead and built their own (pool ran dry).",
-                c(&self.prepared_misses),
-            ),
-        ]
+        };
+        counter(
+            out,
+            "xcgi_vms_started_total",
+            "VMs started.",
+            self.vms_started.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "xcgi_connections_refused_total",
+            "Connections closed at once: max_connections were open.",
+            self.connections_refused.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "xcgi_prepared_misses_total",
+            "VM requests that found no VM prepared ahead and built their own (pool ran dry).",
+            self.prepared_misses.load(Ordering::Relaxed),
+        );
     }
 }
 
