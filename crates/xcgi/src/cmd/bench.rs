@@ -109,27 +109,29 @@ struct SetupRun {
     phases: Vec<(String, f64)>,
 }
 
-fn setup_once(
-    exe: &PathBuf,
-    s: &SetupArgs,
+/// One configuration of the setup table: what `xcgi run --setup-only` is asked for.
+#[derive(Clone, Copy)]
+struct SetupCase {
     mem: u64,
     huge: bool,
     populate: bool,
     net: bool,
-) -> anyhow::Result<SetupRun> {
+}
+
+fn setup_once(exe: &PathBuf, s: &SetupArgs, c: SetupCase) -> anyhow::Result<SetupRun> {
     let mut cmd = Command::new(exe);
     cmd.args(["run", "--setup-only", "--kernel"])
         .arg(&s.kernel)
         .arg("--initramfs")
         .arg(&s.initramfs)
-        .args(["--mem", &mem.to_string()]);
-    if huge {
+        .args(["--mem", &c.mem.to_string()]);
+    if c.huge {
         cmd.arg("--hugepages");
     }
-    if populate {
+    if c.populate {
         cmd.arg("--populate");
     }
-    if net {
+    if c.net {
         cmd.arg("--net");
     }
     let t0 = monotonic_ns();
@@ -261,7 +263,13 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
                     println!("{mem:>8} {:>6} {:>9} {net:>4}  skipped: not enough free huge pages (pass --reserve-hugepages or raise vm.nr_hugepages)", "2M", populate);
                     continue;
                 }
-                failed |= setup_row(&exe, &s, mem, huge, populate, net, &mut plotted);
+                let c = SetupCase {
+                    mem,
+                    huge,
+                    populate,
+                    net,
+                };
+                failed |= setup_row(&exe, &s, c, &mut plotted);
             }
         }
     }
@@ -308,18 +316,11 @@ struct SetupSamples {
 impl SetupSamples {
     /// A warm-up run, then `--runs` measured ones, stopping at the first failure (reported
     /// on stderr). The samples so far, and whether a run failed.
-    fn measure(
-        exe: &PathBuf,
-        s: &SetupArgs,
-        mem: u64,
-        huge: bool,
-        populate: bool,
-        net: bool,
-    ) -> (SetupSamples, bool) {
-        let _ = setup_once(exe, s, mem, huge, populate, net);
+    fn measure(exe: &PathBuf, s: &SetupArgs, c: SetupCase) -> (SetupSamples, bool) {
+        let _ = setup_once(exe, s, c);
         let mut r = SetupSamples::default();
         for _ in 0..s.runs {
-            match setup_once(exe, s, mem, huge, populate, net) {
+            match setup_once(exe, s, c) {
                 Ok(run) => {
                     r.spawn.push(run.from_spawn_ms);
                     r.inproc.push(run.in_process_ms);
@@ -340,16 +341,8 @@ impl SetupSamples {
 
 /// One configuration: measures it, prints its row and adds its median to `plotted`.
 /// Returns whether a run failed.
-fn setup_row(
-    exe: &PathBuf,
-    s: &SetupArgs,
-    mem: u64,
-    huge: bool,
-    populate: bool,
-    net: bool,
-    plotted: &mut Vec<Plotted>,
-) -> bool {
-    let (mut r, failed) = SetupSamples::measure(exe, s, mem, huge, populate, net);
+fn setup_row(exe: &PathBuf, s: &SetupArgs, c: SetupCase, plotted: &mut Vec<Plotted>) -> bool {
+    let (mut r, failed) = SetupSamples::measure(exe, s, c);
     let top = phase_medians(r.phases);
     let phase = |name: &str| {
         top.iter()
@@ -366,17 +359,19 @@ fn setup_row(
     plotted.push((
         format!(
             "{}{}{}",
-            pages_name(huge),
-            if populate { ", populate" } else { "" },
-            if net { ", net" } else { "" }
+            pages_name(c.huge),
+            if c.populate { ", populate" } else { "" },
+            if c.net { ", net" } else { "" }
         ),
-        mem as f64,
+        c.mem as f64,
         spawn,
     ));
     println!(
-        "{mem:>8} {:>6} {:>9} {net:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>8.3} {:>12.3}  {}",
-        pages_label(huge),
-        populate,
+        "{:>8} {:>6} {:>9} {:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>8.3} {:>12.3}  {}",
+        c.mem,
+        pages_label(c.huge),
+        c.populate,
+        c.net,
         spawn,
         percentile(&mut r.spawn, 0.9),
         in_proc,
@@ -460,16 +455,11 @@ fn prepared_row(s: &SetupArgs, mem: u64, huge: bool, plotted: &mut Vec<Plotted>)
 
 /// The medians of both tables against memory size, a line per configuration, as an SVG file.
 fn write_setup_chart(path: &std::path::Path, plotted: Vec<Plotted>) -> anyhow::Result<()> {
-    let series = super::svg::Series::grouped(plotted);
-    let svg = super::svg::log_log_chart(
+    super::svg::write_memory_chart(
+        path,
         "VMM setup: process spawn to first KVM_RUN (median)",
-        "guest memory (MiB)",
-        "milliseconds",
-        &series,
-    );
-    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
-    println!("# chart written to {}", path.display());
-    Ok(())
+        &super::svg::Series::grouped(plotted),
+    )
 }
 
 /// "2 MiB pages" or "4 KiB pages", for the chart's series names.

@@ -588,15 +588,7 @@ fn write_chart(path: &Path, results: &[Cell]) -> anyhow::Result<()> {
     let mut series = super::svg::Series::grouped(points);
     // Legend order: xcgi first, then QEMU; 4K before 2M.
     series.sort_by_key(|s| (s.name.starts_with("QEMU"), s.name.ends_with("2M")));
-    let svg = super::svg::log_log_chart(
-        "Boot to init exit (host wall time, median)",
-        "guest memory (MiB)",
-        "milliseconds",
-        &series,
-    );
-    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
-    println!("# chart written to {}", path.display());
-    Ok(())
+    super::svg::write_memory_chart(path, "Boot to init exit (host wall time, median)", &series)
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
-//! A small line-chart writer for the benchmarks' plots (SVG 1.1, no dependencies).
+//! A small line-chart writer for the benchmarks' plots (SVG 1.1, no chart library).
 
 use std::fmt::Write;
+use std::path::Path;
+
+use anyhow::Context;
 
 /// One line of a chart: a name for the legend and its (x, y) points.
 pub struct Series {
@@ -40,6 +43,15 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// Writes a chart of milliseconds against guest memory (MiB), log-log, to `path`, and says
+/// so on stdout.
+pub fn write_memory_chart(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<()> {
+    let svg = log_log_chart(title, "guest memory (MiB)", "milliseconds", series);
+    std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    println!("# chart written to {}", path.display());
+    Ok(())
 }
 
 /// Both axes logarithmic (base 2 on x, base 10 on y): memory sizes double, times span orders
