@@ -66,6 +66,20 @@ pub fn environment(
     extra: &[(String, String)],
 ) -> Result<Vec<String>, EnvError> {
     let mut env: Vec<(String, String)> = Vec::with_capacity(32 + req.headers.len());
+    meta_variables(req, &mut env);
+    header_variables(req, &mut env);
+    if !extra.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".to_string(), DEFAULT_PATH.into()));
+    }
+    for (k, v) in extra {
+        env.push((k.clone(), v.clone()));
+    }
+    check_size(&env)?;
+    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+}
+
+/// The RFC 3875 meta-variables (section 4.1), save the `HTTP_*` ones.
+fn meta_variables(req: &RequestInfo<'_>, env: &mut Vec<(String, String)>) {
     let mut put = |k: &str, v: String| env.push((k.to_string(), v));
     put("GATEWAY_INTERFACE", "CGI/1.1".into());
     put("SERVER_PROTOCOL", protocol(req.version).into());
@@ -92,7 +106,11 @@ pub fn environment(
     if let Some(ct) = header_str(req.headers, "content-type") {
         put("CONTENT_TYPE", ct);
     }
-    // One HTTP_* per header field; repeated fields joined with ", " (RFC 3875 4.1.18).
+}
+
+/// One `HTTP_*` per header field, repeated fields joined with ", " (RFC 3875 4.1.18), minus
+/// the fields [`environment`] names.
+fn header_variables(req: &RequestInfo<'_>, env: &mut Vec<(String, String)>) {
     let mut seen: Vec<&HeaderName> = Vec::new();
     for name in req.headers.keys() {
         if seen.contains(&name) {
@@ -119,16 +137,15 @@ pub fn environment(
         if var == "HTTP_PROXY" {
             continue;
         }
-        put(&var, values.join(", "));
+        env.push((var, values.join(", ")));
     }
-    if !extra.iter().any(|(k, _)| k == "PATH") {
-        put("PATH", DEFAULT_PATH.into());
-    }
-    for (k, v) in extra {
-        put(k, v.clone());
-    }
+}
+
+/// Whether execve would take the environment: no `NAME=value` string over
+/// [`MAX_ENV_STRING`], all together (with their NULs) no more than [`MAX_ENV_TOTAL`].
+fn check_size(env: &[(String, String)]) -> Result<(), EnvError> {
     let mut total = 0;
-    for (k, v) in &env {
+    for (k, v) in env {
         let len = k.len() + 1 + v.len();
         if len > MAX_ENV_STRING {
             return Err(EnvError::VariableTooLong {
@@ -141,7 +158,7 @@ pub fn environment(
     if total > MAX_ENV_TOTAL {
         return Err(EnvError::TooLarge(total));
     }
-    Ok(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
+    Ok(())
 }
 
 /// Whether the server sets `name` itself for every request (a route's `env` may not: the

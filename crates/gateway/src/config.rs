@@ -510,6 +510,49 @@ impl Config {
         self.validate()
     }
 
+    /// Checks every section, in the order its errors are reported: the server's limits, the
+    /// admin prefix, the process limits, the server's files, the network, then each route.
+    fn validate(self) -> Result<Config, ConfigError> {
+        self.validate_server()?;
+        self.validate_admin()?;
+        self.validate_process()?;
+        self.validate_server_files()?;
+        self.validate_network()?;
+        if self.routes.is_empty() {
+            return Err(self.invalid("route", "no routes: add at least one [[route]] table"));
+        }
+        for i in 0..self.routes.len() {
+            self.validate_route(i)?;
+        }
+        Ok(self)
+    }
+
+    /// `[server]`: the concurrency, timeouts and caps are at least 1.
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.concurrency == 0 {
+            return Err(self.invalid("server.concurrency", "must be at least 1"));
+        }
+        for (key, v) in [
+            ("server.queue_timeout_ms", s.queue_timeout_ms),
+            ("server.header_timeout_ms", s.header_timeout_ms),
+            ("server.idle_timeout_ms", s.idle_timeout_ms),
+            ("server.write_timeout_ms", s.write_timeout_ms),
+            ("server.body_timeout_ms", s.body_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(self.invalid(key, "must be at least 1"));
+            }
+        }
+        if s.max_connections == 0 {
+            return Err(self.invalid("server.max_connections", "must be at least 1"));
+        }
+        if s.body_budget == 0 {
+            return Err(self.invalid("server.body_budget", "must be at least 1"));
+        }
+        Ok(())
+    }
+
     /// The admin prefix, the admin listener, and routes kept out of the reserved prefix.
     fn validate_admin(&self) -> Result<(), ConfigError> {
         let s = &self.server;
@@ -544,29 +587,8 @@ impl Config {
         Ok(())
     }
 
-    fn validate(self) -> Result<Config, ConfigError> {
-        let s = &self.server;
-        if s.concurrency == 0 {
-            return Err(self.invalid("server.concurrency", "must be at least 1"));
-        }
-        for (key, v) in [
-            ("server.queue_timeout_ms", s.queue_timeout_ms),
-            ("server.header_timeout_ms", s.header_timeout_ms),
-            ("server.idle_timeout_ms", s.idle_timeout_ms),
-            ("server.write_timeout_ms", s.write_timeout_ms),
-            ("server.body_timeout_ms", s.body_timeout_ms),
-        ] {
-            if v == 0 {
-                return Err(self.invalid(key, "must be at least 1"));
-            }
-        }
-        if s.max_connections == 0 {
-            return Err(self.invalid("server.max_connections", "must be at least 1"));
-        }
-        if s.body_budget == 0 {
-            return Err(self.invalid("server.body_budget", "must be at least 1"));
-        }
-        self.validate_admin()?;
+    /// `[process]`: an unprivileged user, and limits of at least 1.
+    fn validate_process(&self) -> Result<(), ConfigError> {
         let p = &self.process;
         if p.user.is_empty() || p.user == "root" || p.user == "0" {
             return Err(self.invalid(
@@ -583,16 +605,24 @@ impl Config {
                 return Err(self.invalid(key, "must be at least 1"));
             }
         }
-        if let Some(k) = &s.kernel {
-            if !k.is_file() {
-                return Err(self.invalid("server.kernel", format!("{} is not a file", k.display())));
+        Ok(())
+    }
+
+    /// `server.kernel` and `server.init`, where given, are files.
+    fn validate_server_files(&self) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("server.kernel", &self.server.kernel),
+            ("server.init", &self.server.init),
+        ] {
+            if let Some(reason) = not_a_file(path.as_deref()) {
+                return Err(self.invalid(key, reason));
             }
         }
-        if let Some(i) = &s.init {
-            if !i.is_file() {
-                return Err(self.invalid("server.init", format!("{} is not a file", i.display())));
-            }
-        }
+        Ok(())
+    }
+
+    /// `[network]`: at least one address, and no more prefilled than there are.
+    fn validate_network(&self) -> Result<(), ConfigError> {
         if self.network.size == 0 {
             return Err(self.invalid("network.size", "must be at least 1"));
         }
@@ -605,134 +635,21 @@ impl Config {
                 ),
             ));
         }
-        if self.routes.is_empty() {
-            return Err(self.invalid("route", "no routes: add at least one [[route]] table"));
-        }
-        for (i, r) in self.routes.iter().enumerate() {
-            let key = |k: &str| format!("route[{i}] (prefix {:?}).{k}", r.prefix);
-            if !r.prefix.starts_with('/') {
-                return Err(self.invalid(key("prefix"), "must start with '/'"));
-            }
-            if self.routes[..i]
-                .iter()
-                .any(|o| o.prefix.trim_end_matches('/') == r.prefix.trim_end_matches('/'))
-            {
-                return Err(self.invalid(key("prefix"), "used by an earlier route too"));
-            }
-            if !r.handler.is_file() {
-                return Err(self.invalid(
-                    key("handler"),
-                    format!("{} is not a file", r.handler.display()),
-                ));
-            }
-            if let Some(t) = &r.tree {
-                if !t.is_dir() {
-                    return Err(
-                        self.invalid(key("tree"), format!("{} is not a directory", t.display()))
-                    );
-                }
-            }
-            if let Some(k) = &r.kernel {
-                if !k.is_file() {
-                    return Err(
-                        self.invalid(key("kernel"), format!("{} is not a file", k.display()))
-                    );
-                }
-            }
-            if r.memory_mib < 32 {
-                return Err(self.invalid(
-                    key("memory_mib"),
-                    format!(
-                        "{} MiB is too little for a guest: at least 32",
-                        r.memory_mib
-                    ),
-                ));
-            }
-            if r.memory_mib > 64 * 1024 {
-                return Err(self.invalid(key("memory_mib"), "at most 65536 (64 GiB)"));
-            }
-            if r.prepared > 64 {
-                return Err(self.invalid(
-                    key("prepared"),
-                    format!("{} is too many VMs to keep ready: at most 64", r.prepared),
-                ));
-            }
-            if r.vcpus == 0 || r.vcpus > 32 {
-                return Err(self.invalid(key("vcpus"), "must be 1 to 32"));
-            }
-            if r.timeout_ms == 0 {
-                return Err(self.invalid(key("timeout_ms"), "must be at least 1"));
-            }
-            for (k, v) in [
-                ("prefix", r.prefix.as_str()),
-                ("document_root", r.document_root.as_str()),
-                ("program", r.program.as_deref().unwrap_or("")),
-            ] {
-                if v.contains('\0') {
-                    return Err(self.invalid(key(k), "contains a NUL character"));
-                }
-            }
-            for (name, value) in &r.env {
-                let k = key(&format!("env.{name}"));
-                if name.is_empty() || name.contains(['=', '\0']) {
-                    return Err(
-                        self.invalid(k, "a variable name must be non-empty, without '=' or NUL")
-                    );
-                }
-                if value.contains('\0') {
-                    return Err(self.invalid(k, "contains a NUL character"));
-                }
-                if crate::cgi::is_gateway_variable(name) {
-                    return Err(self.invalid(
-                        k,
-                        "the server sets this CGI variable itself (only PATH may be overridden)",
-                    ));
-                }
-            }
-            let is_image = crate::images::image_kind(&r.handler).is_some();
-            if is_image && self.server.isolation == Isolation::Process {
-                return Err(self.invalid(
-                    key("handler"),
-                    "an image handler needs isolation \"vm\" (process isolation runs a program)",
-                ));
-            }
-            if is_image && r.tree.is_some() {
-                return Err(self.invalid(
-                    key("tree"),
-                    "only for a handler program (an image handler is used as it is)",
-                ));
-            }
-            if r.program.is_some() && !(is_image && r.mode == Mode::Cgi) {
-                return Err(self.invalid(
-                    key("program"),
-                    "only for a CGI route whose handler is an image",
-                ));
-            }
-            if r.program.as_ref().is_some_and(|p| !p.starts_with('/')) {
-                return Err(self.invalid(key("program"), "must be an absolute path in the image"));
-            }
-            if r.mode == Mode::Http && self.server.isolation == Isolation::Process {
-                return Err(self.invalid(
-                    key("mode"),
-                    "http mode needs isolation \"vm\" (process isolation runs CGI handlers only)",
-                ));
-            }
-            if r.port == 0 {
-                return Err(self.invalid(key("port"), "must be 1 to 65535"));
-            }
-            for name in r.env.keys() {
-                if name.is_empty() || name.contains('=') || name.contains('\0') {
-                    return Err(self.invalid(
-                        key(&format!("env.{name}")),
-                        "an environment variable name must be non-empty, without '=' or NUL",
-                    ));
-                }
-            }
-            if r.env.values().any(|v| v.contains('\0')) {
-                return Err(self.invalid(key("env"), "values must not contain NUL"));
-            }
-        }
-        Ok(self)
+        Ok(())
+    }
+
+    /// Route `i`: its prefix and files, its sizes, its strings and environment, then whether
+    /// its handler, mode and program go together.
+    fn validate_route(&self, i: usize) -> Result<(), ConfigError> {
+        let check = RouteCheck {
+            cfg: self,
+            i,
+            r: &self.routes[i],
+        };
+        check.paths()?;
+        check.sizes()?;
+        check.strings()?;
+        check.handler()
     }
 
     /// The route for `path`: the longest matching prefix.
@@ -746,6 +663,154 @@ impl Config {
 
     pub fn needs_network(&self) -> bool {
         self.server.isolation == Isolation::Vm && self.routes.iter().any(|r| r.mode == Mode::Http)
+    }
+}
+
+/// Why `path`, where given, is not a usable file.
+fn not_a_file(path: Option<&Path>) -> Option<String> {
+    path.filter(|p| !p.is_file())
+        .map(|p| format!("{} is not a file", p.display()))
+}
+
+/// Why `path`, where given, is not a usable directory.
+fn not_a_dir(path: Option<&Path>) -> Option<String> {
+    path.filter(|p| !p.is_dir())
+        .map(|p| format!("{} is not a directory", p.display()))
+}
+
+/// One route being checked: errors name its key as `route[i] (prefix "...").key`.
+struct RouteCheck<'a> {
+    cfg: &'a Config,
+    i: usize,
+    r: &'a Route,
+}
+
+impl RouteCheck<'_> {
+    fn invalid(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        let key = format!("route[{}] (prefix {:?}).{key}", self.i, self.r.prefix);
+        self.cfg.invalid(key, reason)
+    }
+
+    /// A route's prefix (absolute, not an earlier route's), handler, tree and kernel.
+    fn paths(&self) -> Result<(), ConfigError> {
+        let (i, r) = (self.i, self.r);
+        if !r.prefix.starts_with('/') {
+            return Err(self.invalid("prefix", "must start with '/'"));
+        }
+        if self.cfg.routes[..i]
+            .iter()
+            .any(|o| o.prefix.trim_end_matches('/') == r.prefix.trim_end_matches('/'))
+        {
+            return Err(self.invalid("prefix", "used by an earlier route too"));
+        }
+        if let Some(reason) = not_a_file(Some(&r.handler)) {
+            return Err(self.invalid("handler", reason));
+        }
+        if let Some(reason) = not_a_dir(r.tree.as_deref()) {
+            return Err(self.invalid("tree", reason));
+        }
+        if let Some(reason) = not_a_file(r.kernel.as_deref()) {
+            return Err(self.invalid("kernel", reason));
+        }
+        Ok(())
+    }
+
+    /// A route's guest memory, VMs kept prepared, vCPUs and timeout.
+    fn sizes(&self) -> Result<(), ConfigError> {
+        let r = self.r;
+        if r.memory_mib < 32 {
+            return Err(self.invalid(
+                "memory_mib",
+                format!(
+                    "{} MiB is too little for a guest: at least 32",
+                    r.memory_mib
+                ),
+            ));
+        }
+        if r.memory_mib > 64 * 1024 {
+            return Err(self.invalid("memory_mib", "at most 65536 (64 GiB)"));
+        }
+        if r.prepared > 64 {
+            return Err(self.invalid(
+                "prepared",
+                format!("{} is too many VMs to keep ready: at most 64", r.prepared),
+            ));
+        }
+        if r.vcpus == 0 || r.vcpus > 32 {
+            return Err(self.invalid("vcpus", "must be 1 to 32"));
+        }
+        if r.timeout_ms == 0 {
+            return Err(self.invalid("timeout_ms", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// No NUL in a route's strings; its `env` names are well formed and none is a variable
+    /// the server sets itself.
+    fn strings(&self) -> Result<(), ConfigError> {
+        let r = self.r;
+        for (k, v) in [
+            ("prefix", r.prefix.as_str()),
+            ("document_root", r.document_root.as_str()),
+            ("program", r.program.as_deref().unwrap_or("")),
+        ] {
+            if v.contains('\0') {
+                return Err(self.invalid(k, "contains a NUL character"));
+            }
+        }
+        for (name, value) in &r.env {
+            let k = format!("env.{name}");
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(
+                    self.invalid(&k, "a variable name must be non-empty, without '=' or NUL")
+                );
+            }
+            if value.contains('\0') {
+                return Err(self.invalid(&k, "contains a NUL character"));
+            }
+            if crate::cgi::is_gateway_variable(name) {
+                return Err(self.invalid(
+                    &k,
+                    "the server sets this CGI variable itself (only PATH may be overridden)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a route's handler (program or image), mode, program and port go together
+    /// and with the isolation.
+    fn handler(&self) -> Result<(), ConfigError> {
+        let r = self.r;
+        let is_image = crate::images::image_kind(&r.handler).is_some();
+        if is_image && self.cfg.server.isolation == Isolation::Process {
+            return Err(self.invalid(
+                "handler",
+                "an image handler needs isolation \"vm\" (process isolation runs a program)",
+            ));
+        }
+        if is_image && r.tree.is_some() {
+            return Err(self.invalid(
+                "tree",
+                "only for a handler program (an image handler is used as it is)",
+            ));
+        }
+        if r.program.is_some() && !(is_image && r.mode == Mode::Cgi) {
+            return Err(self.invalid("program", "only for a CGI route whose handler is an image"));
+        }
+        if r.program.as_ref().is_some_and(|p| !p.starts_with('/')) {
+            return Err(self.invalid("program", "must be an absolute path in the image"));
+        }
+        if r.mode == Mode::Http && self.cfg.server.isolation == Isolation::Process {
+            return Err(self.invalid(
+                "mode",
+                "http mode needs isolation \"vm\" (process isolation runs CGI handlers only)",
+            ));
+        }
+        if r.port == 0 {
+            return Err(self.invalid("port", "must be 1 to 65535"));
+        }
+        Ok(())
     }
 }
 

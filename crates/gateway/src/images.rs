@@ -147,24 +147,12 @@ pub fn default_init() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("xcgi-init"))
 }
 
+/// Every route ready to serve: with process isolation the handler runs as it is, in its own
+/// directory; with VM isolation each route gets a guest root (its prebuilt image, or one
+/// packed under `workdir`) and a kernel.
 pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, ImageError> {
-    let mut out = Vec::with_capacity(cfg.routes.len());
     if cfg.server.isolation == Isolation::Process {
-        for r in &cfg.routes {
-            let cwd = r
-                .handler
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("/"));
-            out.push(ServedRoute {
-                route: r.clone(),
-                spec: None,
-                program: r.handler.clone(),
-                cwd,
-                exec: None,
-            });
-        }
-        return Ok(out);
+        return Ok(cfg.routes.iter().map(process_route).collect());
     }
     let server_kernel = match &cfg.server.kernel {
         Some(k) => Some(k.clone()),
@@ -180,39 +168,9 @@ pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, Im
     {
         return Err(ImageError::NoInit(init));
     }
+    let mut out = Vec::with_capacity(cfg.routes.len());
     for (i, r) in cfg.routes.iter().enumerate() {
-        let (root, program, cwd) = match image_kind(&r.handler) {
-            // A prebuilt image: used as it is (CGI: its /init must be xcgi-init).
-            Some(kind) => {
-                let program = match (r.mode, &r.program) {
-                    (Mode::Cgi, Some(p)) => PathBuf::from(p),
-                    (Mode::Cgi, None) => PathBuf::from("/cgi-bin/handler"),
-                    (Mode::Http, _) => PathBuf::from("/init"),
-                };
-                let cwd = program
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| PathBuf::from("/"));
-                (kind(r.handler.clone()), program, cwd)
-            }
-            None => {
-                let image = workdir.join(format!("route{i}.cpio"));
-                let (program, cwd) = pack_root(
-                    r.mode,
-                    &init,
-                    &r.handler,
-                    r.tree.as_deref(),
-                    &workdir.join(format!("route{i}")),
-                    &image,
-                    ImageFormat::Initramfs,
-                )
-                .map_err(|detail| ImageError::Image {
-                    prefix: r.prefix.clone(),
-                    detail,
-                })?;
-                (GuestRoot::Initramfs(image), program, cwd)
-            }
-        };
+        let (root, program, cwd) = guest_root(i, r, &init, workdir)?;
         let kernel = match (&r.kernel, &server_kernel) {
             (Some(k), _) | (None, Some(k)) => k.clone(),
             (None, None) => return Err(ImageError::NoKernel),
@@ -242,6 +200,60 @@ pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, Im
         });
     }
     Ok(out)
+}
+
+/// A route run as a host process: the handler itself, in its own directory.
+fn process_route(r: &Route) -> ServedRoute {
+    let cwd = r
+        .handler
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    ServedRoute {
+        route: r.clone(),
+        spec: None,
+        program: r.handler.clone(),
+        cwd,
+        exec: None,
+    }
+}
+
+/// Route `i`'s guest root, and its program and working directory in the guest: a prebuilt
+/// image used as it is (CGI: its /init must be xcgi-init), or an initramfs packed from the
+/// handler program as `workdir/route<i>.cpio`.
+fn guest_root(
+    i: usize,
+    r: &Route,
+    init: &Path,
+    workdir: &Path,
+) -> Result<(GuestRoot, PathBuf, PathBuf), ImageError> {
+    if let Some(kind) = image_kind(&r.handler) {
+        let program = match (r.mode, &r.program) {
+            (Mode::Cgi, Some(p)) => PathBuf::from(p),
+            (Mode::Cgi, None) => PathBuf::from("/cgi-bin/handler"),
+            (Mode::Http, _) => PathBuf::from("/init"),
+        };
+        let cwd = program
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
+        return Ok((kind(r.handler.clone()), program, cwd));
+    }
+    let image = workdir.join(format!("route{i}.cpio"));
+    let (program, cwd) = pack_root(
+        r.mode,
+        init,
+        &r.handler,
+        r.tree.as_deref(),
+        &workdir.join(format!("route{i}")),
+        &image,
+        ImageFormat::Initramfs,
+    )
+    .map_err(|detail| ImageError::Image {
+        prefix: r.prefix.clone(),
+        detail,
+    })?;
+    Ok((GuestRoot::Initramfs(image), program, cwd))
 }
 
 fn copy_file(from: &Path, to: &Path) -> std::io::Result<()> {

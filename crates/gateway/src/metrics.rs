@@ -117,6 +117,8 @@ impl Metrics {
         self.latency.observe(total);
     }
 
+    /// Every metric in the Prometheus text format: requests by status, the two histograms,
+    /// the gauges, then the other counters.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP xcgi_requests_total Requests answered, by HTTP status.\n");
@@ -139,57 +141,68 @@ impl Metrics {
             "xcgi_vm_boot_seconds",
             "Time from VM start to the guest being ready for the request.",
         );
+        self.render_gauges(&mut out);
+        self.render_counters(&mut out);
+        out
+    }
+
+    /// The gauges: VMs, queue, requests, connections, buffered bodies, readiness, draining.
+    fn render_gauges(&self, out: &mut String) {
         let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         };
         gauge(
-            &mut out,
+            out,
             "xcgi_vms_running",
             "VMs alive now (teardown included).",
             self.vms_running.load(Ordering::Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "xcgi_vms_prepared",
             "VMs built ahead (nothing run yet), waiting for a request.",
             self.vms_prepared.load(Ordering::Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "xcgi_queue_depth",
             "Requests waiting for a free slot.",
             self.queue_depth.load(Ordering::Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "xcgi_requests_in_flight",
             "Requests being handled.",
             self.in_flight.load(Ordering::Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "xcgi_connections_open",
             "Client connections open.",
             self.connections_open.load(Ordering::Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "xcgi_body_bytes_buffered",
             "Bytes of chunked request bodies held in memory.",
             self.body_bytes_buffered.load(Ordering::Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "xcgi_ready",
             "1 while the server is ready for traffic (what /readyz says), else 0.",
             self.ready.load(Ordering::Relaxed),
         );
         gauge(
-            &mut out,
+            out,
             "xcgi_draining",
             "1 once SIGTERM came: finishing in-flight requests before exit.",
             self.draining.load(Ordering::Relaxed),
         );
+    }
+
+    /// The counters besides the requests'.
+    fn render_counters(&self, out: &mut String) {
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -197,24 +210,23 @@ impl Metrics {
             );
         };
         counter(
-            &mut out,
+            out,
             "xcgi_vms_started_total",
             "VMs started.",
             self.vms_started.load(Ordering::Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "xcgi_connections_refused_total",
             "Connections closed at once: max_connections were open.",
             self.connections_refused.load(Ordering::Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "xcgi_prepared_misses_total",
             "VM requests that found no VM prepared ahead and built their own (pool ran dry).",
             self.prepared_misses.load(Ordering::Relaxed),
         );
-        out
     }
 }
 

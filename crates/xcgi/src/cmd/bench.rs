@@ -109,27 +109,29 @@ struct SetupRun {
     phases: Vec<(String, f64)>,
 }
 
-fn setup_once(
-    exe: &PathBuf,
-    s: &SetupArgs,
+/// One configuration of the setup table: what `xcgi run --setup-only` is asked for.
+#[derive(Clone, Copy)]
+struct SetupCase {
     mem: u64,
     huge: bool,
     populate: bool,
     net: bool,
-) -> anyhow::Result<SetupRun> {
+}
+
+fn setup_once(exe: &PathBuf, s: &SetupArgs, c: SetupCase) -> anyhow::Result<SetupRun> {
     let mut cmd = Command::new(exe);
     cmd.args(["run", "--setup-only", "--kernel"])
         .arg(&s.kernel)
         .arg("--initramfs")
         .arg(&s.initramfs)
-        .args(["--mem", &mem.to_string()]);
-    if huge {
+        .args(["--mem", &c.mem.to_string()]);
+    if c.huge {
         cmd.arg("--hugepages");
     }
-    if populate {
+    if c.populate {
         cmd.arg("--populate");
     }
-    if net {
+    if c.net {
         cmd.arg("--net");
     }
     let t0 = monotonic_ns();
@@ -232,6 +234,12 @@ fn slowest<S: std::fmt::Display>(mut phases: Vec<(S, f64)>) -> String {
         .join(", ")
 }
 
+/// A chart point: (series name, memory MiB, median ms).
+type Plotted = (String, f64, f64);
+
+/// The setup table (a row per memory size, page size, populate and net asked for), then
+/// with `--prepared` the request-path table, then with `--svg` the chart of both. The exit
+/// code is 1 when a run failed (its row shows what was measured before the failure).
 fn setup(s: SetupArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("finding the xcgi executable")?;
     let max_mem = s.mem.iter().copied().max().unwrap_or(128);
@@ -242,6 +250,39 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         None
     };
     let huge_ok = xcgi_vmm::memory::free_huge_pages().unwrap_or(0) * 2 >= max_mem;
+    print_setup_header(&s);
+    let mut failed = false;
+    let mut plotted: Vec<Plotted> = Vec::new();
+    for &mem in &s.mem {
+        for huge in [false, true] {
+            for (populate, net) in [(false, false), (true, false), (false, true)] {
+                if (populate && !s.populate) || (net && !s.net) {
+                    continue;
+                }
+                if huge && !huge_ok {
+                    println!("{mem:>8} {:>6} {:>9} {net:>4}  skipped: not enough free huge pages (pass --reserve-hugepages or raise vm.nr_hugepages)", "2M", populate);
+                    continue;
+                }
+                let c = SetupCase {
+                    mem,
+                    huge,
+                    populate,
+                    net,
+                };
+                failed |= setup_row(&exe, &s, c, &mut plotted);
+            }
+        }
+    }
+    if s.prepared {
+        failed |= prepared_table(&s, huge_ok, &mut plotted);
+    }
+    if let Some(path) = &s.svg {
+        write_setup_chart(path, plotted)?;
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+fn print_setup_header(s: &SetupArgs) {
     println!(
         "# VMM setup: process spawn -> first KVM_RUN, {} runs each, kernel {}",
         s.runs,
@@ -261,175 +302,200 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
         "devices",
         "teardown ms"
     );
-    let mut failed = false;
-    let mut plotted: Vec<(String, f64, f64)> = Vec::new();
-    for &mem in &s.mem {
-        for huge in [false, true] {
-            for (populate, net) in [(false, false), (true, false), (false, true)] {
-                if (populate && !s.populate) || (net && !s.net) {
-                    continue;
-                }
-                if huge && !huge_ok {
-                    println!("{mem:>8} {:>6} {:>9} {net:>4}  skipped: not enough free huge pages (pass --reserve-hugepages or raise vm.nr_hugepages)", "2M", populate);
-                    continue;
-                }
-                // One warm-up run, then the measured ones.
-                let _ = setup_once(&exe, &s, mem, huge, populate, net);
-                let mut spawn = Vec::new();
-                let mut inproc = Vec::new();
-                let mut teardown = Vec::new();
-                let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
-                for _ in 0..s.runs {
-                    match setup_once(&exe, &s, mem, huge, populate, net) {
-                        Ok(r) => {
-                            spawn.push(r.from_spawn_ms);
-                            inproc.push(r.in_process_ms);
-                            teardown.push(r.teardown_ms);
-                            for (name, v) in r.phases {
-                                match phases.iter_mut().find(|(n, _)| *n == name) {
-                                    Some((_, vs)) => vs.push(v),
-                                    None => phases.push((name, vec![v])),
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("xcgi bench: {e:#}");
-                            failed = true;
-                            break;
-                        }
-                    }
-                }
-                let top: Vec<(String, f64)> = phases
-                    .into_iter()
-                    .map(|(n, mut v)| (n, median(&mut v)))
-                    .collect();
-                let phase = |name: &str| {
-                    top.iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, v)| *v)
-                        .unwrap_or(f64::NAN)
-                };
-                let devices = phase("devices");
-                let slots = phase("memory_slots");
-                let in_proc = median(&mut inproc);
-                let vmm = in_proc - phase("process_start");
-                let top = slowest(top);
-                plotted.push((
-                    format!(
-                        "{}{}{}",
-                        if huge { "2 MiB pages" } else { "4 KiB pages" },
-                        if populate { ", populate" } else { "" },
-                        if net { ", net" } else { "" }
-                    ),
-                    mem as f64,
-                    median(&mut spawn.clone()),
-                ));
-                println!(
-                    "{mem:>8} {:>6} {:>9} {net:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>8.3} {:>12.3}  {}",
-                    if huge { "2M" } else { "4K" },
-                    populate,
-                    median(&mut spawn.clone()),
-                    percentile(&mut spawn, 0.9),
-                    in_proc,
-                    vmm,
-                    slots,
-                    devices,
-                    median(&mut teardown),
-                    top
-                );
-            }
-        }
-    }
-    if s.prepared {
-        println!(
-            "# request path: a VM prepared ahead (off the request path) launched to its first KVM_RUN, in-process, {} runs each",
-            s.runs
-        );
-        println!(
-            "{:>8} {:>6} {:>10} {:>10} {:>12}  slowest phases (median ms)",
-            "mem MiB", "pages", "median ms", "p90 ms", "prepare ms"
-        );
-        for &mem in &s.mem {
-            for huge in [false, true] {
-                if huge && !huge_ok {
-                    println!("{mem:>8} {:>6}  skipped: not enough free huge pages", "2M");
-                    continue;
-                }
-                let mut req = Vec::new();
-                let mut prep = Vec::new();
-                let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
-                // One warm-up run (process-level caches: /dev/kvm, CPUID), then the measured.
-                for i in 0..=s.runs {
-                    let r = match prepared_once(&s, mem, huge) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            eprintln!("xcgi bench: {e:#}");
-                            failed = true;
-                            break;
-                        }
-                    };
-                    if i == 0 {
-                        continue;
-                    }
-                    req.push(r.0);
-                    prep.push(r.1);
-                    for (name, v) in r.2 {
-                        match phases.iter_mut().find(|(n, _)| *n == name) {
-                            Some((_, vs)) => vs.push(v),
-                            None => phases.push((name, vec![v])),
-                        }
-                    }
-                }
-                let top = slowest(
-                    phases
-                        .into_iter()
-                        .map(|(n, mut v)| (n, median(&mut v)))
-                        .collect(),
-                );
-                let m = median(&mut req.clone());
-                plotted.push((
-                    format!(
-                        "{}, prepared ahead: request path",
-                        if huge { "2 MiB pages" } else { "4 KiB pages" }
-                    ),
-                    mem as f64,
-                    m,
-                ));
-                println!(
-                    "{mem:>8} {:>6} {:>10.3} {:>10.3} {:>12.3}  {}",
-                    if huge { "2M" } else { "4K" },
-                    m,
-                    percentile(&mut req, 0.9),
-                    median(&mut prep),
-                    top
-                );
-            }
-        }
-    }
-    if let Some(path) = &s.svg {
-        let mut series: Vec<super::svg::Series> = Vec::new();
-        for (name, x, y) in plotted {
-            match series.iter_mut().find(|se| se.name == name) {
-                Some(se) => se.points.push((x, y)),
-                None => series.push(super::svg::Series {
-                    name,
-                    points: vec![(x, y)],
-                }),
-            }
-        }
-        let svg = super::svg::log_log_chart(
-            "VMM setup: process spawn to first KVM_RUN (median)",
-            "guest memory (MiB)",
-            "milliseconds",
-            &series,
-        );
-        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
-        println!("# chart written to {}", path.display());
-    }
-    Ok(if failed { 1 } else { 0 })
 }
 
-/// Guest timestamp `[    0.123456]` at the start of a console line's text.
+/// The samples of one setup configuration's runs.
+#[derive(Default)]
+struct SetupSamples {
+    spawn: Vec<f64>,
+    inproc: Vec<f64>,
+    teardown: Vec<f64>,
+    phases: Vec<(String, Vec<f64>)>,
+}
+
+impl SetupSamples {
+    /// A warm-up run, then `--runs` measured ones, stopping at the first failure (reported
+    /// on stderr). The samples so far, and whether a run failed.
+    fn measure(exe: &PathBuf, s: &SetupArgs, c: SetupCase) -> (SetupSamples, bool) {
+        let _ = setup_once(exe, s, c);
+        let mut r = SetupSamples::default();
+        for _ in 0..s.runs {
+            match setup_once(exe, s, c) {
+                Ok(run) => {
+                    r.spawn.push(run.from_spawn_ms);
+                    r.inproc.push(run.in_process_ms);
+                    r.teardown.push(run.teardown_ms);
+                    for (name, v) in run.phases {
+                        push_phase(&mut r.phases, name, v);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("xcgi bench: {e:#}");
+                    return (r, true);
+                }
+            }
+        }
+        (r, false)
+    }
+}
+
+/// One configuration: measures it, prints its row and adds its median to `plotted`.
+/// Returns whether a run failed.
+fn setup_row(exe: &PathBuf, s: &SetupArgs, c: SetupCase, plotted: &mut Vec<Plotted>) -> bool {
+    let (mut r, failed) = SetupSamples::measure(exe, s, c);
+    let top = phase_medians(r.phases);
+    let phase = |name: &str| {
+        top.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(f64::NAN)
+    };
+    let devices = phase("devices");
+    let slots = phase("memory_slots");
+    let in_proc = median(&mut r.inproc);
+    let vmm = in_proc - phase("process_start");
+    let top = slowest(top);
+    let spawn = median(&mut r.spawn);
+    plotted.push((
+        format!(
+            "{}{}{}",
+            pages_name(c.huge),
+            if c.populate { ", populate" } else { "" },
+            if c.net { ", net" } else { "" }
+        ),
+        c.mem as f64,
+        spawn,
+    ));
+    println!(
+        "{:>8} {:>6} {:>9} {:>4} {:>10.3} {:>10.3} {:>12.3} {:>8.3} {:>8.3} {:>8.3} {:>12.3}  {}",
+        c.mem,
+        pages_label(c.huge),
+        c.populate,
+        c.net,
+        spawn,
+        percentile(&mut r.spawn, 0.9),
+        in_proc,
+        vmm,
+        slots,
+        devices,
+        median(&mut r.teardown),
+        top
+    );
+    failed
+}
+
+/// The request-path table (`--prepared`): a row per memory size and page size. Returns
+/// whether a run failed.
+fn prepared_table(s: &SetupArgs, huge_ok: bool, plotted: &mut Vec<Plotted>) -> bool {
+    println!(
+        "# request path: a VM prepared ahead (off the request path) launched to its first KVM_RUN, in-process, {} runs each",
+        s.runs
+    );
+    println!(
+        "{:>8} {:>6} {:>10} {:>10} {:>12}  slowest phases (median ms)",
+        "mem MiB", "pages", "median ms", "p90 ms", "prepare ms"
+    );
+    let mut failed = false;
+    for &mem in &s.mem {
+        for huge in [false, true] {
+            if huge && !huge_ok {
+                println!("{mem:>8} {:>6}  skipped: not enough free huge pages", "2M");
+                continue;
+            }
+            failed |= prepared_row(s, mem, huge, plotted);
+        }
+    }
+    failed
+}
+
+/// One request-path row: a warm-up run, then `--runs` measured ones (stopping at the first
+/// failure, which is reported); prints the row and adds its median to `plotted`. Returns
+/// whether a run failed.
+fn prepared_row(s: &SetupArgs, mem: u64, huge: bool, plotted: &mut Vec<Plotted>) -> bool {
+    let mut failed = false;
+    let mut req = Vec::new();
+    let mut prep = Vec::new();
+    let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
+    // One warm-up run (process-level caches: /dev/kvm, CPUID), then the measured.
+    for i in 0..=s.runs {
+        let r = match prepared_once(s, mem, huge) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("xcgi bench: {e:#}");
+                failed = true;
+                break;
+            }
+        };
+        if i == 0 {
+            continue;
+        }
+        req.push(r.0);
+        prep.push(r.1);
+        for (name, v) in r.2 {
+            push_phase(&mut phases, name, v);
+        }
+    }
+    let top = slowest(phase_medians(phases));
+    let m = median(&mut req);
+    plotted.push((
+        format!("{}, prepared ahead: request path", pages_name(huge)),
+        mem as f64,
+        m,
+    ));
+    println!(
+        "{mem:>8} {:>6} {:>10.3} {:>10.3} {:>12.3}  {}",
+        pages_label(huge),
+        m,
+        percentile(&mut req, 0.9),
+        median(&mut prep),
+        top
+    );
+    failed
+}
+
+/// The medians of both tables against memory size, a line per configuration, as an SVG file.
+fn write_setup_chart(path: &std::path::Path, plotted: Vec<Plotted>) -> anyhow::Result<()> {
+    super::svg::write_memory_chart(
+        path,
+        "VMM setup: process spawn to first KVM_RUN (median)",
+        &super::svg::Series::grouped(plotted),
+    )
+}
+
+/// "2 MiB pages" or "4 KiB pages", for the chart's series names.
+fn pages_name(huge: bool) -> &'static str {
+    if huge {
+        "2 MiB pages"
+    } else {
+        "4 KiB pages"
+    }
+}
+
+/// "2M" or "4K", for the tables' pages column.
+fn pages_label(huge: bool) -> &'static str {
+    if huge {
+        "2M"
+    } else {
+        "4K"
+    }
+}
+
+/// Adds `v` to the samples of phase `name`, in the order the phases first appear.
+fn push_phase<S: PartialEq>(phases: &mut Vec<(S, Vec<f64>)>, name: S, v: f64) {
+    match phases.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, vs)) => vs.push(v),
+        None => phases.push((name, vec![v])),
+    }
+}
+
+/// Each phase's median.
+fn phase_medians<S>(phases: Vec<(S, Vec<f64>)>) -> Vec<(S, f64)> {
+    phases
+        .into_iter()
+        .map(|(n, mut v)| (n, median(&mut v)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,6 +99,7 @@ fn check_grid(mem: &[u64], pages: &[Pages]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Guest timestamp `[    0.123456]` at the start of a console line's text.
 fn guest_stamp(line: &str) -> Option<f64> {
     let open = line.find('[')?;
     let close = line[open..].find(']')? + open;
@@ -351,27 +352,27 @@ fn qemu_memory_args(mem: u64, hugetlbfs: Option<&Path>) -> (String, Vec<String>)
     }
 }
 
-pub fn boot(b: BootArgs) -> anyhow::Result<i32> {
-    check_grid(&b.mem, &b.pages)?;
-    let exe = std::env::current_exe().context("finding the xcgi executable")?;
-    let timeout = Duration::from_secs(120);
-    // xcgi's own command line, except the reboot method: QEMU's microvm has no i8042 (the
-    // guest would spin on the missing controller), so there the guest ends by triple fault.
-    let cmdline =
-        "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 no_timer_check quiet rdinit=/init";
-    // One VM runs at a time: the largest size decides how many huge pages are needed.
-    let huge = if b.pages.contains(&Pages::Huge) {
-        let need = b.mem.iter().copied().max().unwrap_or(0) / 2;
-        HugeSetup::prepare(need, !b.no_qemu)?
-    } else {
-        HugeSetup::default()
-    };
-    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
+/// How long one boot may take before its console is no longer read.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-    let xcgi_cmd = |mem: u64, pages: Pages| {
-        let mut c = Command::new(&exe);
+/// xcgi's own command line, except the reboot method: QEMU's microvm has no i8042 (the guest
+/// would spin on the missing controller), so there the guest ends by triple fault.
+const QEMU_CMDLINE: &str =
+    "console=ttyS0 reboot=t panic=-1 8250.nr_uarts=1 no_timer_check quiet rdinit=/init";
+
+/// The two VMMs' command lines for one (memory, pages) cell.
+struct Vmms<'a> {
+    /// This xcgi executable.
+    exe: PathBuf,
+    b: &'a BootArgs,
+    /// The hugetlbfs directory QEMU's 2 MiB memory backend uses.
+    hugetlbfs: Option<&'a Path>,
+}
+
+impl Vmms<'_> {
+    fn xcgi(&self, mem: u64, pages: Pages) -> Command {
+        let b = self.b;
+        let mut c = Command::new(&self.exe);
         c.args(["run", "--quiet", "--timeout", "100", "--kernel"])
             .arg(&b.kernel)
             .arg("--initramfs")
@@ -381,11 +382,13 @@ pub fn boot(b: BootArgs) -> anyhow::Result<i32> {
             c.arg("--hugepages");
         }
         c
-    };
-    let qemu_cmd = |mem: u64, pages: Pages| {
+    }
+
+    fn qemu(&self, mem: u64, pages: Pages) -> Command {
+        let b = self.b;
         let dir = match pages {
             Pages::Small => None,
-            Pages::Huge => huge.dir.as_deref(),
+            Pages::Huge => self.hugetlbfs,
         };
         let (machine, mem_args) = qemu_memory_args(mem, dir);
         let mut q = Command::new(&b.qemu);
@@ -399,67 +402,146 @@ pub fn boot(b: BootArgs) -> anyhow::Result<i32> {
             .arg(&b.kernel)
             .arg("-initrd")
             .arg(&b.initramfs)
-            .args(["-append", cmdline]);
+            .args(["-append", QEMU_CMDLINE]);
         q
-    };
+    }
+}
 
+/// One (memory, pages) cell's medians: xcgi's, and QEMU's unless `--no-qemu`.
+struct Cell {
+    mem: u64,
+    pages: Pages,
+    xcgi: Row,
+    qemu: Option<Row>,
+}
+
+/// Runs that went wrong somewhere in the grid (each already reported on stderr).
+#[derive(Default)]
+struct Bad {
+    /// An xcgi run never showed the marker or ended with another exit code.
+    xcgi: bool,
+    /// A QEMU run never reached init exit.
+    qemu: bool,
+}
+
+/// Boots every (memory, pages) cell with xcgi (and QEMU), prints the table and, with `--svg`,
+/// the chart. The exit code is 1 when a run did not end as expected (each one is reported).
+pub fn boot(b: BootArgs) -> anyhow::Result<i32> {
+    check_grid(&b.mem, &b.pages)?;
+    let exe = std::env::current_exe().context("finding the xcgi executable")?;
+    // One VM runs at a time: the largest size decides how many huge pages are needed.
+    let huge = if b.pages.contains(&Pages::Huge) {
+        let need = b.mem.iter().copied().max().unwrap_or(0) / 2;
+        HugeSetup::prepare(need, !b.no_qemu)?
+    } else {
+        HugeSetup::default()
+    };
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let vmms = Vmms {
+        exe,
+        b: &b,
+        hugetlbfs: huge.dir.as_deref(),
+    };
+    let mut bad = Bad::default();
+    let results = measure_grid(&b, &vmms, &mut bad)?;
+    print_results(&b, &results, huge.dir.as_deref(), &thp);
+    if let Some(path) = &b.svg {
+        write_chart(path, &results)?;
+    }
+    if bad.xcgi {
+        eprintln!(
+            "xcgi bench: not every xcgi run showed {:?} and exited {}",
+            b.marker, b.expect_exit
+        );
+    }
+    if bad.qemu {
+        eprintln!("xcgi bench: not every QEMU run reached init exit");
+    }
+    drop(huge);
+    Ok(if bad.xcgi || bad.qemu { 1 } else { 0 })
+}
+
+/// Every (memory, pages) cell in turn: warm-up runs, then the measured ones, each xcgi run
+/// followed by a QEMU run.
+fn measure_grid(b: &BootArgs, vmms: &Vmms<'_>, bad: &mut Bad) -> anyhow::Result<Vec<Cell>> {
     let cells = b.mem.len() * b.pages.len();
     let mut cell = 0;
-    let mut results: Vec<(u64, Pages, Row, Option<Row>)> = Vec::new();
-    let mut bad_xcgi = false;
-    let mut bad_qemu = false;
+    let mut results = Vec::new();
     for &mem in &b.mem {
         for &pages in &b.pages {
             cell += 1;
             for _ in 0..b.warmup {
-                time_boot(xcgi_cmd(mem, pages), &b.marker, timeout)?;
+                time_boot(vmms.xcgi(mem, pages), &b.marker, BOOT_TIMEOUT)?;
                 if !b.no_qemu {
-                    time_boot(qemu_cmd(mem, pages), &b.marker, timeout)?;
+                    time_boot(vmms.qemu(mem, pages), &b.marker, BOOT_TIMEOUT)?;
                 }
             }
             let mut ours = Vec::new();
             let mut qemu = Vec::new();
             for _ in 0..b.runs {
-                ours.push(time_boot(xcgi_cmd(mem, pages), &b.marker, timeout)?);
+                ours.push(time_boot(vmms.xcgi(mem, pages), &b.marker, BOOT_TIMEOUT)?);
                 if !b.no_qemu {
-                    qemu.push(time_boot(qemu_cmd(mem, pages), &b.marker, timeout)?);
+                    qemu.push(time_boot(vmms.qemu(mem, pages), &b.marker, BOOT_TIMEOUT)?);
                 }
             }
-            for r in &ours {
-                if r.marker_ms.is_nan() || r.code != Some(b.expect_exit) {
-                    bad_xcgi = true;
-                    eprintln!(
-                        "xcgi bench: xcgi {mem} MiB {}: marker {}, exit {:?}; stderr: {}",
-                        pages.label(),
-                        if r.marker_ms.is_nan() {
-                            "missing"
-                        } else {
-                            "seen"
-                        },
-                        r.code,
-                        r.stderr_tail.trim()
-                    );
-                }
-            }
-            for r in &qemu {
-                if r.init_exit_ms.is_nan() {
-                    bad_qemu = true;
-                    eprintln!(
-                        "xcgi bench: QEMU {mem} MiB {}: no init exit seen; stderr: {}",
-                        pages.label(),
-                        r.stderr_tail.trim()
-                    );
-                }
-            }
+            report_bad_runs(b, mem, pages, &ours, &qemu, bad);
             eprintln!(
                 "xcgi bench: {mem} MiB {} done ({cell}/{cells})",
                 pages.label()
             );
-            let q = (!b.no_qemu).then(|| summarize(&qemu));
-            results.push((mem, pages, summarize(&ours), q));
+            results.push(Cell {
+                mem,
+                pages,
+                xcgi: summarize(&ours),
+                qemu: (!b.no_qemu).then(|| summarize(&qemu)),
+            });
         }
     }
+    Ok(results)
+}
 
+/// Tells on stderr of each xcgi run without the marker or the expected exit code, and each
+/// QEMU run that never reached init exit; notes them in `bad`.
+fn report_bad_runs(
+    b: &BootArgs,
+    mem: u64,
+    pages: Pages,
+    ours: &[BootRun],
+    qemu: &[BootRun],
+    bad: &mut Bad,
+) {
+    for r in ours {
+        if r.marker_ms.is_nan() || r.code != Some(b.expect_exit) {
+            bad.xcgi = true;
+            eprintln!(
+                "xcgi bench: xcgi {mem} MiB {}: marker {}, exit {:?}; stderr: {}",
+                pages.label(),
+                if r.marker_ms.is_nan() {
+                    "missing"
+                } else {
+                    "seen"
+                },
+                r.code,
+                r.stderr_tail.trim()
+            );
+        }
+    }
+    for r in qemu {
+        if r.init_exit_ms.is_nan() {
+            bad.qemu = true;
+            eprintln!(
+                "xcgi bench: QEMU {mem} MiB {}: no init exit seen; stderr: {}",
+                pages.label(),
+                r.stderr_tail.trim()
+            );
+        }
+    }
+}
+
+/// The table: a heading, then a row per cell and VMM (QEMU's with its ratios to xcgi).
+fn print_results(b: &BootArgs, results: &[Cell], hugetlbfs: Option<&Path>, thp: &str) {
     println!(
         "# boot to init: host wall time from spawn, median of {} runs ({} warm-up not counted), kernel {}",
         b.runs,
@@ -468,71 +550,45 @@ pub fn boot(b: BootArgs) -> anyhow::Result<i32> {
     );
     println!(
         "# 2M: xcgi MAP_HUGETLB, QEMU memory-backend-file on {} (share=off, no prealloc); THP: {thp}",
-        huge.dir
-            .as_deref()
+        hugetlbfs
             .map(|d| d.display().to_string())
             .unwrap_or_else(|| "-".into())
     );
     print_header();
-    for (mem, pages, ours, q) in &results {
-        print_row(*mem, *pages, "xcgi", ours, "");
-        if let Some(q) = q {
+    for c in results {
+        print_row(c.mem, c.pages, "xcgi", &c.xcgi, "");
+        if let Some(q) = &c.qemu {
             let ratio = format!(
                 "  | qemu/xcgi: marker {:.2}x, init exit {:.2}x",
-                q.marker_ms / ours.marker_ms,
-                q.init_exit_ms / ours.init_exit_ms
+                q.marker_ms / c.xcgi.marker_ms,
+                q.init_exit_ms / c.xcgi.init_exit_ms
             );
-            print_row(*mem, *pages, "qemu", q, &ratio);
+            print_row(c.mem, c.pages, "qemu", q, &ratio);
         }
     }
+}
 
-    if let Some(path) = &b.svg {
-        let mut series: Vec<super::svg::Series> = Vec::new();
-        let mut add =
-            |name: String, x: f64, y: f64| match series.iter_mut().find(|s| s.name == name) {
-                Some(s) => s.points.push((x, y)),
-                None => series.push(super::svg::Series {
-                    name,
-                    points: vec![(x, y)],
-                }),
-            };
-        for (mem, pages, ours, q) in &results {
-            add(
-                format!("xcgi {}", pages.label()),
-                *mem as f64,
-                ours.init_exit_ms,
-            );
-            if let Some(q) = q {
-                add(
-                    format!("QEMU microvm {}", pages.label()),
-                    *mem as f64,
-                    q.init_exit_ms,
-                );
-            }
-        }
-        // Legend order: xcgi first, then QEMU; 4K before 2M.
-        series.sort_by_key(|s| (s.name.starts_with("QEMU"), s.name.ends_with("2M")));
-        let svg = super::svg::log_log_chart(
-            "Boot to init exit (host wall time, median)",
-            "guest memory (MiB)",
-            "milliseconds",
-            &series,
+/// Boot to init exit against memory, a line per VMM and page size, as an SVG file.
+fn write_chart(path: &Path, results: &[Cell]) -> anyhow::Result<()> {
+    let points = results.iter().flat_map(|c| {
+        let ours = (
+            format!("xcgi {}", c.pages.label()),
+            c.mem as f64,
+            c.xcgi.init_exit_ms,
         );
-        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
-        println!("# chart written to {}", path.display());
-    }
-
-    if bad_xcgi {
-        eprintln!(
-            "xcgi bench: not every xcgi run showed {:?} and exited {}",
-            b.marker, b.expect_exit
-        );
-    }
-    if bad_qemu {
-        eprintln!("xcgi bench: not every QEMU run reached init exit");
-    }
-    drop(huge);
-    Ok(if bad_xcgi || bad_qemu { 1 } else { 0 })
+        let qemu = c.qemu.as_ref().map(|q| {
+            (
+                format!("QEMU microvm {}", c.pages.label()),
+                c.mem as f64,
+                q.init_exit_ms,
+            )
+        });
+        std::iter::once(ours).chain(qemu)
+    });
+    let mut series = super::svg::Series::grouped(points);
+    // Legend order: xcgi first, then QEMU; 4K before 2M.
+    series.sort_by_key(|s| (s.name.starts_with("QEMU"), s.name.ends_with("2M")));
+    super::svg::write_memory_chart(path, "Boot to init exit (host wall time, median)", &series)
 }
 
 #[cfg(test)]

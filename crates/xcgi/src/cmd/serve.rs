@@ -83,7 +83,28 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     // Before any thread starts: the variables that name them are removed.
     let inherited = xcgi_gateway::systemd::take_listen_fds()
         .context("taking the sockets passed by the service manager")?;
-    let mut cfg = match (&args.config, &args.handler) {
+    let mut cfg = load_config(&args)?;
+    apply_overrides(&args, &mut cfg)?;
+    let cfg = cfg.checked()?;
+    if cfg.server.isolation == Isolation::Vm && std::path::Path::new("/sys/module/kvm_pvm").exists()
+    {
+        tracing::warn!(
+            "this host's /dev/kvm cannot boot a standard Linux guest (PVM); VMs will fail. \
+             Run inside the lab (`xcgi lab -- xcgi serve ...`) or use --isolation process"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("xcgi-serve")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(cfg, inherited))?;
+    Ok(0)
+}
+
+/// The configuration file, or (`--handler`) one route serving every path from the flags.
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    Ok(match (&args.config, &args.handler) {
         (Some(file), _) => Config::load(file)?,
         (None, Some(handler)) => {
             let mut route = Route::quick(
@@ -107,7 +128,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             )?
         }
         (None, None) => anyhow::bail!("give --config FILE or --handler PROGRAM"),
-    };
+    })
+}
+
+/// The command-line flags that override the `[server]` section.
+fn apply_overrides(args: &Args, cfg: &mut Config) -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         cfg.server.listen = l;
     }
@@ -134,41 +159,31 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if args.init.is_some() {
         cfg.server.init = args.init.clone();
     }
-    let cfg = cfg.checked()?;
-    if cfg.server.isolation == Isolation::Vm && std::path::Path::new("/sys/module/kvm_pvm").exists()
-    {
-        tracing::warn!(
-            "this host's /dev/kvm cannot boot a standard Linux guest (PVM); VMs will fail. \
-             Run inside the lab (`xcgi lab -- xcgi serve ...`) or use --isolation process"
-        );
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("xcgi-serve")
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async move {
-        let server = Arc::new(xcgi_gateway::Server::new(cfg).context("preparing the routes")?);
-        let listeners = xcgi_gateway::server::bind(server.config(), inherited).await?;
-        let addr = listeners
-            .http
-            .local_addr()
-            .context("reading the listening address")?;
-        let admin = match &listeners.admin {
-            Some(l) => format!(
-                "; admin on http://{}",
-                l.local_addr().context("reading the admin address")?
-            ),
-            None => format!("; health at {}/readyz", server.config().server.admin_prefix),
-        };
-        eprintln!(
-            "xcgi serve: listening on http://{addr} ({} route(s), isolation {:?}, concurrency {}{admin})",
-            server.config().routes.len(),
-            server.config().server.isolation,
-            server.config().server.concurrency
-        );
-        xcgi_gateway::server::run(server, listeners).await;
-        anyhow::Ok(())
-    })?;
-    Ok(0)
+    Ok(())
+}
+
+/// Prepares the routes, binds the listeners (or takes the inherited ones), says where it
+/// listens, and serves until the server stops.
+async fn serve(cfg: Config, inherited: xcgi_gateway::systemd::Inherited) -> anyhow::Result<()> {
+    let server = Arc::new(xcgi_gateway::Server::new(cfg).context("preparing the routes")?);
+    let listeners = xcgi_gateway::server::bind(server.config(), inherited).await?;
+    let addr = listeners
+        .http
+        .local_addr()
+        .context("reading the listening address")?;
+    let admin = match &listeners.admin {
+        Some(l) => format!(
+            "; admin on http://{}",
+            l.local_addr().context("reading the admin address")?
+        ),
+        None => format!("; health at {}/readyz", server.config().server.admin_prefix),
+    };
+    eprintln!(
+        "xcgi serve: listening on http://{addr} ({} route(s), isolation {:?}, concurrency {}{admin})",
+        server.config().routes.len(),
+        server.config().server.isolation,
+        server.config().server.concurrency
+    );
+    xcgi_gateway::server::run(server, listeners).await;
+    Ok(())
 }

@@ -92,57 +92,109 @@ fn parse_elf(
     file_len: u64,
     path: &Path,
 ) -> Result<ElfImage, LoaderError> {
-    let wrong = |detail: &str| LoaderError::WrongElf {
+    let table = ProgramHeaders::parse(head, file_len, path)?;
+    let segments = load_segments(&table, file, file_len, path)?;
+    let entry = table.entry;
+    if !segments
+        .iter()
+        .any(|s| entry >= s.paddr && entry < s.paddr + s.memsz)
+    {
+        return Err(wrong_elf(
+            path,
+            &format!("entry point {entry:#x} is outside every segment"),
+        ));
+    }
+    Ok(ElfImage { entry, segments })
+}
+
+fn wrong_elf(path: &Path, detail: &str) -> LoaderError {
+    LoaderError::WrongElf {
         path: path.into(),
         detail: detail.into(),
-    };
-    let truncated = |detail: String| LoaderError::Truncated {
+    }
+}
+
+fn truncated(path: &Path, detail: String) -> LoaderError {
+    LoaderError::Truncated {
         path: path.into(),
         detail,
-    };
-    if head.len() < 64 {
-        return Err(truncated(format!("only {} bytes", head.len())));
     }
-    if head[4] != 2 {
-        return Err(wrong("32-bit ELF"));
+}
+
+/// Where the program header table is, from the ELF header.
+struct ProgramHeaders {
+    entry: u64,
+    /// File offset of the table.
+    offset: u64,
+    /// Size of one entry.
+    entry_size: u64,
+    count: u64,
+}
+
+impl ProgramHeaders {
+    /// Checks the ELF header (`head`: the file's first bytes) is a little-endian 64-bit x86
+    /// executable whose program header table lies within the file.
+    fn parse(head: &[u8], file_len: u64, path: &Path) -> Result<ProgramHeaders, LoaderError> {
+        let wrong = |detail: &str| wrong_elf(path, detail);
+        if head.len() < 64 {
+            return Err(truncated(path, format!("only {} bytes", head.len())));
+        }
+        if head[4] != 2 {
+            return Err(wrong("32-bit ELF"));
+        }
+        if head[5] != 1 {
+            return Err(wrong("big-endian ELF"));
+        }
+        let e_type = u16_at(head, 16);
+        if e_type != 2 {
+            return Err(wrong(&format!("ELF type {e_type}, a kernel is an executable (type 2); is this a program rather than a vmlinux?")));
+        }
+        let machine = u16_at(head, 18);
+        if machine != EM_X86_64 {
+            return Err(wrong(&format!(
+                "machine {machine}, expected x86-64 ({EM_X86_64})"
+            )));
+        }
+        let t = ProgramHeaders {
+            entry: u64_at(head, 24),
+            offset: u64_at(head, 32),
+            entry_size: u16_at(head, 54) as u64,
+            count: u16_at(head, 56) as u64,
+        };
+        if t.entry_size < 56 || t.count == 0 {
+            return Err(wrong("no program headers"));
+        }
+        let end = t
+            .offset
+            .checked_add(t.entry_size * t.count)
+            .ok_or_else(|| truncated(path, "program header table overflows".into()))?;
+        if end > file_len {
+            return Err(truncated(
+                path,
+                format!("program headers end at {end} but the file has {file_len} bytes"),
+            ));
+        }
+        Ok(t)
     }
-    if head[5] != 1 {
-        return Err(wrong("big-endian ELF"));
-    }
-    let e_type = u16_at(head, 16);
-    if e_type != 2 {
-        return Err(wrong(&format!("ELF type {e_type}, a kernel is an executable (type 2); is this a program rather than a vmlinux?")));
-    }
-    let machine = u16_at(head, 18);
-    if machine != EM_X86_64 {
-        return Err(wrong(&format!(
-            "machine {machine}, expected x86-64 ({EM_X86_64})"
-        )));
-    }
-    let entry = u64_at(head, 24);
-    let phoff = u64_at(head, 32);
-    let phentsize = u16_at(head, 54) as u64;
-    let phnum = u16_at(head, 56) as u64;
-    if phentsize < 56 || phnum == 0 {
-        return Err(wrong("no program headers"));
-    }
-    let ph_end = phoff
-        .checked_add(phentsize * phnum)
-        .ok_or_else(|| truncated("program header table overflows".into()))?;
-    if ph_end > file_len {
-        return Err(truncated(format!(
-            "program headers end at {ph_end} but the file has {file_len} bytes"
-        )));
-    }
-    let mut table = vec![0u8; (phentsize * phnum) as usize];
-    file.read_exact_at(&mut table, phoff)
+}
+
+/// Reads the program header table and returns its PT_LOAD segments, each checked to lie
+/// within the file; at least one.
+fn load_segments(
+    t: &ProgramHeaders,
+    file: &File,
+    file_len: u64,
+    path: &Path,
+) -> Result<Vec<Segment>, LoaderError> {
+    let mut table = vec![0u8; (t.entry_size * t.count) as usize];
+    file.read_exact_at(&mut table, t.offset)
         .map_err(|source| LoaderError::Read {
             path: path.into(),
             source,
         })?;
     let mut segments = Vec::new();
-    for i in 0..phnum as usize {
-        let p = &table[i * phentsize as usize..];
+    for i in 0..t.count as usize {
+        let p = &table[i * t.entry_size as usize..];
         if u32_at(p, 0) != PT_LOAD {
             continue;
         }
@@ -154,27 +206,20 @@ fn parse_elf(
         };
         let end = seg.offset.saturating_add(seg.filesz);
         if end > file_len {
-            return Err(truncated(format!(
-                "segment {i} needs bytes up to {end} but the file has {file_len}"
-            )));
+            return Err(truncated(
+                path,
+                format!("segment {i} needs bytes up to {end} but the file has {file_len}"),
+            ));
         }
         if seg.memsz < seg.filesz {
-            return Err(wrong("segment memory size below its file size"));
+            return Err(wrong_elf(path, "segment memory size below its file size"));
         }
         segments.push(seg);
     }
     if segments.is_empty() {
-        return Err(wrong("no loadable segments"));
+        return Err(wrong_elf(path, "no loadable segments"));
     }
-    if !segments
-        .iter()
-        .any(|s| entry >= s.paddr && entry < s.paddr + s.memsz)
-    {
-        return Err(wrong(&format!(
-            "entry point {entry:#x} is outside every segment"
-        )));
-    }
-    Ok(ElfImage { entry, segments })
+    Ok(segments)
 }
 
 fn check_fits(mem: &GuestMemoryMmap, start: u64, len: u64, path: &Path) -> Result<(), LoaderError> {
@@ -196,7 +241,6 @@ fn check_fits(mem: &GuestMemoryMmap, start: u64, len: u64, path: &Path) -> Resul
     }
 }
 
-/// Loads a kernel image (ELF vmlinux or bzImage, told apart by content).
 /// How file contents get into guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum LoadMode {
@@ -207,6 +251,7 @@ pub enum LoadMode {
     Copy,
 }
 
+/// Loads a kernel image (ELF vmlinux or bzImage, told apart by content).
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
