@@ -281,12 +281,12 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves; then readiness goes false, new connections are
-    /// still taken for `drain_delay_ms`, then accepting stops, in-flight requests finish (up
-    /// to `drain_timeout_ms`) and every VM is torn down.
+    /// still taken for `drain_delay_ms` (not for a [`Shutdown::Handover`]), then accepting
+    /// stops, in-flight requests finish (up to `drain_timeout_ms`) and every VM is torn down.
     pub async fn serve(
         self: Arc<Self>,
         listeners: Listeners,
-        shutdown: impl std::future::Future<Output = ()>,
+        shutdown: impl std::future::Future<Output = Shutdown>,
     ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let admin = listeners
@@ -297,10 +297,10 @@ impl Server {
         let health = Arc::clone(&self.health);
         let delay = Duration::from_millis(self.cfg.server.drain_delay_ms);
         let stop = async move {
-            shutdown.await;
+            let how = shutdown.await;
             health.begin_drain();
             notify("STOPPING=1\nSTATUS=draining");
-            if !delay.is_zero() {
+            if how == Shutdown::Drain && !delay.is_zero() {
                 info!(
                     drain_delay_ms = delay.as_millis() as u64,
                     "not ready any more; still accepting for drain_delay_ms"
@@ -1744,21 +1744,37 @@ async fn watch_readiness(health: Arc<Health>) {
     }
 }
 
-/// Runs the server until SIGTERM or SIGINT. Returns after the drain.
+/// How a server is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// SIGTERM / SIGINT: not ready at once, still accepting for `drain_delay_ms` (so a
+    /// balancer's health check sees it leave), then drain.
+    Drain,
+    /// SIGUSR1: a new instance already serves beside this one on the same port
+    /// (`reuse_port`): stop accepting at once (the delay would only make the shared address
+    /// look half unready to a balancer), then drain.
+    Handover,
+}
+
+/// Runs the server until SIGTERM, SIGINT or SIGUSR1 ([`Shutdown`]). Returns after the drain.
 pub async fn run(server: Arc<Server>, listeners: Listeners) {
+    use tokio::signal::unix::{signal, SignalKind};
     let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "cannot watch SIGTERM");
-                    std::future::pending::<()>().await;
-                    return;
-                }
-            };
+        let (term, usr1) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::user_defined1()),
+        ) {
+            (Ok(t), Ok(u)) => (t, u),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(error = %e, "cannot watch SIGTERM / SIGUSR1");
+                return std::future::pending::<Shutdown>().await;
+            }
+        };
+        let (mut term, mut usr1) = (term, usr1);
         tokio::select! {
-            _ = term.recv() => info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: draining"),
+            _ = term.recv() => { info!("SIGTERM: draining"); Shutdown::Drain }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: draining"); Shutdown::Drain }
+            _ = usr1.recv() => { info!("SIGUSR1: handing over (no drain delay)"); Shutdown::Handover }
         }
     };
     server.serve(listeners, shutdown).await;

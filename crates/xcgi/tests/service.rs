@@ -151,6 +151,38 @@ fn sigterm_turns_readiness_false_first_and_still_serves_for_the_drain_delay() {
     );
 }
 
+/// SIGUSR1 (handover: a new instance already serves beside this one): the drain delay is
+/// skipped, accepting stops at once, a request in flight still finishes, exit 0.
+#[test]
+fn sigusr1_hands_over_without_the_drain_delay() {
+    let s = Served::start("drain_delay_ms = 5000", &route("/", &cgi_c(), ""));
+    assert!(wait_until(Duration::from_secs(5), || curl(&[&s.url("/_xcgi/readyz")]).1 == 200));
+    let url = s.url("/stream");
+    let streaming = std::thread::spawn(move || curl(&["-N", &url]));
+    std::thread::sleep(Duration::from_millis(150));
+    let t = Instant::now();
+    // SAFETY: kill(2) on a child of this test.
+    unsafe { libc::kill(s.pid() as i32, libc::SIGUSR1) };
+    assert!(
+        wait_until(Duration::from_secs(2), || curl(&["-m", "1", &s.url("/")]).1 == 0),
+        "still accepting 2 s after SIGUSR1 (the 5 s drain delay was not skipped)\n{}",
+        s.log_tail(20)
+    );
+    let (body, code) = streaming.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    let mut s = s;
+    let st = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(0));
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(s.log().contains("SIGUSR1: handing over"), "{}", s.log());
+}
+
 /// Without reuse_port a second server on the same port is refused, saying what to do; with
 /// it, a new instance binds beside the old one and takes over when the old one stops.
 #[test]
