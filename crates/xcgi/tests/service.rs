@@ -156,7 +156,10 @@ fn sigterm_turns_readiness_false_first_and_still_serves_for_the_drain_delay() {
 #[test]
 fn sigusr1_hands_over_without_the_drain_delay() {
     let s = Served::start("drain_delay_ms = 5000", &route("/", &cgi_c(), ""));
-    assert!(wait_until(Duration::from_secs(5), || curl(&[&s.url("/_xcgi/readyz")]).1 == 200));
+    assert!(wait_until(Duration::from_secs(5), || curl(&[
+        &s.url("/_xcgi/readyz")
+    ])
+    .1 == 200));
     let url = s.url("/stream");
     let streaming = std::thread::spawn(move || curl(&["-N", &url]));
     std::thread::sleep(Duration::from_millis(150));
@@ -164,7 +167,8 @@ fn sigusr1_hands_over_without_the_drain_delay() {
     // SAFETY: kill(2) on a child of this test.
     unsafe { libc::kill(s.pid() as i32, libc::SIGUSR1) };
     assert!(
-        wait_until(Duration::from_secs(2), || curl(&["-m", "1", &s.url("/")]).1 == 0),
+        wait_until(Duration::from_secs(2), || curl(&["-m", "1", &s.url("/")]).1
+            == 0),
         "still accepting 2 s after SIGUSR1 (the 5 s drain delay was not skipped)\n{}",
         s.log_tail(20)
     );
