@@ -542,6 +542,8 @@ fn check_slow(r: &Resp) -> Result<String, String> {
 
 struct Load {
     stop: Arc<AtomicBool>,
+    /// Requests made so far, all clients together.
+    done: Arc<std::sync::atomic::AtomicUsize>,
     threads: Vec<JoinHandle<Vec<Rec>>>,
     started: Instant,
 }
@@ -551,9 +553,11 @@ impl Load {
     /// `max_each`; the first `slow` threads ask for /cgi/stream?2, the others /cgi/env.
     fn start(addr: SocketAddr, pause: Duration, max_each: usize, slow: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let threads = (0..CLIENTS)
             .map(|t| {
                 let stop = Arc::clone(&stop);
+                let done = Arc::clone(&done);
                 std::thread::spawn(move || {
                     let keep_alive = t % 2 == 0;
                     let mut c = Client::new(addr, keep_alive);
@@ -577,6 +581,7 @@ impl Load {
                             end: Instant::now(),
                             outcome,
                         });
+                        done.fetch_add(1, Ordering::Relaxed);
                         std::thread::sleep(pause);
                     }
                     recs
@@ -585,8 +590,18 @@ impl Load {
             .collect();
         Load {
             stop,
+            done,
             threads,
             started: Instant::now(),
+        }
+    }
+
+    /// Lets the load go on until it has made at least `n` requests (at most `timeout`): a
+    /// quick restart must not leave too few requests to mean anything.
+    fn wait_for(&self, n: usize, timeout: Duration) {
+        let t = Instant::now();
+        while self.done.load(Ordering::Relaxed) < n && t.elapsed() < timeout && self.running() {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -920,6 +935,7 @@ fn rolling_restart(beside: bool, drain_delay_ms: u64) {
         std::thread::sleep(Duration::from_millis(300));
     }
     std::thread::sleep(Duration::from_millis(500));
+    load.wait_for(250, Duration::from_secs(30));
     assert!(
         load.running(),
         "the load ended before the restarts did: raise its cap"

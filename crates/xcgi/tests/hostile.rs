@@ -226,9 +226,12 @@ fn figures_text(f: &ProcFigures) -> String {
 #[test]
 fn clients_that_never_read_are_cut_off_and_their_slots_released() {
     let h = Handlers::new();
+    // The normal request has a route of its own with a longer deadline: it waits in the
+    // queue for the stuck handlers' 2 s deadline plus their kill, and must not race it.
     let s = Served::start(
         "concurrency = 2\nqueue_timeout_ms = 8000\nwrite_timeout_ms = 2000",
-        &route("/cgi", &h.cgi_c(), "timeout_ms = 2000"),
+        &(route("/cgi", &h.cgi_c(), "timeout_ms = 2000")
+            + &route("/normal", &h.cgi_c(), "timeout_ms = 6000")),
     );
     let t0 = Instant::now();
     let mut stuck: Vec<TcpStream> = (0..2)
@@ -244,7 +247,7 @@ fn clients_that_never_read_are_cut_off_and_their_slots_released() {
         "the two never-reading requests never were both in flight\n{}",
         s.log_tail(20)
     );
-    let (body, code) = curl(&["-m", "8", &s.url("/cgi")]);
+    let (body, code) = curl(&["-m", "8", &s.url("/normal")]);
     let took = t0.elapsed();
     assert_eq!(
         code,

@@ -81,8 +81,11 @@ fn an_admin_listener_takes_metrics_off_the_serving_port() {
         &format!("admin_listen = \"{admin}\"\nadmin_prefix = \"/-/x\""),
         &route("/", &cgi_c(), ""),
     );
+    // The log is read on a thread of its own: wait for the line rather than race it.
+    let want = format!("admin on http://{admin}");
     assert!(
-        s.log().contains(&format!("admin on http://{admin}")),
+        s.wait_log_line(Duration::from_secs(5), |l| l.contains(&want))
+            .is_some(),
         "{}",
         s.log()
     );
