@@ -96,37 +96,47 @@ say "tools: $(systemd-analyze --version | head -1), $(hadolint --version)," \
 # systemd-analyze verify exits 0 on a bad value or an unknown key (it only warns), so any
 # output is a failure. --root: a scratch root with the system's units (for sysinit.target
 # and friends) and a stand-in /usr/local/bin/xcgi (ExecStart= must exist).
+# unit_verdict ROOT DIR MAX VERIFY_LABEL SCORE_FMT OVER_FMT UNITS...: systemd-analyze verify
+# of UNITS under ROOT (any output fails, with ROOT's paths shown as DIR's), then the exposure
+# of xcgi.service, said and held to MAX (tenths). Status 1 when either fails.
+unit_verdict() {
+  local root=$1 dir=$2 max=$3 verify_label=$4 score_fmt=$5 over_fmt=$6 out score rc=0
+  shift 6
+  if ! out=$(systemd-analyze verify --root="$root" "$@" 2>&1) || [ -n "$out" ]; then
+    printf '%s\n' "${out//$root\/etc\/systemd\/system/$dir}" >&2
+    say "$verify_label"; rc=1
+  fi
+  out=$(systemd-analyze security --offline=true --root="$root" xcgi.service 2>&1) || true
+  score=$(sed -n 's/.*Overall exposure level for xcgi.service: \([0-9.]*\).*/\1/p' <<<"$out")
+  # shellcheck disable=SC2059 # the formats are this script's own
+  say "$(printf "$score_fmt" "${score:-?}")"
+  if ! systemd-analyze security --offline=true --root="$root" --threshold="$max" \
+      xcgi.service >/dev/null 2>&1; then
+    # shellcheck disable=SC2059
+    say "$(printf "$over_fmt" "${score:-?}")"; rc=1
+  fi
+  return $rc
+}
+
 check_units() {  # DIR holding xcgi.service, xcgi.socket, xcgi.service.d/
-  local dir=$1 root out rc=0 score
+  local dir=$1 root rc=0
   root=$(mktemp -d "$WORK/sysroot.XXXXXX")
   mkdir -p "$root/usr/lib/systemd" "$root/etc/systemd/system" "$root/usr/local/bin"
   cp -a /usr/lib/systemd/system "$root/usr/lib/systemd/"
   printf '#!/bin/sh\n' > "$root/usr/local/bin/xcgi" && chmod 755 "$root/usr/local/bin/xcgi"
   cp "$dir/xcgi.service" "$dir/xcgi.socket" "$root/etc/systemd/system/"
-  if ! out=$(systemd-analyze verify --root="$root" xcgi.service xcgi.socket 2>&1) || [ -n "$out" ]; then
-    printf '%s\n' "${out//$root\/etc\/systemd\/system/$dir}" >&2
-    say "$dir/xcgi.service, xcgi.socket: systemd-analyze verify"; rc=1
-  fi
-  out=$(systemd-analyze security --offline=true --root="$root" xcgi.service 2>&1) || true
-  score=$(sed -n 's/.*Overall exposure level for xcgi.service: \([0-9.]*\).*/\1/p' <<<"$out")
-  say "$dir/xcgi.service: exposure ${score:-?} (systemd-analyze security --offline)"
-  if ! systemd-analyze security --offline=true --root="$root" --threshold="$EXPOSURE_MAX" \
-      xcgi.service >/dev/null 2>&1; then
-    say "$dir/xcgi.service: exposure ${score:-?} is over $((EXPOSURE_MAX / 10)).$((EXPOSURE_MAX % 10))"; rc=1
-  fi
+  unit_verdict "$root" "$dir" "$EXPOSURE_MAX" \
+    "$dir/xcgi.service, xcgi.socket: systemd-analyze verify" \
+    "$dir/xcgi.service: exposure %s (systemd-analyze security --offline)" \
+    "$dir/xcgi.service: exposure %s is over $((EXPOSURE_MAX / 10)).$((EXPOSURE_MAX % 10))" \
+    xcgi.service xcgi.socket || rc=1
   mkdir -p "$root/etc/systemd/system/xcgi.service.d"
   cp "$dir"/xcgi.service.d/*.conf "$root/etc/systemd/system/xcgi.service.d/"
-  if ! out=$(systemd-analyze verify --root="$root" xcgi.service 2>&1) || [ -n "$out" ]; then
-    printf '%s\n' "${out//$root\/etc\/systemd\/system/$dir}" >&2
-    say "$dir/xcgi.service.d/: systemd-analyze verify"; rc=1
-  fi
-  out=$(systemd-analyze security --offline=true --root="$root" xcgi.service 2>&1) || true
-  score=$(sed -n 's/.*Overall exposure level for xcgi.service: \([0-9.]*\).*/\1/p' <<<"$out")
-  say "$dir/xcgi.service + xcgi.service.d/http-mode.conf: exposure ${score:-?}"
-  if ! systemd-analyze security --offline=true --root="$root" --threshold="$EXPOSURE_HTTP_MAX" \
-      xcgi.service >/dev/null 2>&1; then
-    say "$dir/xcgi.service.d/http-mode.conf: exposure ${score:-?} is over the limit"; rc=1
-  fi
+  unit_verdict "$root" "$dir" "$EXPOSURE_HTTP_MAX" \
+    "$dir/xcgi.service.d/: systemd-analyze verify" \
+    "$dir/xcgi.service + xcgi.service.d/http-mode.conf: exposure %s" \
+    "$dir/xcgi.service.d/http-mode.conf: exposure %s is over the limit" \
+    xcgi.service || rc=1
   return $rc
 }
 

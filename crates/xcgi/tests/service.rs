@@ -24,6 +24,17 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// The server's exit code, waiting for it at most 10 s after `since`.
+fn exit_code(s: &mut Served, since: Instant) -> Option<i32> {
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(since.elapsed() < Duration::from_secs(10), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn sigterm(pid: u32) {
     // SAFETY: kill(2) on a child of this test.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -139,14 +150,7 @@ fn sigterm_turns_readiness_false_first_and_still_serves_for_the_drain_delay() {
     }
     assert!(served >= 5, "{served}");
     let mut s = s;
-    let st = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(st.code(), Some(0));
+    assert_eq!(exit_code(&mut s, t), Some(0));
     assert!(
         t.elapsed() >= Duration::from_millis(1500),
         "exited before drain_delay_ms: {:?}",
@@ -178,14 +182,7 @@ fn sigusr1_hands_over_without_the_drain_delay() {
     let (body, code) = streaming.join().unwrap();
     assert_eq!(code, 200, "{body}");
     let mut s = s;
-    let st = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(st.code(), Some(0));
+    assert_eq!(exit_code(&mut s, t), Some(0));
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(s.log().contains("SIGUSR1: handing over"), "{}", s.log());
 }

@@ -94,27 +94,31 @@ pub fn run_script_mem(
     lab_mem_mib: u32,
     lab_cpus: u32,
 ) -> Ran {
+    run_script_with_binaries(script, files, &[], timeout, lab_mem_mib, lab_cpus)
+}
+
+/// [`run_script_mem`] with more programs: `binaries` are (host path, name) of dynamically
+/// linked executables the script runs by `name` (e.g. Debian's haproxy): in the lab they are
+/// copied to /usr/local/bin with their shared libraries; on a host with hardware KVM they run
+/// from where they are.
+pub fn run_script_with_binaries(
+    script: &str,
+    files: &[(&Path, &str)],
+    binaries: &[(&Path, &str)],
+    timeout: Duration,
+    lab_mem_mib: u32,
+    lab_cpus: u32,
+) -> Ran {
     if xcgi_lab::host_has_hardware_kvm() {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(script);
-        let dir = xcgi().parent().unwrap().to_path_buf();
-        let path = format!(
-            "{}:{}",
-            dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        cmd.env("PATH", path);
-        for (host, name) in files {
-            cmd.env(name, host);
+        if binaries.is_empty() {
+            return run_on_host(script, files);
         }
-        let out = cmd.output().expect("run script");
-        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
-        output.push_str(&String::from_utf8_lossy(&out.stderr));
-        println!("{output}");
-        return Ran {
-            code: out.status.code().unwrap_or(-1),
-            output,
-        };
+        let dir = tempfile::tempdir().expect("a directory for the binaries' links");
+        for (host, name) in binaries {
+            std::os::unix::fs::symlink(host, dir.path().join(name)).expect("link a binary");
+        }
+        let script = format!("PATH=\"{}:$PATH\"; {script}", dir.path().display());
+        return run_on_host(&script, files);
     }
     let mut prelude = String::new();
     let mut cmd = xcgi_lab::LabCommand::new(String::new())
@@ -124,6 +128,12 @@ pub fn run_script_mem(
         .timeout(timeout)
         .mem_mib(lab_mem_mib)
         .cpus(lab_cpus);
+    if !binaries.is_empty() {
+        prelude.push_str("PATH=\"/usr/local/bin:$PATH\"; ");
+    }
+    for (host, name) in binaries {
+        cmd = cmd.binary(host.to_path_buf(), format!("/usr/local/bin/{name}"));
+    }
     for (host, name) in files {
         let guest = format!("/xcgi/{name}");
         cmd = cmd.file(host.to_path_buf(), guest.clone());
@@ -155,63 +165,28 @@ pub fn run_script_mem(
     }
 }
 
-/// [`run_script_mem`] with more programs: `binaries` are (host path, name) of dynamically
-/// linked executables the script runs by `name` (e.g. Debian's haproxy): in the lab they are
-/// copied to /usr/local/bin with their shared libraries; on a host with hardware KVM they run
-/// from where they are.
-pub fn run_script_with_binaries(
-    script: &str,
-    files: &[(&Path, &str)],
-    binaries: &[(&Path, &str)],
-    timeout: Duration,
-    lab_mem_mib: u32,
-    lab_cpus: u32,
-) -> Ran {
-    if xcgi_lab::host_has_hardware_kvm() {
-        let dir = tempfile::tempdir().expect("a directory for the binaries' links");
-        for (host, name) in binaries {
-            std::os::unix::fs::symlink(host, dir.path().join(name)).expect("link a binary");
-        }
-        let script = format!("PATH=\"{}:$PATH\"; {script}", dir.path().display());
-        return run_script_mem(&script, files, timeout, lab_mem_mib, lab_cpus);
-    }
-    let mut prelude = String::new();
-    let mut cmd = xcgi_lab::LabCommand::new(String::new())
-        .binary(xcgi(), "/usr/bin/xcgi")
-        .binary("/usr/bin/curl", "/usr/bin/curl")
-        .file(xcgi_init(), "/usr/bin/xcgi-init")
-        .timeout(timeout)
-        .mem_mib(lab_mem_mib)
-        .cpus(lab_cpus);
-    for (host, name) in binaries {
-        cmd = cmd.binary(host.to_path_buf(), format!("/usr/local/bin/{name}"));
-    }
+/// Runs `script` with `sh` on this host (hardware KVM): xcgi on the PATH, `files` in the
+/// environment by name.
+fn run_on_host(script: &str, files: &[(&Path, &str)]) -> Ran {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    let dir = xcgi().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    cmd.env("PATH", path);
     for (host, name) in files {
-        let guest = format!("/xcgi/{name}");
-        cmd = cmd.file(host.to_path_buf(), guest.clone());
-        prelude.push_str(&format!("{name}={guest}; "));
+        cmd.env(name, host);
     }
-    cmd.command = format!("PATH=\"/usr/local/bin:$PATH\"; {prelude}{script}");
-    let lab = xcgi_lab::Lab::prepare().expect("prepare the lab");
-    // As in run_script_mem: the lab's own kernel sometimes dies without the exit marker; one
-    // more try, loudly.
-    let mut tries = 0;
-    let out = loop {
-        tries += 1;
-        match lab.run(&cmd, |line| println!("lab| {line}")) {
-            Ok(out) => break out,
-            Err(
-                e @ (xcgi_lab::LabError::Exited { .. }
-                | xcgi_lab::LabError::Timeout { booted: true, .. }),
-            ) if tries < 2 => {
-                eprintln!("LAB FAILED (no exit marker): {e}\nrunning the script once more");
-            }
-            Err(e) => panic!("lab run: {e:?}"),
-        }
-    };
+    let out = cmd.output().expect("run script");
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    println!("{output}");
     Ran {
-        code: out.exit_code,
-        output: out.output,
+        code: out.status.code().unwrap_or(-1),
+        output,
     }
 }
 
