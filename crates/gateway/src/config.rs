@@ -146,6 +146,11 @@ pub struct ServerSection {
     /// long (so a balancer's health check sees the server leave) before the drain starts.
     #[serde(default)]
     pub drain_delay_ms: u64,
+    /// Log a debug dump (WARN) of every VM that ends badly: triple fault, deadline, a guest
+    /// that never accepted, a cancelled request (docs/networking.md). For chasing guest
+    /// failures; off by default.
+    #[serde(default)]
+    pub debug_dump: bool,
 }
 
 impl Default for ServerSection {
@@ -169,6 +174,7 @@ impl Default for ServerSection {
             admin_listen: None,
             reuse_port: false,
             drain_delay_ms: 0,
+            debug_dump: false,
         }
     }
 }

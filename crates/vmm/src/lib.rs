@@ -12,6 +12,7 @@
 pub mod arch;
 pub mod device_manager;
 pub mod devices;
+pub mod diagnostics;
 pub mod hypervisor;
 pub mod layout;
 pub mod memory;

@@ -67,6 +67,10 @@ pub struct RunOptions {
     pub setup_only: bool,
     /// Measure the host memory behind the VM when it ends ([`crate::Outcome::memory`]).
     pub measure_memory: bool,
+    /// When the VM ends badly (triple fault, deadline, cancel, vCPU failure, panic), describe
+    /// its vCPUs, interrupt controllers, timers and devices in [`crate::Outcome::dump`]
+    /// ([`crate::diagnostics`]).
+    pub debug_dump: bool,
 }
 
 impl Default for RunOptions {
@@ -76,6 +80,7 @@ impl Default for RunOptions {
             cancel: Cancel::default(),
             setup_only: false,
             measure_memory: false,
+            debug_dump: false,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::arch::x86_64::{cpu, loader, mptable, paging, params};
 use crate::device_manager::{Buses, DeviceError, DeviceManager};
 use crate::devices::console::{Console, ConsoleWriter};
 use crate::devices::virtio::{self, block::Block, mmio::MmioTransport, ConsoleStopper};
+use crate::diagnostics;
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{self, HypervisorError, Vcpu, VcpuExit};
 use crate::layout::*;
@@ -172,6 +173,8 @@ pub struct Outcome {
     pub timings: Timings,
     /// Host memory behind the VM at its end (with [`VmConfig::measure_memory`]).
     pub memory: Option<memory::MemoryUse>,
+    /// The debug dump ([`RunOptions::debug_dump`]) of a VM that ended badly.
+    pub dump: Option<String>,
 }
 
 impl Outcome {
@@ -418,12 +421,20 @@ pub fn launch(
         channel: channel_stop,
     };
     let PreparedVm { vcpus, vm, mem, .. } = prepared;
-    let reason = run_vcpus(vcpus, Arc::clone(&buses), tx, rx, ending, first_run.clone())?;
+    let threads = VcpuThreads {
+        devices: Arc::clone(&buses),
+        events: tx,
+        first_run: first_run.clone(),
+        dump: opts.debug_dump.then(|| mem.clone()),
+    };
+    let (reason, vcpu_dumps) = run_vcpus(vcpus, threads, rx, ending)?;
     if let Some((at, clock_ns)) = first_run.get() {
         timings.setup = at.saturating_duration_since(start);
         timings.setup_end_clock_ns = *clock_ns;
     }
     let (console_text, reason) = console_verdict(&console, reason, &mut timings);
+    let dump = (opts.debug_dump && ended_badly(&reason))
+        .then(|| debug_dump(&reason, &vcpu_dumps, &*vm, &buses, &console_text));
     let memory = measure(opts, &mem);
     let t = Instant::now();
     drop(buses);
@@ -436,7 +447,41 @@ pub fn launch(
         console: console_text,
         timings,
         memory,
+        dump,
     })
+}
+
+/// Whether a VM's end deserves a debug dump: anything but the guest ending on its own.
+fn ended_badly(reason: &ExitReason) -> bool {
+    !matches!(
+        reason,
+        ExitReason::InitExited { .. } | ExitReason::PowerOff | ExitReason::SetupOnly
+    )
+}
+
+/// The debug dump of a VM whose vCPUs have stopped: why it ended, each vCPU (described on its
+/// own thread), the interrupt controllers and timers, the devices, the console's last lines.
+fn debug_dump(
+    reason: &ExitReason,
+    vcpus: &[String],
+    vm: &dyn hypervisor::Vm,
+    buses: &Buses,
+    console: &str,
+) -> String {
+    let mut o = format!("debug dump: {}\n", reason.describe());
+    for v in vcpus {
+        o.push_str(v);
+    }
+    match vm.state() {
+        Ok(s) => o.push_str(&diagnostics::describe_vm(&s)),
+        Err(e) => o.push_str(&format!("vm state: {e}\n")),
+    }
+    for d in buses.mmio.describe() {
+        o.push_str(&d);
+    }
+    o.push_str("console (last 20 lines):\n");
+    o.push_str(&diagnostics::console_tail(console, 20));
+    o
 }
 
 /// The request's devices and boot parameters, timed from `start` (or from the end of
@@ -522,6 +567,7 @@ fn release(
         console,
         timings,
         memory,
+        dump: None,
     }
 }
 
@@ -639,22 +685,44 @@ impl Ending<'_> {
     }
 }
 
+/// What every vCPU thread shares.
+struct VcpuThreads {
+    devices: Arc<Buses>,
+    events: Sender<VmEvent>,
+    /// Set by vCPU 0's thread.
+    first_run: FirstRun,
+    /// With a debug dump asked for: the guest memory, to read code and stack through the
+    /// guest's page tables. Each thread describes its vCPU as it ends.
+    dump: Option<GuestMemoryMmap>,
+}
+
+/// Runs the vCPUs until the guest ends, the deadline passes or the run is cancelled; returns
+/// why, and each vCPU's description when a dump was asked for.
 fn run_vcpus(
     vcpus: Vec<Box<dyn Vcpu>>,
-    devices: Arc<Buses>,
-    tx: Sender<VmEvent>,
+    threads: VcpuThreads,
     rx: Receiver<VmEvent>,
     ending: Ending<'_>,
-    first_run: FirstRun,
-) -> Result<ExitReason, VmError> {
+) -> Result<(ExitReason, Vec<String>), VmError> {
     let stop = Arc::new(AtomicBool::new(false));
-    let mut handles: Vec<JoinHandle<()>> = Vec::new();
+    let mut handles: Vec<JoinHandle<Option<String>>> = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let (devices, tx, thread_stop) = (devices.clone(), tx.clone(), stop.clone());
-        let first_run = (id == 0).then(|| first_run.clone());
+        let (devices, tx, thread_stop) = (
+            threads.devices.clone(),
+            threads.events.clone(),
+            stop.clone(),
+        );
+        let first_run = (id == 0).then(|| threads.first_run.clone());
+        let dump = threads.dump.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, &devices, tx, thread_stop, first_run));
+            .spawn(move || {
+                let vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
+                dump.map(|mem| match vcpu.state() {
+                    Ok(s) => diagnostics::describe_vcpu(id, &s, &mem),
+                    Err(e) => format!("vcpu{id}: state unreadable: {e}\n"),
+                })
+            });
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -666,12 +734,11 @@ fn run_vcpus(
             }
         }
     }
-    drop(tx);
+    drop(threads.events);
     let reason = wait_for_end(&rx, &ending);
     ending.release_channel();
     stop.store(true, Ordering::SeqCst);
-    stop_threads(handles);
-    Ok(reason)
+    Ok((reason, stop_threads(handles)))
 }
 
 /// Waits for the guest's end, the deadline (counted from now: the first KVM_RUN is a moment
@@ -703,12 +770,14 @@ fn wait_for_end(rx: &Receiver<VmEvent>, ending: &Ending<'_>) -> ExitReason {
 /// sets the vCPU's `immediate_exit`; the repeat only guards against a thread stuck elsewhere).
 const REKICK: Duration = Duration::from_millis(10);
 
-/// Kicks each vCPU thread out of KVM_RUN (the stop flag is already set) and joins it.
-fn stop_threads(handles: Vec<JoinHandle<()>>) {
+/// Kicks each vCPU thread out of KVM_RUN (the stop flag is already set) and joins it; returns
+/// what the threads returned (their vCPU's description, with a dump asked for).
+fn stop_threads(handles: Vec<JoinHandle<Option<String>>>) -> Vec<String> {
     use std::os::unix::thread::JoinHandleExt;
     for h in &handles {
         hypervisor::kick(h.as_pthread_t());
     }
+    let mut out = Vec::new();
     for h in handles {
         let mut kicked = Instant::now();
         while !h.is_finished() {
@@ -718,17 +787,22 @@ fn stop_threads(handles: Vec<JoinHandle<()>>) {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        let _ = h.join();
+        if let Ok(Some(text)) = h.join() {
+            out.push(text);
+        }
     }
+    out
 }
 
+/// Runs one vCPU until it ends the VM or is stopped; hands the vCPU back (still bound to this
+/// thread: it is described and dropped here).
 fn vcpu_loop(
     mut vcpu: Box<dyn Vcpu>,
     devices: &Buses,
     tx: Sender<VmEvent>,
     stop: Arc<AtomicBool>,
     first_run: Option<FirstRun>,
-) {
+) -> Box<dyn Vcpu> {
     vcpu.bind_kicks();
     if let Some(f) = first_run {
         let _ = f.set((Instant::now(), monotonic_ns()));
@@ -736,7 +810,7 @@ fn vcpu_loop(
     loop {
         // After the kick is armed (bind_kicks): a stop set from here on is seen at once.
         if stop.load(Ordering::SeqCst) {
-            return;
+            return vcpu;
         }
         let event = match vcpu.run() {
             Ok(exit) => handle_exit(exit, devices),
@@ -744,7 +818,7 @@ fn vcpu_loop(
         };
         if let Some(ev) = event {
             let _ = tx.send(ev);
-            return;
+            return vcpu;
         }
     }
 }

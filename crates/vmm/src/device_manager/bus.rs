@@ -10,6 +10,11 @@ use std::sync::{Arc, Mutex};
 pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// The device's state for a debug dump (numbers only, several lines), if it has any to
+    /// tell. Called after the vCPUs stopped; must not wait long for anything.
+    fn describe(&self) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +89,20 @@ impl Bus {
             }
             Err(_) => false,
         }
+    }
+
+    /// Every device's [`BusDevice::describe`], with its base address, in address order.
+    pub fn describe(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter_map(|(base, e)| {
+                let text = match e.device.lock() {
+                    Ok(d) => d.describe(),
+                    Err(p) => p.into_inner().describe(),
+                }?;
+                Some(format!("@{base:#x} {text}"))
+            })
+            .collect()
     }
 
     /// Writes to the device at `addr`; false when there is none (or it is poisoned).

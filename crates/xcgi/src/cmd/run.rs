@@ -67,6 +67,12 @@ pub struct Args {
     /// Print no summary line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// When the VM ends badly (triple fault, deadline, signal, panic), print a debug dump to
+    /// stderr: vCPU registers, local APIC and timers, interrupt controllers, each virtio
+    /// queue's indices, device counters, the last console lines (docs/networking.md). Add
+    /// `--cmdline loglevel=7` for the guest kernel's own messages.
+    #[arg(long)]
+    pub debug_dump: bool,
 }
 
 /// The machine, and how this run goes.
@@ -117,6 +123,7 @@ pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
         cancel: Cancel::new(),
         setup_only: a.setup_only,
         measure_memory: a.memory_stats,
+        debug_dump: a.debug_dump,
     };
     Ok((shape, opts))
 }
@@ -261,6 +268,11 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
             m.overhead_kib(),
             m.private_overhead_kib()
         );
+    }
+    if let Some(dump) = &outcome.dump {
+        for line in dump.lines() {
+            eprintln!("xcgi: {line}");
+        }
     }
     if outcome.reason == ExitReason::Cancelled {
         let sig = signal.load(std::sync::atomic::Ordering::SeqCst);

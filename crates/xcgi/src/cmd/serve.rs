@@ -50,6 +50,9 @@ pub struct Args {
     /// SO_REUSEPORT: bind beside a running instance (rolling restart; docs/deploy.md).
     #[arg(long)]
     reuse_port: bool,
+    /// Log a debug dump of every VM that ends badly (`[server] debug_dump`).
+    #[arg(long)]
+    debug_dump: bool,
     /// vm: a fresh microVM per request; process: a classic CGI child per request (baseline).
     #[arg(long, value_enum)]
     isolation: Option<IsolationArg>,
@@ -140,6 +143,7 @@ fn apply_overrides(args: &Args, cfg: &mut Config) -> anyhow::Result<()> {
         cfg.server.admin_listen = Some(a);
     }
     cfg.server.reuse_port |= args.reuse_port;
+    cfg.server.debug_dump |= args.debug_dump;
     if let Some(i) = args.isolation {
         cfg.server.isolation = match i {
             IsolationArg::Vm => Isolation::Vm,

@@ -216,6 +216,12 @@ pub trait VirtioDevice: Send {
     /// be interrupted (a buffer was used and the ring asks for it).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool;
 
+    /// The device's own state for a debug dump (counters, workers), one line; empty when there
+    /// is nothing beyond the transport's.
+    fn describe(&self) -> String {
+        String::new()
+    }
+
     /// The device's worker threads, if it runs any: the default [`reset`](Self::reset),
     /// [`stop_workers`](Self::stop_workers) and
     /// [`take_stopped_workers`](Self::take_stopped_workers) tell them to stop and hand them

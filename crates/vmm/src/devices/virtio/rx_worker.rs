@@ -19,7 +19,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -200,7 +200,57 @@ struct Running {
     handle: JoinHandle<()>,
     stop: EventFd,
     kick: EventFd,
-    tid: Arc<AtomicI32>,
+    probe: Arc<Probe>,
+}
+
+/// What a worker tells the outside about itself (for diagnostics: a debug dump reads it while
+/// the worker runs). Relaxed counters; a few per batch, none per frame.
+#[derive(Debug, Default)]
+struct Probe {
+    tid: AtomicI32,
+    /// Kicks the device sent (each receive-queue notify).
+    kicks_sent: AtomicU64,
+    /// Kick events the worker took.
+    kicks_seen: AtomicU64,
+    /// Readable events of the source.
+    source_events: AtomicU64,
+    /// Batches delivered (each under the transport lock).
+    batches: AtomicU64,
+    /// [`WAITING`] with what it waits for ([`READABLE`], [`HAVE_BUFFERS`], [`WATCHING`]), or
+    /// [`DONE`]; 0 while working.
+    state: AtomicU8,
+}
+
+const READABLE: u8 = 1;
+const HAVE_BUFFERS: u8 = 2;
+const WATCHING: u8 = 4;
+const WAITING: u8 = 8;
+const DONE: u8 = 16;
+
+impl Probe {
+    fn describe(&self) -> String {
+        let state = self.state.load(Ordering::Relaxed);
+        let what = if state & DONE != 0 {
+            "ended".to_owned()
+        } else if state & WAITING != 0 {
+            format!(
+                "waiting (source readable={} buffers={} watching={})",
+                state & READABLE != 0,
+                state & HAVE_BUFFERS != 0,
+                state & WATCHING != 0
+            )
+        } else {
+            "working".to_owned()
+        };
+        format!(
+            "rx worker tid={} {what}; kicks sent={} seen={} source events={} batches={}",
+            self.tid.load(Ordering::Relaxed),
+            self.kicks_sent.load(Ordering::Relaxed),
+            self.kicks_seen.load(Ordering::Relaxed),
+            self.source_events.load(Ordering::Relaxed),
+            self.batches.load(Ordering::Relaxed)
+        )
+    }
 }
 
 /// A device's RX worker: at most one running, and those told to stop until they are joined.
@@ -265,12 +315,12 @@ impl RxWorkers {
                 EpollEvent::new(source.events, TOKEN_SOURCE),
             )?;
         }
-        let tid = Arc::new(AtomicI32::new(0));
+        let probe = Arc::new(Probe::default());
         // The worker owns its own handles on the eventfds: an epoll registration dies with the
         // last descriptor of its file, and a stop written just before that would be lost.
         let (name, queue, watching) = (self.name, self.queue, source.watch);
         let (fd, worker_kick, worker_stop) = (source.fd, kick.try_clone()?, stop.try_clone()?);
-        let worker_tid = tid.clone();
+        let worker_probe = probe.clone();
         let handle = thread::Builder::new()
             .name(format!("{name}-rx"))
             .spawn(move || {
@@ -282,7 +332,7 @@ impl RxWorkers {
                     epoll,
                     kick: worker_kick,
                     _stop: worker_stop,
-                    tid: worker_tid,
+                    probe: worker_probe,
                     watching,
                     device: make(),
                     chain: IoChain::default(),
@@ -293,7 +343,7 @@ impl RxWorkers {
             handle,
             stop,
             kick,
-            tid,
+            probe,
         });
         Ok(())
     }
@@ -301,6 +351,7 @@ impl RxWorkers {
     /// New receive buffers: wakes the worker, which fills them under the lock later.
     pub(crate) fn kick(&mut self) {
         if let Some(w) = &self.running {
+            w.probe.kicks_sent.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = w.kick.write(1) {
                 limited!(
                     self.log,
@@ -333,8 +384,16 @@ impl RxWorkers {
     pub fn tid(&self) -> Option<i32> {
         self.running
             .as_ref()
-            .map(|w| w.tid.load(Ordering::Acquire))
+            .map(|w| w.probe.tid.load(Ordering::Acquire))
             .filter(|&tid| tid != 0)
+    }
+
+    /// The running worker's state and counters, one line (for a debug dump).
+    pub fn describe(&self) -> String {
+        match &self.running {
+            Some(w) => w.probe.describe(),
+            None => "rx worker not running".to_owned(),
+        }
     }
 
     /// Workers told to stop and not joined yet.
@@ -359,6 +418,15 @@ impl Drop for RxWorkers {
     }
 }
 
+/// Marks the probe [`DONE`] however the worker's loop ends.
+struct Done<'a>(&'a Probe);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.state.store(DONE, Ordering::Relaxed);
+    }
+}
+
 /// The worker thread's state.
 struct Worker<F> {
     name: &'static str,
@@ -369,7 +437,7 @@ struct Worker<F> {
     kick: EventFd,
     /// Keeps the stop eventfd (registered in `epoll`) open as long as the worker runs.
     _stop: EventFd,
-    tid: Arc<AtomicI32>,
+    probe: Arc<Probe>,
     /// The source is registered in `epoll` (until it closes).
     watching: bool,
     device: F,
@@ -381,7 +449,9 @@ impl<F: RxDevice> Worker<F> {
     fn run(mut self) {
         let name = self.name;
         let tid = gettid();
-        self.tid.store(tid, Ordering::Release);
+        self.probe.tid.store(tid, Ordering::Release);
+        let probe = Arc::clone(&self.probe);
+        let _done = Done(&probe);
         debug!(tid, "{name}: RX worker started");
         // Look at both right away: data may already wait, the driver may have posted buffers.
         let mut readable = true;
@@ -402,6 +472,11 @@ impl<F: RxDevice> Worker<F> {
                     }
                 }
             }
+            let waiting = WAITING
+                | if readable { READABLE } else { 0 }
+                | if have_buffers { HAVE_BUFFERS } else { 0 }
+                | if self.watching { WATCHING } else { 0 };
+            probe.state.store(waiting, Ordering::Relaxed);
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -410,6 +485,7 @@ impl<F: RxDevice> Worker<F> {
                     return;
                 }
             };
+            probe.state.store(0, Ordering::Relaxed);
             for event in &events[..n] {
                 match event.data() {
                     TOKEN_STOP => {
@@ -419,9 +495,13 @@ impl<F: RxDevice> Worker<F> {
                     TOKEN_KICK => {
                         // Reset the counter; a failure (already 0) changes nothing.
                         let _ = self.kick.read();
+                        probe.kicks_seen.fetch_add(1, Ordering::Relaxed);
                         have_buffers = true;
                     }
-                    TOKEN_SOURCE => readable = true,
+                    TOKEN_SOURCE => {
+                        probe.source_events.fetch_add(1, Ordering::Relaxed);
+                        readable = true;
+                    }
                     _ => {}
                 }
             }
@@ -443,6 +523,7 @@ impl<F: RxDevice> Worker<F> {
 
     /// One batch under the transport lock.
     fn deliver(&mut self) -> Result<Batch, QueueAccessError> {
+        self.probe.batches.fetch_add(1, Ordering::Relaxed);
         let mut outcome = Batch::NoBuffers;
         let source = self.source.as_raw_fd();
         let (name, device, chain) = (self.name, &mut self.device, &mut self.chain);

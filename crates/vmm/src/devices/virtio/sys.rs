@@ -60,6 +60,18 @@ pub(crate) fn wait_writable(fd: RawFd, timeout: Duration) {
     unsafe { libc::poll(&mut pfd, 1, ms) };
 }
 
+/// Whether `fd` has data to read right now (for diagnostics).
+pub(crate) fn readable_now(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
+}
+
 /// The calling thread's kernel thread id.
 pub(crate) fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.

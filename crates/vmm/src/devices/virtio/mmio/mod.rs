@@ -131,6 +131,22 @@ impl<D: VirtioDevice + 'static> MmioDevice for MmioTransport<D> {
         // Outside the lock: a stopping worker may be waiting for it.
         Self::join(device_type, stopped);
     }
+
+    fn describe(&self) -> Option<String> {
+        // A worker may hold the lock for a batch: wait a little, never forever.
+        for _ in 0..100 {
+            match self.inner.try_lock() {
+                Ok(t) => return Some(t.describe()),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    return Some(p.into_inner().describe())
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+            }
+        }
+        Some("virtio-mmio: busy (its lock was held for 100 ms)".into())
+    }
 }
 
 impl<D: VirtioDevice + 'static> Drop for MmioTransport<D> {

@@ -8,7 +8,7 @@ use tracing::debug;
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::regs::*;
@@ -65,6 +65,9 @@ pub struct TransportState<D: VirtioDevice> {
     epoch: u64,
     /// Every warning the driver can provoke goes through this.
     log: LogLimiter,
+    /// Interrupts raised, and QueueNotify writes per queue (for [`Self::describe`]).
+    irqs_raised: u64,
+    notifies: Vec<u64>,
 }
 
 impl<D: VirtioDevice> TransportState<D> {
@@ -77,6 +80,7 @@ impl<D: VirtioDevice> TransportState<D> {
         host: Weak<Mutex<dyn QueueHost>>,
     ) -> Self {
         let log = LogLimiter::new(transport_name(device.info().device_type));
+        let notifies = vec![0; queues.len()];
         TransportState {
             device,
             mem,
@@ -93,7 +97,54 @@ impl<D: VirtioDevice> TransportState<D> {
             host,
             epoch: 0,
             log,
+            irqs_raised: 0,
+            notifies,
         }
+    }
+
+    /// The transport and its queues as the device sees them and as guest memory holds them,
+    /// then the device's own state: several lines for a debug dump (numbers only).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write as _;
+        let info = self.device.info();
+        let mut o = format!(
+            "{}: status={:#x} activated={} interrupt_status={:#x} irqs_raised={} features={:#x} epoch={}\n",
+            transport_name(info.device_type),
+            self.status,
+            self.activated,
+            self.interrupt_status,
+            self.irqs_raised,
+            self.driver_features,
+            self.epoch
+        );
+        for (i, q) in self.queues.iter().enumerate() {
+            let word = |addr: u64, at: u64| {
+                addr.checked_add(at)
+                    .and_then(|a| self.mem.read_obj::<u16>(GuestAddress(a)).ok())
+                    .map_or_else(|| "?".to_owned(), |v| v.to_string())
+            };
+            let _ = writeln!(
+                o,
+                "  q{i}: ready={} size={} notifies={} next_avail={} next_used={} | avail.flags={} avail.idx={} used.flags={} used.idx={} | desc={:#x} avail={:#x} used={:#x}",
+                q.ready(),
+                q.size(),
+                self.notifies.get(i).copied().unwrap_or(0),
+                q.next_avail(),
+                q.next_used(),
+                word(q.avail_ring(), 0),
+                word(q.avail_ring(), 2),
+                word(q.used_ring(), 0),
+                word(q.used_ring(), 2),
+                q.desc_table(),
+                q.avail_ring(),
+                q.used_ring()
+            );
+        }
+        let device = self.device.describe();
+        if !device.is_empty() {
+            let _ = writeln!(o, "  {device}");
+        }
+        o
     }
 
     /// Workers the device stopped (on a reset) and not joined yet, with the device type (for
@@ -188,6 +239,7 @@ impl<D: VirtioDevice> TransportState<D> {
 
     fn raise_interrupt(&mut self, bit: u32) {
         self.interrupt_status |= bit;
+        self.irqs_raised += 1;
         if let Err(e) = self.irq.write(1) {
             // Once broken, broken for every interrupt the driver asks for.
             self.log_error("failed to signal the irq eventfd", &e);
@@ -432,6 +484,9 @@ impl<D: VirtioDevice> TransportState<D> {
             );
             return;
         };
+        if let Some(n) = self.notifies.get_mut(index) {
+            *n += 1;
+        }
         if !queue.ready() {
             debug!(
                 queue = value,

@@ -168,6 +168,15 @@ impl VirtioDevice for Net {
     fn workers(&mut self) -> Option<&mut RxWorkers> {
         Some(&mut self.rx)
     }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:?}; tap readable now: {}; {}",
+            self.stats(),
+            crate::devices::virtio::sys::readable_now(self.tap.as_raw_fd()),
+            self.rx.describe()
+        )
+    }
 }
 
 pub(super) fn fmt_mac(mac: &[u8; 6]) -> String {

@@ -1,0 +1,348 @@
+//! The debug dump ([`crate::RunOptions::debug_dump`]): when a VM ends badly (triple fault,
+//! deadline, cancel, a vCPU failure, a panic), what a kernel developer needs to tell a guest
+//! bug from a device bug from a lost interrupt, as text:
+//!
+//! - each vCPU: general and special registers, pending/injected events, MP state, the local
+//!   APIC (in-service and requested vectors, the timer's LVT, initial and current count), the
+//!   TSC and TSC-deadline MSRs, and the bytes at RIP and the top of the stack (through the
+//!   guest's own page tables);
+//! - the VM: the IOAPIC's pins (mask, vector, remote IRR, trigger) and request register, both
+//!   PICs, the PIT's channel 0, the KVM clock;
+//! - every virtio device (the transport's status and interrupt register, each queue's ring
+//!   indices as the device counts them and as guest memory holds them, the device's counters
+//!   and its RX worker's state);
+//! - the last console lines (guest text, escaped).
+//!
+//! Only numbers come from guest state, so the dump is safe to log; console lines go through
+//! [`crate::vm::escape_guest_text`].
+
+use std::fmt::Write as _;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::hypervisor::{IrqChip, VcpuState, VmState};
+
+/// Local APIC register offsets (Intel SDM vol. 3, table 11-1).
+const APIC_ID: usize = 0x20;
+const APIC_TPR: usize = 0x80;
+const APIC_PPR: usize = 0xa0;
+const APIC_SVR: usize = 0xf0;
+const APIC_ISR: usize = 0x100;
+const APIC_TMR: usize = 0x180;
+const APIC_IRR: usize = 0x200;
+const APIC_ESR: usize = 0x280;
+const APIC_LVT_TIMER: usize = 0x320;
+const APIC_LVT_LINT0: usize = 0x350;
+const APIC_LVT_LINT1: usize = 0x360;
+const APIC_TMICT: usize = 0x380;
+const APIC_TMCCT: usize = 0x390;
+const APIC_TDCR: usize = 0x3e0;
+
+const MSR_TSC: u32 = 0x10;
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x4b56_4d01;
+
+/// Page-table entry bits.
+const PTE_PRESENT: u64 = 1;
+const PTE_LARGE: u64 = 1 << 7;
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+const CR0_PG: u64 = 1 << 31;
+
+/// One 32-bit LAPIC register.
+fn apic_reg(regs: &[std::os::raw::c_char; 1024], offset: usize) -> u32 {
+    let mut b = [0u8; 4];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = regs[offset + i] as u8;
+    }
+    u32::from_le_bytes(b)
+}
+
+/// The vectors set in a 256-bit LAPIC register (ISR, IRR, TMR: eight 32-bit words, 16 bytes
+/// apart).
+fn apic_vectors(regs: &[std::os::raw::c_char; 1024], base: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    for word in 0..8u32 {
+        let bits = apic_reg(regs, base + word as usize * 0x10);
+        for bit in 0..32 {
+            if bits & (1 << bit) != 0 {
+                out.push(word * 32 + bit);
+            }
+        }
+    }
+    out
+}
+
+/// The guest-physical address of guest-virtual `va`, walking the guest's 4-level page tables
+/// from `cr3` (identity when paging is off). None when a level is not present or unreadable.
+pub fn translate(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64) -> Option<u64> {
+    if cr0 & CR0_PG == 0 {
+        return Some(va);
+    }
+    let mut table = cr3 & PTE_ADDR;
+    for level in (0..4u32).rev() {
+        let shift = 12 + 9 * level;
+        let index = (va >> shift) & 0x1ff;
+        let entry: u64 = mem.read_obj(GuestAddress(table + index * 8)).ok()?;
+        if entry & PTE_PRESENT == 0 {
+            return None;
+        }
+        let addr = entry & PTE_ADDR;
+        if (level == 1 || level == 2) && entry & PTE_LARGE != 0 {
+            let size = 1u64 << shift;
+            return Some((addr & !(size - 1)) + (va & (size - 1)));
+        }
+        table = addr;
+    }
+    Some(table + (va & 0xfff))
+}
+
+/// `len` bytes of guest-virtual memory at `va` as hex, `??` where unmapped.
+fn guest_bytes(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64, len: u64) -> String {
+    let mut s = String::new();
+    for i in 0..len {
+        let byte = translate(mem, cr0, cr3, va.wrapping_add(i))
+            .and_then(|pa| mem.read_obj::<u8>(GuestAddress(pa)).ok());
+        match byte {
+            Some(b) => {
+                let _ = write!(s, "{b:02x} ");
+            }
+            None => s.push_str("?? "),
+        }
+    }
+    s.trim_end().to_owned()
+}
+
+/// `n` 64-bit words of guest-virtual memory at `va`.
+fn guest_words(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64, n: u64) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        let at = va.wrapping_add(i * 8);
+        let word = translate(mem, cr0, cr3, at)
+            .filter(|pa| pa & 0xfff <= 0xff8)
+            .and_then(|pa| mem.read_obj::<u64>(GuestAddress(pa)).ok());
+        match word {
+            Some(w) => {
+                let _ = write!(s, "{w:#018x} ");
+            }
+            None => s.push_str("?????????????????? "),
+        }
+    }
+    s.trim_end().to_owned()
+}
+
+/// One vCPU, several lines.
+pub fn describe_vcpu(id: usize, s: &VcpuState, mem: &GuestMemoryMmap) -> String {
+    let (r, sr, ev) = (&s.regs, &s.sregs, &s.events);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "vcpu{id}: mp_state={} rip={:#x} rsp={:#x} rflags={:#x} (IF={})",
+        s.mp_state.mp_state,
+        r.rip,
+        r.rsp,
+        r.rflags,
+        (r.rflags >> 9) & 1
+    );
+    let _ = writeln!(
+        o,
+        "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+    );
+    let _ = writeln!(
+        o,
+        "  r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
+        r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+    );
+    let _ = writeln!(
+        o,
+        "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} ss={:#x} idt={:#x}+{:#x} gdt={:#x}+{:#x}",
+        sr.cr0,
+        sr.cr2,
+        sr.cr3,
+        sr.cr4,
+        sr.efer,
+        sr.cs.selector,
+        sr.ss.selector,
+        sr.idt.base,
+        sr.idt.limit,
+        sr.gdt.base,
+        sr.gdt.limit
+    );
+    let _ = writeln!(
+        o,
+        "  events: exception injected={} pending={} nr={} error={:#x}; interrupt injected={} nr={} shadow={}; nmi injected={} pending={} masked={}",
+        ev.exception.injected,
+        ev.exception.pending,
+        ev.exception.nr,
+        ev.exception.error_code,
+        ev.interrupt.injected,
+        ev.interrupt.nr,
+        ev.interrupt.shadow,
+        ev.nmi.injected,
+        ev.nmi.pending,
+        ev.nmi.masked
+    );
+    let l = &s.lapic.regs;
+    let _ = writeln!(
+        o,
+        "  lapic: id={:#x} tpr={:#x} ppr={:#x} svr={:#x} esr={:#x} isr={:?} irr={:?} tmr={:?}",
+        apic_reg(l, APIC_ID) >> 24,
+        apic_reg(l, APIC_TPR),
+        apic_reg(l, APIC_PPR),
+        apic_reg(l, APIC_SVR),
+        apic_reg(l, APIC_ESR),
+        apic_vectors(l, APIC_ISR),
+        apic_vectors(l, APIC_IRR),
+        apic_vectors(l, APIC_TMR)
+    );
+    let msr = |index: u32| {
+        s.msrs
+            .iter()
+            .find(|m| m.index == index)
+            .map_or_else(|| "-".to_owned(), |m| format!("{:#x}", m.data))
+    };
+    let _ = writeln!(
+        o,
+        "  timer: lvt={:#x} (mode {}, masked {}) initial={:#x} current={:#x} divide={:#x}; lint0={:#x} lint1={:#x}; tsc={} tsc_deadline={} apic_base={:#x} kvmclock={}",
+        apic_reg(l, APIC_LVT_TIMER),
+        (apic_reg(l, APIC_LVT_TIMER) >> 17) & 3,
+        (apic_reg(l, APIC_LVT_TIMER) >> 16) & 1,
+        apic_reg(l, APIC_TMICT),
+        apic_reg(l, APIC_TMCCT),
+        apic_reg(l, APIC_TDCR),
+        apic_reg(l, APIC_LVT_LINT0),
+        apic_reg(l, APIC_LVT_LINT1),
+        msr(MSR_TSC),
+        msr(MSR_TSC_DEADLINE),
+        sr.apic_base,
+        msr(MSR_KVM_SYSTEM_TIME)
+    );
+    let _ = writeln!(
+        o,
+        "  code at rip: {}",
+        guest_bytes(mem, sr.cr0, sr.cr3, r.rip, 16)
+    );
+    let _ = writeln!(o, "  stack: {}", guest_words(mem, sr.cr0, sr.cr3, r.rsp, 6));
+    o
+}
+
+/// The in-kernel interrupt controllers, the PIT and the clock, several lines.
+pub fn describe_vm(s: &VmState) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "ioapic: {}", describe_ioapic(&s.ioapic));
+    let _ = writeln!(
+        o,
+        "pic: master {}; slave {}",
+        describe_pic(&s.pic_master),
+        describe_pic(&s.pic_slave)
+    );
+    let c = &s.pit.channels[0];
+    let _ = writeln!(
+        o,
+        "pit: ch0 count={} mode={} gate={} rw_mode={} load_time={}; kvmclock={} flags={:#x}",
+        c.count, c.mode, c.gate, c.rw_mode, c.count_load_time, s.clock.clock, s.clock.flags
+    );
+    o
+}
+
+fn describe_ioapic(chip: &IrqChip) -> String {
+    // SAFETY: KVM_GET_IRQCHIP for KVM_IRQCHIP_IOAPIC fills the `ioapic` member; every bit
+    // pattern is a valid kvm_ioapic_state (plain integers).
+    let io = unsafe { chip.chip.ioapic };
+    let mut o = format!("irr={:#x}", io.irr);
+    for (pin, entry) in io.redirtbl.iter().enumerate() {
+        // SAFETY: `bits` is the whole 64-bit entry; every bit pattern is valid.
+        let bits = unsafe { entry.bits };
+        let masked = bits & (1 << 16) != 0;
+        if masked && bits & 0xff == 0 {
+            continue;
+        }
+        let _ = write!(
+            o,
+            " pin{pin}[vec={} {}{} remote_irr={} pending={}]",
+            bits & 0xff,
+            if bits & (1 << 15) != 0 {
+                "level"
+            } else {
+                "edge"
+            },
+            if masked { " masked" } else { "" },
+            (bits >> 14) & 1,
+            (bits >> 12) & 1
+        );
+    }
+    o
+}
+
+fn describe_pic(chip: &IrqChip) -> String {
+    // SAFETY: KVM_GET_IRQCHIP for a PIC fills the `pic` member; every bit pattern is valid.
+    let p = unsafe { chip.chip.pic };
+    format!(
+        "irr={:#04x} imr={:#04x} isr={:#04x} base={:#x}",
+        p.irr, p.imr, p.isr, p.irq_base
+    )
+}
+
+/// The last `n` lines of the console, escaped, indented.
+pub fn console_tail(console: &str, n: usize) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    let mut o = String::new();
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        let _ = writeln!(o, "  | {}", crate::vm::escape_guest_text(line));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    #[test]
+    fn translate_walks_4k_and_2m_pages_and_stops_at_holes() {
+        let m = mem();
+        // PML4 at 0x1000 -> PDPT at 0x2000 -> PD at 0x3000; PD[0] a 2 MiB page at 0x200000,
+        // PD[1] a page table at 0x4000 whose entry 5 maps 0x5000.
+        m.write_obj(0x2000u64 | 3, GuestAddress(0x1000)).unwrap();
+        m.write_obj(0x3000u64 | 3, GuestAddress(0x2000)).unwrap();
+        m.write_obj(0x20_0000u64 | 3 | PTE_LARGE, GuestAddress(0x3000))
+            .unwrap();
+        m.write_obj(0x4000u64 | 3, GuestAddress(0x3008)).unwrap();
+        m.write_obj(0x5000u64 | 3, GuestAddress(0x4000 + 5 * 8))
+            .unwrap();
+        let cr0 = CR0_PG;
+        assert_eq!(translate(&m, cr0, 0x1000, 0x1234), Some(0x20_1234));
+        assert_eq!(
+            translate(&m, cr0, 0x1000, 0x20_0000 + 5 * 0x1000 + 0x10),
+            Some(0x5010)
+        );
+        // PT entry 6 is not present; PML4 entry 1 neither.
+        assert_eq!(translate(&m, cr0, 0x1000, 0x20_6000), None);
+        assert_eq!(translate(&m, cr0, 0x1000, 1 << 39), None);
+        // Paging off: identity.
+        assert_eq!(translate(&m, 0, 0x1000, 0x1234), Some(0x1234));
+        m.write_slice(&[0x0f, 0x0b], GuestAddress(0x20_1234))
+            .unwrap();
+        assert_eq!(guest_bytes(&m, cr0, 0x1000, 0x1234, 2), "0f 0b");
+        assert_eq!(guest_bytes(&m, cr0, 0x1000, 0x20_6000, 1), "??");
+    }
+
+    #[test]
+    fn apic_vectors_lists_set_bits() {
+        let mut regs = [0 as std::os::raw::c_char; 1024];
+        regs[APIC_IRR] = 1; // vector 0
+        regs[APIC_IRR + 0x10 + 1] = 0x02; // word 1, bit 9: vector 41
+        assert_eq!(apic_vectors(&regs, APIC_IRR), vec![0, 41]);
+        assert!(apic_vectors(&regs, APIC_ISR).is_empty());
+    }
+
+    #[test]
+    fn console_tail_escapes_guest_text() {
+        let t = console_tail("a\nb\x1b[31m\nc", 2);
+        assert_eq!(t, "  | b\\u{1b}[31m\n  | c\n");
+    }
+}
