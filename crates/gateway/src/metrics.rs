@@ -78,6 +78,8 @@ pub struct Metrics {
     pub ready: AtomicI64,
     /// 1 from SIGTERM on.
     pub draining: AtomicI64,
+    /// The guests' TAP pool (HTTP mode): its slots by state are gauges.
+    pub net: std::sync::OnceLock<Arc<xcgi_net::GuestNet>>,
 }
 
 /// A gauge held up by one for as long as this lives (RAII): however the holder ends (a
@@ -199,6 +201,23 @@ impl Metrics {
             "1 once SIGTERM came: finishing in-flight requests before exit.",
             self.draining.load(Ordering::Relaxed),
         );
+        if let Some(net) = self.net.get() {
+            let s = net.pool.stats();
+            out.push_str(
+                "# HELP xcgi_tap_slots Guest network slots (HTTP mode) by state: ready (TAP made \
+                 ahead), free, leased (a VM has it), returning, stuck (its TAP outlived the VM).\n\
+                 # TYPE xcgi_tap_slots gauge\n",
+            );
+            for (state, v) in [
+                ("ready", s.ready),
+                ("free", s.free),
+                ("leased", s.leased),
+                ("returning", s.returning),
+                ("stuck", s.stuck),
+            ] {
+                let _ = writeln!(out, "xcgi_tap_slots{{state=\"{state}\"}} {v}");
+            }
+        }
     }
 
     /// The counters besides the requests'.

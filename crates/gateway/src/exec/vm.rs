@@ -37,6 +37,8 @@ pub struct VmSpec {
     pub timeout: Duration,
     /// VMs of this shape prepared ahead (None: every request builds its own).
     pub pool: Option<Arc<Pool>>,
+    /// Log a debug dump of a VM that ends badly (`[server] debug_dump`).
+    pub debug_dump: bool,
 }
 
 impl VmSpec {
@@ -65,6 +67,7 @@ impl VmSpec {
         RunOptions {
             timeout: self.timeout,
             cancel,
+            debug_dump: self.debug_dump,
             ..RunOptions::default()
         }
     }
@@ -78,7 +81,7 @@ pub struct VmThread {
 
 /// Boots `spec`'s machine with `attach` on a new thread, from a VM prepared ahead when its
 /// pool has one ready. `metrics.vms_running` counts it until its teardown is done. `keep` (a
-/// TAP lease) is dropped after the VM is gone.
+/// TAP lease) is dropped after the VM is gone and `attach` (its copy of the TAP) closed.
 pub fn start_vm<K: Send + 'static>(
     spec: &VmSpec,
     attach: Attachments,
@@ -106,6 +109,14 @@ pub fn start_vm<K: Send + 'static>(
                 (None, None) => unreachable!("a shape is made when no VM was prepared"),
             }
             .map_err(|e| e.to_string());
+            if let Some(dump) = r.as_ref().ok().and_then(|o| o.dump.as_deref()) {
+                // Numbers, and console lines escaped (xcgi_vmm::diagnostics).
+                tracing::warn!("VM debug dump\n{dump}");
+            }
+            // Every copy of the TAP's descriptor is closed before the lease goes back: the
+            // pool destroys the TAP by closing the last one, and one still open here made
+            // the slot unusable ("returned TAP still exists", issue 15).
+            drop(attach);
             drop(keep);
             m.vms_running.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send(r);
@@ -130,5 +141,65 @@ pub fn describe_outcome(r: &Result<xcgi_vmm::Outcome, String>) -> String {
             s
         }
         Err(e) => format!("VM failed to start: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+    use std::sync::{mpsc, Weak};
+    use xcgi_vmm::NetAttachment;
+
+    /// Reports, when dropped, whether the TAP it watches was closed by then.
+    struct Lease(Weak<OwnedFd>, mpsc::Sender<bool>);
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            let _ = self.1.send(self.0.upgrade().is_none());
+        }
+    }
+
+    #[test]
+    fn the_tap_lease_goes_back_only_after_the_vm_closed_its_copy() {
+        let tap: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let tap = Arc::new(tap);
+        let (tx, rx) = mpsc::channel();
+        let lease = Lease(Arc::downgrade(&tap), tx);
+        let attach = Attachments {
+            net: Some(NetAttachment {
+                tap,
+                mac: [6, 0, 0, 0, 0, 1],
+                ip_param: String::new(),
+                rx_ready: None,
+            }),
+            ..Attachments::default()
+        };
+        // A VM that cannot start (no such kernel): the thread ends at once, as after a failure.
+        let spec = VmSpec {
+            kernel: "/nonexistent/vmlinux".into(),
+            root: GuestRoot::Initramfs("/nonexistent/initramfs".into()),
+            memory_mib: 64,
+            hugepages: false,
+            vcpus: 1,
+            timeout: Duration::from_secs(1),
+            pool: None,
+            debug_dump: false,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let vm = start_vm(
+            &spec,
+            attach,
+            spec.run_options(Cancel::new()),
+            metrics,
+            lease,
+        )
+        .unwrap();
+        let closed = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            closed,
+            "the lease went back while the VM's copy of the TAP was still open"
+        );
+        drop(vm);
     }
 }

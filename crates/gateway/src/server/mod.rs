@@ -154,6 +154,9 @@ impl Server {
             None
         };
         let metrics = Arc::new(Metrics::default());
+        if let Some(n) = &net {
+            let _ = metrics.net.set(Arc::clone(n));
+        }
         let pools = if cfg.server.isolation == Isolation::Vm {
             start_pools(&mut routes, &metrics)?
         } else {
