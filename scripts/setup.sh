@@ -2,7 +2,7 @@
 # Installs everything xcgi needs on a fresh Debian 12 machine. Idempotent.
 set -euo pipefail
 PKGS=(qemu-system-x86 busybox-static linux-source-6.12 flex bison bc libelf-dev libssl-dev
-      golang-go cpio e2fsprogs wrk curl iproute2 xz-utils make gcc file haproxy systemd)
+      golang-go cpio e2fsprogs wrk curl iproute2 xz-utils make gcc file haproxy systemd cgit git)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

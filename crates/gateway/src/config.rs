@@ -15,6 +15,7 @@
 //! max_connections = 4096    # open client connections; more are accepted and closed at once
 //! body_budget = 268435456   # bytes of chunked request bodies held at once, all requests: 503
 //! kernel = "vmlinux"        # default guest kernel (else the one `xcgi kernel build` cached)
+//! debug_dump = false        # log a debug dump of each VM that ends badly (docs/networking.md)
 //!
 //! [process]                 # isolation = "process" only: how each handler process runs
 //! user = "nobody"           # an unprivileged user (when the server runs as root)

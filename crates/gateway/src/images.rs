@@ -38,9 +38,22 @@ pub fn image_kind(handler: &Path) -> Option<fn(PathBuf) -> GuestRoot> {
     None
 }
 
+/// A guest root [`pack_root`] wrote.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    /// The handler program's path in the guest.
+    pub program: PathBuf,
+    /// Its working directory in the guest.
+    pub cwd: PathBuf,
+    /// What a dynamically linked program needed and the tree lacked, taken from this host
+    /// (guest paths): its interpreter and libraries ([`xcgi_image::deps`]).
+    pub libraries: Vec<PathBuf>,
+}
+
 /// Packs a guest root for a handler program: the `tree` first, then (CGI) `/init` = xcgi-init
-/// and the program at `/cgi-bin/<name>`, or (HTTP) the program as `/init`. Writes `output`
-/// in `format`; returns the program's path and working directory in the guest. `stage` is a
+/// and the program at `/cgi-bin/<name>`, or (HTTP) the program as `/init`; then, for a
+/// dynamically linked program, its interpreter and libraries the tree lacks (from this host;
+/// one found nowhere is an error naming it). Writes `output` in `format`. `stage` is a
 /// scratch directory (removed afterwards).
 pub fn pack_root(
     mode: Mode,
@@ -50,7 +63,7 @@ pub fn pack_root(
     stage: &Path,
     output: &Path,
     format: ImageFormat,
-) -> Result<(PathBuf, PathBuf), String> {
+) -> Result<Packed, String> {
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let _ = fs::remove_dir_all(stage);
     fs::create_dir_all(stage).map_err(|e| io("creating the staging directory", e))?;
@@ -82,6 +95,8 @@ pub fn pack_root(
                 (PathBuf::from("/init"), PathBuf::from("/"))
             }
         };
+        let libraries = xcgi_image::deps::add_dynamic_deps(stage, &program.to_string_lossy())
+            .map_err(|e| e.to_string())?;
         rootfs::build_image(&ImageOptions {
             source: ImageSource::Dir(stage.to_path_buf()),
             format,
@@ -89,7 +104,11 @@ pub fn pack_root(
             ia32: false,
         })
         .map_err(|e| e.to_string())?;
-        Ok((program, cwd))
+        Ok(Packed {
+            program,
+            cwd,
+            libraries,
+        })
     })();
     let _ = fs::remove_dir_all(stage);
     result
@@ -241,7 +260,7 @@ fn guest_root(
         return Ok((kind(r.handler.clone()), program, cwd));
     }
     let image = workdir.join(format!("route{i}.cpio"));
-    let (program, cwd) = pack_root(
+    let packed = pack_root(
         r.mode,
         init,
         &r.handler,
@@ -254,7 +273,14 @@ fn guest_root(
         prefix: r.prefix.clone(),
         detail,
     })?;
-    Ok((GuestRoot::Initramfs(image), program, cwd))
+    if !packed.libraries.is_empty() {
+        tracing::info!(
+            prefix = %r.prefix,
+            libraries = ?packed.libraries,
+            "route's handler is dynamically linked: its interpreter and libraries were packed from this host"
+        );
+    }
+    Ok((GuestRoot::Initramfs(image), packed.program, packed.cwd))
 }
 
 fn copy_file(from: &Path, to: &Path) -> std::io::Result<()> {

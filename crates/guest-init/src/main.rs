@@ -173,7 +173,15 @@ fn spawn(start: &ch::Start) -> io::Result<Child> {
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let exec_failed = b"xcgi-init: cannot execute the handler\n";
+    // What the child says when execve fails (static: nothing may allocate after fork).
+    let exec_failed = |errno: i32| -> &'static [u8] {
+        match errno {
+            libc::ENOENT => b"xcgi-init: cannot execute the handler: not found (a dynamically linked program without its interpreter or libraries?)\n",
+            libc::EACCES => b"xcgi-init: cannot execute the handler: permission denied\n",
+            libc::ENOEXEC => b"xcgi-init: cannot execute the handler: not an executable format\n",
+            _ => b"xcgi-init: cannot execute the handler\n",
+        }
+    };
     // SAFETY: after fork the child only calls async-signal-safe functions before execve.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -188,7 +196,8 @@ fn spawn(start: &ch::Start) -> io::Result<Child> {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::chdir(cwd.as_ptr());
             libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            libc::write(2, exec_failed.as_ptr().cast(), exec_failed.len());
+            let msg = exec_failed(*libc::__errno_location());
+            libc::write(2, msg.as_ptr().cast(), msg.len());
             libc::_exit(127);
         }
     }

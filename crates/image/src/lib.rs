@@ -8,6 +8,7 @@
 //! - [`elf`]: a small ELF header / program header reader used to check guest programs.
 
 pub mod cpio;
+pub mod deps;
 pub mod elf;
 pub mod kernel;
 pub mod rootfs;

@@ -424,3 +424,100 @@ EOF
         "{s}"
     );
 }
+
+/// A dynamically linked CGI program from the distribution, packed by `xcgi image build --cgi`
+/// with its interpreter and libraries taken from this host (issue 15): Debian's cgit, with a
+/// git repository and its configuration in `--dir`, serves the repository's pages.
+#[test]
+fn a_dynamically_linked_cgi_program_cgit_serves_a_repository() {
+    let cgit = std::path::Path::new("/usr/lib/cgit/cgit.cgi");
+    assert!(cgit.is_file(), "cgit is missing: run scripts/setup.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::create_dir_all(tree.join("srv/git")).unwrap();
+    std::fs::write(
+        tree.join("etc/cgitrc"),
+        "cache-size=0\nvirtual-root=/git/\nrepo.url=demo\nrepo.path=/srv/git/demo.git\n\
+         repo.desc=an xcgi test repository\n",
+    )
+    .unwrap();
+    let git = |cwd: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .current_dir(cwd)
+            .args([
+                "-c",
+                "user.name=xcgi",
+                "-c",
+                "user.email=xcgi@example.invalid",
+            ])
+            .args(args)
+            .output()
+            .expect("git (scripts/setup.sh installs it)");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    };
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("README"), "hello from a fresh VM\n").unwrap();
+    git(&work, &["add", "README"]);
+    git(&work, &["commit", "-q", "-m", "first commit in a fresh VM"]);
+    git(
+        dir.path(),
+        &["clone", "-q", "--bare", "work", "tree/srv/git/demo.git"],
+    );
+    let image = dir.path().join("cgit.cpio");
+    let out = std::process::Command::new(xcgi())
+        .args(["image", "build", "--cgi", "--format", "initramfs", "--init"])
+        .arg(xcgi_init())
+        .arg("--program")
+        .arg(cgit)
+        .arg("--dir")
+        .arg(&tree)
+        .arg("--output")
+        .arg(&image)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("added /lib/x86_64-linux-gnu/libc.so.6"),
+        "{err}"
+    );
+    let script = format!(
+        r#"{PRELUDE}
+        cat > git.toml <<EOF
+[server]
+listen = "127.0.0.1:8083"
+kernel = "$K"
+[[route]]
+prefix = "/git"
+handler = "$CGIT"
+program = "/cgi-bin/cgit.cgi"
+timeout_ms = 60000
+prepared = 0
+EOF
+        start_server git git.toml || exit 1
+        echo "===cgit==="
+        echo "index=$(code http://127.0.0.1:8083/git/)"
+        curl -s http://127.0.0.1:8083/git/ | grep -o 'an xcgi test repository' | head -1
+        echo "log=$(code http://127.0.0.1:8083/git/demo/log/)"
+        curl -s http://127.0.0.1:8083/git/demo/log/ | grep -o 'first commit in a fresh VM' | head -1
+        stop_server git
+        echo "===end cgit==="
+        echo "===log==="; cat git.log; echo "===end log==="
+    "#
+    );
+    let r = lab(
+        &script,
+        &[(&kernel(), "K"), (&image, "CGIT")],
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.code, 0, "{}", r.output);
+    let s = section(&r.output, "cgit");
+    assert!(s.contains("index=200"), "{}", r.output);
+    assert!(s.contains("an xcgi test repository"), "{s}");
+    assert!(s.contains("log=200"), "{s}");
+    assert!(s.contains("first commit in a fresh VM"), "{s}");
+    assert_eq!(rc(s), 0, "{s}");
+}

@@ -96,8 +96,20 @@ impl Drop for RequestLog {
             if client_gone {
                 note = "client went away: handler killed".into();
             }
+            let exec = fin
+                .as_ref()
+                .is_some_and(|f| exec_failed(f.exit, &f.stderr_tail));
+            if exec {
+                if !note.is_empty() {
+                    note.push_str("; ");
+                }
+                note.push_str(
+                    "the handler, or a program it ran, could not be executed: is it in the \
+                     image? (docs/serve.md, \"Dynamic programs and helpers\")",
+                );
+            }
             if let Some(f) = &fin {
-                if f.exit.is_none() || status >= 500 {
+                if f.exit.is_none() || status >= 500 || exec {
                     if let Some(fl) = &f.failure {
                         if !note.is_empty() {
                             note.push_str("; ");
@@ -112,7 +124,7 @@ impl Drop for RequestLog {
             }
             // Handler, guest and client text is in here: escaped and cut.
             let note = escape::for_log(&note, escape::LOG_TEXT_MAX);
-            if status >= 500 || client_gone || cut {
+            if status >= 500 || client_gone || cut || exec {
                 warn!(
                     vm = id,
                     route = %route,
@@ -196,5 +208,45 @@ impl Drop for LoggedBody {
             // HEAD response has no body to send: hyper drops it unpolled once the head is out.
             log.done = self.inner.is_end_stream() || log.method == Method::HEAD;
         }
+    }
+}
+
+/// Whether a handler's end says that it, or a program it ran, could not be executed: exit
+/// 126 or 127 (what shells and `execvp` wrappers use), or a line of its stderr tail saying so
+/// ("sh: gzip: not found", "cannot exec 'gzip': No such file or directory").
+fn exec_failed(exit: Option<i32>, stderr: &str) -> bool {
+    if matches!(exit, Some(126 | 127)) {
+        return true;
+    }
+    stderr.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.contains(": not found")
+            || l.contains("command not found")
+            || (l.contains("exec")
+                && (l.contains("no such file") || l.contains("permission denied")))
+    })
+}
+
+#[cfg(test)]
+mod exec_tests {
+    use super::exec_failed;
+
+    #[test]
+    fn failed_execs_are_recognised_and_ordinary_output_is_not() {
+        assert!(exec_failed(Some(127), ""));
+        assert!(exec_failed(Some(126), ""));
+        assert!(exec_failed(Some(0), "sh: 1: gzip: not found\n"));
+        assert!(exec_failed(None, "bash: line 1: gzip: command not found"));
+        assert!(exec_failed(
+            Some(0),
+            "fatal: cannot exec 'gzip': No such file or directory"
+        ));
+        assert!(exec_failed(
+            Some(1),
+            "xcgi-init: cannot execute the handler: Permission denied"
+        ));
+        assert!(!exec_failed(Some(0), ""));
+        assert!(!exec_failed(Some(1), "page not found in the database\n"));
+        assert!(!exec_failed(Some(2), "No such file or directory: /data/x"));
     }
 }

@@ -113,7 +113,7 @@ fn build_cgi(args: BuildArgs) -> anyhow::Result<i32> {
         .output
         .unwrap_or_else(|| rootfs::default_output(&ImageSource::Program(program.clone()), format));
     let stage = tempfile::tempdir().context("creating a staging directory")?;
-    let (in_guest, _) = xcgi_gateway::images::pack_root(
+    let packed = xcgi_gateway::images::pack_root(
         xcgi_gateway::config::Mode::Cgi,
         &init,
         &program,
@@ -123,9 +123,16 @@ fn build_cgi(args: BuildArgs) -> anyhow::Result<i32> {
         format,
     )
     .map_err(|e| anyhow::anyhow!("building the CGI image: {e}"))?;
+    for lib in &packed.libraries {
+        eprintln!(
+            "xcgi image: {} is dynamically linked: added {} from this host",
+            program.display(),
+            lib.display()
+        );
+    }
     eprintln!(
         "xcgi image: CGI program at {} in the image (the route's `program`)",
-        in_guest.display()
+        packed.program.display()
     );
     println!("{}", output.display());
     Ok(0)
