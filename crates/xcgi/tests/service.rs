@@ -362,7 +362,7 @@ impl Drop for KillOnDrop {
 fn fifty_failed_http_mode_vms_leave_the_tap_pool_whole() {
     let server = format!(
         "isolation = \"vm\"\nkernel = \"{}\"\ninit = \"{}\"\nconcurrency = 4\n\
-         [network]\nbase = \"172.16.8.0\"\nsize = 4\nprefill = 2\nnetns = \"xcgi-test-pool\"",
+         [network]\nbase = \"172.16.8.0\"\nsize = 4\nprefill = 2",
         kernel().display(),
         xcgi_init().display()
     );
