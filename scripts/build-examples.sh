@@ -88,4 +88,13 @@ mkdir -p "$OUT/cgi-go"
 mv -f "$OUT/cgi-go/cgi-go.tmp" "$OUT/cgi-go/cgi-go"
 echo "build-examples: $OUT/cgi-go/cgi-go" >&2
 
+# HTTP-mode guest in Go (net/http), for the HTTP-mode reproduction loop (scripts/repro-http-mode.sh).
+mkdir -p "$OUT/http-go"
+(cd examples/http-go && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 GOFLAGS=-mod=mod \
+   go build -trimpath -ldflags='-s -w' -o "$OUT/http-go/http-go.tmp" .) \
+  || die "go build failed for http-go"
+mv -f "$OUT/http-go/http-go.tmp" "$OUT/http-go/http-go"
+echo "build-examples: $OUT/http-go/http-go" >&2
+image http-go "$OUT/http-go/http-go"
+
 echo "build-examples: all examples built in $OUT" >&2

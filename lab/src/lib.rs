@@ -26,8 +26,8 @@ mod run;
 
 pub use assets::{prepare as prepare_assets, AssetError, LabAssets};
 pub use run::{
-    run, Lab, LabCommand, LabError, LabOutput, EXIT_LAB_ERROR, EXIT_TIMEOUT, GUEST_WORKDIR,
-    KERNEL_CMDLINE,
+    kernel_cmdline, run, Lab, LabCommand, LabError, LabOutput, EXIT_LAB_ERROR, EXIT_TIMEOUT,
+    GUEST_WORKDIR, KERNEL_CMDLINE, ONESHOT_TIMER_ENV,
 };
 
 use std::path::Path;

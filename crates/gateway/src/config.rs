@@ -147,9 +147,9 @@ pub struct ServerSection {
     /// long (so a balancer's health check sees the server leave) before the drain starts.
     #[serde(default)]
     pub drain_delay_ms: u64,
-    /// Log a debug dump (WARN) of every VM that ends badly: triple fault, deadline, a guest
-    /// that never accepted, a cancelled request (docs/networking.md). For chasing guest
-    /// failures; off by default.
+    /// Log a debug dump (WARN) of the VM of every failed request: a triple fault or panic, a
+    /// guest that never accepted (HTTP mode), a VM that ended before answering
+    /// (docs/networking.md). For chasing guest failures; off by default.
     #[serde(default)]
     pub debug_dump: bool,
 }

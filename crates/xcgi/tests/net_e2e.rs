@@ -12,9 +12,11 @@ use common::*;
 /// Shell helpers for the scripts below.
 const PRELUDE: &str = r#"
     count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
-    # wait_http NETNS ADDR OUT: poll every 0.1 s (up to 120 s) until the guest answers.
+    # wait_http NETNS ADDR OUT [UNTIL]: poll every 0.1 s until the guest answers, for at most
+    # 1200 tries or until the epoch second UNTIL.
     wait_http() { w=0; while [ $w -lt 1200 ]; do
         if ip netns exec "$1" curl -s -m 2 "http://$2/" > "$3" 2>/dev/null; then return 0; fi
+        [ -n "$4" ] && [ "$(date +%s)" -ge "$4" ] && return 1
         sleep 0.1; w=$((w+1)); done; return 1; }
     leftovers() { echo "netns=[$(ls /run/netns 2>/dev/null | tr '\n' ' ')] taps=[$(ip -o link show | grep -c xcgi)] vmms=$(count_xcgi)"; }
 "#;
@@ -93,17 +95,21 @@ fn many_guests_at_once_each_reachable_at_its_own_address() {
         i=0
         while [ $i -lt $N ]; do
             xcgi run --kernel "$K" --rootfs "$HTTP" --mem 48 --net --netns g$i \
-                --net-base 172.16.0.$((4*i)) --timeout 600 > vm$i.log 2>&1 &
+                --net-base 172.16.0.$((4*i)) --timeout 600 --debug-dump > vm$i.log 2>&1 &
             echo $! > pid$i
             i=$((i+1))
         done
+        # Every guest answers within 480 s of the start (about 150 s in a one-CPU lab).
+        until=$(( $(date +%s) + 480 ))
         i=0; ok=0
         while [ $i -lt $N ]; do
             addr=172.16.0.$((4*i+2))
-            if wait_http g$i $addr b$i.txt && [ "$(cat b$i.txt)" = "Hello from a fresh VM!" ]; then
+            if wait_http g$i $addr b$i.txt $until && [ "$(cat b$i.txt)" = "Hello from a fresh VM!" ]; then
                 ok=$((ok+1)); echo "reached g$i $addr"
             else
-                echo "FAILED g$i $addr"; tail -5 vm$i.log
+                # What the host saw of the link, then the VM's own debug dump (it ends now).
+                echo "FAILED g$i $addr"; ip -n g$i -s link show; ip -n g$i neigh show
+                kill -TERM $(cat pid$i); wait $(cat pid$i); sed 's/^/  g'$i': /' vm$i.log
             fi
             i=$((i+1))
         done

@@ -109,10 +109,6 @@ pub fn start_vm<K: Send + 'static>(
                 (None, None) => unreachable!("a shape is made when no VM was prepared"),
             }
             .map_err(|e| e.to_string());
-            if let Some(dump) = r.as_ref().ok().and_then(|o| o.dump.as_deref()) {
-                // Numbers, and console lines escaped (xcgi_vmm::diagnostics).
-                tracing::warn!("VM debug dump\n{dump}");
-            }
             // Every copy of the TAP's descriptor is closed before the lease goes back: the
             // pool destroys the TAP by closing the last one, and one still open here made
             // the slot unusable ("returned TAP still exists", issue 15).
@@ -126,6 +122,16 @@ pub fn start_vm<K: Send + 'static>(
         return Err(ExecError::Thread(e));
     }
     Ok(VmThread { cancel, outcome })
+}
+
+/// Logs the debug dump of a VM whose request failed, if one was taken (`[server]
+/// debug_dump`). Called on the failure paths only: a VM stopped after its response is
+/// cancelled too, and that is no failure.
+pub fn log_dump(r: &Result<xcgi_vmm::Outcome, String>) {
+    if let Some(dump) = r.as_ref().ok().and_then(|o| o.dump.as_deref()) {
+        // Numbers, and console lines escaped (xcgi_vmm::diagnostics).
+        tracing::warn!("VM debug dump\n{dump}");
+    }
 }
 
 /// A short description of how a VM ended, for a log line.

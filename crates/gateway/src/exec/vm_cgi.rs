@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use xcgi_channel as ch;
 use xcgi_vmm::{Attachments, Cancel, ExitReason};
 
-use super::vm::{describe_outcome, start_vm, VmSpec, VmThread};
+use super::vm::{describe_outcome, log_dump, start_vm, VmSpec, VmThread};
 use super::{
     push_tail, CgiExecutor, Exchange, ExecError, Finish, Invocation, Killer, Slot, STDOUT_DEPTH,
 };
@@ -295,6 +295,7 @@ impl Drive {
                 .outcome
                 .await
                 .unwrap_or_else(|_| Err("VM thread lost".to_string()));
+            log_dump(&outcome);
             self.failure = Some(describe_outcome(&outcome));
         }
         Finish {

@@ -12,7 +12,7 @@ use tracing::warn;
 use xcgi_net::GuestNet;
 use xcgi_vmm::{Attachments, Cancel, NetAttachment};
 
-use super::vm::{describe_outcome, start_vm, VmSpec};
+use super::vm::{describe_outcome, log_dump, start_vm, VmSpec};
 use super::{Killer, Slot};
 use crate::metrics::Metrics;
 
@@ -122,12 +122,21 @@ impl VmHttpExecutor {
         let stream = tokio::select! {
             s = connect_guest(&self.net, guest, &rx_ready, deadline) => s,
             r = &mut outcome => {
+                if let Ok(r) = &r {
+                    log_dump(r);
+                }
                 let why = r.map(|o| describe_outcome(&o)).unwrap_or_else(|_| "VM thread lost".into());
                 return Err(HttpStartError::Ended(why));
             }
         };
         let Some(stream) = stream else {
             killer.kill();
+            // The dump (if asked for) once the VM is down: the guest never accepted.
+            tokio::spawn(async move {
+                if let Ok(r) = outcome.await {
+                    log_dump(&r);
+                }
+            });
             return Err(HttpStartError::Timeout {
                 addr: guest,
                 ms: self.timeout_ms,

@@ -1,0 +1,3 @@
+module xcgi.example/http-go
+
+go 1.19
