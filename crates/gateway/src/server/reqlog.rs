@@ -124,32 +124,27 @@ impl Drop for RequestLog {
             }
             // Handler, guest and client text is in here: escaped and cut.
             let note = escape::for_log(&note, escape::LOG_TEXT_MAX);
+            // One line, at WARN for what went wrong, else INFO; the same fields either way.
+            macro_rules! request_line {
+                ($level:ident) => {
+                    $level!(
+                        vm = id,
+                        route = %route,
+                        method = %method,
+                        path = %path,
+                        status,
+                        boot_ms,
+                        handler_ms,
+                        total_ms,
+                        exit,
+                        "{note}"
+                    )
+                };
+            }
             if status >= 500 || client_gone || cut || exec {
-                warn!(
-                    vm = id,
-                    route = %route,
-                    method = %method,
-                    path = %path,
-                    status,
-                    boot_ms,
-                    handler_ms,
-                    total_ms,
-                    exit,
-                    "{note}"
-                );
+                request_line!(warn);
             } else {
-                info!(
-                    vm = id,
-                    route = %route,
-                    method = %method,
-                    path = %path,
-                    status,
-                    boot_ms,
-                    handler_ms,
-                    total_ms,
-                    exit,
-                    "{note}"
-                );
+                request_line!(info);
             }
         });
     }
