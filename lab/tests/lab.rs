@@ -228,3 +228,36 @@ fn bad_files_are_rejected_before_booting() {
     assert!(matches!(err, LabError::Invalid(_)), "got {err}");
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// The lab's kernel ticks periodically (docs/networking.md, "The lab's lost timer"): with its
+/// default one-shot timer, QEMU's TCG losing one timer interrupt stopped the whole lab. The
+/// tick device reports mode 0 (periodic) and high resolution off; with the one-shot timer
+/// it reads mode 1 (one-shot).
+#[test]
+fn the_lab_kernel_ticks_periodically() {
+    let _g = serial();
+    assert!(
+        std::env::var_os(xcgi_lab::ONESHOT_TIMER_ENV).is_none(),
+        "unset {} to run this test",
+        xcgi_lab::ONESHOT_TIMER_ENV
+    );
+    let cmd = LabCommand::new(
+        "grep -m1 'Tick Device: mode' /proc/timer_list; grep -m1 'hres_active' /proc/timer_list; \
+         cat /proc/cmdline",
+    )
+    .hugepages(0)
+    .timeout(Duration::from_secs(180));
+    let out = lab().run(&cmd, |_| {}).expect("lab run");
+    assert_eq!(out.exit_code, 0, "{}", out.output);
+    assert!(
+        out.output.contains("Tick Device: mode:     0"),
+        "{}",
+        out.output
+    );
+    assert!(out.output.contains(".hres_active    : 0"), "{}", out.output);
+    assert!(
+        out.output.contains("highres=off nohz=off"),
+        "{}",
+        out.output
+    );
+}
