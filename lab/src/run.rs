@@ -31,29 +31,31 @@ pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit code for "the lab itself failed" (boot failure, QEMU missing, assets): as `docker run`.
 pub const EXIT_LAB_ERROR: i32 = 125;
 
-/// Kernel command line of the lab. Besides the console: `tsc=reliable` (TCG's TSC follows the
-/// host clock, so it is synchronized; without it the lab falls back to HPET and nested
-/// guests lose a stable kvmclock), boot-time savers that do not matter in a test lab
-/// (`mitigations=off`, no crypto self-tests), and a periodic local-APIC tick (`highres=off
-/// nohz=off`): with the default one-shot timer, QEMU 7.2's TCG sometimes loses the lab's
-/// timer interrupt while nested guests run, and the whole lab then sleeps forever (its vCPU
-/// halted, no timer armed: docs/networking.md, "The lab's lost timer"). A periodic tick
-/// re-arms itself, so a lost one costs a tick. [`ONESHOT_TIMER_ENV`] restores the old timer
-/// for comparisons.
+/// Kernel command line of the lab (without its tick, [`PERIODIC_TICK`]). Besides the console:
+/// `tsc=reliable` (TCG's TSC follows the host clock, so it is synchronized; without it the lab
+/// falls back to HPET and nested guests lose a stable kvmclock), and boot-time savers that do
+/// not matter in a test lab (`mitigations=off`, no crypto self-tests).
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 quiet panic=-1 rdinit=/init tsc=reliable \
-     mitigations=off cryptomgr.notests highres=off nohz=off";
+     mitigations=off cryptomgr.notests";
+
+/// A periodic local-APIC tick for the lab's kernel: with its default one-shot timer, QEMU
+/// 7.2's TCG sometimes loses the lab's timer interrupt while nested guests run, and the whole
+/// lab then sleeps forever (its vCPU halted, no timer armed: docs/networking.md, "The lab's
+/// lost timer"). A periodic tick re-arms itself, so a lost one costs a tick.
+/// [`ONESHOT_TIMER_ENV`] leaves it out, for comparisons.
+pub const PERIODIC_TICK: &str = "highres=off nohz=off";
 
 /// Set (to anything) to boot the lab with its kernel's default tickless, high-resolution
 /// one-shot timer instead of the periodic tick (to reproduce the lost-timer stall).
 pub const ONESHOT_TIMER_ENV: &str = "XCGI_LAB_ONESHOT_TIMER";
 
-/// The lab kernel's command line for this run ([`KERNEL_CMDLINE`], or the one-shot timer
-/// variant when [`ONESHOT_TIMER_ENV`] is set).
+/// The lab kernel's command line for this run: [`KERNEL_CMDLINE`] and [`PERIODIC_TICK`],
+/// or without the tick when [`ONESHOT_TIMER_ENV`] is set.
 pub fn kernel_cmdline() -> String {
     if std::env::var_os(ONESHOT_TIMER_ENV).is_some() {
-        KERNEL_CMDLINE.replace(" highres=off nohz=off", "")
-    } else {
         KERNEL_CMDLINE.to_owned()
+    } else {
+        format!("{KERNEL_CMDLINE} {PERIODIC_TICK}")
     }
 }
 

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use crate::elf::{self, Arch, ElfError, FileKind};
 use crate::rootfs::resolve_in_root;
 
-/// Where the loader looks, in order (Debian's multiarch directories first).
+/// Where x86-64 libraries are looked for, in order (Debian's multiarch directories first);
+/// also what [`crate::rootfs`] checks a tree's dynamic programs against.
 pub const LIBRARY_DIRS: &[&str] = &[
     "/lib/x86_64-linux-gnu",
     "/usr/lib/x86_64-linux-gnu",
@@ -20,6 +21,7 @@ pub const LIBRARY_DIRS: &[&str] = &[
     "/usr/lib64",
     "/lib",
     "/usr/lib",
+    "/usr/local/lib",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -385,15 +385,7 @@ fn check_dynamic_deps(root: &Path, prog: &Path, info: &ElfInfo, warnings: &mut V
             "/lib",
             "/usr/lib",
         ],
-        _ => &[
-            "/lib/x86_64-linux-gnu",
-            "/usr/lib/x86_64-linux-gnu",
-            "/lib64",
-            "/usr/lib64",
-            "/lib",
-            "/usr/lib",
-            "/usr/local/lib",
-        ],
+        _ => crate::deps::LIBRARY_DIRS,
     };
     let mut missing = Vec::new();
     let mut seen: BTreeSet<String> = BTreeSet::new();

@@ -18,7 +18,7 @@
 
 use std::fmt::Write as _;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::hypervisor::{IrqChip, VcpuState, VmState};
 
@@ -96,38 +96,40 @@ pub fn translate(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64) -> Option<u
     Some(table + (va & 0xfff))
 }
 
+/// A `T` of guest-virtual memory at `va` (not across a page boundary), through the guest's
+/// page tables; None where unmapped.
+fn read_virt<T: ByteValued>(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64) -> Option<T> {
+    let pa = translate(mem, cr0, cr3, va)?;
+    if (pa & 0xfff) + std::mem::size_of::<T>() as u64 > 0x1000 {
+        return None;
+    }
+    mem.read_obj(GuestAddress(pa)).ok()
+}
+
 /// `len` bytes of guest-virtual memory at `va` as hex, `??` where unmapped.
 fn guest_bytes(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64, len: u64) -> String {
-    let mut s = String::new();
-    for i in 0..len {
-        let byte = translate(mem, cr0, cr3, va.wrapping_add(i))
-            .and_then(|pa| mem.read_obj::<u8>(GuestAddress(pa)).ok());
-        match byte {
-            Some(b) => {
-                let _ = write!(s, "{b:02x} ");
-            }
-            None => s.push_str("?? "),
-        }
-    }
-    s.trim_end().to_owned()
+    (0..len)
+        .map(
+            |i| match read_virt::<u8>(mem, cr0, cr3, va.wrapping_add(i)) {
+                Some(b) => format!("{b:02x}"),
+                None => "??".to_owned(),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `n` 64-bit words of guest-virtual memory at `va`.
 fn guest_words(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64, n: u64) -> String {
-    let mut s = String::new();
-    for i in 0..n {
-        let at = va.wrapping_add(i * 8);
-        let word = translate(mem, cr0, cr3, at)
-            .filter(|pa| pa & 0xfff <= 0xff8)
-            .and_then(|pa| mem.read_obj::<u64>(GuestAddress(pa)).ok());
-        match word {
-            Some(w) => {
-                let _ = write!(s, "{w:#018x} ");
-            }
-            None => s.push_str("?????????????????? "),
-        }
-    }
-    s.trim_end().to_owned()
+    (0..n)
+        .map(
+            |i| match read_virt::<u64>(mem, cr0, cr3, va.wrapping_add(i * 8)) {
+                Some(w) => format!("{w:#018x}"),
+                None => "?".repeat(18),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// One vCPU, several lines.

@@ -50,26 +50,30 @@ pub(crate) fn set_nonblocking<E: SyscallError>(fd: RawFd) -> Result<(), E> {
 /// Waits until `fd` may take more bytes, for at most `timeout` (a signal, an error or a hang-up
 /// end it early; the caller's next send tells which).
 pub(crate) fn wait_writable(fd: RawFd, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
     let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd, for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) };
+    poll_one(fd, libc::POLLOUT, ms);
 }
 
 /// Whether `fd` has data to read right now (for diagnostics).
 pub(crate) fn readable_now(fd: RawFd) -> bool {
+    poll_one(fd, libc::POLLIN, 0) & libc::POLLIN != 0
+}
+
+/// Polls one descriptor for `events`, for at most `ms` milliseconds; the events that came (none
+/// on a timeout or an error).
+fn poll_one(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> libc::c_short {
     let mut pfd = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
-    // SAFETY: one valid pollfd, for the duration of the call; a zero timeout never blocks.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & libc::POLLIN != 0
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n > 0 {
+        pfd.revents
+    } else {
+        0
+    }
 }
 
 /// The calling thread's kernel thread id.
