@@ -5,13 +5,17 @@
 //! `setsid`, dies with it and keeps no pipe (and so no server fd) open.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{info, warn};
 
 use crate::config::ProcessSection;
+use crate::exec::Invocation;
+use crate::spawn::{self, ChildSetup, SpawnError, Spawned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -40,9 +44,10 @@ struct User {
 pub struct ProcessJail {
     /// None when the server is not root (it cannot switch users; handlers run as it).
     user: Option<User>,
-    limits: Vec<(libc::__rlimit_resource_t, u64)>,
-    /// This server's cgroup for handlers (one child cgroup per handler).
-    cgroups: Option<PathBuf>,
+    /// What each child does before `execve`: rlimits, the user switch.
+    setup: ChildSetup,
+    /// This server's cgroups for handlers (one per running handler, reused).
+    cgroups: Option<Arc<CgroupPool>>,
 }
 
 impl ProcessJail {
@@ -71,13 +76,23 @@ impl ProcessJail {
             (libc::RLIMIT_CORE, 0),
         ];
         let cgroups = if cfg.cgroup {
-            make_cgroup_parent()
+            make_cgroup_parent().map(|parent| {
+                Arc::new(CgroupPool {
+                    parent,
+                    free: Mutex::new(Vec::new()),
+                    next: AtomicU64::new(0),
+                })
+            })
         } else {
             None
         };
+        let setup = ChildSetup {
+            limits,
+            creds: user.as_ref().map(|u| (u.uid, u.gid)),
+        };
         Ok(ProcessJail {
             user,
-            limits,
+            setup,
             cgroups,
         })
     }
@@ -105,113 +120,145 @@ impl ProcessJail {
         Ok(())
     }
 
-    /// Sets `cmd` up to run jailed; call [`HandlerGroup::started`] with the child's pid.
-    pub fn prepare(
-        &self,
-        cmd: &mut tokio::process::Command,
-        id: u64,
-    ) -> std::io::Result<HandlerGroup> {
-        cmd.process_group(0);
-        let cgroup = self.cgroups.as_ref().and_then(|parent| {
-            let dir = parent.join(format!("h{id}"));
-            match std::fs::create_dir(&dir).and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(dir.join("cgroup.procs"))
-            }) {
-                Ok(f) => Some((dir, OwnedFd::from(f))),
-                Err(e) => {
-                    warn!(error = %e, "cannot make a cgroup for a handler: process group only");
-                    let _ = std::fs::remove_dir(&dir);
-                    None
-                }
+    /// Starts `inv`'s program jailed: as the handler user, with the rlimits, in a process
+    /// group of its own and (where there is a cgroup parent) in a cgroup of its own from its
+    /// first instruction. A cgroup that cannot be used is warned about and the handler runs
+    /// with its process group only.
+    pub fn spawn(&self, inv: &Invocation) -> Result<(Spawned, HandlerGroup), SpawnError> {
+        let cgroup = self.cgroups.as_ref().and_then(|pool| match pool.take() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(error = %e, "cannot make a cgroup for a handler: process group only");
+                None
             }
         });
-        let procs_fd = cgroup.as_ref().map(|(_, f)| f.as_raw_fd());
-        let user = self.user.clone();
-        let limits = self.limits.clone();
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        let setup = move || -> std::io::Result<()> {
-            // Runs in the child between fork and exec: system calls only, no allocation.
-            let check = |r: libc::c_int| {
-                if r < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            };
-            if let Some(fd) = procs_fd {
-                // SAFETY: fd is the open cgroup.procs of this handler's cgroup; "0" moves
-                // the calling process. Done first, while still root.
-                let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-                if n < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+        let first = spawn::spawn(
+            &inv.program,
+            &inv.env,
+            &inv.cwd,
+            &self.setup,
+            cgroup.as_ref().map(|c| c.fd.as_fd()),
+        );
+        let (child, cgroup) = match (first, cgroup) {
+            (Err(SpawnError::Clone(e)), Some(c)) => {
+                // The cgroup refused the child (EBUSY, EACCES, an old kernel): run without.
+                warn!(error = %e, cgroup = %c.dir.display(),
+                    "cannot start a handler in its cgroup: process group only");
+                (
+                    spawn::spawn(&inv.program, &inv.env, &inv.cwd, &self.setup, None)?,
+                    None,
+                )
             }
-            for &(res, value) in &limits {
-                let lim = libc::rlimit {
-                    rlim_cur: value,
-                    rlim_max: value,
-                };
-                // SAFETY: lim is a valid rlimit for this call.
-                check(unsafe { libc::setrlimit(res, &lim) })?;
-            }
-            if let Some(u) = &user {
-                // Groups first, the uid last (after it, nothing else may be changed).
-                // SAFETY: drops every supplementary group of this (child) process; a null
-                // list with length 0 is valid.
-                check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
-                // SAFETY: a plain credential change of this (child) process.
-                check(unsafe { libc::setgid(u.gid) })?;
-                // SAFETY: a plain credential change of this (child) process.
-                check(unsafe { libc::setuid(u.uid) })?;
-            }
-            // Die with the server. Set after the uid change, which clears it.
-            // SAFETY: prctl with an integer argument.
-            check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })?;
-            // SAFETY: getppid has no preconditions.
-            if unsafe { libc::getppid() } != parent {
-                return Err(std::io::Error::other("the server went away"));
-            }
-            Ok(())
+            (r, c) => (r?, c),
         };
-        // SAFETY: the closure only makes async-signal-safe system calls (see above).
-        unsafe {
-            cmd.pre_exec(setup);
-        }
-        Ok(HandlerGroup { pgid: None, cgroup })
+        let group = HandlerGroup {
+            pgid: Some(child.pid),
+            cgroup: cgroup.zip(self.cgroups.clone()),
+        };
+        Ok((child, group))
     }
 }
 
 impl Drop for ProcessJail {
     fn drop(&mut self) {
-        if let Some(p) = &self.cgroups {
-            if let Err(e) = std::fs::remove_dir(p) {
-                warn!(error = %e, cgroup = %p.display(), "cannot remove the handlers' cgroup");
+        if let Some(pool) = &self.cgroups {
+            pool.remove_all();
+        }
+    }
+}
+
+/// The handlers' cgroups of this server: children of `parent`, reused from one handler to
+/// the next once empty (making and removing one per request costs more than the handler).
+#[derive(Debug)]
+struct CgroupPool {
+    parent: PathBuf,
+    free: Mutex<Vec<HandlerCgroup>>,
+    next: AtomicU64,
+}
+
+/// One handler's cgroup: its directory, open (for `CLONE_INTO_CGROUP`).
+#[derive(Debug)]
+struct HandlerCgroup {
+    dir: PathBuf,
+    fd: OwnedFd,
+    /// Written `cgroup.kill` once: never reused. (Linux 6.18 here: a child started into a
+    /// cgroup that was ever killed this way is killed at once, by the cgroup's kill
+    /// sequence; checked by `an_empty_cgroup_is_reused_and_a_killed_one_is_not`.)
+    killed: AtomicBool,
+}
+
+impl HandlerCgroup {
+    /// Kills everything in the cgroup, if anything is there.
+    fn kill(&self) {
+        if populated(&self.dir) {
+            self.killed.store(true, Ordering::SeqCst);
+            let _ = std::fs::write(self.dir.join("cgroup.kill"), b"1");
+        }
+    }
+}
+
+impl CgroupPool {
+    /// A free cgroup, made when none is.
+    fn take(&self) -> std::io::Result<HandlerCgroup> {
+        if let Some(c) = self.free.lock().ok().and_then(|mut f| f.pop()) {
+            return Ok(c);
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dir = self.parent.join(format!("h{n}"));
+        std::fs::create_dir(&dir)?;
+        match std::fs::File::open(&dir) {
+            Ok(f) => Ok(HandlerCgroup {
+                dir,
+                fd: OwnedFd::from(f),
+                killed: AtomicBool::new(false),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                Err(e)
             }
         }
     }
+
+    /// Takes back an empty cgroup: kept for the next handler, or removed if it was killed.
+    fn give_back(&self, c: HandlerCgroup) {
+        if c.killed.load(Ordering::SeqCst) {
+            let _ = std::fs::remove_dir(&c.dir);
+        } else if let Ok(mut free) = self.free.lock() {
+            free.push(c);
+        }
+    }
+
+    fn remove_all(&self) {
+        if let Ok(mut free) = self.free.lock() {
+            for c in free.drain(..) {
+                let _ = std::fs::remove_dir(&c.dir);
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&self.parent) {
+            warn!(error = %e, cgroup = %self.parent.display(), "cannot remove the handlers' cgroup");
+        }
+    }
+}
+
+fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .map(|s| s.lines().any(|l| l == "populated 1"))
+        .unwrap_or(false)
 }
 
 /// One handler's process group and cgroup.
 #[derive(Debug)]
 pub struct HandlerGroup {
     pgid: Option<i32>,
-    cgroup: Option<(PathBuf, OwnedFd)>,
+    cgroup: Option<(HandlerCgroup, Arc<CgroupPool>)>,
 }
 
 impl HandlerGroup {
-    /// The handler started as `pid` (its process group's id).
-    pub fn started(&mut self, pid: Option<u32>) {
-        self.pgid = pid.and_then(|p| i32::try_from(p).ok()).filter(|&p| p > 0);
-    }
-
     /// Kills every process of the handler: the cgroup (all descendants, wherever they
     /// went) and the process group.
     pub fn kill(&self) {
-        if let Some((dir, _)) = &self.cgroup {
-            let _ = std::fs::write(dir.join("cgroup.kill"), b"1");
+        if let Some((c, _)) = &self.cgroup {
+            c.kill();
         }
         if let Some(pgid) = self.pgid {
             // SAFETY: kill(2) on our child's process group.
@@ -219,29 +266,27 @@ impl HandlerGroup {
         }
     }
 
-    /// After the handler's own process ended: kills what is left and removes its cgroup once
-    /// empty (bounded wait).
+    /// After the handler's own process ended: kills what is left and, once its cgroup is
+    /// empty (bounded wait), gives the cgroup back for the next handler.
     pub async fn finish(mut self) {
-        self.kill();
-        let Some((dir, fd)) = self.cgroup.take() else {
+        if let Some(pgid) = self.pgid {
+            // SAFETY: kill(2) on our child's process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+        let Some((c, pool)) = self.cgroup.take() else {
             return;
         };
-        drop(fd);
         let t = std::time::Instant::now();
-        loop {
-            let populated = std::fs::read_to_string(dir.join("cgroup.events"))
-                .map(|s| s.lines().any(|l| l == "populated 1"))
-                .unwrap_or(false);
-            if !populated && std::fs::remove_dir(&dir).is_ok() {
-                return;
-            }
+        while populated(&c.dir) {
             if t.elapsed() > Duration::from_secs(5) {
-                warn!(cgroup = %dir.display(), "a handler's cgroup is still busy after 5 s");
+                // Not reused (a process it cannot kill); removed, if ever, at exit.
+                warn!(cgroup = %c.dir.display(), "a handler's cgroup is still busy after 5 s");
                 return;
             }
-            let _ = std::fs::write(dir.join("cgroup.kill"), b"1");
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            c.kill();
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        pool.give_back(c);
     }
 }
 
@@ -348,5 +393,102 @@ fn remove_stale_cgroups(base: &Path) {
         if std::fs::remove_dir(e.path()).is_ok() {
             info!(cgroup = %e.path().display(), "removed a cgroup left by an earlier server");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn handler(dir: &Path, name: &str, body: &str) -> Invocation {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Invocation {
+            program: path,
+            env: vec![],
+            cwd: dir.to_path_buf(),
+        }
+    }
+
+    fn free_cgroups(jail: &ProcessJail) -> Vec<PathBuf> {
+        jail.cgroups
+            .as_ref()
+            .map(|p| {
+                p.free
+                    .lock()
+                    .expect("pool")
+                    .iter()
+                    .map(|c| c.dir.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_empty_cgroup_is_reused_and_a_killed_one_is_not() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: handlers run without a cgroup of their own; nothing to check");
+            return;
+        }
+        let jail = ProcessJail::new(&ProcessSection::default()).expect("jail");
+        assert!(
+            jail.cgroups.is_some(),
+            "no cgroup v2 for handlers here (as root)"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let quick = handler(
+            dir.path(),
+            "quick",
+            "grep -q /h[0-9]*$ /proc/self/cgroup || exit 9",
+        );
+        let stuck = handler(dir.path(), "stuck", "exec sleep 30");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let run = |inv: Invocation, kill: bool| {
+                let jail = &jail;
+                async move {
+                    let (mut child, group) = jail.spawn(&inv).expect("spawn");
+                    if kill {
+                        group.kill();
+                    }
+                    let code = child.pidfd.wait().await.expect("wait");
+                    group.finish().await;
+                    code
+                }
+            };
+            assert_eq!(run(quick.clone(), false).await, 0, "not in its own cgroup");
+            let first = free_cgroups(&jail);
+            assert_eq!(first.len(), 1, "the cgroup was not given back");
+            assert_eq!(run(quick.clone(), false).await, 0);
+            assert_eq!(
+                free_cgroups(&jail),
+                first,
+                "the empty cgroup was not reused"
+            );
+            // Killed through cgroup.kill: removed, and the next handler gets a new one (a
+            // child started into the killed cgroup would be killed at once: exit 137).
+            assert_eq!(run(stuck, true).await, 128 + libc::SIGKILL);
+            assert!(free_cgroups(&jail).is_empty(), "a killed cgroup was kept");
+            assert!(!first[0].exists(), "a killed cgroup was not removed");
+            assert_eq!(
+                run(quick, false).await,
+                0,
+                "the handler after a kill was killed"
+            );
+        });
+        let parent = jail.cgroups.as_ref().map(|p| p.parent.clone());
+        drop(jail);
+        assert!(
+            parent.is_some_and(|p| !p.exists()),
+            "the handlers' cgroup is left"
+        );
     }
 }

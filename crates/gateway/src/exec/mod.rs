@@ -36,7 +36,7 @@ pub enum ExecError {
     Spawn {
         program: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::spawn::SpawnError,
     },
     #[error("cannot create the host-guest channel: {0}")]
     Channel(std::io::Error),

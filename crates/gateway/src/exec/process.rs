@@ -1,4 +1,4 @@
-//! `--isolation process`: the handler as a classic CGI child (fork/exec, no VM), confined by
+//! `--isolation process`: the handler as a classic CGI child (clone3 and execve, no VM), confined by
 //! the jail (unprivileged user, rlimits, its own process group and cgroup).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot};
 use xcgi_channel as ch;
 
@@ -14,6 +15,7 @@ use super::{
     push_tail, CgiExecutor, Exchange, ExecError, Finish, Invocation, Killer, Slot, STDOUT_DEPTH,
 };
 use crate::jail::ProcessJail;
+use crate::spawn::SpawnError;
 
 /// Runs each handler as a jailed child process.
 #[derive(Debug)]
@@ -27,13 +29,13 @@ impl CgiExecutor for ProcessExecutor {
         inv: &Invocation,
         body: mpsc::Receiver<Bytes>,
         slot: Slot,
-        id: u64,
+        _id: u64,
     ) -> Result<Exchange, ExecError> {
-        spawn_process(inv, body, &self.jail, id, slot)
+        spawn_process(inv, body, &self.jail, slot)
     }
 }
 
-/// `--isolation process`: the handler as a classic CGI child (fork/exec, no VM), confined by
+/// `--isolation process`: the handler as a classic CGI child (clone3 and execve, no VM), confined by
 /// `jail` (unprivileged user, rlimits, its own process group and cgroup). `keep` (the
 /// request's concurrency slot) is dropped once the handler and everything it started are
 /// gone.
@@ -41,37 +43,36 @@ pub fn spawn_process<K: Send + 'static>(
     inv: &Invocation,
     mut body: mpsc::Receiver<Bytes>,
     jail: &crate::jail::ProcessJail,
-    id: u64,
     keep: K,
 ) -> Result<Exchange, ExecError> {
     let t0 = Instant::now();
-    let mut cmd = tokio::process::Command::new(&inv.program);
-    cmd.env_clear()
-        .envs(inv.env.iter().filter_map(|e| e.split_once('=')))
-        .current_dir(&inv.cwd)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let spawn_err = |source| ExecError::Spawn {
+    let (child, group) = jail.spawn(inv).map_err(|source| ExecError::Spawn {
         program: inv.program.clone(),
         source,
-    };
-    let mut group = jail.prepare(&mut cmd, id).map_err(spawn_err)?;
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    })?;
+    let mut pidfd = child.pidfd;
+    let pipes = (|| -> std::io::Result<_> {
+        Ok((
+            pipe::Sender::from_owned_fd(child.stdin)?,
+            pipe::Receiver::from_owned_fd(child.stdout)?,
+            pipe::Receiver::from_owned_fd(child.stderr)?,
+        ))
+    })();
+    let (stdin, stdout, stderr) = match pipes {
+        Ok(p) => p,
         Err(e) => {
+            group.kill();
             tokio::spawn(group.finish());
-            return Err(spawn_err(e));
+            return Err(ExecError::Spawn {
+                program: inv.program.clone(),
+                source: SpawnError::Prepare(e),
+            });
         }
     };
-    group.started(child.id());
+    let (mut stdin, mut stdout, mut stderr) = (Some(stdin), Some(stdout), Some(stderr));
     let group = Arc::new(std::sync::Mutex::new(Some(group)));
     let (ready_tx, ready) = oneshot::channel();
     let _ = ready_tx.send(t0.elapsed());
-    let mut stdin = child.stdin.take();
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
     tokio::spawn(async move {
         if let Some(mut w) = stdin.take() {
             while let Some(chunk) = body.recv().await {
@@ -123,13 +124,14 @@ pub fn spawn_process<K: Send + 'static>(
     let g2 = Arc::clone(&group);
     tokio::spawn(async move {
         let mut failure = None;
-        let status = tokio::select! {
+        let exit = tokio::select! {
             // Biased: a handler that already exited is not "killed".
             biased;
-            s = child.wait() => s.ok(),
+            s = pidfd.wait() => s.ok(),
             _ = kill_rx => {
                 failure = Some("killed".to_string());
-                child.wait().await.ok()
+                pidfd.signal(libc::SIGKILL);
+                pidfd.wait().await.ok()
             }
         };
         // The handler is gone: so is everything it started (a child it did not exec would
@@ -143,10 +145,6 @@ pub fn spawn_process<K: Send + 'static>(
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
-        let exit = status.and_then(|s| {
-            use std::os::unix::process::ExitStatusExt;
-            s.code().or_else(|| s.signal().map(|sig| 128 + sig))
-        });
         let _ = fin_tx.send(Finish {
             exit,
             failure,
