@@ -9,6 +9,8 @@
 //! Layers: [`vm`] (the builder) → [`device_manager`] (buses, [`devices`]) and
 //! [`arch`] (the x86-64 boot protocol) → [`hypervisor`] (KVM behind a trait).
 
+#![warn(missing_docs)]
+
 pub mod arch;
 pub mod device_manager;
 pub mod devices;

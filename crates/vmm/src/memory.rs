@@ -10,37 +10,59 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
+/// Bytes in a MiB.
 pub const MIB: u64 = 1 << 20;
 /// Smallest guest we accept: the kernel is loaded at 16 MiB and needs room above it.
 pub const MIN_MEM_MIB: u64 = 32;
 /// Size of the huge pages guest RAM can be backed with.
 pub const HUGE_PAGE_SIZE: u64 = 2 * MIB;
 
+/// Why guest memory could not be validated, mapped, or the huge page pool raised.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// The size in MiB is below [`MIN_MEM_MIB`].
     #[error("guest memory of {0} MiB is below the minimum of {MIN_MEM_MIB} MiB; pass --mem {MIN_MEM_MIB} or more")]
     TooSmall(u64),
+    /// The size in MiB is above 1 TiB.
     #[error("guest memory of {0} MiB is too large for this VMM (at most 1 TiB)")]
     TooLarge(u64),
+    /// Huge pages were asked for but the size in MiB is odd.
     #[error("guest memory of {0} MiB is not a multiple of 2 MiB, which huge pages need; use an even --mem")]
     NotHugeAligned(u64),
+    /// Huge pages were asked for but too few are available (or the mapping got ENOMEM).
     #[error(
         "huge pages requested: the guest needs {needed} free 2 MiB huge pages but only {free} are free; \
          reserve more with `sysctl -w vm.nr_hugepages={suggest}` (or `echo {suggest} > /proc/sys/vm/nr_hugepages`), \
          or run without --hugepages"
     )]
     HugePagesShort {
+        /// 2 MiB pages the guest needs.
         needed: u64,
+        /// 2 MiB pages available ([`free_huge_pages`]; 0 when unknown).
         free: u64,
+        /// The vm.nr_hugepages value the message suggests.
         suggest: u64,
     },
     #[error(
         "raising vm.nr_hugepages to {want} failed ({source}); it needs root: \
          `echo {want} > /proc/sys/vm/nr_hugepages`"
     )]
-    RaiseHugePages { want: u64, source: io::Error },
+    /// Writing vm.nr_hugepages failed ([`HugePagePool::raise_to`]).
+    RaiseHugePages {
+        /// The value that could not be written.
+        want: u64,
+        /// The write error (usually permission).
+        source: io::Error,
+    },
     #[error("mapping {size_mib} MiB of guest memory failed: {source}")]
-    Mmap { size_mib: u64, source: io::Error },
+    /// mmap of guest RAM failed.
+    Mmap {
+        /// The guest's whole RAM size in MiB.
+        size_mib: u64,
+        /// The mmap error.
+        source: io::Error,
+    },
+    /// vm-memory refused a region or the region list.
     #[error("building the guest memory map failed: {0}")]
     Layout(String),
 }
@@ -48,6 +70,7 @@ pub enum MemoryError {
 /// How guest RAM is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MemoryConfig {
+    /// Guest RAM size in MiB (at least [`MIN_MEM_MIB`], at most 1 TiB; even with huge pages).
     pub size_mib: u64,
     /// Back RAM with 2 MiB huge pages (MAP_HUGETLB).
     pub hugepages: bool,

@@ -29,11 +29,21 @@ pub enum PoolHealth {
     /// It has been full at least once since start, and preparing works.
     Filled,
     /// Still filling for the first time.
-    Warming { ready: usize, target: usize },
+    Warming {
+        /// VMs ready now.
+        ready: usize,
+        /// VMs the pool keeps ready.
+        target: usize,
+    },
     /// Preparing failed this many times in a row (VMs cannot be built: requests would fail).
-    Failing { failures: u32 },
+    Failing {
+        /// Preparing failures in a row.
+        failures: u32,
+    },
 }
 
+/// Keeps `target` [`PreparedVm`]s of one [`MachineShape`] ready, refilled by a background
+/// thread; see the module docs.
 pub struct Pool {
     shared: Arc<Shared>,
     refiller: Mutex<Option<JoinHandle<()>>>,

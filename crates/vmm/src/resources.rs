@@ -18,13 +18,16 @@ use crate::memory::MemoryConfig;
 /// What the machine is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MachineShape {
+    /// The guest kernel: an ELF vmlinux or a bzImage.
     pub kernel: PathBuf,
     /// A root filesystem image on a virtio-blk disk (it decides the `root=` parameter, so it
     /// is part of the machine: the disk device itself is attached at launch).
     pub rootfs: Option<PathBuf>,
     /// An initramfs (the root when there is no `rootfs`).
     pub initramfs: Option<PathBuf>,
+    /// Guest RAM size and backing.
     pub memory: MemoryConfig,
+    /// Number of vCPUs, 1 to 32.
     pub vcpus: u8,
     /// Map the kernel and initramfs copy-on-write (default) or copy them.
     pub load_mode: LoadMode,
@@ -89,7 +92,9 @@ impl Default for RunOptions {
 /// IFF_VNET_HDR, 12-byte header) and how the guest configures itself.
 #[derive(Debug, Clone)]
 pub struct NetAttachment {
+    /// The TAP descriptor; the VM uses a duplicate.
     pub tap: Arc<OwnedFd>,
+    /// The guest's MAC address (unicast, not all zeros).
     pub mac: [u8; 6],
     /// The kernel's `ip=` parameter for the guest (e.g. `ip=172.16.0.2::172.16.0.1:...`).
     pub ip_param: String,
@@ -105,12 +110,15 @@ pub struct NetAttachment {
 pub struct Cancel(Arc<AtomicBool>);
 
 impl Cancel {
+    /// Not cancelled yet.
     pub fn new() -> Self {
         Self::default()
     }
+    /// Asks every run given this handle (or a clone) to stop; it cannot be undone.
     pub fn cancel(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
+    /// Whether [`Cancel::cancel`] was called on this or a clone.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }

@@ -1,4 +1,4 @@
-//! The builder that turns a [`VmConfig`] into a running VM, and the run that ends in a typed
+//! The builder that turns a [`MachineShape`] into a running VM, and the run that ends in a typed
 //! [`Outcome`]. One VM per call; everything it owns is released when `run` returns.
 
 use std::io::Write;
@@ -29,30 +29,43 @@ pub const EXIT_GUEST_CRASH: i32 = 125;
 /// Exit code when the VM was stopped on request (as a shell reports SIGTERM).
 pub const EXIT_CANCELLED: i32 = 143;
 
+/// Why a VM could not be built or started.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// /dev/kvm could not be opened.
     #[error("{0}; xcgi needs KVM (on a machine without hardware KVM run it inside the lab: `xcgi lab -- xcgi run ...`)")]
     OpenKvm(HypervisorError),
+    /// A hypervisor call failed (creating the VM or a vCPU, memory slots, irqchip, PIT...).
     #[error("hypervisor call {0}")]
     Hypervisor(#[from] HypervisorError),
+    /// The vCPU count is outside 1..=32.
     #[error("{0} vCPUs requested; xcgi supports 1 to 32")]
     BadVcpuCount(u8),
+    /// The shape has neither a root filesystem image nor an initramfs.
     #[error("no root: pass a root filesystem image (--rootfs) or an initramfs (--initramfs)")]
     NoRoot,
+    /// Guest memory is invalid or could not be mapped.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The kernel or initramfs could not be loaded.
     #[error(transparent)]
     Loader(#[from] loader::LoaderError),
+    /// The command line or zero page could not be written.
     #[error(transparent)]
     Params(#[from] params::ParamsError),
+    /// The MP table could not be written.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// A vCPU's boot state could not be set.
     #[error(transparent)]
     Cpu(#[from] cpu::CpuError),
+    /// The boot page tables could not be written.
     #[error("writing page tables failed: {0}")]
     PageTables(vm_memory::GuestMemoryError),
+    /// A device could not be attached.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A vCPU thread could not be spawned.
     #[error("starting a vCPU thread failed: {0}")]
     Thread(std::io::Error),
 }
@@ -64,13 +77,19 @@ const CANCEL_POLL: Duration = Duration::from_millis(10);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
     /// init exited; `status` is its wait status as the kernel reported it.
-    InitExited { status: u32 },
+    InitExited {
+        /// Wait status: exit code in bits 8-15, or the killing signal in bits 0-6.
+        status: u32,
+    },
     /// The guest powered off or halted.
     PowerOff,
     /// The guest rebooted (without an init exit status).
     Reboot,
     /// The kernel panicked for another reason.
-    Panic { message: String },
+    Panic {
+        /// The text after "Kernel panic - not syncing: " (guest text, unescaped).
+        message: String,
+    },
     /// The vCPU hit a triple fault.
     TripleFault,
     /// The deadline passed.
@@ -78,7 +97,10 @@ pub enum ExitReason {
     /// Stopped through [`Cancel`].
     Cancelled,
     /// KVM refused to go on (internal error, failed entry).
-    VcpuFailed { detail: String },
+    VcpuFailed {
+        /// What KVM reported, or that every vCPU thread ended.
+        detail: String,
+    },
     /// `setup_only`: stopped before the first KVM_RUN.
     SetupOnly,
 }
@@ -165,19 +187,24 @@ pub struct Timings {
     pub total: Duration,
 }
 
+/// How a run ended and what it produced.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// Why it ended. A timeout or cancel stands; otherwise an init exit status on the console
+    /// wins, and a panic turns a reboot or triple fault into [`ExitReason::Panic`].
     pub reason: ExitReason,
     /// The console, each line stamped (capped at 1 MiB).
     pub console: String,
+    /// Host-side times of the run.
     pub timings: Timings,
-    /// Host memory behind the VM at its end (with [`VmConfig::measure_memory`]).
+    /// Host memory behind the VM at its end (with [`RunOptions::measure_memory`]).
     pub memory: Option<memory::MemoryUse>,
     /// The debug dump ([`RunOptions::debug_dump`]) of a VM that ended badly.
     pub dump: Option<String>,
 }
 
 impl Outcome {
+    /// [`ExitReason::exit_code`] of its reason.
     pub fn exit_code(&self) -> i32 {
         self.reason.exit_code()
     }
@@ -186,10 +213,15 @@ impl Outcome {
 /// What the vCPU threads and the console tell the VM's owner.
 #[derive(Debug)]
 pub enum VmEvent {
+    /// The guest reset (i8042 reset command or a reset system event).
     Reset,
+    /// The guest powered off (system event).
     Shutdown,
+    /// A vCPU triple-faulted.
     TripleFault,
+    /// The console saw "reboot: Power down" or "reboot: System halted".
     Halted,
+    /// A vCPU cannot go on; what went wrong.
     Failed(String),
 }
 

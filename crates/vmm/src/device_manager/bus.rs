@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 
 /// A device on a [`Bus`]. `offset` is relative to the device's base address.
 pub trait BusDevice: Send {
+    /// A guest read of `data.len()` bytes at `offset`: fill `data` (the vCPU loop zeroes it
+    /// first, so what is left untouched reads as 0).
     fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// A guest write of `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
     /// The device's state for a debug dump (numbers only, several lines), if it has any to
     /// tell. Called after the vCPUs stopped; must not wait long for anything.
@@ -17,10 +20,17 @@ pub trait BusDevice: Send {
     }
 }
 
+/// Why [`Bus::insert`] refused a range.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// The range is empty, runs past the end of the address space, or overlaps a device.
     #[error("bus range {base:#x}+{len:#x} is empty or overlaps a device already there")]
-    Overlap { base: u64, len: u64 },
+    Overlap {
+        /// Start of the refused range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
 }
 
 /// One bus entry: its length and the device.

@@ -15,6 +15,7 @@ use crate::vm::VmEvent;
 pub struct SerialPorts(SerialDevice);
 
 impl SerialPorts {
+    /// An 8250 whose output goes to `out` and whose interrupt writes `irq`.
     pub fn new(irq: EventFd, out: ConsoleWriter) -> Self {
         SerialPorts(serial::new(irq, out))
     }
@@ -47,6 +48,7 @@ pub struct I8042Ports {
 pub const I8042_PORTS: u64 = (I8042_COMMAND_PORT - I8042_DATA_PORT + 1) as u64;
 
 impl I8042Ports {
+    /// An i8042 whose reset command sends [`VmEvent::Reset`] on `events`.
     pub fn new(events: Sender<VmEvent>) -> Self {
         I8042Ports { dev: I8042, events }
     }

@@ -25,28 +25,43 @@ use crate::vm::VmEvent;
 /// The highest GSI a device may use: the IOAPIC has 24 pins.
 const MAX_GSI: u32 = 23;
 
+/// Why a device could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
+    /// Creating the device's interrupt eventfd failed.
     #[error("creating an eventfd for {name} failed: {source}")]
     EventFd {
+        /// The device.
         name: &'static str,
+        /// The error from eventfd.
         #[source]
         source: std::io::Error,
     },
+    /// Registering the eventfd as an irqfd for the device's GSI failed.
     #[error("wiring the interrupt of {name}: {source}")]
     Irq {
+        /// The device.
         name: &'static str,
+        /// The hypervisor's error.
         #[source]
         source: HypervisorError,
     },
+    /// The device model or its transport could not be built.
     #[error("{name}: {source}")]
     Create {
+        /// The device.
         name: &'static str,
+        /// The builder's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Every virtio GSI (5 to 23) is taken.
     #[error("no room for {name}: at most {} virtio devices", MAX_GSI - VIRTIO_IRQ_BASE + 1)]
-    TooMany { name: &'static str },
+    TooMany {
+        /// The device that did not fit.
+        name: &'static str,
+    },
+    /// The bus refused the device's range.
     #[error(transparent)]
     Bus(#[from] BusError),
 }
@@ -54,7 +69,9 @@ pub enum DeviceError {
 /// Where an attached virtio device went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VirtioSlot {
+    /// Guest-physical base of its MMIO window ([`VIRTIO_MMIO_SIZE`] bytes).
     pub base: u64,
+    /// Its interrupt line.
     pub gsi: u32,
 }
 
@@ -70,11 +87,14 @@ pub struct DeviceManager {
 /// The buses of a built VM, shared by its vCPU threads.
 #[derive(Debug, Default)]
 pub struct Buses {
+    /// Guest-physical addresses: the virtio-mmio devices.
     pub mmio: Bus,
+    /// I/O ports: COM1 and the i8042.
     pub pio: Bus,
 }
 
 impl DeviceManager {
+    /// No devices yet.
     pub fn new() -> Self {
         Self::default()
     }

@@ -56,6 +56,8 @@ pub fn stamp(d: Duration) -> String {
     format!("{:02}.{:06}", d.as_secs(), d.subsec_micros())
 }
 
+/// Turns the guest's serial output into stamped lines: streamed to the live writer, kept
+/// (up to 1 MiB) for the outcome, and scanned into a [`GuestReport`].
 pub struct Console {
     start: Instant,
     live: Option<Box<dyn Write + Send>>,
@@ -68,6 +70,7 @@ pub struct Console {
 }
 
 impl Console {
+    /// A console stamping lines from `start` and writing each finished line to `live`, if any.
     pub fn new(start: Instant, live: Option<Box<dyn Write + Send>>) -> Self {
         Console {
             start,
@@ -81,10 +84,13 @@ impl Console {
         }
     }
 
+    /// Where to send [`VmEvent::Halted`] when a line says the guest powered down or halted.
     pub fn set_events(&mut self, tx: Sender<VmEvent>) {
         self.events = Some(tx);
     }
 
+    /// Takes serial output: `\n` ends a line, `\r` is dropped, and a line is cut at 4096
+    /// bytes. A line is stamped with the arrival of its first byte.
     pub fn push(&mut self, bytes: &[u8]) {
         for &b in bytes {
             let now = self.start.elapsed();
@@ -133,14 +139,17 @@ impl Console {
         }
     }
 
+    /// When the first byte arrived, from `start`.
     pub fn first_output(&self) -> Option<Duration> {
         self.first_output
     }
 
+    /// What the lines so far said about how the guest ends.
     pub fn report(&self) -> &GuestReport {
         &self.report
     }
 
+    /// The kept stamped lines (invalid UTF-8 replaced).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.kept).into_owned()
     }

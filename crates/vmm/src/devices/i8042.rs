@@ -1,8 +1,10 @@
 //! Just enough of the i8042 keyboard controller for a guest to reboot: the CPU reset command
 //! (0xFE to the command port) ends the VM. Reads return 0: "no data, ready for a command".
 
+/// The command byte that pulses the CPU reset line.
 pub const CMD_RESET_CPU: u8 = 0xfe;
 
+/// The controller; it has no state.
 #[derive(Debug, Default)]
 pub struct I8042;
 
@@ -12,6 +14,7 @@ impl I8042 {
         value == CMD_RESET_CPU
     }
 
+    /// A read of the data or status port: always 0.
     pub fn read(&self) -> u8 {
         0
     }

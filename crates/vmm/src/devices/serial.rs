@@ -15,8 +15,10 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// vm-superio's 8250: interrupt on an irqfd, output to the [`super::console::Console`].
 pub type SerialDevice = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleWriter>;
 
+/// A COM1 UART whose interrupt writes `irq` and whose output goes to `out`.
 pub fn new(irq: EventFd, out: ConsoleWriter) -> SerialDevice {
     Serial::new(IrqTrigger(irq), out)
 }

@@ -26,12 +26,15 @@ pub use kvm_bindings::{
 #[derive(Debug, thiserror::Error)]
 #[error("{what} failed: {source}")]
 pub struct HypervisorError {
+    /// The call (an ioctl's name, or what was being done).
     pub what: &'static str,
+    /// The OS error it returned.
     #[source]
     pub source: std::io::Error,
 }
 
 impl HypervisorError {
+    /// `what` failed with OS error number `errno`.
     pub fn new(what: &'static str, errno: i32) -> Self {
         HypervisorError {
             what,
@@ -45,19 +48,42 @@ impl HypervisorError {
     }
 }
 
+/// The result of a hypervisor call.
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
 /// Why [`Vcpu::run`] returned.
 #[derive(Debug)]
 pub enum VcpuExit<'a> {
     /// Port I/O read: fill `data`.
-    IoIn { port: u16, data: &'a mut [u8] },
+    IoIn {
+        /// The port.
+        port: u16,
+        /// Where the value goes (its length is the access size); KVM hands it to the guest
+        /// on the next run.
+        data: &'a mut [u8],
+    },
     /// Port I/O write.
-    IoOut { port: u16, data: &'a [u8] },
+    IoOut {
+        /// The port.
+        port: u16,
+        /// The bytes written (its length is the access size).
+        data: &'a [u8],
+    },
     /// MMIO read: fill `data`.
-    MmioRead { addr: u64, data: &'a mut [u8] },
+    MmioRead {
+        /// The guest-physical address.
+        addr: u64,
+        /// Where the value goes (its length is the access size); KVM hands it to the guest
+        /// on the next run.
+        data: &'a mut [u8],
+    },
     /// MMIO write.
-    MmioWrite { addr: u64, data: &'a [u8] },
+    MmioWrite {
+        /// The guest-physical address.
+        addr: u64,
+        /// The bytes written (its length is the access size).
+        data: &'a [u8],
+    },
     /// HLT with no interrupt controller in the kernel to wait on it.
     Halt,
     /// The vCPU shut down: a triple fault.
@@ -71,7 +97,12 @@ pub enum VcpuExit<'a> {
     /// Kicked ([`kick`]) or interrupted by a signal: nothing happened in the guest.
     Interrupted,
     /// VM entry failed.
-    FailEntry { reason: u64, cpu: u32 },
+    FailEntry {
+        /// The hardware's entry failure reason (VMX/SVM specific).
+        reason: u64,
+        /// The host CPU the entry failed on.
+        cpu: u32,
+    },
     /// The hypervisor could not emulate something.
     InternalError,
     /// Anything else, described.
@@ -80,15 +111,23 @@ pub enum VcpuExit<'a> {
 
 /// Everything of one vCPU's state that is not in guest memory (x86-64).
 pub struct VcpuState {
+    /// General-purpose registers, RIP and RFLAGS.
     pub regs: Regs,
+    /// Segment, descriptor-table and control registers, EFER, the APIC base.
     pub sregs: SpecialRegs,
+    /// x87 and SSE state (FXSAVE layout).
     pub fpu: Fpu,
+    /// The XSAVE area (AVX and later extended state).
     pub xsave: Xsave,
+    /// The extended control registers (XCR0).
     pub xcrs: Xcrs,
+    /// The local APIC's register page.
     pub lapic: LapicState,
     /// Every MSR the hypervisor lets us read (kvmclock's included).
     pub msrs: Vec<MsrEntry>,
+    /// Pending or injected exceptions, interrupts, NMIs and SMIs.
     pub events: VcpuEvents,
+    /// Whether the vCPU runs, halts or waits for INIT/SIPI.
     pub mp_state: MpState,
 }
 
@@ -106,10 +145,15 @@ impl std::fmt::Debug for VcpuState {
 /// interrupt controllers, the PIT and the clock.
 #[derive(Clone)]
 pub struct VmState {
+    /// The master 8259 PIC.
     pub pic_master: IrqChip,
+    /// The slave 8259 PIC.
     pub pic_slave: IrqChip,
+    /// The IO-APIC.
     pub ioapic: IrqChip,
+    /// The 8254 PIT (its channels and flags).
     pub pit: PitState,
+    /// The kvmclock value (ns) and its flags.
     pub clock: ClockData,
 }
 
@@ -123,6 +167,7 @@ impl std::fmt::Debug for VmState {
 
 /// Makes VMs.
 pub trait Hypervisor: Send + Sync {
+    /// A new VM with no memory, interrupt controller or vCPUs.
     fn create_vm(&self) -> Result<Box<dyn Vm>>;
     /// The CPUID the hypervisor can give a guest.
     fn supported_cpuid(&self) -> Result<CpuId>;
@@ -151,8 +196,11 @@ pub trait Vm: Send + Sync {
     fn create_pit(&self) -> Result<()>;
     /// Writes to `evt` raise interrupt line `gsi`.
     fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<()>;
+    /// Adds vCPU `id` (also its local APIC id).
     fn create_vcpu(&self, id: u8) -> Result<Box<dyn Vcpu>>;
+    /// Reads the interrupt controllers, PIT and clock.
     fn state(&self) -> Result<VmState>;
+    /// Restores what [`Vm::state`] read.
     fn set_state(&self, state: &VmState) -> Result<()>;
 }
 
@@ -164,17 +212,27 @@ pub trait Vcpu: Send {
     /// [`kick`] on that thread makes [`Vcpu::run`] return [`VcpuExit::Interrupted`] at once,
     /// whether the signal lands inside the guest or just before it enters it.
     fn bind_kicks(&mut self);
+    /// Sets the CPUID the guest sees.
     fn set_cpuid(&self, cpuid: &CpuId) -> Result<()>;
     /// Sets `msrs`; returns how many were set (the first refused stops the list).
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<usize>;
+    /// Reads the general registers.
     fn regs(&self) -> Result<Regs>;
+    /// Sets the general registers.
     fn set_regs(&self, regs: &Regs) -> Result<()>;
+    /// Reads the special registers.
     fn sregs(&self) -> Result<SpecialRegs>;
+    /// Sets the special registers.
     fn set_sregs(&self, sregs: &SpecialRegs) -> Result<()>;
+    /// Sets the x87/SSE state.
     fn set_fpu(&self, fpu: &Fpu) -> Result<()>;
+    /// Reads the local APIC's registers.
     fn lapic(&self) -> Result<LapicState>;
+    /// Sets the local APIC's registers.
     fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
+    /// Reads the whole [`VcpuState`].
     fn state(&self) -> Result<VcpuState>;
+    /// Restores what [`Vcpu::state`] read; fails if any MSR is refused.
     fn set_state(&self, state: &VcpuState) -> Result<()>;
     /// The vCPU's file descriptor (for a seccomp filter or a jail to keep open).
     fn as_raw_fd(&self) -> RawFd;

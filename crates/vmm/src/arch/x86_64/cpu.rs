@@ -7,23 +7,34 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::gdt;
 use crate::layout::{BOOT_STACK_ADDR, GDT_ADDR, IDT_ADDR, ZERO_PAGE_ADDR};
 
+/// Why setting up a vCPU's boot state failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
+    /// KVM_SET_CPUID2 failed.
     #[error("setting CPUID: {0}")]
     SetCpuid(HypervisorError),
     #[error("KVM_SET_MSRS set {set} of {wanted} MSRs (the first refused is {first_refused:#x})")]
+    /// KVM_SET_MSRS accepted only some of [`boot_msrs`] (it stops at the first it refuses).
     SetMsrs {
+        /// How many were set.
         set: usize,
+        /// How many were asked for.
         wanted: usize,
+        /// Index of the first MSR refused (0 if unknown).
         first_refused: u32,
     },
+    /// The KVM_SET_MSRS ioctl itself failed.
     #[error("setting MSRs: {0}")]
     SetMsrsIoctl(HypervisorError),
     #[error("vCPU registers ({what}): {source}")]
+    /// Getting or setting a register set failed.
     Regs {
+        /// Which set and direction ("regs", "get sregs", "fpu", "lapic", ...).
         what: &'static str,
+        /// The hypervisor's error.
         source: HypervisorError,
     },
+    /// Writing the GDT or IDT into guest memory failed.
     #[error("writing GDT/IDT/page tables into guest memory failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -72,11 +83,15 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
     }
 }
 
+/// Sets on `vcpu` the host-supported `cpuid`, adjusted by [`patch_cpuid`] for vCPU `id` of
+/// `count`.
 pub fn setup_cpuid(vcpu: &dyn Vcpu, mut cpuid: CpuId, id: u8, count: u8) -> Result<(), CpuError> {
     patch_cpuid(&mut cpuid, id, count);
     vcpu.set_cpuid(&cpuid).map_err(CpuError::SetCpuid)
 }
 
+/// The MSRs set on every vCPU at boot: syscall/sysenter MSRs and the TSC zeroed, fast
+/// strings enabled, MTRRs enabled with write-back as the default type.
 pub fn boot_msrs() -> Vec<MsrEntry> {
     let e = |index, data| MsrEntry {
         index,
@@ -98,6 +113,7 @@ pub fn boot_msrs() -> Vec<MsrEntry> {
     ]
 }
 
+/// Sets [`boot_msrs`] on `vcpu`; every one must be accepted.
 pub fn setup_msrs(vcpu: &dyn Vcpu) -> Result<(), CpuError> {
     let entries = boot_msrs();
     let set = vcpu.set_msrs(&entries).map_err(CpuError::SetMsrsIoctl)?;
@@ -111,6 +127,7 @@ pub fn setup_msrs(vcpu: &dyn Vcpu) -> Result<(), CpuError> {
     Ok(())
 }
 
+/// Sets the FPU to its reset state (FCW 0x37f, MXCSR 0x1f80).
 pub fn setup_fpu(vcpu: &dyn Vcpu) -> Result<(), CpuError> {
     let fpu = Fpu {
         fcw: 0x37f,
@@ -135,6 +152,7 @@ pub fn boot_regs(entry: u64) -> Regs {
     }
 }
 
+/// Sets the boot CPU's general registers ([`boot_regs`]) for the 64-bit entry point `entry`.
 pub fn setup_regs(vcpu: &dyn Vcpu, entry: u64) -> Result<(), CpuError> {
     vcpu.set_regs(&boot_regs(entry))
         .map_err(|source| CpuError::Regs {
@@ -176,6 +194,8 @@ pub fn write_tables_and_sregs<M: GuestMemoryBackend>(
     Ok(sregs)
 }
 
+/// Writes the GDT and IDT into `mem` and sets the boot CPU's special registers for long
+/// mode with page tables at `cr3` ([`write_tables_and_sregs`]).
 pub fn setup_sregs<M: GuestMemoryBackend>(
     vcpu: &dyn Vcpu,
     mem: &M,

@@ -3,8 +3,11 @@
 
 use crate::hypervisor::Segment;
 
+/// Selector of the flat 64-bit code segment (__BOOT_CS).
 pub const BOOT_CS: u16 = 0x10;
+/// Selector of the flat data segment (__BOOT_DS), loaded into DS, ES, FS, GS and SS.
 pub const BOOT_DS: u16 = 0x18;
+/// Selector of the TSS loaded into TR.
 pub const BOOT_TSS: u16 = 0x20;
 
 /// Builds one 8-byte descriptor from access/flags (`0xF0FF` mask: flags nibble, access byte).

@@ -19,31 +19,84 @@ const PT_LOAD: u32 = 1;
 const EM_X86_64: u16 = 62;
 const PAGE: u64 = 4096;
 
+/// Why the kernel or the initramfs could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("cannot open kernel {path}: {source}; pass a vmlinux or bzImage built by `xcgi kernel build`")]
-    OpenKernel { path: PathBuf, source: io::Error },
+    /// The kernel file could not be opened or stat'ed.
+    OpenKernel {
+        /// The kernel file.
+        path: PathBuf,
+        /// The error from open or stat.
+        source: io::Error,
+    },
     #[error("{path} is not a Linux kernel (neither an ELF vmlinux nor a bzImage); build one with `xcgi kernel build`")]
-    NotAKernel { path: PathBuf },
+    /// The file is a directory or has neither the ELF nor the bzImage magic.
+    NotAKernel {
+        /// The file given as kernel.
+        path: PathBuf,
+    },
     #[error("{path} is an ELF file but not a 64-bit x86 kernel ({detail})")]
-    WrongElf { path: PathBuf, detail: String },
+    /// An ELF file that is not a loadable little-endian x86-64 executable.
+    WrongElf {
+        /// The kernel file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
     #[error(
         "kernel {path} is truncated or damaged: {detail}; rebuild it with `xcgi kernel build`"
     )]
-    Truncated { path: PathBuf, detail: String },
-    #[error("kernel {path} does not fit: it needs guest memory up to {needed_mib} MiB; give the VM more memory (--mem)")]
-    TooBig { path: PathBuf, needed_mib: u64 },
-    #[error("loading bzImage {path} failed: {source}")]
-    BzImage {
+    /// The file ends before what its headers describe (or is a bzImage too short to load).
+    Truncated {
+        /// The kernel file.
         path: PathBuf,
+        /// What is missing.
+        detail: String,
+    },
+    #[error("kernel {path} does not fit: it needs guest memory up to {needed_mib} MiB; give the VM more memory (--mem)")]
+    /// A kernel segment (or a bzImage's decompression space) does not lie within one guest
+    /// RAM region.
+    TooBig {
+        /// The kernel file.
+        path: PathBuf,
+        /// Guest-physical end it needs, in MiB (rounded up).
+        needed_mib: u64,
+    },
+    #[error("loading bzImage {path} failed: {source}")]
+    /// linux-loader refused the bzImage.
+    BzImage {
+        /// The kernel file.
+        path: PathBuf,
+        /// linux-loader's error.
         source: linux_loader::loader::Error,
     },
     #[error("cannot open initramfs {path}: {source}")]
-    OpenInitrd { path: PathBuf, source: io::Error },
+    /// The initramfs file could not be opened or stat'ed.
+    OpenInitrd {
+        /// The initramfs file.
+        path: PathBuf,
+        /// The error from open or stat.
+        source: io::Error,
+    },
     #[error("initramfs {path} ({size_mib} MiB) does not fit in guest memory above the kernel; give the VM more memory (--mem)")]
-    InitrdTooBig { path: PathBuf, size_mib: u64 },
+    /// The initramfs does not fit between the kernel's end and the top of low RAM
+    /// (capped at [`INITRD_ADDR_MAX`]).
+    InitrdTooBig {
+        /// The initramfs file.
+        path: PathBuf,
+        /// Its size in MiB (rounded up).
+        size_mib: u64,
+    },
     #[error("reading {path} failed: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    /// Reading the kernel or initramfs failed.
+    Read {
+        /// The file being read.
+        path: PathBuf,
+        /// The read error.
+        source: io::Error,
+    },
+    /// Copying into guest memory failed.
     #[error("writing into guest memory failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }

@@ -15,10 +15,13 @@ const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
 const INT_TYPE_EXTINT: u8 = 3;
 
+/// Why the MP table could not be built or written.
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {
+    /// The vCPU count is 0 or above 254 (APIC ids 0..n are the CPUs, n the IO-APIC).
     #[error("{0} vCPUs do not fit in the MP table (at most 254)")]
     TooManyCpus(u8),
+    /// Writing the table into guest memory failed.
     #[error("writing the MP table into guest memory failed: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
 }

@@ -15,14 +15,23 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 
+/// Why the command line or zero page could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum ParamsError {
+    /// The command line leaves no room for its NUL in [`CMDLINE_MAX_SIZE`] bytes.
     #[error(
         "kernel command line is {len} bytes; the kernel accepts at most {max}: shorten --cmdline"
     )]
-    CmdlineTooLong { len: usize, max: usize },
+    CmdlineTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The most bytes allowed (without the NUL).
+        max: usize,
+    },
+    /// The command line holds a NUL or a non-ASCII byte.
     #[error("kernel command line contains a NUL or non-ASCII byte: {0:?}")]
     CmdlineInvalid(String),
+    /// Writing into guest memory failed.
     #[error("writing boot parameters into guest memory failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -65,12 +74,18 @@ pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
 /// What goes into the zero page besides the memory map.
 #[derive(Debug, Clone, Default)]
 pub struct ZeroPageConfig {
+    /// Guest RAM size in bytes, for the e820 map ([`e820_map`]).
     pub mem_size: u64,
+    /// Command line length in bytes, without the NUL (what [`write_cmdline`] returns).
     pub cmdline_len: usize,
+    /// The initramfs as (guest-physical address, size in bytes), if any.
     pub initrd: Option<(u64, u64)>,
+    /// A bzImage's setup header to start from (None for an ELF vmlinux).
     pub setup_header: Option<setup_header>,
 }
 
+/// Builds the zero page: `cfg`'s setup header (or an empty one) with our loader type, the
+/// command line at [`CMDLINE_ADDR`], the initramfs, and the e820 map.
 pub fn zero_page(cfg: &ZeroPageConfig) -> boot_params {
     let mut p = boot_params::default();
     if let Some(h) = cfg.setup_header {
@@ -96,6 +111,7 @@ pub fn zero_page(cfg: &ZeroPageConfig) -> boot_params {
     p
 }
 
+/// Writes [`zero_page`] at [`ZERO_PAGE_ADDR`].
 pub fn write_zero_page<M: GuestMemoryBackend>(
     mem: &M,
     cfg: &ZeroPageConfig,
@@ -112,6 +128,7 @@ pub fn write_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &str) -> Result<us
     Ok(cmdline.len())
 }
 
+/// Checks a command line fits in [`CMDLINE_MAX_SIZE`] with its NUL and is ASCII without NULs.
 pub fn validate_cmdline(cmdline: &str) -> Result<(), ParamsError> {
     if cmdline.len() >= CMDLINE_MAX_SIZE {
         return Err(ParamsError::CmdlineTooLong {

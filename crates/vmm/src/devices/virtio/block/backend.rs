@@ -13,20 +13,32 @@ use super::{SECTOR_SHIFT, SECTOR_SIZE};
 /// Errors opening a disk image.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The image could not be opened read-only.
     #[error("cannot open disk image {path}: {source}")]
     Open {
+        /// The disk image.
         path: PathBuf,
+        /// The error from open.
         #[source]
         source: io::Error,
     },
+    /// Seeking to the image's end (to learn its size) failed.
     #[error("cannot determine the size of disk image {path}: {source}")]
     Size {
+        /// The disk image.
         path: PathBuf,
+        /// The error from the seek.
         #[source]
         source: io::Error,
     },
+    /// The image's size is not a whole number of 512-byte sectors.
     #[error("disk image {path} is {size} bytes, not a multiple of the {SECTOR_SIZE}-byte sector")]
-    UnalignedSize { path: PathBuf, size: u64 },
+    UnalignedSize {
+        /// The disk image.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// A disk image opened read-only: a whole number of sectors.

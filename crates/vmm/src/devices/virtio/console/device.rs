@@ -30,19 +30,25 @@ static INFO: DeviceInfo = DeviceInfo::new(VIRTIO_ID_CONSOLE, &[QUEUE_SIZE; 2], V
 /// Errors setting up a virtio-console device.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
+    /// The descriptor is not a socket.
     #[error("the console channel is not a socket (need a connected SOCK_STREAM Unix socket)")]
     NotASocket,
+    /// The socket is not SOCK_STREAM; holds its SO_TYPE.
     #[error(
         "the console channel is a socket of type {0} ({name}), need SOCK_STREAM",
         name = socket_type_name(*.0)
     )]
     NotStream(i32),
+    /// A call on the socket failed (getsockopt SO_TYPE, fcntl for O_NONBLOCK).
     #[error("cannot configure the console channel ({what}): {source}")]
     Socket {
+        /// The call that failed.
         what: &'static str,
+        /// Its error.
         #[source]
         source: io::Error,
     },
+    /// The virtio-mmio transport refused the device.
     #[error("virtio-console transport: {0}")]
     Transport(#[from] MmioError),
 }

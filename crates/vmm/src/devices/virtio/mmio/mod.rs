@@ -67,8 +67,11 @@ pub enum MmioError {
     /// The device model declared a queue size `virtio_queue` rejects.
     #[error("virtqueue {index}: invalid maximum size {size}: {source}")]
     InvalidQueueSize {
+        /// The queue's index.
         index: usize,
+        /// The maximum size the device declared.
         size: u16,
+        /// virtio-queue's error.
         #[source]
         source: virtio_queue::Error,
     },

@@ -24,18 +24,25 @@ use crate::devices::virtio::{ActivateError, Activation, DeviceInfo, VirtioDevice
 /// Errors setting up a virtio-net device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// The MAC is multicast (bit 0 of its first byte set) or all zeros.
     #[error("invalid MAC address {}: it must be unicast and not all zeros", fmt_mac(.0))]
     InvalidMac([u8; 6]),
+    /// A call on the TAP descriptor failed (fcntl for O_NONBLOCK, TUNGETIFF, TUNGETVNETHDRSZ).
     #[error("cannot configure the TAP file descriptor ({what}): {source}")]
     Tap {
+        /// The call that failed.
         what: &'static str,
+        /// Its error.
         #[source]
         source: io::Error,
     },
+    /// The TUN/TAP device is not a TAP with IFF_NO_PI and IFF_VNET_HDR; holds its flags.
     #[error("the TAP was not opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR (flags {0:#06x})")]
     TapFlags(u16),
+    /// The TAP's vnet header size (TUNGETVNETHDRSZ) is not [`VNET_HDR_LEN`].
     #[error("the TAP's vnet header size is {0}, need {VNET_HDR_LEN}")]
     VnetHdrSize(i32),
+    /// The virtio-mmio transport refused the device.
     #[error("virtio-net transport: {0}")]
     Transport(#[from] MmioError),
 }
@@ -46,6 +53,7 @@ device_stats! {
     pub struct NetStats {
         /// Frames written to the TAP.
         pub tx_frames: u64,
+        /// Bytes of the frames written to the TAP.
         pub tx_bytes: u64,
         /// Well-formed frames the TAP did not take (full, or an error).
         pub tx_dropped: u64,
@@ -56,6 +64,7 @@ device_stats! {
         pub tx_header_ignored: u64,
         /// Frames delivered to the guest.
         pub rx_frames: u64,
+        /// Bytes of the frames delivered to the guest.
         pub rx_bytes: u64,
         /// Frames read from the TAP and dropped (larger than the receive chain, or shorter
         /// than a header).
