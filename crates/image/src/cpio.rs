@@ -13,29 +13,45 @@ const TRAILER: &str = "TRAILER!!!";
 /// Fields of newc headers are 32-bit.
 const MAX_FIELD: u64 = u32::MAX as u64;
 
+/// Mask of the file-type bits of a mode.
 pub const S_IFMT: u32 = 0o170000;
+/// File type: directory.
 pub const S_IFDIR: u32 = 0o040000;
+/// File type: regular file.
 pub const S_IFREG: u32 = 0o100000;
+/// File type: symbolic link.
 pub const S_IFLNK: u32 = 0o120000;
+/// File type: character device.
 pub const S_IFCHR: u32 = 0o020000;
+/// File type: block device.
 pub const S_IFBLK: u32 = 0o060000;
+/// File type: FIFO.
 pub const S_IFIFO: u32 = 0o010000;
 
 /// Errors writing an archive.
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
+    /// Reading an entry's data or writing the archive failed.
     #[error("writing the cpio archive: {0}")]
     Io(#[from] io::Error),
+    /// (name, reason): the name is empty, has a NUL or a `.`/`..` part, is `TRAILER!!!`, or
+    /// is 4096 bytes or longer.
     #[error("invalid archive path {0:?}: {1}")]
     BadName(String, &'static str),
+    /// The (normalised) name was added before.
     #[error("{0}: added twice to the archive")]
     Duplicate(String),
+    /// (name, size in bytes): more than a 32-bit newc size field holds.
     #[error("{0}: {1} bytes is more than a newc cpio entry can hold (4 GiB)")]
     TooBig(String, u64),
+    /// A reader ran out before the announced size; the archive written so far is unusable.
     #[error("{path}: the source gave {got} bytes, {expected} were announced (file changed while archiving?)")]
     SizeMismatch {
+        /// The entry's name in the archive.
         path: String,
+        /// The announced size in bytes.
         expected: u64,
+        /// The bytes the reader gave.
         got: u64,
     },
 }
@@ -49,6 +65,7 @@ pub struct CpioWriter<W: Write> {
 }
 
 impl<W: Write> CpioWriter<W> {
+    /// A writer that has written nothing yet; inode numbers start at 1.
     pub fn new(out: W) -> Self {
         CpioWriter {
             out,

@@ -24,26 +24,41 @@ pub const LIBRARY_DIRS: &[&str] = &[
     "/usr/local/lib",
 ];
 
+/// Errors gathering a program's interpreter and libraries.
 #[derive(Debug, thiserror::Error)]
 pub enum DepsError {
+    /// The interpreter or a library is neither in the tree nor on this host.
     #[error(
         "{program} needs {what}, which is neither in the image's tree nor on this host \
          (looked in {searched}): install it, put it in the tree (--dir, or the route's `tree`) \
          at that path, or link the program statically"
     )]
     Missing {
+        /// The program, or the name of the library, that needs it.
         program: PathBuf,
+        /// What is missing, e.g. `the library libfoo.so.1`.
         what: String,
+        /// Where it was looked for.
         searched: String,
     },
+    /// A `DT_NEEDED` entry that is empty, `.`, `..` or contains `/`.
     #[error("{program}: library name {name:?} is not a plain file name")]
-    BadName { program: PathBuf, name: String },
+    BadName {
+        /// The program, or the name of the library, that names it.
+        program: PathBuf,
+        /// The entry.
+        name: String,
+    },
+    /// Copying a file from this host into the tree failed.
     #[error("copying {from} into the image: {source}")]
     Copy {
+        /// The host file.
         from: PathBuf,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
+    /// Reading the program or one of its libraries failed.
     #[error(transparent)]
     Elf(#[from] ElfError),
 }

@@ -26,30 +26,46 @@ pub const MAX_PROGRAM_SIZE: u64 = 1 << 30;
 /// Errors reading a program.
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
+    /// Opening or reading the file failed.
     #[error("reading {path}: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// The data does not start with `\x7fELF`.
     #[error("not an ELF file (no \\x7fELF magic)")]
     NotElf,
+    /// A header, table or string is cut off or inconsistent; the text names which.
     #[error("truncated or corrupt ELF file: {0}")]
     Truncated(&'static str),
+    /// Not a little-endian ELF32 or ELF64 file; the text says what it is instead.
     #[error("unsupported ELF {0}")]
     Unsupported(String),
+    /// The file is larger than [`MAX_PROGRAM_SIZE`].
     #[error("{path}: {size} bytes is too big for a guest program (limit {MAX_PROGRAM_SIZE})")]
-    TooBig { path: String, size: u64 },
+    TooBig {
+        /// The file.
+        path: String,
+        /// Its size in bytes.
+        size: u64,
+    },
 }
 
 /// The CPU architecture of an ELF file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
+    /// `EM_X86_64` in an ELF64 file.
     X86_64,
+    /// `EM_386` in an ELF32 file.
     I386,
     /// Any other `e_machine` (with its ELF class: 32 or 64).
     Other {
+        /// The `e_machine` value.
         machine: u16,
+        /// 32 or 64, from the ELF class.
         bits: u8,
     },
 }
@@ -80,7 +96,9 @@ pub enum ElfKind {
 /// What [`parse`] learned about an ELF file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElfInfo {
+    /// The machine and class it is for.
     pub arch: Arch,
+    /// Executable, PIE, shared library or other (see [`ElfKind`]).
     pub kind: ElfKind,
     /// The program interpreter (`PT_INTERP`), e.g. `/lib64/ld-linux-x86-64.so.2`; `None` for a
     /// statically linked program.
@@ -104,13 +122,16 @@ impl ElfInfo {
 /// What a candidate `/init` is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileKind {
+    /// An ELF file whose headers parse (it may still be a library or object file).
     Elf(ElfInfo),
     /// A `#!` script, with its interpreter path (first word after `#!`).
     Script {
+        /// The interpreter path, e.g. `/bin/sh`.
         interpreter: String,
     },
     /// Anything else (text, data, an ELF file that does not parse: see the reason).
     Other {
+        /// Why it is neither a script nor a parsable ELF file.
         reason: String,
     },
 }

@@ -42,42 +42,68 @@ const KEY_LEN: usize = 24;
 /// Errors of the kernel build.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    /// A file operation failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, e.g. `creating cache directory <path>`.
         context: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// The source tarball does not exist.
     #[error(
         "kernel source tarball {0} not found: install it with scripts/setup.sh \
          (apt-get install linux-source-6.12) or pass --source DIR with an unpacked tree"
     )]
     SourceMissing(PathBuf),
+    /// The directory has no top `Makefile` with `VERSION`, `PATCHLEVEL` and `SUBLEVEL`.
     #[error(
         "{0} is not a Linux source tree (no Makefile with VERSION/PATCHLEVEL/SUBLEVEL); \
          pass the top directory of an unpacked kernel source"
     )]
     NotAKernelTree(PathBuf),
+    /// Build tools that are not executable files in any `PATH` directory.
     #[error("missing build tools: {}; run scripts/setup.sh to install them", .0.join(", "))]
     MissingTools(Vec<String>),
+    /// A config fragment line does not parse, or sets an option already set.
     #[error("config fragment line {line}: {message}")]
-    Fragment { line: usize, message: String },
+    Fragment {
+        /// The line number (from 1).
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A patch does not apply to the source.
     #[error(
         "kernel patch {name} does not apply to the source; fix or refresh it in kernel/patches/:\n{output}"
     )]
-    PatchFailed { name: String, output: String },
+    PatchFailed {
+        /// The patch's file name.
+        name: String,
+        /// What `patch` printed (stdout, then stderr).
+        output: String,
+    },
+    /// A build tool could not be started.
     #[error("could not run {program}: {source}")]
     Spawn {
+        /// The program.
         program: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// A build step exited unsuccessfully.
     #[error("kernel build step `{step}` failed ({status}){}", tail_suffix(.log_tail))]
     StepFailed {
+        /// The step, e.g. `make vmlinux`.
         step: String,
+        /// Its exit status.
         status: ExitStatus,
+        /// With [`BuildOutput::Quiet`], the last 40 lines of the build log; else empty.
         log_tail: String,
     },
+    /// Requested options that the final `.config` does not have (see [`verify_config`]).
     #[error(
         "{} option(s) requested by the kernel config did not take (an unmet dependency, or \
          another option overrides them): {}. Add the missing dependencies to \
@@ -87,6 +113,7 @@ pub enum KernelError {
         .0.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; ")
     )]
     OptionsNotApplied(Vec<ConfigMismatch>),
+    /// `make` succeeded but there is no `vmlinux` at this path.
     #[error(
         "make finished but {0} is missing; the build tree is broken, rerun `xcgi kernel build`"
     )]
@@ -110,7 +137,9 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> KernelError {
 /// written `# CONFIG_X is not set`), a number, or a quoted string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigOption {
+    /// The option name, `CONFIG_` included (e.g. `CONFIG_SMP`).
     pub name: String,
+    /// The value, as written after `=`.
     pub value: String,
 }
 
@@ -123,7 +152,9 @@ impl fmt::Display for ConfigOption {
 /// An option whose value in the final `.config` differs from the requested one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigMismatch {
+    /// The option name, `CONFIG_` included.
     pub name: String,
+    /// The requested value.
     pub requested: String,
     /// `None`: absent from `.config` (its dependencies are not met). `Some("n")`: not set.
     pub actual: Option<String>,
@@ -434,7 +465,7 @@ pub fn tree_version(dir: &Path) -> Result<String, KernelError> {
 }
 
 /// The cache key: sha256 over the recipe version, source identity, fragment, patches (names
-/// and contents, in order) and variant; the first [`KEY_LEN`] hex digits.
+/// and contents, in order) and variant; the first 24 (`KEY_LEN`) hex digits.
 pub fn cache_key(
     source_identity: &str,
     fragment: &str,
@@ -491,12 +522,15 @@ pub struct KernelArtifact {
 /// A kernel build request. [`KernelBuild::build`] returns the cached kernel or builds it.
 #[derive(Debug, Clone)]
 pub struct KernelBuild {
+    /// Where the kernel source comes from.
     pub source: KernelSource,
+    /// The extra options and the patches to build with.
     pub variant: Variant,
     /// Parallel jobs for `make`; `None`: the number of CPUs.
     pub jobs: Option<usize>,
     /// The xcgi cache directory (see [`crate::cache_dir`]); kernels go in its `kernels/`.
     pub cache_dir: PathBuf,
+    /// Where the output of the build steps goes.
     pub output: BuildOutput,
 }
 

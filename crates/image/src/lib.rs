@@ -7,6 +7,8 @@
 //! - [`cpio`]: a small newc cpio writer.
 //! - [`elf`]: a small ELF header / program header reader used to check guest programs.
 
+#![warn(missing_docs)]
+
 pub mod cpio;
 pub mod deps;
 pub mod elf;
@@ -21,6 +23,7 @@ pub const CACHE_DIR_ENV: &str = "XCGI_CACHE_DIR";
 /// Errors finding the cache directory.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheDirError {
+    /// Neither `XCGI_CACHE_DIR` nor `HOME` is set to a non-empty value.
     #[error(
         "cannot find a cache directory: neither {CACHE_DIR_ENV} nor HOME is set; \
          set {CACHE_DIR_ENV} to a writable directory"

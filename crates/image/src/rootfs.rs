@@ -25,61 +25,112 @@ use crate::elf::{self, Arch, ElfError, ElfInfo, FileKind};
 /// Errors of the image build.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// A file operation failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done, e.g. `reading <path>`.
         context: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// Reading a program failed (I/O error, or larger than [`elf::MAX_PROGRAM_SIZE`]).
     #[error("{0}")]
     Elf(#[from] ElfError),
+    /// Not an ELF executable: a library or object file, or no parsable ELF file at all.
     #[error("{}: {reason}; the guest runs x86-64 Linux programs (ELF executables)", .path.display())]
-    NotAProgram { path: PathBuf, reason: String },
+    NotAProgram {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        reason: String,
+    },
+    /// An i386 program, without [`ImageOptions::ia32`].
     #[error(
         "{} is a 32-bit i386 program: pass --ia32 to accept it, and boot a kernel built with \
          `xcgi kernel build --ia32` (the default kernel runs only 64-bit programs)",
         .0.display()
     )]
     Needs32Bit(PathBuf),
+    /// An ELF file for an architecture other than x86-64 and i386.
     #[error("{}: built for {arch}; the guest is x86-64: rebuild it for x86-64 Linux", .path.display())]
-    WrongArch { path: PathBuf, arch: Arch },
+    WrongArch {
+        /// The file.
+        path: PathBuf,
+        /// The architecture it is built for.
+        arch: Arch,
+    },
+    /// The one program of a program image is a `#!` script (the image holds no interpreter).
     #[error(
         "{} is a script for {interpreter}, which an image made from one program does not \
          contain: use --dir with a tree that holds the interpreter, or a static binary",
         .path.display()
     )]
-    ScriptProgram { path: PathBuf, interpreter: String },
+    ScriptProgram {
+        /// The script.
+        path: PathBuf,
+        /// The interpreter from its `#!` line.
+        interpreter: String,
+    },
+    /// The tree's `/init` is a script whose interpreter the tree lacks.
     #[error(
         "/init in {} is a script for {interpreter}, which the tree does not contain: add the \
          interpreter (and its libraries) to the tree",
         .dir.display()
     )]
-    ScriptInterpreterMissing { dir: PathBuf, interpreter: String },
+    ScriptInterpreterMissing {
+        /// The tree.
+        dir: PathBuf,
+        /// The interpreter from the `#!` line.
+        interpreter: String,
+    },
+    /// The tree's `/init` has no execute permission bit.
     #[error("{} is not executable: chmod +x it", .0.display())]
     NotExecutableMode(PathBuf),
+    /// The program or tree does not exist.
     #[error("{} does not exist", .0.display())]
     SourceMissing(PathBuf),
+    /// The tree source is not a directory.
     #[error("{} is not a directory (--dir takes a directory tree)", .0.display())]
     NotADirectory(PathBuf),
+    /// The program, or the tree's `/init`, is not a regular file.
     #[error("{} is not a regular file (--program takes one executable file)", .0.display())]
     NotAFile(PathBuf),
+    /// A path in the tree, or a symlink target, is not UTF-8 (initramfs only).
     #[error("{}: file name is not UTF-8; rename it (the initramfs writer takes UTF-8 names)", .0.display())]
     NonUtf8Name(PathBuf),
+    /// The output's directory is inside the source tree.
     #[error(
         "the output {} is inside the source tree {}: write it elsewhere",
         .output.display(), .dir.display()
     )]
-    OutputInsideSource { output: PathBuf, dir: PathBuf },
+    OutputInsideSource {
+        /// The output path.
+        output: PathBuf,
+        /// The tree.
+        dir: PathBuf,
+    },
+    /// The output path is a directory.
     #[error("{} is a directory: give a file name for the image", .0.display())]
     OutputIsDir(PathBuf),
+    /// `mkfs.ext4` could not be started.
     #[error("could not run {program}: {source}; install e2fsprogs (scripts/setup.sh)")]
     Tool {
+        /// The program.
         program: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// `mkfs.ext4` failed (on a lack of space, after up to 3 retries, each at double the size).
     #[error("mkfs.ext4 failed ({status}): {stderr}")]
-    Mkfs { status: String, stderr: String },
+    Mkfs {
+        /// Its exit status, as text.
+        status: String,
+        /// What it printed on stderr, trimmed.
+        stderr: String,
+    },
+    /// Writing the initramfs failed.
     #[error(transparent)]
     Cpio(#[from] CpioError),
 }
@@ -121,7 +172,9 @@ pub enum ImageSource {
 /// An image build request.
 #[derive(Debug, Clone)]
 pub struct ImageOptions {
+    /// What goes into the image.
     pub source: ImageSource,
+    /// Which kind of image to write.
     pub format: ImageFormat,
     /// Where to write the image (see [`default_output`]).
     pub output: PathBuf,
@@ -132,6 +185,7 @@ pub struct ImageOptions {
 /// The result of [`build_image`].
 #[derive(Debug, Clone)]
 pub struct ImageReport {
+    /// Where the image was written.
     pub output: PathBuf,
     /// Size of the image file in bytes.
     pub size: u64,

@@ -20,21 +20,45 @@ pub const SLOT_PREFIX_LEN: u8 = 30;
 /// Netmask of each slot's subnet.
 pub const SLOT_NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 252);
 
+/// Errors validating an address plan or looking up one of its slots.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AddrError {
+    /// The base's last two bits are not zero.
     #[error("network pool base {base} is not the start of a /30 (its last two bits must be 0)")]
-    Unaligned { base: Ipv4Addr },
+    Unaligned {
+        /// The rejected base.
+        base: Ipv4Addr,
+    },
+    /// The base is 0.0.0.0, loopback, multicast, or in 240.0.0.0/4 (which holds broadcast).
     #[error("network pool base {base} is not a unicast address usable for guests")]
-    NotUnicast { base: Ipv4Addr },
+    NotUnicast {
+        /// The rejected base.
+        base: Ipv4Addr,
+    },
+    /// The pool size is 0.
     #[error("network pool size must be at least 1")]
     Empty,
+    /// `size` slots of 4 addresses would run past the end of the /16 that holds `base`.
     #[error(
         "network pool size {size} does not fit in the /16 of base {base}: at most {max} slots \
          (4 addresses each) fit from that base"
     )]
-    TooLarge { base: Ipv4Addr, size: u32, max: u32 },
+    TooLarge {
+        /// The pool base.
+        base: Ipv4Addr,
+        /// The requested number of slots.
+        size: u32,
+        /// The most slots that fit from `base`.
+        max: u32,
+    },
+    /// A slot index at or past the pool size.
     #[error("slot {slot} is outside the network pool (size {size})")]
-    NoSuchSlot { slot: u32, size: u32 },
+    NoSuchSlot {
+        /// The requested slot.
+        slot: u32,
+        /// The pool size (number of slots).
+        size: u32,
+    },
 }
 
 /// A MAC address.
@@ -85,10 +109,12 @@ impl AddrPlan {
         Ok(AddrPlan { base, size })
     }
 
+    /// The pool's first address (the network address of slot 0).
     pub fn base(&self) -> Ipv4Addr {
         self.base
     }
 
+    /// Number of /30 slots.
     pub fn size(&self) -> u32 {
         self.size
     }
@@ -117,14 +143,18 @@ impl AddrPlan {
 /// The addresses of one slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotAddrs {
+    /// Index of the slot in its pool (0-based).
     pub slot: u32,
     /// Host side of the TAP (the guest's gateway).
     pub host: Ipv4Addr,
+    /// The guest's address.
     pub guest: Ipv4Addr,
+    /// The guest NIC's MAC: `06:00:` and the four bytes of `guest`.
     pub mac: MacAddr,
 }
 
 impl SlotAddrs {
+    /// Always [`SLOT_NETMASK`] (255.255.255.252).
     pub fn netmask(&self) -> Ipv4Addr {
         SLOT_NETMASK
     }

@@ -13,6 +13,7 @@ pub type SocketReply = Box<dyn FnOnce(std::io::Result<std::net::TcpStream>) + Se
 
 /// A namespace with its TAP pool and socket thread.
 pub struct GuestNet {
+    /// The namespace's TAP pool; lease one TAP per VM from it.
     pub pool: Pool,
     sockets: Option<Sender<SocketReply>>,
     /// The socket thread; it holds the namespace, so it is joined on drop (before the process

@@ -17,6 +17,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod addr;
 pub mod guests;
 pub mod netlink;
@@ -37,17 +39,24 @@ pub use tap::{Tap, TapError, VNET_HDR_LEN};
 /// Errors of this crate's public operations.
 #[derive(Debug, Error)]
 pub enum NetError {
+    /// Creating, entering or configuring the network namespace failed.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// Creating or querying a TAP device failed.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// A netlink operation failed (e.g. opening the namespace's netlink socket).
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    /// The address plan is invalid, normally [`PoolConfig::base`] or [`PoolConfig::size`].
     #[error(transparent)]
     Addr(#[from] AddrError),
+    /// Configuring the host side of a new TAP (link up, address, neighbour entry) failed.
     #[error("cannot configure TAP {name:?}: {source}")]
     Configure {
+        /// Name of the TAP being configured.
         name: String,
+        /// What netlink reported.
         #[source]
         source: NetlinkError,
     },
@@ -55,11 +64,24 @@ pub enum NetError {
         "network pool exhausted: all {size} slots are leased; raise the network pool size \
          (PoolConfig::size) to run more VMs with a network at once"
     )]
-    PoolExhausted { size: u32 },
+    /// No slot is free: all are leased (or stuck), and none came back within
+    /// [`pool::RETURN_WAIT`].
+    PoolExhausted {
+        /// Number of slots in the pool.
+        size: u32,
+    },
     #[error("network pool prefill {prefill} is larger than the pool size {size}")]
-    PrefillTooLarge { prefill: u32, size: u32 },
+    /// [`PoolConfig::prefill`] is larger than [`PoolConfig::size`].
+    PrefillTooLarge {
+        /// The requested prefill.
+        prefill: u32,
+        /// The requested pool size.
+        size: u32,
+    },
+    /// A broken internal invariant (a bug in this crate); the text says which.
     #[error("internal error in xcgi-net: {0}")]
     Internal(&'static str),
+    /// The socket thread of a [`GuestNet`] could not be spawned.
     #[error("cannot start the guest network's socket thread: {0}")]
     Thread(std::io::Error),
 }

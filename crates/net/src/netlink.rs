@@ -16,41 +16,62 @@ use crate::sys;
 const NLMSG_HDRLEN: usize = 16;
 const RECV_BUF: usize = 64 * 1024;
 
+/// Errors of netlink requests.
 #[derive(Debug, Error)]
 pub enum NetlinkError {
+    /// Opening or binding the netlink socket failed.
     #[error("cannot open a NETLINK_ROUTE socket: {source}")]
     Socket {
+        /// The OS error from socket(2) or bind(2).
         #[source]
         source: io::Error,
     },
+    /// Sending a request failed.
     #[error("netlink {op}: send failed: {source}")]
     Send {
+        /// The operation, e.g. `add address`.
         op: &'static str,
+        /// The OS error from send(2).
         #[source]
         source: io::Error,
     },
+    /// Receiving a reply failed.
     #[error("netlink {op}: receive failed: {source}")]
     Recv {
+        /// The operation, e.g. `dump links`.
         op: &'static str,
+        /// The OS error from recv(2).
         #[source]
         source: io::Error,
     },
+    /// The kernel answered EPERM: the process lacks CAP_NET_ADMIN in the namespace.
     #[error(
         "netlink {op}: operation not permitted: xcgi needs CAP_NET_ADMIN to configure its \
          network devices (run it as root or grant it the capability)"
     )]
-    PermissionDenied { op: &'static str },
+    PermissionDenied {
+        /// The refused operation.
+        op: &'static str,
+    },
+    /// The kernel refused the request with an errno other than EPERM.
     #[error("netlink {op}: the kernel refused: {source}{}", ext_msg(.message))]
     Kernel {
+        /// The refused operation.
         op: &'static str,
+        /// The errno (positive), e.g. `libc::EEXIST`.
         errno: i32,
+        /// The kernel's extended-ack text, when it sent one.
         message: Option<String>,
+        /// `errno` as an I/O error.
         #[source]
         source: io::Error,
     },
+    /// A reply did not parse.
     #[error("netlink {op}: malformed reply: {what}")]
     Malformed {
+        /// The operation whose reply it was.
         op: &'static str,
+        /// What was wrong with the reply.
         what: &'static str,
     },
 }
@@ -76,7 +97,9 @@ impl NetlinkError {
 /// One link, as an RTM_GETLINK dump reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
+    /// Interface index.
     pub index: u32,
+    /// Interface name (`IFLA_IFNAME`); empty if the kernel sent none.
     pub name: String,
     /// `IFF_*` flags (`IFF_UP` = 1, `IFF_LOWER_UP` = 0x10000, ...).
     pub flags: u32,
@@ -99,22 +122,29 @@ impl LinkInfo {
 /// One IPv4 address, as an RTM_GETADDR dump reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddrInfo {
+    /// Index of the interface the address is on.
     pub index: u32,
+    /// Prefix length, e.g. 30.
     pub prefix_len: u8,
+    /// The address (`IFA_LOCAL`, else `IFA_ADDRESS`).
     pub local: Ipv4Addr,
 }
 
 /// One IPv4 neighbour entry, as an RTM_GETNEIGH dump reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NeighInfo {
+    /// Index of the interface the entry is on.
     pub index: u32,
     /// `NUD_*` state (`NUD_PERMANENT` = 0x80).
     pub state: u16,
+    /// The neighbour's IPv4 address.
     pub dst: Ipv4Addr,
+    /// The neighbour's MAC (`NDA_LLADDR`), when the entry has a 6-byte one.
     pub lladdr: Option<[u8; 6]>,
 }
 
 impl NeighInfo {
+    /// A static entry (`NUD_PERMANENT`): never aged out or re-resolved by ARP.
     pub fn is_permanent(&self) -> bool {
         self.state & sys::NUD_PERMANENT != 0
     }

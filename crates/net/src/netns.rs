@@ -45,59 +45,90 @@ const IPV6_SYSCTLS: &[(&str, &str)] = &[
     ("net/ipv6/conf/default/disable_ipv6", "1"),
 ];
 
+/// Errors creating or using a network namespace.
 #[derive(Debug, Error)]
 pub enum NetnsError {
+    /// The name is empty, 256 bytes or longer, `.` or `..`, or contains `/` or NUL.
     #[error(
         "invalid network namespace name {name:?}: it must be non-empty, shorter than 256 \
          bytes, contain no '/' and not be '.' or '..'"
     )]
-    InvalidName { name: String },
+    InvalidName {
+        /// The rejected name.
+        name: String,
+    },
+    /// `/run/netns/<name>` already exists.
     #[error(
         "a network namespace named {name:?} already exists ({path}); choose another name, or \
          remove a stale one with `ip netns del {name}`"
     )]
-    NameInUse { name: String, path: PathBuf },
+    NameInUse {
+        /// The requested name.
+        name: String,
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// `unshare(CLONE_NEWNET)` failed (EPERM: no CAP_SYS_ADMIN).
     #[error("cannot create a network namespace (unshare CLONE_NEWNET): {source}{}", cap_hint(.source, "CAP_SYS_ADMIN"))]
     Unshare {
+        /// The OS error from unshare(2).
         #[source]
         source: io::Error,
     },
+    /// Entering the namespace with `setns` failed.
     #[error("cannot enter the network namespace (setns): {source}{}", cap_hint(.source, "CAP_SYS_ADMIN"))]
     Enter {
+        /// The OS error from setns(2).
         #[source]
         source: io::Error,
     },
+    /// Opening the new namespace's `/proc/thread-self/ns/net` failed.
     #[error("cannot open the new network namespace's file {path}: {source}")]
     OpenNs {
+        /// The file that could not be opened.
         path: &'static str,
+        /// The OS error from open(2).
         #[source]
         source: io::Error,
     },
+    /// Creating [`NETNS_RUN_DIR`] or the namespace's file in it failed.
     #[error("cannot create {path}: {source}")]
     RunDir {
+        /// The directory or file that could not be created.
         path: PathBuf,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// Bind-mounting the namespace at its file failed.
     #[error("cannot bind-mount the network namespace at {path}: {source}{}", cap_hint(.source, "CAP_SYS_ADMIN"))]
     Mount {
+        /// The mount point, `/run/netns/<name>`.
         path: PathBuf,
+        /// The OS error from mount(2).
         #[source]
         source: io::Error,
     },
+    /// Opening netlink in the new namespace or setting `lo` up failed.
     #[error("cannot bring up the loopback device in the new namespace: {source}")]
     Loopback {
+        /// What netlink reported.
         #[source]
         source: NetlinkError,
     },
+    /// Reading or writing a sysctl inside the namespace failed.
     #[error("cannot set sysctl {key} in the network namespace: {source}")]
     Sysctl {
+        /// Path under /proc/sys, e.g. `net/ipv4/ip_forward`.
         key: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// A thread to create or enter the namespace could not be spawned.
     #[error("cannot start a thread to enter the network namespace: {source}")]
     Thread {
+        /// The error from spawning the thread.
         #[source]
         source: io::Error,
     },

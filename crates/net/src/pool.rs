@@ -58,6 +58,7 @@ impl Default for PoolConfig {
 /// Counts, for diagnostics and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
+    /// Total number of slots.
     pub size: u32,
     /// Configured TAPs waiting for a lease.
     pub ready: u32,
@@ -68,6 +69,7 @@ pub struct PoolStats {
     pub stuck: u32,
     /// Returned leases still being processed in the background.
     pub returning: u32,
+    /// Slots held by a [`Lease`] (or getting a TAP for one): `size` minus all the others.
     pub leased: u32,
 }
 
@@ -431,6 +433,7 @@ impl Pool {
         &self.inner.ns
     }
 
+    /// The configuration the pool was created with.
     pub fn config(&self) -> PoolConfig {
         PoolConfig {
             base: self.inner.plan.base(),
@@ -445,6 +448,7 @@ impl Pool {
         self.inner.wait_idle(timeout)
     }
 
+    /// A snapshot of the slot counts.
     pub fn stats(&self) -> PoolStats {
         let st = lock(&self.inner.state);
         let size = self.inner.plan.size();
@@ -511,10 +515,12 @@ impl Lease {
         &self.tap
     }
 
+    /// The index of the leased slot in the pool.
     pub fn slot(&self) -> u32 {
         self.addrs.slot
     }
 
+    /// The address the guest must configure on its NIC.
     pub fn guest_ip(&self) -> Ipv4Addr {
         self.addrs.guest
     }
@@ -524,6 +530,7 @@ impl Lease {
         self.addrs.host
     }
 
+    /// The slot's netmask, 255.255.255.252 (/30).
     pub fn netmask(&self) -> Ipv4Addr {
         self.addrs.netmask()
     }
@@ -543,6 +550,7 @@ impl Lease {
         self.tap.name()
     }
 
+    /// The TAP's interface index inside xcgi's namespace.
     pub fn ifindex(&self) -> u32 {
         self.tap.index()
     }

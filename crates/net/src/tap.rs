@@ -19,63 +19,97 @@ pub const TUN_PATH: &str = "/dev/net/tun";
 /// num_buffers).
 pub const VNET_HDR_LEN: usize = 12;
 
+/// Errors creating or querying a TAP device.
 #[derive(Debug, Error)]
 pub enum TapError {
+    /// The name is empty, over 15 bytes, `.` or `..`, or contains `/`, `:`, NUL or whitespace.
     #[error("invalid TAP device name {name:?}: 1 to 15 bytes, no '/', ':' or whitespace")]
-    InvalidName { name: String },
+    InvalidName {
+        /// The rejected name.
+        name: String,
+    },
+    /// Opening [`TUN_PATH`] failed with ENOENT, ENODEV or ENXIO: no TUN/TAP driver.
     #[error(
         "{path} does not exist or has no driver: the kernel's TUN/TAP support is missing; load \
          it with `modprobe tun` (CONFIG_TUN) ({source})"
     )]
     TunMissing {
+        /// [`TUN_PATH`].
         path: &'static str,
+        /// The OS error from open(2).
         #[source]
         source: io::Error,
     },
+    /// EPERM or EACCES opening [`TUN_PATH`] or creating the TAP: no CAP_NET_ADMIN.
     #[error(
         "{op}: permission denied: xcgi needs CAP_NET_ADMIN to create TAP devices (run it as \
          root or grant it the capability) ({source})"
     )]
     PermissionDenied {
+        /// The refused operation.
         op: &'static str,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// A device of that name already exists in the namespace (EBUSY or EEXIST from
+    /// `TUNSETIFF`).
     #[error("TAP device name {name:?} is already in use in xcgi's network namespace")]
-    NameInUse { name: String },
+    NameInUse {
+        /// The requested name.
+        name: String,
+    },
+    /// Opening [`TUN_PATH`] failed for another reason.
     #[error("cannot open {path}: {source}")]
     Open {
+        /// [`TUN_PATH`].
         path: &'static str,
+        /// The OS error from open(2).
         #[source]
         source: io::Error,
     },
+    /// `TUNSETIFF` failed for another reason.
     #[error("cannot create TAP device {name:?} (TUNSETIFF): {source}")]
     SetIff {
+        /// The requested name.
         name: String,
+        /// The OS error from the ioctl.
         #[source]
         source: io::Error,
     },
+    /// Setting the virtio-net header size to [`VNET_HDR_LEN`] (`TUNSETVNETHDRSZ`) failed.
     #[error("cannot set the virtio-net header size of TAP {name:?} to {VNET_HDR_LEN}: {source}")]
     VnetHdr {
+        /// The TAP's name.
         name: String,
+        /// The OS error from the ioctl.
         #[source]
         source: io::Error,
     },
+    /// `if_nametoindex` found no index for the new TAP.
     #[error("cannot find the interface index of TAP {name:?}: {source}")]
     Index {
+        /// The TAP's name.
         name: String,
+        /// The OS error from if_nametoindex(3).
         #[source]
         source: io::Error,
     },
+    /// `TUNGETIFF` or `TUNGETVNETHDRSZ` failed.
     #[error("cannot query TAP {name:?}: {source}")]
     Query {
+        /// The TAP's name.
         name: String,
+        /// The OS error from the ioctl.
         #[source]
         source: io::Error,
     },
+    /// Duplicating the TAP's descriptor failed.
     #[error("cannot duplicate the descriptor of TAP {name:?}: {source}")]
     Dup {
+        /// The TAP's name.
         name: String,
+        /// The OS error from fcntl(2).
         #[source]
         source: io::Error,
     },
