@@ -22,39 +22,67 @@ use crate::cpio::{Archive, CpioError, Source};
 /// Errors from preparing the lab assets.
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
+    /// A host tool (apt-cache, apt-get, dpkg-deb, ldd, busybox, a decompressor) could not be
+    /// started.
     #[error("running {program}: {source} (is it installed? see scripts/setup.sh)")]
     Spawn {
+        /// The program's name or path.
         program: String,
+        /// Why it could not be started.
         #[source]
         source: io::Error,
     },
+    /// A host tool ran and exited unsuccessfully.
     #[error("{command} failed ({status}): {stderr}")]
     CommandFailed {
+        /// The program and its arguments, joined by spaces.
         command: String,
+        /// Its exit status.
         status: std::process::ExitStatus,
+        /// Its stderr, trimmed.
         stderr: String,
     },
+    /// No kernel image package: `apt-cache` names none, or its download produced no `.deb`.
     #[error("cannot find the Debian kernel package: {0}")]
     KernelPackage(String),
+    /// A host executable the initramfs needs (busybox, `ip`) is in none of the usual places.
     #[error("{what} not found on the host (looked in {looked:?}); run scripts/setup.sh")]
     HostFileMissing {
+        /// What was looked for, e.g. `iproute2's ip`.
         what: &'static str,
+        /// The paths tried.
         looked: Vec<PathBuf>,
     },
+    /// The host's busybox is dynamically linked; the base initramfs needs a static one.
     #[error("{path} is not a static executable; the lab needs busybox-static")]
-    NotStatic { path: PathBuf },
+    NotStatic {
+        /// The busybox found.
+        path: PathBuf,
+    },
+    /// `ldd` reports a shared library of an executable as not found.
     #[error("ldd {path}: library {lib} not found")]
-    LibraryNotFound { path: PathBuf, lib: String },
+    LibraryNotFound {
+        /// The executable.
+        path: PathBuf,
+        /// The library, as `ldd` names it.
+        lib: String,
+    },
+    /// The unpacked kernel package lacks this file or directory (bzImage, modules).
     #[error("kernel package is missing {0}")]
     MissingInPackage(PathBuf),
+    /// A file operation on `path` failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory operated on.
         path: PathBuf,
+        /// The error.
         #[source]
         source: io::Error,
     },
+    /// No cache directory (neither `$XCGI_CACHE_DIR` nor `$HOME` set).
     #[error(transparent)]
     CacheDir(#[from] xcgi_image::CacheDirError),
+    /// Building or writing the base initramfs archive failed.
     #[error("building the base initramfs: {0}")]
     Cpio(#[from] CpioError),
 }

@@ -17,20 +17,42 @@ use xcgi_image::cpio::{CpioError as EncodeError, CpioWriter};
 /// Errors from building or writing a cpio archive.
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
+    /// A guest path that [`normalize_guest_path`] rejects.
     #[error("invalid guest path {path:?}: {reason}")]
-    InvalidPath { path: String, reason: &'static str },
+    InvalidPath {
+        /// The path as given.
+        path: String,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
+    /// A path would be both a directory and a file or symlink (itself or as a parent).
     #[error("guest path /{path} is used both as a directory and as a non-directory")]
-    Conflict { path: String },
+    Conflict {
+        /// The normalized path, without the leading '/'.
+        path: String,
+    },
+    /// Reading a host file, directory or symlink failed (also: a non-UTF-8 name or target).
     #[error("{path}: {source}")]
     Host {
+        /// The host path.
         path: PathBuf,
+        /// The error.
         #[source]
         source: io::Error,
     },
+    /// A host path that is not a regular file, directory or symlink (a device, socket, FIFO).
     #[error("{path}: unsupported file type (only regular files, directories and symlinks)")]
-    Unsupported { path: PathBuf },
+    Unsupported {
+        /// The host path.
+        path: PathBuf,
+    },
+    /// A host file's size changed between its `stat` and the end of its copy.
     #[error("{path}: file changed size while being archived")]
-    Changed { path: PathBuf },
+    Changed {
+        /// The host path.
+        path: PathBuf,
+    },
+    /// Writing the archive to its destination failed.
     #[error("writing cpio archive: {0}")]
     Write(#[source] io::Error),
     /// Refused by the encoder (e.g. an entry too big for newc).
@@ -98,6 +120,7 @@ pub fn normalize_guest_path(path: &str) -> Result<String, CpioError> {
 }
 
 impl Archive {
+    /// An empty archive.
     pub fn new() -> Self {
         Self::default()
     }
@@ -107,6 +130,7 @@ impl Archive {
         self.entries.len()
     }
 
+    /// True if nothing has been added.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -20,6 +20,8 @@
 //! }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod assets;
 pub mod cpio;
 mod run;

@@ -68,24 +68,37 @@ const MAX_LINE: usize = 64 * 1024;
 /// Errors from running a command in the lab.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
+    /// Finding or building the kernel and base initramfs failed, or `ldd` failed on one of
+    /// [`LabCommand::binaries`].
     #[error("preparing lab assets: {0}")]
     Assets(#[from] AssetError),
+    /// Building the per-run payload archive (the command's files and binaries) failed.
     #[error("building the lab payload: {0}")]
     Payload(#[from] CpioError),
+    /// A [`LabCommand`] that cannot run: option out of range, unusable guest path, a binary
+    /// that is not a file.
     #[error("invalid lab command: {0}")]
     Invalid(String),
+    /// Creating or writing a per-run temporary file, or reading the base initramfs, failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file (`<lab initrd temporary file>` for the anonymous initrd), or the
+        /// directory a temporary file was to be made in.
         path: PathBuf,
+        /// The error.
         #[source]
         source: io::Error,
     },
+    /// QEMU could not be started.
     #[error("starting {program}: {source} (install qemu-system-x86: scripts/setup.sh)")]
     Spawn {
+        /// The QEMU binary.
         program: String,
+        /// Why it could not be started.
         #[source]
         source: io::Error,
     },
+    /// The run exceeded [`LabCommand::timeout`]; QEMU was killed.
     #[error(
         "lab timed out after {}s ({}); QEMU was killed{}",
         timeout.as_secs_f64(),
@@ -93,12 +106,14 @@ pub enum LabError {
         tail_suffix(console_tail)
     )]
     Timeout {
+        /// The timeout that expired.
         timeout: Duration,
         /// Whether the command had started.
         booted: bool,
-        /// The end of the kernel console, for diagnosis.
+        /// The end of the kernel console (its last 30 lines, known noise left out).
         console_tail: String,
     },
+    /// QEMU exited before the command's exit marker (boot failure, guest panic, QEMU error).
     #[error(
         "lab exited ({status}) before the command {}{}{}",
         if *booted { "finished" } else { "started (boot failure?)" },
@@ -106,9 +121,13 @@ pub enum LabError {
         tail_suffix(console_tail)
     )]
     Exited {
+        /// QEMU's exit status, or why waiting for it failed.
         status: String,
+        /// Whether the command had started.
         booted: bool,
+        /// The end of the kernel console (its last 30 lines, known noise left out).
         console_tail: String,
+        /// The end of QEMU's stderr (its last 16 KiB).
         qemu_stderr: String,
     },
 }
@@ -156,6 +175,8 @@ pub struct LabCommand {
 }
 
 impl LabCommand {
+    /// `command` with the defaults: no files, 600 s timeout, 2048 MiB, 64 huge pages, 2 CPUs,
+    /// scratch files in the system temp dir.
     pub fn new(command: impl Into<String>) -> Self {
         Self {
             command: command.into(),
@@ -169,36 +190,43 @@ impl LabCommand {
         }
     }
 
+    /// Adds a host file or directory at `guest` (see [`LabCommand::files`]).
     pub fn file(mut self, host: impl Into<PathBuf>, guest: impl Into<String>) -> Self {
         self.files.push((host.into(), guest.into()));
         self
     }
 
+    /// Adds a host executable and its shared libraries (see [`LabCommand::binaries`]).
     pub fn binary(mut self, host: impl Into<PathBuf>, guest: impl Into<String>) -> Self {
         self.binaries.push((host.into(), guest.into()));
         self
     }
 
+    /// Sets [`LabCommand::timeout`] (must not be zero).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
+    /// Sets the guest memory in MiB (at least 256, and 128 more than the huge pages take).
     pub fn mem_mib(mut self, mem_mib: u32) -> Self {
         self.mem_mib = mem_mib;
         self
     }
 
+    /// Sets the number of 2 MiB huge pages to reserve.
     pub fn hugepages(mut self, hugepages: u32) -> Self {
         self.hugepages = hugepages;
         self
     }
 
+    /// Sets the number of guest CPUs (1 to 64).
     pub fn cpus(mut self, cpus: u32) -> Self {
         self.cpus = cpus;
         self
     }
 
+    /// Sets [`LabCommand::scratch_dir`].
     pub fn scratch_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.scratch_dir = Some(dir.into());
         self
@@ -263,6 +291,8 @@ impl Lab {
         Ok(Self::with_assets(assets::prepare()?))
     }
 
+    /// A lab on already prepared assets. QEMU is `$XCGI_LAB_QEMU`, else `qemu-system-x86_64`
+    /// from PATH.
     pub fn with_assets(assets: LabAssets) -> Self {
         let qemu = std::env::var_os("XCGI_LAB_QEMU")
             .filter(|q| !q.is_empty())
@@ -277,6 +307,7 @@ impl Lab {
         self
     }
 
+    /// The kernel and base initramfs this lab boots.
     pub fn assets(&self) -> &LabAssets {
         &self.assets
     }

@@ -25,8 +25,11 @@ use xcgi_vmm::{Pool, PoolHealth};
 /// One of the admin endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
+    /// Liveness: always 200 `ok` while the process answers.
     Healthz,
+    /// Readiness: 200 `ready`, else 503 with the reason ([`Health::readiness`]).
     Readyz,
+    /// The Prometheus text ([`Metrics::render`]).
     Metrics,
     /// Under the reserved prefix, but none of the above: 404.
     Unknown,
@@ -43,6 +46,8 @@ pub struct Health {
 }
 
 impl Health {
+    /// Not ready until [`Health::set_serving`]; `pools` are the routes' pools of VMs prepared
+    /// ahead, each with the route prefix(es) it serves.
     pub fn new(metrics: Arc<Metrics>, pools: Vec<(String, Arc<Pool>)>) -> Health {
         Health {
             metrics,
@@ -64,6 +69,7 @@ impl Health {
         self.metrics.ready.store(0, Ordering::Relaxed);
     }
 
+    /// True once [`Health::begin_drain`] was called.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }

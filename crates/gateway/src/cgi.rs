@@ -10,6 +10,7 @@ use hyper::{Method, StatusCode};
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// PATH given to handlers unless the route's environment sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// SERVER_SOFTWARE for every request: `xcgi/<version>`.
 pub const SERVER_SOFTWARE: &str = concat!("xcgi/", env!("CARGO_PKG_VERSION"));
 
 /// Longest single `NAME=value` string handed to a handler: Linux refuses a longer one in
@@ -21,8 +22,16 @@ pub const MAX_ENV_TOTAL: usize = 256 * 1024;
 /// The request's environment is too large for a handler (the client gets 431).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvError {
+    /// One `NAME=value` string is longer than [`MAX_ENV_STRING`].
     #[error("the variable {name} is {len} bytes: more than a handler accepts ({MAX_ENV_STRING})")]
-    VariableTooLong { name: String, len: usize },
+    VariableTooLong {
+        /// The variable's name.
+        name: String,
+        /// Length of its `NAME=value` string, in bytes.
+        len: usize,
+    },
+    /// All strings together, with their NULs, exceed [`MAX_ENV_TOTAL`]; holds their total in
+    /// bytes.
     #[error(
         "the request's environment is {0} bytes: more than a handler accepts ({MAX_ENV_TOTAL})"
     )]
@@ -32,6 +41,7 @@ pub enum EnvError {
 /// What the meta-variables are made from.
 #[derive(Debug, Clone)]
 pub struct RequestInfo<'a> {
+    /// The request method (REQUEST_METHOD).
     pub method: &'a Method,
     /// The request's protocol (SERVER_PROTOCOL).
     pub version: hyper::Version,
@@ -39,8 +49,14 @@ pub struct RequestInfo<'a> {
     pub path: &'a str,
     /// The query string as sent (not decoded), without `?`.
     pub query: &'a str,
+    /// The request's header fields: the `HTTP_*` variables, CONTENT_TYPE, and SERVER_NAME
+    /// and SERVER_PORT from `Host`.
     pub headers: &'a HeaderMap,
+    /// The client's address: REMOTE_ADDR, REMOTE_HOST (the address again, no reverse
+    /// lookup) and REMOTE_PORT.
     pub remote: SocketAddr,
+    /// The address the request came in on: SERVER_NAME without a `Host` field, SERVER_PORT
+    /// when `Host` names no port.
     pub local: SocketAddr,
     /// The route's prefix: SCRIPT_NAME.
     pub script_name: &'a str,
@@ -220,20 +236,29 @@ fn server_name_port(req: &RequestInfo<'_>) -> (String, u16) {
 /// Why a handler's response cannot be used (the gateway answers 502 and logs this).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CgiResponseError {
+    /// No blank line within the first [`MAX_HEADER_BLOCK`] bytes.
     #[error("the handler's header block exceeds {MAX_HEADER_BLOCK} bytes")]
     HeadersTooLong,
+    /// The output ended before the blank line that ends the header block.
     #[error("the handler's output ended before the blank line that ends its headers")]
     Truncated,
+    /// A line without `:`, or with an empty name or blanks around it; holds the line.
     #[error("malformed header line {0:?} (expected `Name: value`)")]
     BadLine(String),
+    /// A field name HTTP does not allow; holds the name.
     #[error("invalid header field name {0:?}")]
     BadName(String),
+    /// A field value HTTP does not allow (e.g. non-ASCII); holds the field's name.
     #[error("invalid value for header {0}")]
     BadValue(String),
+    /// A `Status` whose code is not three digits from 200 to 599; holds its value.
     #[error("invalid Status {0:?} (expected a code from 200 to 599 and a reason)")]
     BadStatus(String),
+    /// None of Content-Type, Location and Status (RFC 3875 6.2 needs one).
     #[error("no Content-Type, Location or Status header: not a CGI response")]
     NoCgiField,
+    /// A local redirect (`Location: /...`) with other fields, a Status or a body; holds the
+    /// location.
     #[error("local redirect {0:?} with other header fields or a body")]
     BadLocalRedirect(String),
 }
@@ -243,11 +268,18 @@ pub enum CgiResponseError {
 pub enum CgiHead {
     /// Send to the client: status, headers, then the body.
     Document {
+        /// `Status`, else 302 for a client redirect (a `Location` not starting with `/`),
+        /// else 200.
         status: StatusCode,
+        /// The handler's fields, less `Status` and the ones the server frames itself
+        /// (Connection, Transfer-Encoding, Keep-Alive, Content-Length).
         headers: HeaderMap,
     },
     /// `Location: /path?query` alone: the server serves that path instead (RFC 3875 6.2.2).
-    LocalRedirect { location: String },
+    LocalRedirect {
+        /// The path and query to serve instead, as the handler wrote it.
+        location: String,
+    },
 }
 
 /// Finds the end of the header block in `buf`: the index of the first body byte, or `None`

@@ -48,20 +48,34 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("{file}: cannot read it: {source}")]
     Read {
+        /// The configuration file.
         file: PathBuf,
+        /// The error.
         #[source]
         source: std::io::Error,
     },
+    /// Not valid TOML, or a key or type the configuration does not have.
     #[error("{file}: {message}")]
-    Parse { file: PathBuf, message: String },
+    Parse {
+        /// The configuration file.
+        file: PathBuf,
+        /// The TOML parser's message (it names the line).
+        message: String,
+    },
+    /// A value that fails the checks.
     #[error("{file}: {key}: {reason}")]
     Invalid {
+        /// The configuration file, or `(command line)`.
         file: PathBuf,
+        /// The key, e.g. `server.concurrency` or `route[0] (prefix "/a").memory_mib`.
         key: String,
+        /// What is wrong with it.
         reason: String,
     },
 }
@@ -88,50 +102,64 @@ pub enum Mode {
     Http,
 }
 
+/// `[server]`: listeners, admission, connection limits and timeouts, guest defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
+    /// Address of the serving port. Default `127.0.0.1:8080`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// How handlers are isolated. Default `vm`.
     #[serde(default)]
     pub isolation: Isolation,
+    /// Handlers running at once; a request's slot is held until its handler is gone. At
+    /// least 1; default 8.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Requests that may wait for a slot; beyond that, 503 at once (0: none wait).
+    /// Default 64.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Longest wait in the queue, ms, then 503 (504 if the route's deadline comes first).
+    /// At least 1; default 10000.
     #[serde(default = "default_queue_timeout")]
     pub queue_timeout_ms: u64,
-    /// In-flight requests get this long to finish on SIGTERM.
+    /// In-flight requests get this long to finish on SIGTERM, ms. Default 30000.
     #[serde(default = "default_drain")]
     pub drain_timeout_ms: u64,
     /// A request's head (request line and headers) must arrive within this, counted from its
-    /// first byte; else the connection is closed.
+    /// first byte; else the connection is closed. ms, at least 1; default 10000.
     #[serde(default = "default_header_timeout")]
     pub header_timeout_ms: u64,
-    /// A connection waiting for its next request is closed after this.
+    /// A connection waiting for its next request is closed after this. ms, at least 1;
+    /// default 5000.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_ms: u64,
     /// A response that cannot be written for this long (the client does not read) is
-    /// aborted: the connection closes and the handler is killed.
+    /// aborted: the connection closes and the handler is killed. ms, at least 1; default
+    /// 30000.
     #[serde(default = "default_write_timeout")]
     pub write_timeout_ms: u64,
     /// A request body must arrive completely within this after the request's head: else 408
-    /// (and the handler is killed).
+    /// (and the handler is killed). ms, at least 1; default 30000.
     #[serde(default = "default_body_timeout")]
     pub body_timeout_ms: u64,
     /// Client connections open at once; a connection over the cap is accepted and closed.
+    /// At least 1; default 4096.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Bytes of chunked request bodies held in memory at once, across all requests (a
     /// chunked body is taken in whole before the handler starts: CGI needs its length). A
-    /// request that would go over gets 503.
+    /// request that would go over gets 503. At least 1; default 268435456 (256 MiB).
     #[serde(default = "default_body_budget")]
     pub body_budget: u64,
+    /// Guest kernel for routes without their own `kernel`. Unset: the one `xcgi kernel
+    /// build` cached (looked up only when some route needs it).
     pub kernel: Option<PathBuf>,
     /// `xcgi-init`, the guest side of CGI mode (default: next to the xcgi binary).
     pub init: Option<PathBuf>,
     /// Reserved path prefix on the serving port for `healthz`, `readyz` and (without
-    /// `admin_listen`) `metrics`. No route may be configured under it.
+    /// `admin_listen`) `metrics`. No route may be configured under it. Default `/_xcgi`.
     #[serde(default = "default_admin_prefix")]
     pub admin_prefix: String,
     /// A second listener for `/healthz`, `/readyz` and `/metrics` (then metrics are no
@@ -145,6 +173,7 @@ pub struct ServerSection {
     pub reuse_port: bool,
     /// On SIGTERM readiness goes false at once; new connections are still accepted for this
     /// long (so a balancer's health check sees the server leave) before the drain starts.
+    /// ms; default 0.
     #[serde(default)]
     pub drain_delay_ms: u64,
     /// Log a debug dump (WARN) of the VM of every failed request: a triple fault or panic, a
@@ -185,19 +214,21 @@ impl Default for ServerSection {
 #[serde(deny_unknown_fields)]
 pub struct ProcessSection {
     /// The user handlers run as, when the server runs as root (never root itself).
+    /// Default `nobody`.
     #[serde(default = "default_process_user")]
     pub user: String,
-    /// RLIMIT_CPU: seconds of CPU time per handler process.
+    /// RLIMIT_CPU: seconds of CPU time per handler process. At least 1; default 60.
     #[serde(default = "default_process_cpu")]
     pub cpu_seconds: u64,
-    /// RLIMIT_AS: address space per handler process, MiB.
+    /// RLIMIT_AS: address space per handler process, MiB. At least 1; default 1024.
     #[serde(default = "default_process_memory")]
     pub memory_mib: u64,
-    /// RLIMIT_NPROC: processes of the handlers' user (all handlers together).
+    /// RLIMIT_NPROC: processes of the handlers' user (all handlers together). At least 1;
+    /// default 256.
     #[serde(default = "default_process_processes")]
     pub processes: u64,
     /// A cgroup v2 per handler where the server can make one: every descendant is killed
-    /// with it, even one that left the handler's process group.
+    /// with it, even one that left the handler's process group. Default true.
     #[serde(default = "default_true")]
     pub cgroup: bool,
 }
@@ -214,14 +245,17 @@ impl Default for ProcessSection {
     }
 }
 
+/// `[network]`: the address pool HTTP-mode guests get a TAP and a /30 from (VM isolation).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSection {
+    /// First address of the pool; must start a /30. Default `172.16.0.0`.
     #[serde(default = "default_net_base")]
     pub base: Ipv4Addr,
+    /// Number of /30 slots: the most HTTP-mode VMs at once. At least 1; default 64.
     #[serde(default = "default_net_size")]
     pub size: u32,
-    /// TAPs created ahead of demand.
+    /// TAPs created ahead of demand (at most `size`). Default 4.
     #[serde(default = "default_net_prefill")]
     pub prefill: u32,
     /// Name of the network namespace the TAPs live in (default: xcgi-serve-PID).
@@ -239,11 +273,13 @@ impl Default for NetworkSection {
     }
 }
 
+/// A `[[route]]`: the requests under a path prefix and the handler that answers them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Path prefix, matched on whole segments (`/a` matches `/a` and `/a/b`, not `/ab`).
     pub prefix: String,
+    /// What the handler is. Default `cgi`.
     #[serde(default)]
     pub mode: Mode,
     /// The handler program, or a prebuilt guest image (`.cpio` initramfs or `.ext4`) holding
@@ -252,31 +288,44 @@ pub struct Route {
     /// CGI with an image handler: the program's path inside the image
     /// (default `/cgi-bin/handler`).
     pub program: Option<String>,
+    /// A directory copied into the guest's root before the handler (a busybox for shell
+    /// scripts, data files). Handler programs only, not images.
     pub tree: Option<PathBuf>,
+    /// This route's guest kernel, instead of `server.kernel`.
     pub kernel: Option<PathBuf>,
+    /// Guest memory, MiB: 32 to 65536. Default 128.
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
+    /// Guest vCPUs: 1 to 32. Default 1.
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
+    /// Back guest memory with 2 MiB huge pages (they must be reserved). Default false.
     #[serde(default)]
     pub hugepages: bool,
     /// VMs kept prepared ahead for this route (memory, kernel, vCPUs built; nothing run),
-    /// each used by one request. 0 builds every VM on its request.
+    /// each used by one request. 0 builds every VM on its request. At most 64; default 2.
     #[serde(default = "default_prepared")]
     pub prepared: usize,
+    /// A request's deadline, ms from its arrival: queue wait, body and response included.
+    /// Then the handler is killed: 504 before the response head, else the response is cut
+    /// off. At least 1; default 10000.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// Largest request body, bytes: a larger Content-Length gets 413 before anything
+    /// starts, a chunked body 413 once it grows past it. Default 1048576 (1 MiB).
     #[serde(default = "default_max_body")]
     pub max_body: u64,
-    /// HTTP mode: the port the handler listens on in the guest.
+    /// HTTP mode: the port the handler listens on in the guest. Default 80.
     #[serde(default = "default_port")]
     pub port: u16,
     /// HTTP mode: forward the path without the route's prefix (`/app/x` → `/x`).
     #[serde(default)]
     pub strip_prefix: bool,
-    /// PATH_TRANSLATED = document_root + PATH_INFO.
+    /// PATH_TRANSLATED = document_root + PATH_INFO. Default `/`.
     #[serde(default = "default_document_root")]
     pub document_root: String,
+    /// CGI mode: more environment variables for the handler. PATH may be set, the CGI
+    /// variables the server sets may not.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Pass the client's `Authorization` header to the handler as HTTP_AUTHORIZATION (the
@@ -300,10 +349,15 @@ struct RawConfig {
 /// A checked configuration; relative paths already resolved against the file's directory.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file it was read from (`(command line)` without one); errors name it.
     pub file: PathBuf,
+    /// `[server]` (its defaults when absent).
     pub server: ServerSection,
+    /// `[process]` (its defaults when absent): used with `isolation = "process"` only.
     pub process: ProcessSection,
+    /// `[network]` (its defaults when absent): used by HTTP-mode routes only.
     pub network: NetworkSection,
+    /// The `[[route]]` tables, in file order; at least one.
     pub routes: Vec<Route>,
 }
 
@@ -390,6 +444,7 @@ fn default_document_root() -> String {
 }
 
 impl Route {
+    /// [`Route::timeout_ms`] as a duration.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
@@ -431,6 +486,7 @@ impl Route {
 }
 
 impl Config {
+    /// Reads, parses and checks `file`.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
             file: file.to_path_buf(),
@@ -439,6 +495,8 @@ impl Config {
         Config::parse(file, &text)
     }
 
+    /// Parses and checks `text`, read from `file`: relative paths in it are made absolute
+    /// against the file's directory.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_path_buf(),
@@ -668,6 +726,7 @@ impl Config {
             .max_by_key(|(_, r)| r.prefix.trim_end_matches('/').len())
     }
 
+    /// Whether the guests' network must be set up: VM isolation with an HTTP-mode route.
     pub fn needs_network(&self) -> bool {
         self.server.isolation == Isolation::Vm && self.routes.iter().any(|r| r.mode == Mode::Http)
     }

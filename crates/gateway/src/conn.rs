@@ -26,8 +26,11 @@ use tokio::time::{Instant, Sleep};
 /// A connection's deadlines.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
+    /// Longest wait for the first byte of the next request (`idle_timeout_ms`).
     pub idle: Duration,
+    /// Longest time for a request's head, from its first byte (`header_timeout_ms`).
     pub header: Duration,
+    /// Longest time a write may make no progress (`write_timeout_ms`).
     pub write: Duration,
 }
 
@@ -43,6 +46,8 @@ pub struct Activity {
 pub struct ActiveRequest(Arc<Activity>);
 
 impl Activity {
+    /// Marks a request as being handled until the returned guard drops; meanwhile reads
+    /// have no deadline.
     pub fn begin(self: &Arc<Self>) -> ActiveRequest {
         self.started.fetch_add(1, Ordering::SeqCst);
         self.active.fetch_add(1, Ordering::SeqCst);
@@ -79,6 +84,8 @@ pub struct TimedIo<T> {
 }
 
 impl<T> TimedIo<T> {
+    /// Wraps `inner`; `activity` is shared with the connection's request handlers. The idle
+    /// deadline starts at the first read.
     pub fn new(inner: T, t: Timeouts, activity: Arc<Activity>) -> Self {
         TimedIo {
             inner,
@@ -218,6 +225,7 @@ pub struct AcceptBackoff {
 }
 
 impl AcceptBackoff {
+    /// Least time between two log lines about failed accepts.
     pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
     /// Whether `e` is a lack of resources (else it concerns one connection: go on at once).

@@ -114,29 +114,46 @@ pub fn pack_root(
     result
 }
 
+/// Why the routes could not be made ready at start.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// No kernel for a route: none configured and none cached by `xcgi kernel build`.
     #[error(
         "no guest kernel: build one with `xcgi kernel build`, or set `kernel` in [server] or \
          the route (or pass --kernel)"
     )]
     NoKernel,
+    /// Looking for the cached kernel failed (no cache directory, an unreadable cache).
     #[error("looking up the cached kernel: {0}")]
     KernelLookup(String),
+    /// A CGI route's handler is a program to pack, and `xcgi-init` is not at this path.
     #[error(
         "xcgi-init (the guest side of CGI mode) not found at {0}: build it with \
          `cargo build --release -p xcgi-init`, or set `init` in [server] (or pass --init)"
     )]
     NoInit(PathBuf),
+    /// Packing a route's guest image from its handler (and tree) failed.
     #[error("route {prefix:?}: packing the guest image: {detail}")]
-    Image { prefix: String, detail: String },
+    Image {
+        /// The route's prefix.
+        prefix: String,
+        /// What failed.
+        detail: String,
+    },
+    /// A file error for a route (not produced at present).
     #[error("route {prefix:?}: {detail}")]
-    Io { prefix: String, detail: String },
+    Io {
+        /// The route's prefix.
+        prefix: String,
+        /// What failed.
+        detail: String,
+    },
 }
 
 /// A route ready to serve.
 #[derive(Debug, Clone)]
 pub struct ServedRoute {
+    /// The route as configured.
     pub route: Route,
     /// How to boot its VM (VM isolation).
     pub spec: Option<VmSpec>,

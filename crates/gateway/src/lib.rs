@@ -15,6 +15,8 @@
 //! - [`admin`]: healthz, readyz and metrics (reserved prefix, admin listener);
 //!   [`systemd`]: readiness notification and socket activation.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod cgi;
 pub mod config;
@@ -22,6 +24,7 @@ pub mod conn;
 pub mod escape;
 pub mod exec;
 pub mod images;
+#[allow(missing_docs)] // documented with the spawn rewrite
 pub mod jail;
 pub mod metrics;
 pub mod path;

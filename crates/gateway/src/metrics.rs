@@ -12,6 +12,7 @@ const BUCKETS: [f64; 16] = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0,
 ];
 
+/// A Prometheus histogram of durations over fixed buckets (1 ms to 120 s), without locks.
 #[derive(Debug, Default)]
 pub struct Histogram {
     counts: [AtomicU64; BUCKETS.len()],
@@ -21,6 +22,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Counts one duration.
     pub fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -54,17 +56,27 @@ impl Histogram {
     }
 }
 
+/// The server's counters and gauges, shared by every request; see [`Metrics::render`].
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Responses by status code.
     by_status: Mutex<BTreeMap<u16, u64>>,
+    /// Request durations, from arrival to the end of the response
+    /// (`xcgi_request_duration_seconds`).
     pub latency: Histogram,
+    /// Per request, from starting its handler until the handler could take the request (a
+    /// VM's boot, up to its port accepting in HTTP mode; a process's spawn)
+    /// (`xcgi_vm_boot_seconds`).
     pub boot: Histogram,
+    /// VMs alive now, teardown included.
     pub vms_running: AtomicI64,
     /// VMs prepared ahead and waiting for a request (kept by the pools).
     pub vms_prepared: Arc<AtomicI64>,
+    /// Requests waiting for a concurrency slot now.
     pub queue_depth: AtomicI64,
+    /// Requests being handled now, from arrival to their log line (admin requests aside).
     pub in_flight: AtomicI64,
+    /// VMs started for requests, prepared ahead or not (a counter).
     pub vms_started: AtomicU64,
     /// Client connections open now.
     pub connections_open: AtomicI64,
@@ -92,6 +104,7 @@ pub struct GaugeGuard {
 }
 
 impl GaugeGuard {
+    /// Adds `by` to the gauge `which` picks, until the guard drops.
     pub fn add(metrics: &Arc<Metrics>, which: fn(&Metrics) -> &AtomicI64, by: i64) -> Self {
         which(metrics).fetch_add(by, Ordering::Relaxed);
         GaugeGuard {
@@ -109,6 +122,7 @@ impl Drop for GaugeGuard {
 }
 
 impl Metrics {
+    /// Counts one answered request: its status, and its duration in [`Metrics::latency`].
     pub fn record(&self, status: u16, total: Duration) {
         *self
             .by_status

@@ -9,16 +9,22 @@
 /// Why a request path is refused (the client gets 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
+    /// The path does not start with `/`.
     #[error("the path does not start with '/'")]
     NotAbsolute,
+    /// More `..` segments than segments before them.
     #[error("the path climbs above the root with '..'")]
     Climbs,
+    /// A `%` not followed by two hex digits.
     #[error("the path has an invalid percent escape")]
     BadEscape,
+    /// `%2F`: once decoded it could not be told from a separator.
     #[error("the path has an encoded '/' (%2F)")]
     EncodedSlash,
+    /// `%00`: no CGI variable or file name can hold a NUL.
     #[error("the path has an encoded NUL (%00)")]
     EncodedNul,
+    /// The decoded bytes are not UTF-8.
     #[error("the path is not UTF-8 once decoded")]
     NotUtf8,
 }

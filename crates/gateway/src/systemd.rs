@@ -14,16 +14,24 @@ const LISTEN_FDS_START: RawFd = 3;
 /// More than this many passed sockets is surely a mistake (xcgi uses two).
 const LISTEN_FDS_MAX: usize = 16;
 
+/// Why the sockets passed by the service manager cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
+    /// `$LISTEN_FDS` is not a number from 1 to 16; holds its value.
     #[error("$LISTEN_FDS is {0:?}: expected a number of passed sockets (1 to {LISTEN_FDS_MAX})")]
     BadCount(String),
+    /// A passed fd is not a listening IPv4 or IPv6 stream socket.
     #[error("passed fd {fd} ({name:?}) is not a listening TCP socket: {why}. Check the .socket unit's ListenStream=")]
     NotListening {
+        /// The descriptor.
         fd: RawFd,
+        /// Its name from `$LISTEN_FDNAMES` (empty without one).
         name: String,
+        /// What is wrong with it.
         why: String,
     },
+    /// A passed socket with no role: named neither `http` nor `admin`, a role passed twice,
+    /// or a third socket without names; holds its name.
     #[error("passed socket {0:?} is not one xcgi uses: name them \"http\" (the serving port) and \"admin\" (FileDescriptorName=)")]
     UnknownName(String),
 }

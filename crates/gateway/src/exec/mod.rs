@@ -7,6 +7,7 @@
 //! - HTTP-mode routes a [`VmHttpExecutor`]: a VM with a TAP from the pool, running its own
 //!   HTTP server; it hands back a connection to the guest's port ([`GuestConnection`]).
 
+#[allow(missing_docs)] // documented with the spawn rewrite
 mod process;
 mod vm;
 mod vm_cgi;
@@ -30,16 +31,22 @@ pub const STDERR_TAIL: usize = 4096;
 /// Chunks of handler output buffered between the handler and the client.
 pub(crate) const STDOUT_DEPTH: usize = 16;
 
+/// Why a handler could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// Process isolation: preparing the handler's jail or spawning it failed.
     #[error("cannot start the handler {program}: {source}")]
     Spawn {
+        /// The handler program.
         program: PathBuf,
+        /// The error.
         #[source]
         source: crate::spawn::SpawnError,
     },
+    /// The socket pair carrying the CGI exchange to the guest could not be made.
     #[error("cannot create the host-guest channel: {0}")]
     Channel(std::io::Error),
+    /// The thread that runs the VM could not be started.
     #[error("cannot start a VM thread: {0}")]
     Thread(std::io::Error),
 }
@@ -67,6 +74,7 @@ pub struct Exchange {
     pub finish: oneshot::Receiver<Finish>,
     /// Time from start until the handler got the request (VM boot, or process spawn).
     pub ready: oneshot::Receiver<Duration>,
+    /// Stops the handler; the last clone dropped stops it too.
     pub killer: Killer,
 }
 
@@ -88,12 +96,15 @@ impl Drop for KillOnDrop {
 }
 
 impl Killer {
+    /// A killer that runs `f` once: on the first [`Killer::kill`], or when the last clone
+    /// drops.
     pub fn new(f: impl FnOnce() + Send + 'static) -> Self {
         Killer(Arc::new(KillOnDrop(std::sync::Mutex::new(Some(Box::new(
             f,
         ))))))
     }
 
+    /// Runs the kill now, unless it already ran (then nothing happens).
     pub fn kill(&self) {
         let f = self.0 .0.lock().ok().and_then(|mut g| g.take());
         if let Some(f) = f {
@@ -105,8 +116,11 @@ impl Killer {
 /// What the handler runs.
 #[derive(Debug, Clone)]
 pub struct Invocation {
+    /// The handler program: a guest path (VM) or a host path (process).
     pub program: PathBuf,
+    /// Its whole environment, as `NAME=value` strings ([`crate::cgi::environment`]).
     pub env: Vec<String>,
+    /// Its working directory, on the same side as `program`.
     pub cwd: PathBuf,
 }
 
@@ -129,7 +143,9 @@ pub trait CgiExecutor: Send + Sync {
 /// How a route's requests are run: chosen once per route at start.
 #[derive(Clone)]
 pub enum RouteExec {
+    /// A CGI route: each request starts a handler and reads a CGI response.
     Cgi(Arc<dyn CgiExecutor>),
+    /// An HTTP-mode route: each request boots a VM and is proxied to its port.
     Http(Arc<VmHttpExecutor>),
 }
 

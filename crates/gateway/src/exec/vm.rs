@@ -14,11 +14,14 @@ use crate::metrics::Metrics;
 /// The guest's root: an initramfs or a read-only ext4 disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestRoot {
+    /// A newc cpio archive, loaded as the initramfs.
     Initramfs(PathBuf),
+    /// An ext4 image, attached as the read-only root disk.
     Disk(PathBuf),
 }
 
 impl GuestRoot {
+    /// The image file on the host.
     pub fn path(&self) -> &Path {
         match self {
             GuestRoot::Initramfs(p) | GuestRoot::Disk(p) => p,
@@ -29,11 +32,18 @@ impl GuestRoot {
 /// How to boot a route's VM: prepared once per route at start.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
+    /// The guest kernel on the host.
     pub kernel: PathBuf,
+    /// The guest's root filesystem.
     pub root: GuestRoot,
+    /// Guest memory, MiB.
     pub memory_mib: u64,
+    /// Guest memory on 2 MiB huge pages.
     pub hugepages: bool,
+    /// Guest vCPUs.
     pub vcpus: u8,
+    /// The VM's own time limit per run: a backstop behind the server's request deadline
+    /// (for a route: its timeout plus 1 s).
     pub timeout: Duration,
     /// VMs of this shape prepared ahead (None: every request builds its own).
     pub pool: Option<Arc<Pool>>,
@@ -75,7 +85,9 @@ impl VmSpec {
 
 /// A VM running on its own thread; the outcome arrives when it has been torn down.
 pub struct VmThread {
+    /// Stops the VM.
     pub cancel: Cancel,
+    /// How the run ended (or why it could not run), sent after teardown.
     pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
 }
 

@@ -22,7 +22,9 @@ use crate::metrics::Metrics;
 /// Runs each CGI request in a fresh VM of the route's shape.
 #[derive(Debug)]
 pub struct VmCgiExecutor {
+    /// The route's VM.
     pub spec: VmSpec,
+    /// The server's metrics (VMs started and running, prepared-VM misses).
     pub metrics: Arc<Metrics>,
 }
 

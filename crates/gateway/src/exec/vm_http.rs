@@ -28,8 +28,11 @@ const CONNECT_PATIENCE_MAX: Duration = Duration::from_millis(16);
 /// Boots HTTP-mode VMs of one route.
 #[derive(Debug)]
 pub struct VmHttpExecutor {
+    /// The route's VM.
     pub spec: VmSpec,
+    /// The guests' network: each VM leases a TAP and a /30 from its pool.
     pub net: Arc<GuestNet>,
+    /// The server's metrics (VMs started and running, prepared-VM misses).
     pub metrics: Arc<Metrics>,
     /// The port the guest's server listens on.
     pub port: u16,
@@ -39,7 +42,9 @@ pub struct VmHttpExecutor {
 
 /// A guest whose port accepted: the connection, what stops the VM, and its end.
 pub struct GuestConnection {
+    /// The TCP connection to the guest's port.
     pub stream: tokio::net::TcpStream,
+    /// Stops the VM; the last clone dropped stops it too.
     pub killer: Killer,
     /// The VM's outcome, when it has been torn down.
     pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
@@ -50,16 +55,26 @@ pub struct GuestConnection {
 /// Why no connection to the guest came.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpStartError {
+    /// No TAP could be leased from the pool (503).
     #[error("{0}")]
     NoNetworkSlot(xcgi_net::NetError),
+    /// The leased TAP's descriptor could not be duplicated for the VM (500).
     #[error("guest network setup failed: {0}")]
     Setup(String),
+    /// The VM could not be started (500).
     #[error("cannot start the VM: {0}")]
     Vm(super::ExecError),
+    /// The VM ended before its port accepted; holds how it ended (502).
     #[error("the VM ended before its port accepted: {0}")]
     Ended(String),
+    /// The request's deadline passed before the guest's port accepted (504).
     #[error("timeout: guest {addr} did not accept within {ms} ms")]
-    Timeout { addr: SocketAddr, ms: u64 },
+    Timeout {
+        /// The guest's address and port.
+        addr: SocketAddr,
+        /// The route's `timeout_ms`, for the message.
+        ms: u64,
+    },
 }
 
 impl HttpStartError {

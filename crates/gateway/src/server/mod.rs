@@ -60,29 +60,42 @@ use reqlog::*;
 const MAX_REQUEST_HEAD: usize = 256 * 1024;
 /// Local redirects followed for one request before giving up (502).
 const MAX_LOCAL_REDIRECTS: usize = 5;
+/// Why the server could not be set up or could not listen.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// A listener could not be bound (or a passed socket not taken over).
     #[error("cannot listen on {addr}: {source}{hint}")]
     Listen {
+        /// The configured address.
         addr: SocketAddr,
+        /// The error.
         #[source]
         source: std::io::Error,
+        /// What to check, when the error suggests something (address in use); else empty.
         hint: &'static str,
     },
+    /// The sockets passed by the service manager are unusable.
     #[error("cannot use the socket passed by the service manager: {0}")]
     Systemd(#[from] crate::systemd::SystemdError),
+    /// A route's kernel, `xcgi-init` or guest image could not be made ready.
     #[error(transparent)]
     Prepare(#[from] crate::images::ImageError),
+    /// The guests' network (namespace, TAP pool) could not be set up.
     #[error("guest network: {0}")]
     Net(#[from] xcgi_net::NetError),
+    /// The temporary directory for packed guest images could not be created.
     #[error("cannot create the work directory: {0}")]
     Workdir(std::io::Error),
+    /// A thread could not be started (not produced at present).
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// A pool of VMs prepared ahead could not start its thread.
     #[error("cannot start the thread that prepares VMs ahead: {0}")]
     Pool(std::io::Error),
+    /// Process isolation: the handlers' user is missing or root, or cannot run a handler.
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    /// A route with no way to run; holds its prefix (a checked configuration has none).
     #[error("route {0:?}: no way to run it (VM isolation without a VM, or HTTP mode without a guest network)")]
     Unwired(String),
 }
@@ -93,6 +106,7 @@ type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 pub struct Server {
     cfg: Config,
     routes: Vec<ServedRoute>,
+    /// The counters and gauges `metrics` renders.
     pub metrics: Arc<Metrics>,
     /// Handlers running at once (`concurrency`). A permit is held until the handler (VM or
     /// process) is gone, not until its response is written.
@@ -180,6 +194,7 @@ impl Server {
         })
     }
 
+    /// The configuration it serves.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
