@@ -17,16 +17,23 @@ use crate::config::ProcessSection;
 use crate::exec::Invocation;
 use crate::spawn::{self, ChildSetup, SpawnError, Spawned};
 
+/// Why the jail cannot be set up, or a handler cannot run in it (refused at start).
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
+    /// `[process] user` names no user of this host.
     #[error("process.user: no user {0:?} on this host: name an existing unprivileged user")]
     NoUser(String),
+    /// `[process] user` is root.
     #[error("process.user: {0:?} is uid 0: handlers must not run as root")]
     RootUser(String),
+    /// The handler user cannot execute a route's handler (by its mode bits).
     #[error("handler {path}: user {user} cannot run it: {why} (make it and its directories readable and executable for that user, or set [process] user)")]
     NotExecutable {
+        /// The handler.
         path: PathBuf,
+        /// The handler user's name.
         user: String,
+        /// Which directory or file refuses it.
         why: String,
     },
 }
@@ -51,6 +58,8 @@ pub struct ProcessJail {
 }
 
 impl ProcessJail {
+    /// The jail `[process]` describes: looks the user up (as root), makes this server's
+    /// cgroup for handlers where `cgroup` is on and cgroup v2 is writable (warns otherwise).
     pub fn new(cfg: &ProcessSection) -> Result<ProcessJail, JailError> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -132,13 +141,24 @@ impl ProcessJail {
                 None
             }
         });
+        // Opened per handler, not kept: the server holds no descriptor for an idle cgroup.
+        let (cgroup, dir_fd) = match cgroup.map(|c| (std::fs::File::open(&c.dir), c)) {
+            Some((Ok(f), c)) => (Some(c), Some(OwnedFd::from(f))),
+            Some((Err(e), c)) => {
+                warn!(error = %e, cgroup = %c.dir.display(),
+                    "cannot open a handler's cgroup: process group only");
+                (None, None)
+            }
+            None => (None, None),
+        };
         let first = spawn::spawn(
             &inv.program,
             &inv.env,
             &inv.cwd,
             &self.setup,
-            cgroup.as_ref().map(|c| c.fd.as_fd()),
+            dir_fd.as_ref().map(|f| f.as_fd()),
         );
+        drop(dir_fd);
         let (child, cgroup) = match (first, cgroup) {
             (Err(SpawnError::Clone(e)), Some(c)) => {
                 // The cgroup refused the child (EBUSY, EACCES, an old kernel): run without.
@@ -176,11 +196,10 @@ struct CgroupPool {
     next: AtomicU64,
 }
 
-/// One handler's cgroup: its directory, open (for `CLONE_INTO_CGROUP`).
+/// One handler's cgroup.
 #[derive(Debug)]
 struct HandlerCgroup {
     dir: PathBuf,
-    fd: OwnedFd,
     /// Written `cgroup.kill` once: never reused. (Linux 6.18 here: a child started into a
     /// cgroup that was ever killed this way is killed at once, by the cgroup's kill
     /// sequence; checked by `an_empty_cgroup_is_reused_and_a_killed_one_is_not`.)
@@ -206,17 +225,10 @@ impl CgroupPool {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let dir = self.parent.join(format!("h{n}"));
         std::fs::create_dir(&dir)?;
-        match std::fs::File::open(&dir) {
-            Ok(f) => Ok(HandlerCgroup {
-                dir,
-                fd: OwnedFd::from(f),
-                killed: AtomicBool::new(false),
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_dir(&dir);
-                Err(e)
-            }
-        }
+        Ok(HandlerCgroup {
+            dir,
+            killed: AtomicBool::new(false),
+        })
     }
 
     /// Takes back an empty cgroup: kept for the next handler, or removed if it was killed.

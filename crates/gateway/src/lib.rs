@@ -24,7 +24,6 @@ pub mod conn;
 pub mod escape;
 pub mod exec;
 pub mod images;
-#[allow(missing_docs)] // documented with the spawn rewrite
 pub mod jail;
 pub mod metrics;
 pub mod path;

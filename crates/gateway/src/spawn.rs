@@ -51,8 +51,11 @@ pub struct Spawned {
     pub pid: libc::pid_t,
     /// Waits for and signals exactly this child, never a recycled pid.
     pub pidfd: PidFd,
+    /// Write end of the handler's stdin (the request body).
     pub stdin: OwnedFd,
+    /// Read end of the handler's stdout (the CGI response).
     pub stdout: OwnedFd,
+    /// Read end of the handler's stderr (kept for the log).
     pub stderr: OwnedFd,
 }
 

@@ -7,7 +7,6 @@
 //! - HTTP-mode routes a [`VmHttpExecutor`]: a VM with a TAP from the pool, running its own
 //!   HTTP server; it hands back a connection to the guest's port ([`GuestConnection`]).
 
-#[allow(missing_docs)] // documented with the spawn rewrite
 mod process;
 mod vm;
 mod vm_cgi;

@@ -20,6 +20,7 @@ use crate::spawn::SpawnError;
 /// Runs each handler as a jailed child process.
 #[derive(Debug)]
 pub struct ProcessExecutor {
+    /// The jail every handler of the server starts in.
     pub jail: Arc<ProcessJail>,
 }
 
