@@ -74,7 +74,7 @@ run() {
 med() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo "## $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $XCGI; $(lighttpd -v 2>&1 | head -1)"
 for c in 1 8; do
-  for round in $(seq "$ROUNDS"); do
+  for _ in $(seq "$ROUNDS"); do
     run xcgi 18411 "$c"
     run lighttpd 18412 "$c"
   done

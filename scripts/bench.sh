@@ -9,6 +9,7 @@
 #     size and page size (4 KiB, 2 MiB): boot to init for both VMMs (chart written to
 #     $BOOT_SVG), and boot to network-ready for xcgi (bench/net-ready-sweep.sh).
 #  4. Host memory per VM: guest pages touched, huge pages, VMM overhead (bench/memory.sh).
+#  5. The gateway against lighttpd mod_cgi, same CGI program (bench/vs-lighttpd.sh).
 #   RUNS=20 BOOT_RUNS=5 SWEEP_RUNS=3 SWEEP_MEM=128,512,2048,4096 scripts/bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,3 +97,6 @@ else
     --files "$CPIO:/xcgi/hello.cpio" --files bench/memory.sh:/xcgi/memory.sh -- \
     sh /xcgi/memory.sh /xcgi/vmlinux /xcgi/hello.cpio "$MEM_RUNS"
 fi
+echo
+echo "## 5. the gateway's own overhead: xcgi --isolation process vs lighttpd mod_cgi (host)"
+bench/vs-lighttpd.sh "$X"

@@ -6,7 +6,8 @@
 //! behind, some of them outside their process group). Afterwards the server must be back
 //! where it started: every normal request answered correctly, fds, threads and RSS within a
 //! small margin of a baseline taken after a warm-up, no process below it, no stray child of a
-//! handler, /metrics gauges at 0, no handler cgroup left; then SIGTERM ends it with 0.
+//! handler, /metrics gauges at 0, no handler cgroup holding a process (empty ones, kept for
+//! reuse, at most one per concurrent handler); then SIGTERM ends it with 0.
 //!
 //! Bounded in time: every socket has timeouts, every hostile action ends within seconds, and
 //! a watchdog fails the test (killing the server and what it started) past a hard limit.
@@ -1404,6 +1405,19 @@ fn handlers_cgroup(pid: u32) -> Option<PathBuf> {
     )
 }
 
+/// The handler cgroups (`h*`) under `dir` that hold a process. (An empty one is kept for the
+/// next handler: the server reuses them, at most one per concurrent handler.)
+fn busy_handler_cgroups(dir: &Path) -> Vec<String> {
+    handler_cgroups(dir)
+        .into_iter()
+        .filter(|h| {
+            std::fs::read_to_string(dir.join(h).join("cgroup.events"))
+                .map(|e| e.lines().any(|l| l == "populated 1"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// The handler cgroups (`h*`) under `dir`.
 fn handler_cgroups(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -1627,7 +1641,7 @@ fn settle(
     let t = Instant::now();
     loop {
         let below = descendants(s.pid());
-        let cgs = cgroup.map(handler_cgroups).unwrap_or_default();
+        let cgs = cgroup.map(busy_handler_cgroups).unwrap_or_default();
         let g = Gauges::read(s);
         if below.is_empty() && cgs.is_empty() && g.at_rest() {
             return (true, g, below, cgs);
@@ -1880,7 +1894,8 @@ fn soak(watch: Arc<Watch>) {
     let zombies = zombies_of(pid);
     let below_end = descendants(pid);
     let strays = marks.strays();
-    let cgs_end = cgroup.as_deref().map(handler_cgroups).unwrap_or_default();
+    let cgs_end = cgroup.as_deref().map(busy_handler_cgroups).unwrap_or_default();
+    let cgs_kept = cgroup.as_deref().map(handler_cgroups).unwrap_or_default();
     let log = s.log();
     let (log_lines, warnings, panics) = log_summary(&log);
     if let Ok(path) = std::env::var("XCGI_SOAK_LOG") {
@@ -2032,14 +2047,19 @@ fn soak(watch: Arc<Watch>) {
             ),
         ),
         (
-            "no_handler_cgroups",
+            "no_busy_handler_cgroups",
             cgs_end.is_empty(),
             format!(
-                "{} h* under {:?}: {:?}",
+                "{} h* holding a process under {:?}: {:?}",
                 cgs_end.len(),
                 cgroup,
                 &cgs_end[..cgs_end.len().min(10)]
             ),
+        ),
+        (
+            "handler_cgroups_kept_at_most_concurrency",
+            cgs_kept.len() <= CONCURRENCY,
+            format!("{} empty h* kept for reuse (concurrency {CONCURRENCY})", cgs_kept.len()),
         ),
         ("no_panics", panics.is_empty(), format!("{panics:?}")),
     ];
