@@ -343,10 +343,9 @@ fn allows(u: &User, path: &Path, bits: u32) -> std::io::Result<bool> {
     Ok(granted & bits == bits)
 }
 
-/// This server's cgroup for handlers: a child of its own cgroup in the cgroup v2 hierarchy.
-/// None (with a warning) where there is no writable cgroup v2.
-fn make_cgroup_parent() -> Option<PathBuf> {
-    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+/// Where the cgroup v2 hierarchy is mounted (from /proc/self/mountinfo), if it is.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
         .ok()?
         .lines()
         .find_map(|l| {
@@ -354,7 +353,13 @@ fn make_cgroup_parent() -> Option<PathBuf> {
             (right.split_whitespace().next()? == "cgroup2")
                 .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
                 .flatten()
-        });
+        })
+}
+
+/// This server's cgroup for handlers: a child of its own cgroup in the cgroup v2 hierarchy.
+/// None (with a warning) where there is no writable cgroup v2.
+fn make_cgroup_parent() -> Option<PathBuf> {
+    let mount = cgroup2_mount();
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|s| {

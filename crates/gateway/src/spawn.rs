@@ -341,28 +341,16 @@ pub fn spawn(
     setup: &ChildSetup,
     cgroup: Option<BorrowedFd<'_>>,
 ) -> Result<Spawned, SpawnError> {
-    let prog = cstring(program.as_os_str()).map_err(SpawnError::Prepare)?;
-    let dir = cstring(cwd.as_os_str()).map_err(SpawnError::Prepare)?;
-    let argv = [prog.as_ptr(), std::ptr::null()];
-    let env_store = env
-        .iter()
-        .map(|e| cstring(OsStr::new(e)))
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(SpawnError::Prepare)?;
-    let envp: Vec<*const libc::c_char> = env_store
-        .iter()
-        .map(|c| c.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let exec = Exec::new(program, env, cwd).map_err(SpawnError::Prepare)?;
     let (in_r, in_w) = pipe().map_err(SpawnError::Prepare)?;
     let (out_r, out_w) = pipe().map_err(SpawnError::Prepare)?;
     let (err_r, err_w) = pipe().map_err(SpawnError::Prepare)?;
     let mut child = ChildArgs {
         fds: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-        dir: &dir,
-        prog: &prog,
-        argv: &argv,
-        envp: &envp,
+        dir: &exec.dir,
+        prog: &exec.prog,
+        argv: &exec.argv,
+        envp: &exec.envp,
         setup,
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
@@ -379,27 +367,7 @@ pub fn spawn(
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = cg.as_raw_fd() as u64;
     }
-    let ret = STACK.with(|cell| -> io::Result<i64> {
-        let mut slot = cell.try_borrow_mut().map_err(io::Error::other)?;
-        if slot.is_none() {
-            *slot = Some(ChildStack::new()?);
-        }
-        let Some(stack) = slot.as_ref() else {
-            return Err(io::Error::other("no child stack"));
-        };
-        args.stack = stack.top() - STACK_SIZE as u64;
-        args.stack_size = STACK_SIZE as u64;
-        // SAFETY: blocks every signal of this thread (restored below), so no handler runs
-        // in the child on the shared memory before it resets them.
-        let old = unsafe { block_all_signals() };
-        // SAFETY: see `clone_vfork`; `child` lives until the child has exec'd or exited
-        // (CLONE_VFORK: this thread is suspended until then).
-        let ret = unsafe { clone_vfork(&mut args, std::ptr::addr_of_mut!(child).cast()) };
-        // SAFETY: restores this thread's own mask.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-        Ok(ret)
-    });
-    let ret = ret.map_err(SpawnError::Prepare)?;
+    let ret = clone_on_thread_stack(&mut args, &mut child).map_err(SpawnError::Prepare)?;
     if ret < 0 {
         return Err(SpawnError::Clone(io::Error::from_raw_os_error(-ret as i32)));
     }
@@ -429,6 +397,66 @@ pub fn spawn(
         stdin: in_w,
         stdout: out_r,
         stderr: err_r,
+    })
+}
+
+/// The program, its working directory, argv and envp as C strings and pointer arrays.
+struct Exec {
+    prog: CString,
+    dir: CString,
+    /// Owns what `envp` points to.
+    _env: Vec<CString>,
+    argv: [*const libc::c_char; 2],
+    envp: Vec<*const libc::c_char>,
+}
+
+impl Exec {
+    fn new(program: &Path, env: &[String], cwd: &Path) -> io::Result<Exec> {
+        let prog = cstring(program.as_os_str())?;
+        let dir = cstring(cwd.as_os_str())?;
+        let env = env
+            .iter()
+            .map(|e| cstring(OsStr::new(e)))
+            .collect::<io::Result<Vec<_>>>()?;
+        let envp = env
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        // A CString's bytes stay where they are when the CString moves.
+        let argv = [prog.as_ptr(), std::ptr::null()];
+        Ok(Exec {
+            prog,
+            dir,
+            _env: env,
+            argv,
+            envp,
+        })
+    }
+}
+
+/// Clones the child on this thread's child stack with every signal blocked meanwhile:
+/// returns the child's pid, or -errno from clone3.
+fn clone_on_thread_stack(args: &mut CloneArgs, child: &mut ChildArgs<'_>) -> io::Result<i64> {
+    STACK.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(io::Error::other)?;
+        if slot.is_none() {
+            *slot = Some(ChildStack::new()?);
+        }
+        let Some(stack) = slot.as_ref() else {
+            return Err(io::Error::other("no child stack"));
+        };
+        args.stack = stack.top() - STACK_SIZE as u64;
+        args.stack_size = STACK_SIZE as u64;
+        // SAFETY: blocks every signal of this thread (restored below), so no handler runs
+        // in the child on the shared memory before it resets them.
+        let old = unsafe { block_all_signals() };
+        // SAFETY: see `clone_vfork`; `child` lives until the child has exec'd or exited
+        // (CLONE_VFORK: this thread is suspended until then).
+        let ret = unsafe { clone_vfork(args, std::ptr::from_mut(child).cast()) };
+        // SAFETY: restores this thread's own mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        Ok(ret)
     })
 }
 
@@ -513,6 +541,36 @@ unsafe fn child_main(a: &mut ChildArgs<'_>) -> ! {
     unsafe { libc::_exit(127) }
 }
 
+/// Handlers the server installed (tokio's) go back to the default before signals are
+/// unblocked; SIGPIPE too: the server ignores it (Rust's runtime does) and an ignored signal
+/// would stay ignored across execve. Returns sigprocmask's result.
+///
+/// # Safety
+/// Only in the child (it changes dispositions, which the child does not share: no
+/// CLONE_SIGHAND).
+unsafe fn reset_signals() -> libc::c_long {
+    for sig in 1..libc::SIGRTMAX() {
+        // SAFETY: sigaction is plain data; queries and resets this child's dispositions.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && (old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN
+                    || sig == libc::SIGPIPE)
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+    }
+    // SAFETY: sigset_t is plain data; unblocks every signal of this child.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()).into()
+    }
+}
+
 /// The child's steps; returns the index of the one that failed (errno says why).
 ///
 /// # Safety
@@ -537,33 +595,8 @@ unsafe fn child_steps(a: &ChildArgs<'_>) -> Result<std::convert::Infallible, u32
     check(unsafe { libc::chdir(a.dir.as_ptr()) }.into(), 1)?;
     // SAFETY: makes this child the leader of a new process group.
     check(unsafe { libc::setpgid(0, 0) }.into(), 2)?;
-    // Handlers the server installed (tokio's) go back to the default before signals are
-    // unblocked; SIGPIPE too: the server ignores it (Rust's runtime does) and an ignored
-    // signal would stay ignored across execve.
-    for sig in 1..libc::SIGRTMAX() {
-        // SAFETY: sigaction is plain data; queries and resets this child's dispositions
-        // (shared with nobody: CLONE_SIGHAND is not set).
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
-                && (old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN
-                    || sig == libc::SIGPIPE)
-            {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            }
-        }
-    }
-    // SAFETY: sigset_t is plain data; unblocks every signal of this child.
-    unsafe {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        check(
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()).into(),
-            3,
-        )?;
-    }
+    // SAFETY: in the child, before execve.
+    check(unsafe { reset_signals() }, 3)?;
     for &(res, value) in &a.setup.limits {
         let lim = libc::rlimit {
             rlim_cur: value,

@@ -133,6 +133,9 @@ fn guest_words(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64, n: u64) -> St
 }
 
 /// One vCPU, several lines.
+// Over 80 lines on purpose: one `writeln!` per line of the dump, in the order it is read
+// (registers, control registers, events, LAPIC, MSRs, code, stack); split, it would scatter
+// the layout without sharing anything.
 pub fn describe_vcpu(id: usize, s: &VcpuState, mem: &GuestMemoryMmap) -> String {
     let (r, sr, ev) = (&s.regs, &s.sregs, &s.events);
     let mut o = String::new();

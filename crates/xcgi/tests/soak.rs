@@ -1378,22 +1378,9 @@ impl Gauges {
     }
 }
 
-/// The cgroup2 mount point (from /proc/self/mountinfo).
-fn cgroup2_mount() -> Option<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-}
-
 /// Where the server with `pid` keeps its handlers' cgroups (whether or not it made it).
 fn handlers_cgroup(pid: u32) -> Option<PathBuf> {
-    let mount = cgroup2_mount()?;
+    let mount = xcgi_gateway::jail::cgroup2_mount()?;
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
         .ok()?
         .lines()
@@ -1894,7 +1881,10 @@ fn soak(watch: Arc<Watch>) {
     let zombies = zombies_of(pid);
     let below_end = descendants(pid);
     let strays = marks.strays();
-    let cgs_end = cgroup.as_deref().map(busy_handler_cgroups).unwrap_or_default();
+    let cgs_end = cgroup
+        .as_deref()
+        .map(busy_handler_cgroups)
+        .unwrap_or_default();
     let cgs_kept = cgroup.as_deref().map(handler_cgroups).unwrap_or_default();
     let log = s.log();
     let (log_lines, warnings, panics) = log_summary(&log);
@@ -2059,7 +2049,10 @@ fn soak(watch: Arc<Watch>) {
         (
             "handler_cgroups_kept_at_most_concurrency",
             cgs_kept.len() <= CONCURRENCY,
-            format!("{} empty h* kept for reuse (concurrency {CONCURRENCY})", cgs_kept.len()),
+            format!(
+                "{} empty h* kept for reuse (concurrency {CONCURRENCY})",
+                cgs_kept.len()
+            ),
         ),
         ("no_panics", panics.is_empty(), format!("{panics:?}")),
     ];

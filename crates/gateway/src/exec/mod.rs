@@ -126,17 +126,21 @@ pub struct Invocation {
 /// The request's concurrency slot: the handler holds it until it is gone.
 pub type Slot = Arc<OwnedSemaphorePermit>;
 
+/// One request's handler, to be started by a [`CgiExecutor`].
+pub struct CgiStart<'a> {
+    /// What the handler runs.
+    pub inv: &'a Invocation,
+    /// The request body, fed to the handler's stdin.
+    pub body: mpsc::Receiver<Bytes>,
+    /// The request's concurrency slot, held until the handler (and everything it started)
+    /// is gone.
+    pub slot: Slot,
+}
+
 /// Runs CGI handlers: one per call, for one request.
 pub trait CgiExecutor: Send + Sync {
-    /// Starts the handler for `inv`, its stdin fed from `body`. `slot` is held until the
-    /// handler (and everything it started) is gone; `id` names the request.
-    fn start(
-        &self,
-        inv: &Invocation,
-        body: mpsc::Receiver<Bytes>,
-        slot: Slot,
-        id: u64,
-    ) -> Result<Exchange, ExecError>;
+    /// Starts the handler for one request.
+    fn start(&self, req: CgiStart<'_>) -> Result<Exchange, ExecError>;
 }
 
 /// How a route's requests are run: chosen once per route at start.

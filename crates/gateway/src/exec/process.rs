@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 use xcgi_channel as ch;
 
 use super::{
-    push_tail, CgiExecutor, Exchange, ExecError, Finish, Invocation, Killer, Slot, STDOUT_DEPTH,
+    push_tail, CgiExecutor, CgiStart, Exchange, ExecError, Finish, Invocation, Killer, STDOUT_DEPTH,
 };
-use crate::jail::ProcessJail;
+use crate::jail::{HandlerGroup, ProcessJail};
 use crate::spawn::SpawnError;
 
 /// Runs each handler as a jailed child process.
@@ -25,14 +25,8 @@ pub struct ProcessExecutor {
 }
 
 impl CgiExecutor for ProcessExecutor {
-    fn start(
-        &self,
-        inv: &Invocation,
-        body: mpsc::Receiver<Bytes>,
-        slot: Slot,
-        _id: u64,
-    ) -> Result<Exchange, ExecError> {
-        spawn_process(inv, body, &self.jail, slot)
+    fn start(&self, req: CgiStart<'_>) -> Result<Exchange, ExecError> {
+        spawn_process(req.inv, req.body, &self.jail, req.slot)
     }
 }
 
@@ -42,16 +36,16 @@ impl CgiExecutor for ProcessExecutor {
 /// gone.
 pub fn spawn_process<K: Send + 'static>(
     inv: &Invocation,
-    mut body: mpsc::Receiver<Bytes>,
+    body: mpsc::Receiver<Bytes>,
     jail: &crate::jail::ProcessJail,
     keep: K,
 ) -> Result<Exchange, ExecError> {
     let t0 = Instant::now();
-    let (child, group) = jail.spawn(inv).map_err(|source| ExecError::Spawn {
+    let spawn_err = |source| ExecError::Spawn {
         program: inv.program.clone(),
         source,
-    })?;
-    let mut pidfd = child.pidfd;
+    };
+    let (child, group) = jail.spawn(inv).map_err(spawn_err)?;
     let pipes = (|| -> std::io::Result<_> {
         Ok((
             pipe::Sender::from_owned_fd(child.stdin)?,
@@ -64,93 +58,28 @@ pub fn spawn_process<K: Send + 'static>(
         Err(e) => {
             group.kill();
             tokio::spawn(group.finish());
-            return Err(ExecError::Spawn {
-                program: inv.program.clone(),
-                source: SpawnError::Prepare(e),
-            });
+            return Err(spawn_err(SpawnError::Prepare(e)));
         }
     };
-    let (mut stdin, mut stdout, mut stderr) = (Some(stdin), Some(stdout), Some(stderr));
-    let group = Arc::new(std::sync::Mutex::new(Some(group)));
     let (ready_tx, ready) = oneshot::channel();
     let _ = ready_tx.send(t0.elapsed());
-    tokio::spawn(async move {
-        if let Some(mut w) = stdin.take() {
-            while let Some(chunk) = body.recv().await {
-                if w.write_all(&chunk).await.is_err() {
-                    break; // the handler stopped reading its stdin
-                }
-            }
-        }
-    });
+    tokio::spawn(feed_stdin(stdin, body));
     let killed = Arc::new(AtomicBool::new(false));
     let complete = Arc::new(AtomicBool::new(false));
     let (out_tx, out_rx) = mpsc::channel(STDOUT_DEPTH);
     let (k2, c2) = (Arc::clone(&killed), Arc::clone(&complete));
-    tokio::spawn(async move {
-        if let Some(mut r) = stdout.take() {
-            loop {
-                let mut buf = BytesMut::with_capacity(ch::CHUNK);
-                match r.read_buf(&mut buf).await {
-                    Ok(0) => {
-                        // Killed first: the end of output is a cut, not the end.
-                        c2.store(!k2.load(Ordering::SeqCst), Ordering::SeqCst);
-                        break;
-                    }
-                    Err(_) => break,
-                    Ok(_) => {
-                        if out_tx.send(buf.freeze()).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    });
-    let err_task = tokio::spawn(async move {
-        let mut tail = Vec::new();
-        if let Some(mut r) = stderr.take() {
-            let mut buf = vec![0u8; 8192];
-            while let Ok(n) = r.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                push_tail(&mut tail, &buf[..n]);
-            }
-        }
-        String::from_utf8_lossy(&tail).into_owned()
-    });
+    tokio::spawn(read_stdout(stdout, out_tx, k2, c2));
+    let err_task = tokio::spawn(stderr_tail(stderr));
+    let group = Arc::new(std::sync::Mutex::new(Some(group)));
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let (fin_tx, finish) = oneshot::channel();
-    let g2 = Arc::clone(&group);
+    let end = End {
+        pidfd: child.pidfd,
+        group: Arc::clone(&group),
+        err_task,
+    };
     tokio::spawn(async move {
-        let mut failure = None;
-        let exit = tokio::select! {
-            // Biased: a handler that already exited is not "killed".
-            biased;
-            s = pidfd.wait() => s.ok(),
-            _ = kill_rx => {
-                failure = Some("killed".to_string());
-                pidfd.signal(libc::SIGKILL);
-                pidfd.wait().await.ok()
-            }
-        };
-        // The handler is gone: so is everything it started (a child it did not exec would
-        // otherwise keep running and keep its pipes, and our fds, open).
-        let group = g2.lock().ok().and_then(|mut g| g.take());
-        if let Some(g) = group {
-            g.finish().await;
-        }
-        let stderr_tail = tokio::time::timeout(Duration::from_secs(2), err_task)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let _ = fin_tx.send(Finish {
-            exit,
-            failure,
-            stderr_tail,
-        });
+        let _ = fin_tx.send(end.wait(kill_rx).await);
         drop(keep);
     });
     Ok(Exchange {
@@ -166,4 +95,93 @@ pub fn spawn_process<K: Send + 'static>(
             let _ = kill_tx.send(());
         }),
     })
+}
+
+/// The request body into the handler's stdin, until either ends.
+async fn feed_stdin(mut w: pipe::Sender, mut body: mpsc::Receiver<Bytes>) {
+    while let Some(chunk) = body.recv().await {
+        if w.write_all(&chunk).await.is_err() {
+            break; // the handler stopped reading its stdin
+        }
+    }
+}
+
+/// The handler's stdout, chunk by chunk, into `out`; at its end `complete` says whether the
+/// output ended by itself (not cut by a kill).
+async fn read_stdout(
+    mut r: pipe::Receiver,
+    out: mpsc::Sender<Bytes>,
+    killed: Arc<AtomicBool>,
+    complete: Arc<AtomicBool>,
+) {
+    loop {
+        let mut buf = BytesMut::with_capacity(ch::CHUNK);
+        match r.read_buf(&mut buf).await {
+            Ok(0) => {
+                // Killed first: the end of output is a cut, not the end.
+                complete.store(!killed.load(Ordering::SeqCst), Ordering::SeqCst);
+                break;
+            }
+            Err(_) => break,
+            Ok(_) => {
+                if out.send(buf.freeze()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The last [`super::STDERR_TAIL`] bytes the handler wrote to stderr.
+async fn stderr_tail(mut r: pipe::Receiver) -> String {
+    let mut tail = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        push_tail(&mut tail, &buf[..n]);
+    }
+    String::from_utf8_lossy(&tail).into_owned()
+}
+
+/// What ends a handler: its process, its group and cgroup, its stderr.
+struct End {
+    pidfd: crate::spawn::PidFd,
+    group: Arc<std::sync::Mutex<Option<HandlerGroup>>>,
+    err_task: tokio::task::JoinHandle<String>,
+}
+
+impl End {
+    /// Waits for the handler to exit (or kills it when `kill` fires), then for everything it
+    /// started to be gone.
+    async fn wait(mut self, kill: oneshot::Receiver<()>) -> Finish {
+        let mut failure = None;
+        let exit = tokio::select! {
+            // Biased: a handler that already exited is not "killed".
+            biased;
+            s = self.pidfd.wait() => s.ok(),
+            _ = kill => {
+                failure = Some("killed".to_string());
+                self.pidfd.signal(libc::SIGKILL);
+                self.pidfd.wait().await.ok()
+            }
+        };
+        // The handler is gone: so is everything it started (a child it did not exec would
+        // otherwise keep running and keep its pipes, and our fds, open).
+        let group = self.group.lock().ok().and_then(|mut g| g.take());
+        if let Some(g) = group {
+            g.finish().await;
+        }
+        let stderr_tail = tokio::time::timeout(Duration::from_secs(2), self.err_task)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        Finish {
+            exit,
+            failure,
+            stderr_tail,
+        }
+    }
 }

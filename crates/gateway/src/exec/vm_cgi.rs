@@ -15,7 +15,7 @@ use xcgi_vmm::{Attachments, Cancel, ExitReason};
 
 use super::vm::{describe_outcome, log_dump, start_vm, VmSpec, VmThread};
 use super::{
-    push_tail, CgiExecutor, Exchange, ExecError, Finish, Invocation, Killer, Slot, STDOUT_DEPTH,
+    push_tail, CgiExecutor, CgiStart, Exchange, ExecError, Finish, Invocation, Killer, STDOUT_DEPTH,
 };
 use crate::metrics::Metrics;
 
@@ -29,14 +29,9 @@ pub struct VmCgiExecutor {
 }
 
 impl CgiExecutor for VmCgiExecutor {
-    fn start(
-        &self,
-        inv: &Invocation,
-        body: mpsc::Receiver<Bytes>,
-        slot: Slot,
-        _id: u64,
-    ) -> Result<Exchange, ExecError> {
-        spawn_vm_cgi(&self.spec, inv, body, Arc::clone(&self.metrics), slot)
+    fn start(&self, req: CgiStart<'_>) -> Result<Exchange, ExecError> {
+        let metrics = Arc::clone(&self.metrics);
+        spawn_vm_cgi(&self.spec, req.inv, req.body, metrics, req.slot)
     }
 }
 

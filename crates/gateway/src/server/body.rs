@@ -139,10 +139,7 @@ impl Body for TimedBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         if let Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(f.map(|r| r.map_err(std::io::Error::other)));
         }
@@ -155,13 +152,7 @@ impl Body for TimedBody {
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    forward_body_hints!();
 }
 
 impl Server {

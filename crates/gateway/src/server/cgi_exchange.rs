@@ -91,10 +91,7 @@ impl Body for ChanBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         if let Some(b) = self.first.take() {
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
@@ -155,7 +152,6 @@ impl Server {
             body,
             slot,
             deadline,
-            id,
         } = job;
         let caller = Caller {
             parts: &parts,
@@ -186,7 +182,6 @@ impl Server {
             let run = Run {
                 route,
                 slot: &slot,
-                id,
                 deadline,
             };
             let (ex, head, rest) = match self
@@ -245,7 +240,11 @@ impl Server {
     ) -> Result<(Exchange, CgiHead, Bytes), Response<OutBody>> {
         // A local redirect may lead to another route: its own executor runs it.
         let started = match &run.route.exec {
-            Some(RouteExec::Cgi(e)) => e.start(inv, body_rx, Arc::clone(run.slot), run.id),
+            Some(RouteExec::Cgi(e)) => e.start(CgiStart {
+                inv,
+                body: body_rx,
+                slot: Arc::clone(run.slot),
+            }),
             _ => {
                 log.note = Some("the route is not a CGI route".into());
                 return Err(error(StatusCode::BAD_GATEWAY, "the handler failed"));
@@ -321,11 +320,10 @@ impl Server {
     }
 }
 
-/// One start of a handler: which route, the request's slot, id and deadline.
+/// One start of a handler: which route, the request's slot and deadline.
 struct Run<'a> {
     route: &'a ServedRoute,
     slot: &'a crate::exec::Slot,
-    id: u64,
     deadline: Instant,
 }
 

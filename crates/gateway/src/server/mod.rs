@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue};
@@ -33,7 +33,7 @@ use crate::admin::{self, Health};
 use crate::cgi::{self, CgiHead, MAX_HEADER_BLOCK};
 use crate::config::{Config, Isolation, Mode};
 use crate::exec::{
-    Exchange, Finish, GuestConnection, Invocation, Killer, ProcessExecutor, RouteExec,
+    CgiStart, Exchange, Finish, GuestConnection, Invocation, Killer, ProcessExecutor, RouteExec,
     VmCgiExecutor, VmHttpExecutor,
 };
 use crate::images::ServedRoute;
@@ -101,6 +101,23 @@ pub enum ServeError {
 }
 
 type OutBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// What `poll_frame` of the server's bodies returns.
+type FramePoll = std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>>;
+
+/// `is_end_stream` and `size_hint` of a body that wraps another in `self.inner`.
+macro_rules! forward_body_hints {
+    () => {
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            self.inner.size_hint()
+        }
+    };
+}
+use forward_body_hints;
 
 /// A running server's shared state.
 pub struct Server {
@@ -239,7 +256,7 @@ impl Server {
             &self.metrics,
             active,
         );
-        let resp = self.dispatch(req, remote, local, id, &mut log).await;
+        let resp = self.dispatch(req, remote, local, &mut log).await;
         log.status = resp.status().as_u16();
         // The log line is written when the response body ends (or is dropped).
         resp.map(|b| {
@@ -256,7 +273,6 @@ impl Server {
         req: Request<Incoming>,
         remote: SocketAddr,
         local: SocketAddr,
-        id: u64,
         log: &mut RequestLog,
     ) -> Response<OutBody> {
         let rpath = match crate::path::normalize(req.uri().path()) {
@@ -309,7 +325,6 @@ impl Server {
             body,
             slot,
             deadline,
-            id,
         };
         match &route.exec {
             Some(RouteExec::Cgi(_)) => self.cgi(job, remote, local, log).await,
@@ -334,7 +349,6 @@ struct Job<'a> {
     /// The concurrency slot: shared with the handler, which holds it until it is gone.
     slot: Arc<OwnedSemaphorePermit>,
     deadline: Instant,
-    id: u64,
 }
 
 fn error(status: StatusCode, msg: &str) -> Response<OutBody> {

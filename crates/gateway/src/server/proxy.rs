@@ -52,10 +52,7 @@ impl Body for GuardedBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         if let Poll::Ready(f) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(f);
         }
@@ -73,13 +70,7 @@ impl Body for GuardedBody {
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    forward_body_hints!();
 }
 
 impl Server {

@@ -92,36 +92,10 @@ impl Drop for RequestLog {
             let handler_ms = boot.map(|b| ms(total.saturating_sub(b)));
             let total_ms = ms(total);
             let exit = fin.as_ref().and_then(|f| f.exit);
-            let mut note = note.unwrap_or_default();
-            if client_gone {
-                note = "client went away: handler killed".into();
-            }
             let exec = fin
                 .as_ref()
                 .is_some_and(|f| exec_failed(f.exit, &f.stderr_tail));
-            if exec {
-                if !note.is_empty() {
-                    note.push_str("; ");
-                }
-                note.push_str(
-                    "the handler, or a program it ran, could not be executed: is it in the \
-                     image? (docs/serve.md, \"Dynamic programs and helpers\")",
-                );
-            }
-            if let Some(f) = &fin {
-                if f.exit.is_none() || status >= 500 || exec {
-                    if let Some(fl) = &f.failure {
-                        if !note.is_empty() {
-                            note.push_str("; ");
-                        }
-                        note.push_str(fl);
-                    }
-                    if !f.stderr_tail.trim().is_empty() {
-                        note.push_str("; stderr: ");
-                        note.push_str(f.stderr_tail.trim());
-                    }
-                }
-            }
+            let note = compose_note(note, fin.as_ref(), client_gone, exec, status);
             // Handler, guest and client text is in here: escaped and cut.
             let note = escape::for_log(&note, escape::LOG_TEXT_MAX);
             // One line, at WARN for what went wrong, else INFO; the same fields either way.
@@ -150,6 +124,44 @@ impl Drop for RequestLog {
     }
 }
 
+/// The log line's note: what the server noted, why the handler ended, its stderr tail (for
+/// a failure only).
+fn compose_note(
+    note: Option<String>,
+    fin: Option<&Finish>,
+    client_gone: bool,
+    exec: bool,
+    status: u16,
+) -> String {
+    let mut note = note.unwrap_or_default();
+    if client_gone {
+        note = "client went away: handler killed".into();
+    }
+    let mut add = |part: &str| {
+        if !note.is_empty() {
+            note.push_str("; ");
+        }
+        note.push_str(part);
+    };
+    if exec {
+        add(
+            "the handler, or a program it ran, could not be executed: is it in the image? \
+             (docs/serve.md, \"Dynamic programs and helpers\")",
+        );
+    }
+    if let Some(f) = fin {
+        if f.exit.is_none() || status >= 500 || exec {
+            if let Some(fl) = &f.failure {
+                add(fl);
+            }
+            if !f.stderr_tail.trim().is_empty() {
+                add(&format!("stderr: {}", f.stderr_tail.trim()));
+            }
+        }
+    }
+    note
+}
+
 /// Wraps a response body; writes the request's log line when the body ends or is dropped.
 pub(super) struct LoggedBody {
     pub(super) inner: OutBody,
@@ -160,10 +172,7 @@ impl Body for LoggedBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> FramePoll {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(None) => {
@@ -187,13 +196,7 @@ impl Body for LoggedBody {
         r
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    forward_body_hints!();
 }
 
 impl Drop for LoggedBody {

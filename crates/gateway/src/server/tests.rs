@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::exec::{CgiExecutor, ExecError, Slot};
+use crate::exec::{CgiExecutor, CgiStart, ExecError};
 
 /// What a fake handler does.
 #[derive(Clone)]
@@ -51,13 +51,8 @@ fn expand(text: &str, env: &[String]) -> String {
 }
 
 impl CgiExecutor for Fake {
-    fn start(
-        &self,
-        inv: &Invocation,
-        _body: mpsc::Receiver<Bytes>,
-        slot: Slot,
-        _id: u64,
-    ) -> Result<Exchange, ExecError> {
+    fn start(&self, req: CgiStart<'_>) -> Result<Exchange, ExecError> {
+        let CgiStart { inv, slot, .. } = req;
         self.started.fetch_add(1, Ordering::SeqCst);
         let (out_tx, stdout) = mpsc::channel(4);
         let (fin_tx, finish) = oneshot::channel();
