@@ -88,7 +88,7 @@ pub struct VmThread {
     /// Stops the VM.
     pub cancel: Cancel,
     /// How the run ended (or why it could not run), sent after teardown.
-    pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
+    pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>>,
 }
 
 /// Boots `spec`'s machine with `attach` on a new thread, from a VM prepared ahead when its
@@ -119,8 +119,7 @@ pub fn start_vm<K: Send + 'static>(
                 (Some(p), _) => xcgi_vmm::launch(p, &attach, &opts, t0, None),
                 (None, Some(shape)) => xcgi_vmm::run(&shape, &attach, &opts, t0, None),
                 (None, None) => unreachable!("a shape is made when no VM was prepared"),
-            }
-            .map_err(|e| e.to_string());
+            };
             // Every copy of the TAP's descriptor is closed before the lease goes back: the
             // pool destroys the TAP by closing the last one, and one still open here made
             // the slot unusable ("returned TAP still exists", issue 15).
@@ -139,7 +138,7 @@ pub fn start_vm<K: Send + 'static>(
 /// Logs the debug dump of a VM whose request failed, if one was taken (`[server]
 /// debug_dump`). Called on the failure paths only: a VM stopped after its response is
 /// cancelled too, and that is no failure.
-pub fn log_dump(r: &Result<xcgi_vmm::Outcome, String>) {
+pub fn log_dump(r: &Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>) {
     if let Some(dump) = r.as_ref().ok().and_then(|o| o.dump.as_deref()) {
         // Numbers, and console lines escaped (xcgi_vmm::diagnostics).
         tracing::warn!("VM debug dump\n{dump}");
@@ -147,7 +146,7 @@ pub fn log_dump(r: &Result<xcgi_vmm::Outcome, String>) {
 }
 
 /// A short description of how a VM ended, for a log line.
-pub fn describe_outcome(r: &Result<xcgi_vmm::Outcome, String>) -> String {
+pub fn describe_outcome(r: &Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>) -> String {
     match r {
         Ok(o) => {
             let mut s = o.reason.describe();

@@ -288,12 +288,13 @@ impl Drive {
             // ended. Say how. (After a complete response the server stops the VM at once,
             // often before init has reported the exit status: that is no failure.)
             vm.cancel.cancel();
-            let outcome = vm
-                .outcome
-                .await
-                .unwrap_or_else(|_| Err("VM thread lost".to_string()));
-            log_dump(&outcome);
-            self.failure = Some(describe_outcome(&outcome));
+            self.failure = Some(match vm.outcome.await {
+                Ok(outcome) => {
+                    log_dump(&outcome);
+                    describe_outcome(&outcome)
+                }
+                Err(_) => "VM thread lost".to_string(),
+            });
         }
         Finish {
             exit: self.exit,

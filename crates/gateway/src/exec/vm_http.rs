@@ -47,7 +47,7 @@ pub struct GuestConnection {
     /// Stops the VM; the last clone dropped stops it too.
     pub killer: Killer,
     /// The VM's outcome, when it has been torn down.
-    pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, String>>,
+    pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>>,
     /// From start to the port accepting.
     pub boot: Duration,
 }
@@ -60,7 +60,7 @@ pub enum HttpStartError {
     NoNetworkSlot(xcgi_net::NetError),
     /// The leased TAP's descriptor could not be duplicated for the VM (500).
     #[error("guest network setup failed: {0}")]
-    Setup(String),
+    Setup(#[source] xcgi_net::NetError),
     /// The VM could not be started (500).
     #[error("cannot start the VM: {0}")]
     Vm(super::ExecError),
@@ -113,9 +113,7 @@ impl VmHttpExecutor {
             .pool
             .lease()
             .map_err(HttpStartError::NoNetworkSlot)?;
-        let tap = lease
-            .try_clone_tap_fd()
-            .map_err(|e| HttpStartError::Setup(e.to_string()))?;
+        let tap = lease.try_clone_tap_fd().map_err(HttpStartError::Setup)?;
         let guest = SocketAddr::from((lease.guest_ip(), self.port));
         let cancel = Cancel::new();
         let rx_ready = Arc::new(AtomicBool::new(false));
