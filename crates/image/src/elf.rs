@@ -355,7 +355,7 @@ fn read_dynamic(
             .iter()
             .filter(|s| s.p_type == PT_LOAD)
             .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.filesz)
-            .map(|s| s.offset + (vaddr - s.vaddr))
+            .and_then(|s| s.offset.checked_add(vaddr - s.vaddr))
             .ok_or(ElfError::Truncated("dynamic string table"))?;
         for off in needed_offsets {
             let start = strtab_off
@@ -511,6 +511,30 @@ mod tests {
         let mut d = data[..64].to_vec();
         d[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(parse(&d), Err(ElfError::Truncated(_))));
+    }
+
+    #[test]
+    fn a_load_segment_offset_near_the_end_of_u64_is_rejected_not_panicking() {
+        // Every PT_LOAD of /bin/true moved to an offset near u64::MAX: finding the dynamic
+        // string table through them must fail cleanly, not overflow.
+        let mut d = std::fs::read("/bin/true").unwrap();
+        let u16_at = |d: &[u8], o: usize| usize::from(u16::from_le_bytes([d[o], d[o + 1]]));
+        let phoff = u64::from_le_bytes(d[32..40].try_into().unwrap()) as usize;
+        let (size, count) = (u16_at(&d, 54), u16_at(&d, 56));
+        let mut moved = 0;
+        for i in 0..count {
+            let ph = phoff + i * size;
+            if u32::from_le_bytes(d[ph..ph + 4].try_into().unwrap()) == PT_LOAD {
+                d[ph + 8..ph + 16].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+                moved += 1;
+            }
+        }
+        assert!(moved > 0, "no PT_LOAD in /bin/true?");
+        assert!(
+            matches!(parse(&d), Err(ElfError::Truncated(_))),
+            "{:?}",
+            parse(&d)
+        );
     }
 
     #[test]

@@ -561,14 +561,18 @@ impl Drop for Lease {
         // SAFETY: `tap` is taken exactly once, here, and not used afterwards.
         let tap = unsafe { ManuallyDrop::take(&mut self.tap) };
         lock(&self.inner.state).returning += 1;
+        let threads = Arc::clone(&self.inner.threads);
+        // Counted before `closed` is read: a pool closing now waits for this return (its
+        // wait could otherwise see no return running between the check and the count).
+        threads.enter();
         if self.inner.closed.load(Ordering::Acquire) {
             // The pool is gone: nothing waits for this slot, and whoever drops the last lease
             // expects the namespace's cleanup to be done when this returns.
             self.inner.give_back(tap, self.addrs);
+            threads.exit();
             return;
         }
         let inner = Arc::clone(&self.inner);
-        let threads = Arc::clone(&self.inner.threads);
         let addrs = self.addrs;
         // Destroying a TAP blocks ~20 ms (an RCU barrier in the kernel, little CPU), so it
         // happens on a short-lived thread; concurrent returns share that wait. The TAP sits in
@@ -576,7 +580,6 @@ impl Drop for Lease {
         // returned inline.
         let cell = Arc::new(Mutex::new(Some(tap)));
         let in_thread = Arc::clone(&cell);
-        threads.enter();
         let spawned = std::thread::Builder::new()
             .name("xcgi-net-return".into())
             .spawn({

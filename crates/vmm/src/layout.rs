@@ -3,8 +3,8 @@
 /// The boot GDT ([`crate::arch::x86_64::gdt::table`]), loaded on entry as the 64-bit boot
 /// protocol wants.
 pub const GDT_ADDR: u64 = 0x500;
-/// The boot IDT: one zero 8-byte entry (limit 7).
-pub const IDT_ADDR: u64 = 0x520;
+/// The boot IDT: one zero 8-byte entry (limit 7), after the GDT's 5 entries (0x500-0x527).
+pub const IDT_ADDR: u64 = 0x540;
 /// The "zero page": struct boot_params handed to the kernel in %rsi.
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 /// Stack pointer on entry (the kernel sets up its own almost at once).

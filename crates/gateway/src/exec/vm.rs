@@ -110,7 +110,6 @@ pub fn start_vm<K: Send + 'static>(
     let cancel = opts.cancel.clone();
     let (tx, outcome) = oneshot::channel();
     metrics.vms_running.fetch_add(1, Ordering::Relaxed);
-    metrics.vms_started.fetch_add(1, Ordering::Relaxed);
     let m = Arc::clone(&metrics);
     let spawned = std::thread::Builder::new()
         .name("xcgi-vm".into())
@@ -132,6 +131,7 @@ pub fn start_vm<K: Send + 'static>(
         metrics.vms_running.fetch_sub(1, Ordering::Relaxed);
         return Err(ExecError::Thread(e));
     }
+    metrics.vms_started.fetch_add(1, Ordering::Relaxed);
     Ok(VmThread { cancel, outcome })
 }
 

@@ -70,7 +70,7 @@ pub(super) async fn read_head(
 
 pub(super) fn is_local_redirect_candidate(block: &[u8]) -> bool {
     block.split(|&b| b == b'\n').any(|l| {
-        l.len() > 10
+        l.len() > 9
             && l[..9].eq_ignore_ascii_case(b"location:")
             && l[9..].trim_ascii_start().starts_with(b"/")
     })
@@ -386,4 +386,37 @@ fn document(
     *resp.headers_mut() = headers;
     log.finish = Some(ex.finish);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_redirect_candidate;
+
+    #[test]
+    fn a_local_location_is_seen_however_short_and_with_or_without_cr() {
+        for block in [
+            &b"Location:/\n\n"[..],
+            b"Location:/\r\n\r\n",
+            b"location: /env\n\n",
+            b"Status: 200\nLOCATION:\t/x\n\n",
+        ] {
+            assert!(
+                is_local_redirect_candidate(block),
+                "{:?}",
+                String::from_utf8_lossy(block)
+            );
+        }
+        for block in [
+            &b"Location: http://example.com/\n\n"[..],
+            b"Location:\n\n",
+            b"Content-Type: text/plain\n\n",
+            b"X-Location: /x\n\n",
+        ] {
+            assert!(
+                !is_local_redirect_candidate(block),
+                "{:?}",
+                String::from_utf8_lossy(block)
+            );
+        }
+    }
 }

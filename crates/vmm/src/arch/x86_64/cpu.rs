@@ -285,6 +285,21 @@ mod tests {
     }
 
     #[test]
+    fn the_whole_gdt_is_in_memory_and_the_idt_after_it() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let s = write_tables_and_sregs(&mem, SpecialRegs::default(), 0x9000).unwrap();
+        // Every descriptor reads back, the TSS (the last) too: the IDT once sat on it.
+        for (i, d) in gdt::table().iter().enumerate() {
+            let got: u64 = mem.read_obj(GuestAddress(GDT_ADDR + i as u64 * 8)).unwrap();
+            assert_eq!(got, *d, "GDT entry {i}");
+        }
+        assert!(
+            s.idt.base > s.gdt.base + u64::from(s.gdt.limit),
+            "the IDT overlaps the GDT"
+        );
+    }
+
+    #[test]
     fn regs_point_at_zero_page() {
         let r = boot_regs(0x100_0000);
         assert_eq!((r.rip, r.rsi, r.rflags), (0x100_0000, ZERO_PAGE_ADDR, 2));
