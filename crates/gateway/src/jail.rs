@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::ProcessSection;
 use crate::exec::Invocation;
-use crate::spawn::{self, ChildSetup, SpawnError, Spawned};
+use xcgi_jail::{spawn, ChildSetup, Command, SpawnError, Spawned};
 
 /// Why the jail cannot be set up, or a handler cannot run in it (refused at start).
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +98,7 @@ impl ProcessJail {
         let setup = ChildSetup {
             limits,
             creds: user.as_ref().map(|u| (u.uid, u.gid)),
+            ..ChildSetup::default()
         };
         Ok(ProcessJail {
             user,
@@ -151,26 +152,20 @@ impl ProcessJail {
             }
             None => (None, None),
         };
-        let first = spawn::spawn(
-            &inv.program,
-            &inv.env,
-            &inv.cwd,
-            &self.setup,
-            dir_fd.as_ref().map(|f| f.as_fd()),
-        );
-        drop(dir_fd);
+        let mut cmd = Command::new(&inv.program, &inv.env, &inv.cwd, &self.setup);
+        cmd.cgroup = dir_fd.as_ref().map(|f| f.as_fd());
+        let first = spawn(&cmd);
         let (child, cgroup) = match (first, cgroup) {
             (Err(SpawnError::Clone(e)), Some(c)) => {
                 // The cgroup refused the child (EBUSY, EACCES, an old kernel): run without.
                 warn!(error = %e, cgroup = %c.dir.display(),
                     "cannot start a handler in its cgroup: process group only");
-                (
-                    spawn::spawn(&inv.program, &inv.env, &inv.cwd, &self.setup, None)?,
-                    None,
-                )
+                cmd.cgroup = None;
+                (spawn(&cmd)?, None)
             }
             (r, c) => (r?, c),
         };
+        drop(dir_fd);
         let group = HandlerGroup {
             pgid: Some(child.pid),
             cgroup: cgroup.zip(self.cgroups.clone()),

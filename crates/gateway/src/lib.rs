@@ -6,7 +6,6 @@
 //! - [`cgi`]: CGI/1.1 meta-variables and response parsing (RFC 3875).
 //! - [`exec`]: running one handler: VM (CGI over virtio-console) or process ([`jail`]:
 //!   unprivileged user, rlimits, process group and cgroup killed whole).
-//! - [`spawn`]: a handler process started by `clone3` into its cgroup, waited on by pidfd.
 //! - [`path`]: request paths decoded and normalised before routing.
 //! - [`conn`]: per-connection deadlines (idle, header, write), the accept loop's guards.
 //! - [`escape`]: untrusted text made safe for log lines.
@@ -28,7 +27,6 @@ pub mod jail;
 pub mod metrics;
 pub mod path;
 pub mod server;
-pub mod spawn;
 pub mod systemd;
 
 pub use config::Config;

@@ -40,7 +40,7 @@ pub enum ExecError {
         program: PathBuf,
         /// The error.
         #[source]
-        source: crate::spawn::SpawnError,
+        source: xcgi_jail::SpawnError,
     },
     /// The socket pair carrying the CGI exchange to the guest could not be made.
     #[error("cannot create the host-guest channel: {0}")]

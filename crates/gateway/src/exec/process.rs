@@ -15,7 +15,7 @@ use super::{
     push_tail, CgiExecutor, CgiStart, Exchange, ExecError, Finish, Invocation, Killer, STDOUT_DEPTH,
 };
 use crate::jail::{HandlerGroup, ProcessJail};
-use crate::spawn::SpawnError;
+use xcgi_jail::SpawnError;
 
 /// Runs each handler as a jailed child process.
 #[derive(Debug)]
@@ -47,10 +47,13 @@ pub fn spawn_process<K: Send + 'static>(
     };
     let (child, group) = jail.spawn(inv).map_err(spawn_err)?;
     let pipes = (|| -> std::io::Result<_> {
+        let p = child
+            .stdio
+            .ok_or_else(|| std::io::Error::other("the handler's stdio is not piped"))?;
         Ok((
-            pipe::Sender::from_owned_fd(child.stdin)?,
-            pipe::Receiver::from_owned_fd(child.stdout)?,
-            pipe::Receiver::from_owned_fd(child.stderr)?,
+            pipe::Sender::from_owned_fd(p.stdin)?,
+            pipe::Receiver::from_owned_fd(p.stdout)?,
+            pipe::Receiver::from_owned_fd(p.stderr)?,
         ))
     })();
     let (stdin, stdout, stderr) = match pipes {
@@ -147,7 +150,7 @@ async fn stderr_tail(mut r: pipe::Receiver) -> String {
 
 /// What ends a handler: its process, its group and cgroup, its stderr.
 struct End {
-    pidfd: crate::spawn::PidFd,
+    pidfd: xcgi_jail::PidFd,
     group: Arc<std::sync::Mutex<Option<HandlerGroup>>>,
     err_task: tokio::task::JoinHandle<String>,
 }

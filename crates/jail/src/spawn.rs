@@ -4,7 +4,7 @@
 //! (fork semantics) but the child only makes system calls before `execve`: no allocation, no
 //! lock, nothing another thread of the server might hold.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -37,6 +37,9 @@ struct CloneArgs {
 /// What the child does between `clone3` and `execve`, decided before the clone.
 #[derive(Debug, Clone, Default)]
 pub struct ChildSetup {
+    /// `CLONE_NEW*` flags: the namespaces the child is created in (PID, mount, IPC, UTS,
+    /// network). In a new PID namespace the child is its PID 1.
+    pub namespaces: u64,
     /// Resource limits (soft = hard) set in the child.
     pub limits: Vec<(libc::__rlimit_resource_t, u64)>,
     /// `(uid, gid)` the child switches to (supplementary groups dropped); None: stays as the
@@ -44,19 +47,72 @@ pub struct ChildSetup {
     pub creds: Option<(libc::uid_t, libc::gid_t)>,
 }
 
-/// A started handler: its pid, a pidfd, and the server's ends of its stdin, stdout, stderr.
+/// What the child's stdin, stdout and stderr are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdio {
+    /// Pipes to the parent ([`Spawned::stdio`]).
+    Piped,
+    /// The parent's own.
+    Inherit,
+}
+
+/// A program to start, and how.
+#[derive(Debug)]
+pub struct Command<'a> {
+    /// The program (argv[0] too).
+    pub program: &'a Path,
+    /// argv[1..].
+    pub args: &'a [OsString],
+    /// The whole environment, `KEY=value` strings.
+    pub env: &'a [String],
+    /// The working directory.
+    pub cwd: &'a Path,
+    /// The child's own steps before `execve`.
+    pub setup: &'a ChildSetup,
+    /// An open cgroup v2 directory the child starts in (`CLONE_INTO_CGROUP`).
+    pub cgroup: Option<BorrowedFd<'a>>,
+    /// Pipes or the parent's own stdio.
+    pub stdio: Stdio,
+    /// Descriptors the child gets as 3, 4, ... (every other one is closed at `execve`).
+    pub pass_fds: &'a [BorrowedFd<'a>],
+}
+
+impl<'a> Command<'a> {
+    /// `program` with no arguments, piped stdio, nothing passed, no cgroup.
+    pub fn new(program: &'a Path, env: &'a [String], cwd: &'a Path, setup: &'a ChildSetup) -> Self {
+        Command {
+            program,
+            args: &[],
+            env,
+            cwd,
+            setup,
+            cgroup: None,
+            stdio: Stdio::Piped,
+            pass_fds: &[],
+        }
+    }
+}
+
+/// The parent's ends of a child's stdin, stdout and stderr pipes.
+#[derive(Debug)]
+pub struct Pipes {
+    /// Write end of the child's stdin.
+    pub stdin: OwnedFd,
+    /// Read end of the child's stdout.
+    pub stdout: OwnedFd,
+    /// Read end of the child's stderr.
+    pub stderr: OwnedFd,
+}
+
+/// A started child: its pid, a pidfd, and (with [`Stdio::Piped`]) its pipes.
 #[derive(Debug)]
 pub struct Spawned {
-    /// The child's pid (also its process group's id).
+    /// The child's pid as the parent sees it (also its process group's id).
     pub pid: libc::pid_t,
     /// Waits for and signals exactly this child, never a recycled pid.
     pub pidfd: PidFd,
-    /// Write end of the handler's stdin (the request body).
-    pub stdin: OwnedFd,
-    /// Read end of the handler's stdout (the CGI response).
-    pub stdout: OwnedFd,
-    /// Read end of the handler's stderr (kept for the log).
-    pub stderr: OwnedFd,
+    /// Its stdin, stdout and stderr, when piped.
+    pub stdio: Option<Pipes>,
 }
 
 /// A child process's pidfd. Dropped before the child was reaped, it kills and reaps the
@@ -316,7 +372,12 @@ thread_local! {
 /// Everything the child reads (prepared before the clone: it must not allocate) and the
 /// one thing it writes (`failure`).
 struct ChildArgs<'a> {
-    fds: [RawFd; 3],
+    /// The child's 0, 1, 2 (None: inherited).
+    stdio: Option<[RawFd; 3]>,
+    /// Become 3, 4, ...: high-numbered duplicates, so that no dup2 clobbers another.
+    pass: &'a [RawFd],
+    /// Whether the child is in a new PID namespace (its parent is then outside, pid 0).
+    new_pid_ns: bool,
     dir: &'a CString,
     prog: &'a CString,
     argv: &'a [*const libc::c_char],
@@ -326,48 +387,71 @@ struct ChildArgs<'a> {
     failure: ChildFailure,
 }
 
-/// Starts `program` with `env` (`KEY=value` strings) in `cwd`, in its own process group and,
-/// with `cgroup` (an open cgroup v2 directory), in that cgroup from its first instruction.
-/// Returns once the child has called `execve` (or reports what failed before it).
+/// Starts `cmd`: in its own process group, in the namespaces `cmd.setup` asks for and, with
+/// a cgroup, in that cgroup from its first instruction. Returns once the child has called
+/// `execve` (or reports what failed before it).
 ///
 /// The child shares the server's memory until `execve` (`CLONE_VM | CLONE_VFORK`, as
 /// `posix_spawn` does): no page tables are copied and no page of the server is write-protected
 /// for copy-on-write, which made a forked handler cost the server more than the handler's
 /// own run. The calling thread waits meanwhile, with every signal blocked.
-pub fn spawn(
-    program: &Path,
-    env: &[String],
-    cwd: &Path,
-    setup: &ChildSetup,
-    cgroup: Option<BorrowedFd<'_>>,
-) -> Result<Spawned, SpawnError> {
-    let exec = Exec::new(program, env, cwd).map_err(SpawnError::Prepare)?;
-    let (in_r, in_w) = pipe().map_err(SpawnError::Prepare)?;
-    let (out_r, out_w) = pipe().map_err(SpawnError::Prepare)?;
-    let (err_r, err_w) = pipe().map_err(SpawnError::Prepare)?;
+pub fn spawn(cmd: &Command<'_>) -> Result<Spawned, SpawnError> {
+    let exec = Exec::new(cmd.program, cmd.args, cmd.env, cmd.cwd).map_err(SpawnError::Prepare)?;
+    let pipes = match cmd.stdio {
+        Stdio::Piped => Some(
+            (|| -> io::Result<_> { Ok([pipe()?, pipe()?, pipe()?]) })()
+                .map_err(SpawnError::Prepare)?,
+        ),
+        Stdio::Inherit => None,
+    };
+    // Duplicates above every number the child's dup2 targets, closed here after the clone.
+    let high = cmd
+        .pass_fds
+        .iter()
+        .map(|fd| {
+            // SAFETY: duplicates a descriptor the caller lent us, close-on-exec.
+            let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                // SAFETY: a new descriptor, ours alone.
+                Ok(unsafe { OwnedFd::from_raw_fd(r) })
+            }
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(SpawnError::Prepare)?;
+    let pass: Vec<RawFd> = high.iter().map(|f| f.as_raw_fd()).collect();
     let mut child = ChildArgs {
-        fds: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        stdio: pipes.as_ref().map(|[(in_r, _), (_, out_w), (_, err_w)]| {
+            [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]
+        }),
+        pass: &pass,
+        new_pid_ns: cmd.setup.namespaces & libc::CLONE_NEWPID as u64 != 0,
         dir: &exec.dir,
         prog: &exec.prog,
         argv: &exec.argv,
         envp: &exec.envp,
-        setup,
+        setup: cmd.setup,
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
         failure: ChildFailure::default(),
     };
     let mut pidfd: RawFd = -1;
     let mut args = CloneArgs {
-        flags: CLONE_PIDFD | libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64,
+        flags: CLONE_PIDFD
+            | libc::CLONE_VM as u64
+            | libc::CLONE_VFORK as u64
+            | cmd.setup.namespaces,
         pidfd: std::ptr::addr_of_mut!(pidfd) as u64,
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
     };
-    if let Some(cg) = cgroup {
+    if let Some(cg) = cmd.cgroup {
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = cg.as_raw_fd() as u64;
     }
     let ret = clone_on_thread_stack(&mut args, &mut child).map_err(SpawnError::Prepare)?;
+    drop(high);
     if ret < 0 {
         return Err(SpawnError::Clone(io::Error::from_raw_os_error(-ret as i32)));
     }
@@ -376,7 +460,6 @@ pub fn spawn(
     let mut pidfd = PidFd {
         state: PidState::Open(fd),
     };
-    drop((in_r, out_w, err_w));
     // SAFETY: the child has exec'd or exited (CLONE_VFORK); it wrote `failure` before.
     let failure = unsafe { std::ptr::read_volatile(std::ptr::addr_of!(child.failure)) };
     if failure.step > 0 {
@@ -394,9 +477,12 @@ pub fn spawn(
     Ok(Spawned {
         pid: ret as libc::pid_t,
         pidfd,
-        stdin: in_w,
-        stdout: out_r,
-        stderr: err_r,
+        // The child's ends close here.
+        stdio: pipes.map(|[(_, in_w), (out_r, _), (err_r, _)]| Pipes {
+            stdin: in_w,
+            stdout: out_r,
+            stderr: err_r,
+        }),
     })
 }
 
@@ -406,14 +492,20 @@ struct Exec {
     dir: CString,
     /// Owns what `envp` points to.
     _env: Vec<CString>,
-    argv: [*const libc::c_char; 2],
+    /// Owns what `argv` points to, after argv[0].
+    _args: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
 }
 
 impl Exec {
-    fn new(program: &Path, env: &[String], cwd: &Path) -> io::Result<Exec> {
+    fn new(program: &Path, args: &[OsString], env: &[String], cwd: &Path) -> io::Result<Exec> {
         let prog = cstring(program.as_os_str())?;
         let dir = cstring(cwd.as_os_str())?;
+        let args = args
+            .iter()
+            .map(|a| cstring(a))
+            .collect::<io::Result<Vec<_>>>()?;
         let env = env
             .iter()
             .map(|e| cstring(OsStr::new(e)))
@@ -424,11 +516,15 @@ impl Exec {
             .chain(std::iter::once(std::ptr::null()))
             .collect();
         // A CString's bytes stay where they are when the CString moves.
-        let argv = [prog.as_ptr(), std::ptr::null()];
+        let argv = std::iter::once(prog.as_ptr())
+            .chain(args.iter().map(|c| c.as_ptr()))
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
         Ok(Exec {
             prog,
             dir,
             _env: env,
+            _args: args,
             argv,
             envp,
         })
@@ -541,6 +637,23 @@ unsafe fn child_main(a: &mut ChildArgs<'_>) -> ! {
     unsafe { libc::_exit(127) }
 }
 
+/// Makes `fd` the child's descriptor `target`, open across `execve`: dup2 onto another number
+/// clears close-on-exec; a descriptor that already is `target` keeps the flag, which fcntl
+/// clears.
+///
+/// # Safety
+/// Only in the child (it changes this process's descriptor table).
+unsafe fn move_fd(fd: RawFd, target: RawFd) -> libc::c_long {
+    // SAFETY: descriptor operations on this child's own table.
+    unsafe {
+        if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0).into()
+        } else {
+            libc::dup2(fd, target).into()
+        }
+    }
+}
+
 /// Handlers the server installed (tokio's) go back to the default before signals are
 /// unblocked; SIGPIPE too: the server ignores it (Rust's runtime does) and an ignored signal
 /// would stay ignored across execve. Returns sigprocmask's result.
@@ -577,19 +690,13 @@ unsafe fn reset_signals() -> libc::c_long {
 /// As [`child_main`].
 unsafe fn child_steps(a: &ChildArgs<'_>) -> Result<std::convert::Infallible, u32> {
     let check = |r: libc::c_long, step: u32| if r < 0 { Err(step) } else { Ok(()) };
-    for (target, &fd) in a.fds.iter().enumerate() {
-        let target = target as RawFd;
-        // SAFETY: descriptor operations on this child's own table. dup2 onto another number
-        // clears close-on-exec; a pipe end that already is that number keeps the flag, which
-        // fcntl clears.
-        let r = unsafe {
-            if fd == target {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, target)
-            }
-        };
-        check(r.into(), 0)?;
+    for (target, &fd) in a.stdio.iter().flatten().enumerate() {
+        // SAFETY: descriptor operations on this child's own table (see `move_fd`).
+        check(unsafe { move_fd(fd, target as RawFd) }, 0)?;
+    }
+    for (i, &fd) in a.pass.iter().enumerate() {
+        // SAFETY: as above; the sources are above 63, the targets from 3 up.
+        check(unsafe { move_fd(fd, 3 + i as RawFd) }, 0)?;
     }
     // SAFETY: dir is a NUL-terminated path prepared by the parent.
     check(unsafe { libc::chdir(a.dir.as_ptr()) }.into(), 1)?;
@@ -623,8 +730,9 @@ unsafe fn child_steps(a: &ChildArgs<'_>) -> Result<std::convert::Infallible, u32
     // SAFETY: prctl with an integer argument.
     let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     check(r.into(), 6)?;
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } != a.parent {
+    // SAFETY: getppid has no preconditions. (In a new PID namespace the parent is outside
+    // it: pid 0; PDEATHSIG still reaches the child.)
+    if !a.new_pid_ns && unsafe { libc::getppid() } != a.parent {
         return Err(7);
     }
     // SAFETY: prog, argv and envp are NUL-terminated and null-terminated, built by the parent.
@@ -668,14 +776,15 @@ mod tests {
         let (dir, prog) = script("echo \"$GREETING from $(pwd)\"; cat; echo oops >&2; exit 3");
         let env = ["GREETING=hello".to_string()];
         let rt = rt();
+        let setup = ChildSetup::default();
         let code = rt.block_on(async {
-            let mut c =
-                spawn(&prog, &env, dir.path(), &ChildSetup::default(), None).expect("spawn");
-            let mut stdin = std::fs::File::from(c.stdin);
+            let mut c = spawn(&Command::new(&prog, &env, dir.path(), &setup)).expect("spawn");
+            let p = c.stdio.take().expect("piped");
+            let mut stdin = std::fs::File::from(p.stdin);
             stdin.write_all(b"the body\n").expect("write stdin");
             drop(stdin);
-            let out = read_all(c.stdout);
-            let err = read_all(c.stderr);
+            let out = read_all(p.stdout);
+            let err = read_all(p.stderr);
             let want = format!("hello from {}\nthe body\n", dir.path().display());
             assert_eq!(out, want);
             assert_eq!(err, "oops\n");
@@ -688,7 +797,8 @@ mod tests {
     fn a_failure_before_execve_names_the_step() {
         let (dir, _) = script("exit 0");
         let missing = dir.path().join("no-such-program");
-        match spawn(&missing, &[], dir.path(), &ChildSetup::default(), None) {
+        let setup = ChildSetup::default();
+        match spawn(&Command::new(&missing, &[], dir.path(), &setup)) {
             Err(SpawnError::Child { step, source }) => {
                 assert_eq!(step, "execve");
                 assert_eq!(source.kind(), io::ErrorKind::NotFound);
@@ -696,14 +806,9 @@ mod tests {
             other => panic!("expected an execve failure, got {other:?}"),
         }
         let (_d, prog) = script("exit 0");
-        let e = spawn(
-            &prog,
-            &[],
-            &dir.path().join("gone"),
-            &ChildSetup::default(),
-            None,
-        )
-        .expect_err("a missing working directory");
+        let gone = dir.path().join("gone");
+        let e = spawn(&Command::new(&prog, &[], &gone, &setup))
+            .expect_err("a missing working directory");
         assert!(
             e.to_string()
                 .starts_with("changing to the working directory failed in the child"),
@@ -716,8 +821,9 @@ mod tests {
         // Rust's runtime ignores SIGPIPE in this test process, as in the server; an ignored
         // signal survives execve unless the child resets it.
         let (dir, prog) = script("kill -PIPE $$; exit 0");
+        let setup = ChildSetup::default();
         let code = rt().block_on(async {
-            let mut c = spawn(&prog, &[], dir.path(), &ChildSetup::default(), None).expect("spawn");
+            let mut c = spawn(&Command::new(&prog, &[], dir.path(), &setup)).expect("spawn");
             c.pidfd.wait().await.expect("wait")
         });
         assert_eq!(
@@ -730,9 +836,10 @@ mod tests {
     #[test]
     fn waiting_is_cancel_safe_and_a_dropped_child_is_killed_and_reaped() {
         let (dir, prog) = script("sleep 0.3; exit 7");
+        let setup = ChildSetup::default();
         let rt = rt();
         let code = rt.block_on(async {
-            let mut c = spawn(&prog, &[], dir.path(), &ChildSetup::default(), None).expect("spawn");
+            let mut c = spawn(&Command::new(&prog, &[], dir.path(), &setup)).expect("spawn");
             let early = tokio::time::timeout(Duration::from_millis(20), c.pidfd.wait()).await;
             assert!(early.is_err(), "the child ended too soon: {early:?}");
             // The abandoned wait must not have lost the child.
@@ -741,7 +848,8 @@ mod tests {
         assert_eq!(code, 7);
 
         let (dir, prog) = script("exec sleep 30");
-        let c = spawn(&prog, &[], dir.path(), &ChildSetup::default(), None).expect("spawn");
+        let setup = ChildSetup::default();
+        let c = spawn(&Command::new(&prog, &[], dir.path(), &setup)).expect("spawn");
         let proc_dir = format!("/proc/{}", c.pid);
         drop(c);
         let t = std::time::Instant::now();
@@ -752,5 +860,52 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn arguments_passed_descriptors_inherited_stdio_and_new_namespaces() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: no namespaces to make; nothing to check");
+            return;
+        }
+        // $$ is 1 in a new PID namespace; fd 3 is the passed pipe; stdout is inherited, so
+        // the answer goes through fd 3 only.
+        let (dir, prog) = script("echo \"$$ $1 $(readlink /proc/self/ns/uts)\" >&3");
+        let (r, w) = pipe().expect("pipe");
+        let args = [OsString::from("second")];
+        let setup = ChildSetup {
+            namespaces: (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS) as u64,
+            ..ChildSetup::default()
+        };
+        let passed = [w.as_fd()];
+        let cmd = Command {
+            args: &args,
+            stdio: Stdio::Inherit,
+            pass_fds: &passed,
+            ..Command::new(&prog, &[], dir.path(), &setup)
+        };
+        let code = rt().block_on(async {
+            let mut c = spawn(&cmd).expect("spawn");
+            assert!(c.stdio.is_none());
+            c.pidfd.wait().await.expect("wait")
+        });
+        drop(w);
+        assert_eq!(code, 0);
+        let out = read_all(r);
+        let ours = std::fs::read_link("/proc/self/ns/uts").expect("our uts namespace");
+        let mut words = out.split_whitespace();
+        assert_eq!(
+            words.next(),
+            Some("1"),
+            "not PID 1 of a new namespace: {out:?}"
+        );
+        assert_eq!(words.next(), Some("second"), "{out:?}");
+        let theirs = words.next().expect("a uts namespace");
+        assert_ne!(
+            theirs,
+            ours.to_string_lossy(),
+            "the same UTS namespace as ours"
+        );
     }
 }

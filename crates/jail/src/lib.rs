@@ -1,0 +1,16 @@
+//! Confinement for the processes xcgi starts: CGI handlers (`--isolation process`) and VM
+//! processes (`xcgi run --jail`).
+//!
+//! - [`spawn`]: a child started by `clone3` (shared memory until `execve`, straight into its
+//!   cgroup and namespaces, a pidfd to wait on), with rlimits and an unprivileged user set
+//!   before `execve`.
+//! - [`confine`]: what a process does to itself once it has opened everything it needs: an
+//!   empty read-only root of its own (`pivot_root`), rlimits, no new privileges, not
+//!   dumpable, an unprivileged uid and gid with no capability left.
+#![warn(missing_docs)]
+
+pub mod confine;
+pub mod spawn;
+
+pub use confine::{confine, ConfineError, Confinement};
+pub use spawn::{spawn, ChildSetup, Command, PidFd, Pipes, SpawnError, Spawned, Stdio};
