@@ -146,6 +146,24 @@ impl PidFd {
         }
     }
 
+    /// Waits, blocking the calling thread, until the child ends and reaps it: its exit code,
+    /// or 128 + the signal that killed it. For code outside an async runtime.
+    pub fn wait_blocking(&mut self) -> io::Result<i32> {
+        let fd = match std::mem::replace(&mut self.state, PidState::Reaped) {
+            PidState::Open(fd) => fd,
+            PidState::Waiting(a) => a.into_inner(),
+            PidState::Reaped => return Err(io::Error::other("the child was already reaped")),
+        };
+        match reap(fd.as_fd(), 0) {
+            Ok(Some(code)) => Ok(code),
+            Ok(None) => Err(io::Error::other("waitid returned no child")),
+            Err(e) => {
+                self.state = PidState::Open(fd);
+                Err(e)
+            }
+        }
+    }
+
     /// Waits until the child ends and reaps it: its exit code, or 128 + the signal that
     /// killed it. Cancel-safe: a wait dropped half-way leaves the child to the next one (or
     /// to drop).

@@ -20,6 +20,7 @@ pub mod layout;
 pub mod memory;
 pub mod pool;
 pub mod resources;
+pub mod seccomp;
 pub mod vm;
 
 pub use pool::{Pool, PoolHealth};

@@ -32,6 +32,9 @@ pub const EXIT_CANCELLED: i32 = 143;
 /// Why a VM could not be built or started.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The main thread's seccomp filter could not be installed (a jailed process).
+    #[error("{0}")]
+    Seccomp(crate::seccomp::SeccompError),
     /// /dev/kvm could not be opened.
     #[error("{0}; xcgi needs KVM (on a machine without hardware KVM run it inside the lab: `xcgi lab -- xcgi run ...`)")]
     OpenKvm(HypervisorError),
@@ -41,6 +44,15 @@ pub enum VmError {
     /// The vCPU count is outside 1..=32.
     #[error("{0} vCPUs requested; xcgi supports 1 to 32")]
     BadVcpuCount(u8),
+    /// The root filesystem image could not be opened.
+    #[error("root filesystem {path}: {source}")]
+    RootDisk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: crate::devices::virtio::block::BlockError,
+    },
     /// The shape has neither a root filesystem image nor an initramfs.
     #[error("no root: pass a root filesystem image (--rootfs) or an initramfs (--initramfs)")]
     NoRoot,
@@ -276,6 +288,9 @@ pub struct PreparedVm {
     mem: GuestMemoryMmap,
     kernel: loader::LoadedKernel,
     initrd: Option<(u64, u64)>,
+    /// The root disk, opened here: a jailed process cannot open files by path when it
+    /// launches.
+    disk: Option<Block>,
     root: RootSource,
     shape: MachineShape,
     phases: Vec<(&'static str, Duration)>,
@@ -353,6 +368,13 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         _ => None,
     };
     clock.lap("load initrd");
+    let disk = match &shape.rootfs {
+        Some(path) => Some(Block::open(path).map_err(|source| VmError::RootDisk {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
     mptable::write(&mem, shape.vcpus)?;
     let cr3 = paging::write(&mem).map_err(VmError::PageTables)?;
     clock.lap("page tables");
@@ -364,6 +386,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         mem,
         kernel,
         initrd,
+        disk,
         root,
         shape: shape.clone(),
         phases: clock.phases,
@@ -519,7 +542,7 @@ fn debug_dump(
 /// The request's devices and boot parameters, timed from `start` (or from the end of
 /// preparing, when that came after `start`).
 fn configure(
-    prepared: PreparedVm,
+    mut prepared: PreparedVm,
     attach: &Attachments,
     start: Instant,
     live: Option<Box<dyn Write + Send>>,
@@ -533,8 +556,8 @@ fn configure(
     let (tx, rx) = mpsc::channel();
     let mut dm = DeviceManager::new();
     dm.attach_legacy(&*prepared.vm, ConsoleWriter(console.clone()), tx.clone())?;
-    let rootfs = prepared.shape.rootfs.as_deref();
-    let channel_stop = attach_devices(&mut dm, &*prepared.vm, &prepared.mem, rootfs, attach)?;
+    let disk = prepared.disk.take();
+    let channel_stop = attach_devices(&mut dm, &*prepared.vm, &prepared.mem, disk, attach)?;
     clock.lap("devices");
 
     let p = &prepared;
@@ -652,15 +675,13 @@ fn attach_devices(
     dm: &mut DeviceManager,
     vm: &dyn hypervisor::Vm,
     mem: &GuestMemoryMmap,
-    rootfs: Option<&std::path::Path>,
+    disk: Option<Block>,
     attach: &Attachments,
 ) -> Result<Option<ConsoleStopper>, VmError> {
     type BoxError = Box<dyn std::error::Error + Send + Sync>;
-    if let Some(path) = rootfs {
+    if let Some(block) = disk {
         dm.attach_virtio_device(vm, mem, "root filesystem (virtio-blk)", |mem, evt| {
-            let named = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
-            let block = Block::open(path).map_err(|e| named(&e))?;
-            MmioTransport::new(block, mem, evt).map_err(|e| BoxError::from(named(&e)))
+            MmioTransport::new(block, mem, evt).map_err(BoxError::from)
         })?;
     }
     if let Some(net) = &attach.net {
@@ -749,6 +770,11 @@ fn run_vcpus(
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                // A jailed process: this thread's seccomp filter, before the guest runs.
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    let _ = tx.send(VmEvent::Failed(e.to_string()));
+                    return None;
+                }
                 let vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
                 dump.map(|mem| match vcpu.state() {
                     Ok(s) => diagnostics::describe_vcpu(id, &s, &mem),
@@ -767,6 +793,14 @@ fn run_vcpus(
         }
     }
     drop(threads.events);
+    // A jailed process: the main thread's filter, now that every vCPU thread has started
+    // (they do not inherit it; each installed its own).
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Main) {
+        ending.release_channel();
+        stop.store(true, Ordering::SeqCst);
+        stop_threads(handles);
+        return Err(VmError::Seccomp(e));
+    }
     let reason = wait_for_end(&rx, &ending);
     ending.release_channel();
     stop.store(true, Ordering::SeqCst);

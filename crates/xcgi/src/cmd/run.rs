@@ -73,6 +73,19 @@ pub struct Args {
     /// `--cmdline loglevel=7` for the guest kernel's own messages.
     #[arg(long)]
     pub debug_dump: bool,
+    /// Run the VM jailed (docs/security.md, "The jail"): in a child process of its own, in
+    /// new PID, mount, IPC, UTS and network namespaces, on an empty read-only root, with
+    /// rlimits, no capabilities, as an unprivileged uid, under per-thread seccomp filters
+    /// (`XCGI_SECCOMP=log` logs instead of killing, to derive the lists). Needs root.
+    #[arg(long, conflicts_with_all = ["net", "memory_stats"])]
+    pub jail: bool,
+    /// With --jail: the uid and gid the VM process runs as (default: 2000000000 + this
+    /// process's pid, a user of its own).
+    #[arg(long, requires = "jail")]
+    pub jail_uid: Option<u32>,
+    /// Internal: this process is the jailed VM process `--jail` started.
+    #[arg(long, hide = true)]
+    pub jail_worker: bool,
 }
 
 /// The machine, and how this run goes.
@@ -211,6 +224,13 @@ fn stop_on_signals(cancel: Cancel) -> std::sync::Arc<std::sync::atomic::AtomicI3
 }
 
 pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
+    if a.jail_worker {
+        return super::jail::worker(&a, start);
+    }
+    if a.jail {
+        config(&a)?; // bad arguments are refused here, not in the jailed process
+        return super::jail::parent(&a);
+    }
     let (shape, opts) = config(&a)?;
     if !opts.setup_only && std::path::Path::new("/sys/module/kvm_pvm").exists() {
         eprintln!(
@@ -239,6 +259,22 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
     let setup_only = opts.setup_only;
     drop(attach);
     drop(network);
+    report(
+        &a,
+        &outcome,
+        setup_only,
+        signal.load(std::sync::atomic::Ordering::SeqCst),
+    )
+}
+
+/// Prints what `xcgi run` prints after the VM (the summary, memory, dump, why it stopped);
+/// returns the exit code.
+pub(super) fn report(
+    a: &Args,
+    outcome: &xcgi_vmm::Outcome,
+    setup_only: bool,
+    signal: i32,
+) -> anyhow::Result<i32> {
     let t = &outcome.timings;
     if setup_only {
         super::bench::print_setup_mark(t);
@@ -275,7 +311,7 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
         }
     }
     if outcome.reason == ExitReason::Cancelled {
-        let sig = signal.load(std::sync::atomic::Ordering::SeqCst);
+        let sig = signal;
         eprintln!("xcgi: stopped by signal {sig}; the VM was killed and its resources released");
         return Ok(128 + sig);
     }

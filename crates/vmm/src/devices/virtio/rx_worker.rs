@@ -324,6 +324,11 @@ impl RxWorkers {
         let handle = thread::Builder::new()
             .name(format!("{name}-rx"))
             .spawn(move || {
+                // A jailed process: this thread's seccomp filter, before any guest data.
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Device) {
+                    tracing::error!("{name} RX thread not started: {e}");
+                    return;
+                }
                 Worker {
                     name,
                     queue,

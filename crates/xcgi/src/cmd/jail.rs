@@ -1,0 +1,176 @@
+//! `xcgi run --jail`: the VM in a jailed process of its own (docs/security.md, "The jail").
+//!
+//! The parent (`xcgi run --jail ...`) starts `xcgi run ... --jail-worker` with
+//! [`xcgi_jail::spawn`] in new PID, mount, IPC, UTS and network namespaces, relays its stdout
+//! and stderr, forwards SIGINT/SIGTERM/SIGHUP as a kill, and exits with its exit code. The
+//! worker opens everything the VM needs and builds it up to the first KVM_RUN (as root), then
+//! confines itself ([`xcgi_jail::confine`]), sets the seccomp filters each of its threads
+//! installs for itself (`xcgi_vmm::seccomp`), and only then launches the guest.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use xcgi_jail::{ChildSetup, Command, Confinement, Stdio};
+use xcgi_vmm::seccomp::{Filters, Mismatch};
+use xcgi_vmm::Attachments;
+
+use super::run::Args;
+
+/// The first uid of the range a jailed `xcgi run` takes its user from (plus its pid).
+pub const JAIL_UID_BASE: u32 = 2_000_000_000;
+
+/// The worker's namespaces: its own PID 1, mounts, IPC, hostname and (empty) network.
+const NAMESPACES: libc::c_int = libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWNET;
+
+/// `xcgi run --jail`: starts the jailed worker and waits for it.
+pub fn parent(a: &Args) -> anyhow::Result<i32> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "--jail needs root (new namespaces, pivot_root and a change of user); run it as root"
+        );
+    }
+    let exe = std::env::current_exe().context("finding the xcgi binary to start the worker")?;
+    let mut args: Vec<OsString> = vec!["run".into()];
+    args.extend(std::env::args_os().skip(2));
+    args.push("--jail-worker".into());
+    if a.jail_uid.is_none() {
+        args.push("--jail-uid".into());
+        args.push((JAIL_UID_BASE + std::process::id()).to_string().into());
+    }
+    let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+    let cwd = std::env::current_dir().context("the current directory")?;
+    let setup = ChildSetup {
+        namespaces: NAMESPACES as u64,
+        ..ChildSetup::default()
+    };
+    let cmd = Command {
+        args: &args,
+        stdio: Stdio::Piped,
+        ..Command::new(&exe, &env, &cwd, &setup)
+    };
+    let signal = Arc::new(AtomicI32::new(0));
+    let signals = block_stop_signals();
+    let mut child = xcgi_jail::spawn(&cmd).context("starting the jailed VM process")?;
+    let pid = child.pid;
+    let pipes = child
+        .stdio
+        .take()
+        .context("the jailed process's output is not piped")?;
+    drop(pipes.stdin);
+    let relays = [
+        relay(pipes.stdout, std::io::stdout()),
+        relay(pipes.stderr, std::io::stderr()),
+    ];
+    let seen = signal.clone();
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait writes the signal number into `sig`.
+            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                seen.store(sig, Ordering::SeqCst);
+                // SAFETY: kills our own child; it is not reaped before the wait below.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        });
+    let code = child
+        .pidfd
+        .wait_blocking()
+        .context("waiting for the jailed VM process")?;
+    for r in relays {
+        let _ = r.join();
+    }
+    let sig = signal.load(Ordering::SeqCst);
+    if sig != 0 {
+        eprintln!("xcgi: stopped by signal {sig}; the jailed VM process was killed");
+        return Ok(128 + sig);
+    }
+    if code == 128 + libc::SIGSYS {
+        eprintln!(
+            "xcgi: the jailed VM process was killed by its seccomp filter: a system call outside \
+             its allow-list (the kernel log names it: audit type=1326; XCGI_SECCOMP=log allows \
+             and logs instead)"
+        );
+    }
+    Ok(code)
+}
+
+/// Copies a pipe from the worker to our own stdout or stderr until it closes.
+fn relay(
+    from: OwnedFd,
+    mut to: impl std::io::Write + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut from = std::fs::File::from(from);
+        let mut buf = [0u8; 16384];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 || to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts); returns the
+/// set, for sigwait.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-mask calls on a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// The jailed worker: builds the VM, confines itself, then runs the guest.
+pub fn worker(a: &Args, start: Instant) -> anyhow::Result<i32> {
+    // Nothing the parent had open comes along (the spawn passes 0-2 only; this is the rest
+    // a library might have opened since).
+    // SAFETY: closes this process's descriptors from 3 up; nothing here holds one yet.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let (shape, opts) = super::run::config(a)?;
+    let uid = a
+        .jail_uid
+        .context("internal: the jailed process has no --jail-uid")?;
+    let prepared = xcgi_vmm::prepare(&shape, start).context("cannot build the VM")?;
+    let vcpus = u64::from(shape.vcpus);
+    xcgi_jail::confine(&Confinement {
+        mount_point: std::env::temp_dir(),
+        uid,
+        gid: uid,
+        limits: vec![
+            (libc::RLIMIT_NOFILE, 128),
+            // Threads count: main, vCPUs, device RX threads.
+            (libc::RLIMIT_NPROC, 8 + vcpus),
+            (libc::RLIMIT_CORE, 0),
+            (libc::RLIMIT_FSIZE, 0),
+        ],
+    })?;
+    let mismatch = match std::env::var("XCGI_SECCOMP").as_deref() {
+        Ok("log") => Mismatch::Log,
+        _ => Mismatch::Kill,
+    };
+    xcgi_vmm::seccomp::set_process_filters(Filters::new(mismatch)?);
+    let attach = Attachments {
+        cmdline_extra: a.cmdline.clone(),
+        ..Attachments::default()
+    };
+    let live = Some(Box::new(std::io::stdout()) as Box<dyn std::io::Write + Send>);
+    let outcome =
+        xcgi_vmm::launch(prepared, &attach, &opts, start, live).context("cannot start the VM")?;
+    super::run::report(a, &outcome, opts.setup_only, 0)
+}
