@@ -146,14 +146,31 @@ fn empty_root(mount_point: &Path) -> Result<(), ConfineError> {
         )?;
         check("chdir to the new root", libc::chdir(target.as_ptr()).into())?;
         // pivot_root(".", "."): the old root ends up on top of the new one, then goes.
-        check(
-            "pivot_root",
-            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()),
-        )?;
-        check(
-            "detaching the old root",
-            libc::umount2(dot.as_ptr(), libc::MNT_DETACH).into(),
-        )?;
+        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) == 0 {
+            check(
+                "detaching the old root",
+                libc::umount2(dot.as_ptr(), libc::MNT_DETACH).into(),
+            )?;
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // The root is the initramfs (rootfs), which cannot be pivoted away (the lab runs
+            // so): move the new root over it and chroot, as switch_root does. The old root
+            // stays underneath, out of reach: leaving a chroot takes CAP_SYS_CHROOT, which
+            // goes in step 4.
+            check(
+                "moving the empty root over /",
+                libc::mount(
+                    dot.as_ptr(),
+                    root.as_ptr(),
+                    none,
+                    libc::MS_MOVE,
+                    none.cast(),
+                )
+                .into(),
+            )?;
+            check("chroot", libc::chroot(dot.as_ptr()).into())?;
+        } else {
+            return check("pivot_root", -1);
+        }
         check("chdir /", libc::chdir(root.as_ptr()).into())?;
         check(
             "making the root read-only",

@@ -165,14 +165,15 @@ const IO: &[libc::c_long] = &[
 #[allow(missing_docs, non_snake_case)]
 mod nr {
     use kvm_bindings::{
-        kvm_clock_data, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
-        kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+        kvm_clock_data, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_list,
+        kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     };
     #[cfg(test)]
     use vmm_sys_util::ioctl_iow_nr;
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
     const KVMIO: u32 = 0xAE;
+    ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
@@ -191,10 +192,12 @@ mod nr {
     ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
 }
 
-/// A vCPU runs, and reads its state for the debug dump as it ends.
+/// A vCPU runs, and reads its state for the debug dump as it ends (the MSR list, once per
+/// process, from /dev/kvm).
 fn vcpu_ioctls() -> Vec<u64> {
     [
         nr::KVM_RUN(),
+        nr::KVM_GET_MSR_INDEX_LIST(),
         nr::KVM_GET_REGS(),
         nr::KVM_GET_SREGS(),
         nr::KVM_GET_MSRS(),
