@@ -98,6 +98,7 @@ impl ProcessJail {
         let setup = ChildSetup {
             limits,
             creds: user.as_ref().map(|u| (u.uid, u.gid)),
+            no_new_privs: true,
             ..ChildSetup::default()
         };
         Ok(ProcessJail {
@@ -453,10 +454,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod");
+        // In its own cgroup, with no_new_privs, not as root.
         let quick = handler(
             dir.path(),
             "quick",
-            "grep -q /h[0-9]*$ /proc/self/cgroup || exit 9",
+            "grep -q /h[0-9]*$ /proc/self/cgroup || exit 9; \
+             grep -q '^NoNewPrivs:.1' /proc/self/status || exit 10; \
+             [ \"$(id -u)\" != 0 ] || exit 11",
         );
         let stuck = handler(dir.path(), "stuck", "exec sleep 30");
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -476,7 +480,11 @@ mod tests {
                     code
                 }
             };
-            assert_eq!(run(quick.clone(), false).await, 0, "not in its own cgroup");
+            assert_eq!(
+                run(quick.clone(), false).await,
+                0,
+                "not jailed (9: cgroup, 10: nnp)"
+            );
             let first = free_cgroups(&jail);
             assert_eq!(first.len(), 1, "the cgroup was not given back");
             assert_eq!(run(quick.clone(), false).await, 0);

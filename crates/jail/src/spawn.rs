@@ -42,6 +42,9 @@ pub struct ChildSetup {
     pub namespaces: u64,
     /// Resource limits (soft = hard) set in the child.
     pub limits: Vec<(libc::__rlimit_resource_t, u64)>,
+    /// `PR_SET_NO_NEW_PRIVS` before `execve`: no setuid or file-capability program it runs
+    /// gains privileges.
+    pub no_new_privs: bool,
     /// `(uid, gid)` the child switches to (supplementary groups dropped); None: stays as the
     /// server's user.
     pub creds: Option<(libc::uid_t, libc::gid_t)>,
@@ -280,7 +283,7 @@ struct ChildFailure {
     errno: i32,
 }
 
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "setting up stdin/stdout/stderr",
     "changing to the working directory",
     "making its process group",
@@ -289,6 +292,7 @@ const STEPS: [&str; 9] = [
     "switching user",
     "setting the parent-death signal",
     "checking its parent (the server is going away)",
+    "setting no_new_privs",
     "execve",
 ];
 
@@ -753,9 +757,14 @@ unsafe fn child_steps(a: &ChildArgs<'_>) -> Result<std::convert::Infallible, u32
     if !a.new_pid_ns && unsafe { libc::getppid() } != a.parent {
         return Err(7);
     }
+    if a.setup.no_new_privs {
+        // SAFETY: prctl with integer arguments, on this child.
+        let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        check(r.into(), 8)?;
+    }
     // SAFETY: prog, argv and envp are NUL-terminated and null-terminated, built by the parent.
     unsafe { libc::execve(a.prog.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr()) };
-    Err(8)
+    Err(9)
 }
 
 #[cfg(test)]
