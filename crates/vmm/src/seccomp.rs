@@ -5,9 +5,11 @@
 //! kind makes (and the terminal's, for a console on a tty).
 //!
 //! How the lists were made: the monitor run under `strace -f` on this host (setup, the
-//! deadline, teardown) and in the lab (a guest booting, writing its console, exchanging CGI
-//! frames, a NIC), then each filter run in `log` mode (`XCGI_SECCOMP=log`: allowed but
-//! logged by the kernel) through the same runs until nothing more was logged.
+//! deadline, the debug dump, teardown), then each filter in `log` mode (`XCGI_SECCOMP=log`:
+//! allowed but logged by the kernel) through real guests in the lab (boot, console, root
+//! disk) until nothing more was logged (`crates/xcgi/tests/jail.rs` checks it on every run).
+//! The device RX threads (CGI channel, NIC) are not yet run jailed by a real guest: they come
+//! with the server's jailed VM processes; their list is the reading and waiting they do.
 //!
 //! The filters are set once per process ([`set_process_filters`]); the monitor's threads call
 //! [`install`] when they start. Nothing is installed in a process that set none (the
@@ -247,8 +249,9 @@ fn compile(kind: ThreadKind, mismatch: Mismatch) -> Result<BpfProgram, SeccompEr
     allow(IO);
     let ioctls: Vec<u64> = match kind {
         ThreadKind::Vcpu => {
-            // The kick handler is installed by the first vCPU thread.
-            allow(&[libc::SYS_rt_sigaction]);
+            // The kick handler is installed by the first vCPU thread; the root disk's
+            // requests are served on the vCPU thread that notified (positional reads).
+            allow(&[libc::SYS_rt_sigaction, libc::SYS_pread64]);
             vcpu_ioctls()
         }
         ThreadKind::Main => {
