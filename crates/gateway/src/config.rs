@@ -16,6 +16,7 @@
 //! body_budget = 268435456   # bytes of chunked request bodies held at once, all requests: 503
 //! kernel = "vmlinux"        # default guest kernel (else the one `xcgi kernel build` cached)
 //! debug_dump = false        # log a debug dump of each VM that ends badly (docs/networking.md)
+//! jail = false              # each VM in a jailed process of its own (docs/security.md)
 //!
 //! [process]                 # isolation = "process" only: how each handler process runs
 //! user = "nobody"           # an unprivileged user (when the server runs as root)
@@ -181,6 +182,24 @@ pub struct ServerSection {
     /// (docs/networking.md). For chasing guest failures; off by default.
     #[serde(default)]
     pub debug_dump: bool,
+    /// Run every VM in a jailed process of its own (docs/security.md, "The jail"): new
+    /// namespaces, an empty root, rlimits, no capabilities, a uid from `jail_uid_base`,
+    /// seccomp filters per thread. Needs root. Off by default for now.
+    #[serde(default)]
+    pub jail: bool,
+    /// The first uid (and gid) jailed VM processes run as; one per live process.
+    #[serde(default = "default_jail_uid_base")]
+    pub jail_uid_base: u32,
+    /// How many uids from `jail_uid_base`: at most that many jailed VM processes at once.
+    #[serde(default = "default_jail_uids")]
+    pub jail_uids: u32,
+}
+
+fn default_jail_uid_base() -> u32 {
+    3_000_000_000
+}
+fn default_jail_uids() -> u32 {
+    4096
 }
 
 impl Default for ServerSection {
@@ -205,6 +224,9 @@ impl Default for ServerSection {
             reuse_port: false,
             drain_delay_ms: 0,
             debug_dump: false,
+            jail: false,
+            jail_uid_base: default_jail_uid_base(),
+            jail_uids: default_jail_uids(),
         }
     }
 }

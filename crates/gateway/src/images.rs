@@ -229,6 +229,7 @@ pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, Im
                 // The server enforces the route's timeout; the VM's own deadline is a backstop.
                 timeout: r.timeout() + std::time::Duration::from_secs(1),
                 pool: None,
+                jail: None,
                 debug_dump: cfg.server.debug_dump,
             }),
             program,

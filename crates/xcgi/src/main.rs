@@ -29,6 +29,9 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Serve HTTP: every request answered by a fresh microVM (CGI/1.1 or HTTP handlers).
     Serve(cmd::serve::Args),
+    /// Internal: one jailed VM process of `xcgi serve` (`[server] jail`).
+    #[command(hide = true)]
+    VmmWorker(cmd::jail::WorkerCli),
 }
 
 /// `xcgi run` alone. Building the whole command tree (every subcommand's arguments) is most
@@ -112,5 +115,6 @@ fn dispatch(command: Command, start: std::time::Instant) -> anyhow::Result<i32> 
         Command::Lab(a) => cmd::lab::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::VmmWorker(a) => Ok(cmd::jail::serve_worker(a)),
     }
 }

@@ -7,6 +7,7 @@
 //! - HTTP-mode routes a [`VmHttpExecutor`]: a VM with a TAP from the pool, running its own
 //!   HTTP server; it hands back a connection to the guest's port ([`GuestConnection`]).
 
+pub mod jailed;
 mod process;
 mod vm;
 mod vm_cgi;
@@ -21,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 pub use process::ProcessExecutor;
-pub use vm::{describe_outcome, start_vm, GuestRoot, VmSpec, VmThread};
+pub use vm::{describe_outcome, start_vm, GuestRoot, VmEnd, VmSpec, VmThread};
 pub use vm_cgi::VmCgiExecutor;
 pub use vm_http::{GuestConnection, HttpStartError, VmHttpExecutor};
 

@@ -47,6 +47,9 @@ pub struct VmSpec {
     pub timeout: Duration,
     /// VMs of this shape prepared ahead (None: every request builds its own).
     pub pool: Option<Arc<Pool>>,
+    /// Jailed VM processes for this route (`[server] jail`): each run goes to one of them
+    /// instead of a thread of the server.
+    pub jail: Option<Arc<super::jailed::Workers>>,
     /// Log a debug dump of a VM that ends badly (`[server] debug_dump`).
     pub debug_dump: bool,
 }
@@ -83,12 +86,33 @@ impl VmSpec {
     }
 }
 
-/// A VM running on its own thread; the outcome arrives when it has been torn down.
+/// A VM running on its own thread (or in a jailed process of its own); how it ended
+/// arrives when it has been torn down.
 pub struct VmThread {
     /// Stops the VM.
     pub cancel: Cancel,
     /// How the run ended (or why it could not run), sent after teardown.
-    pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>>,
+    pub outcome: oneshot::Receiver<VmEnd>,
+}
+
+/// How a VM's run ended, as a log line says it: made from the monitor's outcome in this
+/// process, or sent back by a jailed VM process (or said for it when it died).
+#[derive(Debug, Clone)]
+pub struct VmEnd {
+    /// A short description ([`describe_outcome`]).
+    pub description: String,
+    /// The debug dump, when one was asked for and taken.
+    pub dump: Option<String>,
+}
+
+impl VmEnd {
+    /// From the monitor's result.
+    pub fn from_run(r: &Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>) -> VmEnd {
+        VmEnd {
+            description: describe_outcome(r),
+            dump: r.as_ref().ok().and_then(|o| o.dump.clone()),
+        }
+    }
 }
 
 /// Boots `spec`'s machine with `attach` on a new thread, from a VM prepared ahead when its
@@ -102,11 +126,12 @@ pub fn start_vm<K: Send + 'static>(
     keep: K,
 ) -> Result<VmThread, ExecError> {
     let t0 = Instant::now();
+    let jail = spec.jail.clone();
     let prepared = spec.pool.as_ref().and_then(|s| s.take());
     if spec.pool.is_some() && prepared.is_none() {
         metrics.prepared_misses.fetch_add(1, Ordering::Relaxed);
     }
-    let shape = prepared.is_none().then(|| spec.shape());
+    let shape = (prepared.is_none() && jail.is_none()).then(|| spec.shape());
     let cancel = opts.cancel.clone();
     let (tx, outcome) = oneshot::channel();
     metrics.vms_running.fetch_add(1, Ordering::Relaxed);
@@ -114,10 +139,15 @@ pub fn start_vm<K: Send + 'static>(
     let spawned = std::thread::Builder::new()
         .name("xcgi-vm".into())
         .spawn(move || {
-            let r = match (prepared, shape) {
-                (Some(p), _) => xcgi_vmm::launch(p, &attach, &opts, t0, None),
-                (None, Some(shape)) => xcgi_vmm::run(&shape, &attach, &opts, t0, None),
-                (None, None) => unreachable!("a shape is made when no VM was prepared"),
+            let end = match (jail, prepared, shape) {
+                (Some(j), _, _) => j.run(&attach, &opts),
+                (None, Some(p), _) => {
+                    VmEnd::from_run(&xcgi_vmm::launch(p, &attach, &opts, t0, None))
+                }
+                (None, None, Some(shape)) => {
+                    VmEnd::from_run(&xcgi_vmm::run(&shape, &attach, &opts, t0, None))
+                }
+                (None, None, None) => unreachable!("a shape is made when no VM was prepared"),
             };
             // Every copy of the TAP's descriptor is closed before the lease goes back: the
             // pool destroys the TAP by closing the last one, and one still open here made
@@ -125,7 +155,7 @@ pub fn start_vm<K: Send + 'static>(
             drop(attach);
             drop(keep);
             m.vms_running.fetch_sub(1, Ordering::Relaxed);
-            let _ = tx.send(r);
+            let _ = tx.send(end);
         });
     if let Err(e) = spawned {
         metrics.vms_running.fetch_sub(1, Ordering::Relaxed);
@@ -138,8 +168,8 @@ pub fn start_vm<K: Send + 'static>(
 /// Logs the debug dump of a VM whose request failed, if one was taken (`[server]
 /// debug_dump`). Called on the failure paths only: a VM stopped after its response is
 /// cancelled too, and that is no failure.
-pub fn log_dump(r: &Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>) {
-    if let Some(dump) = r.as_ref().ok().and_then(|o| o.dump.as_deref()) {
+pub fn log_dump(end: &VmEnd) {
+    if let Some(dump) = end.dump.as_deref() {
         // Numbers, and console lines escaped (xcgi_vmm::diagnostics).
         tracing::warn!("VM debug dump\n{dump}");
     }
@@ -201,6 +231,7 @@ mod tests {
             vcpus: 1,
             timeout: Duration::from_secs(1),
             pool: None,
+            jail: None,
             debug_dump: false,
         };
         let metrics = Arc::new(Metrics::default());

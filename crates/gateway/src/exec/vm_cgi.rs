@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use xcgi_channel as ch;
 use xcgi_vmm::{Attachments, Cancel, ExitReason};
 
-use super::vm::{describe_outcome, log_dump, start_vm, VmSpec, VmThread};
+use super::vm::{log_dump, start_vm, VmSpec, VmThread};
 use super::{
     push_tail, CgiExecutor, CgiStart, Exchange, ExecError, Finish, Invocation, Killer, STDOUT_DEPTH,
 };
@@ -289,9 +289,9 @@ impl Drive {
             // often before init has reported the exit status: that is no failure.)
             vm.cancel.cancel();
             self.failure = Some(match vm.outcome.await {
-                Ok(outcome) => {
-                    log_dump(&outcome);
-                    describe_outcome(&outcome)
+                Ok(end) => {
+                    log_dump(&end);
+                    end.description
                 }
                 Err(_) => "VM thread lost".to_string(),
             });

@@ -12,7 +12,7 @@ use tracing::warn;
 use xcgi_net::GuestNet;
 use xcgi_vmm::{Attachments, Cancel, NetAttachment};
 
-use super::vm::{describe_outcome, log_dump, start_vm, VmSpec};
+use super::vm::{log_dump, start_vm, VmSpec};
 use super::{Killer, Slot};
 use crate::metrics::Metrics;
 
@@ -47,7 +47,7 @@ pub struct GuestConnection {
     /// Stops the VM; the last clone dropped stops it too.
     pub killer: Killer,
     /// The VM's outcome, when it has been torn down.
-    pub outcome: oneshot::Receiver<Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>>,
+    pub outcome: oneshot::Receiver<super::vm::VmEnd>,
     /// From start to the port accepting.
     pub boot: Duration,
 }
@@ -138,7 +138,7 @@ impl VmHttpExecutor {
                 if let Ok(r) = &r {
                     log_dump(r);
                 }
-                let why = r.map(|o| describe_outcome(&o)).unwrap_or_else(|_| "VM thread lost".into());
+                let why = r.map(|e| e.description).unwrap_or_else(|_| "VM thread lost".into());
                 return Err(HttpStartError::Ended(why));
             }
         };

@@ -324,6 +324,13 @@ impl Server {
             .filter_map(|r| r.spec.as_ref()?.pool.clone())
             .collect();
         let _ = tokio::task::spawn_blocking(move || spares.iter().for_each(|s| s.stop())).await;
+        // Jailed VM processes waiting for a request: killed and reaped.
+        let jailed: Vec<_> = self
+            .routes
+            .iter()
+            .filter_map(|r| r.spec.as_ref()?.jail.clone())
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || jailed.iter().for_each(|w| w.stop())).await;
         let t = Instant::now();
         while (self.metrics.vms_running.load(Ordering::Relaxed) > 0
             || self.slots.available_permits() < self.cfg.server.concurrency)

@@ -95,6 +95,9 @@ pub enum ServeError {
     /// Process isolation: the handlers' user is missing or root, or cannot run a handler.
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    /// `[server] jail`: the jailed VM processes cannot be had.
+    #[error("{0}")]
+    VmJail(String),
     /// A route with no way to run; holds its prefix (a checked configuration has none).
     #[error("route {0:?}: no way to run it (VM isolation without a VM, or HTTP mode without a guest network)")]
     Unwired(String),
@@ -188,11 +191,14 @@ impl Server {
         if let Some(n) = &net {
             let _ = metrics.net.set(Arc::clone(n));
         }
-        let pools = if cfg.server.isolation == Isolation::Vm {
+        let pools = if cfg.server.isolation == Isolation::Vm && !cfg.server.jail {
             start_pools(&mut routes, &metrics)?
         } else {
             Vec::new()
         };
+        if cfg.server.isolation == Isolation::Vm && cfg.server.jail {
+            start_jailed(&cfg, &mut routes)?;
+        }
         wire_executors(&cfg, &mut routes, &metrics, net.as_ref())?;
         Ok(Server {
             health: Arc::new(Health::new(Arc::clone(&metrics), pools)),
@@ -418,6 +424,36 @@ fn wire_executors(
             }
             (None, _, _, _) => return Err(ServeError::Unwired(r.route.prefix.clone())),
         });
+    }
+    Ok(())
+}
+
+/// `[server] jail`: each VM route gets jailed VM processes (`prepared` of them kept ready),
+/// all drawing their users from one uid range.
+fn start_jailed(cfg: &Config, routes: &mut [ServedRoute]) -> Result<(), ServeError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(ServeError::VmJail(
+            "[server] jail needs root (namespaces, pivot_root, a change of user)".into(),
+        ));
+    }
+    let program = std::env::current_exe()
+        .map_err(|e| ServeError::VmJail(format!("finding the xcgi binary: {e}")))?;
+    let uids = crate::exec::jailed::UidRange::new(cfg.server.jail_uid_base, cfg.server.jail_uids);
+    let settings = crate::exec::jailed::JailSettings {
+        program,
+        uid_base: cfg.server.jail_uid_base,
+        uid_count: cfg.server.jail_uids,
+    };
+    for r in routes.iter_mut() {
+        let prepared = r.route.prepared;
+        if let Some(spec) = &mut r.spec {
+            let w = crate::exec::jailed::Workers::start(spec, settings.clone(), &uids, prepared)
+                .map_err(|e| {
+                    ServeError::VmJail(format!("starting the jailed VM processes: {e}"))
+                })?;
+            spec.jail = Some(w);
+        }
     }
     Ok(())
 }

@@ -42,7 +42,7 @@ pub(super) fn is_hop_by_hop(name: &str) -> bool {
 pub(super) struct GuardedBody {
     pub(super) inner: OutBody,
     /// Resolves when the VM is gone.
-    pub(super) vm_end: oneshot::Receiver<Result<xcgi_vmm::Outcome, xcgi_vmm::VmError>>,
+    pub(super) vm_end: oneshot::Receiver<crate::exec::VmEnd>,
     pub(super) grace: Option<Pin<Box<tokio::time::Sleep>>>,
     pub(super) _guard: Guard,
     pub(super) _budget: Option<BudgetHold>,

@@ -174,3 +174,51 @@ pub fn worker(a: &Args, start: Instant) -> anyhow::Result<i32> {
         xcgi_vmm::launch(prepared, &attach, &opts, start, live).context("cannot start the VM")?;
     super::run::report(a, &outcome, opts.setup_only, 0)
 }
+
+/// `xcgi vmm-worker`: what the server passes a jailed VM process (its control socket is fd 3).
+#[derive(clap::Args)]
+pub struct WorkerCli {
+    /// The guest kernel.
+    #[arg(long)]
+    kernel: std::path::PathBuf,
+    /// The guest's initramfs.
+    #[arg(long, conflicts_with = "rootfs", required_unless_present = "rootfs")]
+    initramfs: Option<std::path::PathBuf>,
+    /// The guest's root disk.
+    #[arg(long)]
+    rootfs: Option<std::path::PathBuf>,
+    /// Guest memory, MiB.
+    #[arg(long)]
+    mem: u64,
+    /// Guest vCPUs.
+    #[arg(long)]
+    vcpus: u8,
+    /// Guest memory on huge pages.
+    #[arg(long)]
+    hugepages: bool,
+    /// The uid and gid to drop to.
+    #[arg(long)]
+    uid: u32,
+}
+
+/// Runs one jailed VM process of the server; returns its exit code.
+pub fn serve_worker(a: WorkerCli) -> i32 {
+    use xcgi_gateway::exec::{jailed, GuestRoot, VmSpec};
+    let root = match (a.initramfs, a.rootfs) {
+        (Some(p), _) => GuestRoot::Initramfs(p),
+        (None, Some(p)) => GuestRoot::Disk(p),
+        (None, None) => return super::EXIT_USAGE,
+    };
+    let spec = VmSpec {
+        kernel: a.kernel,
+        root,
+        memory_mib: a.mem,
+        hugepages: a.hugepages,
+        vcpus: a.vcpus,
+        timeout: std::time::Duration::from_secs(1),
+        pool: None,
+        jail: None,
+        debug_dump: false,
+    };
+    jailed::worker_main(&jailed::WorkerArgs { spec, uid: a.uid })
+}

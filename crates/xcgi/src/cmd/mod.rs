@@ -4,7 +4,7 @@
 pub mod bench;
 mod bench_boot;
 pub mod image;
-mod jail;
+pub mod jail;
 pub mod kernel;
 pub mod lab;
 pub mod run;

@@ -1,0 +1,627 @@
+//! VMs in jailed processes (`[server] jail = true`; docs/security.md, "The jail"). Each VM
+//! runs in an `xcgi vmm-worker` process of its own: started with [`xcgi_jail::spawn`] in new
+//! PID, mount, IPC, UTS and network namespaces, it builds the route's VM up to the first
+//! KVM_RUN, confines itself ([`xcgi_jail::confine`]: empty root, rlimits, no capabilities, a
+//! uid of its own from the server's range), sets its seccomp filters, says "ready" on its
+//! control socket and waits. A request hands it the CGI channel (or the TAP) over that socket
+//! (SCM_RIGHTS) and the worker launches the guest, reports how it ended and exits. One worker
+//! serves one VM. Workers are started ahead, `prepared` per route, as prepared VMs are.
+//!
+//! The control socket is a `SOCK_SEQPACKET` pair: the worker's end is its fd 3.
+//! - worker → server: `R` once ready; `E` + the end's description, a NUL, the debug dump;
+//! - server → worker: `L` + the launch as lines (deadline ms, debug dump 0/1, channel 0/1,
+//!   NIC 0/1, MAC, `ip=` parameter, extra kernel parameters), the channel and TAP
+//!   descriptors attached.
+//!
+//! A worker that dies without reporting (a seccomp kill, an OOM kill, a crash) is described
+//! from its exit status; the server keeps serving.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use xcgi_jail::{ChildSetup, Command, PidFd, Stdio};
+use xcgi_vmm::{Attachments, NetAttachment, RunOptions};
+
+use super::vm::{GuestRoot, VmEnd, VmSpec};
+
+/// Where jailed VM processes come from: the program, the users they run as.
+#[derive(Debug, Clone)]
+pub struct JailSettings {
+    /// The xcgi binary (its `vmm-worker` subcommand).
+    pub program: PathBuf,
+    /// The first uid (and gid) of the range; one per live worker.
+    pub uid_base: u32,
+    /// How many uids the range holds: at most that many workers at once.
+    pub uid_count: u32,
+}
+
+/// Why a jailed VM process could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Every uid of the range belongs to a live worker.
+    #[error("no free uid in the jail's range ({0} workers alive): raise [server] jail_uids")]
+    NoUid(u32),
+    /// The process could not be started.
+    #[error("cannot start a jailed VM process: {0}")]
+    Spawn(#[from] xcgi_jail::SpawnError),
+    /// Its control socket failed.
+    #[error("jailed VM process control socket: {0}")]
+    Io(#[from] io::Error),
+    /// It ended before it was ready.
+    #[error("the jailed VM process ended before it was ready: {0}")]
+    NotReady(String),
+}
+
+/// The uids of the range not in use.
+#[derive(Debug)]
+struct Uids {
+    free: Mutex<Vec<u32>>,
+    count: u32,
+}
+
+impl Uids {
+    fn take(&self) -> Result<u32, WorkerError> {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .ok_or(WorkerError::NoUid(self.count))
+    }
+
+    fn give_back(&self, uid: u32) {
+        if let Ok(mut f) = self.free.lock() {
+            f.push(uid);
+        }
+    }
+}
+
+/// One started worker: ready (or about to be) for one VM.
+#[derive(Debug)]
+struct Worker {
+    pidfd: PidFd,
+    control: OwnedFd,
+    uid: u32,
+    uids: Arc<Uids>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Killed (if still alive) and reaped before its uid can serve another worker.
+        self.pidfd.signal(libc::SIGKILL);
+        let _ = self.pidfd.wait_blocking();
+        self.uids.give_back(self.uid);
+    }
+}
+
+/// A route's jailed VM processes: `target` kept ready, more started on demand.
+#[derive(Debug)]
+pub struct Workers {
+    settings: JailSettings,
+    args: Vec<OsString>,
+    uids: Arc<Uids>,
+    ready: Mutex<VecDeque<Worker>>,
+    wake: Condvar,
+    target: usize,
+    stopping: std::sync::atomic::AtomicBool,
+    /// The thread keeping `target` ready, joined by [`Workers::stop`].
+    refill: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Workers {
+    /// Workers for `spec`'s machine, `target` of them kept ready by a thread of their own.
+    pub fn start(
+        spec: &VmSpec,
+        settings: JailSettings,
+        uids: &Arc<UidRange>,
+        target: usize,
+    ) -> io::Result<Arc<Workers>> {
+        let mut args: Vec<OsString> = vec!["vmm-worker".into(), "--kernel".into()];
+        args.push(spec.kernel.clone().into());
+        match &spec.root {
+            GuestRoot::Initramfs(p) => args.extend(["--initramfs".into(), p.into()]),
+            GuestRoot::Disk(p) => args.extend(["--rootfs".into(), p.into()]),
+        }
+        args.extend([
+            "--mem".into(),
+            spec.memory_mib.to_string().into(),
+            "--vcpus".into(),
+            spec.vcpus.to_string().into(),
+        ]);
+        if spec.hugepages {
+            args.push("--hugepages".into());
+        }
+        let w = Arc::new(Workers {
+            settings,
+            args,
+            uids: Arc::clone(&uids.0),
+            ready: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            target,
+            stopping: false.into(),
+            refill: Mutex::new(None),
+        });
+        if target > 0 {
+            let weak = Arc::downgrade(&w);
+            let h = std::thread::Builder::new()
+                .name("xcgi-workers".into())
+                .spawn(move || refill(&weak))?;
+            if let Ok(mut r) = w.refill.lock() {
+                *r = Some(h);
+            }
+        }
+        Ok(w)
+    }
+
+    /// Stops keeping workers ready: the refill thread ends (one it was starting is killed)
+    /// and the ready ones are killed and reaped before this returns.
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_all();
+        let refill = self.refill.lock().ok().and_then(|mut r| r.take());
+        if let Some(h) = refill {
+            let _ = h.join();
+        }
+        let ready: Vec<Worker> = self
+            .ready
+            .lock()
+            .map(|mut r| r.drain(..).collect())
+            .unwrap_or_default();
+        drop(ready);
+    }
+
+    /// Ready workers now.
+    pub fn ready_count(&self) -> usize {
+        self.ready.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// A ready worker, or a new one (started and waited for here).
+    fn take(&self) -> Result<Worker, WorkerError> {
+        let ready = self.ready.lock().ok().and_then(|mut r| r.pop_front());
+        self.wake.notify_all();
+        match ready {
+            Some(w) => Ok(w),
+            None => self.start_one(),
+        }
+    }
+
+    /// Starts a worker and waits until it says it is ready.
+    fn start_one(&self) -> Result<Worker, WorkerError> {
+        let uid = self.uids.take()?;
+        let (ours, theirs) = seqpacket_pair()?;
+        let mut args = self.args.clone();
+        args.extend(["--uid".into(), uid.to_string().into()]);
+        let setup = ChildSetup {
+            namespaces: (libc::CLONE_NEWPID
+                | libc::CLONE_NEWNS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWNET) as u64,
+            ..ChildSetup::default()
+        };
+        let env = worker_env();
+        let passed = [theirs.as_fd()];
+        let cmd = Command {
+            args: &args,
+            stdio: Stdio::Inherit,
+            pass_fds: &passed,
+            ..Command::new(&self.settings.program, &env, Path::new("/"), &setup)
+        };
+        let spawned = xcgi_jail::spawn(&cmd);
+        drop(theirs);
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                self.uids.give_back(uid);
+                return Err(e.into());
+            }
+        };
+        let worker = Worker {
+            pidfd: child.pidfd,
+            control: ours,
+            uid,
+            uids: Arc::clone(&self.uids),
+        };
+        let mut buf = [0u8; 256];
+        match recv(
+            worker.control.as_fd(),
+            &mut buf,
+            Some(Duration::from_secs(30)),
+        )? {
+            Some((1, _)) if buf[0] == b'R' => Ok(worker),
+            Some((n, _)) if n > 1 && buf[0] == b'E' => Err(WorkerError::NotReady(
+                String::from_utf8_lossy(&buf[1..n]).into_owned(),
+            )),
+            _ => Err(WorkerError::NotReady(
+                "no word from it within 30 s, or it exited (its log line says why)".into(),
+            )),
+        }
+    }
+
+    /// Runs one VM in a worker: hands it `attach`, waits for its end (or kills it when
+    /// `opts.cancel` is cancelled). Blocking: called on the VM's supervising thread.
+    pub fn run(&self, attach: &Attachments, opts: &RunOptions) -> VmEnd {
+        let worker = match self.take() {
+            Ok(w) => w,
+            Err(e) => return end(format!("VM failed to start: {e}")),
+        };
+        if let Err(e) = launch(&worker, attach, opts) {
+            return end(format!(
+                "VM failed to start: cannot hand the VM its request: {e}"
+            ));
+        }
+        supervise(worker, opts)
+    }
+}
+
+/// The server's uid range for jailed VM processes, shared by every route.
+#[derive(Debug)]
+pub struct UidRange(Arc<Uids>);
+
+impl UidRange {
+    /// `count` uids from `base`.
+    pub fn new(base: u32, count: u32) -> Arc<UidRange> {
+        let free = (0..count)
+            .rev()
+            .filter_map(|i| base.checked_add(i))
+            .collect();
+        Arc::new(UidRange(Arc::new(Uids {
+            free: Mutex::new(free),
+            count,
+        })))
+    }
+}
+
+fn end(description: String) -> VmEnd {
+    VmEnd {
+        description,
+        dump: None,
+    }
+}
+
+/// The worker's environment: the log filter and the seccomp mode only.
+fn worker_env() -> Vec<String> {
+    ["RUST_LOG", "XCGI_SECCOMP"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .collect()
+}
+
+/// Keeps `target` workers ready until the pool is gone or stopped.
+fn refill(pool: &std::sync::Weak<Workers>) {
+    loop {
+        let Some(p) = pool.upgrade() else { return };
+        if p.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let short = p.ready.lock().map(|r| r.len() < p.target).unwrap_or(false);
+        if short {
+            match p.start_one() {
+                Ok(w) if p.stopping.load(std::sync::atomic::Ordering::SeqCst) => drop(w),
+                Ok(w) => {
+                    if let Ok(mut r) = p.ready.lock() {
+                        r.push_back(w);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot prepare a jailed VM process");
+                    drop(p);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            continue;
+        }
+        let guard = p.ready.lock();
+        if let Ok(g) = guard {
+            let _ = p.wake.wait_timeout(g, Duration::from_millis(500));
+        }
+    }
+}
+
+/// Sends the launch message with the channel and TAP descriptors.
+fn launch(w: &Worker, attach: &Attachments, opts: &RunOptions) -> io::Result<()> {
+    let net = attach.net.as_ref();
+    let text = format!(
+        "L{}\n{}\n{}\n{}\n{}\n{}\n{}",
+        opts.timeout.as_millis(),
+        u8::from(opts.debug_dump),
+        u8::from(attach.channel.is_some()),
+        u8::from(net.is_some()),
+        net.map(|n| hex_mac(&n.mac)).unwrap_or_default(),
+        net.map(|n| n.ip_param.clone()).unwrap_or_default(),
+        attach
+            .cmdline_extra
+            .clone()
+            .unwrap_or_default()
+            .replace('\n', " "),
+    );
+    let mut fds: Vec<RawFd> = Vec::new();
+    if let Some(c) = &attach.channel {
+        fds.push(c.as_raw_fd());
+    }
+    if let Some(n) = net {
+        fds.push(n.tap.as_raw_fd());
+    }
+    send(w.control.as_fd(), text.as_bytes(), &fds)
+}
+
+fn hex_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Waits for the worker's report (or its death, or the cancel), then reaps it.
+fn supervise(mut worker: Worker, opts: &RunOptions) -> VmEnd {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut report = None;
+    loop {
+        if opts.cancel.is_cancelled() {
+            worker.pidfd.signal(libc::SIGKILL);
+            break;
+        }
+        match recv(
+            worker.control.as_fd(),
+            &mut buf,
+            Some(Duration::from_millis(20)),
+        ) {
+            Ok(Some((n, _))) if n > 0 && buf[0] == b'E' => {
+                report = Some(parse_report(&buf[1..n]));
+                break;
+            }
+            Ok(None) => continue, // nothing yet
+            // EOF (the worker is gone) or an error: its exit status says why.
+            Ok(Some(_)) | Err(_) => break,
+        }
+    }
+    let code = worker.pidfd.wait_blocking();
+    if let Some(r) = report {
+        return r;
+    }
+    if opts.cancel.is_cancelled() {
+        return end("cancelled (the server stopped it)".into());
+    }
+    end(match code {
+        Ok(c) if c == 128 + libc::SIGSYS => {
+            "the jailed VM process was killed by its seccomp filter (SIGSYS): a system call \
+             outside its allow-list"
+                .into()
+        }
+        Ok(c) if c == 128 + libc::SIGKILL => {
+            "the jailed VM process was killed (SIGKILL: out of memory in its cgroup?)".into()
+        }
+        Ok(c) => format!("the jailed VM process ended (status {c}) without reporting"),
+        Err(e) => format!("the jailed VM process could not be waited for: {e}"),
+    })
+}
+
+fn parse_report(b: &[u8]) -> VmEnd {
+    let (desc, dump) = match b.iter().position(|&c| c == 0) {
+        Some(i) => (&b[..i], Some(&b[i + 1..])),
+        None => (b, None),
+    };
+    VmEnd {
+        description: String::from_utf8_lossy(desc).into_owned(),
+        dump: dump
+            .filter(|d| !d.is_empty())
+            .map(|d| String::from_utf8_lossy(d).into_owned()),
+    }
+}
+
+/// The worker's side: `xcgi vmm-worker --kernel K (--initramfs P | --rootfs P) --mem M
+/// --vcpus N [--hugepages] --uid U`, started by [`Workers`] with its control socket as fd 3.
+/// Returns the process's exit code.
+pub fn worker_main(args: &WorkerArgs) -> i32 {
+    // SAFETY: a descriptor the server passed as fd 3, ours alone.
+    let control = unsafe { OwnedFd::from_raw_fd(3) };
+    // Nothing else the server had open comes along.
+    // SAFETY: closes this process's descriptors from 4 up; none is in use yet.
+    unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
+    match worker_steps(args, control.as_fd()) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = send(control.as_fd(), format!("E{e}").as_bytes(), &[]);
+            tracing::error!("jailed VM process: {e}");
+            1
+        }
+    }
+}
+
+/// What the server tells `xcgi vmm-worker` on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    /// The machine.
+    pub spec: VmSpec,
+    /// The uid and gid to drop to.
+    pub uid: u32,
+}
+
+fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String> {
+    let t0 = Instant::now();
+    let shape = args.spec.shape();
+    let prepared = xcgi_vmm::prepare(&shape, t0).map_err(|e| format!("building the VM: {e}"))?;
+    xcgi_jail::confine(&xcgi_jail::Confinement {
+        mount_point: std::env::temp_dir(),
+        uid: args.uid,
+        gid: args.uid,
+        limits: vec![
+            (libc::RLIMIT_NOFILE, 128),
+            (libc::RLIMIT_NPROC, 8 + u64::from(shape.vcpus)),
+            (libc::RLIMIT_CORE, 0),
+            (libc::RLIMIT_FSIZE, 0),
+        ],
+    })
+    .map_err(|e| e.to_string())?;
+    let mismatch = match std::env::var("XCGI_SECCOMP").as_deref() {
+        Ok("log") => xcgi_vmm::seccomp::Mismatch::Log,
+        _ => xcgi_vmm::seccomp::Mismatch::Kill,
+    };
+    let filters = xcgi_vmm::seccomp::Filters::new(mismatch).map_err(|e| e.to_string())?;
+    xcgi_vmm::seccomp::set_process_filters(filters);
+    send(control, b"R", &[]).map_err(|e| format!("saying ready: {e}"))?;
+    let mut buf = vec![0u8; 8192];
+    let (n, fds) = recv(control, &mut buf, None)
+        .map_err(|e| format!("waiting for a request: {e}"))?
+        .ok_or("the server went away")?;
+    if n == 0 || buf[0] != b'L' {
+        return Err("the server closed the control socket".into());
+    }
+    let (attach, opts) = parse_launch(&buf[1..n], fds)?;
+    let r = xcgi_vmm::launch(prepared, &attach, &opts, Instant::now(), None);
+    let end = VmEnd::from_run(&r);
+    let mut msg = format!("E{}", end.description.replace('\0', " ")).into_bytes();
+    if let Some(d) = &end.dump {
+        msg.push(0);
+        msg.extend_from_slice(d.as_bytes());
+    }
+    msg.truncate(200 << 10);
+    send(control, &msg, &[]).map_err(|e| format!("reporting the end: {e}"))
+}
+
+fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions), String> {
+    let text = String::from_utf8_lossy(b);
+    let l: Vec<&str> = text.split('\n').collect();
+    if l.len() < 7 {
+        return Err(format!("a launch message of {} lines", l.len()));
+    }
+    let timeout_ms: u64 = l[0].parse().map_err(|_| "a bad deadline")?;
+    let mut fds = fds.into_iter();
+    let channel = (l[2] == "1").then(|| fds.next().map(Arc::new)).flatten();
+    let net = if l[3] == "1" {
+        let tap = fds.next().ok_or("a NIC without its TAP")?;
+        let mut mac = [0u8; 6];
+        for (i, m) in mac.iter_mut().enumerate() {
+            *m = l[4]
+                .get(i * 2..i * 2 + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("a bad MAC address")?;
+        }
+        Some(NetAttachment {
+            tap: Arc::new(tap),
+            mac,
+            ip_param: l[5].to_string(),
+            rx_ready: None,
+        })
+    } else {
+        None
+    };
+    let attach = Attachments {
+        channel,
+        net,
+        cmdline_extra: (!l[6].is_empty()).then(|| l[6].to_string()),
+    };
+    let opts = RunOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        debug_dump: l[1] == "1",
+        ..RunOptions::default()
+    };
+    Ok((attach, opts))
+}
+
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: socketpair writes two new descriptors into fds.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are new, ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+const MAX_FDS: usize = 4;
+
+/// One message with up to [`MAX_FDS`] descriptors (SCM_RIGHTS).
+fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    // SAFETY: a zeroed msghdr/cmsg buffer filled below with pointers to live locals.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut cbuf = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !fds.is_empty() {
+            let len = std::mem::size_of_val(fds) as u32;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(len) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(len) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
+        }
+        if libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// One message and its descriptors; None when `timeout` passed first. Some((0, _)): the
+/// peer closed.
+fn recv(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    timeout: Option<Duration>,
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    if let Some(t) = timeout {
+        let mut p = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: polls one descriptor we hold.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+    }
+    // SAFETY: recvmsg into buf and a cmsg buffer sized for MAX_FDS descriptors; the
+    // descriptors received are new and become ours.
+    unsafe {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut cbuf = [0u64; 8];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE((MAX_FDS * 4) as u32) as usize;
+        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut fds = Vec::new();
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        Ok(Some((n as usize, fds)))
+    }
+}
