@@ -230,3 +230,143 @@ fn jailed_guests_boot_print_and_exit_under_their_filters() {
     }
     assert!(r.output.contains("leftover_jailed=0"), "{}", r.output);
 }
+
+/// `[server] jail = true` on this host: a jailed VM process killed in the middle of its
+/// request (as the OOM killer or a seccomp kill would) is that request's 502, with a log line
+/// saying so; the server keeps serving with a fresh process. (The guest need not boot: on a
+/// PVM host the VM runs until its deadline, a request that ends in 504.)
+#[test]
+fn a_jailed_vm_process_killed_mid_request_is_a_502_and_the_server_goes_on() {
+    if !is_root() {
+        eprintln!("not root: [server] jail needs root; nothing to check");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("addr").port()
+    };
+    let cfg = dir.path().join("x.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nkernel = \"{}\"\njail = true\n\
+             [[route]]\nprefix = \"/cgi\"\nhandler = \"{}\"\nprepared = 1\ntimeout_ms = 8000\n",
+            kernel().display(),
+            example("loop-forever/loop").display(),
+        ),
+    )
+    .expect("config");
+    let log = dir.path().join("log");
+    let mut server = KillOnDrop(
+        Command::new(xcgi())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start xcgi serve"),
+    );
+    let server_pid = server.0.id();
+    let url = format!("http://127.0.0.1:{port}/cgi");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let curl = |url: &str| {
+        let url = url.to_string();
+        std::thread::spawn(move || {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-m",
+                    "30",
+                    &url,
+                ])
+                .output()
+                .expect("curl");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+    };
+    let first = curl(&url);
+    // The launched worker: a process of the jail's range with a vCPU thread.
+    // (Started by one of the server's threads: its PPid is the server, but it is not in the
+    // main thread's children file.)
+    let jailed_with_vcpu = || {
+        all_pids().into_iter().find(|&c| {
+            status_field(c, "PPid") == server_pid.to_string()
+                && status_field(c, "Uid").starts_with("3000000")
+                && status_field(c, "Threads").parse::<u32>().unwrap_or(0) >= 2
+        })
+    };
+    let t = Instant::now();
+    let worker = loop {
+        if let Some(w) = jailed_with_vcpu() {
+            break w;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no launched VM process"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let killed_at = Instant::now();
+    // SAFETY: kill(2) on a pid just read from /proc (SIGKILL reaches a namespace's PID 1).
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    let code = first.join().expect("curl thread");
+    assert_eq!(code, "502", "the request whose VM process was killed");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(3),
+        "the 502 took {:?}",
+        killed_at.elapsed()
+    );
+    // The server goes on: the next request gets a fresh VM process (and, on a host that
+    // cannot boot the guest, its deadline).
+    let second = curl(&url).join().expect("curl thread");
+    assert!(
+        second == "504" || second == "502" || second == "200",
+        "{second}"
+    );
+    // SAFETY: SIGTERM to the server we started.
+    unsafe { libc::kill(server_pid as i32, libc::SIGTERM) };
+    let status = server.0.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("the jailed VM process was killed (SIGKILL"),
+        "no log line says which:\n{text}"
+    );
+    let left: Vec<_> = all_pids()
+        .into_iter()
+        .filter(|&p| status_field(p, "Uid").starts_with("3000000"))
+        .collect();
+    assert!(left.is_empty(), "jailed processes left: {left:?}");
+}
+
+/// A child killed if a failed assertion leaves it running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .collect()
+}
