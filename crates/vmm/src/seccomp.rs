@@ -7,9 +7,9 @@
 //! How the lists were made: the monitor run under `strace -f` on this host (setup, the
 //! deadline, the debug dump, teardown), then each filter in `log` mode (`XCGI_SECCOMP=log`:
 //! allowed but logged by the kernel) through real guests in the lab (boot, console, root
-//! disk) until nothing more was logged (`crates/xcgi/tests/jail.rs` checks it on every run).
-//! The device RX threads (CGI channel, NIC) are not yet run jailed by a real guest: they come
-//! with the server's jailed VM processes; their list is the reading and waiting they do.
+//! disk, the CGI channel of `xcgi serve` with `[server] jail`) until nothing more was logged
+//! (`tests/jail.rs` and `serve_vm::jailed_vm_processes_serve_cgi_requests` check it on every
+//! run). The NIC's RX thread has not yet run jailed under a real guest.
 //!
 //! The filters are set once per process ([`set_process_filters`]); the monitor's threads call
 //! [`install`] when they start. Nothing is installed in a process that set none (the
