@@ -29,15 +29,11 @@ use xcgi_vmm::{Attachments, NetAttachment, RunOptions};
 
 use super::vm::{GuestRoot, VmEnd, VmSpec};
 
-/// Where jailed VM processes come from: the program, the users they run as.
+/// Where jailed VM processes come from.
 #[derive(Debug, Clone)]
 pub struct JailSettings {
     /// The xcgi binary (its `vmm-worker` subcommand).
     pub program: PathBuf,
-    /// The first uid (and gid) of the range; one per live worker.
-    pub uid_base: u32,
-    /// How many uids the range holds: at most that many workers at once.
-    pub uid_count: u32,
 }
 
 /// Why a jailed VM process could not be had.
@@ -443,24 +439,7 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
     let t0 = Instant::now();
     let shape = args.spec.shape();
     let prepared = xcgi_vmm::prepare(&shape, t0).map_err(|e| format!("building the VM: {e}"))?;
-    xcgi_jail::confine(&xcgi_jail::Confinement {
-        mount_point: std::env::temp_dir(),
-        uid: args.uid,
-        gid: args.uid,
-        limits: vec![
-            (libc::RLIMIT_NOFILE, 128),
-            (libc::RLIMIT_NPROC, 8 + u64::from(shape.vcpus)),
-            (libc::RLIMIT_CORE, 0),
-            (libc::RLIMIT_FSIZE, 0),
-        ],
-    })
-    .map_err(|e| e.to_string())?;
-    let mismatch = match std::env::var("XCGI_SECCOMP").as_deref() {
-        Ok("log") => xcgi_vmm::seccomp::Mismatch::Log,
-        _ => xcgi_vmm::seccomp::Mismatch::Kill,
-    };
-    let filters = xcgi_vmm::seccomp::Filters::new(mismatch).map_err(|e| e.to_string())?;
-    xcgi_vmm::seccomp::set_process_filters(filters);
+    confine_vm_process(shape.vcpus, args.uid)?;
     send(control, b"R", &[]).map_err(|e| format!("saying ready: {e}"))?;
     let mut buf = vec![0u8; 8192];
     let (n, fds) = recv(control, &mut buf, None)
@@ -479,6 +458,32 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
     }
     msg.truncate(200 << 10);
     send(control, &msg, &[]).map_err(|e| format!("reporting the end: {e}"))
+}
+
+/// Confines a VM process whose VM is built (steps 3-5 of the jail, docs/security.md) and
+/// sets the seccomp filters its threads install (step 6; `XCGI_SECCOMP=log` logs instead of
+/// killing). Shared by the server's VM processes and `xcgi run --jail`.
+pub fn confine_vm_process(vcpus: u8, uid: u32) -> Result<(), String> {
+    xcgi_jail::confine(&xcgi_jail::Confinement {
+        mount_point: std::env::temp_dir(),
+        uid,
+        gid: uid,
+        limits: vec![
+            (libc::RLIMIT_NOFILE, 128),
+            // Threads count: main, vCPUs, device RX threads.
+            (libc::RLIMIT_NPROC, 8 + u64::from(vcpus)),
+            (libc::RLIMIT_CORE, 0),
+            (libc::RLIMIT_FSIZE, 0),
+        ],
+    })
+    .map_err(|e| e.to_string())?;
+    let mismatch = match std::env::var("XCGI_SECCOMP").as_deref() {
+        Ok("log") => xcgi_vmm::seccomp::Mismatch::Log,
+        _ => xcgi_vmm::seccomp::Mismatch::Kill,
+    };
+    let filters = xcgi_vmm::seccomp::Filters::new(mismatch).map_err(|e| e.to_string())?;
+    xcgi_vmm::seccomp::set_process_filters(filters);
+    Ok(())
 }
 
 fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions), String> {

@@ -440,11 +440,7 @@ fn start_jailed(cfg: &Config, routes: &mut [ServedRoute]) -> Result<(), ServeErr
     let program = std::env::current_exe()
         .map_err(|e| ServeError::VmJail(format!("finding the xcgi binary: {e}")))?;
     let uids = crate::exec::jailed::UidRange::new(cfg.server.jail_uid_base, cfg.server.jail_uids);
-    let settings = crate::exec::jailed::JailSettings {
-        program,
-        uid_base: cfg.server.jail_uid_base,
-        uid_count: cfg.server.jail_uids,
-    };
+    let settings = crate::exec::jailed::JailSettings { program };
     for r in routes.iter_mut() {
         let prepared = r.route.prepared;
         if let Some(spec) = &mut r.spec {

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use xcgi_jail::{ChildSetup, Command, Confinement, Stdio};
-use xcgi_vmm::seccomp::{Filters, Mismatch};
+use xcgi_jail::{ChildSetup, Command, Stdio};
 use xcgi_vmm::Attachments;
 
 use super::run::Args;
@@ -58,10 +57,18 @@ pub fn parent(a: &Args) -> anyhow::Result<i32> {
         stdio: Stdio::Piped,
         ..Command::new(&exe, &env, &cwd, &setup)
     };
-    let signal = Arc::new(AtomicI32::new(0));
-    let signals = block_stop_signals();
+    // A stop signal kills the VM process (its pid known once it is started).
+    let pid = Arc::new(AtomicI32::new(0));
+    let to_kill = Arc::clone(&pid);
+    let signal = super::run::on_stop_signal(move || {
+        let p = to_kill.load(Ordering::SeqCst);
+        if p > 0 {
+            // SAFETY: kills our own child; it is not reaped before the wait below.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    });
     let mut child = xcgi_jail::spawn(&cmd).context("starting the jailed VM process")?;
-    let pid = child.pid;
+    pid.store(child.pid, Ordering::SeqCst);
     let pipes = child
         .stdio
         .take()
@@ -71,18 +78,6 @@ pub fn parent(a: &Args) -> anyhow::Result<i32> {
         relay(pipes.stdout, std::io::stdout()),
         relay(pipes.stderr, std::io::stderr()),
     ];
-    let seen = signal.clone();
-    let _ = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: sigwait writes the signal number into `sig`.
-            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-                seen.store(sig, Ordering::SeqCst);
-                // SAFETY: kills our own child; it is not reaped before the wait below.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        });
     let code = child
         .pidfd
         .wait_blocking()
@@ -121,21 +116,6 @@ fn relay(
     })
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it starts); returns the
-/// set, for sigwait.
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: plain signal-mask calls on a local sigset_t.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
 /// The jailed worker: builds the VM, confines itself, then runs the guest.
 pub fn worker(a: &Args, start: Instant) -> anyhow::Result<i32> {
     // Nothing the parent had open comes along (the spawn passes 0-2 only; this is the rest
@@ -147,24 +127,7 @@ pub fn worker(a: &Args, start: Instant) -> anyhow::Result<i32> {
         .jail_uid
         .context("internal: the jailed process has no --jail-uid")?;
     let prepared = xcgi_vmm::prepare(&shape, start).context("cannot build the VM")?;
-    let vcpus = u64::from(shape.vcpus);
-    xcgi_jail::confine(&Confinement {
-        mount_point: std::env::temp_dir(),
-        uid,
-        gid: uid,
-        limits: vec![
-            (libc::RLIMIT_NOFILE, 128),
-            // Threads count: main, vCPUs, device RX threads.
-            (libc::RLIMIT_NPROC, 8 + vcpus),
-            (libc::RLIMIT_CORE, 0),
-            (libc::RLIMIT_FSIZE, 0),
-        ],
-    })?;
-    let mismatch = match std::env::var("XCGI_SECCOMP").as_deref() {
-        Ok("log") => Mismatch::Log,
-        _ => Mismatch::Kill,
-    };
-    xcgi_vmm::seccomp::set_process_filters(Filters::new(mismatch)?);
+    xcgi_gateway::exec::jailed::confine_vm_process(shape.vcpus, uid).map_err(anyhow::Error::msg)?;
     let attach = Attachments {
         cmdline_extra: a.cmdline.clone(),
         ..Attachments::default()

@@ -191,9 +191,17 @@ fn ms(d: Duration) -> String {
 }
 
 /// SIGINT, SIGTERM and SIGHUP stop the VM cleanly (so everything it holds is released)
-/// instead of killing xcgi outright. They are blocked in every thread (the vCPU threads
-/// inherit the mask) and taken by one thread with sigwait. Returns the signal, once taken.
+/// instead of killing xcgi outright ([`on_stop_signal`]).
 fn stop_on_signals(cancel: Cancel) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
+    on_stop_signal(move || cancel.cancel())
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in every thread (threads started later inherit the
+/// mask) and takes them on one thread with sigwait, which then runs `action`. Returns the
+/// signal, once taken (0 before).
+pub(super) fn on_stop_signal(
+    action: impl FnOnce() + Send + 'static,
+) -> std::sync::Arc<std::sync::atomic::AtomicI32> {
     use std::sync::atomic::{AtomicI32, Ordering};
     let got = std::sync::Arc::new(AtomicI32::new(0));
     // SAFETY: plain signal-mask calls on a local sigset_t.
@@ -214,7 +222,7 @@ fn stop_on_signals(cancel: Cancel) -> std::sync::Arc<std::sync::atomic::AtomicI3
             // SAFETY: sigwait writes the signal number into `sig`.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
                 seen.store(sig, Ordering::SeqCst);
-                cancel.cancel();
+                action();
             }
         });
     if let Err(e) = spawned {
