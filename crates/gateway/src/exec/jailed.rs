@@ -251,6 +251,12 @@ impl Workers {
                 "VM failed to start: cannot hand the VM its request: {e}"
             ));
         }
+        // The guest driver's "receive buffers posted" flag lives in the VM process: the
+        // server cannot see it, and connects at once instead (HTTP mode; its retries cover a
+        // guest still booting).
+        if let Some(ready) = attach.net.as_ref().and_then(|n| n.rx_ready.as_ref()) {
+            ready.store(true, std::sync::atomic::Ordering::Release);
+        }
         supervise(worker, opts)
     }
 }
