@@ -9,7 +9,7 @@
 //! allowed but logged by the kernel) through real guests in the lab (boot, console, root
 //! disk, the CGI channel of `xcgi serve` with `[server] jail`) until nothing more was logged
 //! (`tests/jail.rs` and `serve_vm::jailed_vm_processes_serve_cgi_requests` check it on every
-//! run). The NIC's RX thread has not yet run jailed under a real guest.
+//! run; HTTP mode through a NIC in `serve_vm::jailed_vm_processes_serve_http_mode`).
 //!
 //! The filters are set once per process ([`set_process_filters`]); the monitor's threads call
 //! [`install`] when they start. Nothing is installed in a process that set none (the

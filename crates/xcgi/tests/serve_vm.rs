@@ -592,3 +592,62 @@ fn jailed_vm_processes_serve_cgi_requests() {
         r.output
     );
 }
+
+/// `[server] jail = true` in HTTP mode: the TAP goes to the jailed VM process over its
+/// control socket; the guest's server answers; the NIC's RX thread runs under its filter
+/// (log mode: nothing may be logged); nothing is left after SIGTERM.
+#[test]
+fn jailed_vm_processes_serve_http_mode() {
+    let kernel = kernel();
+    let http = example("http-hello/http-hello");
+    let script = format!(
+        r#"{PRELUDE}
+        dmesg -c > /dev/null 2>&1
+        export XCGI_SECCOMP=log
+        cat > h.toml <<EOF
+[server]
+listen = "127.0.0.1:8083"
+kernel = "$K"
+concurrency = 2
+jail = true
+[network]
+base = "172.16.0.0"
+size = 4
+prefill = 2
+netns = "xcgi-jhttp"
+[[route]]
+prefix = "/"
+mode = "http"
+handler = "$HTTP"
+port = 80
+timeout_ms = 60000
+EOF
+        start_server h h.toml || exit 1
+        A=127.0.0.1:8083
+        echo "===http==="
+        for i in 1 2; do echo "body$i=[$(curl -s http://$A/)]"; done
+        echo "logged=$(dmesg | grep -c 'type=1326')"
+        dmesg | grep 'type=1326' | head -5
+        stop_server h
+        n=0; for s in /proc/[0-9]*/status; do grep -q '^Uid:.*3000000' "$s" 2>/dev/null && n=$((n+1)); done
+        echo "after: $(leftovers) jailed=$n"
+        echo "===end http==="
+        cat h.log
+    "#
+    );
+    let r = lab(
+        &script,
+        &[(&kernel, "K"), (&http, "HTTP")],
+        Duration::from_secs(600),
+    );
+    assert_eq!(r.code, 0, "{}", r.output);
+    let s = section(&r.output, "http");
+    for want in [
+        "body1=[Hello from a fresh VM!]",
+        "body2=[Hello from a fresh VM!]",
+        "logged=0",
+        "after: netns=[] taps=[0] vmms=0 workdirs=0 jailed=0",
+    ] {
+        assert!(s.contains(want), "{want} missing:\n{s}\n{}", r.output);
+    }
+}
