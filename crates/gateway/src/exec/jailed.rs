@@ -10,8 +10,8 @@
 //! The control socket is a `SOCK_SEQPACKET` pair: the worker's end is its fd 3.
 //! - worker → server: `R` once ready; `E` + the end's description, a NUL, the debug dump;
 //! - server → worker: `L` + the launch as lines (deadline ms, debug dump 0/1, channel 0/1,
-//!   NIC 0/1, MAC, `ip=` parameter, extra kernel parameters), the channel and TAP
-//!   descriptors attached.
+//!   NIC 0/1, MAC, `ip=` parameter, extra kernel parameters, setup only 0/1: for
+//!   `xcgi bench jail`), the channel and TAP descriptors attached.
 //!
 //! A worker that dies without reporting (a seccomp kill, an OOM kill, a crash) is described
 //! from its exit status; the server keeps serving.
@@ -79,6 +79,7 @@ impl Uids {
 /// One started worker: ready (or about to be) for one VM.
 #[derive(Debug)]
 struct Worker {
+    pid: libc::pid_t,
     pidfd: PidFd,
     control: OwnedFd,
     uid: u32,
@@ -116,11 +117,13 @@ impl Workers {
         uids: &Arc<UidRange>,
         target: usize,
     ) -> io::Result<Arc<Workers>> {
+        // The VM process starts in "/": every path absolute.
+        let abs = |p: &Path| std::path::absolute(p).map(OsString::from);
         let mut args: Vec<OsString> = vec!["vmm-worker".into(), "--kernel".into()];
-        args.push(spec.kernel.clone().into());
+        args.push(abs(&spec.kernel)?);
         match &spec.root {
-            GuestRoot::Initramfs(p) => args.extend(["--initramfs".into(), p.into()]),
-            GuestRoot::Disk(p) => args.extend(["--rootfs".into(), p.into()]),
+            GuestRoot::Initramfs(p) => args.extend(["--initramfs".into(), abs(p)?]),
+            GuestRoot::Disk(p) => args.extend(["--rootfs".into(), abs(p)?]),
         }
         args.extend([
             "--mem".into(),
@@ -218,6 +221,7 @@ impl Workers {
             }
         };
         let worker = Worker {
+            pid: child.pid,
             pidfd: child.pidfd,
             control: ours,
             uid,
@@ -258,6 +262,54 @@ impl Workers {
             ready.store(true, std::sync::atomic::Ordering::Release);
         }
         supervise(worker, opts)
+    }
+}
+
+/// A started, jailed and ready VM process, for `xcgi bench jail`.
+#[derive(Debug)]
+pub struct ReadyWorker(Worker);
+
+impl ReadyWorker {
+    /// Its pid.
+    pub fn pid(&self) -> libc::pid_t {
+        self.0.pid
+    }
+}
+
+impl Workers {
+    /// `xcgi bench jail`: starts one VM process and waits until it is ready (spawned, VM
+    /// built, confined, filters set).
+    pub fn bench_start(&self) -> Result<ReadyWorker, WorkerError> {
+        self.start_one().map(ReadyWorker)
+    }
+
+    /// `xcgi bench jail`: hands `w` a request (`attach`, setup only) and returns the times
+    /// from just before the hand-off to the VM process having the message, and to its VM
+    /// being ready for its first KVM_RUN (CLOCK_MONOTONIC in both processes).
+    pub fn bench_handoff(
+        w: ReadyWorker,
+        attach: &Attachments,
+    ) -> Result<(Duration, Duration), String> {
+        let opts = RunOptions {
+            setup_only: true,
+            ..RunOptions::default()
+        };
+        let t0 = xcgi_vmm::vm::monotonic_ns();
+        launch(&w.0, attach, &opts).map_err(|e| e.to_string())?;
+        let end = supervise(w.0, &opts);
+        let stamp = |key: &str| -> Option<u128> {
+            end.description
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key))
+                .and_then(|n| n.parse().ok())
+        };
+        let (Some(got), Some(ready)) = (stamp("got_ns="), stamp("ready_ns=")) else {
+            return Err(end.description);
+        };
+        let since = |ns: u128| {
+            Duration::from_nanos(u64::try_from(ns.saturating_sub(t0)).unwrap_or(u64::MAX))
+        };
+        Ok((since(got), since(ready)))
     }
 }
 
@@ -329,7 +381,7 @@ fn refill(pool: &std::sync::Weak<Workers>) {
 fn launch(w: &Worker, attach: &Attachments, opts: &RunOptions) -> io::Result<()> {
     let net = attach.net.as_ref();
     let text = format!(
-        "L{}\n{}\n{}\n{}\n{}\n{}\n{}",
+        "L{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
         opts.timeout.as_millis(),
         u8::from(opts.debug_dump),
         u8::from(attach.channel.is_some()),
@@ -341,6 +393,7 @@ fn launch(w: &Worker, attach: &Attachments, opts: &RunOptions) -> io::Result<()>
             .clone()
             .unwrap_or_default()
             .replace('\n', " "),
+        u8::from(opts.setup_only),
     );
     let mut fds: Vec<RawFd> = Vec::new();
     if let Some(c) = &attach.channel {
@@ -451,12 +504,20 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
     let (n, fds) = recv(control, &mut buf, None)
         .map_err(|e| format!("waiting for a request: {e}"))?
         .ok_or("the server went away")?;
+    let got_ns = xcgi_vmm::vm::monotonic_ns();
     if n == 0 || buf[0] != b'L' {
         return Err("the server closed the control socket".into());
     }
     let (attach, opts) = parse_launch(&buf[1..n], fds)?;
-    let r = xcgi_vmm::launch(prepared, &attach, &opts, Instant::now(), None);
-    let end = VmEnd::from_run(&r);
+    let (launched, launched_ns) = (Instant::now(), xcgi_vmm::vm::monotonic_ns());
+    let r = xcgi_vmm::launch(prepared, &attach, &opts, launched, None);
+    let mut end = VmEnd::from_run(&r);
+    if let (true, Ok(out)) = (opts.setup_only, &r) {
+        // `xcgi bench jail`: when the VM was ready for its first KVM_RUN (CLOCK_MONOTONIC,
+        // ns; the launch's own measure, before the setup-only VM was torn down).
+        let ready_ns = launched_ns + out.timings.setup.as_nanos();
+        end.description = format!("setup-only got_ns={got_ns} ready_ns={ready_ns}");
+    }
     let mut msg = format!("E{}", end.description.replace('\0', " ")).into_bytes();
     if let Some(d) = &end.dump {
         msg.push(0);
@@ -495,7 +556,7 @@ pub fn confine_vm_process(vcpus: u8, uid: u32) -> Result<(), String> {
 fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions), String> {
     let text = String::from_utf8_lossy(b);
     let l: Vec<&str> = text.split('\n').collect();
-    if l.len() < 7 {
+    if l.len() < 8 {
         return Err(format!("a launch message of {} lines", l.len()));
     }
     let timeout_ms: u64 = l[0].parse().map_err(|_| "a bad deadline")?;
@@ -527,6 +588,7 @@ fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions)
     let opts = RunOptions {
         timeout: Duration::from_millis(timeout_ms),
         debug_dump: l[1] == "1",
+        setup_only: l[7] == "1",
         ..RunOptions::default()
     };
     Ok((attach, opts))

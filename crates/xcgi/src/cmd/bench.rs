@@ -5,6 +5,8 @@
 //!   start is taken by the parent just before spawning it.
 //! - `boot`: boot to init with xcgi and with QEMU `-M microvm -enable-kvm`, same kernel and
 //!   initramfs, same machine, same run (module `bench_boot`).
+//! - `jail`: a VM in a jailed process: the request path of a prepared one against the same
+//!   launch in-process, its cold start and memory (module `bench_jail`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,6 +25,8 @@ enum What {
     Setup(SetupArgs),
     /// Boot to init: xcgi vs QEMU microvm, same kernel and image, same run.
     Boot(super::bench_boot::BootArgs),
+    /// A VM in a jailed process: request path of a prepared one, cold start, memory.
+    Jail(super::bench_jail::JailArgs),
 }
 
 #[derive(clap::Args)]
@@ -62,6 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     match a.what {
         What::Setup(s) => setup(s),
         What::Boot(b) => super::bench_boot::boot(b),
+        What::Jail(j) => super::bench_jail::jail(j),
     }
 }
 

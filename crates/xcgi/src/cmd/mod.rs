@@ -3,6 +3,7 @@
 
 pub mod bench;
 mod bench_boot;
+mod bench_jail;
 pub mod image;
 pub mod jail;
 pub mod kernel;

@@ -1,0 +1,139 @@
+//! `xcgi bench jail`: what a VM in a jailed process costs on this host (docs/benchmarks.md,
+//! section 12): the request path of a prepared jailed VM process (the hand-off of the CGI
+//! channel over its control socket, the launch in the VM process, up to the first KVM_RUN)
+//! against the same launch in this process; the cold start of one (spawn, build the VM,
+//! confine, filters: until it says ready); the host memory of a waiting VM process.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use xcgi_gateway::exec::jailed::{JailSettings, UidRange, Workers};
+use xcgi_gateway::exec::{GuestRoot, VmSpec};
+
+#[derive(clap::Args)]
+pub struct JailArgs {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initramfs: PathBuf,
+    /// Memory sizes in MiB, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [128u64, 1024])]
+    mem: Vec<u64>,
+    /// Runs per memory size.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn p90(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() * 9 / 10).copied().unwrap_or(f64::NAN)
+}
+
+/// kB fields of /proc/PID/status.
+fn status_kb(pid: i32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn channel() -> anyhow::Result<(std::os::unix::net::UnixStream, xcgi_vmm::Attachments)> {
+    let (host, guest) = std::os::unix::net::UnixStream::pair().context("a channel socketpair")?;
+    let attach = xcgi_vmm::Attachments {
+        channel: Some(Arc::new(OwnedFd::from(guest))),
+        ..Default::default()
+    };
+    Ok((host, attach))
+}
+
+/// The same launch in this process, of a VM prepared here (ms).
+fn in_process(shape: &xcgi_vmm::MachineShape) -> anyhow::Result<f64> {
+    let prepared = xcgi_vmm::prepare(shape, Instant::now())?;
+    std::thread::sleep(Duration::from_millis(2));
+    let (_host, attach) = channel()?;
+    let opts = xcgi_vmm::RunOptions {
+        setup_only: true,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let out = xcgi_vmm::launch(prepared, &attach, &opts, t, None)?;
+    Ok(out.timings.setup.as_secs_f64() * 1e3)
+}
+
+pub fn jail(a: JailArgs) -> anyhow::Result<i32> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("xcgi bench jail needs root (it starts jailed VM processes)");
+    }
+    let program = std::env::current_exe().context("the xcgi binary")?;
+    let uids = UidRange::new(3_100_000_000, 64);
+    println!(
+        "| memory | jailed request path (median, p90) | of it: hand-off | in-process request path (median) | cold jailed start (median, p90) | waiting VM process RSS / anon / file KiB |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for &mem in &a.mem {
+        let spec = VmSpec {
+            kernel: a.kernel.clone(),
+            root: GuestRoot::Initramfs(a.initramfs.clone()),
+            memory_mib: mem,
+            hugepages: false,
+            vcpus: 1,
+            timeout: Duration::from_secs(10),
+            pool: None,
+            jail: None,
+            debug_dump: false,
+        };
+        let shape = spec.shape();
+        let workers = Workers::start(
+            &spec,
+            JailSettings {
+                program: program.clone(),
+            },
+            &uids,
+            0,
+        )?;
+        let (mut handoff, mut cold, mut local) = (Vec::new(), Vec::new(), Vec::new());
+        let mut message = Vec::new();
+        let (mut rss, mut anon, mut file) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..a.runs {
+            let t = Instant::now();
+            let w = workers
+                .bench_start()
+                .context("starting a jailed VM process")?;
+            cold.push(t.elapsed().as_secs_f64() * 1e3);
+            // Settled, as in a pool.
+            std::thread::sleep(Duration::from_millis(5));
+            rss.push(status_kb(w.pid(), "VmRSS"));
+            anon.push(status_kb(w.pid(), "RssAnon"));
+            file.push(status_kb(w.pid(), "RssFile"));
+            let (_host, attach) = channel()?;
+            let (got, ready) = Workers::bench_handoff(w, &attach).map_err(anyhow::Error::msg)?;
+            message.push(got.as_secs_f64() * 1e3);
+            handoff.push(ready.as_secs_f64() * 1e3);
+            local.push(in_process(&shape)?);
+        }
+        println!(
+            "| {mem} MiB | **{:.3} ms** ({:.3}) | {:.3} ms | {:.3} ms | {:.2} ms ({:.2}) | {:.0} / {:.0} / {:.0} |",
+            median(handoff.clone()),
+            p90(handoff),
+            median(message),
+            median(local),
+            median(cold.clone()),
+            p90(cold),
+            median(rss),
+            median(anon),
+            median(file),
+        );
+    }
+    Ok(0)
+}
