@@ -41,6 +41,8 @@ pub struct Health {
     metrics: Arc<Metrics>,
     /// Each route's pool of VMs prepared ahead, by route prefix.
     pools: Vec<(String, Arc<Pool>)>,
+    /// Each route's jailed VM processes kept ready (`[server] jail`), by route prefix.
+    jailed: Vec<(String, Arc<crate::exec::jailed::Workers>)>,
     serving: AtomicBool,
     draining: AtomicBool,
 }
@@ -52,9 +54,16 @@ impl Health {
         Health {
             metrics,
             pools,
+            jailed: Vec::new(),
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// With `[server] jail`: readiness also waits for each route's jailed VM processes.
+    pub fn with_jailed(mut self, jailed: Vec<(String, Arc<crate::exec::jailed::Workers>)>) -> Self {
+        self.jailed = jailed;
+        self
     }
 
     /// The listeners are accepting.
@@ -90,15 +99,20 @@ impl Health {
         if !self.serving.load(Ordering::SeqCst) {
             return Some("starting".into());
         }
-        self.pools
+        let pools = self.pools.iter().map(|(r, p)| (r, p.health(), "VMs"));
+        let jailed = self
+            .jailed
             .iter()
-            .find_map(|(route, pool)| match pool.health() {
+            .map(|(r, w)| (r, w.health(), "jailed VM processes"));
+        pools
+            .chain(jailed)
+            .find_map(|(route, health, what)| match health {
                 PoolHealth::Filled => None,
                 PoolHealth::Warming { ready, target } => Some(format!(
-                    "route {route}: {ready} of {target} VMs prepared ahead"
+                    "route {route}: {ready} of {target} {what} prepared ahead"
                 )),
                 PoolHealth::Failing { failures } => Some(format!(
-                    "route {route}: preparing VMs failed {failures} times in a row (see the log)"
+                    "route {route}: preparing {what} failed {failures} times in a row (see the log)"
                 )),
             })
     }

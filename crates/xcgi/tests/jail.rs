@@ -299,6 +299,25 @@ fn a_jailed_vm_process_killed_mid_request_is_a_502_and_the_server_goes_on() {
             String::from_utf8_lossy(&out.stdout).into_owned()
         })
     };
+    // Ready once the route's jailed VM process is (prepared = 1).
+    let readyz = format!("http://127.0.0.1:{port}/_xcgi/readyz");
+    let t = Instant::now();
+    loop {
+        let code = curl(&readyz).join().expect("curl thread");
+        if code == "200" {
+            break;
+        }
+        assert_eq!(code, "503", "readyz before the VM process is ready");
+        assert!(t.elapsed() < Duration::from_secs(20), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        all_pids()
+            .into_iter()
+            .any(|p| status_field(p, "PPid") == server_pid.to_string()
+                && status_field(p, "Uid").starts_with("3000000")),
+        "ready without a jailed VM process waiting"
+    );
     let first = curl(&url);
     // The launched worker: a process of the jail's range with a vCPU thread.
     // (Started by one of the server's threads: its PPid is the server, but it is not in the

@@ -107,7 +107,14 @@ pub struct Workers {
     stopping: std::sync::atomic::AtomicBool,
     /// The thread keeping `target` ready, joined by [`Workers::stop`].
     refill: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Starts that failed in a row (0 after a success).
+    failures: std::sync::atomic::AtomicU32,
+    /// Whether `target` were ready at least once.
+    filled_once: std::sync::atomic::AtomicBool,
 }
+
+/// Failed starts in a row after which the route is reported failing (as VM pools do).
+const FAILING_AFTER: u32 = 3;
 
 impl Workers {
     /// Workers for `spec`'s machine, `target` of them kept ready by a thread of their own.
@@ -143,6 +150,8 @@ impl Workers {
             target,
             stopping: false.into(),
             refill: Mutex::new(None),
+            failures: 0.into(),
+            filled_once: (target == 0).into(),
         });
         if target > 0 {
             let weak = Arc::downgrade(&w);
@@ -177,6 +186,22 @@ impl Workers {
     /// Ready workers now.
     pub fn ready_count(&self) -> usize {
         self.ready.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// For readiness: filled once, still warming, or failing to start VM processes.
+    pub fn health(&self) -> xcgi_vmm::PoolHealth {
+        use std::sync::atomic::Ordering::Relaxed;
+        let failures = self.failures.load(Relaxed);
+        if failures >= FAILING_AFTER {
+            return xcgi_vmm::PoolHealth::Failing { failures };
+        }
+        if self.filled_once.load(Relaxed) {
+            return xcgi_vmm::PoolHealth::Filled;
+        }
+        xcgi_vmm::PoolHealth::Warming {
+            ready: self.ready_count(),
+            target: self.target,
+        }
     }
 
     /// A ready worker, or a new one (started and waited for here).
@@ -358,11 +383,18 @@ fn refill(pool: &std::sync::Weak<Workers>) {
             match p.start_one() {
                 Ok(w) if p.stopping.load(std::sync::atomic::Ordering::SeqCst) => drop(w),
                 Ok(w) => {
+                    p.failures.store(0, std::sync::atomic::Ordering::Relaxed);
                     if let Ok(mut r) = p.ready.lock() {
                         r.push_back(w);
+                        if r.len() >= p.target {
+                            p.filled_once
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
                 Err(e) => {
+                    p.failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(error = %e, "cannot prepare a jailed VM process");
                     drop(p);
                     std::thread::sleep(Duration::from_secs(1));

@@ -201,7 +201,16 @@ impl Server {
         }
         wire_executors(&cfg, &mut routes, &metrics, net.as_ref())?;
         Ok(Server {
-            health: Arc::new(Health::new(Arc::clone(&metrics), pools)),
+            health: Arc::new(
+                Health::new(Arc::clone(&metrics), pools).with_jailed(
+                    routes
+                        .iter()
+                        .filter_map(|r| {
+                            Some((r.route.prefix.clone(), r.spec.as_ref()?.jail.clone()?))
+                        })
+                        .collect(),
+                ),
+            ),
             slots: Arc::new(Semaphore::new(cfg.server.concurrency)),
             conns: Arc::new(Semaphore::new(cfg.server.max_connections)),
             body_budget: Arc::new(Semaphore::new(
