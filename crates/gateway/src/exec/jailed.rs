@@ -464,6 +464,10 @@ fn supervise(mut worker: Worker, opts: &RunOptions) -> VmEnd {
             Ok(Some(_)) | Err(_) => break,
         }
     }
+    // Done (or gone, or misbehaving): a VM process that reported does nothing more, and one
+    // that sent anything else must not keep this thread waiting. Killing one that is
+    // already dead changes nothing, its exit status included.
+    worker.pidfd.signal(libc::SIGKILL);
     let code = worker.pidfd.wait_blocking();
     if let Some(r) = report {
         return r;
@@ -485,18 +489,30 @@ fn supervise(mut worker: Worker, opts: &RunOptions) -> VmEnd {
     })
 }
 
+/// The worker's report. It comes from a process that ran the guest, so it is as untrusted
+/// as the guest: the description is escaped and cut like any guest text, the dump line by
+/// line (at most [`DUMP_LINES`] lines), before either can reach a log line.
 fn parse_report(b: &[u8]) -> VmEnd {
     let (desc, dump) = match b.iter().position(|&c| c == 0) {
         Some(i) => (&b[..i], Some(&b[i + 1..])),
         None => (b, None),
     };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     VmEnd {
-        description: String::from_utf8_lossy(desc).into_owned(),
-        dump: dump
-            .filter(|d| !d.is_empty())
-            .map(|d| String::from_utf8_lossy(d).into_owned()),
+        description: crate::escape::for_log(&text(desc), crate::escape::LOG_TEXT_MAX),
+        dump: dump.filter(|d| !d.is_empty()).map(|d| {
+            text(d)
+                .lines()
+                .take(DUMP_LINES)
+                .map(|l| crate::escape::for_log(l, crate::escape::LOG_TEXT_MAX))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }),
     }
 }
+
+/// Lines of a jailed VM process's debug dump that reach the log.
+const DUMP_LINES: usize = 400;
 
 /// The worker's side: `xcgi vmm-worker --kernel K (--initramfs P | --rootfs P) --mem M
 /// --vcpus N [--hugepages] --uid U`, started by [`Workers`] with its control socket as fd 3.
@@ -728,5 +744,24 @@ fn recv(
             c = libc::CMSG_NXTHDR(&msg, c);
         }
         Ok(Some((n as usize, fds)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_report;
+
+    #[test]
+    fn a_report_from_a_vm_process_is_escaped_before_it_reaches_a_log() {
+        let mut msg = b"deadline\n2026-01-01T00:00:00Z  INFO forged status=200".to_vec();
+        msg.push(0);
+        msg.extend_from_slice(b"vcpu0: rip=0x1\n\x1b[2Jcleared\n");
+        msg.extend(std::iter::repeat_n(b"x\n".as_slice(), 1000).flatten());
+        let end = parse_report(&msg);
+        assert!(!end.description.contains('\n'), "{:?}", end.description);
+        let dump = end.dump.expect("a dump");
+        assert!(!dump.contains('\x1b'), "{dump:?}");
+        assert!(dump.starts_with("vcpu0: rip=0x1\n"), "{dump:?}");
+        assert_eq!(dump.lines().count(), super::DUMP_LINES);
     }
 }
