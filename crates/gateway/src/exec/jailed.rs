@@ -259,9 +259,12 @@ impl Workers {
             Some(Duration::from_secs(30)),
         )? {
             Some((1, _)) if buf[0] == b'R' => Ok(worker),
-            Some((n, _)) if n > 1 && buf[0] == b'E' => Err(WorkerError::NotReady(
-                String::from_utf8_lossy(&buf[1..n]).into_owned(),
-            )),
+            Some((n, _)) if n > 1 && buf[0] == b'E' => {
+                Err(WorkerError::NotReady(crate::escape::for_log(
+                    &String::from_utf8_lossy(&buf[1..n]),
+                    crate::escape::LOG_TEXT_MAX,
+                )))
+            }
             _ => Err(WorkerError::NotReady(
                 "no word from it within 30 s, or it exited (its log line says why)".into(),
             )),
@@ -547,6 +550,7 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
     let shape = args.spec.shape();
     let prepared = xcgi_vmm::prepare(&shape, t0).map_err(|e| format!("building the VM: {e}"))?;
     confine_vm_process(shape.vcpus, args.uid)?;
+    silence_stdio().map_err(|e| format!("detaching stdio: {e}"))?;
     send(control, b"R", &[]).map_err(|e| format!("saying ready: {e}"))?;
     let mut buf = vec![0u8; 8192];
     let (n, fds) = recv(control, &mut buf, None)
@@ -573,6 +577,43 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
     }
     msg.truncate(200 << 10);
     send(control, &msg, &[]).map_err(|e| format!("reporting the end: {e}"))
+}
+
+/// From here on the guest may run: the VM process's stdin, stdout and stderr (the server's
+/// own log, inherited) become pipes nobody reads or writes, so nothing it writes, compromised
+/// or not, reaches the server's log except through the escaped report.
+fn silence_stdio() -> io::Result<()> {
+    let (r, w) = xcgi_jail_pipe()?;
+    // SAFETY: dup2 onto this process's own 0, 1 and 2; `r`'s writer and `w`'s reader are
+    // closed below, so reads see EOF and writes fail (EPIPE: SIGPIPE is ignored).
+    unsafe {
+        if libc::dup2(r.as_raw_fd(), 0) < 0
+            || libc::dup2(w.as_raw_fd(), 1) < 0
+            || libc::dup2(w.as_raw_fd(), 2) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A pipe whose ends are each alone: the read end with no writer, the write end with no
+/// reader.
+fn xcgi_jail_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut a = [0 as RawFd; 2];
+    let mut b = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two new descriptors into each array.
+    unsafe {
+        if libc::pipe2(a.as_mut_ptr(), libc::O_CLOEXEC) < 0
+            || libc::pipe2(b.as_mut_ptr(), libc::O_CLOEXEC) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // Keep a's read end and b's write end; close the others.
+        libc::close(a[1]);
+        libc::close(b[0]);
+        Ok((OwnedFd::from_raw_fd(a[0]), OwnedFd::from_raw_fd(b[1])))
+    }
 }
 
 /// Confines a VM process whose VM is built (steps 3-5 of the jail, docs/security.md) and
