@@ -168,7 +168,7 @@ impl ProcessJail {
         };
         drop(dir_fd);
         let group = HandlerGroup {
-            pgid: Some(child.pid),
+            pgid: child.pid,
             cgroup: cgroup.zip(self.cgroups.clone()),
         };
         Ok((child, group))
@@ -206,9 +206,14 @@ impl HandlerCgroup {
     /// Kills everything in the cgroup, if anything is there.
     fn kill(&self) {
         if populated(&self.dir) {
-            self.killed.store(true, Ordering::SeqCst);
-            let _ = std::fs::write(self.dir.join("cgroup.kill"), b"1");
+            self.kill_all();
         }
+    }
+
+    /// Writes `cgroup.kill` (and so marks the cgroup as never to be reused).
+    fn kill_all(&self) {
+        self.killed.store(true, Ordering::SeqCst);
+        let _ = std::fs::write(self.dir.join("cgroup.kill"), b"1");
     }
 }
 
@@ -257,7 +262,8 @@ fn populated(dir: &Path) -> bool {
 /// One handler's process group and cgroup.
 #[derive(Debug)]
 pub struct HandlerGroup {
-    pgid: Option<i32>,
+    /// The handler's pid, the id of its process group.
+    pgid: libc::pid_t,
     cgroup: Option<(HandlerCgroup, Arc<CgroupPool>)>,
 }
 
@@ -268,19 +274,18 @@ impl HandlerGroup {
         if let Some((c, _)) = &self.cgroup {
             c.kill();
         }
-        if let Some(pgid) = self.pgid {
-            // SAFETY: kill(2) on our child's process group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
+        self.kill_process_group();
+    }
+
+    fn kill_process_group(&self) {
+        // SAFETY: kill(2) on our child's process group.
+        unsafe { libc::kill(-self.pgid, libc::SIGKILL) };
     }
 
     /// After the handler's own process ended: kills what is left and, once its cgroup is
     /// empty (bounded wait), gives the cgroup back for the next handler.
     pub async fn finish(mut self) {
-        if let Some(pgid) = self.pgid {
-            // SAFETY: kill(2) on our child's process group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
+        self.kill_process_group();
         let Some((c, pool)) = self.cgroup.take() else {
             return;
         };
@@ -291,7 +296,7 @@ impl HandlerGroup {
                 warn!(cgroup = %c.dir.display(), "a handler's cgroup is still busy after 5 s");
                 return;
             }
-            c.kill();
+            c.kill_all();
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         pool.give_back(c);

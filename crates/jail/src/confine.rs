@@ -242,6 +242,13 @@ fn drop_privileges(uid: libc::uid_t, gid: libc::gid_t) -> Result<(), ConfineErro
     Ok(())
 }
 
+/// Closes every descriptor of this process from `first` up (`close_range`): what a new
+/// process was not meant to inherit, before it opens anything of its own.
+pub fn close_from(first: u32) {
+    // SAFETY: closes descriptors of this process only; the caller holds none from `first` up.
+    unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) };
+}
+
 /// The calling thread's effective and permitted capability sets (capget, version 3).
 pub fn capabilities() -> io::Result<(u64, u64)> {
     #[repr(C)]

@@ -12,5 +12,5 @@
 pub mod confine;
 pub mod spawn;
 
-pub use confine::{confine, ConfineError, Confinement};
-pub use spawn::{spawn, ChildSetup, Command, PidFd, Pipes, SpawnError, Spawned, Stdio};
+pub use confine::{close_from, confine, ConfineError, Confinement};
+pub use spawn::{pipe, spawn, ChildSetup, Command, PidFd, Pipes, SpawnError, Spawned, Stdio};

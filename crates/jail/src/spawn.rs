@@ -1,8 +1,9 @@
 //! Starting a handler process: `clone3` straight into the handler's cgroup
 //! (`CLONE_INTO_CGROUP`, no migration afterwards) with a pidfd (`CLONE_PIDFD`) to wait on and
-//! signal, then the jail's steps and `execve` in the child. The server's process is copied
-//! (fork semantics) but the child only makes system calls before `execve`: no allocation, no
-//! lock, nothing another thread of the server might hold.
+//! signal, then the jail's steps and `execve` in the child. The child shares the server's
+//! memory until `execve` (`CLONE_VM | CLONE_VFORK`, on a stack of its own) and only makes
+//! system calls before it: no allocation, no lock, nothing another thread of the server
+//! might hold.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -322,7 +323,8 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument"))
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: pipe2 writes two new descriptors into fds.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -398,8 +400,6 @@ struct ChildArgs<'a> {
     stdio: Option<[RawFd; 3]>,
     /// Become 3, 4, ...: high-numbered duplicates, so that no dup2 clobbers another.
     pass: &'a [RawFd],
-    /// Whether the child is in a new PID namespace (its parent is then outside, pid 0).
-    new_pid_ns: bool,
     dir: &'a CString,
     prog: &'a CString,
     argv: &'a [*const libc::c_char],
@@ -448,7 +448,6 @@ pub fn spawn(cmd: &Command<'_>) -> Result<Spawned, SpawnError> {
             [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]
         }),
         pass: &pass,
-        new_pid_ns: cmd.setup.namespaces & libc::CLONE_NEWPID as u64 != 0,
         dir: &exec.dir,
         prog: &exec.prog,
         argv: &exec.argv,
@@ -752,9 +751,11 @@ unsafe fn child_steps(a: &ChildArgs<'_>) -> Result<std::convert::Infallible, u32
     // SAFETY: prctl with an integer argument.
     let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     check(r.into(), 6)?;
-    // SAFETY: getppid has no preconditions. (In a new PID namespace the parent is outside
-    // it: pid 0; PDEATHSIG still reaches the child.)
-    if !a.new_pid_ns && unsafe { libc::getppid() } != a.parent {
+    // In a new PID namespace the parent is outside it (getppid: 0); PDEATHSIG still
+    // reaches the child.
+    let new_pid_ns = a.setup.namespaces & libc::CLONE_NEWPID as u64 != 0;
+    // SAFETY: getppid has no preconditions.
+    if !new_pid_ns && unsafe { libc::getppid() } != a.parent {
         return Err(7);
     }
     if a.setup.no_new_privs {

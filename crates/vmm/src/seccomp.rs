@@ -94,11 +94,6 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         .map_err(|source| SeccompError::Install { kind, source })
 }
 
-/// Whether this process runs under filters.
-pub fn active() -> bool {
-    PROCESS_FILTERS.get().is_some()
-}
-
 impl Filters {
     /// Compiles the three filters.
     pub fn new(mismatch: Mismatch) -> Result<Filters, SeccompError> {

@@ -184,7 +184,7 @@ impl Workers {
     }
 
     /// Ready workers now.
-    pub fn ready_count(&self) -> usize {
+    fn ready_count(&self) -> usize {
         self.ready.lock().map(|r| r.len()).unwrap_or(0)
     }
 
@@ -450,8 +450,7 @@ fn supervise(mut worker: Worker, opts: &RunOptions) -> VmEnd {
     let mut report = None;
     loop {
         if opts.cancel.is_cancelled() {
-            worker.pidfd.signal(libc::SIGKILL);
-            break;
+            break; // killed below
         }
         match recv(
             worker.control.as_fd(),
@@ -524,8 +523,7 @@ pub fn worker_main(args: &WorkerArgs) -> i32 {
     // SAFETY: a descriptor the server passed as fd 3, ours alone.
     let control = unsafe { OwnedFd::from_raw_fd(3) };
     // Nothing else the server had open comes along.
-    // SAFETY: closes this process's descriptors from 4 up; none is in use yet.
-    unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
+    xcgi_jail::close_from(4);
     match worker_steps(args, control.as_fd()) {
         Ok(()) => 0,
         Err(e) => {
@@ -583,9 +581,11 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
 /// own log, inherited) become pipes nobody reads or writes, so nothing it writes, compromised
 /// or not, reaches the server's log except through the escaped report.
 fn silence_stdio() -> io::Result<()> {
-    let (r, w) = xcgi_jail_pipe()?;
-    // SAFETY: dup2 onto this process's own 0, 1 and 2; `r`'s writer and `w`'s reader are
-    // closed below, so reads see EOF and writes fail (EPIPE: SIGPIPE is ignored).
+    // A read end with no writer (reads see EOF), a write end with no reader (writes fail:
+    // EPIPE, SIGPIPE is ignored).
+    let (r, _) = xcgi_jail::pipe()?;
+    let (_, w) = xcgi_jail::pipe()?;
+    // SAFETY: dup2 onto this process's own 0, 1 and 2.
     unsafe {
         if libc::dup2(r.as_raw_fd(), 0) < 0
             || libc::dup2(w.as_raw_fd(), 1) < 0
@@ -595,25 +595,6 @@ fn silence_stdio() -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A pipe whose ends are each alone: the read end with no writer, the write end with no
-/// reader.
-fn xcgi_jail_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut a = [0 as RawFd; 2];
-    let mut b = [0 as RawFd; 2];
-    // SAFETY: pipe2 writes two new descriptors into each array.
-    unsafe {
-        if libc::pipe2(a.as_mut_ptr(), libc::O_CLOEXEC) < 0
-            || libc::pipe2(b.as_mut_ptr(), libc::O_CLOEXEC) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // Keep a's read end and b's write end; close the others.
-        libc::close(a[1]);
-        libc::close(b[0]);
-        Ok((OwnedFd::from_raw_fd(a[0]), OwnedFd::from_raw_fd(b[1])))
-    }
 }
 
 /// Confines a VM process whose VM is built (steps 3-5 of the jail, docs/security.md) and

@@ -29,18 +29,25 @@ enum What {
     Jail(super::bench_jail::JailArgs),
 }
 
+/// The machine a setup benchmark builds, and how often: shared by `setup` and `jail`.
 #[derive(clap::Args)]
-struct SetupArgs {
+pub(super) struct Machines {
     #[arg(long)]
-    kernel: PathBuf,
+    pub(super) kernel: PathBuf,
     #[arg(long)]
-    initramfs: PathBuf,
+    pub(super) initramfs: PathBuf,
     /// Memory sizes in MiB, comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = [128u64, 1024])]
-    mem: Vec<u64>,
+    pub(super) mem: Vec<u64>,
     /// Runs per configuration.
     #[arg(long, default_value_t = 20)]
-    runs: usize,
+    pub(super) runs: usize,
+}
+
+#[derive(clap::Args)]
+struct SetupArgs {
+    #[command(flatten)]
+    m: Machines,
     /// Also measure with MAP_POPULATE.
     #[arg(long)]
     populate: bool,
@@ -126,9 +133,9 @@ struct SetupCase {
 fn setup_once(exe: &PathBuf, s: &SetupArgs, c: SetupCase) -> anyhow::Result<SetupRun> {
     let mut cmd = Command::new(exe);
     cmd.args(["run", "--setup-only", "--kernel"])
-        .arg(&s.kernel)
+        .arg(&s.m.kernel)
         .arg("--initramfs")
-        .arg(&s.initramfs)
+        .arg(&s.m.initramfs)
         .args(["--mem", &c.mem.to_string()]);
     if c.huge {
         cmd.arg("--hugepages");
@@ -192,8 +199,8 @@ fn prepared_once(s: &SetupArgs, mem: u64, huge: bool) -> anyhow::Result<Prepared
     use std::os::fd::OwnedFd;
     use std::sync::Arc;
     let shape = xcgi_vmm::MachineShape {
-        kernel: s.kernel.clone(),
-        initramfs: Some(s.initramfs.clone()),
+        kernel: s.m.kernel.clone(),
+        initramfs: Some(s.m.initramfs.clone()),
         memory: xcgi_vmm::memory::MemoryConfig {
             size_mib: mem,
             hugepages: huge,
@@ -247,7 +254,7 @@ type Plotted = (String, f64, f64);
 /// code is 1 when a run failed (its row shows what was measured before the failure).
 fn setup(s: SetupArgs) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("finding the xcgi executable")?;
-    let max_mem = s.mem.iter().copied().max().unwrap_or(128);
+    let max_mem = s.m.mem.iter().copied().max().unwrap_or(128);
     // Put back when the benchmark ends, early or not.
     let _pool = if s.reserve_hugepages {
         Some(xcgi_vmm::memory::HugePagePool::raise_to(max_mem / 2)?)
@@ -258,7 +265,7 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
     print_setup_header(&s);
     let mut failed = false;
     let mut plotted: Vec<Plotted> = Vec::new();
-    for &mem in &s.mem {
+    for &mem in &s.m.mem {
         for huge in [false, true] {
             for (populate, net) in [(false, false), (true, false), (false, true)] {
                 if (populate && !s.populate) || (net && !s.net) {
@@ -290,8 +297,8 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
 fn print_setup_header(s: &SetupArgs) {
     println!(
         "# VMM setup: process spawn -> first KVM_RUN, {} runs each, kernel {}",
-        s.runs,
-        s.kernel.display()
+        s.m.runs,
+        s.m.kernel.display()
     );
     println!(
         "{:>8} {:>6} {:>9} {:>4} {:>10} {:>10} {:>12} {:>8} {:>8} {:>8} {:>12}  slowest phases (median ms)",
@@ -324,7 +331,7 @@ impl SetupSamples {
     fn measure(exe: &PathBuf, s: &SetupArgs, c: SetupCase) -> (SetupSamples, bool) {
         let _ = setup_once(exe, s, c);
         let mut r = SetupSamples::default();
-        for _ in 0..s.runs {
+        for _ in 0..s.m.runs {
             match setup_once(exe, s, c) {
                 Ok(run) => {
                     r.spawn.push(run.from_spawn_ms);
@@ -394,14 +401,14 @@ fn setup_row(exe: &PathBuf, s: &SetupArgs, c: SetupCase, plotted: &mut Vec<Plott
 fn prepared_table(s: &SetupArgs, huge_ok: bool, plotted: &mut Vec<Plotted>) -> bool {
     println!(
         "# request path: a VM prepared ahead (off the request path) launched to its first KVM_RUN, in-process, {} runs each",
-        s.runs
+        s.m.runs
     );
     println!(
         "{:>8} {:>6} {:>10} {:>10} {:>12}  slowest phases (median ms)",
         "mem MiB", "pages", "median ms", "p90 ms", "prepare ms"
     );
     let mut failed = false;
-    for &mem in &s.mem {
+    for &mem in &s.m.mem {
         for huge in [false, true] {
             if huge && !huge_ok {
                 println!("{mem:>8} {:>6}  skipped: not enough free huge pages", "2M");
@@ -422,7 +429,7 @@ fn prepared_row(s: &SetupArgs, mem: u64, huge: bool, plotted: &mut Vec<Plotted>)
     let mut prep = Vec::new();
     let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
     // One warm-up run (process-level caches: /dev/kvm, CPUID), then the measured.
-    for i in 0..=s.runs {
+    for i in 0..=s.m.runs {
         let r = match prepared_once(s, mem, huge) {
             Ok(r) => r,
             Err(e) => {

@@ -5,7 +5,6 @@
 //! confine, filters: until it says ready); the host memory of a waiting VM process.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,16 +14,8 @@ use xcgi_gateway::exec::{GuestRoot, VmSpec};
 
 #[derive(clap::Args)]
 pub struct JailArgs {
-    #[arg(long)]
-    kernel: PathBuf,
-    #[arg(long)]
-    initramfs: PathBuf,
-    /// Memory sizes in MiB, comma separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [128u64, 1024])]
-    mem: Vec<u64>,
-    /// Runs per memory size.
-    #[arg(long, default_value_t = 20)]
-    runs: usize,
+    #[command(flatten)]
+    m: super::bench::Machines,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -81,10 +72,10 @@ pub fn jail(a: JailArgs) -> anyhow::Result<i32> {
         "| memory | jailed request path (median, p90) | of it: hand-off | in-process request path (median) | cold jailed start (median, p90) | waiting VM process RSS / anon / file KiB |"
     );
     println!("|---|---|---|---|---|---|");
-    for &mem in &a.mem {
+    for &mem in &a.m.mem {
         let spec = VmSpec {
-            kernel: a.kernel.clone(),
-            root: GuestRoot::Initramfs(a.initramfs.clone()),
+            kernel: a.m.kernel.clone(),
+            root: GuestRoot::Initramfs(a.m.initramfs.clone()),
             memory_mib: mem,
             hugepages: false,
             vcpus: 1,
@@ -105,7 +96,7 @@ pub fn jail(a: JailArgs) -> anyhow::Result<i32> {
         let (mut handoff, mut cold, mut local) = (Vec::new(), Vec::new(), Vec::new());
         let mut message = Vec::new();
         let (mut rss, mut anon, mut file) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..a.runs {
+        for _ in 0..a.m.runs {
             let t = Instant::now();
             let w = workers
                 .bench_start()

@@ -120,8 +120,7 @@ fn relay(
 pub fn worker(a: &Args, start: Instant) -> anyhow::Result<i32> {
     // Nothing the parent had open comes along (the spawn passes 0-2 only; this is the rest
     // a library might have opened since).
-    // SAFETY: closes this process's descriptors from 3 up; nothing here holds one yet.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    xcgi_jail::close_from(3);
     let (shape, opts) = super::run::config(a)?;
     let uid = a
         .jail_uid
