@@ -8,7 +8,7 @@
  *   /stream[?N] N lines (5), 300 ms apart      /big?N    N bytes of 'x'
  *   /persist    whether /tmp/xcgi-persist was already there (then creates it)
  *   /crash      abort()                        /garbage  output that is not a CGI response
- *   /sleep      sleeps for an hour
+ *   /sleep      sleeps for an hour             /alloc?N  allocates and touches N MiB
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -94,6 +94,15 @@ int main(void) {
         printf("this is not a CGI response\n\n");
     } else if (!strcmp(pi, "/sleep")) {
         sleep(3600);
+    } else if (!strcmp(pi, "/alloc")) {
+        long mib = atol(env("QUERY_STRING"));
+        long done = 0;
+        for (; done < mib; done++) {
+            char *p = malloc(1 << 20);
+            if (!p) break;
+            memset(p, 1, 1 << 20); /* touched: the memory is really used */
+        }
+        printf("Content-Type: text/plain\r\n\r\ntouched %ld MiB\n", done);
     } else {
         printf("Content-Type: text/plain\r\n\r\nHello from CGI in a fresh VM! (%s %s)\n", env("REQUEST_METHOD"), env("SCRIPT_NAME"));
     }

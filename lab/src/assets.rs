@@ -95,7 +95,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssetError + '_ {
 }
 
 /// Bump when the layout of the base initramfs or the init protocol changes.
-const RECIPE_VERSION: &str = "xcgi-lab-assets-v2";
+const RECIPE_VERSION: &str = "xcgi-lab-assets-v3";
 
 /// Kernel modules loaded by /init, in this order (paths below `lib/modules/<release>/kernel/`).
 /// The first four give /dev/kvm (kvm-amd needs ccp for SEV symbols); tun and veth are for
@@ -131,6 +131,8 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t hugetlbfs none /dev/hugepages
+# cgroup v2, as on a systemd host: the server's cgroup per jailed VM process (memory.max).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ln -sf /proc/self/fd /dev/fd
 ip link set lo up 2>/dev/null
 while read -r m; do

@@ -16,7 +16,8 @@
 //! body_budget = 268435456   # bytes of chunked request bodies held at once, all requests: 503
 //! kernel = "vmlinux"        # default guest kernel (else the one `xcgi kernel build` cached)
 //! debug_dump = false        # log a debug dump of each VM that ends badly (docs/networking.md)
-//! jail = false              # each VM in a jailed process of its own (docs/security.md)
+//! jail = true               # each VM in a jailed process of its own (docs/security.md)
+//! cgroup_parent = "/sys/fs/cgroup/xcgi" # where VM processes' cgroups go (default: own cgroup)
 //!
 //! [process]                 # isolation = "process" only: how each handler process runs
 //! user = "nobody"           # an unprivileged user (when the server runs as root)
@@ -35,6 +36,9 @@
 //! handler = "hello-cgi"     # the program (relative paths: from this file's directory)
 //! tree = "rootfs/"          # optional: more files for the guest's root (busybox, data)
 //! memory_mib = 128
+//! memory_max_mib = 176      # jailed VM process's cgroup memory.max (default memory_mib + 48)
+//! pids_max = 9              # its pids.max (default 8 + vcpus)
+//! cpu_percent = 100         # its cpu.max, percent of one CPU (default: no limit)
 //! prepared = 2              # VMs built ahead for this route (off the request path); 0: none
 //! timeout_ms = 10000
 //! max_body = 1048576
@@ -183,9 +187,10 @@ pub struct ServerSection {
     #[serde(default)]
     pub debug_dump: bool,
     /// Run every VM in a jailed process of its own (docs/security.md, "The jail"): new
-    /// namespaces, an empty root, rlimits, no capabilities, a uid from `jail_uid_base`,
-    /// seccomp filters per thread. Needs root. Off by default for now.
-    #[serde(default)]
+    /// namespaces, an empty root, a cgroup with limits, rlimits, no capabilities, a uid from
+    /// `jail_uid_base`, seccomp filters per thread. Needs root. Default true; false runs
+    /// each VM as threads of the server (as trusted as the server: for development only).
+    #[serde(default = "default_true")]
     pub jail: bool,
     /// The first uid (and gid) jailed VM processes run as; one per live process.
     #[serde(default = "default_jail_uid_base")]
@@ -193,6 +198,11 @@ pub struct ServerSection {
     /// How many uids from `jail_uid_base`: at most that many jailed VM processes at once.
     #[serde(default = "default_jail_uids")]
     pub jail_uids: u32,
+    /// The cgroup v2 directory under which the server makes its jailed VM processes'
+    /// cgroups (`xcgi-vms-PID/vmN`). Default: the server's own cgroup (a systemd unit with
+    /// `Delegate=yes`); the server then moves itself into a leaf `xcgi-server-PID` so that
+    /// the controllers can be enabled below it.
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 fn default_jail_uid_base() -> u32 {
@@ -224,9 +234,10 @@ impl Default for ServerSection {
             reuse_port: false,
             drain_delay_ms: 0,
             debug_dump: false,
-            jail: false,
+            jail: true,
             jail_uid_base: default_jail_uid_base(),
             jail_uids: default_jail_uids(),
+            cgroup_parent: None,
         }
     }
 }
@@ -324,6 +335,15 @@ pub struct Route {
     /// Back guest memory with 2 MiB huge pages (they must be reserved). Default false.
     #[serde(default)]
     pub hugepages: bool,
+    /// Jailed VM processes: their cgroup's `memory.max`, MiB: what the whole VM process may
+    /// use, guest memory included. Default `memory_mib` + 48 (the VM process's own needs,
+    /// docs/security.md); set lower to overcommit guests that touch little of their memory.
+    pub memory_max_mib: Option<u64>,
+    /// Jailed VM processes: their cgroup's `pids.max` (threads). Default 8 + `vcpus`.
+    pub pids_max: Option<u32>,
+    /// Jailed VM processes: their cgroup's `cpu.max`, in percent of one CPU (100: a whole
+    /// CPU's time; 50: half). Default: no limit beyond the VM's vCPUs.
+    pub cpu_percent: Option<u32>,
     /// VMs kept prepared ahead for this route (memory, kernel, vCPUs built; nothing run),
     /// each used by one request. 0 builds every VM on its request. At most 64; default 2.
     #[serde(default = "default_prepared")]
@@ -483,6 +503,9 @@ impl Route {
             memory_mib: default_memory(),
             vcpus: default_vcpus(),
             hugepages: false,
+            memory_max_mib: None,
+            pids_max: None,
+            cpu_percent: None,
             prepared: default_prepared(),
             timeout_ms: default_timeout(),
             max_body: default_max_body(),
@@ -829,6 +852,21 @@ impl RouteCheck<'_> {
         }
         if r.timeout_ms == 0 {
             return Err(self.invalid("timeout_ms", "must be at least 1"));
+        }
+        if r.memory_max_mib.is_some_and(|m| m < 16) {
+            return Err(self.invalid(
+                "memory_max_mib",
+                "at least 16: a VM process needs that much of its own",
+            ));
+        }
+        if r.pids_max.is_some_and(|p| p < 2 + u32::from(r.vcpus)) {
+            return Err(self.invalid(
+                "pids_max",
+                "at least 2 + vcpus: the VM process's main thread, a vCPU thread each, a device thread",
+            ));
+        }
+        if r.cpu_percent.is_some_and(|p| p == 0 || p > 100 * 64) {
+            return Err(self.invalid("cpu_percent", "must be 1 to 6400 (64 CPUs)"));
         }
         Ok(())
     }

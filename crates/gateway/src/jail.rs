@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::ProcessSection;
 use crate::exec::Invocation;
+use xcgi_jail::cgroup::{self, Cgroup};
 use xcgi_jail::{spawn, ChildSetup, Command, SpawnError, Spawned};
 
 /// Why the jail cannot be set up, or a handler cannot run in it (refused at start).
@@ -254,9 +255,7 @@ impl CgroupPool {
 }
 
 fn populated(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("cgroup.events"))
-        .map(|s| s.lines().any(|l| l == "populated 1"))
-        .unwrap_or(false)
+    Cgroup::at(dir).populated()
 }
 
 /// One handler's process group and cgroup.
@@ -344,72 +343,22 @@ fn allows(u: &User, path: &Path, bits: u32) -> std::io::Result<bool> {
     Ok(granted & bits == bits)
 }
 
-/// Where the cgroup v2 hierarchy is mounted (from /proc/self/mountinfo), if it is.
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-}
-
 /// This server's cgroup for handlers: a child of its own cgroup in the cgroup v2 hierarchy.
 /// None (with a warning) where there is no writable cgroup v2.
 fn make_cgroup_parent() -> Option<PathBuf> {
-    let mount = cgroup2_mount();
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        });
-    let (Some(mount), Some(own)) = (mount, own) else {
+    let Some(base) = cgroup::of_process("self") else {
         warn!("no cgroup v2 hierarchy: handler processes are killed by process group only");
         return None;
     };
-    let base = mount.join(own.trim_start_matches('/'));
-    remove_stale_cgroups(&base);
-    let dir = base.join(format!("xcgi-handlers-{}", std::process::id()));
-    match std::fs::create_dir(&dir) {
-        Ok(()) => Some(dir),
+    for gone in cgroup::remove_stale(&base, "xcgi-handlers-") {
+        info!(cgroup = %gone.display(), "removed a cgroup left by an earlier server");
+    }
+    match Cgroup::create(&base, &format!("xcgi-handlers-{}", std::process::id())) {
+        Ok(c) => Some(c.path().to_path_buf()),
         Err(e) => {
-            warn!(error = %e, cgroup = %dir.display(),
+            warn!(error = %e, cgroup = %base.display(),
                 "cannot make a cgroup for handlers: they are killed by process group only");
             None
-        }
-    }
-}
-
-/// Removes what servers killed without a chance to clean up (SIGKILL) left in `base`: their
-/// `xcgi-handlers-PID` cgroups, once no process is left in them.
-fn remove_stale_cgroups(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("xcgi-handlers-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        if let Ok(children) = std::fs::read_dir(e.path()) {
-            for c in children.flatten().filter(|c| c.path().is_dir()) {
-                let _ = std::fs::write(c.path().join("cgroup.kill"), b"1");
-                let _ = std::fs::remove_dir(c.path());
-            }
-        }
-        if std::fs::remove_dir(e.path()).is_ok() {
-            info!(cgroup = %e.path().display(), "removed a cgroup left by an earlier server");
         }
     }
 }

@@ -7,8 +7,11 @@
 //! - [`confine`]: what a process does to itself once it has opened everything it needs: an
 //!   empty read-only root of its own (`pivot_root`), rlimits, no new privileges, not
 //!   dumpable, an unprivileged uid and gid with no capability left.
+//! - [`cgroup`]: cgroup v2 directories: a parent with controllers for its children, limits,
+//!   kill, events, removal.
 #![warn(missing_docs)]
 
+pub mod cgroup;
 pub mod confine;
 pub mod spawn;
 

@@ -150,6 +150,24 @@ impl PidFd {
         }
     }
 
+    /// The pidfd, to poll (readable once the child has exited); None once reaped.
+    pub fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd()
+    }
+
+    /// Reaps the child if it has exited: its exit code (or 128 + the signal that killed
+    /// it); None while it runs.
+    pub fn try_wait(&mut self) -> io::Result<Option<i32>> {
+        let Some(fd) = self.fd() else {
+            return Err(io::Error::other("the child was already reaped"));
+        };
+        let code = reap(fd, libc::WNOHANG)?;
+        if code.is_some() {
+            self.state = PidState::Reaped;
+        }
+        Ok(code)
+    }
+
     /// Waits, blocking the calling thread, until the child ends and reaps it: its exit code,
     /// or 128 + the signal that killed it. For code outside an async runtime.
     pub fn wait_blocking(&mut self) -> io::Result<i32> {

@@ -32,6 +32,9 @@ enum Command {
     /// Internal: one jailed VM process of `xcgi serve` (`[server] jail`).
     #[command(hide = true)]
     VmmWorker(cmd::jail::WorkerCli),
+    /// Internal: the jail helper of `xcgi serve` (starts its jailed VM processes).
+    #[command(hide = true)]
+    JailHelper,
 }
 
 /// `xcgi run` alone. Building the whole command tree (every subcommand's arguments) is most
@@ -116,5 +119,6 @@ fn dispatch(command: Command, start: std::time::Instant) -> anyhow::Result<i32> 
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::VmmWorker(a) => Ok(cmd::jail::serve_worker(a)),
+        Command::JailHelper => Ok(xcgi_gateway::exec::jailed::helper_main()),
     }
 }

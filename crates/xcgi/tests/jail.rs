@@ -338,20 +338,27 @@ fn a_jailed_vm_process_killed_mid_request_is_a_502_and_the_server_goes_on() {
         assert!(t.elapsed() < Duration::from_secs(20), "never ready");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The server's jail helper (root, its child) starts the VM processes.
+    let helper = all_pids()
+        .into_iter()
+        .find(|&p| {
+            status_field(p, "PPid") == server_pid.to_string()
+                && std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"jail-helper"))
+        })
+        .expect("no jail helper under the server");
     assert!(
         all_pids()
             .into_iter()
-            .any(|p| status_field(p, "PPid") == server_pid.to_string()
+            .any(|p| status_field(p, "PPid") == helper.to_string()
                 && status_field(p, "Uid").starts_with("3000000")),
         "ready without a jailed VM process waiting"
     );
     let first = curl(&url);
     // The launched worker: a process of the jail's range with a vCPU thread.
-    // (Started by one of the server's threads: its PPid is the server, but it is not in the
-    // main thread's children file.)
     let jailed_with_vcpu = || {
         all_pids().into_iter().find(|&c| {
-            status_field(c, "PPid") == server_pid.to_string()
+            status_field(c, "PPid") == helper.to_string()
                 && status_field(c, "Uid").starts_with("3000000")
                 && status_field(c, "Threads").parse::<u32>().unwrap_or(0) >= 2
         })
@@ -398,6 +405,10 @@ fn a_jailed_vm_process_killed_mid_request_is_a_502_and_the_server_goes_on() {
         .filter(|&p| status_field(p, "Uid").starts_with("3000000"))
         .collect();
     assert!(left.is_empty(), "jailed processes left: {left:?}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{helper}")).exists(),
+        "the jail helper outlived the server"
+    );
 }
 
 /// A child killed if a failed assertion leaves it running.

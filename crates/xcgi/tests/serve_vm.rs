@@ -28,7 +28,8 @@ const PRELUDE: &str = r#"
     stop_server() { kill -TERM $(cat "$1.pid"); wait $(cat "$1.pid"); echo "rc=$?"; }
     code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
     count_xcgi() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat "$c" 2>/dev/null)" = xcgi ] && n=$((n+1)); done; echo $n; }
-    leftovers() { echo "netns=[$(ls /run/netns 2>/dev/null | tr '\n' ' ')] taps=[$(ip -o link show | grep -c xcgi)] vmms=$(count_xcgi) workdirs=$(ls -d /tmp/xcgi-serve-* 2>/dev/null | wc -l)"; }
+    count_jailed() { n=0; for s in /proc/[0-9]*/status; do grep -q '^Uid:.*3000000' "$s" 2>/dev/null && n=$((n+1)); done; echo $n; }
+    leftovers() { echo "netns=[$(ls /run/netns 2>/dev/null | tr '\n' ' ')] taps=[$(ip -o link show | grep -c xcgi)] vmms=$(count_xcgi) workdirs=$(ls -d /tmp/xcgi-serve-* 2>/dev/null | wc -l) cgroups=$(ls -d /sys/fs/cgroup/xcgi-* 2>/dev/null | wc -l) jailed=$(count_jailed)"; }
     metric() { curl -s "http://$1/_xcgi/metrics" | grep "^$2 " | cut -d' ' -f2; }
 "#;
 
@@ -99,7 +100,7 @@ fn with_main_server(body: &str, timeout: Duration) -> common::Ran {
     let stop = section(&r.output, "stop");
     assert_eq!(rc(stop), 0, "{stop}");
     assert!(
-        stop.contains("after: netns=[] taps=[0] vmms=0 workdirs=0"),
+        stop.contains("after: netns=[] taps=[0] vmms=0 workdirs=0 cgroups=0 jailed=0"),
         "nothing left:\n{stop}"
     );
     r
@@ -256,6 +257,7 @@ kernel = "$K"
 concurrency = 1
 queue = 1
 queue_timeout_ms = 60000
+jail = false
 [[route]]
 prefix = "/cgi"
 handler = "$CGI"
@@ -300,9 +302,11 @@ EOF
     assert!(s.contains("streamed_ticks=20"), "drained, not cut:\n{s}");
     assert_eq!(rc(s), 0, "{s}");
     assert!(
-        s.contains("after: netns=[] taps=[0] vmms=0 workdirs=0"),
+        s.contains("after: netns=[] taps=[0] vmms=0 workdirs=0 cgroups=0 jailed=0"),
         "{s}"
     );
+    // jail = false: the VMs ran as threads of the server (no VM process was started).
+    assert!(!s.contains("jailed VM process"), "{s}");
 }
 
 #[test]
@@ -522,21 +526,29 @@ EOF
     assert_eq!(rc(s), 0, "{s}");
 }
 
-/// `[server] jail = true`: every VM in a jailed process of its own (crates/gateway/src/exec/
-/// jailed.rs). The CGI semantics hold; the VM processes run as users of the jail's range
-/// under their filters (first in log mode: the kernel logs any call outside a list, and none
-/// may be; the console channel's RX thread is exercised here); a crash is a 502, a deadline a
-/// 504; nothing is left after SIGTERM.
+/// The jail (on by default): every VM in a jailed process of its own (crates/gateway/src/exec/
+/// jailed.rs) in a cgroup of its own. The CGI semantics hold; the VM processes run as users of
+/// the jail's range under their filters (log mode: the kernel logs any call outside a list,
+/// and none may be; the console channel's RX thread is exercised here); each has its route's
+/// memory.max and pids.max; a guest that makes its VM process pass memory.max gets it
+/// OOM-killed: a 502 naming the OOM killer, and the server keeps serving; a crash is a 502, a
+/// deadline a 504; no VM process, uid or cgroup is left after SIGTERM.
 #[test]
 fn jailed_vm_processes_serve_cgi_requests() {
     let files = main_files();
     let refs: Vec<(&std::path::Path, &str)> =
         files.iter().map(|(p, n)| (p.as_path(), *n)).collect();
-    let server = MAIN_SERVER.replace("concurrency = 2\n", "concurrency = 2\njail = true\n");
+    // A guest of 384 MiB whose VM process may have 128 MiB: touching 300 MiB passes it.
+    let server = MAIN_SERVER.replace(
+        "EOF\n        start_server main",
+        "[[route]]\nprefix = \"/oom\"\nhandler = \"$CGI\"\nmemory_mib = 384\n\
+         memory_max_mib = 128\nprepared = 0\ntimeout_ms = 120000\n\
+         EOF\n        start_server main",
+    );
     let script = format!(
         r#"{PRELUDE}
         dmesg -c > /dev/null 2>&1
-        export XCGI_SECCOMP=log
+        export XCGI_SECCOMP=log XCGI_LOG=info,xcgi_gateway::exec::jailed=debug
         {server}
         echo "===jail==="
         curl -s "http://$A/cgi/env/x?a=1" --data-binary 'hello body' | grep -E 'PATH_INFO|body='
@@ -548,15 +560,17 @@ fn jailed_vm_processes_serve_cgi_requests() {
         cmp big.bin big.out && echo "echo300k=same"
         echo "crash=$(code http://$A/cgi/crash)"
         echo "timeout=$(code http://$A/slow/sleep)"
-        n=0; for s in /proc/[0-9]*/status; do grep -q '^Uid:.*3000000' "$s" 2>/dev/null && n=$((n+1)); done
-        echo "jailed_processes=$n"
+        echo "jailed_processes=$(count_jailed)"
+        for c in /sys/fs/cgroup/xcgi-vms-*/vm*; do echo "limits: $(cat $c/memory.max) $(cat $c/pids.max)"; done | sort | uniq -c
+        echo "within=$(curl -s "http://$A/cgi/alloc?64")"
+        echo "oom=$(code "http://$A/oom/alloc?300")"
+        echo "after_oom: $(curl -s http://$A/cgi/persist)"
         echo "logged=$(dmesg | grep -c 'type=1326')"
         dmesg | grep 'type=1326' | head -5
         echo "===end jail==="
         echo "===stop==="
         stop_server main
-        n=0; for s in /proc/[0-9]*/status; do grep -q '^Uid:.*3000000' "$s" 2>/dev/null && n=$((n+1)); done
-        echo "after: $(leftovers) jailed=$n"
+        echo "after: $(leftovers)"
         echo "===end stop==="
         echo "===log==="; cat main.log; echo "===end log==="
 "#
@@ -573,21 +587,54 @@ fn jailed_vm_processes_serve_cgi_requests() {
         "echo300k=same",
         "crash=502",
         "timeout=504",
+        // The prepared VM processes of /cgi, /sh and /go: 128 MiB guests, 1 vCPU.
+        &format!("limits: {} 9", (128 + 48) << 20),
+        "within=touched 64 MiB",
+        "oom=502",
+        "after_oom: before=no created=yes",
         "logged=0",
     ] {
         assert!(j.contains(want), "{want} missing:\n{j}\n{}", r.output);
     }
-    // The prepared ones (the /sh and /go routes keep one each) wait as jailed users.
     let n: usize = j
         .lines()
         .find_map(|l| l.strip_prefix("jailed_processes="))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(n >= 1, "no jailed VM process:\n{j}");
+    let log = section(&r.output, "log");
+    assert!(
+        log.contains("OOM killer") && log.contains("memory.max (128 MiB"),
+        "the 502's log line does not say why:\n{log}"
+    );
+    // What a 128 MiB guest's VM process had charged at most (the measure behind
+    // VM_OVERHEAD_MIB), from the debug lines of the reaped VM processes of /cgi.
+    let peaks: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("VM process reaped"))
+        .filter(|l| l.contains(&format!("memory_max={}", (128 + 48) << 20)))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("memory_peak="))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect();
+    assert!(!peaks.is_empty(), "no memory_peak in the log:\n{log}");
+    let max = peaks.iter().max().copied().unwrap_or(0);
+    eprintln!(
+        "VM process memory.peak, 128 MiB guests: max {:.1} MiB over {} VM processes (guest + {:.1} MiB)",
+        max as f64 / 1048576.0,
+        peaks.len(),
+        max as f64 / 1048576.0 - 128.0
+    );
+    assert!(
+        max < (128 + 48) << 20,
+        "a VM process came close to its memory.max"
+    );
     let stop = section(&r.output, "stop");
     assert_eq!(rc(stop), 0, "{stop}");
     assert!(
-        stop.contains("after: netns=[] taps=[0] vmms=0 workdirs=0 jailed=0"),
+        stop.contains("after: netns=[] taps=[0] vmms=0 workdirs=0 cgroups=0 jailed=0"),
         "nothing left:\n{stop}\n{}",
         r.output
     );
@@ -629,8 +676,7 @@ EOF
         echo "logged=$(dmesg | grep -c 'type=1326')"
         dmesg | grep 'type=1326' | head -5
         stop_server h
-        n=0; for s in /proc/[0-9]*/status; do grep -q '^Uid:.*3000000' "$s" 2>/dev/null && n=$((n+1)); done
-        echo "after: $(leftovers) jailed=$n"
+        echo "after: $(leftovers)"
         echo "===end http==="
         cat h.log
     "#
@@ -646,7 +692,7 @@ EOF
         "body1=[Hello from a fresh VM!]",
         "body2=[Hello from a fresh VM!]",
         "logged=0",
-        "after: netns=[] taps=[0] vmms=0 workdirs=0 jailed=0",
+        "after: netns=[] taps=[0] vmms=0 workdirs=0 cgroups=0 jailed=0",
     ] {
         assert!(s.contains(want), "{want} missing:\n{s}\n{}", r.output);
     }

@@ -1380,16 +1380,7 @@ impl Gauges {
 
 /// Where the server with `pid` keeps its handlers' cgroups (whether or not it made it).
 fn handlers_cgroup(pid: u32) -> Option<PathBuf> {
-    let mount = xcgi_gateway::jail::cgroup2_mount()?;
-    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("0::").map(str::to_string))?;
-    Some(
-        mount
-            .join(own.trim_start_matches('/'))
-            .join(format!("xcgi-handlers-{pid}")),
-    )
+    Some(xcgi_jail::cgroup::of_process(&pid.to_string())?.join(format!("xcgi-handlers-{pid}")))
 }
 
 /// The handler cgroups (`h*`) under `dir` that hold a process. (An empty one is kept for the

@@ -11,6 +11,7 @@ pub mod jailed;
 mod process;
 mod vm;
 mod vm_cgi;
+pub mod vm_cgroup;
 mod vm_http;
 
 use std::path::PathBuf;

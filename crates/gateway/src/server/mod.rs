@@ -438,29 +438,55 @@ fn wire_executors(
 }
 
 /// `[server] jail`: each VM route gets jailed VM processes (`prepared` of them kept ready),
-/// all drawing their users from one uid range.
+/// all started by one helper (the one process that keeps the privileges this takes), which is
+/// sealed once every route's template is registered.
 fn start_jailed(cfg: &Config, routes: &mut [ServedRoute]) -> Result<(), ServeError> {
+    use crate::exec::jailed::{Helper, HelperSettings, Workers};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(ServeError::VmJail(
-            "[server] jail needs root (namespaces, pivot_root, a change of user)".into(),
+            "[server] jail needs root (namespaces, pivot_root, a change of user): run xcgi \
+             serve as root, or set [server] jail = false (VMs as threads of the server: \
+             development only)"
+                .into(),
         ));
     }
     let program = std::env::current_exe()
         .map_err(|e| ServeError::VmJail(format!("finding the xcgi binary: {e}")))?;
-    let uids = crate::exec::jailed::UidRange::new(cfg.server.jail_uid_base, cfg.server.jail_uids);
-    let settings = crate::exec::jailed::JailSettings { program };
+    let helper = Helper::start(&HelperSettings {
+        program,
+        uid_base: cfg.server.jail_uid_base,
+        uid_count: cfg.server.jail_uids,
+        cgroup_parent: cfg.server.cgroup_parent.clone(),
+    })
+    .map_err(|e| ServeError::VmJail(format!("starting the jail helper: {e}")))?;
     for r in routes.iter_mut() {
         let prepared = r.route.prepared;
+        let limits = vm_limits(&r.route);
         if let Some(spec) = &mut r.spec {
-            let w = crate::exec::jailed::Workers::start(spec, settings.clone(), &uids, prepared)
-                .map_err(|e| {
-                    ServeError::VmJail(format!("starting the jailed VM processes: {e}"))
-                })?;
+            let w = Workers::start(spec, &helper, limits, prepared).map_err(|e| {
+                ServeError::VmJail(format!("starting the jailed VM processes: {e}"))
+            })?;
             spec.jail = Some(w);
         }
     }
+    helper
+        .seal()
+        .map_err(|e| ServeError::VmJail(format!("sealing the jail helper: {e}")))?;
     Ok(())
+}
+
+/// A route's VM processes' cgroup limits: its keys, or the defaults they document.
+fn vm_limits(r: &crate::config::Route) -> crate::exec::vm_cgroup::VmLimits {
+    use crate::exec::vm_cgroup::{VmLimits, VM_OVERHEAD_MIB};
+    VmLimits {
+        memory_max: r
+            .memory_max_mib
+            .unwrap_or(r.memory_mib + VM_OVERHEAD_MIB)
+            .saturating_mul(1 << 20),
+        pids_max: r.pids_max.unwrap_or(8 + u32::from(r.vcpus)),
+        cpu_percent: r.cpu_percent,
+    }
 }
 
 /// One pool of VMs prepared ahead per machine shape: routes of the same shape share it (its

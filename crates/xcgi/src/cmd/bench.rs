@@ -61,7 +61,8 @@ struct SetupArgs {
     net: bool,
     /// Also measure the request path of a VM prepared ahead (as `xcgi serve` keeps them): in
     /// this process, `prepare` a VM (untimed), then time `launch` with a CGI channel device
-    /// to the point of the first KVM_RUN.
+    /// to the point of the first KVM_RUN; as root, also that of a prepared jailed VM process
+    /// (the server's default) against the in-process launch, as `xcgi bench jail` does.
     #[arg(long)]
     prepared: bool,
     /// Also write the medians as an SVG chart (setup time against memory size, log-log).
@@ -287,6 +288,16 @@ fn setup(s: SetupArgs) -> anyhow::Result<i32> {
     }
     if s.prepared {
         failed |= prepared_table(&s, huge_ok, &mut plotted);
+        // The server's default: the prepared VM in a jailed process of its own.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            if let Err(e) = super::bench_jail::jail_table(&s.m) {
+                println!("jailed request path: failed: {e:#}");
+                failed = true;
+            }
+        } else {
+            println!("# jailed request path: skipped (needs root: xcgi bench jail)");
+        }
     }
     if let Some(path) = &s.svg {
         write_setup_chart(path, plotted)?;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use xcgi_gateway::exec::jailed::{JailSettings, UidRange, Workers};
+use xcgi_gateway::exec::jailed::{Helper, HelperSettings, Workers};
+use xcgi_gateway::exec::vm_cgroup::{VmLimits, VM_OVERHEAD_MIB};
 use xcgi_gateway::exec::{GuestRoot, VmSpec};
 
 #[derive(clap::Args)]
@@ -66,16 +67,35 @@ pub fn jail(a: JailArgs) -> anyhow::Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("xcgi bench jail needs root (it starts jailed VM processes)");
     }
+    jail_table(&a.m)?;
+    Ok(0)
+}
+
+/// The jail's table (also printed by `xcgi bench setup --prepared` as root): a row per
+/// memory size, the jailed and the in-process request path measured in the same run.
+pub(super) fn jail_table(m: &super::bench::Machines) -> anyhow::Result<()> {
+    println!(
+        "# request path of a prepared jailed VM process (hand-off over its control socket, launch to the first KVM_RUN) against the same launch in-process, {} runs each",
+        m.runs
+    );
     let program = std::env::current_exe().context("the xcgi binary")?;
-    let uids = UidRange::new(3_100_000_000, 64);
+    // As the server starts them: through a jail helper, a cgroup per VM process with its
+    // limits set (warned about where cgroup v2 is missing).
+    let helper = Helper::start(&HelperSettings {
+        program,
+        uid_base: 3_100_000_000,
+        uid_count: 64,
+        cgroup_parent: None,
+    })
+    .context("starting the jail helper")?;
     println!(
         "| memory | jailed request path (median, p90) | of it: hand-off | in-process request path (median) | cold jailed start (median, p90) | waiting VM process RSS / anon / file KiB |"
     );
     println!("|---|---|---|---|---|---|");
-    for &mem in &a.m.mem {
+    for &mem in &m.mem {
         let spec = VmSpec {
-            kernel: a.m.kernel.clone(),
-            root: GuestRoot::Initramfs(a.m.initramfs.clone()),
+            kernel: m.kernel.clone(),
+            root: GuestRoot::Initramfs(m.initramfs.clone()),
             memory_mib: mem,
             hugepages: false,
             vcpus: 1,
@@ -87,16 +107,18 @@ pub fn jail(a: JailArgs) -> anyhow::Result<i32> {
         let shape = spec.shape();
         let workers = Workers::start(
             &spec,
-            JailSettings {
-                program: program.clone(),
+            &helper,
+            VmLimits {
+                memory_max: (mem + VM_OVERHEAD_MIB) << 20,
+                pids_max: 9,
+                cpu_percent: None,
             },
-            &uids,
             0,
         )?;
         let (mut handoff, mut cold, mut local) = (Vec::new(), Vec::new(), Vec::new());
         let mut message = Vec::new();
         let (mut rss, mut anon, mut file) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..a.m.runs {
+        for _ in 0..m.runs {
             let t = Instant::now();
             let w = workers
                 .bench_start()
@@ -126,5 +148,5 @@ pub fn jail(a: JailArgs) -> anyhow::Result<i32> {
             median(file),
         );
     }
-    Ok(0)
+    Ok(())
 }

@@ -9,12 +9,13 @@
 
 use std::ffi::OsString;
 use std::io::Read;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
+use xcgi_gateway::exec::vm_cgroup::{VmCgroups, VmLimits, VM_OVERHEAD_MIB};
 use xcgi_jail::{ChildSetup, Command, Stdio};
 use xcgi_vmm::Attachments;
 
@@ -52,9 +53,24 @@ pub fn parent(a: &Args) -> anyhow::Result<i32> {
         namespaces: NAMESPACES as u64,
         ..ChildSetup::default()
     };
+    // Its cgroup, as the server makes one per VM process: guest memory plus the VM process's
+    // own as memory.max (none where cgroup v2 is missing: warned about).
+    let cgroup = match VmCgroups::new(None) {
+        Some(c) => Some(c.make(&VmLimits {
+            memory_max: (a.mem + VM_OVERHEAD_MIB) << 20,
+            pids_max: 8 + u32::from(a.vcpus),
+            cpu_percent: None,
+        })?),
+        None => None,
+    };
+    let cgroup_dir = match &cgroup {
+        Some(c) => Some(std::fs::File::open(c.path()).context("opening the VM process's cgroup")?),
+        None => None,
+    };
     let cmd = Command {
         args: &args,
         stdio: Stdio::Piped,
+        cgroup: cgroup_dir.as_ref().map(|f| f.as_fd()),
         ..Command::new(&exe, &env, &cwd, &setup)
     };
     // A stop signal kills the VM process (its pid known once it is started).
@@ -89,6 +105,13 @@ pub fn parent(a: &Args) -> anyhow::Result<i32> {
     if sig != 0 {
         eprintln!("xcgi: stopped by signal {sig}; the jailed VM process was killed");
         return Ok(128 + sig);
+    }
+    if let Some(max) = cgroup.as_ref().and_then(|c| c.oom_killed()) {
+        eprintln!(
+            "xcgi: the jailed VM process was killed by the kernel's OOM killer: it reached its \
+             cgroup's memory.max ({} MiB)",
+            max >> 20
+        );
     }
     if code == 128 + libc::SIGSYS {
         eprintln!(

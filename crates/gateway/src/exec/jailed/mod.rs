@@ -19,22 +19,24 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use xcgi_jail::{ChildSetup, Command, PidFd, Stdio};
-use xcgi_vmm::{Attachments, NetAttachment, RunOptions};
+use xcgi_vmm::{Attachments, RunOptions};
+
+mod helper;
+mod wire;
+mod worker;
+
+pub use helper::{helper_main, Exit, ExitSlot, Helper, HelperSettings};
+
+use wire::{recv, send, seqpacket_pair};
+pub use worker::{confine_vm_process, worker_main, WorkerArgs};
 
 use super::vm::{GuestRoot, VmEnd, VmSpec};
-
-/// Where jailed VM processes come from.
-#[derive(Debug, Clone)]
-pub struct JailSettings {
-    /// The xcgi binary (its `vmm-worker` subcommand).
-    pub program: PathBuf,
-}
+use super::vm_cgroup::VmLimits;
 
 /// Why a jailed VM process could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -51,56 +53,45 @@ pub enum WorkerError {
     /// It ended before it was ready.
     #[error("the jailed VM process ended before it was ready: {0}")]
     NotReady(String),
-}
-
-/// The uids of the range not in use.
-#[derive(Debug)]
-struct Uids {
-    free: Mutex<Vec<u32>>,
-    count: u32,
-}
-
-impl Uids {
-    fn take(&self) -> Result<u32, WorkerError> {
-        self.free
-            .lock()
-            .ok()
-            .and_then(|mut f| f.pop())
-            .ok_or(WorkerError::NoUid(self.count))
-    }
-
-    fn give_back(&self, uid: u32) {
-        if let Ok(mut f) = self.free.lock() {
-            f.push(uid);
-        }
-    }
+    /// Its cgroup could not be made or opened.
+    #[error("cannot make the jailed VM process's cgroup: {0}")]
+    Cgroup(io::Error),
+    /// The jail helper refused or failed (its words).
+    #[error("{0}")]
+    Helper(String),
 }
 
 /// One started worker: ready (or about to be) for one VM.
 #[derive(Debug)]
 struct Worker {
     pid: libc::pid_t,
-    pidfd: PidFd,
     control: OwnedFd,
-    uid: u32,
-    uids: Arc<Uids>,
+    /// Its end, said by the helper once it has reaped it.
+    exit: Arc<ExitSlot>,
+    helper: Arc<Helper>,
+}
+
+impl Worker {
+    /// Kills it (if still alive) and waits until the helper has reaped it, freed its uid and
+    /// removed its cgroup.
+    fn end(&self) -> Exit {
+        self.helper.kill(self.pid);
+        self.exit.wait()
+    }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        // Killed (if still alive) and reaped before its uid can serve another worker.
-        self.pidfd.signal(libc::SIGKILL);
-        let _ = self.pidfd.wait_blocking();
-        self.uids.give_back(self.uid);
+        self.end();
     }
 }
 
 /// A route's jailed VM processes: `target` kept ready, more started on demand.
 #[derive(Debug)]
 pub struct Workers {
-    settings: JailSettings,
-    args: Vec<OsString>,
-    uids: Arc<Uids>,
+    helper: Arc<Helper>,
+    /// The helper's template for this route's VM processes.
+    template: u32,
     ready: Mutex<VecDeque<Worker>>,
     wake: Condvar,
     target: usize,
@@ -117,13 +108,14 @@ pub struct Workers {
 const FAILING_AFTER: u32 = 3;
 
 impl Workers {
-    /// Workers for `spec`'s machine, `target` of them kept ready by a thread of their own.
+    /// Workers for `spec`'s machine, started by `helper`, each in a cgroup with `limits`,
+    /// `target` of them kept ready by a thread of their own.
     pub fn start(
         spec: &VmSpec,
-        settings: JailSettings,
-        uids: &Arc<UidRange>,
+        helper: &Arc<Helper>,
+        limits: VmLimits,
         target: usize,
-    ) -> io::Result<Arc<Workers>> {
+    ) -> Result<Arc<Workers>, WorkerError> {
         // The VM process starts in "/": every path absolute.
         let abs = |p: &Path| std::path::absolute(p).map(OsString::from);
         let mut args: Vec<OsString> = vec!["vmm-worker".into(), "--kernel".into()];
@@ -141,10 +133,10 @@ impl Workers {
         if spec.hugepages {
             args.push("--hugepages".into());
         }
+        let template = helper.register(&args, &limits)?;
         let w = Arc::new(Workers {
-            settings,
-            args,
-            uids: Arc::clone(&uids.0),
+            helper: Arc::clone(helper),
+            template,
             ready: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             target,
@@ -216,41 +208,15 @@ impl Workers {
 
     /// Starts a worker and waits until it says it is ready.
     fn start_one(&self) -> Result<Worker, WorkerError> {
-        let uid = self.uids.take()?;
         let (ours, theirs) = seqpacket_pair()?;
-        let mut args = self.args.clone();
-        args.extend(["--uid".into(), uid.to_string().into()]);
-        let setup = ChildSetup {
-            namespaces: (libc::CLONE_NEWPID
-                | libc::CLONE_NEWNS
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWNET) as u64,
-            ..ChildSetup::default()
-        };
-        let env = worker_env();
-        let passed = [theirs.as_fd()];
-        let cmd = Command {
-            args: &args,
-            stdio: Stdio::Inherit,
-            pass_fds: &passed,
-            ..Command::new(&self.settings.program, &env, Path::new("/"), &setup)
-        };
-        let spawned = xcgi_jail::spawn(&cmd);
+        let started = self.helper.spawn(self.template, theirs.as_fd());
         drop(theirs);
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                self.uids.give_back(uid);
-                return Err(e.into());
-            }
-        };
+        let started = started?;
         let worker = Worker {
-            pid: child.pid,
-            pidfd: child.pidfd,
+            pid: started.pid,
             control: ours,
-            uid,
-            uids: Arc::clone(&self.uids),
+            exit: started.exit,
+            helper: Arc::clone(&self.helper),
         };
         let mut buf = [0u8; 256];
         match recv(
@@ -341,24 +307,6 @@ impl Workers {
     }
 }
 
-/// The server's uid range for jailed VM processes, shared by every route.
-#[derive(Debug)]
-pub struct UidRange(Arc<Uids>);
-
-impl UidRange {
-    /// `count` uids from `base`.
-    pub fn new(base: u32, count: u32) -> Arc<UidRange> {
-        let free = (0..count)
-            .rev()
-            .filter_map(|i| base.checked_add(i))
-            .collect();
-        Arc::new(UidRange(Arc::new(Uids {
-            free: Mutex::new(free),
-            count,
-        })))
-    }
-}
-
 fn end(description: String) -> VmEnd {
     VmEnd {
         description,
@@ -367,8 +315,8 @@ fn end(description: String) -> VmEnd {
 }
 
 /// The worker's environment: the log filter and the seccomp mode only.
-fn worker_env() -> Vec<String> {
-    ["RUST_LOG", "XCGI_SECCOMP"]
+pub(crate) fn worker_env() -> Vec<String> {
+    ["XCGI_LOG", "XCGI_SECCOMP"]
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
         .collect()
@@ -445,7 +393,7 @@ fn hex_mac(mac: &[u8; 6]) -> String {
 }
 
 /// Waits for the worker's report (or its death, or the cancel), then reaps it.
-fn supervise(mut worker: Worker, opts: &RunOptions) -> VmEnd {
+fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
     let mut buf = vec![0u8; 256 << 10];
     let mut report = None;
     loop {
@@ -469,26 +417,35 @@ fn supervise(mut worker: Worker, opts: &RunOptions) -> VmEnd {
     // Done (or gone, or misbehaving): a VM process that reported does nothing more, and one
     // that sent anything else must not keep this thread waiting. Killing one that is
     // already dead changes nothing, its exit status included.
-    worker.pidfd.signal(libc::SIGKILL);
-    let code = worker.pidfd.wait_blocking();
+    let exit = worker.end();
     if let Some(r) = report {
         return r;
     }
     if opts.cancel.is_cancelled() {
         return end("cancelled (the server stopped it)".into());
     }
-    end(match code {
-        Ok(c) if c == 128 + libc::SIGSYS => {
+    end(describe_exit(&exit))
+}
+
+/// Why a VM process that did not report ended.
+fn describe_exit(exit: &Exit) -> String {
+    match (exit.code, exit.oom_max) {
+        (_, Some(max)) => format!(
+            "the jailed VM process was killed by the kernel's OOM killer: it reached its \
+             cgroup's memory.max ({} MiB; raise the route's memory_max_mib)",
+            max >> 20
+        ),
+        (c, None) if c == 128 + libc::SIGSYS => {
             "the jailed VM process was killed by its seccomp filter (SIGSYS): a system call \
              outside its allow-list"
                 .into()
         }
-        Ok(c) if c == 128 + libc::SIGKILL => {
-            "the jailed VM process was killed (SIGKILL: out of memory in its cgroup?)".into()
+        (c, None) if c == 128 + libc::SIGKILL => {
+            "the jailed VM process was killed (SIGKILL)".into()
         }
-        Ok(c) => format!("the jailed VM process ended (status {c}) without reporting"),
-        Err(e) => format!("the jailed VM process could not be waited for: {e}"),
-    })
+        (-1, None) => "the jailed VM process's end is unknown: the jail helper is gone".into(),
+        (c, None) => format!("the jailed VM process ended (status {c}) without reporting"),
+    }
 }
 
 /// The worker's report. It comes from a process that ran the guest, so it is as untrusted
@@ -515,259 +472,6 @@ fn parse_report(b: &[u8]) -> VmEnd {
 
 /// Lines of a jailed VM process's debug dump that reach the log.
 const DUMP_LINES: usize = 400;
-
-/// The worker's side: `xcgi vmm-worker --kernel K (--initramfs P | --rootfs P) --mem M
-/// --vcpus N [--hugepages] --uid U`, started by [`Workers`] with its control socket as fd 3.
-/// Returns the process's exit code.
-pub fn worker_main(args: &WorkerArgs) -> i32 {
-    // SAFETY: a descriptor the server passed as fd 3, ours alone.
-    let control = unsafe { OwnedFd::from_raw_fd(3) };
-    // Nothing else the server had open comes along.
-    xcgi_jail::close_from(4);
-    match worker_steps(args, control.as_fd()) {
-        Ok(()) => 0,
-        Err(e) => {
-            let _ = send(control.as_fd(), format!("E{e}").as_bytes(), &[]);
-            tracing::error!("jailed VM process: {e}");
-            1
-        }
-    }
-}
-
-/// What the server tells `xcgi vmm-worker` on its command line.
-#[derive(Debug, Clone)]
-pub struct WorkerArgs {
-    /// The machine.
-    pub spec: VmSpec,
-    /// The uid and gid to drop to.
-    pub uid: u32,
-}
-
-fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String> {
-    let t0 = Instant::now();
-    let shape = args.spec.shape();
-    let prepared = xcgi_vmm::prepare(&shape, t0).map_err(|e| format!("building the VM: {e}"))?;
-    confine_vm_process(shape.vcpus, args.uid)?;
-    silence_stdio().map_err(|e| format!("detaching stdio: {e}"))?;
-    send(control, b"R", &[]).map_err(|e| format!("saying ready: {e}"))?;
-    let mut buf = vec![0u8; 8192];
-    let (n, fds) = recv(control, &mut buf, None)
-        .map_err(|e| format!("waiting for a request: {e}"))?
-        .ok_or("the server went away")?;
-    let got_ns = xcgi_vmm::vm::monotonic_ns();
-    if n == 0 || buf[0] != b'L' {
-        return Err("the server closed the control socket".into());
-    }
-    let (attach, opts) = parse_launch(&buf[1..n], fds)?;
-    let (launched, launched_ns) = (Instant::now(), xcgi_vmm::vm::monotonic_ns());
-    let r = xcgi_vmm::launch(prepared, &attach, &opts, launched, None);
-    let mut end = VmEnd::from_run(&r);
-    if let (true, Ok(out)) = (opts.setup_only, &r) {
-        // `xcgi bench jail`: when the VM was ready for its first KVM_RUN (CLOCK_MONOTONIC,
-        // ns; the launch's own measure, before the setup-only VM was torn down).
-        let ready_ns = launched_ns + out.timings.setup.as_nanos();
-        end.description = format!("setup-only got_ns={got_ns} ready_ns={ready_ns}");
-    }
-    let mut msg = format!("E{}", end.description.replace('\0', " ")).into_bytes();
-    if let Some(d) = &end.dump {
-        msg.push(0);
-        msg.extend_from_slice(d.as_bytes());
-    }
-    msg.truncate(200 << 10);
-    send(control, &msg, &[]).map_err(|e| format!("reporting the end: {e}"))
-}
-
-/// From here on the guest may run: the VM process's stdin, stdout and stderr (the server's
-/// own log, inherited) become pipes nobody reads or writes, so nothing it writes, compromised
-/// or not, reaches the server's log except through the escaped report.
-fn silence_stdio() -> io::Result<()> {
-    // A read end with no writer (reads see EOF), a write end with no reader (writes fail:
-    // EPIPE, SIGPIPE is ignored).
-    let (r, _) = xcgi_jail::pipe()?;
-    let (_, w) = xcgi_jail::pipe()?;
-    // SAFETY: dup2 onto this process's own 0, 1 and 2.
-    unsafe {
-        if libc::dup2(r.as_raw_fd(), 0) < 0
-            || libc::dup2(w.as_raw_fd(), 1) < 0
-            || libc::dup2(w.as_raw_fd(), 2) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Confines a VM process whose VM is built (steps 3-5 of the jail, docs/security.md) and
-/// sets the seccomp filters its threads install (step 6; `XCGI_SECCOMP=log` logs instead of
-/// killing). Shared by the server's VM processes and `xcgi run --jail`.
-pub fn confine_vm_process(vcpus: u8, uid: u32) -> Result<(), String> {
-    xcgi_jail::confine(&xcgi_jail::Confinement {
-        mount_point: std::env::temp_dir(),
-        uid,
-        gid: uid,
-        limits: vec![
-            (libc::RLIMIT_NOFILE, 128),
-            // Threads count: main, vCPUs, device RX threads.
-            (libc::RLIMIT_NPROC, 8 + u64::from(vcpus)),
-            (libc::RLIMIT_CORE, 0),
-            (libc::RLIMIT_FSIZE, 0),
-        ],
-    })
-    .map_err(|e| e.to_string())?;
-    let mismatch = match std::env::var("XCGI_SECCOMP").as_deref() {
-        Ok("log") => xcgi_vmm::seccomp::Mismatch::Log,
-        _ => xcgi_vmm::seccomp::Mismatch::Kill,
-    };
-    let filters = xcgi_vmm::seccomp::Filters::new(mismatch).map_err(|e| e.to_string())?;
-    xcgi_vmm::seccomp::set_process_filters(filters);
-    Ok(())
-}
-
-fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions), String> {
-    let text = String::from_utf8_lossy(b);
-    let l: Vec<&str> = text.split('\n').collect();
-    if l.len() < 8 {
-        return Err(format!("a launch message of {} lines", l.len()));
-    }
-    let timeout_ms: u64 = l[0].parse().map_err(|_| "a bad deadline")?;
-    let mut fds = fds.into_iter();
-    let channel = (l[2] == "1").then(|| fds.next().map(Arc::new)).flatten();
-    let net = if l[3] == "1" {
-        let tap = fds.next().ok_or("a NIC without its TAP")?;
-        let mut mac = [0u8; 6];
-        for (i, m) in mac.iter_mut().enumerate() {
-            *m = l[4]
-                .get(i * 2..i * 2 + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("a bad MAC address")?;
-        }
-        Some(NetAttachment {
-            tap: Arc::new(tap),
-            mac,
-            ip_param: l[5].to_string(),
-            rx_ready: None,
-        })
-    } else {
-        None
-    };
-    let attach = Attachments {
-        channel,
-        net,
-        cmdline_extra: (!l[6].is_empty()).then(|| l[6].to_string()),
-    };
-    let opts = RunOptions {
-        timeout: Duration::from_millis(timeout_ms),
-        debug_dump: l[1] == "1",
-        setup_only: l[7] == "1",
-        ..RunOptions::default()
-    };
-    Ok((attach, opts))
-}
-
-fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: socketpair writes two new descriptors into fds.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both are new, ours alone.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-const MAX_FDS: usize = 4;
-
-/// One message with up to [`MAX_FDS`] descriptors (SCM_RIGHTS).
-fn send(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    // SAFETY: a zeroed msghdr/cmsg buffer filled below with pointers to live locals.
-    unsafe {
-        let mut iov = libc::iovec {
-            iov_base: data.as_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        let mut cbuf = [0u64; 8];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if !fds.is_empty() {
-            let len = std::mem::size_of_val(fds) as u32;
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(len) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(len) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
-        }
-        if libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// One message and its descriptors; None when `timeout` passed first. Some((0, _)): the
-/// peer closed.
-fn recv(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-    timeout: Option<Duration>,
-) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
-    if let Some(t) = timeout {
-        let mut p = libc::pollfd {
-            fd: sock.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(t.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: polls one descriptor we hold.
-        let r = unsafe { libc::poll(&mut p, 1, ms) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if r == 0 {
-            return Ok(None);
-        }
-    }
-    // SAFETY: recvmsg into buf and a cmsg buffer sized for MAX_FDS descriptors; the
-    // descriptors received are new and become ours.
-    unsafe {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut cbuf = [0u64; 8];
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE((MAX_FDS * 4) as u32) as usize;
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut fds = Vec::new();
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let count = ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / 4;
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                for i in 0..count {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-        Ok(Some((n as usize, fds)))
-    }
-}
 
 #[cfg(test)]
 mod tests {

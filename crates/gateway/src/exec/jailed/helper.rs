@@ -1,0 +1,598 @@
+//! The jail's helper: the one process of a server that keeps the privileges jailing a VM
+//! process takes (new namespaces, a change of user, cgroups), so that the server itself can
+//! run as an unprivileged user (`[server] user`; docs/security.md, "Privileges").
+//!
+//! `xcgi jail-helper` is started by the server while it is still root, with a
+//! `SOCK_SEQPACKET` socket as its fd 3, and does only this, on the server's word:
+//! - at start, before the server seals it: takes the uid range and the cgroup parent (`I`), and
+//!   one template per route (`T`: the `xcgi vmm-worker` arguments and the cgroup limits);
+//!   after the seal (`Z`) no template, range or parent can be added or changed, so a server
+//!   taken over by a client can only ask for the VM processes it was configured with;
+//! - starts a VM process from a template (`S`): a uid of the range, a cgroup with the
+//!   template's limits, new namespaces, the server's control socket as the VM process's fd 3;
+//!   answers with its pid (`s`), or why not (`e`);
+//! - kills one of its VM processes (`K`);
+//! - reaps each that ends, removes its cgroup, frees its uid and says how it ended (`x`);
+//! - when the server goes (its end of the socket closes), kills and reaps every VM process
+//!   left, removes the cgroups and exits.
+//!
+//! Messages (text, fields separated by spaces; a template's arguments by NUL):
+//! - server → helper: `I<uid base> <uid count>\n<cgroup parent or empty>`;
+//!   `T<memory.max bytes> <pids.max> <cpu percent, 0: none>\nvmm-worker\0<arg>\0...`; `Z`;
+//!   `S<request> <template>` + the control socket; `K<pid>`;
+//! - helper → server: `t<template>`; `s<request> <pid>`; `e<request> <why>`;
+//!   `x<pid> <exit code> <memory.max hit by the OOM killer, bytes; 0: none> <memory.peak>`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use xcgi_jail::{ChildSetup, Command, PidFd, Stdio};
+
+use super::wire::{recv, send, seqpacket_pair};
+use super::WorkerError;
+use crate::exec::vm_cgroup::{VmCgroup, VmCgroups, VmLimits};
+
+/// How a VM process the helper started ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Its exit code, or 128 + the signal that killed it; -1: unknown (the helper is gone).
+    pub code: i32,
+    /// The cgroup's `memory.max` when the kernel's OOM killer killed it.
+    pub oom_max: Option<u64>,
+    /// The cgroup's `memory.peak`, bytes (0: unknown).
+    pub memory_peak: u64,
+}
+
+/// Where one VM process's end arrives.
+#[derive(Debug, Default)]
+pub struct ExitSlot {
+    exit: Mutex<Option<Exit>>,
+    ended: Condvar,
+}
+
+impl ExitSlot {
+    fn set(&self, e: Exit) {
+        if let Ok(mut x) = self.exit.lock() {
+            *x = Some(e);
+        }
+        self.ended.notify_all();
+    }
+
+    /// Blocks until the VM process has ended and been reaped by the helper.
+    pub fn wait(&self) -> Exit {
+        let Ok(mut x) = self.exit.lock() else {
+            return GONE;
+        };
+        loop {
+            if let Some(e) = *x {
+                return e;
+            }
+            x = match self.ended.wait(x) {
+                Ok(x) => x,
+                Err(_) => return GONE,
+            };
+        }
+    }
+}
+
+/// What a VM process's end says when the helper is gone.
+const GONE: Exit = Exit {
+    code: -1,
+    oom_max: None,
+    memory_peak: 0,
+};
+
+/// A VM process the helper started.
+#[derive(Debug)]
+pub struct Started {
+    /// Its pid (in the server's PID namespace).
+    pub pid: libc::pid_t,
+    /// Its end.
+    pub exit: Arc<ExitSlot>,
+}
+
+/// Requests waiting for the helper's answer, by id (0: a template).
+type Pending = Mutex<HashMap<u64, mpsc::Sender<Result<Started, String>>>>;
+
+/// The server's side of the helper.
+#[derive(Debug)]
+pub struct Helper {
+    sock: OwnedFd,
+    /// Serialises the server's messages.
+    send_lock: Mutex<()>,
+    pending: Arc<Pending>,
+    next: AtomicU64,
+    /// The helper process: killed and reaped on drop (its end of the socket closing first
+    /// lets it clean up).
+    process: Mutex<Option<PidFd>>,
+    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What the helper is told at start.
+#[derive(Debug, Clone)]
+pub struct HelperSettings {
+    /// The xcgi binary (its `jail-helper` and `vmm-worker` subcommands).
+    pub program: PathBuf,
+    /// The first uid (and gid) of the VM processes' range.
+    pub uid_base: u32,
+    /// How many uids: at most that many VM processes at once.
+    pub uid_count: u32,
+    /// Where the VM processes' cgroups go (None: the server's own cgroup).
+    pub cgroup_parent: Option<PathBuf>,
+}
+
+impl Helper {
+    /// Starts the helper (as root) and tells it the uid range and the cgroup parent.
+    pub fn start(settings: &HelperSettings) -> io::Result<Arc<Helper>> {
+        let (ours, theirs) = seqpacket_pair()?;
+        let args: Vec<OsString> = vec!["jail-helper".into()];
+        let env = super::worker_env();
+        let setup = ChildSetup::default();
+        let passed = [theirs.as_fd()];
+        let cmd = Command {
+            args: &args,
+            stdio: Stdio::Inherit,
+            pass_fds: &passed,
+            ..Command::new(&settings.program, &env, Path::new("/"), &setup)
+        };
+        let child = xcgi_jail::spawn(&cmd).map_err(io::Error::other)?;
+        drop(theirs);
+        let init = format!(
+            "I{} {}\n{}",
+            settings.uid_base,
+            settings.uid_count,
+            settings
+                .cgroup_parent
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        send(ours.as_fd(), init.as_bytes(), &[])?;
+        let reader_sock = ours.try_clone()?;
+        let pending: Arc<Pending> = Arc::default();
+        let p2 = Arc::clone(&pending);
+        let reader = std::thread::Builder::new()
+            .name("xcgi-jail-helper".into())
+            .spawn(move || read_replies(&reader_sock, &p2))?;
+        Ok(Arc::new(Helper {
+            sock: ours,
+            send_lock: Mutex::new(()),
+            pending,
+            next: AtomicU64::new(1),
+            process: Mutex::new(Some(child.pidfd)),
+            reader: Mutex::new(Some(reader)),
+        }))
+    }
+
+    fn send(&self, msg: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let _g = self.send_lock.lock();
+        send(self.sock.as_fd(), msg, fds)
+    }
+
+    /// Registers a template: `args` for `xcgi vmm-worker`, `limits` for its cgroup.
+    /// Answered through the reply channel of request 0.
+    pub fn register(&self, args: &[OsString], limits: &VmLimits) -> Result<u32, WorkerError> {
+        let mut msg = format!(
+            "T{} {} {}\n",
+            limits.memory_max,
+            limits.pids_max,
+            limits.cpu_percent.unwrap_or(0)
+        )
+        .into_bytes();
+        for (i, a) in args.iter().enumerate() {
+            if i > 0 {
+                msg.push(0);
+            }
+            msg.extend_from_slice(a.as_bytes());
+        }
+        let (tx, rx) = mpsc::channel();
+        self.pending_insert(0, tx);
+        self.send(&msg, &[])?;
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(s)) => Ok(s.pid as u32),
+            Ok(Err(e)) => Err(WorkerError::Helper(e)),
+            Err(_) => Err(WorkerError::Helper("no answer to a template".into())),
+        }
+    }
+
+    /// No more templates: from now on the helper starts only what it was given.
+    pub fn seal(&self) -> io::Result<()> {
+        self.send(b"Z", &[])
+    }
+
+    fn pending_insert(&self, id: u64, tx: mpsc::Sender<Result<Started, String>>) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id, tx);
+        }
+    }
+
+    /// Starts a VM process from `template` with `control` as its fd 3.
+    pub fn spawn(&self, template: u32, control: BorrowedFd<'_>) -> Result<Started, WorkerError> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.pending_insert(id, tx);
+        self.send(
+            format!("S{id} {template}").as_bytes(),
+            &[control.as_raw_fd()],
+        )?;
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(WorkerError::Helper(e)),
+            Err(_) => {
+                if let Ok(mut p) = self.pending.lock() {
+                    p.remove(&id);
+                }
+                Err(WorkerError::Helper(
+                    "no answer within 30 s (is the jail helper alive?)".into(),
+                ))
+            }
+        }
+    }
+
+    /// Kills a VM process it started (nothing if it has ended).
+    pub fn kill(&self, pid: libc::pid_t) {
+        let _ = self.send(format!("K{pid}").as_bytes(), &[]);
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        // Its end of the socket sees EOF: it kills what is left, removes the cgroups, exits.
+        // SAFETY: shutdown(2) on our socket; the descriptor stays ours.
+        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(mut p) = self.process.lock().ok().and_then(|mut p| p.take()) {
+            let t = std::time::Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if !matches!(p.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            // Dropped: killed and reaped if it has not exited.
+        }
+        if let Some(r) = self.reader.lock().ok().and_then(|mut r| r.take()) {
+            let _ = r.join();
+        }
+    }
+}
+
+/// The server's reader: answers to their requests, ends to their VM processes.
+fn read_replies(sock: &OwnedFd, pending: &Pending) {
+    let mut exits: HashMap<libc::pid_t, Arc<ExitSlot>> = HashMap::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match recv(sock.as_fd(), &mut buf, None) {
+            Ok(Some((n, _))) if n > 0 => n,
+            _ => break, // the helper is gone
+        };
+        let text = String::from_utf8_lossy(&buf[1..n]).into_owned();
+        let mut f = text.split(' ');
+        let mut num = || f.next().and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+        let reply_to = |id: i64, r: Result<Started, String>| {
+            let tx = pending
+                .lock()
+                .ok()
+                .and_then(|mut p| p.remove(&u64::try_from(id).unwrap_or(u64::MAX)));
+            if let Some(tx) = tx {
+                let _ = tx.send(r);
+            }
+        };
+        match buf[0] {
+            b't' => {
+                let id = num();
+                reply_to(
+                    0,
+                    Ok(Started {
+                        pid: id as libc::pid_t,
+                        exit: Arc::default(),
+                    }),
+                );
+            }
+            b's' => {
+                let (id, pid) = (num(), num() as libc::pid_t);
+                let slot: Arc<ExitSlot> = Arc::default();
+                exits.insert(pid, Arc::clone(&slot));
+                reply_to(id, Ok(Started { pid, exit: slot }));
+            }
+            b'e' => {
+                let (id, why) = text.split_once(' ').unwrap_or((&text, ""));
+                reply_to(id.parse().unwrap_or(-1), Err(why.to_string()));
+            }
+            b'x' => {
+                let (pid, code, oom, peak) = (num() as libc::pid_t, num(), num(), num());
+                if let Some(slot) = exits.remove(&pid) {
+                    slot.set(Exit {
+                        code: code as i32,
+                        oom_max: (oom > 0).then_some(oom as u64),
+                        memory_peak: peak.max(0) as u64,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    // Gone: nothing more will be answered or reaped.
+    for (_, slot) in exits.drain() {
+        slot.set(GONE);
+    }
+    if let Ok(mut p) = pending.lock() {
+        for (_, tx) in p.drain() {
+            let _ = tx.send(Err("the jail helper is gone".into()));
+        }
+    }
+}
+
+/// One VM process of the helper.
+struct Child {
+    pidfd: PidFd,
+    uid: u32,
+    /// Removed (dropped) after the process is reaped.
+    cgroup: Option<VmCgroup>,
+}
+
+/// The helper's state.
+struct State {
+    sock: OwnedFd,
+    templates: Vec<(Vec<OsString>, VmLimits)>,
+    sealed: bool,
+    free_uids: Vec<u32>,
+    uid_count: u32,
+    cgroups: Option<Arc<VmCgroups>>,
+    children: HashMap<libc::pid_t, Child>,
+}
+
+/// `xcgi jail-helper`: serves the server on fd 3 until it goes. Returns the exit code.
+pub fn helper_main() -> i32 {
+    // SAFETY: the socket the server passed as fd 3, ours alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(3) };
+    xcgi_jail::close_from(4);
+    // Not killed with the server's process group by a terminal's ^C: it ends when the
+    // server's end of the socket closes, after cleaning up.
+    // SAFETY: setsid(2) has no preconditions.
+    unsafe { libc::setsid() };
+    let mut st = State {
+        sock,
+        templates: Vec::new(),
+        sealed: false,
+        free_uids: Vec::new(),
+        uid_count: 0,
+        cgroups: None,
+        children: HashMap::new(),
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut polled: Vec<libc::pollfd> = vec![libc::pollfd {
+            fd: st.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let pids: Vec<libc::pid_t> = st.children.keys().copied().collect();
+        for pid in &pids {
+            let fd = st.children[pid].pidfd.as_fd().map_or(-1, |f| f.as_raw_fd());
+            polled.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: polls descriptors held in `st` for the duration of the call.
+        let r = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        for (i, pid) in pids.iter().enumerate() {
+            if polled[i + 1].revents != 0 {
+                st.reap(*pid);
+            }
+        }
+        if polled[0].revents != 0 {
+            match recv(st.sock.as_fd(), &mut buf, None) {
+                Ok(Some((n, fds))) if n > 0 => st.handle(&buf[..n], fds),
+                _ => break, // the server is gone
+            }
+        }
+    }
+    // The server is gone: so is every VM process it had.
+    let pids: Vec<libc::pid_t> = st.children.keys().copied().collect();
+    for pid in pids {
+        if let Some(c) = st.children.get(&pid) {
+            c.pidfd.signal(libc::SIGKILL);
+        }
+        if let Some(mut c) = st.children.remove(&pid) {
+            let _ = c.pidfd.wait_blocking();
+        }
+    }
+    drop(st);
+    0
+}
+
+impl State {
+    fn reply(&self, msg: &str, fds: &[RawFd]) {
+        let _ = send(self.sock.as_fd(), msg.as_bytes(), fds);
+    }
+
+    fn handle(&mut self, msg: &[u8], fds: Vec<OwnedFd>) {
+        let text = String::from_utf8_lossy(&msg[1..]).into_owned();
+        match msg[0] {
+            b'I' if !self.sealed => self.init(&text),
+            b'T' if !self.sealed => match parse_template(&msg[1..]) {
+                Some(t) => {
+                    self.templates.push(t);
+                    self.reply(&format!("t{}", self.templates.len() - 1), &[]);
+                }
+                None => self.reply("e0 a template the helper cannot read", &[]),
+            },
+            b'Z' => self.sealed = true,
+            b'S' => {
+                let mut f = text.split(' ');
+                let id = f.next().unwrap_or("0").to_string();
+                let template = f.next().and_then(|t| t.parse::<usize>().ok());
+                let r = match (template, fds.into_iter().next()) {
+                    (Some(t), Some(control)) if t < self.templates.len() => self.start(t, control),
+                    _ => Err("a start request the helper cannot read".into()),
+                };
+                match r {
+                    Ok(pid) => self.reply(&format!("s{id} {pid}"), &[]),
+                    Err(e) => self.reply(&format!("e{id} {e}"), &[]),
+                }
+            }
+            b'K' => {
+                let pid = text.parse::<libc::pid_t>().unwrap_or(0);
+                if let Some(c) = self.children.get(&pid) {
+                    c.pidfd.signal(libc::SIGKILL);
+                }
+            }
+            _ => tracing::warn!("jail helper: a message it does not take"),
+        }
+    }
+
+    fn init(&mut self, text: &str) {
+        let (range, parent) = text.split_once('\n').unwrap_or((text, ""));
+        let mut f = range.split(' ').map(|v| v.parse::<u32>().unwrap_or(0));
+        let (base, count) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+        self.uid_count = count;
+        self.free_uids = (0..count)
+            .rev()
+            .filter_map(|i| base.checked_add(i))
+            .filter(|&u| u != 0)
+            .collect();
+        let parent = (!parent.is_empty()).then(|| PathBuf::from(parent));
+        self.cgroups = VmCgroups::new(parent.as_deref());
+    }
+
+    /// Starts a VM process from template `t`; its pid.
+    fn start(&mut self, t: usize, control: OwnedFd) -> Result<libc::pid_t, String> {
+        let uid = self
+            .free_uids
+            .pop()
+            .ok_or_else(|| WorkerError::NoUid(self.uid_count).to_string())?;
+        let r = self.spawn_in(t, uid, &control);
+        if r.is_err() {
+            self.free_uids.push(uid);
+        }
+        let (pid, child) = r?;
+        self.children.insert(pid, child);
+        Ok(pid)
+    }
+
+    fn spawn_in(
+        &self,
+        t: usize,
+        uid: u32,
+        control: &OwnedFd,
+    ) -> Result<(libc::pid_t, Child), String> {
+        let (args, limits) = &self.templates[t];
+        let mut args = args.clone();
+        // Always this binary: a template names only the worker's arguments.
+        let program =
+            std::env::current_exe().map_err(|e| format!("finding the xcgi binary: {e}"))?;
+        args.extend(["--uid".into(), uid.to_string().into()]);
+        let cgroup = match &self.cgroups {
+            Some(c) => Some(
+                c.make(limits)
+                    .map_err(|e| WorkerError::Cgroup(e).to_string())?,
+            ),
+            None => None,
+        };
+        let dir = match &cgroup {
+            Some(c) => Some(
+                std::fs::File::open(c.path()).map_err(|e| WorkerError::Cgroup(e).to_string())?,
+            ),
+            None => None,
+        };
+        let setup = ChildSetup {
+            namespaces: (libc::CLONE_NEWPID
+                | libc::CLONE_NEWNS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWNET) as u64,
+            ..ChildSetup::default()
+        };
+        let env = super::worker_env();
+        let passed = [control.as_fd()];
+        let cmd = Command {
+            args: &args,
+            stdio: Stdio::Inherit,
+            pass_fds: &passed,
+            cgroup: dir.as_ref().map(|d| d.as_fd()),
+            ..Command::new(&program, &env, Path::new("/"), &setup)
+        };
+        let child = xcgi_jail::spawn(&cmd).map_err(|e| WorkerError::Spawn(e).to_string())?;
+        Ok((
+            child.pid,
+            Child {
+                pidfd: child.pidfd,
+                uid,
+                cgroup,
+            },
+        ))
+    }
+
+    /// Reaps a VM process that ended, removes its cgroup, frees its uid, tells the server.
+    fn reap(&mut self, pid: libc::pid_t) {
+        let code = match self.children.get_mut(&pid).map(|c| c.pidfd.try_wait()) {
+            Some(Ok(Some(code))) => code,
+            Some(Ok(None)) => return, // not yet
+            Some(Err(_)) => -1,
+            None => return,
+        };
+        let Some(c) = self.children.remove(&pid) else {
+            return;
+        };
+        let oom = c
+            .cgroup
+            .as_ref()
+            .and_then(VmCgroup::oom_killed)
+            .unwrap_or(0);
+        let peak = c
+            .cgroup
+            .as_ref()
+            .and_then(VmCgroup::memory_peak)
+            .unwrap_or(0);
+        if let Some(cg) = &c.cgroup {
+            tracing::debug!(
+                pid,
+                memory_peak = peak,
+                memory_max = cg.memory_max().unwrap_or(0),
+                "VM process reaped"
+            );
+        }
+        self.free_uids.push(c.uid);
+        drop(c);
+        self.reply(&format!("x{pid} {code} {oom} {peak}"), &[]);
+    }
+}
+
+fn parse_template(b: &[u8]) -> Option<(Vec<OsString>, VmLimits)> {
+    let nl = b.iter().position(|&c| c == b'\n')?;
+    let head = std::str::from_utf8(&b[..nl]).ok()?;
+    let mut f = head.split(' ');
+    let memory_max = f.next()?.parse().ok()?;
+    let pids_max = f.next()?.parse().ok()?;
+    let cpu: u32 = f.next()?.parse().ok()?;
+    let args: Vec<OsString> = b[nl + 1..]
+        .split(|&c| c == 0)
+        .map(|a| OsString::from_vec(a.to_vec()))
+        .collect();
+    if args.first().is_none_or(|a| a != "vmm-worker") || args.iter().any(|a| a.is_empty()) {
+        return None;
+    }
+    Some((
+        args,
+        VmLimits {
+            memory_max,
+            pids_max,
+            cpu_percent: (cpu > 0).then_some(cpu),
+        },
+    ))
+}

@@ -1,0 +1,179 @@
+//! A cgroup v2 per jailed VM process (step 3 of the jail, docs/security.md): `memory.max`
+//! (guest memory plus the VM process's own), `pids.max` and `cpu.max`, set before the process
+//! starts in it (`CLONE_INTO_CGROUP`: limited from its first instruction). The server makes
+//! them under one parent of its own (`xcgi-vms-PID`, in `[server] cgroup_parent` or its own
+//! cgroup) and removes each once its process is reaped. Where cgroup v2 or a controller is
+//! missing, the server warns once at start and VM processes run without that limit.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use xcgi_jail::cgroup::{self, Cgroup};
+
+/// MiB a VM process needs besides its guest's memory, charged to its cgroup: the monitor's
+/// own pages (~4 MiB resident waiting, docs/benchmarks.md §12), KVM's per-VM and per-vCPU
+/// kernel memory (page tables of the guest's memory, vCPU state) and device buffers.
+/// Measured in the lab (`cgroup_memory_max_stops_a_vm_process_and_the_server_answers_502`
+/// prints memory.peak): 128 MiB guests peak under guest + 20 MiB; this leaves headroom.
+pub const VM_OVERHEAD_MIB: u64 = 48;
+
+/// One VM process's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmLimits {
+    /// `memory.max`, bytes.
+    pub memory_max: u64,
+    /// `pids.max`: tasks (its threads).
+    pub pids_max: u32,
+    /// `cpu.max` as a percentage of one CPU (100: one CPU's time); None: no limit.
+    pub cpu_percent: Option<u32>,
+}
+
+/// The parent of the server's VM cgroups, and which limits it can set.
+#[derive(Debug)]
+pub struct VmCgroups {
+    parent: Cgroup,
+    memory: bool,
+    pids: bool,
+    cpu: bool,
+    next: AtomicU64,
+}
+
+/// `cpu.max`'s period, µs.
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl VmCgroups {
+    /// Makes the parent under `base` (default: the server's own cgroup), removing what an
+    /// earlier server killed with SIGKILL left there. None, with a warning naming why, where
+    /// cgroup v2 is missing or not writable; a warning for each controller it cannot use.
+    pub fn new(base: Option<&Path>) -> Option<Arc<VmCgroups>> {
+        let base: PathBuf = match base
+            .map(Path::to_path_buf)
+            .or_else(|| cgroup::of_process("self"))
+        {
+            Some(b) => b,
+            None => {
+                warn!("no cgroup v2 hierarchy: jailed VM processes run without memory.max, pids.max or cpu.max (mount cgroup2, or see docs/security.md)");
+                return None;
+            }
+        };
+        for gone in cgroup::remove_stale(&base, "xcgi-vms-") {
+            info!(cgroup = %gone.display(), "removed a cgroup left by an earlier server");
+        }
+        let made = Cgroup::make_parent(
+            &base,
+            &format!("xcgi-vms-{}", std::process::id()),
+            &["memory", "pids", "cpu"],
+            &format!("xcgi-server-{}", std::process::id()),
+        );
+        let parent = match made {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, cgroup = %base.display(),
+                    "cannot make the jailed VM processes' cgroup: they run without memory.max, pids.max or cpu.max (make cgroup v2 writable, e.g. Delegate=yes, or set [server] cgroup_parent)");
+                return None;
+            }
+        };
+        for (c, why) in &parent.missing {
+            warn!(controller = %c, why = %why, cgroup = %parent.cgroup.path().display(),
+                "a cgroup v2 controller is not available: jailed VM processes run without its limit");
+        }
+        let has = |c: &str| !parent.missing.iter().any(|(m, _)| m == c);
+        Some(Arc::new(VmCgroups {
+            memory: has("memory"),
+            pids: has("pids"),
+            cpu: has("cpu"),
+            parent: parent.cgroup,
+            next: AtomicU64::new(0),
+        }))
+    }
+
+    /// A new cgroup with `limits` set (those the parent can), for one VM process.
+    pub fn make(self: &Arc<Self>, limits: &VmLimits) -> io::Result<VmCgroup> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let cg = Cgroup::create(self.parent.path(), &format!("vm{n}"))?;
+        let vm = VmCgroup {
+            cg,
+            memory_max: self.memory.then_some(limits.memory_max),
+            _parent: Arc::clone(self),
+        };
+        let set = |file: &str, value: String| {
+            vm.cg
+                .set(file, &value)
+                .map_err(|e| io::Error::new(e.kind(), format!("writing {value} to {file}: {e}")))
+        };
+        if self.memory {
+            set("memory.max", limits.memory_max.to_string())?;
+            // No swap: the limit is the VM process's memory, not a prompt to page it out.
+            let _ = vm.cg.set("memory.swap.max", "0");
+        }
+        if self.pids {
+            set("pids.max", limits.pids_max.to_string())?;
+        }
+        if let (true, Some(p)) = (self.cpu, limits.cpu_percent) {
+            let quota = (u64::from(p) * CPU_PERIOD_US / 100).max(1000);
+            set("cpu.max", format!("{quota} {CPU_PERIOD_US}"))?;
+        }
+        Ok(vm)
+    }
+}
+
+impl Drop for VmCgroups {
+    fn drop(&mut self) {
+        if let Err(e) = self.parent.remove(Duration::from_millis(500)) {
+            warn!(error = %e, cgroup = %self.parent.path().display(),
+                "cannot remove the jailed VM processes' cgroup");
+        }
+    }
+}
+
+/// One VM process's cgroup: removed on drop (once its process is reaped).
+#[derive(Debug)]
+pub struct VmCgroup {
+    cg: Cgroup,
+    memory_max: Option<u64>,
+    /// Keeps the parent until its last child is gone.
+    _parent: Arc<VmCgroups>,
+}
+
+impl VmCgroup {
+    /// Its directory (to open for `CLONE_INTO_CGROUP`).
+    pub fn path(&self) -> &Path {
+        self.cg.path()
+    }
+
+    /// When the kernel's OOM killer killed a process in it: the `memory.max` it hit.
+    pub fn oom_killed(&self) -> Option<u64> {
+        let max = self.memory_max?;
+        (self.cg.event("memory.events", "oom_kill").unwrap_or(0) > 0).then_some(max)
+    }
+
+    /// Its `memory.max`, bytes, when set.
+    pub fn memory_max(&self) -> Option<u64> {
+        self.memory_max
+    }
+
+    /// The most memory its processes ever had charged (`memory.peak`, Linux 5.19+).
+    pub fn memory_peak(&self) -> Option<u64> {
+        std::fs::read_to_string(self.cg.path().join("memory.peak"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for VmCgroup {
+    fn drop(&mut self) {
+        // Whatever is left in it (nothing, once its VM process is reaped) goes first.
+        if self.cg.populated() {
+            let _ = self.cg.kill();
+        }
+        if let Err(e) = self.cg.remove(Duration::from_secs(1)) {
+            warn!(error = %e, cgroup = %self.cg.path().display(), "cannot remove a VM process's cgroup");
+        }
+    }
+}
