@@ -18,6 +18,7 @@
 //! debug_dump = false        # log a debug dump of each VM that ends badly (docs/networking.md)
 //! jail = true               # each VM in a jailed process of its own (docs/security.md)
 //! cgroup_parent = "/sys/fs/cgroup/xcgi" # where VM processes' cgroups go (default: own cgroup)
+//! user = "xcgi"             # after start-up, run as this user with no capability (CGI routes)
 //!
 //! [process]                 # isolation = "process" only: how each handler process runs
 //! user = "nobody"           # an unprivileged user (when the server runs as root)
@@ -203,6 +204,12 @@ pub struct ServerSection {
     /// `Delegate=yes`); the server then moves itself into a leaf `xcgi-server-PID` so that
     /// the controllers can be enabled below it.
     pub cgroup_parent: Option<PathBuf>,
+    /// After its start-up (routes prepared, sockets bound, the jail helper started), the
+    /// server switches to this user (a name, or `UID[:GID]`) and keeps no capability: its HTTP
+    /// side then runs unprivileged, and only the jail helper (root) starts VM processes
+    /// (docs/security.md, "Privileges"). Needs `jail = true` and CGI-mode routes only.
+    /// Default: none (the server keeps the user it was started as).
+    pub user: Option<String>,
 }
 
 fn default_jail_uid_base() -> u32 {
@@ -238,6 +245,7 @@ impl Default for ServerSection {
             jail_uid_base: default_jail_uid_base(),
             jail_uids: default_jail_uids(),
             cgroup_parent: None,
+            user: None,
         }
     }
 }
@@ -660,6 +668,38 @@ impl Config {
         if s.body_budget == 0 {
             return Err(self.invalid("server.body_budget", "must be at least 1"));
         }
+        if let Some(u) = &s.user {
+            self.validate_user(u)?;
+        }
+        Ok(())
+    }
+
+    /// `server.user`: not root, and only where nothing after start-up needs privileges the
+    /// jail helper does not hold.
+    fn validate_user(&self, u: &str) -> Result<(), ConfigError> {
+        let key = "server.user";
+        if u.is_empty() || u == "root" || u == "0" || u.starts_with("0:") {
+            return Err(self.invalid(
+                key,
+                "must name an unprivileged user (e.g. \"xcgi\"), not root",
+            ));
+        }
+        if self.server.isolation != Isolation::Vm || !self.server.jail {
+            return Err(self.invalid(
+                key,
+                "needs isolation = \"vm\" and jail = true: process isolation starts each handler \
+                 as [process] user and in-process VMs run as the server, both of which need root; \
+                 remove server.user for those",
+            ));
+        }
+        if self.needs_network() {
+            return Err(self.invalid(
+                key,
+                "HTTP-mode routes need the server's network privileges at run time (a fresh TAP \
+                 per VM in the guests' namespace): remove server.user, or serve those routes from \
+                 another server",
+            ));
+        }
         Ok(())
     }
 
@@ -964,6 +1004,32 @@ mod tests {
         assert_eq!(r.handler, d.path().join("h"));
         assert_eq!((r.memory_mib, r.vcpus, r.mode), (128, 1, Mode::Cgi));
         assert!(!c.needs_network());
+    }
+
+    #[test]
+    fn server_user_and_cgroup_limits_are_checked() {
+        let d = dir_with_handler();
+        let cgi = "[[route]]\nprefix = \"/a\"\nhandler = \"h\"\n";
+        let c = parse(&d, &format!("[server]\nuser = \"xcgi\"\n{cgi}")).unwrap();
+        assert_eq!(c.server.user.as_deref(), Some("xcgi"));
+        assert!(c.server.jail, "the jail is on by default");
+        for (server, route, want) in [
+            ("user = \"root\"", "", "not root"),
+            ("user = \"0:0\"", "", "not root"),
+            (
+                "user = \"xcgi\"\nisolation = \"process\"",
+                "",
+                "jail = true",
+            ),
+            ("user = \"xcgi\"\njail = false", "", "jail = true"),
+            ("user = \"xcgi\"", "mode = \"http\"", "HTTP-mode routes"),
+            ("", "memory_max_mib = 8", "memory_max_mib"),
+            ("", "pids_max = 2", "pids_max"),
+            ("", "cpu_percent = 0", "cpu_percent"),
+        ] {
+            let e = err(&d, &format!("[server]\n{server}\n{cgi}{route}\n"));
+            assert!(e.contains(want), "{server} / {route}: {e}");
+        }
     }
 
     #[test]

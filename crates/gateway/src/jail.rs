@@ -302,6 +302,17 @@ impl HandlerGroup {
     }
 }
 
+/// `NAME` (looked up) or `UID[:GID]` (GID defaults to UID): the uid and gid.
+pub fn resolve_user(spec: &str) -> Option<(libc::uid_t, libc::gid_t)> {
+    let numeric = |s: &str| s.parse::<libc::uid_t>().ok();
+    match spec.split_once(':') {
+        Some((u, g)) => Some((numeric(u)?, numeric(g)?)),
+        None => numeric(spec)
+            .map(|u| (u, u))
+            .or_else(|| lookup_user(spec).map(|u| (u.uid, u.gid))),
+    }
+}
+
 fn lookup_user(name: &str) -> Option<User> {
     let cname = CString::new(name).ok()?;
     // SAFETY: passwd is a plain C struct of integers and pointers: all zeroes is a valid value.

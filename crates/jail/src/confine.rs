@@ -242,6 +242,45 @@ fn drop_privileges(uid: libc::uid_t, gid: libc::gid_t) -> Result<(), ConfineErro
     Ok(())
 }
 
+/// Switches this whole process, every thread of it, to `uid` and `gid` for good (a server
+/// after its start-up): its only group `gid`, real, effective and saved ids changed, which
+/// clears every capability of every thread (none is kept), and not dumpable. The glibc
+/// wrappers used here apply each change to all threads.
+pub fn switch_user(uid: libc::uid_t, gid: libc::gid_t) -> Result<(), ConfineError> {
+    // SAFETY: credential calls through glibc (which applies them to every thread) with a
+    // one-element group list that outlives the call; prctl on this process.
+    unsafe {
+        check("setgroups", libc::setgroups(1, &gid).into())?;
+        check("setresgid", libc::setresgid(gid, gid, gid).into())?;
+        check("setresuid", libc::setresuid(uid, uid, uid).into())?;
+        check(
+            "clearing the dumpable flag",
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0).into(),
+        )?;
+    }
+    let (effective, permitted) = capabilities().map_err(|source| ConfineError::Step {
+        step: "reading the capabilities",
+        source,
+    })?;
+    if effective != 0 || permitted != 0 {
+        return Err(ConfineError::CapsLeft {
+            effective,
+            permitted,
+        });
+    }
+    Ok(())
+}
+
+/// Sets no_new_privs for this process's calling thread and the threads and processes it
+/// starts from now on (call it while single-threaded): nothing it executes gains privileges.
+pub fn no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Closes every descriptor of this process from `first` up (`close_range`): what a new
 /// process was not meant to inherit, before it opens anything of its own.
 pub fn close_from(first: u32) {

@@ -15,5 +15,5 @@ pub mod cgroup;
 pub mod confine;
 pub mod spawn;
 
-pub use confine::{close_from, confine, ConfineError, Confinement};
+pub use confine::{close_from, confine, no_new_privs, switch_user, ConfineError, Confinement};
 pub use spawn::{pipe, spawn, ChildSetup, Command, PidFd, Pipes, SpawnError, Spawned, Stdio};

@@ -268,85 +268,11 @@ fn a_jailed_vm_process_killed_mid_request_is_a_502_and_the_server_goes_on() {
         eprintln!("not root: [server] jail needs root; nothing to check");
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        l.local_addr().expect("addr").port()
-    };
-    let cfg = dir.path().join("x.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nkernel = \"{}\"\njail = true\n\
-             [[route]]\nprefix = \"/cgi\"\nhandler = \"{}\"\nprepared = 1\ntimeout_ms = 8000\n",
-            kernel().display(),
-            example("loop-forever/loop").display(),
-        ),
-    )
-    .expect("config");
-    let log = dir.path().join("log");
-    let mut server = KillOnDrop(
-        Command::new(xcgi())
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start xcgi serve"),
-    );
-    let server_pid = server.0.id();
+    let srv = JailedServer::start("");
+    let helper = srv.helper();
+    let (server_pid, port, log) = (srv.pid, srv.port, srv.log.clone());
+    let mut server = srv.child;
     let url = format!("http://127.0.0.1:{port}/cgi");
-    let t = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("listening on")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let curl = |url: &str| {
-        let url = url.to_string();
-        std::thread::spawn(move || {
-            let out = Command::new("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-m",
-                    "30",
-                    &url,
-                ])
-                .output()
-                .expect("curl");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
-    };
-    // Ready once the route's jailed VM process is (prepared = 1).
-    let readyz = format!("http://127.0.0.1:{port}/_xcgi/readyz");
-    let t = Instant::now();
-    loop {
-        let code = curl(&readyz).join().expect("curl thread");
-        if code == "200" {
-            break;
-        }
-        assert_eq!(code, "503", "readyz before the VM process is ready");
-        assert!(t.elapsed() < Duration::from_secs(20), "never ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The server's jail helper (root, its child) starts the VM processes.
-    let helper = all_pids()
-        .into_iter()
-        .find(|&p| {
-            status_field(p, "PPid") == server_pid.to_string()
-                && std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"jail-helper"))
-        })
-        .expect("no jail helper under the server");
     assert!(
         all_pids()
             .into_iter()
@@ -409,6 +335,182 @@ fn a_jailed_vm_process_killed_mid_request_is_a_502_and_the_server_goes_on() {
         !std::path::Path::new(&format!("/proc/{helper}")).exists(),
         "the jail helper outlived the server"
     );
+}
+
+/// `xcgi serve` with the jail (the default) on this host: one CGI route of the looping guest,
+/// one VM process kept prepared; `extra` goes into `[server]`. Waits until it is ready.
+struct JailedServer {
+    child: KillOnDrop,
+    pid: u32,
+    port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl JailedServer {
+    fn start(extra: &str) -> JailedServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().expect("addr").port()
+        };
+        let cfg = dir.path().join("x.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nkernel = \"{}\"\n{extra}\n\
+                 [[route]]\nprefix = \"/cgi\"\nhandler = \"{}\"\nprepared = 1\ntimeout_ms = 2500\n",
+                kernel().display(),
+                example("loop-forever/loop").display(),
+            ),
+        )
+        .expect("config");
+        let log = dir.path().join("log");
+        let child = KillOnDrop(
+            Command::new(xcgi())
+                .args(["serve", "--config"])
+                .arg(&cfg)
+                .stderr(std::fs::File::create(&log).expect("log"))
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start xcgi serve"),
+        );
+        let pid = child.0.id();
+        let text = || std::fs::read_to_string(&log).unwrap_or_default();
+        let t = Instant::now();
+        while !text().contains("listening on") {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the server did not start:\n{}",
+                text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Ready once the route's jailed VM process is (prepared = 1).
+        let readyz = format!("http://127.0.0.1:{port}/_xcgi/readyz");
+        let t = Instant::now();
+        loop {
+            let code = curl(&readyz).join().expect("curl thread");
+            if code == "200" {
+                break;
+            }
+            assert_eq!(code, "503", "readyz before the VM process is ready");
+            assert!(t.elapsed() < Duration::from_secs(20), "never ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        JailedServer {
+            child,
+            pid,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Its jail helper (root, its child), which starts the VM processes.
+    fn helper(&self) -> u32 {
+        all_pids()
+            .into_iter()
+            .find(|&p| {
+                status_field(p, "PPid") == self.pid.to_string()
+                    && std::fs::read(format!("/proc/{p}/cmdline"))
+                        .is_ok_and(|c| c.split(|&b| b == 0).any(|a| a == b"jail-helper"))
+            })
+            .expect("no jail helper under the server")
+    }
+}
+
+/// GETs `url` with curl on a thread: the status code.
+fn curl(url: &str) -> std::thread::JoinHandle<String> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-m",
+                "30",
+                &url,
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+/// `[server] user`: after its start-up the server runs as that user with no capability in
+/// any thread (and no_new_privs); its jail helper stays root and still starts VM processes
+/// (a request is served by one: on this host, its deadline); on SIGTERM everything goes, the
+/// work directory the server had to give itself included.
+#[test]
+fn a_server_with_a_user_keeps_no_privilege_and_its_helper_still_starts_vm_processes() {
+    if !is_root() {
+        eprintln!("not root: nothing to drop; nothing to check");
+        return;
+    }
+    let srv = JailedServer::start("user = \"65534:65534\"");
+    let helper = srv.helper();
+    let pid = srv.pid;
+    let threads: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(threads.len() > 1, "a multi-threaded server: {threads:?}");
+    for t in &threads {
+        let st =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap_or_default();
+        let field = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}:")))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Uid"), "65534 65534 65534 65534", "thread {t}");
+        assert_eq!(field("Gid"), "65534 65534 65534 65534", "thread {t}");
+        assert_eq!(field("Groups"), "65534", "thread {t}");
+        for cap in ["CapEff", "CapPrm", "CapAmb"] {
+            assert_eq!(field(cap), "0000000000000000", "thread {t}: {cap}");
+        }
+        assert_eq!(field("NoNewPrivs"), "1", "thread {t}");
+    }
+    assert_eq!(status_field(helper, "Uid"), "0 0 0 0", "the helper is root");
+    // A request still gets a fresh jailed VM process (on a host that cannot boot the guest:
+    // its deadline), and the prepared one is replaced.
+    let code = curl(&format!("http://127.0.0.1:{}/cgi", srv.port))
+        .join()
+        .expect("curl thread");
+    assert!(code == "504" || code == "502", "{code}");
+    let log = srv.log.clone();
+    let workdir = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("image="))
+                .map(str::to_string)
+        })
+        .and_then(|img| Path::new(&img).parent().map(Path::to_path_buf))
+        .expect("a route image in the log");
+    let mut server = srv.child;
+    // SAFETY: SIGTERM to the server we started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = server.0.wait().expect("wait");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("switched to the server's user"), "{text}");
+    assert!(!workdir.exists(), "{} is left", workdir.display());
+    assert!(
+        !Path::new(&format!("/proc/{helper}")).exists(),
+        "the jail helper outlived the server"
+    );
+    let left: Vec<_> = all_pids()
+        .into_iter()
+        .filter(|&p| status_field(p, "Uid").starts_with("3000000"))
+        .collect();
+    assert!(left.is_empty(), "jailed processes left: {left:?}");
 }
 
 /// A child killed if a failed assertion leaves it running.

@@ -539,7 +539,12 @@ fn jailed_vm_processes_serve_cgi_requests() {
     let refs: Vec<(&std::path::Path, &str)> =
         files.iter().map(|(p, n)| (p.as_path(), *n)).collect();
     // A guest of 384 MiB whose VM process may have 128 MiB: touching 300 MiB passes it.
+    // The server itself runs unprivileged after its start-up (its jail helper stays root).
     let server = MAIN_SERVER.replace(
+        "concurrency = 2\n",
+        "concurrency = 2\nuser = \"65534:65534\"\n",
+    );
+    let server = server.replace(
         "EOF\n        start_server main",
         "[[route]]\nprefix = \"/oom\"\nhandler = \"$CGI\"\nmemory_mib = 384\n\
          memory_max_mib = 128\nprepared = 0\ntimeout_ms = 120000\n\
@@ -561,6 +566,7 @@ fn jailed_vm_processes_serve_cgi_requests() {
         echo "crash=$(code http://$A/cgi/crash)"
         echo "timeout=$(code http://$A/slow/sleep)"
         echo "jailed_processes=$(count_jailed)"
+        echo "server: $(grep -E '^(Uid|CapEff)' /proc/$(cat main.pid)/status | tr -s '\t ' ' ' | tr '\n' ' ')"
         for c in /sys/fs/cgroup/xcgi-vms-*/vm*; do echo "limits: $(cat $c/memory.max) $(cat $c/pids.max)"; done | sort | uniq -c
         echo "within=$(curl -s "http://$A/cgi/alloc?64")"
         echo "oom=$(code "http://$A/oom/alloc?300")"
@@ -589,6 +595,7 @@ fn jailed_vm_processes_serve_cgi_requests() {
         "timeout=504",
         // The prepared VM processes of /cgi, /sh and /go: 128 MiB guests, 1 vCPU.
         &format!("limits: {} 9", (128 + 48) << 20),
+        "server: Uid: 65534 65534 65534 65534 CapEff: 0000000000000000",
         "within=touched 64 MiB",
         "oom=502",
         "after_oom: before=no created=yes",

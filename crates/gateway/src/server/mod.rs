@@ -98,6 +98,9 @@ pub enum ServeError {
     /// `[server] jail`: the jailed VM processes cannot be had.
     #[error("{0}")]
     VmJail(String),
+    /// `[server] user`: the switch to that user failed.
+    #[error("{0}")]
+    Privileges(String),
     /// A route with no way to run; holds its prefix (a checked configuration has none).
     #[error("route {0:?}: no way to run it (VM isolation without a VM, or HTTP mode without a guest network)")]
     Unwired(String),
@@ -197,7 +200,7 @@ impl Server {
             Vec::new()
         };
         if cfg.server.isolation == Isolation::Vm && cfg.server.jail {
-            start_jailed(&cfg, &mut routes)?;
+            start_jailed(&cfg, &mut routes, &metrics)?;
         }
         wire_executors(&cfg, &mut routes, &metrics, net.as_ref())?;
         Ok(Server {
@@ -224,6 +227,32 @@ impl Server {
             next_id: AtomicU64::new(1),
             _workdir: workdir,
         })
+    }
+
+    /// `[server] user`: switches the whole server to that user, for good, once its start-up
+    /// is done (routes prepared, the jail helper started and sealed, listeners bound). Its
+    /// work directory becomes that user's, so it can still remove it. Returns the uid, if it
+    /// switched.
+    pub fn drop_privileges(&self) -> Result<Option<libc::uid_t>, ServeError> {
+        let Some(spec) = &self.cfg.server.user else {
+            return Ok(None);
+        };
+        let fail = |why: String| ServeError::Privileges(format!("server.user {spec:?}: {why}"));
+        let (uid, gid) = crate::jail::resolve_user(spec).ok_or_else(|| {
+            fail("no such user on this host: name an existing one, or UID:GID".into())
+        })?;
+        if uid == 0 {
+            return Err(fail("is uid 0: name an unprivileged user".into()));
+        }
+        chown_tree(self._workdir.path(), uid, gid)
+            .map_err(|e| fail(format!("giving it the work directory: {e}")))?;
+        xcgi_jail::switch_user(uid, gid).map_err(|e| fail(e.to_string()))?;
+        tracing::info!(
+            uid,
+            gid,
+            "switched to the server's user: no capability left"
+        );
+        Ok(Some(uid))
     }
 
     /// The configuration it serves.
@@ -437,10 +466,25 @@ fn wire_executors(
     Ok(())
 }
 
+/// Gives `dir` and everything under it to `uid`:`gid` (symlinks themselves, not followed).
+fn chown_tree(dir: &std::path::Path, uid: libc::uid_t, gid: libc::gid_t) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(dir)?.is_dir() {
+        for e in std::fs::read_dir(dir)? {
+            chown_tree(&e?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
 /// `[server] jail`: each VM route gets jailed VM processes (`prepared` of them kept ready),
 /// all started by one helper (the one process that keeps the privileges this takes), which is
 /// sealed once every route's template is registered.
-fn start_jailed(cfg: &Config, routes: &mut [ServedRoute]) -> Result<(), ServeError> {
+fn start_jailed(
+    cfg: &Config,
+    routes: &mut [ServedRoute],
+    metrics: &Metrics,
+) -> Result<(), ServeError> {
     use crate::exec::jailed::{Helper, HelperSettings, Workers};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -464,7 +508,8 @@ fn start_jailed(cfg: &Config, routes: &mut [ServedRoute]) -> Result<(), ServeErr
         let prepared = r.route.prepared;
         let limits = vm_limits(&r.route);
         if let Some(spec) = &mut r.spec {
-            let w = Workers::start(spec, &helper, limits, prepared).map_err(|e| {
+            let gauge = Arc::clone(&metrics.vms_prepared);
+            let w = Workers::start(spec, &helper, limits, prepared, gauge).map_err(|e| {
                 ServeError::VmJail(format!("starting the jailed VM processes: {e}"))
             })?;
             spec.jail = Some(w);

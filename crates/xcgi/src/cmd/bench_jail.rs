@@ -114,6 +114,7 @@ pub(super) fn jail_table(m: &super::bench::Machines) -> anyhow::Result<()> {
                 cpu_percent: None,
             },
             0,
+            Arc::default(),
         )?;
         let (mut handoff, mut cold, mut local) = (Vec::new(), Vec::new(), Vec::new());
         let mut message = Vec::new();

@@ -86,6 +86,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     // Before any thread starts: the variables that name them are removed.
     let inherited = xcgi_gateway::systemd::take_listen_fds()
         .context("taking the sockets passed by the service manager")?;
+    // Nothing the server ever executes (its jail helper, VM processes, handlers) gains
+    // privileges through execve: set while single-threaded, so every thread has it.
+    xcgi_jail::no_new_privs().context("setting no_new_privs")?;
     let mut cfg = load_config(&args)?;
     apply_overrides(&args, &mut cfg)?;
     let cfg = cfg.checked()?;
@@ -171,6 +174,7 @@ fn apply_overrides(args: &Args, cfg: &mut Config) -> anyhow::Result<()> {
 async fn serve(cfg: Config, inherited: xcgi_gateway::systemd::Inherited) -> anyhow::Result<()> {
     let server = Arc::new(xcgi_gateway::Server::new(cfg).context("preparing the routes")?);
     let listeners = xcgi_gateway::server::bind(server.config(), inherited).await?;
+    server.drop_privileges()?;
     let addr = listeners
         .http
         .local_addr()

@@ -73,8 +73,12 @@ struct Worker {
 
 impl Worker {
     /// Kills it (if still alive) and waits until the helper has reaped it, freed its uid and
-    /// removed its cgroup.
+    /// removed its cgroup. Its control socket is shut down first: one waiting for a request
+    /// exits by itself even where the kill cannot reach it (no CAP_KILL), and one running a
+    /// guest ends at its VM's deadline at the latest.
     fn end(&self) -> Exit {
+        // SAFETY: shutdown(2) on our own socket; the descriptor stays ours.
+        unsafe { libc::shutdown(self.control.as_raw_fd(), libc::SHUT_RDWR) };
         self.helper.kill(self.pid);
         self.exit.wait()
     }
@@ -92,6 +96,8 @@ pub struct Workers {
     helper: Arc<Helper>,
     /// The helper's template for this route's VM processes.
     template: u32,
+    /// The server's gauge of VMs prepared ahead: counts the ready ones.
+    prepared_gauge: Arc<std::sync::atomic::AtomicI64>,
     ready: Mutex<VecDeque<Worker>>,
     wake: Condvar,
     target: usize,
@@ -115,6 +121,7 @@ impl Workers {
         helper: &Arc<Helper>,
         limits: VmLimits,
         target: usize,
+        prepared_gauge: Arc<std::sync::atomic::AtomicI64>,
     ) -> Result<Arc<Workers>, WorkerError> {
         // The VM process starts in "/": every path absolute.
         let abs = |p: &Path| std::path::absolute(p).map(OsString::from);
@@ -137,6 +144,7 @@ impl Workers {
         let w = Arc::new(Workers {
             helper: Arc::clone(helper),
             template,
+            prepared_gauge,
             ready: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             target,
@@ -172,6 +180,8 @@ impl Workers {
             .lock()
             .map(|mut r| r.drain(..).collect())
             .unwrap_or_default();
+        self.prepared_gauge
+            .fetch_sub(ready.len() as i64, std::sync::atomic::Ordering::Relaxed);
         drop(ready);
     }
 
@@ -199,6 +209,10 @@ impl Workers {
     /// A ready worker, or a new one (started and waited for here).
     fn take(&self) -> Result<Worker, WorkerError> {
         let ready = self.ready.lock().ok().and_then(|mut r| r.pop_front());
+        if ready.is_some() {
+            self.prepared_gauge
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         self.wake.notify_all();
         match ready {
             Some(w) => Ok(w),
@@ -336,6 +350,8 @@ fn refill(pool: &std::sync::Weak<Workers>) {
                 Ok(w) => {
                     p.failures.store(0, std::sync::atomic::Ordering::Relaxed);
                     if let Ok(mut r) = p.ready.lock() {
+                        p.prepared_gauge
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         r.push_back(w);
                         if r.len() >= p.target {
                             p.filled_once
