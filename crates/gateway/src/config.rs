@@ -18,7 +18,7 @@
 //! debug_dump = false        # log a debug dump of each VM that ends badly (docs/networking.md)
 //! jail = true               # each VM in a jailed process of its own (docs/security.md)
 //! cgroup_parent = "/sys/fs/cgroup/xcgi" # where VM processes' cgroups go (default: own cgroup)
-//! user = "xcgi"             # after start-up, run as this user with no capability (CGI routes)
+//! user = "xcgi"             # after start-up, run as this user with no capability (jail = true)
 //!
 //! [process]                 # isolation = "process" only: how each handler process runs
 //! user = "nobody"           # an unprivileged user (when the server runs as root)
@@ -207,7 +207,7 @@ pub struct ServerSection {
     /// After its start-up (routes prepared, sockets bound, the jail helper started), the
     /// server switches to this user (a name, or `UID[:GID]`) and keeps no capability: its HTTP
     /// side then runs unprivileged, and only the jail helper (root) starts VM processes
-    /// (docs/security.md, "Privileges"). Needs `jail = true` and CGI-mode routes only.
+    /// (docs/security.md, "Privileges"). Needs `jail = true`.
     /// Default: none (the server keeps the user it was started as).
     pub user: Option<String>,
 }
@@ -692,14 +692,6 @@ impl Config {
                  remove server.user for those",
             ));
         }
-        if self.needs_network() {
-            return Err(self.invalid(
-                key,
-                "HTTP-mode routes need the server's network privileges at run time (a fresh TAP \
-                 per VM in the guests' namespace): remove server.user, or serve those routes from \
-                 another server",
-            ));
-        }
         Ok(())
     }
 
@@ -1022,7 +1014,6 @@ mod tests {
                 "jail = true",
             ),
             ("user = \"xcgi\"\njail = false", "", "jail = true"),
-            ("user = \"xcgi\"", "mode = \"http\"", "HTTP-mode routes"),
             ("", "memory_max_mib = 8", "memory_max_mib"),
             ("", "pids_max = 2", "pids_max"),
             ("", "cpu_percent = 0", "cpu_percent"),

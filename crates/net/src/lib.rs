@@ -33,7 +33,7 @@ pub use addr::{AddrError, AddrPlan, MacAddr, SlotAddrs};
 pub use guests::{GuestNet, SocketReply};
 pub use netlink::{Netlink, NetlinkError};
 pub use netns::{NetNs, NetnsError};
-pub use pool::{Lease, Pool, PoolConfig, PoolStats};
+pub use pool::{configure_tap, ifname, make_tap, Lease, Pool, PoolConfig, PoolStats, TapMaker};
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
 /// Errors of this crate's public operations.
@@ -81,6 +81,9 @@ pub enum NetError {
     /// A broken internal invariant (a bug in this crate); the text says which.
     #[error("internal error in xcgi-net: {0}")]
     Internal(&'static str),
+    /// A [`TapMaker`] (another process) could not make the TAP: its words.
+    #[error("the TAP maker failed: {0}")]
+    Maker(String),
     /// The socket thread of a [`GuestNet`] could not be spawned.
     #[error("cannot start the guest network's socket thread: {0}")]
     Thread(std::io::Error),

@@ -157,8 +157,8 @@ fn valid_name(name: &str) -> bool {
 pub struct NetNs {
     fd: OwnedFd,
     name: Option<String>,
-    /// The bind mount, once it exists.
-    mount: Option<PathBuf>,
+    /// The bind mount, once it exists (None once released to another process).
+    mount: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl NetNs {
@@ -215,8 +215,24 @@ impl NetNs {
     }
 
     /// The bind mount (`/run/netns/<name>`), for named namespaces.
-    pub fn path(&self) -> Option<&Path> {
-        self.mount.as_deref()
+    pub fn path(&self) -> Option<PathBuf> {
+        self.mount.lock().ok().and_then(|m| m.clone())
+    }
+
+    /// The namespace of `fd` (a descriptor of another process's [`NetNs`]); removes the bind
+    /// mount at `mount` when dropped (see [`NetNs::release_mount`]).
+    pub fn from_fd(fd: OwnedFd, mount: Option<PathBuf>) -> NetNs {
+        NetNs {
+            fd,
+            name: None,
+            mount: std::sync::Mutex::new(mount),
+        }
+    }
+
+    /// Gives up the bind mount: this value no longer removes it when dropped (another
+    /// process, given the path, does). Returns it.
+    pub fn release_mount(&self) -> Option<PathBuf> {
+        self.mount.lock().ok().and_then(|mut m| m.take())
     }
 
     /// Opens a NETLINK_ROUTE socket inside this namespace (usable from any thread).
@@ -247,7 +263,7 @@ impl AsFd for NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let Some(path) = self.mount.take() else {
+        let Some(path) = self.mount.get_mut().ok().and_then(|m| m.take()) else {
             tracing::debug!("network namespace closed");
             return;
         };
@@ -298,10 +314,10 @@ fn create_on_this_thread(name: Option<String>) -> Result<NetNs, NetnsError> {
     let mut ns = NetNs {
         fd,
         name: name.clone(),
-        mount: None,
+        mount: std::sync::Mutex::new(None),
     };
     if let Some(name) = &name {
-        ns.mount = Some(bind_mount(name, self_ns)?);
+        ns.mount = std::sync::Mutex::new(Some(bind_mount(name, self_ns)?));
     }
     let mut nl = Netlink::open().map_err(|source| NetnsError::Loopback { source })?;
     nl.set_link_up_by_name("lo")

@@ -169,39 +169,72 @@ struct Inner {
     prefill: u32,
     closed: AtomicBool,
     ns: Arc<NetNs>,
+    maker: Mutex<Option<Arc<dyn TapMaker>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn ifname(slot: u32) -> String {
+/// The TAP name of a pool slot.
+pub fn ifname(slot: u32) -> String {
     format!("{IFNAME_PREFIX}{slot}")
 }
 
+/// Host-side configuration of a new TAP: link up, host address /30, permanent neighbour.
+pub fn configure_tap(nl: &mut Netlink, tap: &Tap, addrs: &SlotAddrs) -> Result<(), NetError> {
+    let index = tap.index();
+    let wrap = |source| NetError::Configure {
+        name: tap.name().to_string(),
+        source,
+    };
+    nl.set_link_up(index).map_err(wrap)?;
+    nl.add_ipv4_addr(index, addrs.host, SLOT_PREFIX_LEN)
+        .map_err(wrap)?;
+    nl.add_permanent_neigh(index, addrs.guest, addrs.mac.0)
+        .map_err(wrap)?;
+    Ok(())
+}
+
+/// Creates and configures the TAP of `addrs`'s slot in `ns` (what a pool does for a slot).
+pub fn make_tap(ns: &NetNs, nl: &mut Netlink, addrs: &SlotAddrs) -> Result<Tap, NetError> {
+    let tap = ns.run(|| Tap::create(&ifname(addrs.slot)))??;
+    configure_tap(nl, &tap, addrs)?;
+    Ok(tap)
+}
+
+/// Where a pool's TAPs come from once it runs, when not from the pool itself (which needs
+/// CAP_SYS_ADMIN and CAP_NET_ADMIN at run time): a privileged process that makes them in the
+/// same namespace with [`make_tap`] and hands over their descriptors.
+pub trait TapMaker: Send + Sync {
+    /// The TAP of `addrs`'s slot, made and configured.
+    fn make(&self, addrs: &SlotAddrs) -> Result<Tap, NetError>;
+}
+
 impl Inner {
-    /// Host-side configuration of a new TAP: link up, host address /30, permanent neighbour.
     fn configure(&self, tap: &Tap, addrs: &SlotAddrs) -> Result<(), NetError> {
-        let mut nl = lock(&self.nl);
-        let index = tap.index();
-        let wrap = |source| NetError::Configure {
-            name: tap.name().to_string(),
-            source,
-        };
-        nl.set_link_up(index).map_err(wrap)?;
-        nl.add_ipv4_addr(index, addrs.host, SLOT_PREFIX_LEN)
-            .map_err(wrap)?;
-        nl.add_permanent_neigh(index, addrs.guest, addrs.mac.0)
-            .map_err(wrap)?;
-        Ok(())
+        configure_tap(&mut lock(&self.nl), tap, addrs)
     }
 
-    /// Creates and configures the TAPs of `slots`, all on one thread in the namespace.
+    /// Creates and configures the TAPs of `slots`, all on one thread in the namespace (or
+    /// through the pool's [`TapMaker`]).
     fn make(&self, slots: &[u32]) -> Result<Vec<Ready>, NetError> {
         let addrs = slots
             .iter()
             .map(|&s| self.plan.slot(s))
             .collect::<Result<Vec<_>, _>>()?;
+        let maker = self.maker.lock().ok().and_then(|m| m.clone());
+        if let Some(m) = maker {
+            return addrs
+                .into_iter()
+                .map(|addrs| {
+                    Ok(Ready {
+                        tap: m.make(&addrs)?,
+                        addrs,
+                    })
+                })
+                .collect();
+        }
         let taps = self.ns.run(|| {
             slots
                 .iter()
@@ -358,6 +391,7 @@ impl Pool {
             prefill: config.prefill,
             closed: AtomicBool::new(false),
             ns,
+            maker: Mutex::new(None),
         });
         let t = Instant::now();
         let slots: Vec<u32> = (0..config.prefill).collect();
@@ -425,6 +459,13 @@ impl Pool {
             inner: Arc::clone(&self.inner),
             addrs,
             tap: ManuallyDrop::new(tap),
+        }
+    }
+
+    /// From now on, TAPs come from `maker` (see [`TapMaker`]).
+    pub fn set_maker(&self, maker: Arc<dyn TapMaker>) {
+        if let Ok(mut m) = self.inner.maker.lock() {
+            *m = Some(maker);
         }
     }
 

@@ -234,6 +234,12 @@ impl Tap {
         Ok(Tap { fd, name, index })
     }
 
+    /// A TAP made by another process: its descriptor, name and index (as that process's
+    /// [`Tap`] had them).
+    pub fn from_parts(fd: OwnedFd, name: String, index: u32) -> Tap {
+        Tap { fd, name, index }
+    }
+
     /// The device name.
     pub fn name(&self) -> &str {
         &self.name

@@ -31,7 +31,7 @@ fn named_namespace_is_visible_has_lo_up_and_is_gone_after_drop() {
     let path = format!("/run/netns/{name}");
     let ns = NetNs::create(Some(&name)).expect("create namespace");
     assert_eq!(ns.name(), Some(name.as_str()));
-    assert_eq!(ns.path(), Some(Path::new(&path)));
+    assert_eq!(ns.path().as_deref(), Some(Path::new(&path)));
     assert!(Path::new(&path).exists());
     assert!(mounted(&path), "{path} must be a bind mount");
 

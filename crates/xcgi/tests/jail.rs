@@ -349,6 +349,15 @@ struct JailedServer {
 
 impl JailedServer {
     fn start(extra: &str) -> JailedServer {
+        let route = format!(
+            "[[route]]\nprefix = \"/cgi\"\nhandler = \"{}\"\nprepared = 1\ntimeout_ms = 2500\n",
+            example("loop-forever/loop").display()
+        );
+        JailedServer::start_with(extra, &route)
+    }
+
+    /// With `extra` in `[server]` and `rest` after it (more sections, the routes).
+    fn start_with(extra: &str, rest: &str) -> JailedServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -358,10 +367,8 @@ impl JailedServer {
         std::fs::write(
             &cfg,
             format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\nkernel = \"{}\"\n{extra}\n\
-                 [[route]]\nprefix = \"/cgi\"\nhandler = \"{}\"\nprepared = 1\ntimeout_ms = 2500\n",
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nkernel = \"{}\"\n{extra}\n{rest}",
                 kernel().display(),
-                example("loop-forever/loop").display(),
             ),
         )
         .expect("config");
@@ -511,6 +518,65 @@ fn a_server_with_a_user_keeps_no_privilege_and_its_helper_still_starts_vm_proces
         .filter(|&p| status_field(p, "Uid").starts_with("3000000"))
         .collect();
     assert!(left.is_empty(), "jailed processes left: {left:?}");
+}
+
+/// `[server] user` with an HTTP-mode route: the server, unprivileged, cannot make TAPs; its
+/// jail helper makes them in the guests' namespace and hands them over (one per VM, made on
+/// demand past the pool's prefill), and removes the namespace's mount when the server stops.
+#[test]
+fn an_unprivileged_server_gets_each_vms_tap_from_its_helper() {
+    if !is_root() {
+        eprintln!("not root: nothing to drop; nothing to check");
+        return;
+    }
+    let netns = format!("xcgi-jail-test-{}", std::process::id());
+    let rest = format!(
+        "[network]\nbase = \"172.16.12.0\"\nsize = 4\nprefill = 1\nnetns = \"{netns}\"\n\
+         [[route]]\nprefix = \"/\"\nmode = \"http\"\nhandler = \"{}\"\nprepared = 0\n\
+         timeout_ms = 1500\n",
+        example("hello-c.ext4").display()
+    );
+    let srv = JailedServer::start_with("user = \"65534:65534\"", &rest);
+    assert_eq!(status_field(srv.pid, "Uid"), "65534 65534 65534 65534");
+    assert!(
+        Path::new("/run/netns").join(&netns).exists(),
+        "no namespace"
+    );
+    // Three VMs one after the other: the first takes the prefilled TAP, each return is
+    // refilled by the helper (the guest cannot boot here: each request ends in 502/504).
+    for _ in 0..3 {
+        let code = curl(&format!("http://127.0.0.1:{}/", srv.port))
+            .join()
+            .expect("curl thread");
+        assert!(code == "502" || code == "504", "{code}");
+    }
+    let metrics = Command::new("curl")
+        .args([
+            "-s",
+            &format!("http://127.0.0.1:{}/_xcgi/metrics", srv.port),
+        ])
+        .output()
+        .expect("curl");
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    let log = srv.log.clone();
+    let mut server = srv.child;
+    // SAFETY: SIGTERM to the server we started.
+    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
+    let status = server.0.wait().expect("wait");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(
+        !text.contains("TAP maker failed") && !text.contains("cannot make"),
+        "{text}"
+    );
+    assert!(
+        metrics.contains("xcgi_tap_slots{state=\"stuck\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        !Path::new("/run/netns").join(&netns).exists(),
+        "the namespace's mount is left:\n{text}"
+    );
 }
 
 /// A child killed if a failed assertion leaves it running.

@@ -341,5 +341,10 @@ impl Server {
         if let Some(net) = &self.net {
             net.pool.wait_idle(Duration::from_secs(5));
         }
+        // Last: the helper kills what is left of the VM processes, removes their cgroups and
+        // the guests' namespace mount, and exits.
+        if let Some(h) = self.helper.clone() {
+            let _ = tokio::task::spawn_blocking(move || h.close()).await;
+        }
     }
 }

@@ -142,6 +142,8 @@ pub struct Server {
     body_budget: Arc<Semaphore>,
     /// The guests' network (HTTP-mode routes).
     net: Option<Arc<GuestNet>>,
+    /// The jail helper (`[server] jail`): closed last at wind-down.
+    helper: Option<Arc<crate::exec::jailed::Helper>>,
     next_id: AtomicU64,
     /// Readiness (`readyz`, `xcgi_ready`, sd_notify).
     health: Arc<Health>,
@@ -199,9 +201,11 @@ impl Server {
         } else {
             Vec::new()
         };
-        if cfg.server.isolation == Isolation::Vm && cfg.server.jail {
-            start_jailed(&cfg, &mut routes, &metrics)?;
-        }
+        let helper = if cfg.server.isolation == Isolation::Vm && cfg.server.jail {
+            Some(start_jailed(&cfg, &mut routes, &metrics, net.as_ref())?)
+        } else {
+            None
+        };
         wire_executors(&cfg, &mut routes, &metrics, net.as_ref())?;
         Ok(Server {
             health: Arc::new(
@@ -224,6 +228,7 @@ impl Server {
             metrics,
             waiting: AtomicUsize::new(0),
             net,
+            helper,
             next_id: AtomicU64::new(1),
             _workdir: workdir,
         })
@@ -484,8 +489,9 @@ fn start_jailed(
     cfg: &Config,
     routes: &mut [ServedRoute],
     metrics: &Metrics,
-) -> Result<(), ServeError> {
-    use crate::exec::jailed::{Helper, HelperSettings, Workers};
+    net: Option<&Arc<GuestNet>>,
+) -> Result<Arc<crate::exec::jailed::Helper>, ServeError> {
+    use crate::exec::jailed::{Helper, HelperSettings, HelperTaps, Workers};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(ServeError::VmJail(
@@ -515,10 +521,19 @@ fn start_jailed(
             spec.jail = Some(w);
         }
     }
+    // The guests' TAPs: made by the helper from now on (a fresh one per VM takes
+    // CAP_NET_ADMIN and setns, which an unprivileged server has not).
+    if let Some(n) = net {
+        let c = n.pool.config();
+        helper
+            .give_network(n.pool.netns(), c.base, c.size)
+            .map_err(|e| ServeError::VmJail(format!("giving the jail helper the network: {e}")))?;
+        n.pool.set_maker(Arc::new(HelperTaps(Arc::clone(&helper))));
+    }
     helper
         .seal()
         .map_err(|e| ServeError::VmJail(format!("sealing the jail helper: {e}")))?;
-    Ok(())
+    Ok(helper)
 }
 
 /// A route's VM processes' cgroup limits: its keys, or the defaults they document.

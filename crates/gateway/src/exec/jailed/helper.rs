@@ -12,15 +12,19 @@
 //!   template's limits, new namespaces, the server's control socket as the VM process's fd 3;
 //!   answers with its pid (`s`), or why not (`e`);
 //! - kills one of its VM processes (`K`);
+//! - makes the TAP of a slot of the guests' pool (`N`; the namespace and the pool's addresses
+//!   given before the seal, `W`): an unprivileged server cannot (setns, CAP_NET_ADMIN);
 //! - reaps each that ends, removes its cgroup, frees its uid and says how it ended (`x`);
 //! - when the server goes (its end of the socket closes), kills and reaps every VM process
-//!   left, removes the cgroups and exits.
+//!   left, removes the cgroups and the guests' namespace mount, and exits.
 //!
 //! Messages (text, fields separated by spaces; a template's arguments by NUL):
 //! - server → helper: `I<uid base> <uid count>\n<cgroup parent or empty>`;
 //!   `T<memory.max bytes> <pids.max> <cpu percent, 0: none>\nvmm-worker\0<arg>\0...`; `Z`;
-//!   `S<request> <template>` + the control socket; `K<pid>`;
-//! - helper → server: `t<template>`; `s<request> <pid>`; `e<request> <why>`;
+//!   `W<pool base> <pool size>\n<namespace mount or empty>` + the namespace;
+//!   `S<request> <template>` + the control socket; `K<pid>`; `N<request> <slot>`;
+//! - helper → server: `t<template>`; `s<request> <pid>`; `n<request> <index> <name>` + the
+//!   TAP; `e<request> <why>`;
 //!   `x<pid> <exit code> <memory.max hit by the OOM killer, bytes; 0: none> <memory.peak>`.
 
 use std::collections::HashMap;
@@ -98,8 +102,16 @@ pub struct Started {
     pub exit: Arc<ExitSlot>,
 }
 
+/// What the helper answers a request with.
+#[derive(Debug)]
+enum Reply {
+    Template(u32),
+    Started(Started),
+    Tap(xcgi_net::Tap),
+}
+
 /// Requests waiting for the helper's answer, by id (0: a template).
-type Pending = Mutex<HashMap<u64, mpsc::Sender<Result<Started, String>>>>;
+type Pending = Mutex<HashMap<u64, mpsc::Sender<Result<Reply, String>>>>;
 
 /// The server's side of the helper.
 #[derive(Debug)]
@@ -192,13 +204,10 @@ impl Helper {
             }
             msg.extend_from_slice(a.as_bytes());
         }
-        let (tx, rx) = mpsc::channel();
-        self.pending_insert(0, tx);
-        self.send(&msg, &[])?;
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(s)) => Ok(s.pid as u32),
-            Ok(Err(e)) => Err(WorkerError::Helper(e)),
-            Err(_) => Err(WorkerError::Helper("no answer to a template".into())),
+        match self.ask(0, &msg, &[]) {
+            Ok(Reply::Template(t)) => Ok(t),
+            Ok(_) => Err(WorkerError::Helper("a wrong answer to a template".into())),
+            Err(e) => Err(WorkerError::Helper(e)),
         }
     }
 
@@ -207,7 +216,59 @@ impl Helper {
         self.send(b"Z", &[])
     }
 
-    fn pending_insert(&self, id: u64, tx: mpsc::Sender<Result<Started, String>>) {
+    /// Sends request `id` and waits (30 s at most) for its answer.
+    fn ask(&self, id: u64, msg: &[u8], fds: &[RawFd]) -> Result<Reply, String> {
+        let (tx, rx) = mpsc::channel();
+        self.pending_insert(id, tx);
+        if let Err(e) = self.send(msg, fds) {
+            self.pending_remove(id);
+            return Err(format!("cannot reach the jail helper: {e}"));
+        }
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(r) => r,
+            Err(_) => {
+                self.pending_remove(id);
+                Err("no answer within 30 s (is the jail helper alive?)".into())
+            }
+        }
+    }
+
+    fn pending_remove(&self, id: u64) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&id);
+        }
+    }
+
+    /// Hands the helper the guests' network namespace (and its bind mount, which the helper
+    /// then removes when it exits: the server, once unprivileged, could not) and the pool's
+    /// addresses: from then on it makes the pool's TAPs ([`HelperTaps`]).
+    pub fn give_network(
+        &self,
+        ns: &xcgi_net::NetNs,
+        base: std::net::Ipv4Addr,
+        size: u32,
+    ) -> io::Result<()> {
+        let msg = format!(
+            "W{base} {size}\n{}",
+            ns.path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        self.send(msg.as_bytes(), &[ns.as_fd().as_raw_fd()])?;
+        ns.release_mount();
+        Ok(())
+    }
+
+    /// The TAP of `slot`, made by the helper in the guests' namespace.
+    fn make_tap(&self, slot: u32) -> Result<xcgi_net::Tap, String> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        match self.ask(id, format!("N{id} {slot}").as_bytes(), &[])? {
+            Reply::Tap(t) => Ok(t),
+            _ => Err("a wrong answer to a TAP".into()),
+        }
+    }
+
+    fn pending_insert(&self, id: u64, tx: mpsc::Sender<Result<Reply, String>>) {
         if let Ok(mut p) = self.pending.lock() {
             p.insert(id, tx);
         }
@@ -216,23 +277,11 @@ impl Helper {
     /// Starts a VM process from `template` with `control` as its fd 3.
     pub fn spawn(&self, template: u32, control: BorrowedFd<'_>) -> Result<Started, WorkerError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
-        self.pending_insert(id, tx);
-        self.send(
-            format!("S{id} {template}").as_bytes(),
-            &[control.as_raw_fd()],
-        )?;
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(WorkerError::Helper(e)),
-            Err(_) => {
-                if let Ok(mut p) = self.pending.lock() {
-                    p.remove(&id);
-                }
-                Err(WorkerError::Helper(
-                    "no answer within 30 s (is the jail helper alive?)".into(),
-                ))
-            }
+        let msg = format!("S{id} {template}");
+        match self.ask(id, msg.as_bytes(), &[control.as_raw_fd()]) {
+            Ok(Reply::Started(s)) => Ok(s),
+            Ok(_) => Err(WorkerError::Helper("a wrong answer to a start".into())),
+            Err(e) => Err(WorkerError::Helper(e)),
         }
     }
 
@@ -244,7 +293,15 @@ impl Helper {
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        // Its end of the socket sees EOF: it kills what is left, removes the cgroups, exits.
+        self.close();
+    }
+}
+
+impl Helper {
+    /// Ends the helper: its end of the socket sees EOF, it kills and reaps the VM processes
+    /// left, removes their cgroups and the guests' namespace mount, and exits; waited for
+    /// (10 s at most, then killed). Nothing it did is left when this returns.
+    pub fn close(&self) {
         // SAFETY: shutdown(2) on our socket; the descriptor stays ours.
         unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
         if let Some(mut p) = self.process.lock().ok().and_then(|mut p| p.take()) {
@@ -263,19 +320,31 @@ impl Drop for Helper {
     }
 }
 
+/// The guests' TAPs, made by the helper ([`Helper::give_network`]).
+#[derive(Debug)]
+pub struct HelperTaps(pub Arc<Helper>);
+
+impl xcgi_net::TapMaker for HelperTaps {
+    fn make(&self, addrs: &xcgi_net::SlotAddrs) -> Result<xcgi_net::Tap, xcgi_net::NetError> {
+        self.0
+            .make_tap(addrs.slot)
+            .map_err(xcgi_net::NetError::Maker)
+    }
+}
+
 /// The server's reader: answers to their requests, ends to their VM processes.
 fn read_replies(sock: &OwnedFd, pending: &Pending) {
     let mut exits: HashMap<libc::pid_t, Arc<ExitSlot>> = HashMap::new();
     let mut buf = vec![0u8; 4096];
     loop {
-        let n = match recv(sock.as_fd(), &mut buf, None) {
-            Ok(Some((n, _))) if n > 0 => n,
+        let (n, mut fds) = match recv(sock.as_fd(), &mut buf, None) {
+            Ok(Some((n, fds))) if n > 0 => (n, fds),
             _ => break, // the helper is gone
         };
         let text = String::from_utf8_lossy(&buf[1..n]).into_owned();
         let mut f = text.split(' ');
         let mut num = || f.next().and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
-        let reply_to = |id: i64, r: Result<Started, String>| {
+        let reply_to = |id: i64, r: Result<Reply, String>| {
             let tx = pending
                 .lock()
                 .ok()
@@ -286,20 +355,27 @@ fn read_replies(sock: &OwnedFd, pending: &Pending) {
         };
         match buf[0] {
             b't' => {
-                let id = num();
-                reply_to(
-                    0,
-                    Ok(Started {
-                        pid: id as libc::pid_t,
-                        exit: Arc::default(),
-                    }),
-                );
+                let t = num();
+                reply_to(0, Ok(Reply::Template(t as u32)));
+            }
+            b'n' => {
+                let (id, index) = (num(), num());
+                let name = f.next().unwrap_or("").to_string();
+                let r = match fds.pop() {
+                    Some(fd) => Ok(Reply::Tap(xcgi_net::Tap::from_parts(
+                        fd,
+                        name,
+                        index as u32,
+                    ))),
+                    None => Err("a TAP without its descriptor".into()),
+                };
+                reply_to(id, r);
             }
             b's' => {
                 let (id, pid) = (num(), num() as libc::pid_t);
                 let slot: Arc<ExitSlot> = Arc::default();
                 exits.insert(pid, Arc::clone(&slot));
-                reply_to(id, Ok(Started { pid, exit: slot }));
+                reply_to(id, Ok(Reply::Started(Started { pid, exit: slot })));
             }
             b'e' => {
                 let (id, why) = text.split_once(' ').unwrap_or((&text, ""));
@@ -346,6 +422,9 @@ struct State {
     uid_count: u32,
     cgroups: Option<Arc<VmCgroups>>,
     children: HashMap<libc::pid_t, Child>,
+    /// The guests' network (`W`): its namespace (its bind mount removed when this goes), a
+    /// netlink socket in it, the pool's addresses.
+    net: Option<(xcgi_net::NetNs, xcgi_net::Netlink, xcgi_net::AddrPlan)>,
 }
 
 /// `xcgi jail-helper`: serves the server on fd 3 until it goes. Returns the exit code.
@@ -365,6 +444,7 @@ pub fn helper_main() -> i32 {
         uid_count: 0,
         cgroups: None,
         children: HashMap::new(),
+        net: None,
     };
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -433,6 +513,20 @@ impl State {
                 None => self.reply("e0 a template the helper cannot read", &[]),
             },
             b'Z' => self.sealed = true,
+            b'W' if !self.sealed => self.take_network(&text, fds),
+            b'N' => {
+                let mut f = text.split(' ');
+                let id = f.next().unwrap_or("0").to_string();
+                let slot = f.next().and_then(|v| v.parse::<u32>().ok());
+                match self.make_tap(slot) {
+                    Ok(tap) => self.reply(
+                        &format!("n{id} {} {}", tap.index(), tap.name()),
+                        &[tap.as_fd().as_raw_fd()],
+                    ),
+                    // Dropped once sent: the server's descriptor is then the only one.
+                    Err(e) => self.reply(&format!("e{id} {e}"), &[]),
+                }
+            }
             b'S' => {
                 let mut f = text.split(' ');
                 let id = f.next().unwrap_or("0").to_string();
@@ -454,6 +548,34 @@ impl State {
             }
             _ => tracing::warn!("jail helper: a message it does not take"),
         }
+    }
+
+    fn take_network(&mut self, text: &str, fds: Vec<OwnedFd>) {
+        let (plan, mount) = text.split_once('\n').unwrap_or((text, ""));
+        let mut f = plan.split(' ');
+        let base = f.next().and_then(|b| b.parse().ok());
+        let size = f.next().and_then(|s| s.parse().ok());
+        let (Some(base), Some(size), Some(fd)) = (base, size, fds.into_iter().next()) else {
+            tracing::warn!("jail helper: a network message it cannot read");
+            return;
+        };
+        let mount = (!mount.is_empty()).then(|| PathBuf::from(mount));
+        let ns = xcgi_net::NetNs::from_fd(fd, mount);
+        let made = xcgi_net::AddrPlan::new(base, size)
+            .map_err(|e| e.to_string())
+            .and_then(|plan| Ok((ns.netlink().map_err(|e| e.to_string())?, plan)));
+        match made {
+            Ok((nl, plan)) => self.net = Some((ns, nl, plan)),
+            Err(e) => tracing::warn!(error = %e, "jail helper: cannot use the guests' network"),
+        }
+    }
+
+    /// The TAP of a slot of the pool (and only of the pool: a slot past its size is refused).
+    fn make_tap(&mut self, slot: Option<u32>) -> Result<xcgi_net::Tap, String> {
+        let (ns, nl, plan) = self.net.as_mut().ok_or("the helper has no guest network")?;
+        let slot = slot.ok_or("a TAP request it cannot read")?;
+        let addrs = plan.slot(slot).map_err(|e| e.to_string())?;
+        xcgi_net::make_tap(ns, nl, &addrs).map_err(|e| e.to_string())
     }
 
     fn init(&mut self, text: &str) {
@@ -595,4 +717,61 @@ fn parse_template(b: &[u8]) -> Option<(Vec<OsString>, VmLimits)> {
             cpu_percent: (cpu > 0).then_some(cpu),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (State, OwnedFd) {
+        let (ours, theirs) = seqpacket_pair().expect("socketpair");
+        let st = State {
+            sock: theirs,
+            templates: Vec::new(),
+            sealed: false,
+            free_uids: Vec::new(),
+            uid_count: 0,
+            cgroups: None,
+            children: HashMap::new(),
+            net: None,
+        };
+        (st, ours)
+    }
+
+    fn answer(sock: &OwnedFd) -> String {
+        let mut buf = [0u8; 512];
+        match recv(sock.as_fd(), &mut buf, Some(Duration::from_secs(1))) {
+            Ok(Some((n, _))) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            _ => String::new(),
+        }
+    }
+
+    /// What a server taken over by a client could ask of the helper after the seal: no new
+    /// template, no start of a template it does not have, no TAP outside the pool, no other
+    /// program than `vmm-worker`.
+    #[test]
+    fn a_sealed_helper_starts_only_what_it_was_given() {
+        let (mut st, sock) = state();
+        st.handle(b"T100 9 0\nvmm-worker\x00--mem\x00128", Vec::new());
+        assert_eq!(answer(&sock), "t0");
+        st.handle(b"T100 9 0\n/bin/sh\0-c\0id", Vec::new());
+        assert!(answer(&sock).starts_with("e0 "), "another program");
+        assert_eq!(st.templates.len(), 1);
+        st.handle(b"Z", Vec::new());
+        st.handle(b"T100 9 0\nvmm-worker\x00--mem\x0065536", Vec::new());
+        assert_eq!(answer(&sock), "", "a template after the seal was answered");
+        assert_eq!(st.templates.len(), 1, "a template after the seal was taken");
+        st.handle(b"I1000 10\n", Vec::new());
+        assert!(
+            st.free_uids.is_empty(),
+            "a uid range after the seal was taken"
+        );
+        let (a, _b) = seqpacket_pair().expect("socketpair");
+        st.handle(b"S7 1", vec![a]);
+        assert!(answer(&sock).starts_with("e7 "), "a start of template 1");
+        st.handle(b"N8 0", Vec::new());
+        assert!(answer(&sock).starts_with("e8 "), "a TAP without a network");
+        st.handle(b"K1", Vec::new());
+        assert!(st.children.is_empty());
+    }
 }

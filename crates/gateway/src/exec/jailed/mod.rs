@@ -30,7 +30,7 @@ mod helper;
 mod wire;
 mod worker;
 
-pub use helper::{helper_main, Exit, ExitSlot, Helper, HelperSettings};
+pub use helper::{helper_main, Exit, ExitSlot, Helper, HelperSettings, HelperTaps};
 
 use wire::{recv, send, seqpacket_pair};
 pub use worker::{confine_vm_process, worker_main, WorkerArgs};
