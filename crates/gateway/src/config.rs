@@ -26,6 +26,7 @@
 //! memory_mib = 1024         # RLIMIT_AS
 //! processes = 256           # RLIMIT_NPROC (counted per user: all handlers together)
 //! cgroup = true             # a cgroup v2 per handler where writable (kills every descendant)
+//! seccomp = true            # seccomp filters: no ptrace, namespaces, mounts, bpf... (EPERM)
 //!
 //! [network]                 # HTTP-mode routes only: a /30 per VM from this pool
 //! base = "172.16.0.0"
@@ -272,6 +273,11 @@ pub struct ProcessSection {
     /// with it, even one that left the handler's process group. Default true.
     #[serde(default = "default_true")]
     pub cgroup: bool,
+    /// Seccomp filters on every handler: EPERM for debugging other processes, new
+    /// namespaces, mounts, and kernel interfaces a handler does not need (docs/security.md).
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
 }
 
 impl Default for ProcessSection {
@@ -282,6 +288,7 @@ impl Default for ProcessSection {
             memory_mib: default_process_memory(),
             processes: default_process_processes(),
             cgroup: true,
+            seccomp: true,
         }
     }
 }

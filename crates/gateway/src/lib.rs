@@ -22,6 +22,7 @@ pub mod config;
 pub mod conn;
 pub mod escape;
 pub mod exec;
+pub mod handler_seccomp;
 pub mod images;
 pub mod jail;
 pub mod metrics;

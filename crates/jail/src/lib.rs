@@ -16,4 +16,6 @@ pub mod confine;
 pub mod spawn;
 
 pub use confine::{close_from, confine, no_new_privs, switch_user, ConfineError, Confinement};
-pub use spawn::{pipe, spawn, ChildSetup, Command, PidFd, Pipes, SpawnError, Spawned, Stdio};
+pub use spawn::{
+    pipe, spawn, ChildSetup, Command, PidFd, Pipes, SeccompProgram, SpawnError, Spawned, Stdio,
+};

@@ -49,6 +49,19 @@ pub struct ChildSetup {
     /// `(uid, gid)` the child switches to (supplementary groups dropped); None: stays as the
     /// server's user.
     pub creds: Option<(libc::uid_t, libc::gid_t)>,
+    /// Seccomp filters the child installs last before `execve`, in this order (it needs
+    /// `no_new_privs` or CAP_SYS_ADMIN): the program runs under them.
+    pub seccomp: Vec<SeccompProgram>,
+}
+
+/// A compiled seccomp-bpf program (classic BPF instructions, as `SECCOMP_MODE_FILTER` takes).
+#[derive(Clone, Default)]
+pub struct SeccompProgram(pub std::sync::Arc<Vec<libc::sock_filter>>);
+
+impl std::fmt::Debug for SeccompProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SeccompProgram({} instructions)", self.0.len())
+    }
 }
 
 /// What the child's stdin, stdout and stderr are.
@@ -302,7 +315,7 @@ struct ChildFailure {
     errno: i32,
 }
 
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 11] = [
     "setting up stdin/stdout/stderr",
     "changing to the working directory",
     "making its process group",
@@ -313,6 +326,7 @@ const STEPS: [&str; 10] = [
     "checking its parent (the server is going away)",
     "setting no_new_privs",
     "execve",
+    "installing its seccomp filter",
 ];
 
 /// Why a handler process could not be started.
@@ -780,6 +794,23 @@ unsafe fn child_steps(a: &ChildArgs<'_>) -> Result<std::convert::Infallible, u32
         // SAFETY: prctl with integer arguments, on this child.
         let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
         check(r.into(), 8)?;
+    }
+    for p in &a.setup.seccomp {
+        // Built on this stack: no allocation; the instructions are the parent's, alive until
+        // execve (the parent waits).
+        let prog = libc::sock_fprog {
+            len: p.0.len() as libc::c_ushort,
+            filter: p.0.as_ptr().cast_mut(),
+        };
+        // SAFETY: prctl reads `prog` and the instructions it points to for this call only.
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        check(r.into(), 10)?;
     }
     // SAFETY: prog, argv and envp are NUL-terminated and null-terminated, built by the parent.
     unsafe { libc::execve(a.prog.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr()) };

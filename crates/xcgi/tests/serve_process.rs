@@ -406,42 +406,83 @@ fn kvm_fds(pid: u32) -> (usize, usize) {
 
 /// VM isolation builds VMs ahead for each route (this host's /dev/kvm runs every setup call;
 /// booting is the lab's job, serve_vm.rs): the pool fills to each route's `prepared`, holds
-/// exactly that many VMs and vCPUs, and releases them all when the server stops.
+/// exactly that many VMs and vCPUs, and releases them all when the server stops. With the
+/// jail (the default) each prepared VM is in a VM process of its own, started by the
+/// server's jail helper, and the server holds none; with `jail = false` the server holds them.
 #[test]
 fn vm_routes_keep_their_prepared_vms_and_release_them_on_exit() {
     let kernel = kernel();
-    let server = format!(
-        "isolation = \"vm\"\nkernel = \"{}\"\ninit = \"{}\"",
-        kernel.display(),
-        xcgi_init().display()
-    );
-    let routes = route("/a", &cgi_c(), "prepared = 3\nmemory_mib = 64")
-        + &route("/b", &cgi_c(), "prepared = 0")
-        + &route("/c", &cgi_c(), "");
-    let s = Served::start(&server, &routes);
-    let metric = |name: &str| -> Option<i64> {
-        let (body, _) = curl(&[&s.url("/_xcgi/metrics")]);
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-    };
-    let t = Instant::now();
-    while metric("xcgi_vms_prepared") != Some(5) {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "pool never filled (3 for /a, 2 by default for /c): {:?}\n{}",
-            metric("xcgi_vms_prepared"),
-            s.log()
+    for jail in [true, false] {
+        let server = format!(
+            "isolation = \"vm\"\nkernel = \"{}\"\ninit = \"{}\"\njail = {jail}",
+            kernel.display(),
+            xcgi_init().display()
         );
-        std::thread::sleep(Duration::from_millis(20));
+        let routes = route("/a", &cgi_c(), "prepared = 3\nmemory_mib = 64")
+            + &route("/b", &cgi_c(), "prepared = 0")
+            + &route("/c", &cgi_c(), "");
+        let s = Served::start(&server, &routes);
+        let metric = |name: &str| -> Option<i64> {
+            let (body, _) = curl(&[&s.url("/_xcgi/metrics")]);
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+        };
+        let t = Instant::now();
+        while metric("xcgi_vms_prepared") != Some(5) {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "pool never filled (3 for /a, 2 by default for /c): {:?}\n{}",
+                metric("xcgi_vms_prepared"),
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // And stays there: nothing is prepared beyond the target.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(metric("xcgi_vms_prepared"), Some(5));
+        let vm_processes = vm_processes_of(s.pid());
+        let held = vm_processes
+            .iter()
+            .map(|&p| kvm_fds(p))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if jail {
+            assert_eq!(vm_processes.len(), 5, "one VM process per prepared VM");
+            assert_eq!(held, (5, 5), "one VM and one vCPU in each");
+            assert_eq!(kvm_fds(s.pid()), (0, 0), "the jailed server holds no VM");
+        } else {
+            assert!(vm_processes.is_empty(), "VM processes with jail = false");
+            assert_eq!(
+                kvm_fds(s.pid()),
+                (5, 5),
+                "one VM and one vCPU per prepared VM"
+            );
+        }
+        assert_eq!(metric("xcgi_vms_started_total"), Some(0));
+        assert_eq!(s.stop(), 0);
+        for p in vm_processes {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{p}")).exists(),
+                "VM process {p} outlived the server"
+            );
+        }
     }
-    // And stays there: nothing is prepared beyond the target.
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(metric("xcgi_vms_prepared"), Some(5));
-    assert_eq!(
-        kvm_fds(s.pid()),
-        (5, 5),
-        "one VM and one vCPU per prepared VM"
-    );
-    assert_eq!(metric("xcgi_vms_started_total"), Some(0));
-    assert_eq!(s.stop(), 0);
+}
+
+/// The VM processes of server `pid`: the children of its jail helper.
+fn vm_processes_of(pid: u32) -> Vec<u32> {
+    let children = |p: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .collect()
+    };
+    children(pid)
+        .into_iter()
+        .filter(|&c| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|l| l.split(|&b| b == 0).any(|a| a == b"jail-helper"))
+        })
+        .flat_map(children)
+        .collect()
 }

@@ -106,7 +106,8 @@ EOF
     echo "after: $(figures)"
     echo "gauges: in_flight=$(metric xcgi_requests_in_flight) queue=$(metric xcgi_queue_depth) vms=$(metric xcgi_vms_running) body=$(metric xcgi_body_bytes_buffered) conns=$(metric xcgi_connections_open)"
     kill -TERM $PID; wait $PID; echo "server_rc=$?"
-    echo "left: netns=[$(ls /run/netns 2>/dev/null | tr '\n' ' ')] taps=[$(ip -o link show | grep -c xcgi)] vmms=$(count_xcgi) workdirs=$(ls -d /tmp/xcgi-serve-* 2>/dev/null | wc -l)"
+    jailed=0; for s in /proc/[0-9]*/status; do grep -q '^Uid:.*3000000' "$s" 2>/dev/null && jailed=$((jailed+1)); done
+    echo "left: netns=[$(ls /run/netns 2>/dev/null | tr '\n' ' ')] taps=[$(ip -o link show | grep -c xcgi)] vmms=$(count_xcgi) workdirs=$(ls -d /tmp/xcgi-serve-* 2>/dev/null | wc -l) cgroups=$(ls -d /sys/fs/cgroup/xcgi-* 2>/dev/null | wc -l) jailed=$jailed"
     echo "===log==="; grep -c . s.log; grep -E 'WARN|ERROR' s.log | cut -c1-300 | sort | uniq -c | sort -rn | head -30; echo "===end log==="
 "#;
 
@@ -180,7 +181,7 @@ fn vm_isolation_holds_under_hostile_traffic_and_leaks_nothing() {
     assert_eq!(line(out, "server_rc=").trim(), "server_rc=0", "{out}");
     assert_eq!(
         line(out, "left: ").trim(),
-        "left: netns=[] taps=[0] vmms=0 workdirs=0",
+        "left: netns=[] taps=[0] vmms=0 workdirs=0 cgroups=0 jailed=0",
         "{out}"
     );
 }

@@ -17,8 +17,9 @@ use xcgi_jail::cgroup::{self, Cgroup};
 /// MiB a VM process needs besides its guest's memory, charged to its cgroup: the monitor's
 /// own pages (~4 MiB resident waiting, docs/benchmarks.md §12), KVM's per-VM and per-vCPU
 /// kernel memory (page tables of the guest's memory, vCPU state) and device buffers.
-/// Measured in the lab (`cgroup_memory_max_stops_a_vm_process_and_the_server_answers_502`
-/// prints memory.peak): 128 MiB guests peak under guest + 20 MiB; this leaves headroom.
+/// In the lab (`jailed_vm_processes_serve_cgi_requests` prints each cgroup's memory.peak) a
+/// 128 MiB guest's VM process peaks at 20-28 MiB over a CGI request and at 80 MiB when its
+/// handler touches 64 MiB: the guest's pages plus a few MiB; this leaves ample headroom.
 pub const VM_OVERHEAD_MIB: u64 = 48;
 
 /// One VM process's limits.
