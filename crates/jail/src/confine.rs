@@ -229,17 +229,7 @@ fn drop_privileges(uid: libc::uid_t, gid: libc::gid_t) -> Result<(), ConfineErro
             libc::syscall(libc::SYS_setresuid, uid, uid, uid),
         )?;
     }
-    let (effective, permitted) = capabilities().map_err(|source| ConfineError::Step {
-        step: "reading the capabilities",
-        source,
-    })?;
-    if effective != 0 || permitted != 0 {
-        return Err(ConfineError::CapsLeft {
-            effective,
-            permitted,
-        });
-    }
-    Ok(())
+    no_capability_left()
 }
 
 /// Switches this whole process, every thread of it, to `uid` and `gid` for good (a server
@@ -258,6 +248,11 @@ pub fn switch_user(uid: libc::uid_t, gid: libc::gid_t) -> Result<(), ConfineErro
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0).into(),
         )?;
     }
+    no_capability_left()
+}
+
+/// Checks that the calling thread has no effective or permitted capability left.
+fn no_capability_left() -> Result<(), ConfineError> {
     let (effective, permitted) = capabilities().map_err(|source| ConfineError::Step {
         step: "reading the capabilities",
         source,

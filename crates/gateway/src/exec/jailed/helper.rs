@@ -436,16 +436,7 @@ pub fn helper_main() -> i32 {
     // server's end of the socket closes, after cleaning up.
     // SAFETY: setsid(2) has no preconditions.
     unsafe { libc::setsid() };
-    let mut st = State {
-        sock,
-        templates: Vec::new(),
-        sealed: false,
-        free_uids: Vec::new(),
-        uid_count: 0,
-        cgroups: None,
-        children: HashMap::new(),
-        net: None,
-    };
+    let mut st = State::new(sock);
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let mut polled: Vec<libc::pollfd> = vec![libc::pollfd {
@@ -497,6 +488,20 @@ pub fn helper_main() -> i32 {
 }
 
 impl State {
+    /// Nothing yet: no range, template, network or VM process; not sealed.
+    fn new(sock: OwnedFd) -> State {
+        State {
+            sock,
+            templates: Vec::new(),
+            sealed: false,
+            free_uids: Vec::new(),
+            uid_count: 0,
+            cgroups: None,
+            children: HashMap::new(),
+            net: None,
+        }
+    }
+
     fn reply(&self, msg: &str, fds: &[RawFd]) {
         let _ = send(self.sock.as_fd(), msg.as_bytes(), fds);
     }
@@ -725,17 +730,7 @@ mod tests {
 
     fn state() -> (State, OwnedFd) {
         let (ours, theirs) = seqpacket_pair().expect("socketpair");
-        let st = State {
-            sock: theirs,
-            templates: Vec::new(),
-            sealed: false,
-            free_uids: Vec::new(),
-            uid_count: 0,
-            cgroups: None,
-            children: HashMap::new(),
-            net: None,
-        };
-        (st, ours)
+        (State::new(theirs), ours)
     }
 
     fn answer(sock: &OwnedFd) -> String {
