@@ -21,6 +21,7 @@ pub mod memory;
 pub mod pool;
 pub mod resources;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vm;
 
 pub use pool::{Pool, PoolHealth};

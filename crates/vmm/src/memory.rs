@@ -65,6 +65,15 @@ pub enum MemoryError {
     /// vm-memory refused a region or the region list.
     #[error("building the guest memory map failed: {0}")]
     Layout(String),
+    /// Saving guest memory to, or mapping it from, a snapshot's memory file failed.
+    #[error("guest memory file {path}: {source}")]
+    File {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// How guest RAM is backed.
@@ -255,6 +264,77 @@ pub fn create(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
         regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+/// Writes guest RAM to `path` (a snapshot's memory file): the RAM ranges one after the other,
+/// without the MMIO hole, blocks of zeroes left as holes (a sparse file: a booted guest has
+/// touched a small part of its memory).
+pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryError> {
+    use std::io::{Seek, SeekFrom, Write};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let err = |source| MemoryError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::create(path).map_err(err)?;
+    let mut total = 0u64;
+    const BLOCK: usize = 64 << 10;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let host = region.as_ptr();
+        // SAFETY: the region maps `len` bytes at `host` for as long as `mem` lives; the VM is
+        // stopped, so nothing writes them while they are read.
+        let bytes = unsafe { std::slice::from_raw_parts(host, len) };
+        for block in bytes.chunks(BLOCK) {
+            if block.iter().all(|&b| b == 0) {
+                f.seek(SeekFrom::Current(block.len() as i64)).map_err(err)?;
+            } else {
+                f.write_all(block).map_err(err)?;
+            }
+        }
+        total += len as u64;
+    }
+    f.set_len(total).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+/// Guest RAM of `cfg`'s size mapped `MAP_PRIVATE` from a memory file [`save`] wrote: pages come
+/// from the file on first touch and are copied when written, so a write reaches neither the
+/// file nor any other mapping of it (a clone per request). 4 KiB pages only.
+pub fn map_private(
+    cfg: &MemoryConfig,
+    path: &std::path::Path,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    use vm_memory::FileOffset;
+    let err = |source| MemoryError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = cfg.size_mib * MIB;
+    let f = std::fs::File::open(path).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    if len != size {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{len} bytes, the guest has {size}"),
+        )));
+    }
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (base, len) in ram_ranges(size) {
+        let file = f.try_clone().map_err(err)?;
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, base)
+            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
+        regions.push(region);
+        offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
 }
@@ -538,5 +618,63 @@ KernelPageSize:     2048 kB
         };
         let msg = validate(&cfg).unwrap_err().to_string();
         assert!(msg.contains("vm.nr_hugepages="), "{msg}");
+    }
+
+    /// A snapshot's memory file: what the guest wrote reads back in every private mapping; a
+    /// write in one reaches neither the file nor another mapping; untouched blocks are holes.
+    #[test]
+    fn a_memory_file_maps_privately_into_each_clone() {
+        use vm_memory::Bytes;
+        let cfg = MemoryConfig {
+            size_mib: 64,
+            hugepages: false,
+            populate: false,
+        };
+        let mem = create(&cfg).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(0x1234_5678_u32, GuestAddress(60 << 20))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        save(&mem, &path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        {
+            use std::os::unix::fs::MetadataExt;
+            assert!(
+                meta.blocks() * 512 < 1 << 20,
+                "zero blocks were written, not skipped"
+            );
+        }
+        let a = map_private(&cfg, &path).unwrap();
+        let b = map_private(&cfg, &path).unwrap();
+        assert_eq!(
+            a.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(
+            b.read_obj::<u32>(GuestAddress(60 << 20)).unwrap(),
+            0x1234_5678
+        );
+        a.write_obj(7u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(a.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 7);
+        assert_eq!(
+            b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef,
+            "a write reached another clone"
+        );
+        let c = map_private(&cfg, &path).unwrap();
+        assert_eq!(
+            c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef,
+            "a write reached the file"
+        );
+        let wrong = MemoryConfig {
+            size_mib: 128,
+            ..cfg
+        };
+        let e = map_private(&wrong, &path).expect_err("another size");
+        assert!(e.to_string().contains("the guest has"), "{e}");
     }
 }
