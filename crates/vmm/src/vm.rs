@@ -395,6 +395,89 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     })
 }
 
+/// A machine restored from a snapshot up to its first KVM_RUN (issue 13's cold restore; the
+/// devices are not restored yet): its VM, its memory mapped copy-on-write from the snapshot's
+/// memory file, its vCPUs with their state set.
+pub struct RestoredMachine {
+    /// Dropped before `mem` (it maps it).
+    pub vcpus: Vec<Box<dyn Vcpu>>,
+    /// The VM.
+    pub vm: Box<dyn hypervisor::Vm>,
+    /// Guest memory, private to this machine.
+    pub mem: GuestMemoryMmap,
+    /// How long each step took, in order.
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+impl std::fmt::Debug for RestoredMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoredMachine")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes `prepared`'s VM and vCPU state and writes its memory to `memory_file`: the pieces
+/// of a snapshot (the devices' state aside). The machine must not run meanwhile.
+pub fn capture(
+    prepared: &PreparedVm,
+    identity: crate::snapshot::Identity,
+    memory_file: &std::path::Path,
+) -> Result<crate::snapshot::Snapshot, VmError> {
+    memory::save(&prepared.mem, memory_file)?;
+    Ok(crate::snapshot::Snapshot {
+        identity,
+        vm: prepared.vm.state()?,
+        vcpus: prepared
+            .vcpus
+            .iter()
+            .map(|c| c.state())
+            .collect::<Result<_, _>>()?,
+        devices: Vec::new(),
+    })
+}
+
+/// A new machine of `shape`'s memory and vCPUs from `snap` and its memory file, ready for
+/// its first KVM_RUN: the VM, memory slots over a `MAP_PRIVATE` mapping of the file, the
+/// interrupt controllers and PIT, the vCPUs with CPUID, then every piece of state.
+pub fn restore(
+    shape: &MachineShape,
+    snap: &crate::snapshot::Snapshot,
+    memory_file: &std::path::Path,
+) -> Result<RestoredMachine, VmError> {
+    let mut clock = PhaseClock::new(Instant::now());
+    let hv = KvmHypervisor::get().map_err(VmError::OpenKvm)?;
+    let vm = hypervisor::Hypervisor::create_vm(hv)?;
+    clock.lap("create vm");
+    let mem = memory::map_private(&shape.memory, memory_file)?;
+    clock.lap("map memory file");
+    register_memory(&*vm, &mem)?;
+    clock.lap("memory slots");
+    vm.set_tss_address(KVM_TSS_ADDR as u64)?;
+    vm.create_irqchip()?;
+    vm.create_pit()?;
+    clock.lap("irqchip");
+    vm.set_state(&snap.vm)?;
+    clock.lap("vm state");
+    let cpuid = hypervisor::Hypervisor::supported_cpuid(hv)?;
+    let count = snap.vcpus.len() as u8;
+    let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+    for (id, state) in snap.vcpus.iter().enumerate() {
+        let vcpu = vm.create_vcpu(id as u8)?;
+        cpu::setup_cpuid(&*vcpu, cpuid.clone(), id as u8, count)?;
+        clock.lap("vcpus");
+        vcpu.set_state(state)?;
+        clock.lap("vcpu state");
+        vcpus.push(vcpu);
+    }
+    Ok(RestoredMachine {
+        vcpus,
+        vm,
+        mem,
+        phases: clock.phases,
+    })
+}
+
 /// `count` vCPUs with CPUID, MSRs and LINT pins; the boot CPU also gets the 64-bit entry's
 /// registers.
 fn create_vcpus(
@@ -985,6 +1068,45 @@ mod tests {
             setup_only: true,
             ..Default::default()
         }
+    }
+
+    /// Issue 13's cold restore on this host (state set natively; nothing runs): a prepared
+    /// machine captured (state file and memory file), then restored twice: each has the boot
+    /// vCPU's entry and the loaded kernel, and one's write is not in the other.
+    #[test]
+    fn a_captured_machine_restores_into_a_new_vm_with_its_state_and_memory() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (shape, _k, _i) = tiny_guest();
+        let shape = MachineShape { vcpus: 2, ..shape };
+        let prepared = prepare(&shape, Instant::now()).expect("prepare");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let memfile = dir.path().join("memory");
+        let identity = crate::snapshot::Identity {
+            xcgi_version: "test".into(),
+            kernel: "k".into(),
+            root: "r".into(),
+            memory_mib: 64,
+            vcpus: 2,
+            hugepages: false,
+        };
+        let snap = capture(&prepared, identity.clone(), &memfile).expect("capture");
+        crate::snapshot::write(&dir.path().join("state"), &snap).expect("write");
+        let snap = crate::snapshot::read(&dir.path().join("state"), &identity).expect("read");
+        let a = restore(&shape, &snap, &memfile).expect("restore");
+        let b = restore(&shape, &snap, &memfile).expect("restore again");
+        let rip = prepared.vcpus[0].regs().expect("regs").rip;
+        assert_eq!(
+            a.vcpus[0].regs().expect("regs").rip,
+            rip,
+            "the boot vCPU's entry"
+        );
+        assert_eq!(a.vcpus.len(), 2);
+        // The loaded kernel is there, and each clone's writes are its own.
+        let probe = GuestAddress(0x100_0000);
+        let word: u64 = prepared.mem.read_obj(probe).expect("read");
+        assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), word);
+        a.mem.write_obj(!word, probe).expect("write");
+        assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), word);
     }
 
     /// VMs prepared ahead from one shape are separate VMs: their guest RAM does not overlap,

@@ -7,6 +7,8 @@
 //!   initramfs, same machine, same run (module `bench_boot`).
 //! - `jail`: a VM in a jailed process: the request path of a prepared one against the same
 //!   launch in-process, its cold start and memory (module `bench_jail`).
+//! - `restore`: a machine restored from a snapshot up to its first KVM_RUN against building
+//!   it for a boot (module `bench_restore`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -27,6 +29,8 @@ enum What {
     Boot(super::bench_boot::BootArgs),
     /// A VM in a jailed process: request path of a prepared one, cold start, memory.
     Jail(super::bench_jail::JailArgs),
+    /// Cold restore from a snapshot to the first KVM_RUN (issue 13; devices not yet).
+    Restore(super::bench_restore::RestoreArgs),
 }
 
 /// The machine a setup benchmark builds, and how often: shared by `setup` and `jail`.
@@ -75,6 +79,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         What::Setup(s) => setup(s),
         What::Boot(b) => super::bench_boot::boot(b),
         What::Jail(j) => super::bench_jail::jail(j),
+        What::Restore(r) => super::bench_restore::restore(r),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod bench;
 mod bench_boot;
 mod bench_jail;
+mod bench_restore;
 pub mod image;
 pub mod jail;
 pub mod kernel;
