@@ -25,6 +25,9 @@ $X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RU
 $X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,512,1024,2048,4096 --runs 5 --populate --prepared \
   --reserve-hugepages --svg docs/plots/setup-vs-memory.svg
 echo
+echo "## 1b. cold restore from a snapshot to the first KVM_RUN (issue 13, devices not yet)"
+$X bench restore --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024,4096 --runs "$RUNS"
+echo
 echo "## 2. boot to init, xcgi vs QEMU microvm"
 if [ "$HW_KVM" = 1 ]; then
   $X bench boot --kernel "$KERNEL" --initramfs "$CPIO" --runs "$BOOT_RUNS"
