@@ -4,6 +4,7 @@
 
 pub mod console;
 pub mod i8042;
+pub mod persist;
 pub mod serial;
 pub mod virtio;
 
