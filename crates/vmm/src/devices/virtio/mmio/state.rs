@@ -465,6 +465,113 @@ impl<D: VirtioDevice> TransportState<D> {
         }
     }
 
+    /// The transport's guest-visible state for a snapshot (issue 13): its registers, then
+    /// each queue (sizes, ring addresses, ready, the next available and used indices). The
+    /// device's own state is the device's to save. Little-endian; see [`Self::restore`].
+    pub fn save(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [
+            self.queue_sel,
+            self.device_features_sel,
+            self.driver_features_sel,
+            self.status,
+            self.interrupt_status,
+            self.config_generation,
+            u32::from(self.activated),
+            self.queues.len() as u32,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.driver_features.to_le_bytes());
+        for q in &self.queues {
+            let st = q.state();
+            for v in [st.max_size, st.next_avail, st.next_used, st.size] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.push(u8::from(st.event_idx_enabled));
+            b.push(u8::from(st.ready));
+            for v in [st.desc_table, st.avail_ring, st.used_ring] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    /// Puts back what [`Self::save`] wrote into this transport, built fresh for the same
+    /// device (never activated): the registers, the queues (checked as virtio-queue checks a
+    /// driver's values: sizes, alignment) and, if the saved transport was live, the device's
+    /// activation with those queues, as DRIVER_OK does. The saved bytes are the server's own,
+    /// but are checked as if they were not.
+    pub fn restore(&mut self, b: &[u8]) -> Result<(), String> {
+        if self.activated {
+            return Err("the transport is already live".into());
+        }
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            let s = b
+                .get(at..at + n)
+                .ok_or("the saved transport is cut short")?;
+            at += n;
+            Ok(s)
+        };
+        let mut u32s = [0u32; 8];
+        for v in &mut u32s {
+            *v = u32::from_le_bytes(take(4)?.try_into().map_err(|_| "bad bytes")?);
+        }
+        let [queue_sel, dev_sel, drv_sel, status, interrupt_status, generation, activated, n] =
+            u32s;
+        let driver_features = u64::from_le_bytes(take(8)?.try_into().map_err(|_| "bad bytes")?);
+        if n as usize != self.queues.len() {
+            return Err(format!(
+                "{n} queues saved, the device has {}",
+                self.queues.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (i, mine) in self.queues.iter().enumerate() {
+            let u16at = |s: &[u8], k: usize| u16::from_le_bytes([s[k], s[k + 1]]);
+            let u64at = |s: &[u8], k: usize| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&s[k..k + 8]);
+                u64::from_le_bytes(a)
+            };
+            let s = take(8 + 2 + 24)?;
+            let st = virtio_queue::QueueState {
+                max_size: u16at(s, 0),
+                next_avail: u16at(s, 2),
+                next_used: u16at(s, 4),
+                size: u16at(s, 6),
+                event_idx_enabled: s[8] != 0,
+                ready: s[9] != 0,
+                desc_table: u64at(s, 10),
+                avail_ring: u64at(s, 18),
+                used_ring: u64at(s, 26),
+            };
+            if st.max_size != mine.max_size() {
+                return Err(format!("queue {i}: saved with another maximum size"));
+            }
+            queues.push(Queue::try_from(st).map_err(|e| format!("queue {i}: {e}"))?);
+        }
+        if at != b.len() {
+            return Err("bytes after the saved transport".into());
+        }
+        self.queues = queues;
+        self.queue_sel = queue_sel;
+        self.device_features_sel = dev_sel;
+        self.driver_features_sel = drv_sel;
+        self.driver_features = driver_features;
+        self.status = status;
+        self.interrupt_status = interrupt_status;
+        self.config_generation = generation;
+        if activated != 0 {
+            self.activate();
+            if !self.activated {
+                return Err("the device refused its activation".into());
+            }
+        }
+        Ok(())
+    }
+
     fn queue_notify(&mut self, value: u32) {
         if !self.activated || self.status & S_NEEDS_RESET != 0 {
             debug!(

@@ -784,3 +784,46 @@ fn workers_are_joined_outside_the_lock_on_reset_and_drop() {
         .expect("reset or drop deadlocked");
     driver.join().expect("driver thread");
 }
+
+/// Issue 13: a live transport saved and put back into a fresh one for the same device reads
+/// the same registers and queues, is live again (its device activated with the restored
+/// queues) and goes on from the same ring indices; damaged bytes are refused.
+#[test]
+fn a_saved_transport_restores_live_into_a_fresh_one() {
+    let (mem, mut a) = live_transport();
+    let mut dq = DriverQueue::new(&mem, QUEUE_BASE, 8);
+    dq.add_chain(&[r(BUF_BASE, 16)]);
+    write_reg(&mut a, QUEUE_NOTIFY, 0);
+    assert_eq!(dq.used_idx(), 1);
+    let saved = a.lock().save();
+    let mut b = transport_on(&mem);
+    b.lock().restore(&saved).expect("restore");
+    assert!(b.lock().is_activated(), "not live after the restore");
+    assert_eq!(b.lock().device().activated_with, Some(FEATURES));
+    for reg in [STATUS, QUEUE_SEL, INTERRUPT_STATUS] {
+        assert_eq!(
+            read_reg(&mut a, reg),
+            read_reg(&mut b, reg),
+            "register {reg:#x}"
+        );
+    }
+    assert_eq!(rings(&a, 0), rings(&b, 0));
+    assert_eq!(
+        a.lock().queues()[0].next_used(),
+        b.lock().queues()[0].next_used()
+    );
+    // It goes on where the saved one was: the next chain is used at index 1.
+    dq.add_chain(&[r(BUF_BASE, 16)]);
+    write_reg(&mut b, QUEUE_NOTIFY, 0);
+    assert_eq!(dq.used_idx(), 2);
+    // Damaged: cut short, a queue too many, into a live transport.
+    let c = transport_on(&mem);
+    assert!(c.lock().restore(&saved[..saved.len() - 1]).is_err());
+    let mut more = saved.clone();
+    more[28..32].copy_from_slice(&3u32.to_le_bytes());
+    assert!(c.lock().restore(&more).is_err());
+    assert!(
+        b.lock().restore(&saved).is_err(),
+        "restored over a live transport"
+    );
+}
