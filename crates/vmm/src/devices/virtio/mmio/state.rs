@@ -478,7 +478,7 @@ impl<D: VirtioDevice> TransportState<D> {
             self.interrupt_status,
             self.config_generation,
             u32::from(self.activated),
-            self.queues.len() as u32,
+            u32::try_from(self.queues.len()).unwrap_or(u32::MAX),
         ] {
             b.extend_from_slice(&v.to_le_bytes());
         }
