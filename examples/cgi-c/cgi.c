@@ -9,11 +9,15 @@
  *   /persist    whether /tmp/xcgi-persist was already there (then creates it)
  *   /crash      abort()                        /garbage  output that is not a CGI response
  *   /sleep      sleeps for an hour             /alloc?N  allocates and touches N MiB
+ *   /fresh      the wall clock (s), 16 bytes of getrandom and of AT_RANDOM, in hex
  */
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/auxv.h>
+#include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -94,6 +98,15 @@ int main(void) {
         printf("this is not a CGI response\n\n");
     } else if (!strcmp(pi, "/sleep")) {
         sleep(3600);
+    } else if (!strcmp(pi, "/fresh")) {
+        unsigned char r[16] = {0};
+        const unsigned char *at = (const unsigned char *)getauxval(AT_RANDOM);
+        if (getrandom(r, sizeof r, 0) != sizeof r) return 1;
+        printf("Content-Type: text/plain\r\n\r\ntime=%ld random=", (long)time(NULL));
+        for (int i = 0; i < 16; i++) printf("%02x", r[i]);
+        printf(" at_random=");
+        for (int i = 0; i < 16; i++) printf("%02x", at ? at[i] : 0);
+        printf("\n");
     } else if (!strcmp(pi, "/alloc")) {
         long mib = atol(env("QUERY_STRING"));
         long done = 0;

@@ -173,11 +173,22 @@ pub struct Start {
     pub env: Vec<Vec<u8>>,
     /// Working directory for the program (empty: `/`).
     pub cwd: Vec<u8>,
+    /// Fresh random bytes from the host, mixed into the guest's entropy pool (and its CRNG
+    /// reseeded) before the program starts: a VM cloned from a snapshot must not share the
+    /// random state of its siblings (at most [`MAX_SEED`] bytes; empty: none).
+    pub seed: Vec<u8>,
+    /// The host's wall-clock time, ns since the Unix epoch, set as the guest's before the
+    /// program starts (0: not set).
+    pub now_ns: u64,
 }
+
+/// Largest [`Start::seed`].
+pub const MAX_SEED: usize = 256;
 
 impl Start {
     /// Payload layout: four sections, each a `u32` count of NUL-free strings followed by the
-    /// strings, each a `u32` length and its bytes: program (1), args, env, cwd (0 or 1).
+    /// strings, each a `u32` length and its bytes: program (1), args, env, cwd (0 or 1); then
+    /// the seed (a `u32` length, at most [`MAX_SEED`], and its bytes) and the time (`u64`).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let put = |out: &mut Vec<u8>, items: &[&[u8]]| {
@@ -201,6 +212,9 @@ impl Start {
         } else {
             put(&mut out, &[&self.cwd]);
         }
+        out.extend_from_slice(&len_u32(self.seed.len()).to_le_bytes());
+        out.extend_from_slice(&self.seed);
+        out.extend_from_slice(&self.now_ns.to_le_bytes());
         out
     }
 
@@ -227,9 +241,18 @@ impl Start {
             }
             sections.push(items);
         }
-        if !data.is_empty() {
-            return Err(ProtoError::Malformed("trailing bytes"));
+        let seed_len = take_u32(&mut data)? as usize;
+        if seed_len > MAX_SEED || seed_len > data.len() {
+            return Err(ProtoError::Malformed("seed too long"));
         }
+        let (seed, rest) = data.split_at(seed_len);
+        data = rest;
+        if data.len() != 8 {
+            return Err(ProtoError::Malformed("no time, or trailing bytes"));
+        }
+        let mut t = [0u8; 8];
+        t.copy_from_slice(data);
+        let now_ns = u64::from_le_bytes(t);
         let mut it = sections.into_iter();
         let mut program = it.next().unwrap_or_default();
         let args = it.next().unwrap_or_default();
@@ -246,6 +269,8 @@ impl Start {
             args,
             env,
             cwd: cwd.pop().unwrap_or_default(),
+            seed: seed.to_vec(),
+            now_ns,
         })
     }
 }
@@ -303,6 +328,8 @@ mod tests {
             args: vec![b"/handler".to_vec(), b"a b".to_vec()],
             env: vec![b"QUERY_STRING=x=1&y=2".to_vec(), b"EMPTY=".to_vec()],
             cwd: b"/".to_vec(),
+            seed: vec![0, 1, 2, 0, 255],
+            now_ns: 1_800_000_000_000_000_000,
         };
         let enc = s.encode();
         assert_eq!(Start::decode(&enc).unwrap(), s);
@@ -312,6 +339,15 @@ mod tests {
         let mut extra = enc.clone();
         extra.push(1);
         assert!(Start::decode(&extra).is_err());
+        let long_seed = Start {
+            program: b"/h".to_vec(),
+            seed: vec![7; MAX_SEED + 1],
+            ..Default::default()
+        };
+        assert!(
+            Start::decode(&long_seed.encode()).is_err(),
+            "a seed past MAX_SEED"
+        );
         let nul = Start {
             program: b"/a\0b".to_vec(),
             ..Default::default()

@@ -63,8 +63,64 @@ fn run() -> io::Result<i32> {
         }
         dec.feed(&buf[..n]);
     };
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == 1 {
+        take_fresh_state(&start)?;
+    }
     let child = spawn(&start)?;
     relay(chan, dec, child)
+}
+
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// What the host sent fresh for this VM, before the program runs (and so before its
+/// AT_RANDOM, stack canary and address layout are drawn): its seed mixed into the entropy
+/// pool and the CRNG reseeded from it, the wall clock set (the VM has no RTC). A clone of a
+/// snapshot shares everything else with its siblings; these must not be shared, so a failure
+/// fails the request.
+fn take_fresh_state(start: &ch::Start) -> io::Result<()> {
+    if !start.seed.is_empty() {
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + start.seed.len());
+        let bits = i32::try_from(start.seed.len() * 8).unwrap_or(i32::MAX);
+        let size = i32::try_from(start.seed.len()).unwrap_or(i32::MAX);
+        info.extend_from_slice(&bits.to_ne_bytes());
+        info.extend_from_slice(&size.to_ne_bytes());
+        info.extend_from_slice(&start.seed);
+        // Room for the kernel's u32 reads past an odd-length seed.
+        info.resize(info.len().next_multiple_of(4), 0);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")
+            .map_err(|e| annotate(e, "opening /dev/urandom for the host's entropy"))?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: RNDADDENTROPY reads a rand_pool_info of `buf_size` bytes from `info`, which
+        // holds its header and that many bytes.
+        if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } < 0 {
+            return Err(annotate(
+                io::Error::last_os_error(),
+                "adding the host's entropy",
+            ));
+        }
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) } < 0 {
+            return Err(annotate(io::Error::last_os_error(), "reseeding the CRNG"));
+        }
+    }
+    if start.now_ns > 0 {
+        let ts = libc::timespec {
+            tv_sec: i64::try_from(start.now_ns / 1_000_000_000).unwrap_or(i64::MAX),
+            tv_nsec: i64::try_from(start.now_ns % 1_000_000_000).unwrap_or(0),
+        };
+        // SAFETY: clock_settime reads `ts`.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
+            return Err(annotate(io::Error::last_os_error(), "setting the clock"));
+        }
+    }
+    Ok(())
 }
 
 fn annotate(e: io::Error, what: &str) -> io::Error {

@@ -91,6 +91,10 @@ fn run(program: &str, args: &[&str], env: &[&str], body: &[u8]) -> Ran {
         args: all_args,
         env: env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         cwd: b"/".to_vec(),
+        // Carried as the server sends them; applied only by a PID 1 (never here: the host's
+        // clock and entropy pool stay untouched).
+        seed: vec![7; 64],
+        now_ns: 1,
     };
     let mut w = p.master.try_clone().unwrap();
     let body = body.to_vec();

@@ -119,6 +119,8 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
         echo "local: $(curl -s http://$A/cgi/local | grep -E 'QUERY_STRING|REQUEST_METHOD' | tr '\n' ' ')"
         echo "persist1: $(curl -s http://$A/cgi/persist)"
         echo "persist2: $(curl -s http://$A/cgi/persist)"
+        echo "fresh1: $(curl -s http://$A/cgi/fresh) host=$(date +%s)"
+        echo "fresh2: $(curl -s http://$A/cgi/fresh) host=$(date +%s)"
         echo "sh: $(curl -s "http://$A/sh?q=1" --data-binary abc | tr '\n' ' ')"
         echo "go: $(curl -s "http://$A/go/p?q=2" --data-binary gobody)"
         head -c 300000 /dev/urandom > big.bin
@@ -173,6 +175,33 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
     ] {
         assert!(m.contains(want), "{want} missing:\n{m}");
     }
+    // Each VM gets the host's wall clock (it has no RTC) and fresh entropy with its request:
+    // the handler sees the time of day, and no two VMs the same random bytes or AT_RANDOM.
+    let fresh: Vec<(i64, i64, String, String)> = ["fresh1: ", "fresh2: "]
+        .iter()
+        .map(|p| {
+            let l = m
+                .lines()
+                .find_map(|l| l.strip_prefix(p))
+                .unwrap_or_else(|| panic!("no {p}:\n{m}"));
+            let f = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .unwrap_or_else(|| panic!("no {k} in {l:?}"))
+                    .to_string()
+            };
+            let n = |k: &str| f(k).parse::<i64>().unwrap_or_else(|_| panic!("{l:?}"));
+            (n("time="), n("host="), f("random="), f("at_random="))
+        })
+        .collect();
+    for (guest, host, _, _) in &fresh {
+        assert!(
+            (host - guest).abs() <= 3,
+            "the guest's clock is {guest}, the host's {host}: not set from the host\n{m}"
+        );
+    }
+    assert_ne!(fresh[0].2, fresh[1].2, "two VMs drew the same random bytes");
+    assert_ne!(fresh[0].3, fresh[1].3, "two VMs got the same AT_RANDOM");
     let t = m
         .lines()
         .find_map(|l| l.strip_prefix("timeout="))

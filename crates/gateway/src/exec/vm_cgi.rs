@@ -59,6 +59,8 @@ pub fn spawn_vm_cgi<K: Send + 'static>(
         args: vec![path_bytes(&inv.program)],
         env: inv.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         cwd: path_bytes(&inv.cwd),
+        seed: Vec::new(),
+        now_ns: 0,
     };
     let (out_tx, out_rx) = mpsc::channel(STDOUT_DEPTH);
     let (ready_tx, ready) = oneshot::channel();
@@ -174,9 +176,16 @@ impl Drive {
         if let Some(tx) = self.ready_tx.take() {
             let _ = tx.send(self.t0.elapsed());
         }
-        let (Some((start, mut body)), Some(mut w)) = (self.start.take(), self.wr.take()) else {
+        let (Some((mut start, mut body)), Some(mut w)) = (self.start.take(), self.wr.take()) else {
             return;
         };
+        // Fresh for this VM, taken now: its entropy and its clock (it has no RTC; a clone of
+        // a snapshot would otherwise share its siblings' random state and time).
+        start.seed = fresh_seed();
+        start.now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
         self.writer = Some(tokio::spawn(async move {
             if w.write_all(&ch::frame(ch::START, &start.encode()))
                 .await
@@ -216,6 +225,17 @@ impl Drive {
         }
         Flow::More
     }
+}
+
+/// 64 bytes from the host's CRNG (getrandom); empty if it fails (the guest keeps its own).
+fn fresh_seed() -> Vec<u8> {
+    let mut b = vec![0u8; 64];
+    // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 64 {
+        return Vec::new();
+    }
+    b
 }
 
 async fn drive_vm(
