@@ -78,9 +78,9 @@ const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 /// What the host sent fresh for this VM, before the program runs (and so before its
 /// AT_RANDOM, stack canary and address layout are drawn): its seed mixed into the entropy
-/// pool and the CRNG reseeded from it, the wall clock set (the VM has no RTC). A clone of a
-/// snapshot shares everything else with its siblings; these must not be shared, so a failure
-/// fails the request.
+/// pool and the CRNG reseeded from it, the wall clock set. A booted VM has a pool of its own
+/// and kvmclock's time already; a clone of a snapshot shares both with its template and its
+/// siblings, and must not, so a failure fails the request.
 fn take_fresh_state(start: &ch::Start) -> io::Result<()> {
     if !start.seed.is_empty() {
         // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }

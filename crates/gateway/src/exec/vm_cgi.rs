@@ -179,8 +179,8 @@ impl Drive {
         let (Some((mut start, mut body)), Some(mut w)) = (self.start.take(), self.wr.take()) else {
             return;
         };
-        // Fresh for this VM, taken now: its entropy and its clock (it has no RTC; a clone of
-        // a snapshot would otherwise share its siblings' random state and time).
+        // Fresh for this VM, taken now: its entropy and its clock (a clone of a snapshot would
+        // otherwise share its template's random state and time with its siblings).
         start.seed = fresh_seed();
         start.now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
