@@ -153,10 +153,10 @@ impl ProcessJail {
             }
         });
         // Opened per handler, not kept: the server holds no descriptor for an idle cgroup.
-        let (cgroup, dir_fd) = match cgroup.map(|c| (std::fs::File::open(&c.dir), c)) {
+        let (cgroup, dir_fd) = match cgroup.map(|c| (std::fs::File::open(c.cg.path()), c)) {
             Some((Ok(f), c)) => (Some(c), Some(OwnedFd::from(f))),
             Some((Err(e), c)) => {
-                warn!(error = %e, cgroup = %c.dir.display(),
+                warn!(error = %e, cgroup = %c.cg.path().display(),
                     "cannot open a handler's cgroup: process group only");
                 (None, None)
             }
@@ -168,7 +168,7 @@ impl ProcessJail {
         let (child, cgroup) = match (first, cgroup) {
             (Err(SpawnError::Clone(e)), Some(c)) => {
                 // The cgroup refused the child (EBUSY, EACCES, an old kernel): run without.
-                warn!(error = %e, cgroup = %c.dir.display(),
+                warn!(error = %e, cgroup = %c.cg.path().display(),
                     "cannot start a handler in its cgroup: process group only");
                 cmd.cgroup = None;
                 (spawn(&cmd)?, None)
@@ -204,7 +204,7 @@ struct CgroupPool {
 /// One handler's cgroup.
 #[derive(Debug)]
 struct HandlerCgroup {
-    dir: PathBuf,
+    cg: Cgroup,
     /// Written `cgroup.kill` once: never reused. (Linux 6.18 here: a child started into a
     /// cgroup that was ever killed this way is killed at once, by the cgroup's kill
     /// sequence; checked by `an_empty_cgroup_is_reused_and_a_killed_one_is_not`.)
@@ -214,7 +214,7 @@ struct HandlerCgroup {
 impl HandlerCgroup {
     /// Kills everything in the cgroup, if anything is there.
     fn kill(&self) {
-        if populated(&self.dir) {
+        if self.cg.populated() {
             self.kill_all();
         }
     }
@@ -222,7 +222,7 @@ impl HandlerCgroup {
     /// Writes `cgroup.kill` (and so marks the cgroup as never to be reused).
     fn kill_all(&self) {
         self.killed.store(true, Ordering::SeqCst);
-        let _ = std::fs::write(self.dir.join("cgroup.kill"), b"1");
+        let _ = self.cg.kill();
     }
 }
 
@@ -233,10 +233,8 @@ impl CgroupPool {
             return Ok(c);
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let dir = self.parent.join(format!("h{n}"));
-        std::fs::create_dir(&dir)?;
         Ok(HandlerCgroup {
-            dir,
+            cg: Cgroup::create(&self.parent, &format!("h{n}"))?,
             killed: AtomicBool::new(false),
         })
     }
@@ -244,7 +242,7 @@ impl CgroupPool {
     /// Takes back an empty cgroup: kept for the next handler, or removed if it was killed.
     fn give_back(&self, c: HandlerCgroup) {
         if c.killed.load(Ordering::SeqCst) {
-            let _ = std::fs::remove_dir(&c.dir);
+            let _ = std::fs::remove_dir(c.cg.path());
         } else if let Ok(mut free) = self.free.lock() {
             free.push(c);
         }
@@ -253,17 +251,13 @@ impl CgroupPool {
     fn remove_all(&self) {
         if let Ok(mut free) = self.free.lock() {
             for c in free.drain(..) {
-                let _ = std::fs::remove_dir(&c.dir);
+                let _ = std::fs::remove_dir(c.cg.path());
             }
         }
         if let Err(e) = std::fs::remove_dir(&self.parent) {
             warn!(error = %e, cgroup = %self.parent.display(), "cannot remove the handlers' cgroup");
         }
     }
-}
-
-fn populated(dir: &Path) -> bool {
-    Cgroup::at(dir).populated()
 }
 
 /// One handler's process group and cgroup.
@@ -297,10 +291,10 @@ impl HandlerGroup {
             return;
         };
         let t = std::time::Instant::now();
-        while populated(&c.dir) {
+        while c.cg.populated() {
             if t.elapsed() > Duration::from_secs(5) {
                 // Not reused (a process it cannot kill); removed, if ever, at exit.
-                warn!(cgroup = %c.dir.display(), "a handler's cgroup is still busy after 5 s");
+                warn!(cgroup = %c.cg.path().display(), "a handler's cgroup is still busy after 5 s");
                 return;
             }
             c.kill_all();
@@ -406,7 +400,7 @@ mod tests {
                     .lock()
                     .expect("pool")
                     .iter()
-                    .map(|c| c.dir.clone())
+                    .map(|c| c.cg.path().to_path_buf())
                     .collect()
             })
             .unwrap_or_default()

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use super::bench::{median, percentile};
 use xcgi_gateway::exec::jailed::{Helper, HelperSettings, Workers};
 use xcgi_gateway::exec::vm_cgroup::{VmLimits, VM_OVERHEAD_MIB};
 use xcgi_gateway::exec::{GuestRoot, VmSpec};
@@ -17,16 +19,6 @@ use xcgi_gateway::exec::{GuestRoot, VmSpec};
 pub struct JailArgs {
     #[command(flatten)]
     m: super::bench::Machines,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn p90(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() * 9 / 10).copied().unwrap_or(f64::NAN)
 }
 
 /// kB fields of /proc/PID/status.
@@ -138,15 +130,15 @@ pub(super) fn jail_table(m: &super::bench::Machines) -> anyhow::Result<()> {
         }
         println!(
             "| {mem} MiB | **{:.3} ms** ({:.3}) | {:.3} ms | {:.3} ms | {:.2} ms ({:.2}) | {:.0} / {:.0} / {:.0} |",
-            median(handoff.clone()),
-            p90(handoff),
-            median(message),
-            median(local),
-            median(cold.clone()),
-            p90(cold),
-            median(rss),
-            median(anon),
-            median(file),
+            median(&mut handoff),
+            percentile(&mut handoff, 0.9),
+            median(&mut message),
+            median(&mut local),
+            median(&mut cold),
+            percentile(&mut cold, 0.9),
+            median(&mut rss),
+            median(&mut anon),
+            median(&mut file),
         );
     }
     Ok(())

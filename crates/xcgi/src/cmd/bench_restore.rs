@@ -10,20 +10,12 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use super::bench::{median, percentile};
+
 #[derive(clap::Args)]
 pub struct RestoreArgs {
     #[command(flatten)]
     m: super::bench::Machines,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn p90(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() * 9 / 10).copied().unwrap_or(f64::NAN)
 }
 
 pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
@@ -88,15 +80,15 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
         };
         let breakdown: Vec<String> = phases
             .into_iter()
-            .map(|(n, v)| format!("{n} {:.3}", median(v)))
+            .map(|(n, mut v)| format!("{n} {:.3}", median(&mut v)))
             .collect();
         println!(
             "| {mem} MiB | **{:.3} ms** ({:.3}) | {:.3} ms | {} | {:.2} ms | {:.1} MiB |",
-            median(restore.clone()),
-            p90(restore),
-            median(read),
+            median(&mut restore),
+            percentile(&mut restore, 0.9),
+            median(&mut read),
             breakdown.join(", "),
-            median(build),
+            median(&mut build),
             on_disk as f64 / 1048576.0
         );
     }

@@ -24,13 +24,6 @@ use super::run::Args;
 /// The first uid of the range a jailed `xcgi run` takes its user from (plus its pid).
 pub const JAIL_UID_BASE: u32 = 2_000_000_000;
 
-/// The worker's namespaces: its own PID 1, mounts, IPC, hostname and (empty) network.
-const NAMESPACES: libc::c_int = libc::CLONE_NEWPID
-    | libc::CLONE_NEWNS
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS
-    | libc::CLONE_NEWNET;
-
 /// `xcgi run --jail`: starts the jailed worker and waits for it.
 pub fn parent(a: &Args) -> anyhow::Result<i32> {
     // SAFETY: geteuid has no preconditions.
@@ -50,7 +43,7 @@ pub fn parent(a: &Args) -> anyhow::Result<i32> {
     let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
     let cwd = std::env::current_dir().context("the current directory")?;
     let setup = ChildSetup {
-        namespaces: NAMESPACES as u64,
+        namespaces: xcgi_gateway::exec::jailed::VM_NAMESPACES,
         ..ChildSetup::default()
     };
     // Its cgroup, as the server makes one per VM process: guest memory plus the VM process's

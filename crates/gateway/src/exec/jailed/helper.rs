@@ -638,11 +638,7 @@ impl State {
             None => None,
         };
         let setup = ChildSetup {
-            namespaces: (libc::CLONE_NEWPID
-                | libc::CLONE_NEWNS
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWNET) as u64,
+            namespaces: super::VM_NAMESPACES,
             ..ChildSetup::default()
         };
         let env = super::worker_env();

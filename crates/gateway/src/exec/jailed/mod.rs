@@ -35,6 +35,14 @@ pub use helper::{helper_main, Exit, ExitSlot, Helper, HelperSettings, HelperTaps
 use wire::{recv, send, seqpacket_pair};
 pub use worker::{confine_vm_process, worker_main, WorkerArgs};
 
+/// A VM process's namespaces (step 1 of the jail): its own PID 1, mounts, IPC, hostname and
+/// network (empty in CGI mode; HTTP mode's TAP is handed to it).
+pub const VM_NAMESPACES: u64 = (libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWNET) as u64;
+
 use super::vm::{GuestRoot, VmEnd, VmSpec};
 use super::vm_cgroup::VmLimits;
 
