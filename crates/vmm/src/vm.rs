@@ -351,13 +351,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     clock.lap("create vm");
     let mem = memory::create(&shape.memory)?;
     clock.lap("map memory");
-    // Memory slots go in before the irqchip and PIT exist: afterwards each costs milliseconds.
-    register_memory(&*vm, &mem)?;
-    clock.lap("memory slots");
-    vm.set_tss_address(KVM_TSS_ADDR as u64)?;
-    vm.create_irqchip()?;
-    vm.create_pit()?;
-    clock.lap("irqchip");
+    slots_and_irqchip(&*vm, &mem, &mut clock)?;
 
     let kernel = loader::load_kernel(&mem, &shape.kernel, shape.load_mode)?;
     clock.lap("load kernel");
@@ -451,12 +445,7 @@ pub fn restore(
     clock.lap("create vm");
     let mem = memory::map_private(&shape.memory, memory_file)?;
     clock.lap("map memory file");
-    register_memory(&*vm, &mem)?;
-    clock.lap("memory slots");
-    vm.set_tss_address(KVM_TSS_ADDR as u64)?;
-    vm.create_irqchip()?;
-    vm.create_pit()?;
-    clock.lap("irqchip");
+    slots_and_irqchip(&*vm, &mem, &mut clock)?;
     vm.set_state(&snap.vm)?;
     clock.lap("vm state");
     let cpuid = hypervisor::Hypervisor::supported_cpuid(hv)?;
@@ -734,6 +723,23 @@ fn console_verdict(
         (r, _, _) => r,
     };
     (text, reason)
+}
+
+/// `mem` into `vm`'s memory slots, then the TSS, the in-kernel interrupt controllers and the
+/// PIT. Memory slots go in before the irqchip and PIT exist: afterwards each costs
+/// milliseconds.
+fn slots_and_irqchip(
+    vm: &dyn hypervisor::Vm,
+    mem: &GuestMemoryMmap,
+    clock: &mut PhaseClock,
+) -> Result<(), VmError> {
+    register_memory(vm, mem)?;
+    clock.lap("memory slots");
+    vm.set_tss_address(KVM_TSS_ADDR as u64)?;
+    vm.create_irqchip()?;
+    vm.create_pit()?;
+    clock.lap("irqchip");
+    Ok(())
 }
 
 fn register_memory(vm: &dyn hypervisor::Vm, mem: &GuestMemoryMmap) -> Result<(), VmError> {
