@@ -22,6 +22,13 @@ use xcgi_jail::cgroup::{self, Cgroup};
 /// handler touches 64 MiB: the guest's pages plus a few MiB; this leaves ample headroom.
 pub const VM_OVERHEAD_MIB: u64 = 48;
 
+/// The tasks (threads) a VM process of `vcpus` vCPUs may have: its main thread, a thread per
+/// vCPU, the device RX threads, with room. Its cgroup's default `pids.max` and its
+/// RLIMIT_NPROC (counted per uid: each VM process has its own).
+pub fn vm_process_tasks(vcpus: u8) -> u32 {
+    8 + u32::from(vcpus)
+}
+
 /// One VM process's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmLimits {
@@ -31,6 +38,18 @@ pub struct VmLimits {
     pub pids_max: u32,
     /// `cpu.max` as a percentage of one CPU (100: one CPU's time); None: no limit.
     pub cpu_percent: Option<u32>,
+}
+
+impl VmLimits {
+    /// The defaults for a guest of `memory_mib` MiB and `vcpus` vCPUs: guest memory plus
+    /// [`VM_OVERHEAD_MIB`], [`vm_process_tasks`], no CPU limit.
+    pub fn for_guest(memory_mib: u64, vcpus: u8) -> VmLimits {
+        VmLimits {
+            memory_max: (memory_mib + VM_OVERHEAD_MIB).saturating_mul(1 << 20),
+            pids_max: vm_process_tasks(vcpus),
+            cpu_percent: None,
+        }
+    }
 }
 
 /// The parent of the server's VM cgroups, and which limits it can set.

@@ -538,13 +538,13 @@ fn start_jailed(
 
 /// A route's VM processes' cgroup limits: its keys, or the defaults they document.
 fn vm_limits(r: &crate::config::Route) -> crate::exec::vm_cgroup::VmLimits {
-    use crate::exec::vm_cgroup::{VmLimits, VM_OVERHEAD_MIB};
+    use crate::exec::vm_cgroup::VmLimits;
+    let d = VmLimits::for_guest(r.memory_mib, r.vcpus);
     VmLimits {
         memory_max: r
             .memory_max_mib
-            .unwrap_or(r.memory_mib + VM_OVERHEAD_MIB)
-            .saturating_mul(1 << 20),
-        pids_max: r.pids_max.unwrap_or(8 + u32::from(r.vcpus)),
+            .map_or(d.memory_max, |m| m.saturating_mul(1 << 20)),
+        pids_max: r.pids_max.unwrap_or(d.pids_max),
         cpu_percent: r.cpu_percent,
     }
 }

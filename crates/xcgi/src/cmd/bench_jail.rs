@@ -12,7 +12,7 @@ use anyhow::Context;
 
 use super::bench::{median, percentile};
 use xcgi_gateway::exec::jailed::{Helper, HelperSettings, Workers};
-use xcgi_gateway::exec::vm_cgroup::{VmLimits, VM_OVERHEAD_MIB};
+use xcgi_gateway::exec::vm_cgroup::VmLimits;
 use xcgi_gateway::exec::{GuestRoot, VmSpec};
 
 #[derive(clap::Args)]
@@ -100,11 +100,7 @@ pub(super) fn jail_table(m: &super::bench::Machines) -> anyhow::Result<()> {
         let workers = Workers::start(
             &spec,
             &helper,
-            VmLimits {
-                memory_max: (mem + VM_OVERHEAD_MIB) << 20,
-                pids_max: 9,
-                cpu_percent: None,
-            },
+            VmLimits::for_guest(mem, 1),
             0,
             Arc::default(),
         )?;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use xcgi_gateway::exec::vm_cgroup::{VmCgroups, VmLimits, VM_OVERHEAD_MIB};
+use xcgi_gateway::exec::vm_cgroup::{VmCgroups, VmLimits};
 use xcgi_jail::{ChildSetup, Command, Stdio};
 use xcgi_vmm::Attachments;
 
@@ -49,11 +49,7 @@ pub fn parent(a: &Args) -> anyhow::Result<i32> {
     // Its cgroup, as the server makes one per VM process: guest memory plus the VM process's
     // own as memory.max (none where cgroup v2 is missing: warned about).
     let cgroup = match VmCgroups::new(None) {
-        Some(c) => Some(c.make(&VmLimits {
-            memory_max: (a.mem + VM_OVERHEAD_MIB) << 20,
-            pids_max: 8 + u32::from(a.vcpus),
-            cpu_percent: None,
-        })?),
+        Some(c) => Some(c.make(&VmLimits::for_guest(a.mem, a.vcpus))?),
         None => None,
     };
     let cgroup_dir = match &cgroup {

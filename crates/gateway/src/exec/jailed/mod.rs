@@ -1,9 +1,9 @@
 //! VMs in jailed processes (`[server] jail = true`; docs/security.md, "The jail"). Each VM
-//! runs in an `xcgi vmm-worker` process of its own: started with [`xcgi_jail::spawn`] in new
-//! PID, mount, IPC, UTS and network namespaces, it builds the route's VM up to the first
-//! KVM_RUN, confines itself ([`xcgi_jail::confine`]: empty root, rlimits, no capabilities, a
-//! uid of its own from the server's range), sets its seccomp filters, says "ready" on its
-//! control socket and waits. A request hands it the CGI channel (or the TAP) over that socket
+//! runs in an `xcgi vmm-worker` process of its own: started by the server's jail helper
+//! ([`Helper`]) in new PID, mount, IPC, UTS and network namespaces and a cgroup of its own,
+//! it builds the route's VM up to the first KVM_RUN, confines itself ([`xcgi_jail::confine`]:
+//! empty root, rlimits, no capabilities, a uid of its own from the helper's range), sets its
+//! seccomp filters, says "ready" on its control socket and waits. A request hands it the CGI channel (or the TAP) over that socket
 //! (SCM_RIGHTS) and the worker launches the guest, reports how it ended and exits. One worker
 //! serves one VM. Workers are started ahead, `prepared` per route, as prepared VMs are.
 //!
@@ -35,6 +35,9 @@ pub use helper::{helper_main, Exit, ExitSlot, Helper, HelperSettings, HelperTaps
 use wire::{recv, send, seqpacket_pair};
 pub use worker::{confine_vm_process, worker_main, WorkerArgs};
 
+use super::vm::{GuestRoot, VmEnd, VmSpec};
+use super::vm_cgroup::VmLimits;
+
 /// A VM process's namespaces (step 1 of the jail): its own PID 1, mounts, IPC, hostname and
 /// network (empty in CGI mode; HTTP mode's TAP is handed to it).
 pub const VM_NAMESPACES: u64 = (libc::CLONE_NEWPID
@@ -42,9 +45,6 @@ pub const VM_NAMESPACES: u64 = (libc::CLONE_NEWPID
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWNET) as u64;
-
-use super::vm::{GuestRoot, VmEnd, VmSpec};
-use super::vm_cgroup::VmLimits;
 
 /// Why a jailed VM process could not be had.
 #[derive(Debug, thiserror::Error)]

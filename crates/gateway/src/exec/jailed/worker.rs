@@ -103,7 +103,10 @@ pub fn confine_vm_process(vcpus: u8, uid: u32) -> Result<(), String> {
         limits: vec![
             (libc::RLIMIT_NOFILE, 128),
             // Threads count: main, vCPUs, device RX threads.
-            (libc::RLIMIT_NPROC, 8 + u64::from(vcpus)),
+            (
+                libc::RLIMIT_NPROC,
+                u64::from(crate::exec::vm_cgroup::vm_process_tasks(vcpus)),
+            ),
             (libc::RLIMIT_CORE, 0),
             (libc::RLIMIT_FSIZE, 0),
         ],
