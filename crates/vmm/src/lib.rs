@@ -25,5 +25,5 @@ pub mod snapshot;
 pub mod vm;
 
 pub use pool::{Pool, PoolHealth};
-pub use resources::{Attachments, Cancel, MachineShape, NetAttachment, RunOptions};
+pub use resources::{Attachments, Cancel, Capture, MachineShape, NetAttachment, RunOptions};
 pub use vm::{launch, prepare, run, ExitReason, Outcome, PreparedVm, Timings, VmError};

@@ -31,6 +31,9 @@ pub struct MachineShape {
     pub vcpus: u8,
     /// Map the kernel and initramfs copy-on-write (default) or copy them.
     pub load_mode: LoadMode,
+    /// A snapshot directory (its `state` and `memory` files) of this machine: a VM of this
+    /// shape is a clone restored from it instead of a boot (issue 13).
+    pub snapshot: Option<PathBuf>,
 }
 
 impl Default for MachineShape {
@@ -42,6 +45,7 @@ impl Default for MachineShape {
             memory: MemoryConfig::default(),
             vcpus: 1,
             load_mode: LoadMode::Map,
+            snapshot: None,
         }
     }
 }
@@ -74,6 +78,21 @@ pub struct RunOptions {
     /// its vCPUs, interrupt controllers, timers and devices in [`crate::Outcome::dump`]
     /// ([`crate::diagnostics`]).
     pub debug_dump: bool,
+    /// Take a snapshot of the running VM when asked ([`Capture`]) and end it there.
+    pub capture: Option<Capture>,
+}
+
+/// Where and when a run is captured into a snapshot: the VM is stopped, its state and memory
+/// written to `dir` ([`crate::snapshot::STATE_FILE`], [`crate::snapshot::MEMORY_FILE`]), and
+/// the run ends with [`crate::ExitReason::Captured`]. The VM is never resumed.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// Set (from any thread) to take it now.
+    pub now: Cancel,
+    /// Also taken when a line of the guest's serial console contains this text.
+    pub marker: Option<String>,
+    /// The snapshot directory (created if missing).
+    pub dir: PathBuf,
 }
 
 impl Default for RunOptions {
@@ -84,6 +103,7 @@ impl Default for RunOptions {
             setup_only: false,
             measure_memory: false,
             debug_dump: false,
+            capture: None,
         }
     }
 }

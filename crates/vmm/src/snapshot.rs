@@ -31,6 +31,30 @@ pub const FORMAT_VERSION: u32 = 1;
 /// A snapshot's state is small (the VM's memory is elsewhere); a larger file is refused.
 const MAX_STATE_BYTES: u64 = 64 << 20;
 
+/// The state file's name in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// The memory file's name in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// A file's identity for a snapshot: its size, modification time, inode and device. Cheap
+/// (one `stat`), so every clone checks it; a file written anew (an image rebuilt, a kernel
+/// replaced) has another, and its old snapshots are refused.
+pub fn fingerprint(path: &Path) -> Result<String, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(format!(
+        "size {} mtime {}.{:09} inode {}:{}",
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.dev(),
+        m.ino()
+    ))
+}
+
 /// What a snapshot belongs to: it may only be restored where all of it matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -50,6 +74,24 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The identity of `shape`'s machine as it is now: this xcgi, the kernel's and the root's
+    /// [`fingerprint`]s, memory, vCPUs and huge pages.
+    pub fn of_shape(shape: &crate::MachineShape) -> Result<Identity, SnapshotError> {
+        let root = shape
+            .rootfs
+            .as_deref()
+            .or(shape.initramfs.as_deref())
+            .unwrap_or(Path::new("/"));
+        Ok(Identity {
+            xcgi_version: env!("CARGO_PKG_VERSION").into(),
+            kernel: fingerprint(&shape.kernel)?,
+            root: fingerprint(root)?,
+            memory_mib: shape.memory.size_mib,
+            vcpus: shape.vcpus,
+            hugepages: shape.memory.hugepages,
+        })
+    }
+
     fn encode(&self) -> Vec<u8> {
         format!(
             "xcgi_version={}\nkernel={}\nroot={}\nmemory_mib={}\nvcpus={}\nhugepages={}\n",

@@ -20,7 +20,9 @@ use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{self, HypervisorError, Vcpu, VcpuExit};
 use crate::layout::*;
 use crate::memory;
-pub use crate::resources::{Attachments, Cancel, MachineShape, NetAttachment, RunOptions};
+pub use crate::resources::{
+    Attachments, Cancel, Capture, MachineShape, NetAttachment, RunOptions,
+};
 
 /// Exit code of `xcgi run` when the deadline killed the VM (as timeout(1)).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -80,6 +82,15 @@ pub enum VmError {
     /// A vCPU thread could not be spawned.
     #[error("starting a vCPU thread failed: {0}")]
     Thread(std::io::Error),
+    /// A snapshot could not be read, or does not fit this machine.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A snapshot's device states do not fit the devices this run attaches.
+    #[error("restoring the snapshot's devices: {0}")]
+    RestoreDevices(String),
+    /// The running VM could not be captured.
+    #[error("taking the snapshot failed: {0}")]
+    Capture(String),
 }
 
 /// How often the owner thread looks at the cancel flag while the guest runs.
@@ -115,6 +126,8 @@ pub enum ExitReason {
     },
     /// `setup_only`: stopped before the first KVM_RUN.
     SetupOnly,
+    /// Captured into a snapshot ([`RunOptions::capture`]) and stopped there for good.
+    Captured,
 }
 
 impl ExitReason {
@@ -129,7 +142,10 @@ impl ExitReason {
                     128 + sig as i32
                 }
             }
-            ExitReason::PowerOff | ExitReason::Reboot | ExitReason::SetupOnly => 0,
+            ExitReason::PowerOff
+            | ExitReason::Reboot
+            | ExitReason::SetupOnly
+            | ExitReason::Captured => 0,
             ExitReason::Timeout => EXIT_TIMEOUT,
             ExitReason::Cancelled => EXIT_CANCELLED,
             ExitReason::Panic { .. } | ExitReason::TripleFault | ExitReason::VcpuFailed { .. } => {
@@ -160,6 +176,7 @@ impl ExitReason {
             ExitReason::Cancelled => "stopped on request, VM killed".into(),
             ExitReason::VcpuFailed { detail } => format!("vCPU failed: {detail}"),
             ExitReason::SetupOnly => "stopped before the first KVM_RUN (setup only)".into(),
+            ExitReason::Captured => "snapshot taken; the VM was stopped for good".into(),
         }
     }
 }
@@ -286,8 +303,7 @@ pub struct PreparedVm {
     vcpus: Vec<Box<dyn Vcpu>>,
     vm: Box<dyn hypervisor::Vm>,
     mem: GuestMemoryMmap,
-    kernel: loader::LoadedKernel,
-    initrd: Option<(u64, u64)>,
+    origin: Origin,
     /// The root disk, opened here: a jailed process cannot open files by path when it
     /// launches.
     disk: Option<Block>,
@@ -298,6 +314,18 @@ pub struct PreparedVm {
     ready_at: Instant,
     /// How long preparation took (from its own start, not from `start`).
     took: Duration,
+}
+
+/// Where a prepared VM starts from.
+enum Origin {
+    /// The kernel's entry: boot parameters are written at launch.
+    Boot {
+        kernel: loader::LoadedKernel,
+        initrd: Option<(u64, u64)>,
+    },
+    /// A snapshot's state (vCPUs and VM already set): the devices' states, put into the
+    /// launch's devices.
+    Snapshot { devices: Vec<(String, Vec<u8>)> },
 }
 
 impl std::fmt::Debug for PreparedVm {
@@ -342,6 +370,9 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     };
     // Cheap checks first: fail before touching KVM.
     memory::validate(&shape.memory)?;
+    if let Some(dir) = &shape.snapshot {
+        return prepare_clone(shape, dir, root, start);
+    }
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
     clock.lap("process start");
@@ -378,8 +409,49 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         vcpus,
         vm,
         mem,
-        kernel,
-        initrd,
+        origin: Origin::Boot { kernel, initrd },
+        disk,
+        root,
+        shape: shape.clone(),
+        phases: clock.phases,
+        ready_at: Instant::now(),
+        took: began.elapsed(),
+    })
+}
+
+/// A clone of the snapshot in `dir` (issue 13), built as far as [`prepare`] builds a boot:
+/// the state file read and checked against `shape` as it is now ([`crate::snapshot::Identity`]),
+/// the machine restored ([`restore`]: memory `MAP_PRIVATE` from the memory file, VM and vCPU
+/// state set), the root disk opened. The devices' states wait for the launch's devices.
+fn prepare_clone(
+    shape: &MachineShape,
+    dir: &std::path::Path,
+    root: RootSource,
+    start: Instant,
+) -> Result<PreparedVm, VmError> {
+    let began = Instant::now();
+    let mut clock = PhaseClock::new(start);
+    clock.lap("process start");
+    let identity = crate::snapshot::Identity::of_shape(shape)?;
+    let snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
+    clock.lap("read state");
+    let m = restore(shape, &snap, &dir.join(crate::snapshot::MEMORY_FILE))?;
+    clock.phases.extend(m.phases.iter().copied());
+    let disk = match &shape.rootfs {
+        Some(path) => Some(Block::open(path).map_err(|source| VmError::RootDisk {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let RestoredMachine { vcpus, vm, mem, .. } = m;
+    Ok(PreparedVm {
+        vcpus,
+        vm,
+        mem,
+        origin: Origin::Snapshot {
+            devices: snap.devices,
+        },
         disk,
         root,
         shape: shape.clone(),
@@ -539,14 +611,24 @@ pub fn launch(
     } = c;
     if let Ok(mut c) = console.lock() {
         c.set_events(tx.clone());
+        if let Some(Capture {
+            marker: Some(m),
+            now,
+            ..
+        }) = &opts.capture
+        {
+            c.set_marker(m.clone(), now.clone());
+        }
     }
     let buses = Arc::new(devices.into_buses());
     let first_run = Arc::new(OnceLock::new());
     let ending = Ending {
         timeout: opts.timeout,
         cancel: &opts.cancel,
+        capture: opts.capture.as_ref().map(|c| &c.now),
         channel: channel_stop,
     };
+    let shape = prepared.shape.clone();
     let PreparedVm { vcpus, vm, mem, .. } = prepared;
     let threads = VcpuThreads {
         devices: Arc::clone(&buses),
@@ -554,7 +636,17 @@ pub fn launch(
         first_run: first_run.clone(),
         dump: opts.debug_dump.then(|| mem.clone()),
     };
-    let (reason, vcpu_dumps) = run_vcpus(vcpus, threads, rx, ending)?;
+    let (reason, ends) = run_vcpus(vcpus, threads, rx, ending)?;
+    let mut captured = Ok(());
+    let mut vcpu_dumps = Vec::new();
+    let mut states = Vec::new();
+    for end in ends {
+        vcpu_dumps.extend(end.dump);
+        states.push(end.state);
+    }
+    if let (ExitReason::Captured, Some(c)) = (&reason, &opts.capture) {
+        captured = write_snapshot(&*vm, states, &buses, &mem, &shape, &c.dir);
+    }
     if let Some((at, clock_ns)) = first_run.get() {
         timings.setup = at.saturating_duration_since(start);
         timings.setup_end_clock_ns = *clock_ns;
@@ -569,6 +661,7 @@ pub fn launch(
     drop(mem);
     timings.teardown = t.elapsed();
     timings.total = start.elapsed();
+    captured.map_err(VmError::Capture)?;
     Ok(Outcome {
         reason,
         console: console_text,
@@ -576,6 +669,37 @@ pub fn launch(
         memory,
         dump,
     })
+}
+
+/// A stopped VM's snapshot into `dir`: its memory file, then its state file (the VM's,
+/// each vCPU's as its thread took it, each device's).
+fn write_snapshot(
+    vm: &dyn hypervisor::Vm,
+    vcpus: Vec<Option<hypervisor::Result<hypervisor::VcpuState>>>,
+    buses: &Buses,
+    mem: &GuestMemoryMmap,
+    shape: &MachineShape,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    use crate::snapshot::{self, Identity, Snapshot};
+    let vcpus = vcpus
+        .into_iter()
+        .enumerate()
+        .map(|(id, s)| match s {
+            Some(Ok(s)) => Ok(s),
+            Some(Err(e)) => Err(format!("vCPU {id}: {e}")),
+            None => Err(format!("vCPU {id} ended before it was stopped")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let snap = Snapshot {
+        identity: Identity::of_shape(shape).map_err(|e| e.to_string())?,
+        vm: vm.state().map_err(|e| e.to_string())?,
+        vcpus,
+        devices: buses.save_states(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    memory::save(mem, &dir.join(snapshot::MEMORY_FILE)).map_err(|e| e.to_string())?;
+    snapshot::write(&dir.join(snapshot::STATE_FILE), &snap).map_err(|e| e.to_string())
 }
 
 /// Whether a VM's end deserves a debug dump: anything but the guest ending on its own.
@@ -633,19 +757,30 @@ fn configure(
     clock.lap("devices");
 
     let p = &prepared;
-    let cmdline = params::build_cmdline(&p.root, dm.cmdline(), attach.cmdline_extra.as_deref());
-    let cmdline_len = params::write_cmdline(&p.mem, &cmdline)?;
-    params::write_zero_page(
-        &p.mem,
-        &params::ZeroPageConfig {
-            mem_size: p.shape.memory.size_mib * memory::MIB,
-            cmdline_len,
-            initrd: p.initrd,
-            setup_header: p.kernel.setup_header,
-        },
-    )?;
-    clock.lap("boot params");
-    tracing::debug!(%cmdline, entry = p.kernel.entry, "VM ready");
+    match &p.origin {
+        Origin::Boot { kernel, initrd } => {
+            let cmdline =
+                params::build_cmdline(&p.root, dm.cmdline(), attach.cmdline_extra.as_deref());
+            let cmdline_len = params::write_cmdline(&p.mem, &cmdline)?;
+            params::write_zero_page(
+                &p.mem,
+                &params::ZeroPageConfig {
+                    mem_size: p.shape.memory.size_mib * memory::MIB,
+                    cmdline_len,
+                    initrd: *initrd,
+                    setup_header: kernel.setup_header,
+                },
+            )?;
+            clock.lap("boot params");
+            tracing::debug!(%cmdline, entry = kernel.entry, "VM ready");
+        }
+        Origin::Snapshot { devices } => {
+            // The guest booted with the template's devices and command line; this run's
+            // devices (the same kinds, in the same order) take the template's states.
+            dm.restore_states(devices).map_err(VmError::RestoreDevices)?;
+            clock.lap("device state");
+        }
+    }
     let timings = Timings {
         phases: clock.phases,
         setup: start.elapsed(),
@@ -812,6 +947,8 @@ pub fn monotonic_ns() -> u128 {
 struct Ending<'a> {
     timeout: Duration,
     cancel: &'a Cancel,
+    /// Set to stop the VM for a snapshot.
+    capture: Option<&'a Cancel>,
     /// The CGI channel's TX stop flag: a vCPU may be waiting for room in its socket, holding
     /// the device lock.
     channel: Option<ConsoleStopper>,
@@ -838,21 +975,33 @@ struct VcpuThreads {
     dump: Option<GuestMemoryMmap>,
 }
 
-/// Runs the vCPUs until the guest ends, the deadline passes or the run is cancelled; returns
-/// why, and each vCPU's description when a dump was asked for.
+/// What a vCPU thread hands back when it ends.
+#[derive(Default)]
+struct VcpuEnd {
+    /// Its description, when a dump was asked for.
+    dump: Option<String>,
+    /// Its whole state, when the VM was stopped for a snapshot.
+    state: Option<hypervisor::Result<hypervisor::VcpuState>>,
+}
+
+/// Runs the vCPUs until the guest ends, the deadline passes, the run is cancelled or
+/// captured; returns why, and what each vCPU thread handed back, in vCPU order.
 fn run_vcpus(
     vcpus: Vec<Box<dyn Vcpu>>,
     threads: VcpuThreads,
     rx: Receiver<VmEvent>,
     ending: Ending<'_>,
-) -> Result<(ExitReason, Vec<String>), VmError> {
+) -> Result<(ExitReason, Vec<VcpuEnd>), VmError> {
     let stop = Arc::new(AtomicBool::new(false));
-    let mut handles: Vec<JoinHandle<Option<String>>> = Vec::new();
+    // Set before `stop` when the VM is stopped for a snapshot.
+    let capturing = Arc::new(AtomicBool::new(false));
+    let mut handles: Vec<JoinHandle<VcpuEnd>> = Vec::new();
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let (devices, tx, thread_stop) = (
+        let (devices, tx, thread_stop, capture) = (
             threads.devices.clone(),
             threads.events.clone(),
             stop.clone(),
+            capturing.clone(),
         );
         let first_run = (id == 0).then(|| threads.first_run.clone());
         let dump = threads.dump.clone();
@@ -862,13 +1011,17 @@ fn run_vcpus(
                 // A jailed process: this thread's seccomp filter, before the guest runs.
                 if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
                     let _ = tx.send(VmEvent::Failed(e.to_string()));
-                    return None;
+                    return VcpuEnd::default();
                 }
-                let vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
-                dump.map(|mem| match vcpu.state() {
+                let mut vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
+                let state = capture
+                    .load(Ordering::SeqCst)
+                    .then(|| vcpu.complete_pending().and_then(|()| vcpu.state()));
+                let dump = dump.map(|mem| match vcpu.state() {
                     Ok(s) => diagnostics::describe_vcpu(id, &s, &mem),
                     Err(e) => format!("vcpu{id}: state unreadable: {e}\n"),
-                })
+                });
+                VcpuEnd { dump, state }
             });
         match spawned {
             Ok(h) => handles.push(h),
@@ -891,6 +1044,9 @@ fn run_vcpus(
         return Err(VmError::Seccomp(e));
     }
     let reason = wait_for_end(&rx, &ending);
+    if reason == ExitReason::Captured {
+        capturing.store(true, Ordering::SeqCst);
+    }
     ending.release_channel();
     stop.store(true, Ordering::SeqCst);
     Ok((reason, stop_threads(handles)))
@@ -910,6 +1066,11 @@ fn wait_for_end(rx: &Receiver<VmEvent>, ending: &Ending<'_>) -> ExitReason {
             Err(RecvTimeoutError::Timeout) if ending.cancel.is_cancelled() => {
                 return ExitReason::Cancelled
             }
+            Err(RecvTimeoutError::Timeout)
+                if ending.capture.is_some_and(|c| c.is_cancelled()) =>
+            {
+                return ExitReason::Captured
+            }
             Err(RecvTimeoutError::Timeout) if left.is_zero() => return ExitReason::Timeout,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
@@ -926,8 +1087,8 @@ fn wait_for_end(rx: &Receiver<VmEvent>, ending: &Ending<'_>) -> ExitReason {
 const REKICK: Duration = Duration::from_millis(10);
 
 /// Kicks each vCPU thread out of KVM_RUN (the stop flag is already set) and joins it; returns
-/// what the threads returned (their vCPU's description, with a dump asked for).
-fn stop_threads(handles: Vec<JoinHandle<Option<String>>>) -> Vec<String> {
+/// what the threads returned, in vCPU order (a thread that panicked hands back nothing).
+fn stop_threads(handles: Vec<JoinHandle<VcpuEnd>>) -> Vec<VcpuEnd> {
     use std::os::unix::thread::JoinHandleExt;
     for h in &handles {
         hypervisor::kick(h.as_pthread_t());
@@ -942,9 +1103,7 @@ fn stop_threads(handles: Vec<JoinHandle<Option<String>>>) -> Vec<String> {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        if let Ok(Some(text)) = h.join() {
-            out.push(text);
-        }
+        out.push(h.join().unwrap_or_default());
     }
     out
 }
@@ -1113,6 +1272,90 @@ mod tests {
         assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), word);
         a.mem.write_obj(!word, probe).expect("write");
         assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), word);
+    }
+
+    /// Issue 13 on this host: a launched VM captured at once (its vCPUs stopped, the last exit
+    /// completed, every state and the devices' read), then a clone prepared from the snapshot
+    /// launches with its devices' states put back; a machine that differs is refused naming
+    /// the difference, before KVM.
+    #[test]
+    fn a_running_vm_is_captured_and_its_clones_restore_with_their_devices() {
+        use crate::arch::x86_64::loader::tests::{tiny_elf, write_tmp};
+        // A guest that spins at its entry (`jmp $`): it runs until it is captured.
+        let mut payload = vec![0xeb, 0xfe];
+        payload.resize(4096, 0x90);
+        let k = write_tmp(&tiny_elf(&payload, 4096));
+        let i = write_tmp(&payload);
+        let (shape, _k, _i) = tiny_guest();
+        let shape = MachineShape {
+            kernel: k.path().into(),
+            initramfs: Some(i.path().into()),
+            ..shape
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapdir = dir.path().join("snap");
+        let now = Cancel::new();
+        now.cancel();
+        let opts = RunOptions {
+            timeout: Duration::from_secs(3),
+            capture: Some(Capture {
+                now,
+                marker: None,
+                dir: snapdir.clone(),
+            }),
+            ..Default::default()
+        };
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let attach = Attachments {
+            channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
+            ..Default::default()
+        };
+        let out = run(&shape, &attach, &opts, Instant::now(), None).expect("run");
+        assert_eq!(out.reason, ExitReason::Captured, "{}", out.reason.describe());
+        let mem_len = std::fs::metadata(snapdir.join(crate::snapshot::MEMORY_FILE))
+            .expect("memory file")
+            .len();
+        assert_eq!(mem_len, 64 << 20);
+        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
+        let snap = crate::snapshot::read(&snapdir.join(crate::snapshot::STATE_FILE), &identity)
+            .expect("state file");
+        let names: Vec<&str> = snap.devices.iter().map(|d| d.0.as_str()).collect();
+        assert_eq!(names, ["pio@0x3f8", "mmio@0xd0000000"], "{names:?}");
+
+        // A clone: prepared from the snapshot, launched with the same devices.
+        let clone_shape = MachineShape {
+            snapshot: Some(snapdir.clone()),
+            ..shape.clone()
+        };
+        let p = prepare(&clone_shape, Instant::now()).expect("clone");
+        assert!(matches!(p.origin, Origin::Snapshot { .. }));
+        let (c, _d) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let attach = Attachments {
+            channel: Some(Arc::new(std::os::fd::OwnedFd::from(c))),
+            ..Default::default()
+        };
+        let out = launch(p, &attach, &setup_only(), Instant::now(), None).expect("launch");
+        let names: Vec<_> = out.timings.phases.iter().map(|p| p.0).collect();
+        assert!(names.contains(&"device state"), "{names:?}");
+        assert!(!names.contains(&"boot params"), "{names:?}");
+
+        // Without the channel the template had, the devices do not fit.
+        let p = prepare(&clone_shape, Instant::now()).expect("clone");
+        let e = launch(p, &Attachments::default(), &setup_only(), Instant::now(), None)
+            .expect_err("a clone without the template's devices");
+        assert!(e.to_string().contains("device states"), "{e}");
+
+        // Another memory size: refused before KVM, naming it.
+        let other = MachineShape {
+            memory: memory::MemoryConfig {
+                size_mib: 128,
+                ..Default::default()
+            },
+            ..clone_shape
+        };
+        let e = prepare(&other, Instant::now()).expect_err("another machine");
+        let text = e.to_string();
+        assert!(text.contains("memory (MiB)") && text.contains("take a new one"), "{text}");
     }
 
     /// VMs prepared ahead from one shape are separate VMs: their guest RAM does not overlap,

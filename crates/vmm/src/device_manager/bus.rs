@@ -18,6 +18,16 @@ pub trait BusDevice: Send {
     fn describe(&self) -> Option<String> {
         None
     }
+    /// The device's guest-visible state for a snapshot (issue 13), if it keeps any. Called
+    /// after the vCPUs stopped.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Puts back what [`BusDevice::save_state`] wrote, into this device built fresh for a
+    /// restored VM (before its first KVM_RUN).
+    fn restore_state(&mut self, _bytes: &[u8]) -> Result<(), String> {
+        Err("this device keeps no state to restore".into())
+    }
 }
 
 /// Why [`Bus::insert`] refused a range.
@@ -113,6 +123,52 @@ impl Bus {
                 Some(format!("@{base:#x} {text}"))
             })
             .collect()
+    }
+
+    /// Every device's [`BusDevice::save_state`] that has one, with its base address, in
+    /// address order.
+    pub fn save_states(&self) -> Vec<(u64, Vec<u8>)> {
+        self.devices
+            .iter()
+            .filter_map(|(base, e)| {
+                let state = match e.device.lock() {
+                    Ok(d) => d.save_state(),
+                    Err(p) => p.into_inner().save_state(),
+                }?;
+                Some((*base, state))
+            })
+            .collect()
+    }
+
+    /// Restores each saved state into the device at the same base address. The bus must hold
+    /// exactly the devices that were saved (the restoring VM attaches the same devices in the
+    /// same order): a device without a state, or a state without its device, is refused.
+    pub fn restore_states(&self, saved: &[(u64, Vec<u8>)]) -> Result<(), String> {
+        let keeps_state: Vec<u64> = self
+            .devices
+            .iter()
+            .filter(|(_, e)| e.device.lock().is_ok_and(|d| d.save_state().is_some()))
+            .map(|(b, _)| *b)
+            .collect();
+        let bases: Vec<u64> = saved.iter().map(|(b, _)| *b).collect();
+        if keeps_state != bases {
+            return Err(format!(
+                "the snapshot has device states at {bases:#x?}, this VM has devices at {keeps_state:#x?}"
+            ));
+        }
+        for (base, bytes) in saved {
+            let e = self
+                .devices
+                .get(base)
+                .ok_or_else(|| format!("no device at {base:#x}"))?;
+            let mut d = e
+                .device
+                .lock()
+                .map_err(|_| format!("the device at {base:#x} is poisoned"))?;
+            d.restore_state(bytes)
+                .map_err(|why| format!("the device at {base:#x}: {why}"))?;
+        }
+        Ok(())
     }
 
     /// Writes to the device at `addr`; false when there is none (or it is poisoned).

@@ -91,6 +91,24 @@ impl BusDevice for SerialPorts {
             }
         }
     }
+
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(crate::devices::persist::Persist::save(self))
+    }
+
+    /// Rebuilt from the saved state around this port's own interrupt and output.
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let irq = self
+            .0
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("duplicating the serial interrupt: {e}"))?;
+        let out = ConsoleWriter(self.0.writer().0.clone());
+        *self = crate::devices::persist::Persist::restore((irq, out), bytes)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
 }
 
 /// The i8042 at ports 0x60-0x64 (data at offset 0, command at 4; 0x61-0x63 between them

@@ -161,6 +161,13 @@ impl DeviceManager {
         &self.cmdline
     }
 
+    /// Puts a snapshot's device states ([`Buses::save_states`]) into this VM's devices, which
+    /// must be the same devices at the same places.
+    pub fn restore_states(&self, saved: &[(String, Vec<u8>)]) -> Result<(), String> {
+        restore_bus(&self.pio, "pio", saved)?;
+        restore_bus(&self.mmio, "mmio", saved)
+    }
+
     /// The finished buses.
     pub fn into_buses(self) -> Buses {
         Buses {
@@ -168,6 +175,40 @@ impl DeviceManager {
             pio: self.pio,
         }
     }
+}
+
+impl Buses {
+    /// Every device's state for a snapshot, named by its bus and base address
+    /// (`pio@0x3f8`, `mmio@0xd0000000`). Called with the vCPUs stopped.
+    pub fn save_states(&self) -> Vec<(String, Vec<u8>)> {
+        let named = |bus: &Bus, kind: &str| {
+            bus.save_states()
+                .into_iter()
+                .map(|(base, b)| (format!("{kind}@{base:#x}"), b))
+                .collect::<Vec<_>>()
+        };
+        let mut out = named(&self.pio, "pio");
+        out.extend(named(&self.mmio, "mmio"));
+        out
+    }
+}
+
+/// The states named `kind@base` among `saved` into `bus`'s devices.
+fn restore_bus(bus: &Bus, kind: &str, saved: &[(String, Vec<u8>)]) -> Result<(), String> {
+    let mut mine = Vec::new();
+    for (name, bytes) in saved {
+        let Some(base) = name
+            .strip_prefix(kind)
+            .and_then(|r| r.strip_prefix("@0x"))
+        else {
+            continue;
+        };
+        let base = u64::from_str_radix(base, 16)
+            .map_err(|_| format!("a device state with a bad name ({name:?})"))?;
+        mine.push((base, bytes.clone()));
+    }
+    bus.restore_states(&mine)
+        .map_err(|e| format!("{kind} bus: {e}"))
 }
 
 /// An eventfd wired to `gsi`.

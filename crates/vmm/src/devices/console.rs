@@ -67,6 +67,8 @@ pub struct Console {
     first_output: Option<Duration>,
     report: GuestReport,
     events: Option<Sender<VmEvent>>,
+    /// A line holding this text sets the flag (a snapshot's marker).
+    marker: Option<(String, crate::resources::Cancel)>,
 }
 
 impl Console {
@@ -81,12 +83,18 @@ impl Console {
             first_output: None,
             report: GuestReport::default(),
             events: None,
+            marker: None,
         }
     }
 
     /// Where to send [`VmEvent::Halted`] when a line says the guest powered down or halted.
     pub fn set_events(&mut self, tx: Sender<VmEvent>) {
         self.events = Some(tx);
+    }
+
+    /// Sets `flag` when a line contains `text` (`xcgi run --snapshot-at`).
+    pub fn set_marker(&mut self, text: String, flag: crate::resources::Cancel) {
+        self.marker = Some((text, flag));
     }
 
     /// Takes serial output: `\n` ends a line, `\r` is dropped, and a line is cut at 4096
@@ -124,6 +132,11 @@ impl Console {
         }
         if self.kept.len() + stamped.len() <= KEEP_MAX {
             self.kept.extend_from_slice(stamped.as_bytes());
+        }
+        if let Some((marker, flag)) = &self.marker {
+            if text.contains(marker.as_str()) {
+                flag.cancel();
+            }
         }
         if scan_line(&text, &mut self.report) {
             if let Some(tx) = &self.events {

@@ -365,6 +365,25 @@ impl super::Vcpu for KvmVcpu {
             .map_err(err("KVM_SET_VCPU_EVENTS"))
     }
 
+    /// KVM's documented way: enter once with `immediate_exit` set; the kernel completes the
+    /// pending operation and returns EINTR before any guest instruction.
+    fn complete_pending(&mut self) -> Result<()> {
+        let run = self.fd.get_kvm_run() as *mut kvm_run;
+        // SAFETY: `run` is this vCPU's kvm_run mapping, alive as long as `self.fd`.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        let r = self.fd.run().map(|_| ());
+        // SAFETY: as above.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0) };
+        match r {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(err("KVM_RUN (completing the last exit)")(e)),
+            Ok(()) => Err(HypervisorError::new(
+                "KVM_RUN (completing the last exit) ran the guest",
+                libc::EINVAL,
+            )),
+        }
+    }
+
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

@@ -234,6 +234,10 @@ pub trait Vcpu: Send {
     fn state(&self) -> Result<VcpuState>;
     /// Restores what [`Vcpu::state`] read; fails if any MSR is refused.
     fn set_state(&self, state: &VcpuState) -> Result<()>;
+    /// Finishes the exit the vCPU last returned from (an MMIO or port read's value goes into
+    /// its register only on the next entry) without running a guest instruction: after this,
+    /// [`Vcpu::state`] is the whole state (a snapshot is taken after it).
+    fn complete_pending(&mut self) -> Result<()>;
     /// The vCPU's file descriptor (for a seccomp filter or a jail to keep open).
     fn as_raw_fd(&self) -> RawFd;
 }

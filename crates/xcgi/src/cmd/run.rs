@@ -83,6 +83,22 @@ pub struct Args {
     /// process's pid, a user of its own).
     #[arg(long, requires = "jail")]
     pub jail_uid: Option<u32>,
+    /// Take a snapshot of the running guest into this directory (its `state` and `memory`
+    /// files) when a console line contains the --snapshot-at text, and stop the VM there (exit
+    /// 0). `--restore DIR` starts clones of it.
+    #[arg(long, conflicts_with_all = ["restore", "jail", "net", "setup_only"])]
+    pub snapshot_out: Option<PathBuf>,
+    /// The console text that triggers --snapshot-out (a line containing it; the guest goes on
+    /// a little before it is stopped, which is harmless: any moment after it is a whole
+    /// state).
+    #[arg(long, requires = "snapshot_out", default_value = "xcgi-snapshot-here")]
+    pub snapshot_at: String,
+    /// Start the VM as a clone of the snapshot in this directory (taken by --snapshot-out with
+    /// the same kernel, root, --mem, --vcpus and --hugepages: anything else is refused, naming
+    /// the difference) instead of booting: its memory mapped copy-on-write from the snapshot's
+    /// memory file, which no clone ever changes.
+    #[arg(long, conflicts_with_all = ["net", "copy_kernel"])]
+    pub restore: Option<PathBuf>,
     /// Internal: this process is the jailed VM process `--jail` started.
     #[arg(long, hide = true)]
     pub jail_worker: bool,
@@ -130,6 +146,7 @@ pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
         } else {
             LoadMode::Map
         },
+        snapshot: a.restore.clone(),
     };
     let opts = RunOptions {
         timeout: Duration::from_secs_f64(a.timeout),
@@ -137,6 +154,11 @@ pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
         setup_only: a.setup_only,
         measure_memory: a.memory_stats,
         debug_dump: a.debug_dump,
+        capture: a.snapshot_out.as_ref().map(|dir| xcgi_vmm::Capture {
+            now: Cancel::new(),
+            marker: Some(a.snapshot_at.clone()),
+            dir: dir.clone(),
+        }),
     };
     Ok((shape, opts))
 }

@@ -150,6 +150,14 @@ impl<D: VirtioDevice + 'static> MmioDevice for MmioTransport<D> {
         }
         Some("virtio-mmio: busy (its lock was held for 100 ms)".into())
     }
+
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(self.lock().save())
+    }
+
+    fn restore_state(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.lock().restore(bytes)
+    }
 }
 
 impl<D: VirtioDevice + 'static> Drop for MmioTransport<D> {
