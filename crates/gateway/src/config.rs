@@ -109,6 +109,18 @@ pub enum Mode {
     Http,
 }
 
+/// How a route's VMs start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Start {
+    /// Every request's VM boots the kernel.
+    #[default]
+    Boot,
+    /// Every request's VM is a copy-on-write clone of a template VM that booted once, at
+    /// start, up to xcgi-init's hello (docs/serve.md, "Snapshots"). CGI mode only.
+    Snapshot,
+}
+
 /// `[server]`: listeners, admission, connection limits and timeouts, guest defaults.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -327,6 +339,10 @@ impl Default for NetworkSection {
 pub struct Route {
     /// Path prefix, matched on whole segments (`/a` matches `/a` and `/a/b`, not `/ab`).
     pub prefix: String,
+    /// How its VMs start: `boot` (default) or `snapshot` (CGI mode: clones of a template
+    /// booted once at start).
+    #[serde(default)]
+    pub start: Start,
     /// What the handler is. Default `cgi`.
     #[serde(default)]
     pub mode: Mode,
@@ -510,6 +526,7 @@ impl Route {
     pub fn quick(handler: PathBuf, mode: Mode) -> Route {
         Route {
             prefix: "/".into(),
+            start: Start::default(),
             mode,
             handler,
             program: None,
@@ -974,6 +991,23 @@ impl RouteCheck<'_> {
         }
         if r.port == 0 {
             return Err(self.invalid("port", "must be 1 to 65535"));
+        }
+        if r.start == Start::Snapshot {
+            let why = if self.cfg.server.isolation == Isolation::Process {
+                Some("snapshots are of VMs: it needs isolation \"vm\"")
+            } else if r.mode == Mode::Http {
+                Some(
+                    "http mode boots every VM (clones of one template would share its address; \
+                     docs/serve.md, \"Snapshots\"): use start = \"boot\"",
+                )
+            } else if r.hugepages {
+                Some("clones map the snapshot's memory file in 4 KiB pages: set hugepages = false")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(self.invalid("start", why));
+            }
         }
         Ok(())
     }

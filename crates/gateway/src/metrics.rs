@@ -86,6 +86,8 @@ pub struct Metrics {
     pub body_bytes_buffered: AtomicI64,
     /// VM requests that found no prepared VM and built their own (the pool ran dry).
     pub prepared_misses: AtomicU64,
+    /// `start = "snapshot"` templates taken (one per such route at start).
+    pub snapshot_templates: AtomicU64,
     /// 1 while `/readyz` says ready.
     pub ready: AtomicI64,
     /// 1 from SIGTERM on.
@@ -259,6 +261,12 @@ impl Metrics {
             "xcgi_prepared_misses_total",
             "VM requests that found no VM prepared ahead and built their own (pool ran dry).",
             self.prepared_misses.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "xcgi_snapshot_templates_total",
+            "Template VMs booted and captured for start = \"snapshot\" routes (never resumed).",
+            self.snapshot_templates.load(Ordering::Relaxed),
         );
     }
 }

@@ -281,14 +281,25 @@ pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryE
     let mut f = std::fs::File::create(path).map_err(err)?;
     let mut total = 0u64;
     const BLOCK: usize = 64 << 10;
+    const PAGES_PER_BLOCK: usize = BLOCK / 4096;
     for region in mem.iter() {
         let len = region.len() as usize;
         let host = region.as_ptr();
+        // Pages that cannot hold anything but zeroes are not read: reading an untouched page
+        // faults it in (the shared zero page), one fault per page: 3.5 s for 128 MiB in the
+        // lab's emulated CPU.
+        let may_hold = pages_with_data(host as usize, len);
         // SAFETY: the region maps `len` bytes at `host` for as long as `mem` lives; the VM is
         // stopped, so nothing writes them while they are read.
         let bytes = unsafe { std::slice::from_raw_parts(host, len) };
-        for block in bytes.chunks(BLOCK) {
-            if block.iter().all(|&b| b == 0) {
+        for (i, block) in bytes.chunks(BLOCK).enumerate() {
+            let untouched = may_hold.as_ref().is_some_and(|m| {
+                m.iter()
+                    .skip(i * PAGES_PER_BLOCK)
+                    .take(PAGES_PER_BLOCK)
+                    .all(|&d| !d)
+            });
+            if untouched || block.iter().all(|&b| b == 0) {
                 f.seek(SeekFrom::Current(block.len() as i64)).map_err(err)?;
             } else {
                 f.write_all(block).map_err(err)?;
@@ -298,6 +309,56 @@ pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryE
     }
     f.set_len(total).map_err(err)?;
     f.sync_all().map_err(err)
+}
+
+/// For each 4 KiB page of this process's `[start, start + len)`: whether it may hold
+/// anything but zeroes: it is present or swapped out (`/proc/self/pagemap`), or it lies in a
+/// file-backed mapping (`/proc/self/maps`: the kernel mapped copy-on-write from its file reads
+/// the file's bytes even where nothing touched it). None when either cannot be read: then
+/// every page is read.
+fn pages_with_data(start: usize, len: usize) -> Option<Vec<bool>> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PAGE: usize = 4096;
+    let pages = len / PAGE;
+    let mut pm = std::fs::File::open("/proc/self/pagemap").ok()?;
+    pm.seek(SeekFrom::Start((start / PAGE * 8) as u64)).ok()?;
+    let mut raw = vec![0u8; pages * 8];
+    pm.read_exact(&mut raw).ok()?;
+    // Bit 63: present; bit 62: swapped.
+    let mut data: Vec<bool> = raw
+        .chunks_exact(8)
+        .map(|e| {
+            let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            v & (3 << 62) != 0
+        })
+        .collect();
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let end = start + len;
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(_off), Some(_dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        if inode == "0" {
+            continue; // anonymous
+        }
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        else {
+            continue;
+        };
+        let (lo, hi) = (lo.max(start), hi.min(end));
+        if lo < hi {
+            for d in &mut data[(lo - start) / PAGE..(hi - start).div_ceil(PAGE)] {
+                *d = true;
+            }
+        }
+    }
+    Some(data)
 }
 
 /// Guest RAM of `cfg`'s size mapped `MAP_PRIVATE` from a memory file [`save`] wrote: pages come
@@ -635,6 +696,18 @@ KernelPageSize:     2048 kB
             .unwrap();
         mem.write_obj(0x1234_5678_u32, GuestAddress(60 << 20))
             .unwrap();
+        // Only the written pages can hold data: the untouched ones are not even read.
+        {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            let r = mem.iter().next().unwrap();
+            let d = pages_with_data(r.as_ptr() as usize, r.len() as usize).expect("pagemap");
+            assert!(d[1] && !d[2] && !d[0x2000]);
+            assert_eq!(
+                d.iter().filter(|&&x| x).count(),
+                2,
+                "only the two pages written"
+            );
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("memory");
         save(&mem, &path).unwrap();

@@ -173,7 +173,7 @@ pub enum SnapshotError {
         reason: String,
     },
     /// A snapshot of another machine, kernel, image or xcgi: it must not be restored here.
-    #[error("snapshot {path} does not fit this VM: {reason}; take a new one (it is made again when the route's kernel or image changes)")]
+    #[error("snapshot {path} does not fit this VM: {reason}; take a new one (`xcgi serve` takes its templates at start: restart it; `xcgi run --snapshot-out` saves one)")]
     Mismatch {
         /// The state file.
         path: PathBuf,

@@ -20,9 +20,7 @@ use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{self, HypervisorError, Vcpu, VcpuExit};
 use crate::layout::*;
 use crate::memory;
-pub use crate::resources::{
-    Attachments, Cancel, Capture, MachineShape, NetAttachment, RunOptions,
-};
+pub use crate::resources::{Attachments, Cancel, Capture, MachineShape, NetAttachment, RunOptions};
 
 /// Exit code of `xcgi run` when the deadline killed the VM (as timeout(1)).
 pub const EXIT_TIMEOUT: i32 = 124;
@@ -777,7 +775,8 @@ fn configure(
         Origin::Snapshot { devices } => {
             // The guest booted with the template's devices and command line; this run's
             // devices (the same kinds, in the same order) take the template's states.
-            dm.restore_states(devices).map_err(VmError::RestoreDevices)?;
+            dm.restore_states(devices)
+                .map_err(VmError::RestoreDevices)?;
             clock.lap("device state");
         }
     }
@@ -1066,9 +1065,7 @@ fn wait_for_end(rx: &Receiver<VmEvent>, ending: &Ending<'_>) -> ExitReason {
             Err(RecvTimeoutError::Timeout) if ending.cancel.is_cancelled() => {
                 return ExitReason::Cancelled
             }
-            Err(RecvTimeoutError::Timeout)
-                if ending.capture.is_some_and(|c| c.is_cancelled()) =>
-            {
+            Err(RecvTimeoutError::Timeout) if ending.capture.is_some_and(|c| c.is_cancelled()) => {
                 return ExitReason::Captured
             }
             Err(RecvTimeoutError::Timeout) if left.is_zero() => return ExitReason::Timeout,
@@ -1311,7 +1308,12 @@ mod tests {
             ..Default::default()
         };
         let out = run(&shape, &attach, &opts, Instant::now(), None).expect("run");
-        assert_eq!(out.reason, ExitReason::Captured, "{}", out.reason.describe());
+        assert_eq!(
+            out.reason,
+            ExitReason::Captured,
+            "{}",
+            out.reason.describe()
+        );
         let mem_len = std::fs::metadata(snapdir.join(crate::snapshot::MEMORY_FILE))
             .expect("memory file")
             .len();
@@ -1341,8 +1343,14 @@ mod tests {
 
         // Without the channel the template had, the devices do not fit.
         let p = prepare(&clone_shape, Instant::now()).expect("clone");
-        let e = launch(p, &Attachments::default(), &setup_only(), Instant::now(), None)
-            .expect_err("a clone without the template's devices");
+        let e = launch(
+            p,
+            &Attachments::default(),
+            &setup_only(),
+            Instant::now(),
+            None,
+        )
+        .expect_err("a clone without the template's devices");
         assert!(e.to_string().contains("device states"), "{e}");
 
         // Another memory size: refused before KVM, naming it.
@@ -1355,7 +1363,10 @@ mod tests {
         };
         let e = prepare(&other, Instant::now()).expect_err("another machine");
         let text = e.to_string();
-        assert!(text.contains("memory (MiB)") && text.contains("take a new one"), "{text}");
+        assert!(
+            text.contains("memory (MiB)") && text.contains("take a new one"),
+            "{text}"
+        );
     }
 
     /// VMs prepared ahead from one shape are separate VMs: their guest RAM does not overlap,

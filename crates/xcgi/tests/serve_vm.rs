@@ -226,6 +226,160 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
     assert!(log.contains("boot_ms="), "{log}");
 }
 
+/// Issue 13: `start = "snapshot"`. Each route's template boots once at start, to xcgi-init's
+/// hello, and is captured; every request runs in a clone of it (jailed VM processes, the
+/// default), prepared ahead. Clones share nothing a request can see: different random bytes
+/// and AT_RANDOM, the host's wall clock, no file left by an earlier request; a 300 kB body
+/// round-trips, a crash is a 502 and a timeout a 504; one template per route, never resumed,
+/// however many requests; nothing left after SIGTERM. Prints boot against clone latency.
+#[test]
+fn snapshot_clones_serve_cgi_requests_and_share_nothing() {
+    let files = main_files();
+    let refs: Vec<(&std::path::Path, &str)> =
+        files.iter().map(|(p, n)| (p.as_path(), *n)).collect();
+    let script = format!(
+        r#"{PRELUDE}
+        cat > snap.toml <<EOF
+[server]
+listen = "127.0.0.1:8080"
+kernel = "$K"
+concurrency = 2
+[[route]]
+prefix = "/snap"
+handler = "$CGI"
+start = "snapshot"
+timeout_ms = 180000
+max_body = 1000000
+[[route]]
+prefix = "/snapslow"
+handler = "$CGI"
+start = "snapshot"
+timeout_ms = 8000
+prepared = 1
+[[route]]
+prefix = "/boot"
+handler = "$CGI"
+start = "boot"
+timeout_ms = 180000
+EOF
+        start_server main snap.toml || exit 1
+        A=127.0.0.1:8080
+        echo "===snap==="
+        echo "templates=$(metric $A xcgi_snapshot_templates_total)"
+        for i in 1 2 3; do b=$(date +%s); r=$(curl -s http://$A/snap/fresh); echo "fresh$i: $r before=$b host=$(date +%s)"; done
+        echo "persist1: $(curl -s http://$A/snap/persist)"
+        echo "persist2: $(curl -s http://$A/snap/persist)"
+        head -c 300000 /dev/urandom > big.bin
+        curl -s --data-binary @big.bin http://$A/snap/echo > big.out
+        cmp big.bin big.out && echo "echo300k=same"
+        echo "crash=$(code http://$A/snap/crash)"
+        echo "timeout=$(code http://$A/snapslow/sleep)"
+        echo "greeting: $(curl -s http://$A/snap | head -1)"
+        sleep 3
+        for i in 1 2 3 4 5; do curl -s -o /dev/null -w 'boot_s=%{{time_total}}\n' http://$A/boot; sleep 2; done
+        for i in 1 2 3 4 5; do curl -s -o /dev/null -w 'snap_s=%{{time_total}}\n' http://$A/snap; sleep 2; done
+        echo "templates_after=$(metric $A xcgi_snapshot_templates_total)"
+        echo "started=$(metric $A xcgi_vms_started_total)"
+        echo "snapshot_dirs=$(ls -d /tmp/xcgi-serve-*/snapshot-* | wc -l)"
+        echo "===end snap==="
+        echo "===stop==="
+        stop_server main
+        echo "after: $(leftovers)"
+        echo "===end stop==="
+        echo "===log==="; cat main.log; echo "===end log==="
+"#
+    );
+    let r = lab(&script, &refs, Duration::from_secs(900));
+    assert_eq!(r.code, 0, "{}", r.output);
+    let m = section(&r.output, "snap");
+    for want in [
+        "templates=2",
+        "persist1: before=no created=yes",
+        "persist2: before=no created=yes",
+        "echo300k=same",
+        "crash=502",
+        "timeout=504",
+        "greeting: Hello from CGI in a fresh VM! (GET /snap)",
+        // One template per snapshot route, however many requests ran in its clones.
+        "templates_after=2",
+        "snapshot_dirs=2",
+    ] {
+        assert!(m.contains(want), "{want} missing:\n{m}\n{}", r.output);
+    }
+    let fresh: Vec<(i64, i64, i64, String, String)> = ["fresh1: ", "fresh2: ", "fresh3: "]
+        .iter()
+        .map(|p| {
+            let l = m
+                .lines()
+                .find_map(|l| l.strip_prefix(p))
+                .unwrap_or_else(|| panic!("no {p}:\n{m}"));
+            let f = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .unwrap_or_else(|| panic!("no {k} in {l:?}"))
+                    .to_string()
+            };
+            let n = |k: &str| f(k).parse::<i64>().unwrap_or_else(|_| panic!("{l:?}"));
+            (
+                n("time="),
+                n("before="),
+                n("host="),
+                f("random="),
+                f("at_random="),
+            )
+        })
+        .collect();
+    for (guest, before, after, _, _) in &fresh {
+        // The host's clock (whole seconds) before and after the request.
+        assert!(
+            before - 1 <= *guest && *guest <= after + 1,
+            "a clone's clock is {guest}, the host's was {before}..{after}: not within 1 s\n{m}"
+        );
+    }
+    for i in 0..fresh.len() {
+        for j in i + 1..fresh.len() {
+            assert_ne!(
+                fresh[i].3, fresh[j].3,
+                "two clones drew the same random bytes"
+            );
+            assert_ne!(fresh[i].4, fresh[j].4, "two clones got the same AT_RANDOM");
+        }
+    }
+    let times = |k: &str| -> Vec<f64> {
+        m.lines()
+            .filter_map(|l| l.strip_prefix(k))
+            .filter_map(|v| v.trim().parse().ok())
+            .collect()
+    };
+    let (mut boot, mut snap) = (times("boot_s="), times("snap_s="));
+    assert_eq!((boot.len(), snap.len()), (5, 5), "{m}");
+    boot.sort_by(f64::total_cmp);
+    snap.sort_by(f64::total_cmp);
+    eprintln!(
+        "lab, cgi-c greeting, sequential: boot median {:.0} ms, snapshot clone median {:.0} ms ({:.1}x)",
+        boot[2] * 1e3,
+        snap[2] * 1e3,
+        boot[2] / snap[2]
+    );
+    assert!(
+        snap[2] < boot[2],
+        "a clone is not faster than a boot: {snap:?} vs {boot:?}"
+    );
+    let log = section(&r.output, "log");
+    assert_eq!(
+        log.matches("template captured").count(),
+        2,
+        "one template per route:\n{log}"
+    );
+    let stop = section(&r.output, "stop");
+    assert_eq!(rc(stop), 0, "{stop}");
+    assert!(
+        stop.contains("after: netns=[] taps=[0] vmms=0 workdirs=0 cgroups=0 jailed=0"),
+        "nothing left:\n{stop}\n{}",
+        r.output
+    );
+}
+
 #[test]
 fn a_hundred_sequential_and_twenty_concurrent_requests_all_correct() {
     let r = with_main_server(

@@ -9,6 +9,7 @@
 
 pub mod jailed;
 mod process;
+pub mod template;
 mod vm;
 mod vm_cgi;
 pub mod vm_cgroup;

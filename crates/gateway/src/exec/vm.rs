@@ -52,6 +52,9 @@ pub struct VmSpec {
     pub jail: Option<Arc<super::jailed::Workers>>,
     /// Log a debug dump of a VM that ends badly (`[server] debug_dump`).
     pub debug_dump: bool,
+    /// `start = "snapshot"`: the route's template snapshot (taken at start); each VM is a
+    /// clone of it, whose xcgi-init already said hello and waits for its request.
+    pub snapshot: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -71,6 +74,7 @@ impl VmSpec {
                 populate: false,
             },
             vcpus: self.vcpus,
+            snapshot: self.snapshot.clone(),
             ..MachineShape::default()
         }
     }
@@ -233,6 +237,7 @@ mod tests {
             pool: None,
             jail: None,
             debug_dump: false,
+            snapshot: None,
         };
         let metrics = Arc::new(Metrics::default());
         let vm = start_vm(

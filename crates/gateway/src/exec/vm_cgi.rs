@@ -74,8 +74,10 @@ pub fn spawn_vm_cgi<K: Send + 'static>(
         complete: Arc::clone(&complete),
         killed,
     };
+    // A clone's init said hello in its template: it waits for the request already.
+    let said_hello = spec.snapshot.is_some();
     tokio::spawn(async move {
-        let fin = drive_vm(host, start, body, chan, t0, vm).await;
+        let fin = drive_vm(host, start, body, chan, t0, vm, said_hello).await;
         // The response is complete (or failed): stop the VM now rather than let init's exit
         // panic run; its teardown goes on in the background (counted in vms_running). The
         // handler is finished: its slot goes now, so the next VM boots while this one is
@@ -245,6 +247,7 @@ async fn drive_vm(
     relay: Relay,
     t0: Instant,
     vm: VmThread,
+    said_hello: bool,
 ) -> Finish {
     let (mut rd, wr) = host.into_split();
     let mut d = Drive {
@@ -261,6 +264,9 @@ async fn drive_vm(
         stdout_closed: false,
         t0,
     };
+    if said_hello {
+        d.hello();
+    }
     let mut dec = ch::Decoder::new();
     let mut buf = vec![0u8; ch::CHUNK + ch::HEADER_LEN];
     'outer: loop {

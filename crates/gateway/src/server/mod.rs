@@ -89,6 +89,15 @@ pub enum ServeError {
     /// A thread could not be started (not produced at present).
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// A `start = "snapshot"` route's template could not be taken.
+    #[error("route {route}: start = \"snapshot\": {source}")]
+    Template {
+        /// The route's prefix.
+        route: String,
+        /// Why.
+        #[source]
+        source: crate::exec::template::TemplateError,
+    },
     /// A pool of VMs prepared ahead could not start its thread.
     #[error("cannot start the thread that prepares VMs ahead: {0}")]
     Pool(std::io::Error),
@@ -195,6 +204,9 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         if let Some(n) = &net {
             let _ = metrics.net.set(Arc::clone(n));
+        }
+        if cfg.server.isolation == Isolation::Vm {
+            take_templates(&mut routes, workdir.path(), &metrics)?;
         }
         let pools = if cfg.server.isolation == Isolation::Vm && !cfg.server.jail {
             start_pools(&mut routes, &metrics)?
@@ -478,6 +490,36 @@ fn chown_tree(dir: &std::path::Path, uid: libc::uid_t, gid: libc::gid_t) -> std:
         for e in std::fs::read_dir(dir)? {
             chown_tree(&e?.path(), uid, gid)?;
         }
+    }
+    Ok(())
+}
+
+/// `start = "snapshot"` routes: each gets its template, booted and captured here, in the
+/// work directory (`snapshot-<route index>`); its VMs are clones of it from now on.
+fn take_templates(
+    routes: &mut [ServedRoute],
+    workdir: &std::path::Path,
+    metrics: &Metrics,
+) -> Result<(), ServeError> {
+    for (i, r) in routes.iter_mut().enumerate() {
+        if r.route.start != crate::config::Start::Snapshot {
+            continue;
+        }
+        let Some(spec) = &mut r.spec else { continue };
+        let dir = workdir.join(format!("snapshot-{i}"));
+        let t = crate::exec::template::take(spec, &dir).map_err(|source| ServeError::Template {
+            route: r.route.prefix.clone(),
+            source,
+        })?;
+        metrics.snapshot_templates.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            route = %r.route.prefix,
+            boot_ms = t.boot.as_secs_f64() * 1e3,
+            capture_ms = t.capture.as_secs_f64() * 1e3,
+            memory_on_disk_kib = t.memory_on_disk >> 10,
+            "template captured: requests run in clones of it"
+        );
+        spec.snapshot = Some(t.dir);
     }
     Ok(())
 }

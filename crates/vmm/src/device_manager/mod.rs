@@ -197,10 +197,7 @@ impl Buses {
 fn restore_bus(bus: &Bus, kind: &str, saved: &[(String, Vec<u8>)]) -> Result<(), String> {
     let mut mine = Vec::new();
     for (name, bytes) in saved {
-        let Some(base) = name
-            .strip_prefix(kind)
-            .and_then(|r| r.strip_prefix("@0x"))
-        else {
+        let Some(base) = name.strip_prefix(kind).and_then(|r| r.strip_prefix("@0x")) else {
             continue;
         };
         let base = u64::from_str_radix(base, 16)

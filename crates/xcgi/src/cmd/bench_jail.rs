@@ -95,6 +95,7 @@ pub(super) fn jail_table(m: &super::bench::Machines) -> anyhow::Result<()> {
             pool: None,
             jail: None,
             debug_dump: false,
+            snapshot: None,
         };
         let shape = spec.shape();
         let workers = Workers::start(

@@ -170,6 +170,9 @@ pub struct WorkerCli {
     /// Guest memory on huge pages.
     #[arg(long)]
     hugepages: bool,
+    /// The route's snapshot directory: the VM is a clone of it.
+    #[arg(long)]
+    snapshot: Option<std::path::PathBuf>,
     /// The uid and gid to drop to.
     #[arg(long)]
     uid: u32,
@@ -193,6 +196,7 @@ pub fn serve_worker(a: WorkerCli) -> i32 {
         pool: None,
         jail: None,
         debug_dump: false,
+        snapshot: a.snapshot,
     };
     jailed::worker_main(&jailed::WorkerArgs { spec, uid: a.uid })
 }

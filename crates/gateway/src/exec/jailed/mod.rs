@@ -148,6 +148,9 @@ impl Workers {
         if spec.hugepages {
             args.push("--hugepages".into());
         }
+        if let Some(dir) = &spec.snapshot {
+            args.extend(["--snapshot".into(), abs(dir)?]);
+        }
         let template = helper.register(&args, &limits)?;
         let w = Arc::new(Workers {
             helper: Arc::clone(helper),
