@@ -1,22 +1,28 @@
 #!/bin/sh
-# Runs where the VMs boot (on a hardware-KVM host, or inside the lab): one xcgi server with VM
-# isolation and one with --isolation process, same handler (examples/cgi-c), same machine,
-# same run. Prints per-request latency (sequential curl) and throughput (wrk).
+# Runs where the VMs boot (on a hardware-KVM host, or inside the lab): three xcgi servers, same
+# handler (examples/cgi-c), same machine, same run: VM isolation booting a VM per request
+# (start = "boot"), VM isolation with snapshot clones (start = "snapshot"), and --isolation
+# process. Prints per-request latency (sequential curl) and throughput (wrk).
 #   bench/serve-compare.sh KERNEL CGI_PROGRAM REQUESTS WRK_SECONDS CONCURRENCY
 set -eu
 K=$1; CGI=$2; N=$3; SECS=$4; C=$5
-for iso in vm process; do
-  port=$([ $iso = vm ] && echo 8090 || echo 8091)
+port_of() { case $1 in boot) echo 8090;; snapshot) echo 8092;; *) echo 8091;; esac; }
+for iso in boot snapshot process; do
+  port=$(port_of $iso)
+  mode=vm; start=""
+  [ $iso = process ] && mode=process
+  [ $iso = snapshot ] && start='start = "snapshot"'
   cat > bench-$iso.toml <<T
 [server]
 listen = "127.0.0.1:$port"
-isolation = "$iso"
+isolation = "$mode"
 kernel = "$K"
 concurrency = $C
 queue = 1024
 queue_timeout_ms = 600000
 [[route]]
 prefix = "/hello"
+$start
 handler = "$CGI"
 timeout_ms = 120000
 max_body = 67108864
@@ -28,8 +34,8 @@ T
 done
 # pct FILE P: the P-th percentile (nearest rank) of the numbers in FILE, in ms.
 pct() { sort -n "$1" | awk -v p="$2" '{a[NR]=$1} END {i=int((p*NR+99)/100); if(i<1)i=1; printf "%.2f", a[i]*1000}'; }
-for iso in vm process; do
-  port=$([ $iso = vm ] && echo 8090 || echo 8091)
+for iso in boot snapshot process; do
+  port=$(port_of $iso)
   url=http://127.0.0.1:$port/hello
   curl -s -o /dev/null "$url"   # warm-up
   : > lat-$iso.txt
@@ -46,5 +52,6 @@ for iso in vm process; do
     awk '{printf "%.1f", $1/1048576/$2}')
   echo "RESULT isolation=$iso requests=$N p50_ms=$(pct lat-$iso.txt 50) p99_ms=$(pct lat-$iso.txt 99) wrk_c=$C wrk_rps=$rps download_MiBps=$down echo_MiBps=$echo_rate"
 done
-for iso in vm process; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
-grep -h 'status=' bench-vm.log | tail -3
+for iso in boot snapshot process; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
+grep -h 'status=' bench-boot.log | tail -2
+grep -h 'status=' bench-snapshot.log | tail -2

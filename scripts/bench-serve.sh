@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The price of VM isolation (docs/benchmarks.md): `xcgi serve` with a fresh VM per request vs
+# The price of VM isolation (docs/benchmarks.md): `xcgi serve` with a fresh VM per request (booted,
+# and cloned from a snapshot) vs
 # `--isolation process` (a CGI child per request), same hello handler (examples/cgi-c), same
 # machine, same run: p50/p99 latency of sequential requests, and requests/s under wrk.
 # Inside the lab unless this host has hardware KVM (then the absolute times are the product's).

@@ -25,7 +25,7 @@ $X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024 --runs "$RU
 $X bench setup --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,512,1024,2048,4096 --runs 5 --populate --prepared \
   --reserve-hugepages --svg docs/plots/setup-vs-memory.svg
 echo
-echo "## 1b. cold restore from a snapshot to the first KVM_RUN (issue 13, devices not yet)"
+echo "## 1b. snapshot clones to the first KVM_RUN: cold restore, prepared clone request path (issue 13)"
 $X bench restore --kernel "$KERNEL" --initramfs "$CPIO" --mem 128,1024,4096 --runs "$RUNS"
 echo
 echo "## 2. boot to init, xcgi vs QEMU microvm"

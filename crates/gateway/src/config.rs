@@ -110,11 +110,10 @@ pub enum Mode {
 }
 
 /// How a route's VMs start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Start {
     /// Every request's VM boots the kernel.
-    #[default]
     Boot,
     /// Every request's VM is a copy-on-write clone of a template VM that booted once, at
     /// start, up to xcgi-init's hello (docs/serve.md, "Snapshots"). CGI mode only.
@@ -339,10 +338,10 @@ impl Default for NetworkSection {
 pub struct Route {
     /// Path prefix, matched on whole segments (`/a` matches `/a` and `/a/b`, not `/ab`).
     pub prefix: String,
-    /// How its VMs start: `boot` (default) or `snapshot` (CGI mode: clones of a template
-    /// booted once at start).
-    #[serde(default)]
-    pub start: Start,
+    /// How its VMs start: `snapshot` (clones of a template booted once at start) or `boot`.
+    /// Default: `snapshot` where it applies (a CGI route, VM isolation, 4 KiB pages), else
+    /// `boot` ([`Route::start_mode`]).
+    pub start: Option<Start>,
     /// What the handler is. Default `cgi`.
     #[serde(default)]
     pub mode: Mode,
@@ -522,11 +521,23 @@ impl Route {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// How its VMs start: `start` as set, else `snapshot` where it applies (a CGI route of
+    /// VM isolation on 4 KiB pages) and `boot` elsewhere.
+    pub fn start_mode(&self, isolation: Isolation) -> Start {
+        self.start.unwrap_or(
+            if isolation == Isolation::Vm && self.mode == Mode::Cgi && !self.hugepages {
+                Start::Snapshot
+            } else {
+                Start::Boot
+            },
+        )
+    }
+
     /// A route for `xcgi serve --handler` (quick start).
     pub fn quick(handler: PathBuf, mode: Mode) -> Route {
         Route {
             prefix: "/".into(),
-            start: Start::default(),
+            start: None,
             mode,
             handler,
             program: None,
@@ -992,7 +1003,7 @@ impl RouteCheck<'_> {
         if r.port == 0 {
             return Err(self.invalid("port", "must be 1 to 65535"));
         }
-        if r.start == Start::Snapshot {
+        if r.start == Some(Start::Snapshot) {
             let why = if self.cfg.server.isolation == Isolation::Process {
                 Some("snapshots are of VMs: it needs isolation \"vm\"")
             } else if r.mode == Mode::Http {
@@ -1037,6 +1048,45 @@ mod tests {
         assert_eq!(r.handler, d.path().join("h"));
         assert_eq!((r.memory_mib, r.vcpus, r.mode), (128, 1, Mode::Cgi));
         assert!(!c.needs_network());
+    }
+
+    /// `start`: snapshot by default where it applies, boot elsewhere; `snapshot` asked for
+    /// where it cannot apply is refused, saying why.
+    #[test]
+    fn start_defaults_to_snapshot_where_it_applies() {
+        let d = dir_with_handler();
+        let route = |extra: &str| format!("[[route]]\nprefix = \"/a\"\nhandler = \"h\"\n{extra}\n");
+        let start = |server: &str, extra: &str| {
+            let c = parse(&d, &format!("{server}\n{}", route(extra))).unwrap();
+            c.routes[0].start_mode(c.server.isolation)
+        };
+        assert_eq!(start("", ""), Start::Snapshot);
+        assert_eq!(start("", "start = \"boot\""), Start::Boot);
+        assert_eq!(start("", "mode = \"http\""), Start::Boot);
+        assert_eq!(start("", "hugepages = true"), Start::Boot);
+        assert_eq!(start("[server]\nisolation = \"process\"", ""), Start::Boot);
+        for (server, extra, why) in [
+            (
+                "",
+                "mode = \"http\"\nstart = \"snapshot\"",
+                "http mode boots every VM",
+            ),
+            (
+                "",
+                "hugepages = true\nstart = \"snapshot\"",
+                "hugepages = false",
+            ),
+            (
+                "[server]\nisolation = \"process\"",
+                "start = \"snapshot\"",
+                "it needs isolation",
+            ),
+        ] {
+            let e = parse(&d, &format!("{server}\n{}", route(extra)))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(".start") && e.contains(why), "{e}");
+        }
     }
 
     #[test]

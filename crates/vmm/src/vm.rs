@@ -344,6 +344,11 @@ impl PreparedVm {
             .collect()
     }
 
+    /// Its preparation's steps, in order, each with the time it took.
+    pub fn phases(&self) -> &[(&'static str, Duration)] {
+        &self.phases
+    }
+
     /// How long building it took.
     pub fn took(&self) -> Duration {
         self.took

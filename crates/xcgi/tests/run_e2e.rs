@@ -187,3 +187,55 @@ fn a_bzimage_kernel_boots_too() {
     assert_summary(s, "init exited with status 4");
     assert_eq!(rc(s), 4, "{s}");
 }
+
+/// Issue 13, `xcgi run`: a guest captured when its console says it is looping
+/// (`--snapshot-out`, `--snapshot-at`), then a clone of it restored (`--restore`) that goes on
+/// looping in user space until its deadline (a bad restore would crash it: triple fault,
+/// panic); a snapshot of another root or memory size is refused, naming the difference.
+#[test]
+fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
+    let kernel = kernel();
+    let looping = example("loop-forever.ext4");
+    let other = example("hello-c.ext4");
+    let script = r#"
+        run() { name=$1; shift; echo "===$name==="; xcgi run --kernel "$K" "$@" 2>&1; echo "rc=$?"; echo "===end $name==="; }
+        run snap --rootfs "$LOOP" --snapshot-out snap --snapshot-at looping --timeout 60
+        ls snap
+        run restore --rootfs "$LOOP" --restore snap --timeout 4 --debug-dump
+        run other-root --rootfs "$OTHER" --restore snap
+        run other-mem --rootfs "$LOOP" --mem 256 --restore snap
+    "#;
+    let r = run_script(
+        script,
+        &[(&kernel, "K"), (&looping, "LOOP"), (&other, "OTHER")],
+        Duration::from_secs(300),
+    );
+    assert_eq!(r.code, 0, "{}", r.output);
+    let s = section(&r.output, "snap");
+    assert_eq!(rc(s), 0, "{s}");
+    assert!(s.contains("looping"), "{s}");
+    assert_summary(s, "snapshot taken");
+    let s = section(&r.output, "restore");
+    assert_eq!(rc(s), 124, "the clone ran to its deadline:\n{s}");
+    assert!(
+        !s.contains("looping"),
+        "the clone printed its boot output again:\n{s}"
+    );
+    let rip = s
+        .lines()
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("rip=0x")))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .unwrap_or_else(|| panic!("no rip in the dump:\n{s}"));
+    assert!(
+        rip < 0x8000_0000_0000,
+        "the clone should be spinning in user space, rip={rip:#x}:\n{s}"
+    );
+    for (name, what) in [("other-root", "guest root"), ("other-mem", "memory (MiB)")] {
+        let s = section(&r.output, name);
+        assert_ne!(rc(s), 0, "{s}");
+        assert!(
+            s.contains("does not fit this VM") && s.contains(what),
+            "{name}: the refusal names the difference:\n{s}"
+        );
+    }
+}

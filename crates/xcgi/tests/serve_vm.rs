@@ -261,7 +261,16 @@ prefix = "/boot"
 handler = "$CGI"
 start = "boot"
 timeout_ms = 180000
+memory_mib = 160
+[[route]]
+prefix = "/gosnap"
+handler = "$GO"
+start = "snapshot"
+timeout_ms = 180000
+memory_mib = 192
+prepared = 1
 EOF
+        export XCGI_LOG=info,xcgi_gateway::exec::jailed=debug
         start_server main snap.toml || exit 1
         A=127.0.0.1:8080
         echo "===snap==="
@@ -275,6 +284,7 @@ EOF
         echo "crash=$(code http://$A/snap/crash)"
         echo "timeout=$(code http://$A/snapslow/sleep)"
         echo "greeting: $(curl -s http://$A/snap | head -1)"
+        for i in 1 2 3; do echo "go: $(curl -s "http://$A/gosnap/p?q=$i" --data-binary gobody)"; done
         sleep 3
         for i in 1 2 3 4 5; do curl -s -o /dev/null -w 'boot_s=%{{time_total}}\n' http://$A/boot; sleep 2; done
         for i in 1 2 3 4 5; do curl -s -o /dev/null -w 'snap_s=%{{time_total}}\n' http://$A/snap; sleep 2; done
@@ -293,7 +303,8 @@ EOF
     assert_eq!(r.code, 0, "{}", r.output);
     let m = section(&r.output, "snap");
     for want in [
-        "templates=2",
+        "templates=3",
+        "go: Hello from Go CGI! POST /gosnap/p query=q=3 body=[gobody]",
         "persist1: before=no created=yes",
         "persist2: before=no created=yes",
         "echo300k=same",
@@ -301,8 +312,8 @@ EOF
         "timeout=504",
         "greeting: Hello from CGI in a fresh VM! (GET /snap)",
         // One template per snapshot route, however many requests ran in its clones.
-        "templates_after=2",
-        "snapshot_dirs=2",
+        "templates_after=3",
+        "snapshot_dirs=3",
     ] {
         assert!(m.contains(want), "{want} missing:\n{m}\n{}", r.output);
     }
@@ -368,8 +379,39 @@ EOF
     let log = section(&r.output, "log");
     assert_eq!(
         log.matches("template captured").count(),
-        2,
+        3,
         "one template per route:\n{log}"
+    );
+    // Host memory per VM process (its cgroup's memory.peak: the guest pages it wrote, or the
+    // booted guest's, plus the process), told apart by their memory.max (guest + 48 MiB).
+    let peaks = |guest_mib: u64| -> Vec<f64> {
+        log.lines()
+            .filter(|l| l.contains("VM process reaped"))
+            .filter(|l| l.contains(&format!("memory_max={}", (guest_mib + 48) << 20)))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("memory_peak="))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .map(|b| b / 1048576.0)
+            .filter(|&m| m > 2.5) // VM processes that ran a guest (unused ones: ~1.8 MiB)
+            .collect()
+    };
+    let (c, boot, go) = (peaks(128), peaks(160), peaks(192));
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    eprintln!(
+        "lab, memory.peak per VM process: cgi-c clone max {:.1} MiB ({} VMs), Go CGI clone max {:.1} MiB ({}), cgi-c boot max {:.1} MiB ({})",
+        max(&c),
+        c.len(),
+        max(&go),
+        go.len(),
+        max(&boot),
+        boot.len()
+    );
+    assert!(!c.is_empty() && !go.is_empty() && !boot.is_empty(), "{log}");
+    assert!(
+        max(&c) < max(&boot),
+        "a clone charged more host memory than a boot"
     );
     let stop = section(&r.output, "stop");
     assert_eq!(rc(stop), 0, "{stop}");

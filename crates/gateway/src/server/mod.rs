@@ -206,7 +206,7 @@ impl Server {
             let _ = metrics.net.set(Arc::clone(n));
         }
         if cfg.server.isolation == Isolation::Vm {
-            take_templates(&mut routes, workdir.path(), &metrics)?;
+            take_templates(&mut routes, workdir.path(), &metrics, cfg.server.isolation)?;
         }
         let pools = if cfg.server.isolation == Isolation::Vm && !cfg.server.jail {
             start_pools(&mut routes, &metrics)?
@@ -500,9 +500,10 @@ fn take_templates(
     routes: &mut [ServedRoute],
     workdir: &std::path::Path,
     metrics: &Metrics,
+    isolation: Isolation,
 ) -> Result<(), ServeError> {
     for (i, r) in routes.iter_mut().enumerate() {
-        if r.route.start != crate::config::Start::Snapshot {
+        if r.route.start_mode(isolation) != crate::config::Start::Snapshot {
             continue;
         }
         let Some(spec) = &mut r.spec else { continue };

@@ -7,8 +7,8 @@
 //!   initramfs, same machine, same run (module `bench_boot`).
 //! - `jail`: a VM in a jailed process: the request path of a prepared one against the same
 //!   launch in-process, its cold start and memory (module `bench_jail`).
-//! - `restore`: a machine restored from a snapshot up to its first KVM_RUN against building
-//!   it for a boot (module `bench_restore`).
+//! - `restore`: clones of a snapshot (cold restore, and a prepared clone's request path) up to
+//!   the first KVM_RUN against a boot's building and request path (module `bench_restore`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,7 +29,8 @@ enum What {
     Boot(super::bench_boot::BootArgs),
     /// A VM in a jailed process: request path of a prepared one, cold start, memory.
     Jail(super::bench_jail::JailArgs),
-    /// Cold restore from a snapshot to the first KVM_RUN (issue 13; devices not yet).
+    /// Clones of a snapshot up to the first KVM_RUN: cold restore and a prepared clone's
+    /// request path, against a boot's (issue 13).
     Restore(super::bench_restore::RestoreArgs),
 }
 

@@ -1,12 +1,19 @@
-//! `xcgi bench restore`: issue 13's cold restore on this host, up to the first KVM_RUN (the
-//! PVM /dev/kvm sets every piece of state natively; no guest runs): a machine prepared as for
-//! a boot is captured (its VM and vCPU state to a state file, its memory to a sparse memory
-//! file), then restored again and again: the state file read and checked, a new VM, its
-//! memory mapped `MAP_PRIVATE` from the file, memory slots, interrupt controllers, vCPUs and
-//! every piece of their state set. Against it, in the same run, what building the same
-//! machine for a boot costs (`prepare`). The devices' state is not part of it yet.
+//! `xcgi bench restore`: issue 13's clones on this host, up to the first KVM_RUN (the PVM
+//! /dev/kvm sets every piece of state natively; no guest needs to run): a VM of the machine is
+//! started with the CGI channel and captured at once (VM, vCPU and device states to a state
+//! file, memory to a sparse memory file), then cloned again and again:
+//! - the cold restore (`prepare` of a shape with `snapshot`): the state file read and its
+//!   identity checked, a new VM, memory mapped `MAP_PRIVATE` from the file, memory slots,
+//!   interrupt controllers, vCPUs and every piece of their state set;
+//! - the request path of a clone prepared ahead (`launch`, setup only): its devices attached
+//!   and given their saved states, up to the first KVM_RUN.
+//!
+//! Against them, in the same run, a boot's: building the machine (`prepare`) and its request
+//! path (devices and boot parameters).
 
-use std::time::Instant;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -18,14 +25,34 @@ pub struct RestoreArgs {
     m: super::bench::Machines,
 }
 
+/// A run's attachments: a fresh CGI channel (the far end dropped at once: nothing runs).
+fn channel() -> anyhow::Result<xcgi_vmm::Attachments> {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().context("a socket pair")?;
+    Ok(xcgi_vmm::Attachments {
+        channel: Some(Arc::new(OwnedFd::from(a))),
+        ..Default::default()
+    })
+}
+
+/// The request path of a VM prepared ahead: `launch` up to its first KVM_RUN, ms.
+fn request_path(p: xcgi_vmm::PreparedVm) -> anyhow::Result<f64> {
+    let opts = xcgi_vmm::RunOptions {
+        setup_only: true,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let out = xcgi_vmm::launch(p, &channel()?, &opts, t, None)?;
+    Ok(out.timings.setup.as_secs_f64() * 1e3)
+}
+
 pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
     let m = &a.m;
     println!(
-        "# cold restore from a snapshot to the first KVM_RUN (state file read, VM, MAP_PRIVATE memory, state set), against building the machine for a boot, {} runs each",
+        "# clones of a snapshot (VM, vCPU and device states; MAP_PRIVATE memory) against boots, up to the first KVM_RUN, {} runs each",
         m.runs
     );
-    println!("| memory | cold restore (median, p90) | of it: state file read | steps (median ms) | building for a boot (median) | memory file on disk |");
-    println!("|---|---|---|---|---|---|");
+    println!("| memory | cold restore (median, p90) | steps (median ms) | prepared clone: request path (median, p90) | boot: building (median) | boot: request path (median) | memory file on disk |");
+    println!("|---|---|---|---|---|---|---|");
     for &mem in &m.mem {
         let shape = xcgi_vmm::MachineShape {
             kernel: m.kernel.clone(),
@@ -37,58 +64,68 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
             },
             ..Default::default()
         };
-        let identity = xcgi_vmm::snapshot::Identity {
-            xcgi_version: env!("CARGO_PKG_VERSION").into(),
-            kernel: m.kernel.display().to_string(),
-            root: m.initramfs.display().to_string(),
-            memory_mib: mem,
-            vcpus: 1,
-            hugepages: false,
-        };
         let dir = tempfile::tempdir().context("a directory for the snapshot")?;
-        let (memfile, statefile) = (dir.path().join("memory"), dir.path().join("state"));
-        let template = xcgi_vmm::prepare(&shape, Instant::now()).context("the template")?;
-        let snap = xcgi_vmm::vm::capture(&template, identity.clone(), &memfile)?;
-        xcgi_vmm::snapshot::write(&statefile, &snap)?;
-        drop(template);
-        let (mut restore, mut read, mut build) = (Vec::new(), Vec::new(), Vec::new());
+        let now = xcgi_vmm::Cancel::new();
+        now.cancel();
+        let opts = xcgi_vmm::RunOptions {
+            timeout: Duration::from_secs(3),
+            capture: Some(xcgi_vmm::Capture {
+                now,
+                marker: None,
+                dir: dir.path().to_path_buf(),
+            }),
+            ..Default::default()
+        };
+        let out = xcgi_vmm::run(&shape, &channel()?, &opts, Instant::now(), None)
+            .context("the template")?;
+        anyhow::ensure!(
+            out.reason == xcgi_vmm::ExitReason::Captured,
+            "the template was not captured: {}",
+            out.reason.describe()
+        );
+        let clone_shape = xcgi_vmm::MachineShape {
+            snapshot: Some(dir.path().to_path_buf()),
+            ..shape.clone()
+        };
+        let (mut cold, mut clone_path, mut build, mut boot_path) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
         for _ in 0..m.runs {
             let t = Instant::now();
-            let snap = xcgi_vmm::snapshot::read(&statefile, &identity)?;
-            let r = t.elapsed();
-            let machine = xcgi_vmm::vm::restore(&shape, &snap, &memfile)?;
-            restore.push(t.elapsed().as_secs_f64() * 1e3);
-            read.push(r.as_secs_f64() * 1e3);
-            for &(name, d) in &machine.phases {
+            let p = xcgi_vmm::prepare(&clone_shape, t)?;
+            cold.push(t.elapsed().as_secs_f64() * 1e3);
+            for &(name, d) in p.phases() {
                 match phases.iter_mut().find(|(n, _)| *n == name) {
                     Some((_, v)) => v.push(d.as_secs_f64() * 1e3),
                     None => phases.push((name, vec![d.as_secs_f64() * 1e3])),
                 }
             }
-            drop(machine);
+            clone_path.push(request_path(p)?);
             let t = Instant::now();
-            let built = xcgi_vmm::prepare(&shape, t)?;
+            let p = xcgi_vmm::prepare(&shape, t)?;
             build.push(t.elapsed().as_secs_f64() * 1e3);
-            drop(built);
+            boot_path.push(request_path(p)?);
         }
         let on_disk = {
             use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(&memfile)
+            std::fs::metadata(dir.path().join(xcgi_vmm::snapshot::MEMORY_FILE))
                 .map(|md| md.blocks() * 512)
                 .unwrap_or(0)
         };
         let breakdown: Vec<String> = phases
             .into_iter()
+            .filter(|(n, _)| *n != "process start")
             .map(|(n, mut v)| format!("{n} {:.3}", median(&mut v)))
             .collect();
         println!(
-            "| {mem} MiB | **{:.3} ms** ({:.3}) | {:.3} ms | {} | {:.2} ms | {:.1} MiB |",
-            median(&mut restore),
-            percentile(&mut restore, 0.9),
-            median(&mut read),
+            "| {mem} MiB | **{:.3} ms** ({:.3}) | {} | **{:.3} ms** ({:.3}) | {:.2} ms | {:.3} ms | {:.1} MiB |",
+            median(&mut cold),
+            percentile(&mut cold, 0.9),
             breakdown.join(", "),
+            median(&mut clone_path),
+            percentile(&mut clone_path, 0.9),
             median(&mut build),
+            median(&mut boot_path),
             on_disk as f64 / 1048576.0
         );
     }
