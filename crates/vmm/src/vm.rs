@@ -396,13 +396,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         _ => None,
     };
     clock.lap("load initrd");
-    let disk = match &shape.rootfs {
-        Some(path) => Some(Block::open(path).map_err(|source| VmError::RootDisk {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
-    };
+    let disk = open_root_disk(shape)?;
     mptable::write(&mem, shape.vcpus)?;
     let cr3 = paging::write(&mem).map_err(VmError::PageTables)?;
     clock.lap("page tables");
@@ -420,6 +414,21 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         ready_at: Instant::now(),
         took: began.elapsed(),
     })
+}
+
+/// The shape's root disk, opened (a jailed process cannot open files by path when it
+/// launches).
+fn open_root_disk(shape: &MachineShape) -> Result<Option<Block>, VmError> {
+    shape
+        .rootfs
+        .as_ref()
+        .map(|path| {
+            Block::open(path).map_err(|source| VmError::RootDisk {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()
 }
 
 /// A clone of the snapshot in `dir` (issue 13), built as far as [`prepare`] builds a boot:
@@ -440,13 +449,7 @@ fn prepare_clone(
     clock.lap("read state");
     let m = restore(shape, &snap, &dir.join(crate::snapshot::MEMORY_FILE))?;
     clock.phases.extend(m.phases.iter().copied());
-    let disk = match &shape.rootfs {
-        Some(path) => Some(Block::open(path).map_err(|source| VmError::RootDisk {
-            path: path.clone(),
-            source,
-        })?),
-        None => None,
-    };
+    let disk = open_root_disk(shape)?;
     let RestoredMachine { vcpus, vm, mem, .. } = m;
     Ok(PreparedVm {
         vcpus,

@@ -197,17 +197,24 @@ fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
     let kernel = kernel();
     let looping = example("loop-forever.ext4");
     let other = example("hello-c.ext4");
+    let assets = xcgi_lab::prepare_assets().expect("lab assets");
     let script = r#"
-        run() { name=$1; shift; echo "===$name==="; xcgi run --kernel "$K" "$@" 2>&1; echo "rc=$?"; echo "===end $name==="; }
-        run snap --rootfs "$LOOP" --snapshot-out snap --snapshot-at looping --timeout 60
+        run() { name=$1; shift; echo "===$name==="; xcgi run "$@" 2>&1; echo "rc=$?"; echo "===end $name==="; }
+        run snap --kernel "$K" --rootfs "$LOOP" --snapshot-out snap --snapshot-at looping --timeout 60
         ls snap
-        run restore --rootfs "$LOOP" --restore snap --timeout 4 --debug-dump
-        run other-root --rootfs "$OTHER" --restore snap
-        run other-mem --rootfs "$LOOP" --mem 256 --restore snap
+        run restore --kernel "$K" --rootfs "$LOOP" --restore snap --timeout 4 --debug-dump
+        run other-root --kernel "$K" --rootfs "$OTHER" --restore snap
+        run other-mem --kernel "$K" --rootfs "$LOOP" --mem 256 --restore snap
+        run other-kernel --kernel "$BZ" --rootfs "$LOOP" --restore snap
     "#;
     let r = run_script(
         script,
-        &[(&kernel, "K"), (&looping, "LOOP"), (&other, "OTHER")],
+        &[
+            (&kernel, "K"),
+            (&looping, "LOOP"),
+            (&other, "OTHER"),
+            (&assets.bzimage, "BZ"),
+        ],
         Duration::from_secs(300),
     );
     assert_eq!(r.code, 0, "{}", r.output);
@@ -230,7 +237,11 @@ fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
         rip < 0x8000_0000_0000,
         "the clone should be spinning in user space, rip={rip:#x}:\n{s}"
     );
-    for (name, what) in [("other-root", "guest root"), ("other-mem", "memory (MiB)")] {
+    for (name, what) in [
+        ("other-root", "guest root"),
+        ("other-mem", "memory (MiB)"),
+        ("other-kernel", "guest kernel"),
+    ] {
         let s = section(&r.output, name);
         assert_ne!(rc(s), 0, "{s}");
         assert!(

@@ -33,6 +33,52 @@ const PRELUDE: &str = r#"
     metric() { curl -s "http://$1/_xcgi/metrics" | grep "^$2 " | cut -d' ' -f2; }
 "#;
 
+/// The end of a script: the server `main` stopped (its exit code), what is left, its log.
+const STOP_MAIN: &str = r#"
+        echo "===stop==="
+        stop_server main
+        echo "after: $(leftovers)"
+        echo "===end stop==="
+        echo "===log==="; cat main.log; echo "===end log==="
+"#;
+
+/// Checks the `freshN: time=T random=R at_random=A before=B host=H` lines (`examples/cgi-c`
+/// `/fresh`, with the host's clock before and after each request): every VM's wall clock
+/// within 1 s of the host's, and no two VMs with the same random bytes or AT_RANDOM.
+fn assert_fresh(m: &str, count: usize) {
+    let fresh: Vec<(i64, i64, i64, String, String)> = (1..=count)
+        .map(|i| {
+            let p = format!("fresh{i}: ");
+            let l = m
+                .lines()
+                .find_map(|l| l.strip_prefix(p.as_str()))
+                .unwrap_or_else(|| panic!("no {p}:\n{m}"));
+            let f = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(k))
+                    .unwrap_or_else(|| panic!("no {k} in {l:?}"))
+                    .to_string()
+            };
+            let n = |k: &str| f(k).parse::<i64>().unwrap_or_else(|_| panic!("{l:?}"));
+            let (time, before, host) = (n("time="), n("before="), n("host="));
+            (time, before, host, f("random="), f("at_random="))
+        })
+        .collect();
+    for (guest, before, after, _, _) in &fresh {
+        // The host's clock (whole seconds) before and after the request.
+        assert!(
+            before - 1 <= *guest && *guest <= after + 1,
+            "a VM's clock is {guest}, the host's was {before}..{after}: not within 1 s\n{m}"
+        );
+    }
+    for i in 0..fresh.len() {
+        for j in i + 1..fresh.len() {
+            assert_ne!(fresh[i].3, fresh[j].3, "two VMs drew the same random bytes");
+            assert_ne!(fresh[i].4, fresh[j].4, "two VMs got the same AT_RANDOM");
+        }
+    }
+}
+
 /// The main test server's configuration (a shell here-document; $K, $CGI, ... set by the
 /// lab prelude) and its start.
 const MAIN_SERVER: &str = r#"
@@ -88,12 +134,7 @@ fn with_main_server(body: &str, timeout: Duration) -> common::Ran {
         files.iter().map(|(p, n)| (p.as_path(), *n)).collect();
     let script = format!(
         r#"{PRELUDE}{MAIN_SERVER}{body}
-        echo "===stop==="
-        stop_server main
-        echo "after: $(leftovers)"
-        echo "===end stop==="
-        echo "===log==="; cat main.log; echo "===end log==="
-"#
+{STOP_MAIN}"#
     );
     let r = lab(&script, &refs, timeout);
     assert_eq!(r.code, 0, "{}", r.output);
@@ -119,8 +160,7 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
         echo "local: $(curl -s http://$A/cgi/local | grep -E 'QUERY_STRING|REQUEST_METHOD' | tr '\n' ' ')"
         echo "persist1: $(curl -s http://$A/cgi/persist)"
         echo "persist2: $(curl -s http://$A/cgi/persist)"
-        echo "fresh1: $(curl -s http://$A/cgi/fresh) host=$(date +%s)"
-        echo "fresh2: $(curl -s http://$A/cgi/fresh) host=$(date +%s)"
+        for i in 1 2; do b=$(date +%s); r=$(curl -s http://$A/cgi/fresh); echo "fresh$i: $r before=$b host=$(date +%s)"; done
         echo "sh: $(curl -s "http://$A/sh?q=1" --data-binary abc | tr '\n' ' ')"
         echo "go: $(curl -s "http://$A/go/p?q=2" --data-binary gobody)"
         head -c 300000 /dev/urandom > big.bin
@@ -176,34 +216,9 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
         assert!(m.contains(want), "{want} missing:\n{m}");
     }
     // Each VM gets the host's wall clock and fresh entropy with its request: the handler sees
-    // the time of day, and no two VMs the same random bytes or AT_RANDOM. (A booted VM would
-    // have both anyway, from kvmclock and its own boot; the check is for every VM, and it is
-    // what a clone of a snapshot, which shares its template's state, must pass: issue 13.)
-    let fresh: Vec<(i64, i64, String, String)> = ["fresh1: ", "fresh2: "]
-        .iter()
-        .map(|p| {
-            let l = m
-                .lines()
-                .find_map(|l| l.strip_prefix(p))
-                .unwrap_or_else(|| panic!("no {p}:\n{m}"));
-            let f = |k: &str| {
-                l.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(k))
-                    .unwrap_or_else(|| panic!("no {k} in {l:?}"))
-                    .to_string()
-            };
-            let n = |k: &str| f(k).parse::<i64>().unwrap_or_else(|_| panic!("{l:?}"));
-            (n("time="), n("host="), f("random="), f("at_random="))
-        })
-        .collect();
-    for (guest, host, _, _) in &fresh {
-        assert!(
-            (host - guest).abs() <= 3,
-            "the guest's clock is {guest}, the host's {host}: not set from the host\n{m}"
-        );
-    }
-    assert_ne!(fresh[0].2, fresh[1].2, "two VMs drew the same random bytes");
-    assert_ne!(fresh[0].3, fresh[1].3, "two VMs got the same AT_RANDOM");
+    // the time of day, and no two VMs the same random bytes or AT_RANDOM. (The /cgi route's
+    // VMs are snapshot clones, the default: they share their template's state but these.)
+    assert_fresh(m, 2);
     let t = m
         .lines()
         .find_map(|l| l.strip_prefix("timeout="))
@@ -292,12 +307,7 @@ EOF
         echo "started=$(metric $A xcgi_vms_started_total)"
         echo "snapshot_dirs=$(ls -d /tmp/xcgi-serve-*/snapshot-* | wc -l)"
         echo "===end snap==="
-        echo "===stop==="
-        stop_server main
-        echo "after: $(leftovers)"
-        echo "===end stop==="
-        echo "===log==="; cat main.log; echo "===end log==="
-"#
+{STOP_MAIN}"#
     );
     let r = lab(&script, &refs, Duration::from_secs(900));
     assert_eq!(r.code, 0, "{}", r.output);
@@ -317,45 +327,7 @@ EOF
     ] {
         assert!(m.contains(want), "{want} missing:\n{m}\n{}", r.output);
     }
-    let fresh: Vec<(i64, i64, i64, String, String)> = ["fresh1: ", "fresh2: ", "fresh3: "]
-        .iter()
-        .map(|p| {
-            let l = m
-                .lines()
-                .find_map(|l| l.strip_prefix(p))
-                .unwrap_or_else(|| panic!("no {p}:\n{m}"));
-            let f = |k: &str| {
-                l.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(k))
-                    .unwrap_or_else(|| panic!("no {k} in {l:?}"))
-                    .to_string()
-            };
-            let n = |k: &str| f(k).parse::<i64>().unwrap_or_else(|_| panic!("{l:?}"));
-            (
-                n("time="),
-                n("before="),
-                n("host="),
-                f("random="),
-                f("at_random="),
-            )
-        })
-        .collect();
-    for (guest, before, after, _, _) in &fresh {
-        // The host's clock (whole seconds) before and after the request.
-        assert!(
-            before - 1 <= *guest && *guest <= after + 1,
-            "a clone's clock is {guest}, the host's was {before}..{after}: not within 1 s\n{m}"
-        );
-    }
-    for i in 0..fresh.len() {
-        for j in i + 1..fresh.len() {
-            assert_ne!(
-                fresh[i].3, fresh[j].3,
-                "two clones drew the same random bytes"
-            );
-            assert_ne!(fresh[i].4, fresh[j].4, "two clones got the same AT_RANDOM");
-        }
-    }
+    assert_fresh(m, 3);
     let times = |k: &str| -> Vec<f64> {
         m.lines()
             .filter_map(|l| l.strip_prefix(k))
@@ -801,12 +773,7 @@ fn jailed_vm_processes_serve_cgi_requests() {
         echo "logged=$(dmesg | grep -c 'type=1326')"
         dmesg | grep 'type=1326' | head -5
         echo "===end jail==="
-        echo "===stop==="
-        stop_server main
-        echo "after: $(leftovers)"
-        echo "===end stop==="
-        echo "===log==="; cat main.log; echo "===end log==="
-"#
+{STOP_MAIN}"#
     );
     let r = lab(&script, &refs, Duration::from_secs(900));
     assert_eq!(r.code, 0, "{}", r.output);
