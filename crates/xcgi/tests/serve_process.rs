@@ -418,9 +418,13 @@ fn vm_routes_keep_their_prepared_vms_and_release_them_on_exit() {
             kernel.display(),
             xcgi_init().display()
         );
-        let routes = route("/a", &cgi_c(), "prepared = 3\nmemory_mib = 64")
-            + &route("/b", &cgi_c(), "prepared = 0")
-            + &route("/c", &cgi_c(), "");
+        // `start = "boot"`: this host cannot boot a snapshot route's template.
+        let routes = route(
+            "/a",
+            &cgi_c(),
+            "prepared = 3\nmemory_mib = 64\nstart = \"boot\"",
+        ) + &route("/b", &cgi_c(), "prepared = 0\nstart = \"boot\"")
+            + &route("/c", &cgi_c(), "start = \"boot\"");
         let s = Served::start(&server, &routes);
         let metric = |name: &str| -> Option<i64> {
             let (body, _) = curl(&[&s.url("/_xcgi/metrics")]);

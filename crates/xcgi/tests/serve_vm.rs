@@ -297,7 +297,12 @@ EOF
         curl -s --data-binary @big.bin http://$A/snap/echo > big.out
         cmp big.bin big.out && echo "echo300k=same"
         echo "crash=$(code http://$A/snap/crash)"
-        echo "timeout=$(code http://$A/snapslow/sleep)"
+        code http://$A/snapslow/sleep > timeout.txt &
+        sleep 2
+        # The VM process serving /snapslow/sleep runs at weight 100, the waiting ones at 1.
+        echo "weights: $(cat /sys/fs/cgroup/xcgi-vms-*/vm*/cpu.weight | sort -n | uniq -c | tr -s ' \n' '  ')"
+        wait
+        echo "timeout=$(cat timeout.txt)"
         echo "greeting: $(curl -s http://$A/snap | head -1)"
         for i in 1 2 3; do echo "go: $(curl -s "http://$A/gosnap/p?q=$i" --data-binary gobody)"; done
         sleep 3
@@ -328,6 +333,21 @@ EOF
         assert!(m.contains(want), "{want} missing:\n{m}\n{}", r.output);
     }
     assert_fresh(m, 3);
+    let w = m
+        .lines()
+        .find_map(|l| l.strip_prefix("weights: "))
+        .unwrap_or_else(|| panic!("{m}"));
+    let counts: Vec<(u32, u32)> = w
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .filter_map(|c| Some((c.first()?.parse().ok()?, c.get(1)?.parse().ok()?)))
+        .collect();
+    let of = |weight: u32| counts.iter().find(|c| c.1 == weight).map_or(0, |c| c.0);
+    assert!(
+        of(100) >= 1 && of(1) >= 3 && of(1) + of(100) == counts.iter().map(|c| c.0).sum::<u32>(),
+        "waiting VM processes at cpu.weight 1, the busy one at 100: {w}"
+    );
     let times = |k: &str| -> Vec<f64> {
         m.lines()
             .filter_map(|l| l.strip_prefix(k))

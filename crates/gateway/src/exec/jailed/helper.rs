@@ -100,6 +100,9 @@ pub struct Started {
     pub pid: libc::pid_t,
     /// Its end.
     pub exit: Arc<ExitSlot>,
+    /// Its cgroup's `cpu.weight`, low while it waits ([`super::super::vm_cgroup`]): raised
+    /// through this when it gets its request.
+    pub weight: Option<std::fs::File>,
 }
 
 /// What the helper answers a request with.
@@ -375,7 +378,15 @@ fn read_replies(sock: &OwnedFd, pending: &Pending) {
                 let (id, pid) = (num(), num() as libc::pid_t);
                 let slot: Arc<ExitSlot> = Arc::default();
                 exits.insert(pid, Arc::clone(&slot));
-                reply_to(id, Ok(Reply::Started(Started { pid, exit: slot })));
+                let weight = fds.pop().map(std::fs::File::from);
+                reply_to(
+                    id,
+                    Ok(Reply::Started(Started {
+                        pid,
+                        exit: slot,
+                        weight,
+                    })),
+                );
             }
             b'e' => {
                 let (id, why) = text.split_once(' ').unwrap_or((&text, ""));
@@ -541,7 +552,15 @@ impl State {
                     _ => Err("a start request the helper cannot read".into()),
                 };
                 match r {
-                    Ok(pid) => self.reply(&format!("s{id} {pid}"), &[]),
+                    Ok(pid) => {
+                        // Its cpu.weight, for the server to raise when it has a request.
+                        let weight = self
+                            .children
+                            .get(&pid)
+                            .and_then(|c| c.cgroup.as_ref()?.weight_handle());
+                        let fds: Vec<RawFd> = weight.iter().map(AsRawFd::as_raw_fd).collect();
+                        self.reply(&format!("s{id} {pid}"), &fds);
+                    }
                     Err(e) => self.reply(&format!("e{id} {e}"), &[]),
                 }
             }

@@ -77,6 +77,22 @@ struct Worker {
     /// Its end, said by the helper once it has reaped it.
     exit: Arc<ExitSlot>,
     helper: Arc<Helper>,
+    /// Its cgroup's `cpu.weight` (lowest while it waits), when the cpu controller is on.
+    weight: Option<std::fs::File>,
+}
+
+impl Worker {
+    /// It has a request (or one waits for it): its CPU weight goes up to everyone's. A
+    /// failure leaves it at the waiting weight, which costs time only while other cgroups
+    /// compete for the CPU.
+    fn running(&self) {
+        use std::io::Write;
+        if let Some(mut w) = self.weight.as_ref() {
+            if let Err(e) = w.write_all(crate::exec::vm_cgroup::RUNNING_WEIGHT) {
+                tracing::warn!(error = %e, "cannot raise a VM process's cpu.weight");
+            }
+        }
+    }
 }
 
 impl Worker {
@@ -226,13 +242,17 @@ impl Workers {
         }
         self.wake.notify_all();
         match ready {
-            Some(w) => Ok(w),
-            None => self.start_one(),
+            Some(w) => {
+                w.running();
+                Ok(w)
+            }
+            // A request waits for this one: it runs at the running weight from the start.
+            None => self.start_one(true),
         }
     }
 
-    /// Starts a worker and waits until it says it is ready.
-    fn start_one(&self) -> Result<Worker, WorkerError> {
+    /// Starts a worker and waits until it says it is ready; `wanted`: a request waits for it.
+    fn start_one(&self, wanted: bool) -> Result<Worker, WorkerError> {
         let (ours, theirs) = seqpacket_pair()?;
         let started = self.helper.spawn(self.template, theirs.as_fd());
         drop(theirs);
@@ -242,7 +262,11 @@ impl Workers {
             control: ours,
             exit: started.exit,
             helper: Arc::clone(&self.helper),
+            weight: started.weight,
         };
+        if wanted {
+            worker.running();
+        }
         let mut buf = [0u8; 256];
         match recv(
             worker.control.as_fd(),
@@ -299,7 +323,7 @@ impl Workers {
     /// `xcgi bench jail`: starts one VM process and waits until it is ready (spawned, VM
     /// built, confined, filters set).
     pub fn bench_start(&self) -> Result<ReadyWorker, WorkerError> {
-        self.start_one().map(ReadyWorker)
+        self.start_one(true).map(ReadyWorker)
     }
 
     /// `xcgi bench jail`: hands `w` a request (`attach`, setup only) and returns the times
@@ -356,7 +380,7 @@ fn refill(pool: &std::sync::Weak<Workers>) {
         }
         let short = p.ready.lock().map(|r| r.len() < p.target).unwrap_or(false);
         if short {
-            match p.start_one() {
+            match p.start_one(false) {
                 Ok(w) if p.stopping.load(std::sync::atomic::Ordering::SeqCst) => drop(w),
                 Ok(w) => {
                     p.failures.store(0, std::sync::atomic::Ordering::Relaxed);
