@@ -298,10 +298,11 @@ EOF
         cmp big.bin big.out && echo "echo300k=same"
         echo "crash=$(code http://$A/snap/crash)"
         code http://$A/snapslow/sleep > timeout.txt &
+        slow=$!
         sleep 2
         # The VM process serving /snapslow/sleep runs at weight 100, the waiting ones at 1.
         echo "weights: $(cat /sys/fs/cgroup/xcgi-vms-*/vm*/cpu.weight | sort -n | uniq -c | tr -s ' \n' '  ')"
-        wait
+        wait $slow
         echo "timeout=$(cat timeout.txt)"
         echo "greeting: $(curl -s http://$A/snap | head -1)"
         for i in 1 2 3; do echo "go: $(curl -s "http://$A/gosnap/p?q=$i" --data-binary gobody)"; done
