@@ -9,8 +9,8 @@ K=$1; CGI=$2; N=$3; SECS=$4; C=$5
 port_of() { case $1 in boot) echo 8090;; snapshot) echo 8092;; *) echo 8091;; esac; }
 for iso in boot snapshot process; do
   port=$(port_of $iso)
-  mode=vm; start=""
-  [ $iso = process ] && mode=process
+  mode=vm; start='start = "boot"'
+  [ $iso = process ] && { mode=process; start=""; }
   [ $iso = snapshot ] && start='start = "snapshot"'
   cat > bench-$iso.toml <<T
 [server]
