@@ -350,8 +350,8 @@ struct JailedServer {
 impl JailedServer {
     fn start(extra: &str) -> JailedServer {
         // `start = "boot"`: a snapshot route boots its template at start, which this host's
-        // PVM /dev/kvm cannot (the server would refuse to start, saying so); these tests are
-        // about the jail around each VM, whose guest fails at its request.
+        // PVM /dev/kvm cannot; these tests are about the jail around each VM, whose guest
+        // fails at its request.
         let route = format!(
             "[[route]]\nprefix = \"/cgi\"\nstart = \"boot\"\nhandler = \"{}\"\nprepared = 1\ntimeout_ms = 2500\n",
             example("loop-forever/loop").display()

@@ -242,12 +242,7 @@ fn sd_notify_says_ready_when_the_pool_is_full_and_stopping_at_sigterm() {
         env: vec![("NOTIFY_SOCKET".into(), sock_path.display().to_string())],
         ..Launch::default()
     };
-    // `start = "boot"`: this host cannot boot a snapshot route's template.
-    let s = Served::start_with(
-        &server,
-        &route("/", &cgi_c(), "prepared = 3\nstart = \"boot\""),
-        &launch,
-    );
+    let s = Served::start_with(&server, &route("/", &cgi_c(), "prepared = 3"), &launch);
     let mut buf = [0u8; 512];
     let ready = loop {
         let n = sock.recv(&mut buf).expect("no READY=1 within 20 s");

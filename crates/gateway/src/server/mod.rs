@@ -502,8 +502,18 @@ fn take_templates(
     metrics: &Metrics,
     isolation: Isolation,
 ) -> Result<(), ServeError> {
+    let pvm = xcgi_vmm::hypervisor::kvm::host_is_pvm();
     for (i, r) in routes.iter_mut().enumerate() {
         if r.route.start_mode(isolation) != crate::config::Start::Snapshot {
+            continue;
+        }
+        if pvm && r.route.start.is_none() {
+            // The default cannot apply here: no template can boot. Asked for, it fails below.
+            tracing::warn!(
+                route = %r.route.prefix,
+                "this host's /dev/kvm (PVM) cannot boot a template: the route boots every VM \
+                 (start = \"boot\"), which fails too; run inside the lab"
+            );
             continue;
         }
         let Some(spec) = &mut r.spec else { continue };

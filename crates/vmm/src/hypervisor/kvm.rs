@@ -229,6 +229,12 @@ impl KvmVcpu {
     }
 }
 
+/// Whether this host's /dev/kvm is PVM (the `kvm_pvm` module): it runs every setup and state
+/// ioctl natively but cannot boot a standard Linux guest.
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
 impl Drop for KvmVcpu {
     fn drop(&mut self) {
         let mine = self.fd.get_kvm_run() as *mut kvm_run;

@@ -262,7 +262,7 @@ pub fn run(a: Args, start: Instant) -> anyhow::Result<i32> {
         return super::jail::parent(&a);
     }
     let (shape, opts) = config(&a)?;
-    if !opts.setup_only && std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if !opts.setup_only && xcgi_vmm::hypervisor::kvm::host_is_pvm() {
         eprintln!(
             "xcgi: warning: this host's /dev/kvm is PVM, which cannot boot a standard Linux guest \
              (it will not get far before the deadline); run it in the lab: `xcgi lab -- xcgi run ...`"

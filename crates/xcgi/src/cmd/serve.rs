@@ -92,8 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut cfg = load_config(&args)?;
     apply_overrides(&args, &mut cfg)?;
     let cfg = cfg.checked()?;
-    if cfg.server.isolation == Isolation::Vm && std::path::Path::new("/sys/module/kvm_pvm").exists()
-    {
+    if cfg.server.isolation == Isolation::Vm && xcgi_vmm::hypervisor::kvm::host_is_pvm() {
         tracing::warn!(
             "this host's /dev/kvm cannot boot a standard Linux guest (PVM); VMs will fail. \
              Run inside the lab (`xcgi lab -- xcgi serve ...`) or use --isolation process"
