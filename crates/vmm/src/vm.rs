@@ -489,26 +489,6 @@ impl std::fmt::Debug for RestoredMachine {
     }
 }
 
-/// Takes `prepared`'s VM and vCPU state and writes its memory to `memory_file`: the pieces
-/// of a snapshot (the devices' state aside). The machine must not run meanwhile.
-pub fn capture(
-    prepared: &PreparedVm,
-    identity: crate::snapshot::Identity,
-    memory_file: &std::path::Path,
-) -> Result<crate::snapshot::Snapshot, VmError> {
-    memory::save(&prepared.mem, memory_file)?;
-    Ok(crate::snapshot::Snapshot {
-        identity,
-        vm: prepared.vm.state()?,
-        vcpus: prepared
-            .vcpus
-            .iter()
-            .map(|c| c.state())
-            .collect::<Result<_, _>>()?,
-        devices: Vec::new(),
-    })
-}
-
 /// A new machine of `shape`'s memory and vCPUs from `snap` and its memory file, ready for
 /// its first KVM_RUN: the VM, memory slots over a `MAP_PRIVATE` mapping of the file, the
 /// interrupt controllers and PIT, the vCPUs with CPUID, then every piece of state.
@@ -1240,55 +1220,17 @@ mod tests {
         }
     }
 
-    /// Issue 13's cold restore on this host (state set natively; nothing runs): a prepared
-    /// machine captured (state file and memory file), then restored twice: each has the boot
-    /// vCPU's entry and the loaded kernel, and one's write is not in the other.
-    #[test]
-    fn a_captured_machine_restores_into_a_new_vm_with_its_state_and_memory() {
-        use vm_memory::{Bytes, GuestAddress};
-        let (shape, _k, _i) = tiny_guest();
-        let shape = MachineShape { vcpus: 2, ..shape };
-        let prepared = prepare(&shape, Instant::now()).expect("prepare");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let memfile = dir.path().join("memory");
-        let identity = crate::snapshot::Identity {
-            xcgi_version: "test".into(),
-            kernel: "k".into(),
-            root: "r".into(),
-            memory_mib: 64,
-            vcpus: 2,
-            hugepages: false,
-        };
-        let snap = capture(&prepared, identity.clone(), &memfile).expect("capture");
-        crate::snapshot::write(&dir.path().join("state"), &snap).expect("write");
-        let snap = crate::snapshot::read(&dir.path().join("state"), &identity).expect("read");
-        let a = restore(&shape, &snap, &memfile).expect("restore");
-        let b = restore(&shape, &snap, &memfile).expect("restore again");
-        let rip = prepared.vcpus[0].regs().expect("regs").rip;
-        assert_eq!(
-            a.vcpus[0].regs().expect("regs").rip,
-            rip,
-            "the boot vCPU's entry"
-        );
-        assert_eq!(a.vcpus.len(), 2);
-        // The loaded kernel is there, and each clone's writes are its own.
-        let probe = GuestAddress(0x100_0000);
-        let word: u64 = prepared.mem.read_obj(probe).expect("read");
-        assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), word);
-        a.mem.write_obj(!word, probe).expect("write");
-        assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), word);
-    }
-
-    /// Issue 13 on this host: a launched VM captured at once (its vCPUs stopped, the last exit
-    /// completed, every state and the devices' read), then a clone prepared from the snapshot
-    /// launches with its devices' states put back; a machine that differs is refused naming
-    /// the difference, before KVM.
-    #[test]
-    fn a_running_vm_is_captured_and_its_clones_restore_with_their_devices() {
+    /// A guest that spins at its entry (`jmp $`, then a pattern over three more pages that
+    /// nothing touches): it runs until it is captured. Kernel and initramfs files, and the
+    /// shape (64 MiB).
+    fn spinning_guest() -> (
+        MachineShape,
+        tempfile::NamedTempFile,
+        tempfile::NamedTempFile,
+    ) {
         use crate::arch::x86_64::loader::tests::{tiny_elf, write_tmp};
-        // A guest that spins at its entry (`jmp $`): it runs until it is captured.
-        let mut payload = vec![0xeb, 0xfe];
-        payload.resize(4096, 0x90);
+        let mut payload: Vec<u8> = (0..4 * 4096).map(|i| (i % 251) as u8).collect();
+        payload[..2].copy_from_slice(&[0xeb, 0xfe]);
         let k = write_tmp(&tiny_elf(&payload, 4096));
         let i = write_tmp(&payload);
         let (shape, _k, _i) = tiny_guest();
@@ -1297,8 +1239,11 @@ mod tests {
             initramfs: Some(i.path().into()),
             ..shape
         };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let snapdir = dir.path().join("snap");
+        (shape, k, i)
+    }
+
+    /// A run of `shape` with the channel, captured into `dir` at once.
+    fn capture_at_once(shape: &MachineShape, dir: &std::path::Path) -> Outcome {
         let now = Cancel::new();
         now.cancel();
         let opts = RunOptions {
@@ -1306,7 +1251,7 @@ mod tests {
             capture: Some(Capture {
                 now,
                 marker: None,
-                dir: snapdir.clone(),
+                dir: dir.to_path_buf(),
             }),
             ..Default::default()
         };
@@ -1315,7 +1260,56 @@ mod tests {
             channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
             ..Default::default()
         };
-        let out = run(&shape, &attach, &opts, Instant::now(), None).expect("run");
+        run(shape, &attach, &opts, Instant::now(), None).expect("run")
+    }
+
+    /// Issue 13's cold restore on this host (state set natively): a two-vCPU machine captured,
+    /// then restored twice (`restore`: up to the first KVM_RUN): each has the boot vCPU at
+    /// its loop and both vCPUs, the kernel's pages that nothing touched come from its file
+    /// (the memory file kept them), and one clone's write is not in the other.
+    #[test]
+    fn a_captured_machine_restores_into_a_new_vm_with_its_state_and_memory() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (shape, _k, _i) = spinning_guest();
+        let shape = MachineShape { vcpus: 2, ..shape };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = capture_at_once(&shape, dir.path());
+        assert_eq!(
+            out.reason,
+            ExitReason::Captured,
+            "{}",
+            out.reason.describe()
+        );
+        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
+        let snap = crate::snapshot::read(&dir.path().join(crate::snapshot::STATE_FILE), &identity)
+            .expect("read");
+        let memfile = dir.path().join(crate::snapshot::MEMORY_FILE);
+        let a = restore(&shape, &snap, &memfile).expect("restore");
+        let b = restore(&shape, &snap, &memfile).expect("restore again");
+        assert_eq!(a.vcpus.len(), 2);
+        assert_eq!(
+            a.vcpus[0].regs().expect("regs").rip,
+            0x100_0000,
+            "the boot vCPU at its `jmp $`"
+        );
+        // An untouched page of the kernel (mapped from its file) is in every clone.
+        let probe = GuestAddress(0x100_2000);
+        let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
+        assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), want);
+        a.mem.write_obj(!want, probe).expect("write");
+        assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), want);
+    }
+
+    /// Issue 13 on this host: a launched VM captured at once (its vCPUs stopped, the last exit
+    /// completed, every state and the devices' read), then a clone prepared from the snapshot
+    /// launches with its devices' states put back; a machine that differs is refused naming
+    /// the difference, before KVM.
+    #[test]
+    fn a_running_vm_is_captured_and_its_clones_restore_with_their_devices() {
+        let (shape, _k, _i) = spinning_guest();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snapdir = dir.path().join("snap");
+        let out = capture_at_once(&shape, &snapdir);
         assert_eq!(
             out.reason,
             ExitReason::Captured,
