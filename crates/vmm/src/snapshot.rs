@@ -56,7 +56,7 @@ pub fn fingerprint(path: &Path) -> Result<String, SnapshotError> {
 }
 
 /// What a snapshot belongs to: it may only be restored where all of it matches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
     /// The xcgi that took it (`CARGO_PKG_VERSION`; a monitor of another version may lay out
     /// devices differently).
@@ -173,7 +173,7 @@ pub enum SnapshotError {
         reason: String,
     },
     /// A snapshot of another machine, kernel, image or xcgi: it must not be restored here.
-    #[error("snapshot {path} does not fit this VM: {reason}; take a new one (`xcgi serve` takes its templates at start: restart it; `xcgi run --snapshot-out` saves one)")]
+    #[error("snapshot {path} does not fit this VM: {reason}; take a new one (`xcgi serve` takes a route's template again when its kernel or image changes; `xcgi run --snapshot-out` saves one)")]
     Mismatch {
         /// The state file.
         path: PathBuf,

@@ -444,6 +444,14 @@ fn prepare_clone(
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
     clock.lap("process start");
+    // The directory may be a link that a new template replaces (`xcgi serve` re-takes one when
+    // the kernel or image changes): resolved once, so state and memory are of one snapshot.
+    let dir = &dir
+        .canonicalize()
+        .map_err(|source| crate::snapshot::SnapshotError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     let identity = crate::snapshot::Identity::of_shape(shape)?;
     let snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
     clock.lap("read state");

@@ -284,7 +284,19 @@ start = "snapshot"
 timeout_ms = 180000
 memory_mib = 192
 prepared = 1
+[[route]]
+prefix = "/img"
+handler = "$PWD/img.cpio"
+program = "/cgi-bin/h"
+start = "snapshot"
+timeout_ms = 180000
+memory_mib = 200
+prepared = 1
 EOF
+        # /img's handler is a prebuilt image, replaced below by another one.
+        mkdir -p c go; cp "$CGI" c/h; cp "$GO" go/h
+        xcgi image build --cgi --program c/h --format initramfs -o img.cpio > /dev/null || exit 1
+        xcgi image build --cgi --program go/h --format initramfs -o img-go.cpio > /dev/null || exit 1
         export XCGI_LOG=info,xcgi_gateway::exec::jailed=debug
         start_server main snap.toml || exit 1
         A=127.0.0.1:8080
@@ -311,7 +323,14 @@ EOF
         for i in 1 2 3 4 5; do curl -s -o /dev/null -w 'snap_s=%{{time_total}}\n' http://$A/snap; sleep 2; done
         echo "templates_after=$(metric $A xcgi_snapshot_templates_total)"
         echo "started=$(metric $A xcgi_vms_started_total)"
-        echo "snapshot_dirs=$(ls -d /tmp/xcgi-serve-*/snapshot-* | wc -l)"
+        # The image changes under the running server: the route gets a new template.
+        echo "img1: $(curl -s http://$A/img | head -1)"
+        mv img-go.cpio img.cpio
+        w=0; until [ "$(metric $A xcgi_snapshot_templates_total)" = 5 ] || [ $w -ge 900 ]; do sleep 0.1; w=$((w+1)); done
+        echo "templates_renewed=$(metric $A xcgi_snapshot_templates_total)"
+        for i in 1 2 3 4; do echo "img_after: $(curl -s http://$A/img | head -1)"; done
+        echo "snapshot_links=$(find /tmp/xcgi-serve-* -maxdepth 1 -name 'snapshot-*' -type l | wc -l)"
+        echo "snapshot_dirs=$(find /tmp/xcgi-serve-* -maxdepth 1 -name 'snapshot-*' -type d | wc -l)"
         echo "===end snap==="
 {STOP_MAIN}"#
     );
@@ -319,7 +338,7 @@ EOF
     assert_eq!(r.code, 0, "{}", r.output);
     let m = section(&r.output, "snap");
     for want in [
-        "templates=3",
+        "templates=4",
         "go: Hello from Go CGI! POST /gosnap/p query=q=3 body=[gobody]",
         "persist1: before=no created=yes",
         "persist2: before=no created=yes",
@@ -328,12 +347,27 @@ EOF
         "timeout=504",
         "greeting: Hello from CGI in a fresh VM! (GET /snap)",
         // One template per snapshot route, however many requests ran in its clones.
-        "templates_after=3",
-        "snapshot_dirs=3",
+        "templates_after=4",
+        "img1: Hello from CGI in a fresh VM! (GET /img)",
+        // ...and one more when a route's image changed: the old one and the new one kept.
+        "templates_renewed=5",
+        "snapshot_links=4",
+        "snapshot_dirs=5",
     ] {
         assert!(m.contains(want), "{want} missing:\n{m}\n{}", r.output);
     }
     assert_fresh(m, 3);
+    // VMs prepared before the change may serve as they are (as booted ones do); then the
+    // new image's handler answers.
+    let after: Vec<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("img_after: "))
+        .collect();
+    assert_eq!(after.len(), 4, "{m}");
+    assert!(
+        after[3].starts_with("Hello from Go CGI! GET /img"),
+        "the new image's handler does not answer: {after:?}\n{m}"
+    );
     let w = m
         .lines()
         .find_map(|l| l.strip_prefix("weights: "))
@@ -372,8 +406,8 @@ EOF
     let log = section(&r.output, "log");
     assert_eq!(
         log.matches("template captured").count(),
-        3,
-        "one template per route:\n{log}"
+        5,
+        "one template per route, one more for the changed image:\n{log}"
     );
     // Host memory per VM process (its cgroup's memory.peak: the guest pages it wrote, or the
     // booted guest's, plus the process), told apart by their memory.max (guest + 48 MiB).

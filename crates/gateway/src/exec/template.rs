@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xcgi_channel as ch;
+use xcgi_vmm::snapshot::Identity;
 use xcgi_vmm::{Attachments, Cancel, Capture, ExitReason, RunOptions};
 
 use super::vm::{describe_outcome, VmSpec};
@@ -41,6 +42,9 @@ pub enum TemplateError {
     /// The VM said hello but could not be captured.
     #[error("capturing the template VM: {0}")]
     Capture(String),
+    /// The route's kernel or image cannot be read (to fingerprint it).
+    #[error("the route's kernel or image: {0}")]
+    Identity(xcgi_vmm::snapshot::SnapshotError),
 }
 
 /// A template taken: its snapshot directory, and how long booting and capturing took.
@@ -149,8 +153,268 @@ fn wait_for_hello(
     Err(no_hello())
 }
 
+/// A `start = "snapshot"` route's template in use: its clones open `link` (a symbolic link
+/// to the generation in use, `<link>.<gen>`), and what it was taken of.
+pub struct Live {
+    /// The route (its prefix), for the log.
+    pub route: String,
+    /// The route's machine (booted, not cloned: `snapshot` is ignored).
+    spec: VmSpec,
+    /// What the route's VMs are given as their snapshot directory.
+    pub link: PathBuf,
+    /// The generation the link points to (1 for the template taken at start).
+    generation: u32,
+    /// The kernel and image (and the rest) the template was taken of.
+    taken_of: Identity,
+    /// What a new template failed for: not tried again until something changes again.
+    failed_for: Option<Identity>,
+}
+
+/// The directory of `link`'s generation `generation`.
+fn generation_dir(link: &Path, generation: u32) -> PathBuf {
+    let mut name = link.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{generation}"));
+    link.with_file_name(name)
+}
+
+/// Takes route `route`'s template (`spec`'s machine) into `link`'s next generation and
+/// points `link` at it: the first at start (generation 1), again when its kernel or image
+/// changed. The generation before the previous one is removed (clones being prepared may
+/// still read the previous one).
+pub fn take_live(
+    route: &str,
+    spec: &VmSpec,
+    link: &Path,
+) -> Result<(Live, Template), TemplateError> {
+    let mut live = Live {
+        route: route.to_string(),
+        spec: VmSpec {
+            snapshot: None,
+            pool: None,
+            jail: None,
+            ..spec.clone()
+        },
+        link: link.to_path_buf(),
+        generation: 0,
+        taken_of: Identity::default(),
+        failed_for: None,
+    };
+    let t = live.take_next()?;
+    Ok((live, t))
+}
+
+impl Live {
+    fn take_next(&mut self) -> Result<Template, TemplateError> {
+        // Taken before the boot: a change during it is seen at the next look.
+        let identity = Identity::of_shape(&self.spec.shape()).map_err(TemplateError::Identity)?;
+        let generation = self.generation + 1;
+        let dir = generation_dir(&self.link, generation);
+        let _ = std::fs::remove_dir_all(&dir);
+        let t = take(&self.spec, &dir).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })?;
+        let swap = || -> std::io::Result<()> {
+            let mut tmp = self.link.as_os_str().to_os_string();
+            tmp.push(".next");
+            let tmp = PathBuf::from(tmp);
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(dir.file_name().unwrap_or_default(), &tmp)?;
+            std::fs::rename(&tmp, &self.link)
+        };
+        if let Err(e) = swap() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(TemplateError::Capture(format!(
+                "pointing {} at the new template: {e}",
+                self.link.display()
+            )));
+        }
+        if generation > 2 {
+            let _ = std::fs::remove_dir_all(generation_dir(&self.link, generation - 2));
+        }
+        self.generation = generation;
+        self.taken_of = identity;
+        self.failed_for = None;
+        Ok(t)
+    }
+
+    /// Takes a new template if the route's kernel or image (or xcgi) is no longer what the
+    /// template was taken of. None when nothing changed (or a template of this very change
+    /// failed already).
+    fn renew_if_changed(&mut self) -> Option<Result<Template, TemplateError>> {
+        let now = Identity::of_shape(&self.spec.shape()).ok()?;
+        if now == self.taken_of || self.failed_for.as_ref() == Some(&now) {
+            return None;
+        }
+        tracing::info!(
+            route = %self.route,
+            "the route's kernel or image changed: taking a new template"
+        );
+        let r = self.take_next();
+        if r.is_err() {
+            self.failed_for = Some(now);
+        }
+        Some(r)
+    }
+}
+
+/// How often the keeper looks at the routes' kernels and images (a stat of each).
+const KEEPER_PERIOD: Duration = Duration::from_millis(500);
+
+/// Keeps each `start = "snapshot"` route's template current: when the route's kernel or
+/// image file changes (size, modification time or inode: replaced or rewritten), a new
+/// template is booted and captured, and the route's clones come from it from then on (VMs
+/// already prepared serve as they are, as booted ones do). Until it is taken, clones of the
+/// old one are refused (their fingerprints differ), and the failure of a new one is logged.
+pub struct Keeper {
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Keeper {
+    /// Starts looking after `lives` (none: no thread).
+    pub fn start(
+        mut lives: Vec<Live>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> std::io::Result<Keeper> {
+        let stop = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        if lives.is_empty() {
+            return Ok(Keeper { stop, thread: None });
+        }
+        let s = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("xcgi-templates".into())
+            .spawn(move || loop {
+                {
+                    let (lock, cv) = &*s;
+                    let Ok(stopped) = lock.lock() else { return };
+                    let Ok((stopped, _)) = cv.wait_timeout_while(stopped, KEEPER_PERIOD, |s| !*s)
+                    else {
+                        return;
+                    };
+                    if *stopped {
+                        return;
+                    }
+                }
+                for live in &mut lives {
+                    match live.renew_if_changed() {
+                        None => {}
+                        Some(Ok(t)) => {
+                            metrics
+                                .snapshot_templates
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            log_taken(&live.route, &t, live.generation);
+                        }
+                        Some(Err(e)) => tracing::error!(
+                            route = %live.route,
+                            "a new template could not be taken; its clones are refused until the kernel or image is fixed: {e}"
+                        ),
+                    }
+                }
+            })?;
+        Ok(Keeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops looking (a template being taken is finished first) and waits for the thread.
+    pub fn stop(&mut self) {
+        if let Ok(mut s) = self.stop.0.lock() {
+            *s = true;
+        }
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The log line of a template taken.
+pub fn log_taken(route: &str, t: &Template, generation: u32) {
+    tracing::info!(
+        route = %route,
+        generation,
+        boot_ms = t.boot.as_secs_f64() * 1e3,
+        capture_ms = t.capture.as_secs_f64() * 1e3,
+        memory_on_disk_kib = t.memory_on_disk >> 10,
+        "template captured: requests run in clones of it"
+    );
+}
+
 /// Bytes a (sparse) file holds on disk.
 fn on_disk(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keeper's look: nothing while the kernel and image are what the template was taken
+    /// of; a new template when either is replaced (here it fails: the "kernel" is no kernel),
+    /// not tried again for the same change, tried again for the next one.
+    #[test]
+    fn a_changed_image_or_kernel_asks_for_a_new_template_once_per_change() {
+        let d = tempfile::tempdir().unwrap();
+        let (kernel, image) = (d.path().join("vmlinux"), d.path().join("root.cpio"));
+        std::fs::write(&kernel, b"not a kernel").unwrap();
+        std::fs::write(&image, b"070701").unwrap();
+        let spec = VmSpec {
+            kernel: kernel.clone(),
+            root: super::super::vm::GuestRoot::Initramfs(image.clone()),
+            memory_mib: 64,
+            hugepages: false,
+            vcpus: 1,
+            timeout: Duration::from_secs(1),
+            pool: None,
+            jail: None,
+            debug_dump: false,
+            snapshot: None,
+        };
+        let link = d.path().join("snapshot-0");
+        let mut live = Live {
+            route: "/x".into(),
+            taken_of: Identity::of_shape(&spec.shape()).unwrap(),
+            spec,
+            link: link.clone(),
+            generation: 1,
+            failed_for: None,
+        };
+        assert!(live.renew_if_changed().is_none(), "nothing changed");
+        // Replaced (a new inode), as `mv new old` does.
+        let new = d.path().join("root.new");
+        std::fs::write(&new, b"070701 and more").unwrap();
+        std::fs::rename(&new, &image).unwrap();
+        match live.renew_if_changed() {
+            Some(Err(_)) => {}
+            other => panic!(
+                "a changed image must ask for a template: {:?}",
+                other.map(|r| r.map(|t| t.dir))
+            ),
+        }
+        assert_eq!(
+            live.generation, 1,
+            "a failed template leaves the link as it was"
+        );
+        assert!(
+            !generation_dir(&link, 2).exists(),
+            "the failed generation is removed"
+        );
+        assert!(
+            live.renew_if_changed().is_none(),
+            "the same change is not tried again"
+        );
+        std::fs::write(&kernel, b"still not a kernel").unwrap();
+        assert!(
+            matches!(live.renew_if_changed(), Some(Err(_))),
+            "the next change is tried"
+        );
+    }
 }

@@ -317,6 +317,11 @@ impl Server {
     /// After the drain: VMs prepared ahead go, handlers still ending are waited for (so
     /// nothing outlives the server), and the TAP pool is emptied.
     pub(super) async fn wind_down(&self) {
+        // No new template from here on (one being taken is finished first).
+        let keeper = self.keeper.lock().ok().and_then(|mut k| k.take());
+        if let Some(mut k) = keeper {
+            let _ = tokio::task::spawn_blocking(move || k.stop()).await;
+        }
         // Closing a VM blocks for milliseconds: off the runtime's threads.
         let spares: Vec<_> = self
             .routes

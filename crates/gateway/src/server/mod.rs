@@ -89,6 +89,9 @@ pub enum ServeError {
     /// A thread could not be started (not produced at present).
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// The thread that keeps templates current could not start.
+    #[error("cannot start the template keeper's thread: {0}")]
+    Keeper(std::io::Error),
     /// A `start = "snapshot"` route's template could not be taken.
     #[error("route {route}: start = \"snapshot\": {source}")]
     Template {
@@ -156,6 +159,8 @@ pub struct Server {
     next_id: AtomicU64,
     /// Readiness (`readyz`, `xcgi_ready`, sd_notify).
     health: Arc<Health>,
+    /// Keeps `start = "snapshot"` routes' templates current; stopped first at wind-down.
+    keeper: std::sync::Mutex<Option<crate::exec::template::Keeper>>,
     _workdir: tempfile::TempDir,
 }
 
@@ -205,9 +210,13 @@ impl Server {
         if let Some(n) = &net {
             let _ = metrics.net.set(Arc::clone(n));
         }
-        if cfg.server.isolation == Isolation::Vm {
-            take_templates(&mut routes, workdir.path(), &metrics, cfg.server.isolation)?;
-        }
+        let lives = if cfg.server.isolation == Isolation::Vm {
+            take_templates(&mut routes, workdir.path(), &metrics, cfg.server.isolation)?
+        } else {
+            Vec::new()
+        };
+        let keeper = crate::exec::template::Keeper::start(lives, Arc::clone(&metrics))
+            .map_err(ServeError::Keeper)?;
         let pools = if cfg.server.isolation == Isolation::Vm && !cfg.server.jail {
             start_pools(&mut routes, &metrics)?
         } else {
@@ -242,6 +251,7 @@ impl Server {
             net,
             helper,
             next_id: AtomicU64::new(1),
+            keeper: std::sync::Mutex::new(Some(keeper)),
             _workdir: workdir,
         })
     }
@@ -495,14 +505,16 @@ fn chown_tree(dir: &std::path::Path, uid: libc::uid_t, gid: libc::gid_t) -> std:
 }
 
 /// `start = "snapshot"` routes: each gets its template, booted and captured here, in the
-/// work directory (`snapshot-<route index>`); its VMs are clones of it from now on.
+/// work directory (`snapshot-<route index>`, a link to the generation in use); its VMs are
+/// clones of it from now on. What the keeper looks after.
 fn take_templates(
     routes: &mut [ServedRoute],
     workdir: &std::path::Path,
     metrics: &Metrics,
     isolation: Isolation,
-) -> Result<(), ServeError> {
+) -> Result<Vec<crate::exec::template::Live>, ServeError> {
     let pvm = xcgi_vmm::hypervisor::kvm::host_is_pvm();
+    let mut lives = Vec::new();
     for (i, r) in routes.iter_mut().enumerate() {
         if r.route.start_mode(isolation) != crate::config::Start::Snapshot {
             continue;
@@ -517,22 +529,20 @@ fn take_templates(
             continue;
         }
         let Some(spec) = &mut r.spec else { continue };
-        let dir = workdir.join(format!("snapshot-{i}"));
-        let t = crate::exec::template::take(spec, &dir).map_err(|source| ServeError::Template {
-            route: r.route.prefix.clone(),
-            source,
-        })?;
+        let link = workdir.join(format!("snapshot-{i}"));
+        let (live, t) =
+            crate::exec::template::take_live(&r.route.prefix, spec, &link).map_err(|source| {
+                ServeError::Template {
+                    route: r.route.prefix.clone(),
+                    source,
+                }
+            })?;
         metrics.snapshot_templates.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(
-            route = %r.route.prefix,
-            boot_ms = t.boot.as_secs_f64() * 1e3,
-            capture_ms = t.capture.as_secs_f64() * 1e3,
-            memory_on_disk_kib = t.memory_on_disk >> 10,
-            "template captured: requests run in clones of it"
-        );
-        spec.snapshot = Some(t.dir);
+        crate::exec::template::log_taken(&r.route.prefix, &t, 1);
+        spec.snapshot = Some(link);
+        lives.push(live);
     }
-    Ok(())
+    Ok(lives)
 }
 
 /// `[server] jail`: each VM route gets jailed VM processes (`prepared` of them kept ready),
