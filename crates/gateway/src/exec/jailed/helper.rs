@@ -347,14 +347,13 @@ fn read_replies(sock: &OwnedFd, pending: &Pending) {
         let text = String::from_utf8_lossy(&buf[1..n]).into_owned();
         let mut f = text.split(' ');
         let mut num = || f.next().and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
-        let reply_to = |id: i64, r: Result<Reply, String>| {
+        // Whether someone still waited for the answer (an `ask` gives up after 30 s).
+        let reply_to = |id: i64, r: Result<Reply, String>| -> bool {
             let tx = pending
                 .lock()
                 .ok()
                 .and_then(|mut p| p.remove(&u64::try_from(id).unwrap_or(u64::MAX)));
-            if let Some(tx) = tx {
-                let _ = tx.send(r);
-            }
+            tx.is_some_and(|tx| tx.send(r).is_ok())
         };
         match buf[0] {
             b't' => {
@@ -379,7 +378,7 @@ fn read_replies(sock: &OwnedFd, pending: &Pending) {
                 let slot: Arc<ExitSlot> = Arc::default();
                 exits.insert(pid, Arc::clone(&slot));
                 let weight = fds.pop().map(std::fs::File::from);
-                reply_to(
+                let taken = reply_to(
                     id,
                     Ok(Reply::Started(Started {
                         pid,
@@ -387,6 +386,10 @@ fn read_replies(sock: &OwnedFd, pending: &Pending) {
                         weight,
                     })),
                 );
+                if !taken {
+                    // Started after the server gave up on it: nobody owns it, it goes.
+                    let _ = send(sock.as_fd(), format!("K{pid}").as_bytes(), &[]);
+                }
             }
             b'e' => {
                 let (id, why) = text.split_once(' ').unwrap_or((&text, ""));
@@ -754,6 +757,33 @@ mod tests {
             Ok(Some((n, _))) => String::from_utf8_lossy(&buf[..n]).into_owned(),
             _ => String::new(),
         }
+    }
+
+    /// A VM process whose start was answered after the server stopped waiting (`ask` gives
+    /// up after 30 s) is killed, not left running unowned.
+    #[test]
+    fn a_start_answered_too_late_is_killed() {
+        let (server, helper) = seqpacket_pair().expect("socketpair");
+        let pending: Arc<Pending> = Arc::default();
+        let (tx, rx) = mpsc::channel();
+        pending.lock().unwrap().insert(5, tx);
+        let p2 = Arc::clone(&pending);
+        let reader = std::thread::spawn(move || read_replies(&server, &p2));
+        // Request 5 is still awaited: it is handed over, nothing is killed.
+        send(helper.as_fd(), b"s5 4242", &[]).unwrap();
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Ok(Reply::Started(Started { pid: 4242, .. })))
+        ));
+        // Request 6 was given up on: the helper is told to kill its process.
+        send(helper.as_fd(), b"s6 4343", &[]).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = recv(helper.as_fd(), &mut buf, Some(Duration::from_secs(5)))
+            .unwrap()
+            .expect("an answer");
+        assert_eq!(&buf[..n], b"K4343");
+        drop(helper);
+        reader.join().unwrap();
     }
 
     /// What a server taken over by a client could ask of the helper after the seal: no new
