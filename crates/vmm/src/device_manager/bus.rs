@@ -18,6 +18,11 @@ pub trait BusDevice: Send {
     fn describe(&self) -> Option<String> {
         None
     }
+    /// Whether the device keeps guest-visible state for a snapshot: then
+    /// [`BusDevice::save_state`] returns it (always Some).
+    fn keeps_state(&self) -> bool {
+        false
+    }
     /// The device's guest-visible state for a snapshot (issue 13), if it keeps any. Called
     /// after the vCPUs stopped.
     fn save_state(&self) -> Option<Vec<u8>> {
@@ -147,7 +152,7 @@ impl Bus {
         let keeps_state: Vec<u64> = self
             .devices
             .iter()
-            .filter(|(_, e)| e.device.lock().is_ok_and(|d| d.save_state().is_some()))
+            .filter(|(_, e)| e.device.lock().is_ok_and(|d| d.keeps_state()))
             .map(|(b, _)| *b)
             .collect();
         let bases: Vec<u64> = saved.iter().map(|(b, _)| *b).collect();

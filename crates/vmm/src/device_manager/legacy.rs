@@ -92,6 +92,10 @@ impl BusDevice for SerialPorts {
         }
     }
 
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
     fn save_state(&self) -> Option<Vec<u8>> {
         Some(crate::devices::persist::Persist::save(self))
     }

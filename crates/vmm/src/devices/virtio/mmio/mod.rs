@@ -151,6 +151,10 @@ impl<D: VirtioDevice + 'static> MmioDevice for MmioTransport<D> {
         Some("virtio-mmio: busy (its lock was held for 100 ms)".into())
     }
 
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
     fn save_state(&self) -> Option<Vec<u8>> {
         Some(self.lock().save())
     }
