@@ -222,6 +222,15 @@ pub struct ServerSection {
     /// (docs/security.md, "Privileges"). Needs `jail = true`.
     /// Default: none (the server keeps the user it was started as).
     pub user: Option<String>,
+    /// A hugetlbfs mount: the memory of `hugepages = true` routes' templates goes there
+    /// (`start = "snapshot"`), one file per template, removed with it. Default
+    /// `/dev/hugepages`.
+    #[serde(default = "default_hugetlbfs")]
+    pub hugetlbfs: PathBuf,
+}
+
+fn default_hugetlbfs() -> PathBuf {
+    "/dev/hugepages".into()
 }
 
 fn default_jail_uid_base() -> u32 {
@@ -258,6 +267,7 @@ impl Default for ServerSection {
             jail_uids: default_jail_uids(),
             cgroup_parent: None,
             user: None,
+            hugetlbfs: default_hugetlbfs(),
         }
     }
 }
@@ -522,7 +532,8 @@ impl Route {
     }
 
     /// How its VMs start: `start` as set, else `snapshot` where it applies (a CGI route of
-    /// VM isolation on 4 KiB pages) and `boot` elsewhere.
+    /// VM isolation on 4 KiB pages: huge-page clones need a hugetlbfs mount and keep their
+    /// template's pages, so they are asked for) and `boot` elsewhere.
     pub fn start_mode(&self, isolation: Isolation) -> Start {
         self.start.unwrap_or(
             if isolation == Isolation::Vm && self.mode == Mode::Cgi && !self.hugepages {
@@ -1011,8 +1022,6 @@ impl RouteCheck<'_> {
                     "http mode boots every VM (clones of one template would share its address; \
                      docs/serve.md, \"Snapshots\"): use start = \"boot\"",
                 )
-            } else if r.hugepages {
-                Some("clones map the snapshot's memory file in 4 KiB pages: set hugepages = false")
             } else {
                 None
             };
@@ -1064,17 +1073,16 @@ mod tests {
         assert_eq!(start("", "start = \"boot\""), Start::Boot);
         assert_eq!(start("", "mode = \"http\""), Start::Boot);
         assert_eq!(start("", "hugepages = true"), Start::Boot);
+        assert_eq!(
+            start("", "hugepages = true\nstart = \"snapshot\""),
+            Start::Snapshot
+        );
         assert_eq!(start("[server]\nisolation = \"process\"", ""), Start::Boot);
         for (server, extra, why) in [
             (
                 "",
                 "mode = \"http\"\nstart = \"snapshot\"",
                 "http mode boots every VM",
-            ),
-            (
-                "",
-                "hugepages = true\nstart = \"snapshot\"",
-                "hugepages = false",
             ),
             (
                 "[server]\nisolation = \"process\"",

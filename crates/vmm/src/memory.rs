@@ -141,6 +141,10 @@ fn available_huge_pages(meminfo: &str) -> Option<u64> {
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
+/// Tests that raise and put back vm.nr_hugepages take turns.
+#[cfg(test)]
+pub(crate) static HUGE_PAGE_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// vm.nr_hugepages: the size of the huge page pool (None when unknown).
 pub fn nr_hugepages() -> Option<u64> {
     std::fs::read_to_string(NR_HUGEPAGES)
@@ -271,6 +275,10 @@ pub fn create(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
 /// Writes guest RAM to `path` (a snapshot's memory file): the RAM ranges one after the other,
 /// without the MMIO hole, blocks of zeroes left as holes (a sparse file: a booted guest has
 /// touched a small part of its memory).
+///
+/// A file on hugetlbfs (a huge-page VM's snapshot) is written through a shared mapping
+/// instead, in 2 MiB pages: only those holding data are allocated (`fallocate`, so a short
+/// pool is an error, never a SIGBUS), the rest stay holes.
 pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryError> {
     use std::io::{Seek, SeekFrom, Write};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -278,7 +286,16 @@ pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryE
         path: path.to_path_buf(),
         source,
     };
-    let mut f = std::fs::File::create(path).map_err(err)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err)?;
+    if on_hugetlbfs(&f).map_err(err)? {
+        return save_huge(mem, &f).map_err(err);
+    }
     let mut total = 0u64;
     const BLOCK: usize = 64 << 10;
     const PAGES_PER_BLOCK: usize = BLOCK / 4096;
@@ -311,6 +328,91 @@ pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryE
     f.sync_all().map_err(err)
 }
 
+const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
+
+/// Whether `f` is on hugetlbfs (its pages are 2 MiB huge pages).
+fn on_hugetlbfs(f: &std::fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: statfs is plain data; fstatfs fills it from an open descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `f` is open for the call; `st` is ours to write.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as libc::c_long == HUGETLBFS_MAGIC)
+}
+
+/// Whether the directory `dir` is on a hugetlbfs mount (where a huge-page VM's snapshot
+/// memory can go).
+pub fn is_hugetlbfs_dir(dir: &std::path::Path) -> io::Result<bool> {
+    on_hugetlbfs(&std::fs::File::open(dir)?)
+}
+
+/// [`save`] into a file on hugetlbfs: each 2 MiB page of guest RAM that holds data is
+/// allocated in the file (`fallocate`) and copied through a shared mapping.
+fn save_huge(mem: &GuestMemoryMmap, f: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    const HUGE: usize = HUGE_PAGE_SIZE as usize;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    f.set_len(total)?;
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let host = region.as_ptr();
+        let may_hold = pages_with_data(host as usize, len);
+        // SAFETY: a new shared mapping of `len` bytes of our file at `offset` (in range: the
+        // file is `total` long); no reservation, so untouched pages take nothing from the pool
+        // (the ones written are allocated by fallocate first).
+        let dst = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                f.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if dst == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let copied = (|| -> io::Result<()> {
+            for start in (0..len).step_by(HUGE) {
+                let n = HUGE.min(len - start);
+                let untouched = may_hold
+                    .as_ref()
+                    .is_some_and(|m| m[start / 4096..(start + n) / 4096].iter().all(|&d| !d));
+                if untouched {
+                    continue;
+                }
+                // SAFETY: `host` maps `len` bytes of guest RAM while `mem` lives; the VM is
+                // stopped, so nothing writes them while they are read.
+                let src = unsafe { std::slice::from_raw_parts(host.add(start), n) };
+                if src.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                let at = (offset + start as u64) as libc::off_t;
+                // SAFETY: fallocate on our open file; a short pool fails with an error.
+                if unsafe { libc::fallocate(f.as_raw_fd(), 0, at, n as libc::off_t) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // SAFETY: `dst` maps `len` bytes of the file (this page now allocated);
+                // `src` is guest RAM, another mapping: they do not overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst.cast::<u8>().add(start), n)
+                };
+            }
+            Ok(())
+        })();
+        // SAFETY: unmaps exactly the mapping made above; nothing refers to it any more.
+        unsafe { libc::munmap(dst, len) };
+        copied?;
+        offset += len as u64;
+    }
+    Ok(())
+}
+
 /// For each 4 KiB page of this process's `[start, start + len)`: whether it may hold
 /// anything but zeroes: it is present or swapped out (`/proc/self/pagemap`), or it lies in a
 /// file-backed mapping (`/proc/self/maps`: the kernel mapped copy-on-write from its file reads
@@ -341,8 +443,9 @@ fn pages_with_data(start: usize, len: usize) -> Option<Vec<bool>> {
         else {
             continue;
         };
-        if inode == "0" {
-            continue; // anonymous
+        // Anonymous memory, huge pages included (pagemap tells their pages).
+        if inode == "0" || f.next().is_some_and(|p| p.starts_with("/anon_hugepage")) {
+            continue;
         }
         let Some((lo, hi)) = range.split_once('-') else {
             continue;
@@ -363,7 +466,10 @@ fn pages_with_data(start: usize, len: usize) -> Option<Vec<bool>> {
 
 /// Guest RAM of `cfg`'s size mapped `MAP_PRIVATE` from a memory file [`save`] wrote: pages come
 /// from the file on first touch and are copied when written, so a write reaches neither the
-/// file nor any other mapping of it (a clone per request). 4 KiB pages only.
+/// file nor any other mapping of it (a clone per request). A huge-page guest's file is on
+/// hugetlbfs: its pages are shared and copied 2 MiB at a time, and the mapping reserves the
+/// pool pages its copies may need when it is made (a short pool fails here, as a boot's
+/// would, never with a SIGBUS later).
 pub fn map_private(
     cfg: &MemoryConfig,
     path: &std::path::Path,
@@ -375,6 +481,20 @@ pub fn map_private(
     };
     let size = cfg.size_mib * MIB;
     let f = std::fs::File::open(path).map_err(err)?;
+    let huge = on_hugetlbfs(&f).map_err(err)?;
+    if huge != cfg.hugepages {
+        return Err(err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            if huge {
+                "on hugetlbfs, but the guest does not use huge pages"
+            } else {
+                "not on hugetlbfs, but the guest uses huge pages"
+            },
+        )));
+    }
+    if huge {
+        validate(cfg)?;
+    }
     let len = f.metadata().map_err(err)?.len();
     if len != size {
         return Err(err(io::Error::new(
@@ -389,9 +509,26 @@ pub fn map_private(
         let mapping = MmapRegionBuilder::new(len as usize)
             .with_file_offset(FileOffset::new(file, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_mmap_flags(if huge {
+                libc::MAP_PRIVATE
+            } else {
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE
+            })
+            .with_hugetlbfs(huge)
             .build()
-            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+            .map_err(|e| match e {
+                vm_memory::mmap::MmapRegionError::Mmap(source)
+                    if huge && source.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    let needed = size / HUGE_PAGE_SIZE;
+                    MemoryError::HugePagesShort {
+                        needed,
+                        free: free_huge_pages().unwrap_or(0),
+                        suggest: nr_hugepages().unwrap_or(0) + needed,
+                    }
+                }
+                other => MemoryError::Layout(other.to_string()),
+            })?;
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
         regions.push(region);

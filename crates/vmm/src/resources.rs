@@ -93,6 +93,10 @@ pub struct Capture {
     pub marker: Option<String>,
     /// The snapshot directory (created if missing).
     pub dir: PathBuf,
+    /// Where the memory goes instead of `dir/memory` (which is then a symbolic link to it).
+    /// A VM on huge pages needs one: a file on hugetlbfs, which its clones map copy-on-write
+    /// in 2 MiB pages. Whoever asked for it removes it (it holds huge pages).
+    pub memory_file: Option<PathBuf>,
 }
 
 impl Default for RunOptions {

@@ -639,7 +639,7 @@ pub fn launch(
         states.push(end.state);
     }
     if let (ExitReason::Captured, Some(c)) = (&reason, &opts.capture) {
-        captured = write_snapshot(&*vm, states, &buses, &mem, &shape, &c.dir);
+        captured = write_snapshot(&*vm, states, &buses, &mem, &shape, c);
     }
     if let Some((at, clock_ns)) = first_run.get() {
         timings.setup = at.saturating_duration_since(start);
@@ -673,9 +673,10 @@ fn write_snapshot(
     buses: &Buses,
     mem: &GuestMemoryMmap,
     shape: &MachineShape,
-    dir: &std::path::Path,
+    capture: &Capture,
 ) -> Result<(), String> {
     use crate::snapshot::{self, Identity, Snapshot};
+    let dir = &capture.dir;
     let vcpus = vcpus
         .into_iter()
         .enumerate()
@@ -692,7 +693,23 @@ fn write_snapshot(
         devices: buses.save_states(),
     };
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    memory::save(mem, &dir.join(snapshot::MEMORY_FILE)).map_err(|e| e.to_string())?;
+    let in_dir = dir.join(snapshot::MEMORY_FILE);
+    match &capture.memory_file {
+        Some(file) => {
+            memory::save(mem, file).map_err(|e| e.to_string())?;
+            let _ = std::fs::remove_file(&in_dir);
+            std::os::unix::fs::symlink(file, &in_dir)
+                .map_err(|e| format!("{}: {e}", in_dir.display()))?;
+        }
+        None if shape.memory.hugepages => {
+            return Err(
+                "a VM on huge pages keeps its snapshot's memory on hugetlbfs: the \
+                        capture needs a memory file there"
+                    .into(),
+            )
+        }
+        None => memory::save(mem, &in_dir).map_err(|e| e.to_string())?,
+    }
     snapshot::write(&dir.join(snapshot::STATE_FILE), &snap).map_err(|e| e.to_string())
 }
 
@@ -1250,8 +1267,13 @@ mod tests {
         (shape, k, i)
     }
 
-    /// A run of `shape` with the channel, captured into `dir` at once.
-    fn capture_at_once(shape: &MachineShape, dir: &std::path::Path) -> Outcome {
+    /// A run of `shape` with the channel, captured into `dir` at once (its memory into
+    /// `memory_file` when given).
+    fn capture_at_once(
+        shape: &MachineShape,
+        dir: &std::path::Path,
+        memory_file: Option<&std::path::Path>,
+    ) -> Outcome {
         let now = Cancel::new();
         now.cancel();
         let opts = RunOptions {
@@ -1260,6 +1282,7 @@ mod tests {
                 now,
                 marker: None,
                 dir: dir.to_path_buf(),
+                memory_file: memory_file.map(Into::into),
             }),
             ..Default::default()
         };
@@ -1281,7 +1304,7 @@ mod tests {
         let (shape, _k, _i) = spinning_guest();
         let shape = MachineShape { vcpus: 2, ..shape };
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = capture_at_once(&shape, dir.path());
+        let out = capture_at_once(&shape, dir.path(), None);
         assert_eq!(
             out.reason,
             ExitReason::Captured,
@@ -1308,6 +1331,92 @@ mod tests {
         assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), want);
     }
 
+    /// Issue 13's 2 MiB-page variant on this host: a huge-page machine captured with its
+    /// memory on hugetlbfs (a hugetlb memfd here), `memory` a link to it holding only the huge
+    /// pages with data; two clones restored from it share the untouched kernel page, keep
+    /// their writes apart, and give back every huge page when dropped.
+    #[test]
+    fn a_huge_page_machine_is_captured_to_hugetlbfs_and_cloned_in_huge_pages() {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use vm_memory::{Bytes, GuestAddress};
+        let _lock = crate::memory::HUGE_PAGE_TESTS.lock();
+        // The template's 32 pages, its memory file's few, two clones' 32 each.
+        let _pool = crate::memory::HugePagePool::raise_to(104)
+            .expect("raising vm.nr_hugepages (the test runs as root)");
+        let (shape, _k, _i) = spinning_guest();
+        let shape = MachineShape {
+            memory: crate::memory::MemoryConfig {
+                size_mib: 64,
+                hugepages: true,
+                populate: false,
+            },
+            ..shape
+        };
+        // SAFETY: memfd_create with a valid name and flags; the fd is ours alone.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"xcgi-test-memory".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+            )
+        };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor just made, owned here.
+        let memfd = unsafe { std::fs::File::from_raw_fd(fd) };
+        let file = std::path::PathBuf::from(format!("/proc/self/fd/{}", memfd.as_raw_fd()));
+        let free_before = crate::memory::free_huge_pages().unwrap_or(0);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = capture_at_once(&shape, dir.path(), Some(&file));
+        assert_eq!(
+            out.reason,
+            ExitReason::Captured,
+            "{}",
+            out.reason.describe()
+        );
+        let memfile = dir.path().join(crate::snapshot::MEMORY_FILE);
+        assert!(
+            memfile.is_symlink(),
+            "memory is a link to the hugetlbfs file"
+        );
+        use std::os::unix::fs::MetadataExt;
+        let held = memfd.metadata().expect("stat").blocks() * 512;
+        assert!(
+            held > 0 && held <= 8 << 20,
+            "the memory file holds only the huge pages with data: {held} bytes of 64 MiB"
+        );
+        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
+        let snap = crate::snapshot::read(&dir.path().join(crate::snapshot::STATE_FILE), &identity)
+            .expect("read");
+        {
+            let a = restore(&shape, &snap, &memfile).expect("restore");
+            let b = restore(&shape, &snap, &memfile).expect("restore again");
+            assert_eq!(a.vcpus[0].regs().expect("regs").rip, 0x100_0000);
+            let probe = GuestAddress(0x100_2000);
+            let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
+            assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), want);
+            a.mem.write_obj(!want, probe).expect("write");
+            assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), want);
+            assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), !want);
+        }
+        // A 4 KiB-page guest cannot map it.
+        let small = MachineShape {
+            memory: crate::memory::MemoryConfig {
+                hugepages: false,
+                ..shape.memory
+            },
+            ..shape.clone()
+        };
+        let e = crate::memory::map_private(&small.memory, &memfile)
+            .expect_err("a 4 KiB-page guest from a hugetlbfs file");
+        assert!(e.to_string().contains("on hugetlbfs"), "{e}");
+        let free_after = crate::memory::free_huge_pages().unwrap_or(0);
+        assert_eq!(
+            free_after + (held >> 21),
+            free_before,
+            "the clones gave back every huge page (the file keeps its own)"
+        );
+        drop(memfd);
+    }
+
     /// Issue 13 on this host: a launched VM captured at once (its vCPUs stopped, the last exit
     /// completed, every state and the devices' read), then a clone prepared from the snapshot
     /// launches with its devices' states put back; a machine that differs is refused naming
@@ -1317,7 +1426,7 @@ mod tests {
         let (shape, _k, _i) = spinning_guest();
         let dir = tempfile::tempdir().expect("tempdir");
         let snapdir = dir.path().join("snap");
-        let out = capture_at_once(&shape, &snapdir);
+        let out = capture_at_once(&shape, &snapdir, None);
         assert_eq!(
             out.reason,
             ExitReason::Captured,

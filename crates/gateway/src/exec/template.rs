@@ -45,6 +45,12 @@ pub enum TemplateError {
     /// The route's kernel or image cannot be read (to fingerprint it).
     #[error("the route's kernel or image: {0}")]
     Identity(xcgi_vmm::snapshot::SnapshotError),
+    /// A huge-page route's template memory has no hugetlbfs mount to go to.
+    #[error(
+        "{0} is not a hugetlbfs mount, where a huge-page route's template memory goes: mount \
+         one (`mount -t hugetlbfs none {0}`) or set [server] hugetlbfs"
+    )]
+    NoHugetlbfs(String),
 }
 
 /// A template taken: its snapshot directory, and how long booting and capturing took.
@@ -61,8 +67,13 @@ pub struct Template {
 }
 
 /// Boots `spec`'s machine (not a clone) with a channel, waits for xcgi-init's hello, and
-/// captures the VM into `dir`.
-pub fn take(spec: &VmSpec, dir: &Path) -> Result<Template, TemplateError> {
+/// captures the VM into `dir` (its memory into `memory_file` when given: a huge-page
+/// machine's goes to hugetlbfs).
+pub fn take(
+    spec: &VmSpec,
+    dir: &Path,
+    memory_file: Option<&Path>,
+) -> Result<Template, TemplateError> {
     let t0 = Instant::now();
     let (host, guest) = UnixStream::pair().map_err(TemplateError::Channel)?;
     host.set_read_timeout(Some(Duration::from_millis(100)))
@@ -78,6 +89,7 @@ pub fn take(spec: &VmSpec, dir: &Path) -> Result<Template, TemplateError> {
             now: now.clone(),
             marker: None,
             dir: dir.to_path_buf(),
+            memory_file: memory_file.map(Path::to_path_buf),
         }),
         ..RunOptions::default()
     };
@@ -103,7 +115,9 @@ pub fn take(spec: &VmSpec, dir: &Path) -> Result<Template, TemplateError> {
             dir: dir.to_path_buf(),
             boot: hello_at,
             capture: t0.elapsed().saturating_sub(hello_at),
-            memory_on_disk: on_disk(&dir.join(xcgi_vmm::snapshot::MEMORY_FILE)),
+            memory_on_disk: on_disk(
+                memory_file.unwrap_or(&dir.join(xcgi_vmm::snapshot::MEMORY_FILE)),
+            ),
         }),
         (Ok(()), ran) => Err(TemplateError::Capture(describe_outcome(&ran))),
         (Err(e @ TemplateError::InitFailed(_)), _) => Err(e),
@@ -168,6 +182,8 @@ pub struct Live {
     taken_of: Identity,
     /// What a new template failed for: not tried again until something changes again.
     failed_for: Option<Identity>,
+    /// A huge-page route's: the hugetlbfs directory its templates' memory files go to.
+    hugetlbfs: Option<PathBuf>,
 }
 
 /// The directory of `link`'s generation `generation`.
@@ -185,7 +201,16 @@ pub fn take_live(
     route: &str,
     spec: &VmSpec,
     link: &Path,
+    hugetlbfs: &Path,
 ) -> Result<(Live, Template), TemplateError> {
+    let hugetlbfs = if spec.hugepages {
+        if !xcgi_vmm::memory::is_hugetlbfs_dir(hugetlbfs).unwrap_or(false) {
+            return Err(TemplateError::NoHugetlbfs(hugetlbfs.display().to_string()));
+        }
+        Some(hugetlbfs.to_path_buf())
+    } else {
+        None
+    };
     let mut live = Live {
         route: route.to_string(),
         spec: VmSpec {
@@ -198,6 +223,7 @@ pub fn take_live(
         generation: 0,
         taken_of: Identity::default(),
         failed_for: None,
+        hugetlbfs,
     };
     let t = live.take_next()?;
     Ok((live, t))
@@ -209,9 +235,10 @@ impl Live {
         let identity = Identity::of_shape(&self.spec.shape()).map_err(TemplateError::Identity)?;
         let generation = self.generation + 1;
         let dir = generation_dir(&self.link, generation);
-        let _ = std::fs::remove_dir_all(&dir);
-        let t = take(&self.spec, &dir).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&dir);
+        self.remove(generation);
+        let memory = self.memory_file(generation);
+        let t = take(&self.spec, &dir, memory.as_deref()).inspect_err(|_| {
+            self.remove(generation);
         })?;
         let swap = || -> std::io::Result<()> {
             let mut tmp = self.link.as_os_str().to_os_string();
@@ -222,19 +249,37 @@ impl Live {
             std::fs::rename(&tmp, &self.link)
         };
         if let Err(e) = swap() {
-            let _ = std::fs::remove_dir_all(&dir);
+            self.remove(generation);
             return Err(TemplateError::Capture(format!(
                 "pointing {} at the new template: {e}",
                 self.link.display()
             )));
         }
         if generation > 2 {
-            let _ = std::fs::remove_dir_all(generation_dir(&self.link, generation - 2));
+            self.remove(generation - 2);
         }
         self.generation = generation;
         self.taken_of = identity;
         self.failed_for = None;
         Ok(t)
+    }
+
+    /// A huge-page route's memory file of `generation`, on hugetlbfs: named after this server
+    /// process and the link (`xcgi-serve-PID-snapshot-N.G`).
+    fn memory_file(&self, generation: u32) -> Option<PathBuf> {
+        let dir = self.hugetlbfs.as_ref()?;
+        let link = generation_dir(&self.link, generation);
+        let name = link.file_name().unwrap_or_default().to_string_lossy();
+        Some(dir.join(format!("xcgi-serve-{}-{name}", std::process::id())))
+    }
+
+    /// Removes `generation`'s directory and memory file (clones that mapped it keep their
+    /// pages until they go).
+    fn remove(&self, generation: u32) {
+        let _ = std::fs::remove_dir_all(generation_dir(&self.link, generation));
+        if let Some(f) = self.memory_file(generation) {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
     /// Takes a new template if the route's kernel or image (or xcgi) is no longer what the
@@ -254,6 +299,20 @@ impl Live {
             self.failed_for = Some(now);
         }
         Some(r)
+    }
+}
+
+impl Drop for Live {
+    /// The memory files on hugetlbfs go with the server (its work directory goes too, but the
+    /// files there are only links to them).
+    fn drop(&mut self) {
+        if self.hugetlbfs.is_some() {
+            for g in [self.generation, self.generation.saturating_sub(1)] {
+                if g > 0 {
+                    self.remove(g);
+                }
+            }
+        }
     }
 }
 
@@ -386,6 +445,7 @@ mod tests {
             link: link.clone(),
             generation: 1,
             failed_for: None,
+            hugetlbfs: None,
         };
         assert!(live.renew_if_changed().is_none(), "nothing changed");
         // Replaced (a new inode), as `mv new old` does.

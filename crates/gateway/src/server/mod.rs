@@ -211,7 +211,13 @@ impl Server {
             let _ = metrics.net.set(Arc::clone(n));
         }
         let lives = if cfg.server.isolation == Isolation::Vm {
-            take_templates(&mut routes, workdir.path(), &metrics, cfg.server.isolation)?
+            take_templates(
+                &mut routes,
+                workdir.path(),
+                &metrics,
+                cfg.server.isolation,
+                &cfg.server.hugetlbfs,
+            )?
         } else {
             Vec::new()
         };
@@ -512,6 +518,7 @@ fn take_templates(
     workdir: &std::path::Path,
     metrics: &Metrics,
     isolation: Isolation,
+    hugetlbfs: &std::path::Path,
 ) -> Result<Vec<crate::exec::template::Live>, ServeError> {
     let pvm = xcgi_vmm::hypervisor::kvm::host_is_pvm();
     let mut lives = Vec::new();
@@ -530,13 +537,11 @@ fn take_templates(
         }
         let Some(spec) = &mut r.spec else { continue };
         let link = workdir.join(format!("snapshot-{i}"));
-        let (live, t) =
-            crate::exec::template::take_live(&r.route.prefix, spec, &link).map_err(|source| {
-                ServeError::Template {
-                    route: r.route.prefix.clone(),
-                    source,
-                }
-            })?;
+        let (live, t) = crate::exec::template::take_live(&r.route.prefix, spec, &link, hugetlbfs)
+            .map_err(|source| ServeError::Template {
+            route: r.route.prefix.clone(),
+            source,
+        })?;
         metrics.snapshot_templates.fetch_add(1, Ordering::Relaxed);
         crate::exec::template::log_taken(&r.route.prefix, &t, 1);
         spec.snapshot = Some(link);

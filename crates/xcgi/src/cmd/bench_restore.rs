@@ -23,6 +23,31 @@ use super::bench::{median, percentile};
 pub struct RestoreArgs {
     #[command(flatten)]
     m: super::bench::Machines,
+    /// Also on 2 MiB pages: vm.nr_hugepages is raised for it (and put back), the template's
+    /// memory goes to a hugetlb memfd (as to a file on a hugetlbfs mount).
+    #[arg(long)]
+    hugepages: bool,
+}
+
+/// A hugetlb memfd for a huge-page template's memory, and its path (`/proc/self/fd/N`).
+fn hugetlb_memfd() -> anyhow::Result<(std::fs::File, std::path::PathBuf)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: memfd_create with a valid name and flags; the fd is ours alone.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"xcgi-bench-template".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        )
+    };
+    anyhow::ensure!(
+        fd >= 0,
+        "a hugetlb memfd: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor just made, owned here.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let path = format!("/proc/self/fd/{}", f.as_raw_fd()).into();
+    Ok((f, path))
 }
 
 /// A run's attachments: a fresh CGI channel (the far end dropped at once: nothing runs).
@@ -53,18 +78,34 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
     );
     println!("| memory | cold restore (median, p90) | steps (median ms) | prepared clone: request path (median, p90) | boot: building (median) | boot: request path (median) | memory file on disk |");
     println!("|---|---|---|---|---|---|---|");
-    for &mem in &m.mem {
+    let max_mem = m.mem.iter().copied().max().unwrap_or(128);
+    // A clone's (or a boot's) pages, and the template's memory file; put back at the end.
+    let _pool = if a.hugepages {
+        Some(xcgi_vmm::memory::HugePagePool::raise_to(max_mem / 2 + 32)?)
+    } else {
+        None
+    };
+    let pages: &[bool] = if a.hugepages {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for (&huge, &mem) in pages
+        .iter()
+        .flat_map(|h| m.mem.iter().map(move |mem| (h, mem)))
+    {
         let shape = xcgi_vmm::MachineShape {
             kernel: m.kernel.clone(),
             initramfs: Some(m.initramfs.clone()),
             memory: xcgi_vmm::memory::MemoryConfig {
                 size_mib: mem,
-                hugepages: false,
+                hugepages: huge,
                 populate: false,
             },
             ..Default::default()
         };
         let dir = tempfile::tempdir().context("a directory for the snapshot")?;
+        let memfd = if huge { Some(hugetlb_memfd()?) } else { None };
         let now = xcgi_vmm::Cancel::new();
         now.cancel();
         let opts = xcgi_vmm::RunOptions {
@@ -73,6 +114,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
                 now,
                 marker: None,
                 dir: dir.path().to_path_buf(),
+                memory_file: memfd.as_ref().map(|(_, p)| p.clone()),
             }),
             ..Default::default()
         };
@@ -112,13 +154,15 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
                 .map(|md| md.blocks() * 512)
                 .unwrap_or(0)
         };
+        drop(memfd);
         let breakdown: Vec<String> = phases
             .into_iter()
             .filter(|(n, _)| *n != "process start")
             .map(|(n, mut v)| format!("{n} {:.3}", median(&mut v)))
             .collect();
         println!(
-            "| {mem} MiB | **{:.3} ms** ({:.3}) | {} | **{:.3} ms** ({:.3}) | {:.2} ms | {:.3} ms | {:.1} MiB |",
+            "| {mem} MiB, {} | **{:.3} ms** ({:.3}) | {} | **{:.3} ms** ({:.3}) | {:.2} ms | {:.3} ms | {:.1} MiB |",
+            if huge { "2 MiB pages" } else { "4 KiB pages" },
             median(&mut cold),
             percentile(&mut cold, 0.9),
             breakdown.join(", "),

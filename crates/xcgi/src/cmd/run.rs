@@ -93,6 +93,12 @@ pub struct Args {
     /// state).
     #[arg(long, requires = "snapshot_out", default_value = "xcgi-snapshot-here")]
     pub snapshot_at: String,
+    /// With --snapshot-out: write the memory to this file instead (the directory's `memory`
+    /// becomes a link to it). Needed with --hugepages: a file on hugetlbfs (e.g.
+    /// /dev/hugepages/NAME), whose clones share its 2 MiB pages; remove it when done (it holds
+    /// huge pages).
+    #[arg(long, requires = "snapshot_out", value_name = "FILE")]
+    pub snapshot_memory: Option<PathBuf>,
     /// Start the VM as a clone of the snapshot in this directory (taken by --snapshot-out with
     /// the same kernel, root, --mem, --vcpus and --hugepages: anything else is refused, naming
     /// the difference) instead of booting: its memory mapped copy-on-write from the snapshot's
@@ -131,6 +137,13 @@ pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
             }
         }
     }
+    if a.hugepages && a.snapshot_out.is_some() && a.snapshot_memory.is_none() {
+        anyhow::bail!(
+            "--snapshot-out with --hugepages keeps the memory on hugetlbfs: add --snapshot-memory \
+             FILE on a hugetlbfs mount (e.g. /dev/hugepages/snapshot; `mount -t hugetlbfs none \
+             /dev/hugepages` where none is mounted)"
+        );
+    }
     let shape = MachineShape {
         kernel: a.kernel.clone(),
         rootfs: a.rootfs.clone(),
@@ -158,6 +171,7 @@ pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
             now: Cancel::new(),
             marker: Some(a.snapshot_at.clone()),
             dir: dir.clone(),
+            memory_file: a.snapshot_memory.clone(),
         }),
     };
     Ok((shape, opts))

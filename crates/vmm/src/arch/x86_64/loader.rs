@@ -764,6 +764,7 @@ pub(crate) mod tests {
     #[test]
     fn huge_page_ram_maps_kernel_and_initrd_in_small_page_windows() {
         use vm_memory::{Address, GuestMemoryBackend};
+        let _lock = crate::memory::HUGE_PAGE_TESTS.lock();
         let _pool = crate::memory::HugePagePool::raise_to(64)
             .expect("raising vm.nr_hugepages (the test runs as root)");
         let available = crate::memory::free_huge_pages().unwrap_or(0);
