@@ -286,11 +286,14 @@ pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryE
         path: path.to_path_buf(),
         source,
     };
+    use std::os::unix::fs::OpenOptionsExt;
+    // The guest's memory: for its owner only (a hugetlbfs mount is often world-readable).
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
         .open(path)
         .map_err(err)?;
     if on_hugetlbfs(&f).map_err(err)? {
