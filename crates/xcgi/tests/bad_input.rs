@@ -94,6 +94,19 @@ fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
             vec!["--kernel", k, "--rootfs", img, "--timeout", "0"],
             "--timeout",
         ),
+        // A huge-page snapshot's memory needs a place on hugetlbfs: said before any boot.
+        (
+            vec![
+                "--kernel",
+                k,
+                "--rootfs",
+                img,
+                "--hugepages",
+                "--snapshot-out",
+                "/tmp/xcgi-never-written",
+            ],
+            "add --snapshot-memory FILE on a hugetlbfs mount",
+        ),
     ];
     for (args, expected) in cases {
         let (code, stderr) = run(&args);
