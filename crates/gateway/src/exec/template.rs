@@ -278,7 +278,13 @@ impl Live {
     fn remove(&self, generation: u32) {
         let _ = std::fs::remove_dir_all(generation_dir(&self.link, generation));
         if let Some(f) = self.memory_file(generation) {
-            let _ = std::fs::remove_file(f);
+            match std::fs::remove_file(&f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(
+                    file = %f.display(),
+                    "cannot remove a template's memory file (it holds huge pages): {e}; remove it by hand"
+                ),
+                _ => {}
+            }
         }
     }
 

@@ -279,6 +279,7 @@ impl Server {
         }
         chown_tree(self._workdir.path(), uid, gid)
             .map_err(|e| fail(format!("giving it the work directory: {e}")))?;
+        self.give_hugetlbfs_files(uid, gid).map_err(fail)?;
         xcgi_jail::switch_user(uid, gid).map_err(|e| fail(e.to_string()))?;
         tracing::info!(
             uid,
@@ -286,6 +287,41 @@ impl Server {
             "switched to the server's user: no capability left"
         );
         Ok(Some(uid))
+    }
+
+    /// `[server] user` with huge-page templates: their memory files on the hugetlbfs mount
+    /// become the user's, so that the server can still remove them (and put new ones there);
+    /// a mount that user cannot write is refused (it would keep them after the server).
+    fn give_hugetlbfs_files(&self, uid: libc::uid_t, gid: libc::gid_t) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let iso = self.cfg.server.isolation;
+        let huge = self.cfg.routes.iter().any(|r| {
+            r.hugepages
+                && r.start_mode(iso) == crate::config::Start::Snapshot
+                && iso == Isolation::Vm
+        });
+        if !huge {
+            return Ok(());
+        }
+        let dir = &self.cfg.server.hugetlbfs;
+        let md = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if !may_write((md.uid(), md.gid(), md.mode()), uid, gid) {
+            return Err(format!(
+                "cannot write {}, where huge-page templates keep their memory: mount a hugetlbfs \
+                 it may write (`mount -t hugetlbfs -o uid={uid},gid={gid} none DIR`) and set \
+                 [server] hugetlbfs = \"DIR\"",
+                dir.display()
+            ));
+        }
+        let ours = format!("xcgi-serve-{}-", std::process::id());
+        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&ours) {
+                std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid))
+                    .map_err(|err| format!("{}: {err}", e.path().display()))?;
+            }
+        }
+        Ok(())
     }
 
     /// The configuration it serves.
@@ -497,6 +533,24 @@ fn wire_executors(
         });
     }
     Ok(())
+}
+
+/// Whether `uid`:`gid` may create and remove files in a directory of this owner, group and
+/// mode (write and search permission; by owner first, then group, then others, as the
+/// kernel checks).
+fn may_write(
+    (owner, group, mode): (libc::uid_t, libc::gid_t, u32),
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+) -> bool {
+    let bits = if owner == uid {
+        mode >> 6
+    } else if group == gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    bits & 0o3 == 0o3
 }
 
 /// Gives `dir` and everything under it to `uid`:`gid` (symlinks themselves, not followed).

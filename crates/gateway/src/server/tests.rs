@@ -337,3 +337,15 @@ async fn no_head_before_the_deadline_is_a_504_and_a_kill() {
     assert!(r.counted(504));
     r.stop().await;
 }
+
+#[test]
+fn a_directory_is_writable_by_its_owner_group_or_everyone_as_the_kernel_checks() {
+    // systemd's /dev/hugepages: root's, 0755: not for the server's user.
+    assert!(!may_write((0, 0, 0o40755), 990, 990));
+    // Mounted for the user (uid=, gid= options), or world-writable and sticky.
+    assert!(may_write((990, 990, 0o40755), 990, 990));
+    assert!(may_write((0, 0, 0o41777), 990, 990));
+    assert!(may_write((0, 990, 0o40775), 990, 990));
+    // The owner's bits decide for the owner, even when others may write.
+    assert!(!may_write((990, 0, 0o40577), 990, 990));
+}
