@@ -3,15 +3,25 @@
 # handler (examples/cgi-c), same machine, same run: VM isolation booting a VM per request
 # (start = "boot"), VM isolation with snapshot clones (start = "snapshot"), and --isolation
 # process. Prints per-request latency (sequential curl) and throughput (wrk).
+# With HUGE=1 a fourth server clones on 2 MiB pages (`hugepages = true`, start = "snapshot":
+# huge pages are reserved for it, hugetlbfs at /dev/hugepages).
 #   bench/serve-compare.sh KERNEL CGI_PROGRAM REQUESTS WRK_SECONDS CONCURRENCY
 set -eu
 K=$1; CGI=$2; N=$3; SECS=$4; C=$5
-port_of() { case $1 in boot) echo 8090;; snapshot) echo 8092;; *) echo 8091;; esac; }
-for iso in boot snapshot process; do
+KINDS="boot snapshot process"
+if [ "${HUGE:-0}" = 1 ]; then
+  KINDS="$KINDS snaphuge"
+  # Each clone reserves its 64 pages (C serving + 2 prepared), the template's file a few.
+  echo $(( (C + 3) * 64 + 32 )) > /proc/sys/vm/nr_hugepages
+fi
+port_of() { case $1 in boot) echo 8090;; snapshot) echo 8092;; snaphuge) echo 8093;; *) echo 8091;; esac; }
+for iso in $KINDS; do
   port=$(port_of $iso)
   mode=vm; start='start = "boot"'
   [ $iso = process ] && { mode=process; start=""; }
   [ $iso = snapshot ] && start='start = "snapshot"'
+  [ $iso = snaphuge ] && start='start = "snapshot"
+hugepages = true'
   cat > bench-$iso.toml <<T
 [server]
 listen = "127.0.0.1:$port"
@@ -34,7 +44,7 @@ T
 done
 # pct FILE P: the P-th percentile (nearest rank) of the numbers in FILE, in ms.
 pct() { sort -n "$1" | awk -v p="$2" '{a[NR]=$1} END {i=int((p*NR+99)/100); if(i<1)i=1; printf "%.2f", a[i]*1000}'; }
-for iso in boot snapshot process; do
+for iso in $KINDS; do
   port=$(port_of $iso)
   url=http://127.0.0.1:$port/hello
   curl -s -o /dev/null "$url"   # warm-up
@@ -52,6 +62,6 @@ for iso in boot snapshot process; do
     awk '{printf "%.1f", $1/1048576/$2}')
   echo "RESULT isolation=$iso requests=$N p50_ms=$(pct lat-$iso.txt 50) p99_ms=$(pct lat-$iso.txt 99) wrk_c=$C wrk_rps=$rps download_MiBps=$down echo_MiBps=$echo_rate"
 done
-for iso in boot snapshot process; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
+for iso in $KINDS; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
 grep -h 'status=' bench-boot.log | tail -2
 grep -h 'status=' bench-snapshot.log | tail -2
