@@ -190,8 +190,9 @@ fn a_bzimage_kernel_boots_too() {
 
 /// Issue 13, `xcgi run`: a guest captured when its console says it is looping
 /// (`--snapshot-out`, `--snapshot-at`), then a clone of it restored (`--restore`) that goes on
-/// looping in user space until its deadline (a bad restore would crash it: triple fault,
-/// panic); a snapshot of another root or memory size is refused, naming the difference.
+/// looping in user space until its deadline, saying so once a second (a bad restore would
+/// crash it: triple fault, panic); a snapshot of another root or memory size is refused,
+/// naming the difference.
 #[test]
 fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
     let kernel = kernel();
@@ -202,7 +203,7 @@ fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
         run() { name=$1; shift; echo "===$name==="; xcgi run "$@" 2>&1; echo "rc=$?"; echo "===end $name==="; }
         run snap --kernel "$K" --rootfs "$LOOP" --snapshot-out snap --snapshot-at looping --timeout 60
         ls snap
-        run restore --kernel "$K" --rootfs "$LOOP" --restore snap --timeout 4 --debug-dump
+        run restore --kernel "$K" --rootfs "$LOOP" --restore snap --timeout 6
         run other-root --kernel "$K" --rootfs "$OTHER" --restore snap
         run other-mem --kernel "$K" --rootfs "$LOOP" --mem 256 --restore snap
         run other-kernel --kernel "$BZ" --rootfs "$LOOP" --restore snap
@@ -228,14 +229,12 @@ fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
         !s.contains("looping"),
         "the clone printed its boot output again:\n{s}"
     );
-    let rip = s
-        .lines()
-        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("rip=0x")))
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .unwrap_or_else(|| panic!("no rip in the dump:\n{s}"));
+    // Its program goes on where the template was: its once-a-second line, through the
+    // restored serial port. (Where the vCPU happens to be at the deadline is no proof: with
+    // HZ=250 and the lab's emulated exits, one sample in ten lands in the timer tick.)
     assert!(
-        rip < 0x8000_0000_0000,
-        "the clone should be spinning in user space, rip={rip:#x}:\n{s}"
+        s.lines().any(|l| l.contains("alive ")),
+        "the clone's user space did not go on:\n{s}"
     );
     for (name, what) in [
         ("other-root", "guest root"),
