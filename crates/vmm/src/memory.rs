@@ -246,30 +246,53 @@ pub fn create(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
             .with_mmap_flags(flags)
             .with_hugetlbfs(cfg.hugepages)
             .build()
-            .map_err(|e| match e {
-                vm_memory::mmap::MmapRegionError::Mmap(source) => {
-                    if cfg.hugepages && source.raw_os_error() == Some(libc::ENOMEM) {
-                        let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;
-                        let free = free_huge_pages().unwrap_or(0);
-                        MemoryError::HugePagesShort {
-                            needed,
-                            free,
-                            suggest: needed,
-                        }
-                    } else {
-                        MemoryError::Mmap {
-                            size_mib: cfg.size_mib,
-                            source,
-                        }
-                    }
-                }
-                other => MemoryError::Layout(other.to_string()),
-            })?;
+            .map_err(|e| mapping_failed(cfg, e))?;
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+/// Why guest RAM of `cfg` could not be mapped: on huge pages, ENOMEM is a short pool.
+fn mapping_failed(cfg: &MemoryConfig, e: vm_memory::mmap::MmapRegionError) -> MemoryError {
+    match e {
+        vm_memory::mmap::MmapRegionError::Mmap(source) => {
+            if cfg.hugepages && source.raw_os_error() == Some(libc::ENOMEM) {
+                let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;
+                let free = free_huge_pages().unwrap_or(0);
+                MemoryError::HugePagesShort {
+                    needed,
+                    free,
+                    suggest: needed,
+                }
+            } else {
+                MemoryError::Mmap {
+                    size_mib: cfg.size_mib,
+                    source,
+                }
+            }
+        }
+        other => MemoryError::Layout(other.to_string()),
+    }
+}
+
+/// A memfd of 2 MiB huge pages (a file on the kernel's internal hugetlbfs): where a huge-page
+/// snapshot's memory can go without a mount, named `/proc/self/fd/N` in this process.
+pub fn hugetlb_memfd(name: &std::ffi::CStr) -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a NUL-terminated name and valid flags.
+    let fd = unsafe {
+        libc::memfd_create(
+            name.as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just made, owned by nobody else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// Writes guest RAM to `path` (a snapshot's memory file): the RAM ranges one after the other,
@@ -519,19 +542,7 @@ pub fn map_private(
             })
             .with_hugetlbfs(huge)
             .build()
-            .map_err(|e| match e {
-                vm_memory::mmap::MmapRegionError::Mmap(source)
-                    if huge && source.raw_os_error() == Some(libc::ENOMEM) =>
-                {
-                    let needed = size / HUGE_PAGE_SIZE;
-                    MemoryError::HugePagesShort {
-                        needed,
-                        free: free_huge_pages().unwrap_or(0),
-                        suggest: nr_hugepages().unwrap_or(0) + needed,
-                    }
-                }
-                other => MemoryError::Layout(other.to_string()),
-            })?;
+            .map_err(|e| mapping_failed(cfg, e))?;
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
         regions.push(region);

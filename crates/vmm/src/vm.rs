@@ -1337,7 +1337,7 @@ mod tests {
     /// their writes apart, and give back every huge page when dropped.
     #[test]
     fn a_huge_page_machine_is_captured_to_hugetlbfs_and_cloned_in_huge_pages() {
-        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::os::fd::AsRawFd;
         use vm_memory::{Bytes, GuestAddress};
         let _lock = crate::memory::HUGE_PAGE_TESTS.lock();
         // The template's 32 pages, its memory file's few, two clones' 32 each.
@@ -1352,16 +1352,7 @@ mod tests {
             },
             ..shape
         };
-        // SAFETY: memfd_create with a valid name and flags; the fd is ours alone.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"xcgi-test-memory".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
-            )
-        };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: a descriptor just made, owned here.
-        let memfd = unsafe { std::fs::File::from_raw_fd(fd) };
+        let memfd = crate::memory::hugetlb_memfd(c"xcgi-test-memory").expect("hugetlb memfd");
         let file = std::path::PathBuf::from(format!("/proc/self/fd/{}", memfd.as_raw_fd()));
         let free_before = crate::memory::free_huge_pages().unwrap_or(0);
         let dir = tempfile::tempdir().expect("tempdir");

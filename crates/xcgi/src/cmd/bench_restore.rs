@@ -31,21 +31,8 @@ pub struct RestoreArgs {
 
 /// A hugetlb memfd for a huge-page template's memory, and its path (`/proc/self/fd/N`).
 fn hugetlb_memfd() -> anyhow::Result<(std::fs::File, std::path::PathBuf)> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    // SAFETY: memfd_create with a valid name and flags; the fd is ours alone.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"xcgi-bench-template".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
-        )
-    };
-    anyhow::ensure!(
-        fd >= 0,
-        "a hugetlb memfd: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a descriptor just made, owned here.
-    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    let f = xcgi_vmm::memory::hugetlb_memfd(c"xcgi-bench-template").context("a hugetlb memfd")?;
     let path = format!("/proc/self/fd/{}", f.as_raw_fd()).into();
     Ok((f, path))
 }
