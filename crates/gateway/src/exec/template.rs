@@ -225,14 +225,15 @@ pub fn take_live(
         failed_for: None,
         hugetlbfs,
     };
-    let t = live.take_next()?;
+    let identity = Identity::of_shape(&live.spec.shape()).map_err(TemplateError::Identity)?;
+    let t = live.take_next(identity)?;
     Ok((live, t))
 }
 
 impl Live {
-    fn take_next(&mut self) -> Result<Template, TemplateError> {
-        // Taken before the boot: a change during it is seen at the next look.
-        let identity = Identity::of_shape(&self.spec.shape()).map_err(TemplateError::Identity)?;
+    /// Takes the next generation of what `identity` says the route's files are now (read
+    /// before the boot: a change during it is seen at the next look).
+    fn take_next(&mut self, identity: Identity) -> Result<Template, TemplateError> {
         let generation = self.generation + 1;
         let dir = generation_dir(&self.link, generation);
         self.remove(generation);
@@ -300,7 +301,7 @@ impl Live {
             route = %self.route,
             "the route's kernel or image changed: taking a new template"
         );
-        let r = self.take_next();
+        let r = self.take_next(now.clone());
         if r.is_err() {
             self.failed_for = Some(now);
         }
@@ -431,18 +432,10 @@ mod tests {
         let (kernel, image) = (d.path().join("vmlinux"), d.path().join("root.cpio"));
         std::fs::write(&kernel, b"not a kernel").unwrap();
         std::fs::write(&image, b"070701").unwrap();
-        let spec = VmSpec {
-            kernel: kernel.clone(),
-            root: super::super::vm::GuestRoot::Initramfs(image.clone()),
-            memory_mib: 64,
-            hugepages: false,
-            vcpus: 1,
-            timeout: Duration::from_secs(1),
-            pool: None,
-            jail: None,
-            debug_dump: false,
-            snapshot: None,
-        };
+        let spec = VmSpec::for_test(
+            kernel.clone(),
+            super::super::vm::GuestRoot::Initramfs(image.clone()),
+        );
         let link = d.path().join("snapshot-0");
         let mut live = Live {
             route: "/x".into(),

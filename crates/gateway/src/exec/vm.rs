@@ -79,6 +79,24 @@ impl VmSpec {
         }
     }
 
+    /// A small machine for tests: 64 MiB, one vCPU, a 1 s deadline, booted (no pool, jail or
+    /// snapshot).
+    #[cfg(test)]
+    pub(crate) fn for_test(kernel: PathBuf, root: GuestRoot) -> VmSpec {
+        VmSpec {
+            kernel,
+            root,
+            memory_mib: 64,
+            hugepages: false,
+            vcpus: 1,
+            timeout: Duration::from_secs(1),
+            pool: None,
+            jail: None,
+            debug_dump: false,
+            snapshot: None,
+        }
+    }
+
     /// One request's run: the route's deadline, stopped early by `cancel`.
     pub fn run_options(&self, cancel: Cancel) -> RunOptions {
         RunOptions {
@@ -227,18 +245,10 @@ mod tests {
             ..Attachments::default()
         };
         // A VM that cannot start (no such kernel): the thread ends at once, as after a failure.
-        let spec = VmSpec {
-            kernel: "/nonexistent/vmlinux".into(),
-            root: GuestRoot::Initramfs("/nonexistent/initramfs".into()),
-            memory_mib: 64,
-            hugepages: false,
-            vcpus: 1,
-            timeout: Duration::from_secs(1),
-            pool: None,
-            jail: None,
-            debug_dump: false,
-            snapshot: None,
-        };
+        let spec = VmSpec::for_test(
+            "/nonexistent/vmlinux".into(),
+            GuestRoot::Initramfs("/nonexistent/initramfs".into()),
+        );
         let metrics = Arc::new(Metrics::default());
         let vm = start_vm(
             &spec,
