@@ -42,6 +42,22 @@ const STOP_MAIN: &str = r#"
         echo "===log==="; cat main.log; echo "===end log==="
 "#;
 
+/// The value of `key` (e.g. `random=`) among `line`'s whitespace-separated `key=value` words.
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        .to_string()
+}
+
+/// The number on the line of `m` that starts with `key` (e.g. `huge_rsvd=`).
+fn number(m: &str, key: &str) -> u64 {
+    m.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no number after {key}:\n{m}"))
+}
+
 /// Checks the `freshN: time=T random=R at_random=A before=B host=H` lines (`examples/cgi-c`
 /// `/fresh`, with the host's clock before and after each request): every VM's wall clock
 /// within 1 s of the host's, and no two VMs with the same random bytes or AT_RANDOM.
@@ -53,12 +69,7 @@ fn assert_fresh(m: &str, count: usize) {
                 .lines()
                 .find_map(|l| l.strip_prefix(p.as_str()))
                 .unwrap_or_else(|| panic!("no {p}:\n{m}"));
-            let f = |k: &str| {
-                l.split_whitespace()
-                    .find_map(|kv| kv.strip_prefix(k))
-                    .unwrap_or_else(|| panic!("no {k} in {l:?}"))
-                    .to_string()
-            };
+            let f = |k: &str| field(l, k);
             let n = |k: &str| f(k).parse::<i64>().unwrap_or_else(|_| panic!("{l:?}"));
             let (time, before, host) = (n("time="), n("before="), n("host="));
             (time, before, host, f("random="), f("at_random="))
@@ -224,11 +235,7 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
         .find_map(|l| l.strip_prefix("timeout="))
         .unwrap_or_else(|| panic!("{m}"));
     assert!(t.starts_with("504 "), "{t}");
-    let spread: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("ticks_spread_ms="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{m}"));
+    let spread = number(m, "ticks_spread_ms=");
     assert!(
         spread >= 900,
         "ticks {spread} ms apart: streamed responses must not be buffered"
@@ -388,12 +395,6 @@ EOF
         2,
         "a huge-page clone's write is its own: {m}"
     );
-    let field = |l: &str, k: &str| {
-        l.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k))
-            .unwrap_or_else(|| panic!("no {k} in {l:?}"))
-            .to_string()
-    };
     for k in ["random=", "at_random="] {
         assert_ne!(
             field(hfresh[0], k),
@@ -401,11 +402,7 @@ EOF
             "{k} of two huge-page clones"
         );
     }
-    let rsvd: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("huge_rsvd="))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{m}"));
+    let rsvd = number(m, "huge_rsvd=");
     // Reserved and not yet used: 47 seen (one page is already written while the clone's
     // state is restored); a clone on 4 KiB pages reserves none.
     assert!(
