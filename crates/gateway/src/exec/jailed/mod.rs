@@ -134,6 +134,78 @@ pub struct Workers {
     filled_once: std::sync::atomic::AtomicBool,
 }
 
+/// How long a VM process gets to say it is ready ([`await_ready`]).
+#[derive(Debug, Clone, Copy)]
+struct ReadyWait {
+    /// A process prepared ahead runs at the lowest CPU weight; without a word by then it is
+    /// taken as starved by VMs serving requests, and gets everyone's weight.
+    starved_after: Duration,
+    /// From then (at once, for a process a request waits for) to its word.
+    limit: Duration,
+}
+
+const READY_WAIT: ReadyWait = ReadyWait {
+    starved_after: Duration::from_secs(5),
+    limit: Duration::from_secs(30),
+};
+
+/// Waits on a VM process's control socket for its word: ready, or why not. One prepared ahead
+/// (`!wanted`) runs at the waiting weight, which only yields the CPU to VMs serving requests;
+/// under load that lasts (in the lab, one CPU and a queue of requests) it got no CPU time at
+/// all and was killed at the limit, again and again, while every request paid a start of its
+/// own. So after [`ReadyWait::starved_after`] it is `raise`d to everyone's weight, and the
+/// limit counts from there: a process that is stuck still ends within both.
+fn await_ready(
+    control: std::os::fd::BorrowedFd<'_>,
+    wanted: bool,
+    raise: impl FnOnce(),
+    wait: ReadyWait,
+) -> io::Result<Ready> {
+    let mut buf = [0u8; 256];
+    let mut word = None;
+    if !wanted {
+        word = recv(control, &mut buf, Some(wait.starved_after))?;
+        if word.is_none() {
+            tracing::debug!(
+                after_ms = wait.starved_after.as_millis() as u64,
+                "a VM process prepared ahead is not ready yet: it gets everyone's CPU weight"
+            );
+            raise();
+        }
+    }
+    if word.is_none() {
+        word = recv(control, &mut buf, Some(wait.limit))?;
+    }
+    Ok(match word {
+        Some((1, _)) if buf[0] == b'R' => Ready::Yes,
+        Some((n, _)) if n > 1 && buf[0] == b'E' => Ready::No(crate::escape::for_log(
+            &String::from_utf8_lossy(&buf[1..n]),
+            crate::escape::LOG_TEXT_MAX,
+        )),
+        Some((0, _)) => Ready::Exited,
+        Some(_) => Ready::No("it said something else than ready".into()),
+        None => Ready::No(format!(
+            "no word from it within {} s (it is killed)",
+            (if wanted {
+                wait.limit
+            } else {
+                wait.starved_after + wait.limit
+            })
+            .as_secs()
+        )),
+    })
+}
+
+/// A VM process's word on its control socket ([`await_ready`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Ready {
+    Yes,
+    /// It said why not, or said nothing in time.
+    No(String),
+    /// Its socket closed without a word: it ended.
+    Exited,
+}
+
 /// Failed starts in a row after which the route is reported failing (as VM pools do).
 const FAILING_AFTER: u32 = 3;
 
@@ -267,22 +339,16 @@ impl Workers {
         if wanted {
             worker.running();
         }
-        let mut buf = [0u8; 256];
-        match recv(
+        match await_ready(
             worker.control.as_fd(),
-            &mut buf,
-            Some(Duration::from_secs(30)),
+            wanted,
+            || worker.running(),
+            READY_WAIT,
         )? {
-            Some((1, _)) if buf[0] == b'R' => Ok(worker),
-            Some((n, _)) if n > 1 && buf[0] == b'E' => {
-                Err(WorkerError::NotReady(crate::escape::for_log(
-                    &String::from_utf8_lossy(&buf[1..n]),
-                    crate::escape::LOG_TEXT_MAX,
-                )))
-            }
-            _ => Err(WorkerError::NotReady(
-                "no word from it within 30 s, or it exited (its log line says why)".into(),
-            )),
+            Ready::Yes => Ok(worker),
+            Ready::No(why) => Err(WorkerError::NotReady(why)),
+            // Its end says why (reaped by the helper first).
+            Ready::Exited => Err(WorkerError::NotReady(describe_exit(&worker.end()))),
         }
     }
 
@@ -526,7 +592,65 @@ const DUMP_LINES: usize = 400;
 
 #[cfg(test)]
 mod tests {
-    use super::parse_report;
+    use super::{await_ready, parse_report, send, seqpacket_pair, Ready, ReadyWait};
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    const SHORT: ReadyWait = ReadyWait {
+        starved_after: Duration::from_millis(200),
+        limit: Duration::from_secs(3),
+    };
+
+    /// A VM process prepared ahead that gets no CPU time at the waiting weight (here: one that
+    /// answers only once its weight went up) is raised and becomes ready, where it used to
+    /// be killed at the limit (lab: three of the first four preparations under a queue of
+    /// requests). One a request waits for is never "raised" again, and a stuck one still ends.
+    #[test]
+    fn a_starved_preparation_gets_the_cpu_and_a_stuck_one_still_ends() {
+        let (server, process) = seqpacket_pair().unwrap();
+        let raised = Arc::new(AtomicBool::new(false));
+        let r2 = Arc::clone(&raised);
+        let starved = std::thread::spawn(move || {
+            while !r2.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            send(process.as_fd(), b"R", &[]).unwrap();
+            process
+        });
+        let t0 = Instant::now();
+        let raise = || raised.store(true, Ordering::SeqCst);
+        assert_eq!(
+            await_ready(server.as_fd(), false, raise, SHORT).unwrap(),
+            Ready::Yes
+        );
+        assert!(t0.elapsed() >= SHORT.starved_after, "{:?}", t0.elapsed());
+        let _process = starved.join().unwrap();
+
+        // Wanted: at the running weight already; it answers at once, nothing is raised.
+        let (server, process) = seqpacket_pair().unwrap();
+        send(process.as_fd(), b"R", &[]).unwrap();
+        let got = await_ready(server.as_fd(), true, || panic!("raised"), SHORT).unwrap();
+        assert_eq!(got, Ready::Yes);
+
+        // Stuck: no word in the starved time plus the limit.
+        let t0 = Instant::now();
+        let got = await_ready(server.as_fd(), false, || {}, SHORT).unwrap();
+        assert_eq!(
+            got,
+            Ready::No("no word from it within 3 s (it is killed)".into())
+        );
+        assert!(t0.elapsed() >= SHORT.starved_after + SHORT.limit);
+
+        // Its reason, escaped; an end without a word.
+        send(process.as_fd(), b"Ecannot map\n\x1b[2J", &[]).unwrap();
+        let got = await_ready(server.as_fd(), true, || {}, SHORT).unwrap();
+        assert_eq!(got, Ready::No("cannot map\\n\\u{1b}[2J".into()));
+        drop(process);
+        let got = await_ready(server.as_fd(), false, || {}, SHORT).unwrap();
+        assert_eq!(got, Ready::Exited);
+    }
 
     #[test]
     fn a_report_from_a_vm_process_is_escaped_before_it_reaches_a_log() {
