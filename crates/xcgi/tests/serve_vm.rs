@@ -314,6 +314,11 @@ EOF
         # /huge's clones: its template's memory on the lab's hugetlbfs (/dev/hugepages), each
         # clone reserving its 48 pages.
         echo 256 > /proc/sys/vm/nr_hugepages
+        # What a server killed with SIGKILL left there: its directory (no lock held on it any
+        # more) and a memory file holding a huge page. The server removes it at start.
+        mkdir /dev/hugepages/xcgi-serve-1-0123456789abcdef
+        fallocate -l 2097152 /dev/hugepages/xcgi-serve-1-0123456789abcdef/snapshot-0.1 || exit 1
+        echo "leftover_free=$(awk '/HugePages_Free/ {{print $2}}' /proc/meminfo)"
         # /img's handler is a prebuilt image, replaced below by another one.
         mkdir -p c go; cp "$CGI" c/h; cp "$GO" go/h
         xcgi image build --cgi --program c/h --format initramfs -o img.cpio > /dev/null || exit 1
@@ -323,6 +328,7 @@ EOF
         A=127.0.0.1:8080
         echo "===snap==="
         echo "templates=$(metric $A xcgi_snapshot_templates_total)"
+        echo "leftover=$(ls /dev/hugepages/xcgi-serve-1-0123456789abcdef 2>/dev/null | wc -l) swept_log=$(grep -c 'removed huge-page template memory left by a server that is gone' main.log)"
         for i in 1 2 3; do b=$(date +%s); r=$(curl -s http://$A/snap/fresh); echo "fresh$i: $r before=$b host=$(date +%s)"; done
         echo "persist1: $(curl -s http://$A/snap/persist)"
         echo "persist2: $(curl -s http://$A/snap/persist)"
@@ -352,13 +358,13 @@ EOF
         w=0; until [ "$(metric $A xcgi_snapshot_templates_total)" = 6 ] || [ $w -ge 900 ]; do sleep 0.1; w=$((w+1)); done
         echo "templates_renewed=$(metric $A xcgi_snapshot_templates_total)"
         for i in 1 2 3 4; do echo "img_after: $(curl -s http://$A/img | head -1)"; done
-        echo "huge_files=$(ls /dev/hugepages | grep -c '^xcgi-serve-')"
+        echo "huge_files=$(ls /dev/hugepages/xcgi-serve-*/* 2>/dev/null | wc -l) huge_dirs=$(ls /dev/hugepages | grep -c '^xcgi-serve-')"
         echo "huge_rsvd=$(awk '/HugePages_Rsvd/ {{print $2}}' /proc/meminfo)"
         echo "snapshot_links=$(find /tmp/xcgi-serve-* -maxdepth 1 -name 'snapshot-*' -type l | wc -l)"
         echo "snapshot_dirs=$(find /tmp/xcgi-serve-* -maxdepth 1 -name 'snapshot-*' -type d | wc -l)"
         echo "===end snap==="
 {STOP_MAIN}
-        echo "huge_after: files=$(ls /dev/hugepages | grep -c '^xcgi-serve-') free=$(awk '/HugePages_Free/ {{print $2}}' /proc/meminfo) total=$(awk '/HugePages_Total/ {{print $2}}' /proc/meminfo)"
+        echo "huge_after: files=$(ls /dev/hugepages | wc -l) free=$(awk '/HugePages_Free/ {{print $2}}' /proc/meminfo) total=$(awk '/HugePages_Total/ {{print $2}}' /proc/meminfo)"
 "#
     );
     let r = lab(&script, &refs, Duration::from_secs(900));
@@ -380,8 +386,10 @@ EOF
         "templates_renewed=6",
         "snapshot_links=5",
         "snapshot_dirs=6",
-        // The huge-page route's template memory: one file on hugetlbfs.
-        "huge_files=1",
+        // The huge-page route's template memory: one file, in the server's directory on
+        // hugetlbfs; what a dead server left there was removed at start.
+        "huge_files=1 huge_dirs=1",
+        "leftover=0 swept_log=1",
     ] {
         assert!(m.contains(want), "{want} missing:\n{m}\n{}", r.output);
     }
@@ -502,7 +510,9 @@ EOF
         "nothing left:\n{stop}\n{}",
         r.output
     );
-    // No template file left on hugetlbfs, every huge page back in the pool.
+    // No template file left on hugetlbfs, every huge page back in the pool (the one the
+    // dead server's file held too).
+    assert_eq!(number(&r.output, "leftover_free="), 255, "{}", r.output);
     let after = r
         .output
         .lines()

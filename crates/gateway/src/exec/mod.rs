@@ -7,6 +7,7 @@
 //! - HTTP-mode routes a [`VmHttpExecutor`]: a VM with a TAP from the pool, running its own
 //!   HTTP server; it hands back a connection to the guest's port ([`GuestConnection`]).
 
+pub mod huge_dir;
 pub mod jailed;
 mod process;
 pub mod template;

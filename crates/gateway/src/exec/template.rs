@@ -16,7 +16,19 @@ use xcgi_channel as ch;
 use xcgi_vmm::snapshot::Identity;
 use xcgi_vmm::{Attachments, Cancel, Capture, ExitReason, RunOptions};
 
+use super::huge_dir::HugeDir;
 use super::vm::{describe_outcome, VmSpec};
+
+/// The server's directory on the hugetlbfs mount `mount` for its huge-page templates (what
+/// servers that are gone left there removed first); refused when `mount` is not hugetlbfs.
+pub fn claim_huge_dir(mount: &Path) -> Result<Arc<HugeDir>, TemplateError> {
+    if !xcgi_vmm::memory::is_hugetlbfs_dir(mount).unwrap_or(false) {
+        return Err(TemplateError::NoHugetlbfs(mount.display().to_string()));
+    }
+    HugeDir::claim(mount)
+        .map(Arc::new)
+        .map_err(|e| TemplateError::HugeDir(mount.display().to_string(), e))
+}
 
 /// How long a template may take to boot to its hello (a boot in the lab takes ~2 s; on
 /// hardware ~10 ms).
@@ -51,6 +63,9 @@ pub enum TemplateError {
          one (`mount -t hugetlbfs none {0}`) or set [server] hugetlbfs"
     )]
     NoHugetlbfs(String),
+    /// The server's directory on the hugetlbfs mount could not be made.
+    #[error("cannot make the server's directory on the hugetlbfs mount {0}: {1}")]
+    HugeDir(String, std::io::Error),
 }
 
 /// A template taken: its snapshot directory, and how long booting and capturing took.
@@ -182,8 +197,9 @@ pub struct Live {
     taken_of: Identity,
     /// What a new template failed for: not tried again until something changes again.
     failed_for: Option<Identity>,
-    /// A huge-page route's: the hugetlbfs directory its templates' memory files go to.
-    hugetlbfs: Option<PathBuf>,
+    /// A huge-page route's: the server's directory on hugetlbfs, where its templates' memory
+    /// files go (removed after the last route's files).
+    huge_dir: Option<Arc<HugeDir>>,
 }
 
 /// The directory of `link`'s generation `generation`.
@@ -197,19 +213,21 @@ fn generation_dir(link: &Path, generation: u32) -> PathBuf {
 /// points `link` at it: the first at start (generation 1), again when its kernel or image
 /// changed. The generation before the previous one is removed (clones being prepared may
 /// still read the previous one).
+/// A huge-page route's memory files go to `huge_dir` ([`claim_huge_dir`]), required then.
 pub fn take_live(
     route: &str,
     spec: &VmSpec,
     link: &Path,
-    hugetlbfs: &Path,
+    huge_dir: Option<&Arc<HugeDir>>,
 ) -> Result<(Live, Template), TemplateError> {
-    let hugetlbfs = if spec.hugepages {
-        if !xcgi_vmm::memory::is_hugetlbfs_dir(hugetlbfs).unwrap_or(false) {
-            return Err(TemplateError::NoHugetlbfs(hugetlbfs.display().to_string()));
+    let huge_dir = match (spec.hugepages, huge_dir) {
+        (true, None) => {
+            return Err(TemplateError::Capture(
+                "a huge-page route's template needs the server's hugetlbfs directory".into(),
+            ))
         }
-        Some(hugetlbfs.to_path_buf())
-    } else {
-        None
+        (true, Some(d)) => Some(Arc::clone(d)),
+        (false, _) => None,
     };
     let mut live = Live {
         route: route.to_string(),
@@ -223,7 +241,7 @@ pub fn take_live(
         generation: 0,
         taken_of: Identity::default(),
         failed_for: None,
-        hugetlbfs,
+        huge_dir,
     };
     let identity = Identity::of_shape(&live.spec.shape()).map_err(TemplateError::Identity)?;
     let t = live.take_next(identity)?;
@@ -265,13 +283,12 @@ impl Live {
         Ok(t)
     }
 
-    /// A huge-page route's memory file of `generation`, on hugetlbfs: named after this server
-    /// process and the link (`xcgi-serve-PID-snapshot-N.G`).
+    /// A huge-page route's memory file of `generation`, in the server's directory on
+    /// hugetlbfs, named as the generation's directory (`snapshot-N.G`).
     fn memory_file(&self, generation: u32) -> Option<PathBuf> {
-        let dir = self.hugetlbfs.as_ref()?;
+        let dir = self.huge_dir.as_ref()?;
         let link = generation_dir(&self.link, generation);
-        let name = link.file_name().unwrap_or_default().to_string_lossy();
-        Some(dir.join(format!("xcgi-serve-{}-{name}", std::process::id())))
+        Some(dir.path().join(link.file_name().unwrap_or_default()))
     }
 
     /// Removes `generation`'s directory and memory file (clones that mapped it keep their
@@ -313,7 +330,7 @@ impl Drop for Live {
     /// The memory files on hugetlbfs go with the server (its work directory goes too, but the
     /// files there are only links to them).
     fn drop(&mut self) {
-        if self.hugetlbfs.is_some() {
+        if self.huge_dir.is_some() {
             for g in [self.generation, self.generation.saturating_sub(1)] {
                 if g > 0 {
                     self.remove(g);
@@ -444,7 +461,7 @@ mod tests {
             link: link.clone(),
             generation: 1,
             failed_for: None,
-            hugetlbfs: None,
+            huge_dir: None,
         };
         assert!(live.renew_if_changed().is_none(), "nothing changed");
         // Replaced (a new inode), as `mv new old` does.

@@ -161,6 +161,8 @@ pub struct Server {
     health: Arc<Health>,
     /// Keeps `start = "snapshot"` routes' templates current; stopped first at wind-down.
     keeper: std::sync::Mutex<Option<crate::exec::template::Keeper>>,
+    /// The server's directory on hugetlbfs (huge-page templates' memory), if it has one.
+    huge_dir: Option<std::path::PathBuf>,
     _workdir: tempfile::TempDir,
 }
 
@@ -210,7 +212,7 @@ impl Server {
         if let Some(n) = &net {
             let _ = metrics.net.set(Arc::clone(n));
         }
-        let lives = if cfg.server.isolation == Isolation::Vm {
+        let Templates { lives, huge_dir } = if cfg.server.isolation == Isolation::Vm {
             take_templates(
                 &mut routes,
                 workdir.path(),
@@ -219,7 +221,10 @@ impl Server {
                 &cfg.server.hugetlbfs,
             )?
         } else {
-            Vec::new()
+            Templates {
+                lives: Vec::new(),
+                huge_dir: None,
+            }
         };
         let keeper = crate::exec::template::Keeper::start(lives, Arc::clone(&metrics))
             .map_err(ServeError::Keeper)?;
@@ -258,6 +263,7 @@ impl Server {
             helper,
             next_id: AtomicU64::new(1),
             keeper: std::sync::Mutex::new(Some(keeper)),
+            huge_dir,
             _workdir: workdir,
         })
     }
@@ -289,20 +295,15 @@ impl Server {
         Ok(Some(uid))
     }
 
-    /// `[server] user` with huge-page templates: their memory files on the hugetlbfs mount
-    /// become the user's, so that the server can still remove them (and put new ones there);
-    /// a mount that user cannot write is refused (it would keep them after the server).
+    /// `[server] user` with huge-page templates: the server's directory on the hugetlbfs mount
+    /// and the memory files in it become the user's, so that the server can still put new
+    /// ones there and remove them; a mount that user cannot write is refused (the server could
+    /// not remove its directory at exit).
     fn give_hugetlbfs_files(&self, uid: libc::uid_t, gid: libc::gid_t) -> Result<(), String> {
         use std::os::unix::fs::MetadataExt;
-        let iso = self.cfg.server.isolation;
-        let huge = self.cfg.routes.iter().any(|r| {
-            r.hugepages
-                && r.start_mode(iso) == crate::config::Start::Snapshot
-                && iso == Isolation::Vm
-        });
-        if !huge {
+        let Some(own) = &self.huge_dir else {
             return Ok(());
-        }
+        };
         let dir = &self.cfg.server.hugetlbfs;
         let md = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         if !may_write((md.uid(), md.gid(), md.mode()), uid, gid) {
@@ -313,15 +314,7 @@ impl Server {
                 dir.display()
             ));
         }
-        let ours = format!("xcgi-serve-{}-", std::process::id());
-        let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&ours) {
-                std::os::unix::fs::lchown(e.path(), Some(uid), Some(gid))
-                    .map_err(|err| format!("{}: {err}", e.path().display()))?;
-            }
-        }
-        Ok(())
+        chown_tree(own, uid, gid).map_err(|e| format!("{}: {e}", own.display()))
     }
 
     /// The configuration it serves.
@@ -573,9 +566,10 @@ fn take_templates(
     metrics: &Metrics,
     isolation: Isolation,
     hugetlbfs: &std::path::Path,
-) -> Result<Vec<crate::exec::template::Live>, ServeError> {
+) -> Result<Templates, ServeError> {
     let pvm = xcgi_vmm::hypervisor::kvm::host_is_pvm();
     let mut lives = Vec::new();
+    let mut huge_dir = None;
     for (i, r) in routes.iter_mut().enumerate() {
         if r.route.start_mode(isolation) != crate::config::Start::Snapshot {
             continue;
@@ -591,17 +585,30 @@ fn take_templates(
         }
         let Some(spec) = &mut r.spec else { continue };
         let link = workdir.join(format!("snapshot-{i}"));
-        let (live, t) = crate::exec::template::take_live(&r.route.prefix, spec, &link, hugetlbfs)
-            .map_err(|source| ServeError::Template {
+        let fail = |source| ServeError::Template {
             route: r.route.prefix.clone(),
             source,
-        })?;
+        };
+        if spec.hugepages && huge_dir.is_none() {
+            huge_dir = Some(crate::exec::template::claim_huge_dir(hugetlbfs).map_err(fail)?);
+        }
+        let (live, t) =
+            crate::exec::template::take_live(&r.route.prefix, spec, &link, huge_dir.as_ref())
+                .map_err(fail)?;
         metrics.snapshot_templates.fetch_add(1, Ordering::Relaxed);
         crate::exec::template::log_taken(&r.route.prefix, &t, 1);
         spec.snapshot = Some(link);
         lives.push(live);
     }
-    Ok(lives)
+    let huge_dir = huge_dir.map(|d| d.path().to_path_buf());
+    Ok(Templates { lives, huge_dir })
+}
+
+/// What [`take_templates`] took: the templates to keep current, and the server's directory
+/// on hugetlbfs if a huge-page route has one (it goes with the last of them).
+struct Templates {
+    lives: Vec<crate::exec::template::Live>,
+    huge_dir: Option<std::path::PathBuf>,
 }
 
 /// `[server] jail`: each VM route gets jailed VM processes (`prepared` of them kept ready),
