@@ -1014,6 +1014,14 @@ impl RouteCheck<'_> {
         if r.port == 0 {
             return Err(self.invalid("port", "must be 1 to 65535"));
         }
+        if r.mode == Mode::Http && !r.env.is_empty() {
+            // It used to be accepted and dropped without a word.
+            return Err(self.invalid(
+                "env",
+                "only for CGI mode: an http-mode guest runs its own server, whose environment \
+                 is the image's (set it there)",
+            ));
+        }
         if r.start == Some(Start::Snapshot) {
             let why = if self.cfg.server.isolation == Isolation::Process {
                 Some("snapshots are of VMs: it needs isolation \"vm\"")
@@ -1178,6 +1186,7 @@ mod tests {
             ("env = { \"A=B\" = \"1\" }", "env.A=B"),
             ("env = { A = \"x\\u0000y\" }", "contains a NUL"),
             ("document_root = \"/srv\\u0000x\"", "document_root"),
+            ("mode = \"http\"\nenv = { A = \"1\" }", "only for CGI mode"),
         ] {
             let e = Config::parse(Path::new("/tmp/x.toml"), &route(extra))
                 .unwrap_err()
