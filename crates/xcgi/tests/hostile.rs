@@ -1182,6 +1182,45 @@ fn http_1_0_requests_get_server_protocol_http_1_0() {
     );
 }
 
+/// A request that waited for a slot says how long in its log line (`queued_ms`), and its
+/// `handler_ms` is the handler's own time: a 504 at the deadline can then be told apart from a
+/// handler that did not answer (both used to be in `handler_ms`).
+#[test]
+fn the_log_line_says_how_long_a_request_waited_for_a_slot() {
+    let h = Handlers::new();
+    let s = Served::start(
+        "concurrency = 1\nqueue_timeout_ms = 10000",
+        &route("/cgi", &h.cgi_c(), ""),
+    );
+    // /stream holds the only slot for 1.2 s (five lines 300 ms apart).
+    let holder = {
+        let url = s.url("/cgi/stream");
+        std::thread::spawn(move || curl(&["-m", "10", &url]))
+    };
+    assert!(
+        wait_until(3 * SEC, || s.metric("xcgi_requests_in_flight") == Some(1)),
+        "{}",
+        s.log_tail(5)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(curl(&["-m", "10", &s.url("/cgi")]).1, 200);
+    assert_eq!(holder.join().unwrap().1, 200);
+    let field = |path: &str, name: &str| -> f64 {
+        let line = s
+            .wait_log_line(3 * SEC, |l| {
+                is_for(l, path) && log_field(l, "status") == Some("200")
+            })
+            .unwrap_or_else(|| panic!("no log line for {path}\n{}", s.log_tail(5)));
+        log_field(&line, name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    let (queued, handler) = (field("/cgi", "queued_ms"), field("/cgi", "handler_ms"));
+    assert!(queued >= 500.0, "waited behind /stream: queued_ms={queued}");
+    assert!(handler < queued, "handler_ms={handler} counts the wait");
+    assert!(field("/cgi/stream", "queued_ms") < 100.0);
+}
+
 /// Finding 11. The log's durations (boot_ms, handler_ms, total_ms) have at most 3 decimals.
 #[test]
 fn log_durations_have_at_most_three_decimals() {
@@ -1193,7 +1232,7 @@ fn log_durations_have_at_most_three_decimals() {
             is_for(l, "/cgi") && log_field(l, "status") == Some("200")
         })
         .unwrap_or_else(|| panic!("no log line for /cgi\n{}", s.log_tail(5)));
-    for field in ["boot_ms", "handler_ms", "total_ms"] {
+    for field in ["queued_ms", "boot_ms", "handler_ms", "total_ms"] {
         let v = log_field(&line, field).unwrap_or_else(|| panic!("no {field} in {line:?}"));
         let decimals = v.split_once('.').map_or(0, |(_, d)| d.len());
         assert!(

@@ -409,7 +409,10 @@ impl Server {
         }
         // Admission first: nothing of a request is taken in before it has a slot.
         let deadline = log.t0 + route.route.timeout();
-        let slot = match self.admit(deadline).await {
+        let asked = Instant::now();
+        let admitted = self.admit(deadline).await;
+        log.queued = Some(asked.elapsed());
+        let slot = match admitted {
             Ok(p) => Arc::new(p),
             Err(refused) => {
                 let (status, why) = refused.response();

@@ -13,6 +13,8 @@ pub(super) struct RequestLog {
     /// The path as the client sent it, escaped and cut for the log.
     pub(super) path: String,
     pub(super) t0: Instant,
+    /// How long it waited in the admission queue for a slot (none: it did not get that far).
+    pub(super) queued: Option<Duration>,
     pub(super) boot: Option<Duration>,
     pub(super) status: u16,
     pub(super) note: Option<String>,
@@ -46,6 +48,7 @@ impl RequestLog {
             method,
             path: escape::for_log(path, 256),
             t0,
+            queued: None,
             boot: None,
             // Until a response exists: "client closed the request" (nginx's 499).
             status: 499,
@@ -70,6 +73,7 @@ impl Drop for RequestLog {
         let finish = self.finish.take();
         let client_gone = !self.done;
         let (id, status, boot, cut) = (self.id, self.status, self.boot, self.cut);
+        let queued = self.queued;
         let route = escape::for_log(&self.route, 256);
         let method = self.method.clone();
         let path = std::mem::take(&mut self.path);
@@ -88,8 +92,10 @@ impl Drop for RequestLog {
                     .and_then(Result::ok),
                 None => None,
             };
+            // The handler's own time: neither the wait for a slot nor its VM's boot.
+            let queued_ms = queued.map(ms);
             let boot_ms = boot.map(ms);
-            let handler_ms = boot.map(|b| ms(total.saturating_sub(b)));
+            let handler_ms = boot.map(|b| ms(total.saturating_sub(b + queued.unwrap_or_default())));
             let total_ms = ms(total);
             let exit = fin.as_ref().and_then(|f| f.exit);
             let exec = fin
@@ -107,6 +113,7 @@ impl Drop for RequestLog {
                         method = %method,
                         path = %path,
                         status,
+                        queued_ms,
                         boot_ms,
                         handler_ms,
                         total_ms,
