@@ -249,6 +249,18 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
         "crash reason logged:\n{log}"
     );
     assert!(log.contains("boot_ms="), "{log}");
+    // The server has debug_dump: the VM that did not answer in time (a clone, jailed) was
+    // asked to stop and report before it was killed, and its state is in the log.
+    let timed_out = log
+        .lines()
+        .find(|l| l.contains("status=504"))
+        .unwrap_or_else(|| panic!("no 504 logged:\n{log}"));
+    let vm = field(timed_out, "vm=");
+    let dump = log
+        .split(&format!("VM debug dump of vm={vm} ("))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no debug dump of vm={vm}:\n{log}"));
+    assert!(dump.contains("vcpu0: mp_state="), "{dump}");
 }
 
 /// Issue 13: `start = "snapshot"`. Each route's template boots once at start, to xcgi-init's

@@ -132,6 +132,8 @@ pub type Slot = Arc<OwnedSemaphorePermit>;
 
 /// One request's handler, to be started by a [`CgiExecutor`].
 pub struct CgiStart<'a> {
+    /// The request's number (`vm=N` in its log line), for what is logged about its handler.
+    pub id: u64,
     /// What the handler runs.
     pub inv: &'a Invocation,
     /// The request body, fed to the handler's stdin.

@@ -190,10 +190,12 @@ pub fn start_vm<K: Send + 'static>(
 /// Logs the debug dump of a VM whose request failed, if one was taken (`[server]
 /// debug_dump`). Called on the failure paths only: a VM stopped after its response is
 /// cancelled too, and that is no failure.
-pub fn log_dump(end: &VmEnd) {
+pub fn log_dump(end: &VmEnd, vm: Option<u64>) {
     if let Some(dump) = end.dump.as_deref() {
-        // Numbers, and console lines escaped (xcgi_vmm::diagnostics).
-        tracing::warn!("VM debug dump\n{dump}");
+        // Numbers, and console lines escaped (xcgi_vmm::diagnostics); the description too.
+        let how = crate::escape::for_log(&end.description, crate::escape::LOG_TEXT_MAX);
+        let of = vm.map(|n| format!(" of vm={n}")).unwrap_or_default();
+        tracing::warn!("VM debug dump{of} ({how})\n{dump}");
     }
 }
 

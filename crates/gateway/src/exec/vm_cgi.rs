@@ -31,7 +31,7 @@ pub struct VmCgiExecutor {
 impl CgiExecutor for VmCgiExecutor {
     fn start(&self, req: CgiStart<'_>) -> Result<Exchange, ExecError> {
         let metrics = Arc::clone(&self.metrics);
-        spawn_vm_cgi(&self.spec, req.inv, req.body, metrics, req.slot)
+        spawn_vm_cgi(&self.spec, req.id, req.inv, req.body, metrics, req.slot)
     }
 }
 
@@ -39,6 +39,7 @@ impl CgiExecutor for VmCgiExecutor {
 /// the request over the channel and relays the handler's output.
 pub fn spawn_vm_cgi<K: Send + 'static>(
     spec: &VmSpec,
+    id: u64,
     inv: &Invocation,
     body: mpsc::Receiver<Bytes>,
     metrics: Arc<Metrics>,
@@ -69,6 +70,7 @@ pub fn spawn_vm_cgi<K: Send + 'static>(
     let complete = Arc::new(AtomicBool::new(false));
     let c2 = cancel.clone();
     let chan = Relay {
+        id,
         out_tx,
         ready_tx,
         complete: Arc::clone(&complete),
@@ -105,6 +107,8 @@ fn path_bytes(p: &Path) -> Vec<u8> {
 
 /// Where [`drive_vm`] relays the handler's output, and how it learns of a kill.
 struct Relay {
+    /// The request's number, for its VM's debug dump.
+    id: u64,
     out_tx: mpsc::Sender<Bytes>,
     ready_tx: oneshot::Sender<Duration>,
     complete: Arc<AtomicBool>,
@@ -113,6 +117,7 @@ struct Relay {
 
 /// What [`drive_vm`] keeps while frames come in.
 struct Drive {
+    id: u64,
     out_tx: Option<mpsc::Sender<Bytes>>,
     ready_tx: Option<oneshot::Sender<Duration>>,
     complete: Arc<AtomicBool>,
@@ -251,6 +256,7 @@ async fn drive_vm(
 ) -> Finish {
     let (mut rd, wr) = host.into_split();
     let mut d = Drive {
+        id: relay.id,
         out_tx: Some(relay.out_tx),
         ready_tx: Some(relay.ready_tx),
         complete: relay.complete,
@@ -309,14 +315,25 @@ impl Drive {
         if let Some(w) = self.writer.take() {
             w.abort();
         }
-        if self.exit.is_none() && self.failure.is_none() && !self.stdout_closed {
+        if self.failure.is_some() {
+            // Killed before its response was complete (its deadline, a client gone) or
+            // failed: with `debug_dump` its state says where it was (the dump of a VM that
+            // gave no answer is the one that matters). Logged when it comes; the slot does not
+            // wait for it.
+            let id = self.id;
+            tokio::spawn(async move {
+                if let Ok(end) = vm.outcome.await {
+                    log_dump(&end, Some(id));
+                }
+            });
+        } else if self.exit.is_none() && !self.stdout_closed {
             // The channel closed without an exit status or a complete response: the VM
             // ended. Say how. (After a complete response the server stops the VM at once,
             // often before init has reported the exit status: that is no failure.)
             vm.cancel.cancel();
             self.failure = Some(match vm.outcome.await {
                 Ok(end) => {
-                    log_dump(&end);
+                    log_dump(&end, Some(self.id));
                     end.description
                 }
                 Err(_) => "VM thread lost".to_string(),

@@ -136,7 +136,7 @@ impl VmHttpExecutor {
             s = connect_guest(&self.net, guest, &rx_ready, deadline) => s,
             r = &mut outcome => {
                 if let Ok(r) = &r {
-                    log_dump(r);
+                    log_dump(r, None);
                 }
                 let why = r.map(|e| e.description).unwrap_or_else(|_| "VM thread lost".into());
                 return Err(HttpStartError::Ended(why));
@@ -147,7 +147,7 @@ impl VmHttpExecutor {
             // The dump (if asked for) once the VM is down: the guest never accepted.
             tokio::spawn(async move {
                 if let Ok(r) = outcome.await {
-                    log_dump(&r);
+                    log_dump(&r, None);
                 }
             });
             return Err(HttpStartError::Timeout {

@@ -241,6 +241,7 @@ impl Server {
         // A local redirect may lead to another route: its own executor runs it.
         let started = match &run.route.exec {
             Some(RouteExec::Cgi(e)) => e.start(CgiStart {
+                id: log.id,
                 inv,
                 body: body_rx,
                 slot: Arc::clone(run.slot),

@@ -292,6 +292,13 @@ impl Helper {
     pub fn kill(&self, pid: libc::pid_t) {
         let _ = self.send(format!("K{pid}").as_bytes(), &[]);
     }
+
+    /// Asks a VM process it started to stop its VM and report (SIGTERM: the VM process
+    /// cancels its run, which then ends with its debug dump when it has one); nothing if it
+    /// has ended. The server still kills it after.
+    pub fn stop(&self, pid: libc::pid_t) {
+        let _ = self.send(format!("Q{pid}").as_bytes(), &[]);
+    }
 }
 
 impl Drop for Helper {
@@ -567,10 +574,16 @@ impl State {
                     Err(e) => self.reply(&format!("e{id} {e}"), &[]),
                 }
             }
-            b'K' => {
+            b'K' | b'Q' => {
                 let pid = text.parse::<libc::pid_t>().unwrap_or(0);
+                let sig = if msg[0] == b'K' {
+                    libc::SIGKILL
+                } else {
+                    libc::SIGTERM
+                };
+                // Only its own children: a pid it did not start is not signalled.
                 if let Some(c) = self.children.get(&pid) {
-                    c.pidfd.signal(libc::SIGKILL);
+                    c.pidfd.signal(sig);
                 }
             }
             _ => tracing::warn!("jail helper: a message it does not take"),

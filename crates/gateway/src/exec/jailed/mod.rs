@@ -22,7 +22,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use xcgi_vmm::{Attachments, RunOptions};
 
@@ -513,9 +513,22 @@ fn hex_mac(mac: &[u8; 6]) -> String {
 fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
     let mut buf = vec![0u8; 256 << 10];
     let mut report = None;
+    // With `debug_dump`, a VM stopped by the server (its request's deadline, a client gone)
+    // is first asked to stop and report, so that its state reaches the log; then killed.
+    let mut asked_until: Option<Instant> = None;
     loop {
         if opts.cancel.is_cancelled() {
-            break; // killed below
+            if !opts.debug_dump {
+                break; // killed below
+            }
+            match asked_until {
+                None => {
+                    worker.helper.stop(worker.pid);
+                    asked_until = Some(Instant::now() + DUMP_WAIT);
+                }
+                Some(t) if Instant::now() >= t => break,
+                Some(_) => {}
+            }
         }
         match recv(
             worker.control.as_fd(),
@@ -543,6 +556,9 @@ fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
     }
     end(describe_exit(&exit))
 }
+
+/// How long a VM process asked to stop gets to report (its dump) before it is killed.
+const DUMP_WAIT: Duration = Duration::from_secs(3);
 
 /// Why a VM process that did not report ended.
 fn describe_exit(exit: &Exit) -> String {

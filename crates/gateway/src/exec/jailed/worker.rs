@@ -54,6 +54,7 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
         return Err("the server closed the control socket".into());
     }
     let (attach, opts) = parse_launch(&buf[1..n], fds)?;
+    stop_on_sigterm(&opts.cancel).map_err(|e| format!("SIGTERM's handler: {e}"))?;
     let (launched, launched_ns) = (Instant::now(), xcgi_vmm::vm::monotonic_ns());
     let r = xcgi_vmm::launch(prepared, &attach, &opts, launched, None);
     let mut end = VmEnd::from_run(&r);
@@ -70,6 +71,34 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
     }
     msg.truncate(200 << 10);
     send(control, &msg, &[]).map_err(|e| format!("reporting the end: {e}"))
+}
+
+/// The run's cancel, for [`on_sigterm`].
+static STOP: std::sync::OnceLock<xcgi_vmm::Cancel> = std::sync::OnceLock::new();
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    // An atomic load and an atomic store: async-signal-safe.
+    if let Some(c) = STOP.get() {
+        c.cancel();
+    }
+}
+
+/// SIGTERM (sent by the jail helper when the server asks: [`super::Helper::stop`]) cancels
+/// the run: the VM ends, with its debug dump when it has one, and is reported as usual. As
+/// PID 1 of its namespace the process gets no signal it has no handler for, SIGKILL aside.
+fn stop_on_sigterm(cancel: &xcgi_vmm::Cancel) -> io::Result<()> {
+    let _ = STOP.set(cancel.clone());
+    // SAFETY: a zeroed sigaction with a handler that only touches atomics; the old action
+    // is not asked for.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        if libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// From here on the guest may run: the VM process's stdin, stdout and stderr (the server's
