@@ -921,6 +921,12 @@ impl Drop for KeyLock {
 
 /// `flock(LOCK_EX)`; with `nonblock`, returns `Ok(false)` if another process holds it.
 fn try_flock(file: &File, nonblock: bool) -> Result<bool, KernelError> {
+    flock_exclusive(file, nonblock).map_err(io_err("locking the kernel cache entry"))
+}
+
+/// `flock(LOCK_EX)` on `file`, retried on EINTR; with `nonblock`, `Ok(false)` when another
+/// open file description holds it (a live process: the kernel drops a dead one's lock).
+pub fn flock_exclusive(file: &File, nonblock: bool) -> io::Result<bool> {
     let op = libc::LOCK_EX | if nonblock { libc::LOCK_NB } else { 0 };
     loop {
         // SAFETY: flock on a valid, open file descriptor owned by `file`.
@@ -932,7 +938,7 @@ fn try_flock(file: &File, nonblock: bool) -> Result<bool, KernelError> {
         match err.raw_os_error() {
             Some(libc::EINTR) => continue,
             Some(libc::EWOULDBLOCK) if nonblock => return Ok(false),
-            _ => return Err(io_err("locking the kernel cache entry")(err)),
+            _ => return Err(err),
         }
     }
 }

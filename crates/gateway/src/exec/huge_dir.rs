@@ -14,9 +14,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use xcgi_image::kernel::flock_exclusive;
 
 /// What a server's directory is called: this, its pid, a dash, random hex.
 const PREFIX: &str = "xcgi-serve-";
@@ -50,7 +51,7 @@ impl HugeDir {
                 Err(e) => return Err(e),
             }
             let lock = File::open(&path)?;
-            flock(&lock, libc::LOCK_EX)?;
+            flock_exclusive(&lock, false)?;
             // Still ours? A sweep may have removed it between the mkdir and the flock.
             let (held, now) = (lock.metadata()?, std::fs::symlink_metadata(&path));
             if now.is_ok_and(|m| m.ino() == held.ino() && m.dev() == held.dev()) {
@@ -97,7 +98,7 @@ pub fn sweep(mount: &Path) -> Vec<PathBuf> {
         }
         let path = e.path();
         let Ok(dir) = File::open(&path) else { continue };
-        if flock(&dir, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+        if !flock_exclusive(&dir, true).unwrap_or(false) {
             continue; // a live server's
         }
         match std::fs::remove_dir_all(&path) {
@@ -111,19 +112,6 @@ pub fn sweep(mount: &Path) -> Vec<PathBuf> {
         // The lock goes with `dir`, after the removal.
     }
     removed
-}
-
-fn flock(f: &File, how: libc::c_int) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor we hold.
-        if unsafe { libc::flock(f.as_raw_fd(), how) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// 64 random bits for a directory's name (the clock's nanoseconds if getrandom fails: the
@@ -171,7 +159,7 @@ mod tests {
         std::fs::create_dir(&live).unwrap();
         std::fs::write(live.join("snapshot-0.1"), b"pages").unwrap();
         let held = File::open(&live).unwrap();
-        flock(&held, libc::LOCK_EX).unwrap();
+        flock_exclusive(&held, false).unwrap();
         // Not ours at all.
         std::fs::write(m.join("other-file"), b"x").unwrap();
 

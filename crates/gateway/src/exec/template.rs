@@ -198,7 +198,7 @@ pub struct Live {
     /// What a new template failed for: not tried again until something changes again.
     failed_for: Option<Identity>,
     /// A huge-page route's: the server's directory on hugetlbfs, where its templates' memory
-    /// files go (removed after the last route's files).
+    /// files go; removed with them when the last route's `Live` goes (its own drop).
     huge_dir: Option<Arc<HugeDir>>,
 }
 
@@ -323,20 +323,6 @@ impl Live {
             self.failed_for = Some(now);
         }
         Some(r)
-    }
-}
-
-impl Drop for Live {
-    /// The memory files on hugetlbfs go with the server (its work directory goes too, but the
-    /// files there are only links to them).
-    fn drop(&mut self) {
-        if self.huge_dir.is_some() {
-            for g in [self.generation, self.generation.saturating_sub(1)] {
-                if g > 0 {
-                    self.remove(g);
-                }
-            }
-        }
     }
 }
 
