@@ -161,6 +161,48 @@ fn with_main_server(body: &str, timeout: Duration) -> common::Ran {
     r
 }
 
+/// What the server logged about requests that went wrong: each request line that is not a
+/// 200, and each VM debug dump (up to its next log line), so that a failed assertion leads
+/// with them (a CI report shows only part of a long output).
+fn failed_requests(output: &str) -> String {
+    let log = output.split("===log===").nth(1).unwrap_or(output);
+    let mut out = String::new();
+    let mut in_dump = false;
+    for line in log.lines() {
+        let stamped = line.trim_start_matches("lab| ").starts_with("20");
+        if stamped {
+            in_dump = line.contains("VM debug dump");
+            if in_dump || (line.contains("reqlog") && !line.contains("status=200")) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        } else if in_dump {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn failed_requests_lists_bad_request_lines_and_dumps_only() {
+    let output = "lab| ===seq===\nlab| ===log===
+lab| 2026-12-03T00:29:10.5Z  INFO xcgi_gateway::server::reqlog:  vm=564 status=200 total_ms=668.7
+lab| 2026-12-03T00:29:11.5Z  WARN xcgi_gateway::server::reqlog: timeout; killed vm=565 status=504
+lab| 2026-12-03T00:29:11.7Z  WARN xcgi_gateway::exec::vm: VM debug dump of vm=565 (stopped on request)
+lab| debug dump: stopped on request, VM killed
+lab| vcpu0: mp_state=3 rip=0xffffffff8128f47c
+lab| 2026-12-03T00:29:14.7Z  INFO xcgi_gateway::server::reqlog:  vm=581 status=200 total_ms=668.7
+lab| ===end log===\n";
+    let f = failed_requests(output);
+    assert_eq!(f.lines().count(), 4, "{f}");
+    assert!(
+        f.contains("vm=565 status=504") && f.contains("vcpu0: mp_state=3"),
+        "{f}"
+    );
+    assert!(!f.contains("vm=564") && !f.contains("vm=581"), "{f}");
+}
+
 #[test]
 fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
     let r = with_main_server(
@@ -569,11 +611,16 @@ fn a_hundred_sequential_and_twenty_concurrent_requests_all_correct() {
     );
     assert!(
         section(&r.output, "seq").contains("sequential_ok=100"),
-        "{}",
+        "what the server logged about failed requests:\n{}\n{}",
+        failed_requests(&r.output),
         r.output
     );
     let c = section(&r.output, "conc");
-    assert!(c.contains("concurrent_ok=20"), "{c}");
+    assert!(
+        c.contains("concurrent_ok=20"),
+        "{c}\nwhat the server logged about them:\n{}",
+        failed_requests(&r.output)
+    );
     assert!(r.output.contains("fds_grew=0"), "{}", r.output);
     assert!(
         r.output.contains("prepared=4"),
