@@ -199,6 +199,11 @@ pub struct ServerSection {
     /// (docs/networking.md). For chasing guest failures; off by default.
     #[serde(default)]
     pub debug_dump: bool,
+    /// With `debug_dump`: guest kernel memory to add to each dump, read through the guest's
+    /// page tables (`xcgi_vmm::diagnostics::Probe`: `LABEL ADDRESS [* | +HEX | -HEX]...
+    /// LENGTH` per line). For hunting a guest-side hang; none by default.
+    #[serde(default)]
+    pub debug_probe: Option<String>,
     /// Run every VM in a jailed process of its own (docs/security.md, "The jail"): new
     /// namespaces, an empty root, a cgroup with limits, rlimits, no capabilities, a uid from
     /// `jail_uid_base`, seccomp filters per thread. Needs root. Default true; false runs
@@ -240,6 +245,15 @@ fn default_jail_uids() -> u32 {
     4096
 }
 
+impl ServerSection {
+    /// `debug_probe`, parsed (None when absent or invalid: [`Config::parse`] refuses an
+    /// invalid one).
+    pub fn probe(&self) -> Option<xcgi_vmm::diagnostics::Probe> {
+        let text = self.debug_probe.as_deref()?;
+        xcgi_vmm::diagnostics::Probe::parse(text).ok()
+    }
+}
+
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
@@ -262,6 +276,7 @@ impl Default for ServerSection {
             reuse_port: false,
             drain_delay_ms: 0,
             debug_dump: false,
+            debug_probe: None,
             jail: true,
             jail_uid_base: default_jail_uid_base(),
             jail_uids: default_jail_uids(),
@@ -691,9 +706,21 @@ impl Config {
         Ok(self)
     }
 
-    /// `[server]`: the concurrency, timeouts and caps are at least 1.
+    /// `[server]`: the concurrency, timeouts and caps are at least 1; a debug probe parses
+    /// and comes with `debug_dump`.
     fn validate_server(&self) -> Result<(), ConfigError> {
         let s = &self.server;
+        if let Some(text) = &s.debug_probe {
+            if let Err(e) = xcgi_vmm::diagnostics::Probe::parse(text) {
+                return Err(self.invalid("server.debug_probe", e.to_string()));
+            }
+            if !s.debug_dump {
+                return Err(self.invalid(
+                    "server.debug_probe",
+                    "is read into debug dumps only: set debug_dump = true too",
+                ));
+            }
+        }
         if s.concurrency == 0 {
             return Err(self.invalid("server.concurrency", "must be at least 1"));
         }
@@ -1174,6 +1201,37 @@ mod tests {
             "[[route]]\nprefix = \"/\"\nhandler = \"app.cpio\"\nprogram = \"rel\"\n",
         );
         assert!(e.contains(".program") && e.contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn a_debug_probe_must_parse_and_come_with_debug_dump() {
+        let cfg = |server: &str| {
+            format!("[server]\n{server}\n[[route]]\nprefix = \"/x\"\nhandler = \"/bin/true\"\n")
+        };
+        for (server, want) in [
+            (
+                "debug_dump = true\ndebug_probe = \"jiffies ffffffff818b5c40 zz\"",
+                "debug probe line 1: length \"zz\"",
+            ),
+            (
+                "debug_probe = \"jiffies ffffffff818b5c40 8\"",
+                "set debug_dump = true too",
+            ),
+        ] {
+            let e = Config::parse(Path::new("/tmp/x.toml"), &cfg(server))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("server.debug_probe") && e.contains(want), "{e}");
+        }
+        let ok = Config::parse(
+            Path::new("/tmp/x.toml"),
+            &cfg("debug_dump = true\ndebug_probe = \"\"\"\njiffies ffffffff818b5c40 8\nhvc ffffffff818c00d0 * -198 64\n\"\"\""),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.server.probe().map(|p| p.to_line()).as_deref(),
+            Some("jiffies 0xffffffff818b5c40 8;hvc 0xffffffff818c00d0 * -198 64")
+        );
     }
 
     #[test]

@@ -231,6 +231,7 @@ pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, Im
                 pool: None,
                 jail: None,
                 debug_dump: cfg.server.debug_dump,
+                debug_probe: cfg.server.probe().map(std::sync::Arc::new),
                 snapshot: None,
             }),
             program,

@@ -11,7 +11,10 @@
 //! - every virtio device (the transport's status and interrupt register, each queue's ring
 //!   indices as the device counts them and as guest memory holds them, the device's counters
 //!   and its RX worker's state);
-//! - the last console lines (guest text, escaped).
+//! - the last console lines (guest text, escaped);
+//! - with a [`Probe`] (`[server] debug_probe`), the guest memory it names: words of guest
+//!   kernel data read through the guest's page tables, following pointers, for what the
+//!   registers cannot show (which task waits, which buffer was never read).
 //!
 //! Only numbers come from guest state, so the dump is safe to log; console lines go through
 //! [`crate::vm::escape_guest_text`].
@@ -298,6 +301,154 @@ pub fn console_tail(console: &str, n: usize) -> String {
     o
 }
 
+/// Most lines a [`Probe`] may have, and most bytes one line may read.
+pub const PROBE_MAX_LINES: usize = 128;
+/// See [`PROBE_MAX_LINES`].
+pub const PROBE_MAX_LEN: u64 = 4096;
+
+/// Why a probe text was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("debug probe line {line}: {why} (a line is: LABEL ADDRESS [* | +HEX | -HEX]... LENGTH)")]
+pub struct ProbeError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+/// One step from an address to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeOp {
+    /// Read the 64-bit word there: a pointer to follow.
+    Deref,
+    Add(u64),
+    Sub(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProbeLine {
+    label: String,
+    start: u64,
+    ops: Vec<ProbeOp>,
+    len: u64,
+}
+
+/// Guest memory to add to a debug dump: each line a label, a guest-virtual address (hex, e.g. a
+/// kernel symbol's from `System.map`), steps (`*` reads a pointer there, `+HEX`/`-HEX` move by
+/// a field offset) and a length in bytes (decimal), dumped as 64-bit words. Lines are separated
+/// by newlines or `;`; `#` starts a comment line. Read through vCPU 0's page tables when its
+/// dump is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Probe {
+    lines: Vec<ProbeLine>,
+}
+
+impl Probe {
+    /// Parses a probe text (see [`Probe`]).
+    pub fn parse(text: &str) -> Result<Probe, ProbeError> {
+        let mut lines = Vec::new();
+        for (i, raw) in text.split(['\n', ';']).enumerate() {
+            let raw = raw.trim();
+            if raw.is_empty() || raw.starts_with('#') {
+                continue;
+            }
+            let bad = |why: String| ProbeError { line: i + 1, why };
+            let t: Vec<&str> = raw.split_whitespace().collect();
+            if t.len() < 3 {
+                return Err(bad("needs at least a label, an address and a length".into()));
+            }
+            let label = t[0];
+            if !label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            {
+                return Err(bad(format!("label {label:?}: letters, digits, _ . - only")));
+            }
+            let hex = |w: &str| {
+                u64::from_str_radix(w.trim_start_matches("0x"), 16)
+                    .map_err(|_| bad(format!("{w:?} is not a hex number")))
+            };
+            let start = hex(t[1])?;
+            let mut ops = Vec::new();
+            for w in &t[2..t.len() - 1] {
+                ops.push(match (*w, w.split_at(1)) {
+                    ("*", _) => ProbeOp::Deref,
+                    (_, ("+", n)) => ProbeOp::Add(hex(n)?),
+                    (_, ("-", n)) => ProbeOp::Sub(hex(n)?),
+                    _ => return Err(bad(format!("step {w:?}: use *, +HEX or -HEX"))),
+                });
+            }
+            let last = t[t.len() - 1];
+            let len: u64 = last
+                .parse()
+                .map_err(|_| bad(format!("length {last:?} is not a decimal number")))?;
+            if len == 0 || len > PROBE_MAX_LEN {
+                return Err(bad(format!("length {len}: 1 to {PROBE_MAX_LEN} bytes")));
+            }
+            lines.push(ProbeLine {
+                label: label.to_owned(),
+                start,
+                ops,
+                len,
+            });
+            if lines.len() > PROBE_MAX_LINES {
+                return Err(bad(format!("more than {PROBE_MAX_LINES} lines")));
+            }
+        }
+        Ok(Probe { lines })
+    }
+
+    /// The same probe on one line (`;`-separated), as [`Self::parse`] reads it back.
+    pub fn to_line(&self) -> String {
+        self.lines
+            .iter()
+            .map(|l| {
+                let mut w = vec![l.label.clone(), format!("{:#x}", l.start)];
+                w.extend(l.ops.iter().map(|op| match op {
+                    ProbeOp::Deref => "*".to_owned(),
+                    ProbeOp::Add(n) => format!("+{n:x}"),
+                    ProbeOp::Sub(n) => format!("-{n:x}"),
+                }));
+                w.push(l.len.to_string());
+                w.join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    /// Each line's words, four per row, read through the page tables at `cr3`; a line whose
+    /// pointer chain leads to unmapped memory says so.
+    pub fn describe(&self, mem: &GuestMemoryMmap, cr0: u64, cr3: u64) -> String {
+        let mut o = String::new();
+        for l in &self.lines {
+            let mut addr = Some(l.start);
+            for op in &l.ops {
+                addr = addr.and_then(|a| match op {
+                    ProbeOp::Deref => read_virt::<u64>(mem, cr0, cr3, a),
+                    ProbeOp::Add(n) => Some(a.wrapping_add(*n)),
+                    ProbeOp::Sub(n) => Some(a.wrapping_sub(*n)),
+                });
+            }
+            let Some(a) = addr else {
+                let _ = writeln!(o, "probe {}: a pointer on the way is unmapped", l.label);
+                continue;
+            };
+            let _ = writeln!(o, "probe {} @{a:#x}:", l.label);
+            let words = l.len.div_ceil(8);
+            for row in (0..words).step_by(4) {
+                let n = (words - row).min(4);
+                let _ = writeln!(
+                    o,
+                    "  +{:#05x}: {}",
+                    row * 8,
+                    guest_words(mem, cr0, cr3, a.wrapping_add(row * 8), n)
+                );
+            }
+        }
+        o
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +494,49 @@ mod tests {
         regs[APIC_IRR + 0x10 + 1] = 0x02; // word 1, bit 9: vector 41
         assert_eq!(apic_vectors(&regs, APIC_IRR), vec![0, 41]);
         assert!(apic_vectors(&regs, APIC_ISR).is_empty());
+    }
+
+    #[test]
+    fn a_probe_follows_pointers_through_the_page_tables() {
+        let m = mem();
+        // Identity-mapped 2 MiB page at 0 (PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000).
+        m.write_obj(0x2000u64 | 3, GuestAddress(0x1000)).unwrap();
+        m.write_obj(0x3000u64 | 3, GuestAddress(0x2000)).unwrap();
+        m.write_obj(3u64 | PTE_LARGE, GuestAddress(0x3000)).unwrap();
+        // A "list head" at 0x8000 points 0x18 into a struct at 0x9000.
+        m.write_obj(0x9018u64, GuestAddress(0x8000)).unwrap();
+        m.write_obj(0xdead_beefu64, GuestAddress(0x9000)).unwrap();
+        m.write_obj(7u64, GuestAddress(0x9008)).unwrap();
+        let p = Probe::parse("# a comment\nhead 0x8000 * -18 16; far 8000 +400000 * 8").unwrap();
+        let d = p.describe(&m, CR0_PG, 0x1000);
+        assert!(
+            d.contains("probe head @0x9000:\n  +0x000: 0x00000000deadbeef 0x0000000000000007\n"),
+            "{d}"
+        );
+        assert!(
+            d.contains("probe far: a pointer on the way is unmapped"),
+            "{d}"
+        );
+        assert_eq!(Probe::parse(&p.to_line()).unwrap(), p);
+    }
+
+    #[test]
+    fn a_bad_probe_line_is_refused_naming_it() {
+        for (text, line, why) in [
+            ("a 0x10 8\nb zz 8", 2, "\"zz\" is not a hex number"),
+            ("a 0x10 ^ 8", 1, "step \"^\""),
+            ("a 0x10 0", 1, "length 0"),
+            ("a 0x10 5000", 1, "length 5000"),
+            ("a 0x10", 1, "at least"),
+            ("a;b 0x10 8", 1, "at least"),
+            ("x\u{1b} 0x10 8", 1, "label"),
+        ] {
+            let e = Probe::parse(text).unwrap_err();
+            assert_eq!(e.line, line, "{text}: {e}");
+            assert!(e.why.contains(why), "{text}: {e}");
+        }
+        let many = "a 0x10 8\n".repeat(PROBE_MAX_LINES + 1);
+        assert!(Probe::parse(&many).unwrap_err().why.contains("more than"));
     }
 
     #[test]

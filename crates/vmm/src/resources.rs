@@ -78,6 +78,8 @@ pub struct RunOptions {
     /// its vCPUs, interrupt controllers, timers and devices in [`crate::Outcome::dump`]
     /// ([`crate::diagnostics`]).
     pub debug_dump: bool,
+    /// With `debug_dump`: guest memory to add to the dump ([`crate::diagnostics::Probe`]).
+    pub debug_probe: Option<std::sync::Arc<crate::diagnostics::Probe>>,
     /// Take a snapshot of the running VM when asked ([`Capture`]) and end it there.
     pub capture: Option<Capture>,
 }
@@ -107,6 +109,7 @@ impl Default for RunOptions {
             setup_only: false,
             measure_memory: false,
             debug_dump: false,
+            debug_probe: None,
             capture: None,
         }
     }

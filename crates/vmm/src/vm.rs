@@ -628,7 +628,9 @@ pub fn launch(
         devices: Arc::clone(&buses),
         events: tx,
         first_run: first_run.clone(),
-        dump: opts.debug_dump.then(|| mem.clone()),
+        dump: opts
+            .debug_dump
+            .then(|| (mem.clone(), opts.debug_probe.clone())),
     };
     let (reason, ends) = run_vcpus(vcpus, threads, rx, ending)?;
     let mut captured = Ok(());
@@ -983,8 +985,9 @@ struct VcpuThreads {
     /// Set by vCPU 0's thread.
     first_run: FirstRun,
     /// With a debug dump asked for: the guest memory, to read code and stack through the
-    /// guest's page tables. Each thread describes its vCPU as it ends.
-    dump: Option<GuestMemoryMmap>,
+    /// guest's page tables, and the probe vCPU 0's thread reads with its page tables. Each
+    /// thread describes its vCPU as it ends.
+    dump: Option<(GuestMemoryMmap, Option<Arc<diagnostics::Probe>>)>,
 }
 
 /// What a vCPU thread hands back when it ends.
@@ -1029,8 +1032,14 @@ fn run_vcpus(
                 let state = capture
                     .load(Ordering::SeqCst)
                     .then(|| vcpu.complete_pending().and_then(|()| vcpu.state()));
-                let dump = dump.map(|mem| match vcpu.state() {
-                    Ok(s) => diagnostics::describe_vcpu(id, &s, &mem),
+                let dump = dump.map(|(mem, probe)| match vcpu.state() {
+                    Ok(s) => {
+                        let mut d = diagnostics::describe_vcpu(id, &s, &mem);
+                        if let Some(p) = probe.filter(|_| id == 0) {
+                            d.push_str(&p.describe(&mem, s.sregs.cr0, s.sregs.cr3));
+                        }
+                        d
+                    }
                     Err(e) => format!("vcpu{id}: state unreadable: {e}\n"),
                 });
                 VcpuEnd { dump, state }

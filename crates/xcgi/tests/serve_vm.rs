@@ -103,6 +103,9 @@ queue_timeout_ms = 600000
 # A VM that ends badly leaves its state in the log (one clone of 20 concurrent requests gave
 # no answer in 180 s once, session 10: not understood yet).
 debug_dump = true
+debug_probe = """
+$(cat $PROBE)
+"""
 [[route]]
 prefix = "/cgi"
 handler = "$CGI"
@@ -129,10 +132,58 @@ EOF
         A=127.0.0.1:8080
 "#;
 
+/// The main server's `debug_probe` (issue 13's hang: a clone took the interrupt for its
+/// request and never read it): the guest kernel's hvc/virtio-console/tty state, the hvc
+/// thread and the first tasks, the clock. Symbols from the kernel's own symbol table (`nm`);
+/// the field offsets are this kernel config's (6.12 tinyconfig + kernel/config.fragment, read
+/// with gdb `ptype /o` from a DEBUG_INFO build of it): a dump line per struct.
+fn probe_file() -> std::path::PathBuf {
+    let out = std::process::Command::new("nm")
+        .arg(kernel())
+        .output()
+        .expect("run nm (binutils) on the guest kernel");
+    assert!(out.status.success(), "nm failed on {}", kernel().display());
+    let syms = String::from_utf8_lossy(&out.stdout);
+    let sym = |name: &str| {
+        syms.lines()
+            .find_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() == 3 && w[2] == name).then(|| w[0].to_string())
+            })
+            .unwrap_or_else(|| panic!("no symbol {name} in the guest kernel"))
+    };
+    let (hvc, port) = (
+        format!("{} * -198", sym("hvc_structs")),
+        format!("{} +18 * -50", sym("pdrvdata")),
+    );
+    let task = sym("hvc_task");
+    let init = sym("init_task");
+    let mut p = format!(
+        "hvc {hvc} 432\nhvc_tty_flags {hvc} +80 * +178 8\nntty_heads {hvc} +80 * +218 * 48
+ntty_tail {hvc} +80 * +218 * +2260 8\nhvc_kicked {} 8\nkhvcd_state {task} * +18 8
+khvcd_stack {task} * +6d8 * 256\nport {port} 192\nport_inbuf {port} +18 * 32
+in_vq {port} +20 * 128\nout_vq {port} +28 * 128\njiffies {} 8\ntimer_base {} 48
+pid1_state {init} +280 * -280 +18 8\npid1_stack {init} +280 * -280 +6d8 * 256\n",
+        sym("hvc_kicked"),
+        sym("jiffies_64"),
+        sym("timer_bases"),
+    );
+    for k in 2..12 {
+        let t = format!("{init} +280 {}-280", "* ".repeat(k));
+        p.push_str(&format!(
+            "task{k}_state {t} +18 8\ntask{k}_comm {t} +458 16\n"
+        ));
+    }
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("main-probe.txt");
+    std::fs::write(&file, p).expect("write the probe file");
+    file
+}
+
 /// The files the main server's routes need.
 fn main_files() -> Vec<(std::path::PathBuf, &'static str)> {
     vec![
         (kernel(), "K"),
+        (probe_file(), "PROBE"),
         (example("cgi-c/cgi"), "CGI"),
         (example("cgi-sh/hello.sh"), "SH"),
         (example("cgi-sh/tree"), "TREE"),
@@ -303,6 +354,10 @@ fn cgi_requests_each_get_a_fresh_vm_with_the_cgi_semantics() {
         .nth(1)
         .unwrap_or_else(|| panic!("no debug dump of vm={vm}:\n{log}"));
     assert!(dump.contains("vcpu0: mp_state="), "{dump}");
+    // ...with the server's debug_probe read through the guest's page tables: a kernel
+    // variable, and a struct found by following a pointer (into the kernel's direct map).
+    assert!(dump.contains("probe jiffies @0xffffffff8"), "{dump}");
+    assert!(dump.contains("probe port @0xffff8880"), "{dump}");
 }
 
 /// Issue 13: `start = "snapshot"`. Each route's template boots once at start, to xcgi-init's

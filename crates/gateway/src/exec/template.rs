@@ -100,6 +100,7 @@ pub fn take(
         timeout: TEMPLATE_BOOT_LIMIT,
         cancel: cancel.clone(),
         debug_dump: spec.debug_dump,
+        debug_probe: spec.debug_probe.clone(),
         capture: Some(Capture {
             now: now.clone(),
             marker: None,

@@ -52,6 +52,8 @@ pub struct VmSpec {
     pub jail: Option<Arc<super::jailed::Workers>>,
     /// Log a debug dump of a VM that ends badly (`[server] debug_dump`).
     pub debug_dump: bool,
+    /// Guest memory to add to that dump (`[server] debug_probe`).
+    pub debug_probe: Option<Arc<xcgi_vmm::diagnostics::Probe>>,
     /// `start = "snapshot"`: the route's template snapshot (taken at start); each VM is a
     /// clone of it, whose xcgi-init already said hello and waits for its request.
     pub snapshot: Option<PathBuf>,
@@ -93,6 +95,7 @@ impl VmSpec {
             pool: None,
             jail: None,
             debug_dump: false,
+            debug_probe: None,
             snapshot: None,
         }
     }
@@ -103,6 +106,7 @@ impl VmSpec {
             timeout: self.timeout,
             cancel,
             debug_dump: self.debug_dump,
+            debug_probe: self.debug_probe.clone(),
             ..RunOptions::default()
         }
     }

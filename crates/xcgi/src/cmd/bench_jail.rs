@@ -95,6 +95,7 @@ pub(super) fn jail_table(m: &super::bench::Machines) -> anyhow::Result<()> {
             pool: None,
             jail: None,
             debug_dump: false,
+            debug_probe: None,
             snapshot: None,
         };
         let shape = spec.shape();

@@ -196,6 +196,7 @@ pub fn serve_worker(a: WorkerCli) -> i32 {
         pool: None,
         jail: None,
         debug_dump: false,
+        debug_probe: None,
         snapshot: a.snapshot,
     };
     jailed::worker_main(&jailed::WorkerArgs { spec, uid: a.uid })

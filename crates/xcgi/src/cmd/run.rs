@@ -167,6 +167,7 @@ pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
         setup_only: a.setup_only,
         measure_memory: a.memory_stats,
         debug_dump: a.debug_dump,
+        debug_probe: None,
         capture: a.snapshot_out.as_ref().map(|dir| xcgi_vmm::Capture {
             now: Cancel::new(),
             marker: Some(a.snapshot_at.clone()),

@@ -481,7 +481,7 @@ fn refill(pool: &std::sync::Weak<Workers>) {
 fn launch(w: &Worker, attach: &Attachments, opts: &RunOptions) -> io::Result<()> {
     let net = attach.net.as_ref();
     let text = format!(
-        "L{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+        "L{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
         opts.timeout.as_millis(),
         u8::from(opts.debug_dump),
         u8::from(attach.channel.is_some()),
@@ -494,6 +494,10 @@ fn launch(w: &Worker, attach: &Attachments, opts: &RunOptions) -> io::Result<()>
             .unwrap_or_default()
             .replace('\n', " "),
         u8::from(opts.setup_only),
+        opts.debug_probe
+            .as_ref()
+            .map(|p| p.to_line())
+            .unwrap_or_default(),
     );
     let mut fds: Vec<RawFd> = Vec::new();
     if let Some(c) = &attach.channel {

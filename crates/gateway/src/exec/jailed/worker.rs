@@ -153,7 +153,7 @@ pub fn confine_vm_process(vcpus: u8, uid: u32) -> Result<(), String> {
 fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions), String> {
     let text = String::from_utf8_lossy(b);
     let l: Vec<&str> = text.split('\n').collect();
-    if l.len() < 8 {
+    if l.len() < 9 {
         return Err(format!("a launch message of {} lines", l.len()));
     }
     let timeout_ms: u64 = l[0].parse().map_err(|_| "a bad deadline")?;
@@ -185,6 +185,12 @@ fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions)
     let opts = RunOptions {
         timeout: Duration::from_millis(timeout_ms),
         debug_dump: l[1] == "1",
+        debug_probe: match l[8] {
+            "" => None,
+            p => Some(Arc::new(
+                xcgi_vmm::diagnostics::Probe::parse(p).map_err(|e| e.to_string())?,
+            )),
+        },
         setup_only: l[7] == "1",
         ..RunOptions::default()
     };
