@@ -1164,11 +1164,14 @@ const SETTLE_RUNS: u32 = 100;
 /// one-instruction interrupt shadow that `sti` or `mov ss` leaves, and with no exception,
 /// interrupt or NMI half delivered. The shadow is the one to avoid: Linux idles with `sti;
 /// hlt`, and a vCPU stopped between the two resumes at the `hlt` with interrupts blocked for
-/// that one instruction. A hypervisor that drops the shadow on entry (QEMU's emulated SVM
-/// before 8.2, the lab's) delivers an interrupt pending at the first entry before the `hlt`:
-/// the handler wakes a task, returns to the `hlt`, and the guest halts with that task
-/// runnable and no timer armed. A clone of such a template whose request's interrupt came
-/// before its first entry never answered (issue 13's hang, seen in the lab under load).
+/// that one instruction. A hypervisor that drops the shadow on entry delivers an interrupt
+/// pending at the first entry before the `hlt`: the handler wakes a task, returns to the
+/// `hlt`, and the guest halts with that task runnable and no timer armed. Both the lab (its
+/// QEMU 7.2 does not load the shadow on an emulated VMRUN) and this project's PVM host do so
+/// (measured: a real-mode `sti; hlt` vCPU given the shadow and an interrupt takes it at the
+/// `hlt`). A clone of such a template whose request's interrupt came before its first entry
+/// never answered (issue 13's hang in CI; reproduced in the lab with a template edited into
+/// the shadow).
 fn resumes_anywhere(s: &hypervisor::VcpuState) -> bool {
     let e = &s.events;
     e.interrupt.shadow == 0
