@@ -26,4 +26,7 @@ pub mod vm;
 
 pub use pool::{Pool, PoolHealth};
 pub use resources::{Attachments, Cancel, Capture, MachineShape, NetAttachment, RunOptions};
-pub use vm::{launch, prepare, run, ExitReason, Outcome, PreparedVm, Timings, VmError};
+pub use vm::{
+    launch, prepare, prepare_in, prepare_shell, run, ExitReason, Outcome, PreparedVm, Shell,
+    Timings, VmError,
+};

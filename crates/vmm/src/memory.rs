@@ -199,16 +199,8 @@ impl Drop for HugePagePool {
 
 /// Validates a memory configuration without allocating anything.
 pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
-    if cfg.size_mib < MIN_MEM_MIB {
-        return Err(MemoryError::TooSmall(cfg.size_mib));
-    }
-    if cfg.size_mib > 1 << 20 {
-        return Err(MemoryError::TooLarge(cfg.size_mib));
-    }
+    validate_size(cfg)?;
     if cfg.hugepages {
-        if !(cfg.size_mib * MIB).is_multiple_of(HUGE_PAGE_SIZE) {
-            return Err(MemoryError::NotHugeAligned(cfg.size_mib));
-        }
         let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;
         let free = free_huge_pages().unwrap_or(0);
         if free < needed {
@@ -219,6 +211,20 @@ pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
                 suggest: total + (needed - free),
             });
         }
+    }
+    Ok(())
+}
+
+/// The size checks of [`validate`] (not the huge-page pool's).
+fn validate_size(cfg: &MemoryConfig) -> Result<(), MemoryError> {
+    if cfg.size_mib < MIN_MEM_MIB {
+        return Err(MemoryError::TooSmall(cfg.size_mib));
+    }
+    if cfg.size_mib > 1 << 20 {
+        return Err(MemoryError::TooLarge(cfg.size_mib));
+    }
+    if cfg.hugepages && !(cfg.size_mib * MIB).is_multiple_of(HUGE_PAGE_SIZE) {
+        return Err(MemoryError::NotHugeAligned(cfg.size_mib));
     }
     Ok(())
 }
@@ -501,6 +507,46 @@ pub fn map_private(
     path: &std::path::Path,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     use vm_memory::FileOffset;
+    let (f, huge) = open_memory_file(cfg, path)?;
+    let err = |source| MemoryError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (base, len) in ram_ranges(cfg.size_mib * MIB) {
+        let file = f.try_clone().map_err(err)?;
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(private_flags(huge))
+            .with_hugetlbfs(huge)
+            .build()
+            .map_err(|e| mapping_failed(cfg, e))?;
+        let region = GuestRegionMmap::new(mapping, base)
+            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+/// `mmap` flags of a clone's private mapping of a memory file: a huge-page one reserves its
+/// copies' pool pages up front (no `MAP_NORESERVE`).
+fn private_flags(huge: bool) -> i32 {
+    if huge {
+        libc::MAP_PRIVATE
+    } else {
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE
+    }
+}
+
+/// A memory file for guest RAM of `cfg` opened and checked: on hugetlbfs exactly when the
+/// guest uses huge pages, and of the guest's size. Returns it and whether it is on hugetlbfs.
+fn open_memory_file(
+    cfg: &MemoryConfig,
+    path: &std::path::Path,
+) -> Result<(std::fs::File, bool), MemoryError> {
     let err = |source| MemoryError::File {
         path: path.to_path_buf(),
         source,
@@ -528,27 +574,86 @@ pub fn map_private(
             format!("{len} bytes, the guest has {size}"),
         )));
     }
+    Ok((f, huge))
+}
+
+/// Address space for guest RAM of `cfg` with nothing behind it: each RAM range an
+/// inaccessible anonymous mapping that reserves no memory (a huge-page guest's aligned to
+/// 2 MiB, and no pool page reserved), so that memory slots can be made before the memory
+/// they will show is known. [`map_private_over`] puts a memory file there; dropping the
+/// result unmaps whatever is there then.
+pub fn reserve(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
+    validate_size(cfg)?;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    if cfg.hugepages {
+        flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+    }
     let mut regions = Vec::new();
-    let mut offset = 0u64;
-    for (base, len) in ram_ranges(size) {
-        let file = f.try_clone().map_err(err)?;
+    for (base, len) in ram_ranges(cfg.size_mib * MIB) {
         let mapping = MmapRegionBuilder::new(len as usize)
-            .with_file_offset(FileOffset::new(file, offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(if huge {
-                libc::MAP_PRIVATE
-            } else {
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE
-            })
-            .with_hugetlbfs(huge)
+            .with_mmap_prot(libc::PROT_NONE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(cfg.hugepages)
             .build()
             .map_err(|e| mapping_failed(cfg, e))?;
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
         regions.push(region);
-        offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+/// The memory file at `path` mapped `MAP_PRIVATE` over `mem`, guest RAM of `cfg` that
+/// [`reserve`] made: the same mapping as [`map_private`]'s (pages from the file on first
+/// touch, copied when written), at the reserved addresses, so that memory slots made over
+/// them show it from now on.
+pub fn map_private_over(
+    cfg: &MemoryConfig,
+    path: &std::path::Path,
+    mem: &GuestMemoryMmap,
+) -> Result<(), MemoryError> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let (f, huge) = open_memory_file(cfg, path)?;
+    let ranges = ram_ranges(cfg.size_mib * MIB);
+    let regions: Vec<_> = mem.iter().collect();
+    if regions.len() != ranges.len()
+        || regions
+            .iter()
+            .zip(&ranges)
+            .any(|(r, (base, len))| r.start_addr() != *base || r.len() != *len)
+    {
+        return Err(MemoryError::Layout(format!(
+            "the reserved guest memory is not the layout of {} MiB",
+            cfg.size_mib
+        )));
+    }
+    let mut offset = 0u64;
+    for (region, (_, len)) in regions.iter().zip(&ranges) {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| MemoryError::Layout(format!("file offset {offset:#x}")))?;
+        // SAFETY: the range is exactly one region of `mem`, a mapping `mem` owns (made by
+        // `reserve`, unmapped when `mem` is dropped); MAP_FIXED replaces it in place with a
+        // mapping of the same length, which that drop then unmaps. Nothing else maps there.
+        let at = unsafe {
+            libc::mmap(
+                region.as_ptr().cast(),
+                *len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                private_flags(huge) | libc::MAP_FIXED,
+                f.as_raw_fd(),
+                off,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(mapping_failed(
+                cfg,
+                vm_memory::mmap::MmapRegionError::Mmap(io::Error::last_os_error()),
+            ));
+        }
+        offset += len;
+    }
+    Ok(())
 }
 
 /// Host memory behind one VM, read from /proc/self/smaps and /proc/self/status.

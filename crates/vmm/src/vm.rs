@@ -89,6 +89,9 @@ pub enum VmError {
     /// The running VM could not be captured.
     #[error("taking the snapshot failed: {0}")]
     Capture(String),
+    /// A snapshot restored into a shell of another shape.
+    #[error("restoring into a prepared VM: {0}")]
+    ShellMismatch(String),
 }
 
 /// How often the owner thread looks at the cancel flag while the guest runs.
@@ -374,7 +377,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     // Cheap checks first: fail before touching KVM.
     memory::validate(&shape.memory)?;
     if let Some(dir) = &shape.snapshot {
-        return prepare_clone(shape, dir, root, start);
+        return prepare_clone(shape, dir, root, start, None);
     }
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
@@ -416,6 +419,46 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     })
 }
 
+/// [`prepare`] of a snapshot clone (`shape.snapshot` set) into `shell`, a [`Shell`] built
+/// ahead for `shape`'s memory and vCPUs: the state file read and checked, the snapshot
+/// restored into the shell ([`restore_into`]), the root disk opened.
+pub fn prepare_in(
+    shell: Shell,
+    shape: &MachineShape,
+    start: Instant,
+) -> Result<PreparedVm, VmError> {
+    let root = match (&shape.rootfs, &shape.initramfs) {
+        (Some(_), _) => RootSource::Disk,
+        (None, Some(_)) => RootSource::Initramfs,
+        (None, None) => return Err(VmError::NoRoot),
+    };
+    let Some(dir) = &shape.snapshot else {
+        return Err(VmError::ShellMismatch(
+            "the machine has no snapshot to restore".into(),
+        ));
+    };
+    if shape.memory != shell.memory || usize::from(shape.vcpus) != shell.vcpus.len() {
+        return Err(VmError::ShellMismatch(format!(
+            "it was built for {} MiB{} and {} vCPUs, the machine has {} MiB{} and {} vCPUs",
+            shell.memory.size_mib,
+            if shell.memory.hugepages {
+                " on huge pages"
+            } else {
+                ""
+            },
+            shell.vcpus.len(),
+            shape.memory.size_mib,
+            if shape.memory.hugepages {
+                " on huge pages"
+            } else {
+                ""
+            },
+            shape.vcpus
+        )));
+    }
+    prepare_clone(shape, dir, root, start, Some(shell))
+}
+
 /// The shape's root disk, opened (a jailed process cannot open files by path when it
 /// launches).
 fn open_root_disk(shape: &MachineShape) -> Result<Option<Block>, VmError> {
@@ -440,6 +483,7 @@ fn prepare_clone(
     dir: &std::path::Path,
     root: RootSource,
     start: Instant,
+    shell: Option<Shell>,
 ) -> Result<PreparedVm, VmError> {
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
@@ -455,7 +499,15 @@ fn prepare_clone(
     let identity = crate::snapshot::Identity::of_shape(shape)?;
     let snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
     clock.lap("read state");
-    let m = restore(shape, &snap, &dir.join(crate::snapshot::MEMORY_FILE))?;
+    let shell = match shell {
+        Some(shell) => shell,
+        None => {
+            let shell = prepare_shell(shape)?;
+            clock.phases.extend(shell.phases.iter().copied());
+            shell
+        }
+    };
+    let m = restore_into(shell, &snap, &dir.join(crate::snapshot::MEMORY_FILE))?;
     clock.phases.extend(m.phases.iter().copied());
     let disk = open_root_disk(shape)?;
     let RestoredMachine { vcpus, vm, mem, .. } = m;
@@ -498,33 +550,107 @@ impl std::fmt::Debug for RestoredMachine {
 }
 
 /// A new machine of `shape`'s memory and vCPUs from `snap` and its memory file, ready for
-/// its first KVM_RUN: the VM, memory slots over a `MAP_PRIVATE` mapping of the file, the
-/// interrupt controllers and PIT, the vCPUs with CPUID, then every piece of state.
+/// its first KVM_RUN: a [`Shell`] of the shape, then [`restore_into`] it.
 pub fn restore(
     shape: &MachineShape,
     snap: &crate::snapshot::Snapshot,
     memory_file: &std::path::Path,
 ) -> Result<RestoredMachine, VmError> {
+    let shell = prepare_shell(shape)?;
+    let mut phases = shell.phases.clone();
+    let mut m = restore_into(shell, snap, memory_file)?;
+    phases.append(&mut m.phases);
+    m.phases = phases;
+    Ok(m)
+}
+
+/// A VM of a machine shape (memory size and pages, vCPUs) with nothing of any guest in it
+/// yet: the KVM VM, memory slots over reserved, empty address space
+/// ([`memory::reserve`]), the TSS, interrupt controllers and PIT, the vCPUs with their CPUID.
+/// Any snapshot of that shape can then be restored into it ([`restore_into`]), which costs
+/// only mapping the snapshot's memory over the slots and setting the saved state: what
+/// building a VM costs, and what grows with memory size (the slots), is paid here, ahead and
+/// whichever snapshot comes. Dropping it unused releases everything; no memory is held.
+pub struct Shell {
+    // Field order is drop order: vCPUs, then the VM, then the address space its slots use.
+    vcpus: Vec<Box<dyn Vcpu>>,
+    vm: Box<dyn hypervisor::Vm>,
+    mem: GuestMemoryMmap,
+    memory: memory::MemoryConfig,
+    phases: Vec<(&'static str, Duration)>,
+}
+
+impl std::fmt::Debug for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shell")
+            .field("memory", &self.memory)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shell {
+    /// Its building's steps, in order, each with the time it took.
+    pub fn phases(&self) -> &[(&'static str, Duration)] {
+        &self.phases
+    }
+}
+
+/// A [`Shell`] for `shape`'s memory and vCPUs.
+pub fn prepare_shell(shape: &MachineShape) -> Result<Shell, VmError> {
+    if shape.vcpus == 0 || shape.vcpus > 32 {
+        return Err(VmError::BadVcpuCount(shape.vcpus));
+    }
     let mut clock = PhaseClock::new(Instant::now());
     let hv = KvmHypervisor::get().map_err(VmError::OpenKvm)?;
     let vm = hypervisor::Hypervisor::create_vm(hv)?;
     clock.lap("create vm");
-    let mem = memory::map_private(&shape.memory, memory_file)?;
-    clock.lap("map memory file");
+    let mem = memory::reserve(&shape.memory)?;
+    clock.lap("reserve memory");
     slots_and_irqchip(&*vm, &mem, &mut clock)?;
-    vm.set_state(&snap.vm)?;
-    clock.lap("vm state");
     let cpuid = hypervisor::Hypervisor::supported_cpuid(hv)?;
-    let count = snap.vcpus.len() as u8;
-    let mut vcpus = Vec::with_capacity(snap.vcpus.len());
-    for (id, state) in snap.vcpus.iter().enumerate() {
-        let vcpu = vm.create_vcpu(id as u8)?;
-        cpu::setup_cpuid(&*vcpu, cpuid.clone(), id as u8, count)?;
-        clock.lap("vcpus");
-        vcpu.set_state(state)?;
-        clock.lap("vcpu state");
+    let mut vcpus = Vec::with_capacity(usize::from(shape.vcpus));
+    for id in 0..shape.vcpus {
+        let vcpu = vm.create_vcpu(id)?;
+        cpu::setup_cpuid(&*vcpu, cpuid.clone(), id, shape.vcpus)?;
         vcpus.push(vcpu);
     }
+    clock.lap("vcpus");
+    Ok(Shell {
+        vcpus,
+        vm,
+        mem,
+        memory: shape.memory,
+        phases: clock.phases,
+    })
+}
+
+/// `snap` and its memory file restored into `shell`, ready for the first KVM_RUN (issue 13's
+/// cold restore, once the shell is there): the memory file mapped `MAP_PRIVATE` over the
+/// shell's reserved memory ([`memory::map_private_over`]: the slots show it from then on),
+/// the VM's state, each vCPU's state. A snapshot of another vCPU count is refused.
+pub fn restore_into(
+    shell: Shell,
+    snap: &crate::snapshot::Snapshot,
+    memory_file: &std::path::Path,
+) -> Result<RestoredMachine, VmError> {
+    let mut clock = PhaseClock::new(Instant::now());
+    if snap.vcpus.len() != shell.vcpus.len() {
+        return Err(VmError::ShellMismatch(format!(
+            "the snapshot has {} vCPUs, the VM {}",
+            snap.vcpus.len(),
+            shell.vcpus.len()
+        )));
+    }
+    let Shell { vcpus, vm, mem, .. } = shell;
+    memory::map_private_over(&shell.memory, memory_file, &mem)?;
+    clock.lap("map memory file");
+    vm.set_state(&snap.vm)?;
+    clock.lap("vm state");
+    for (vcpu, state) in vcpus.iter().zip(&snap.vcpus) {
+        vcpu.set_state(state)?;
+    }
+    clock.lap("vcpu state");
     Ok(RestoredMachine {
         vcpus,
         vm,
@@ -1488,6 +1614,59 @@ mod tests {
         assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), want);
         a.mem.write_obj(!want, probe).expect("write");
         assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), want);
+    }
+
+    /// A shell built before its snapshot existed takes the snapshot (`prepare_in`): the clone
+    /// has the captured vCPU state and the snapshot's memory through the slots made over empty
+    /// address space, and the steps after the shell are only the state file, the mapping and
+    /// the state. A shell of another shape is refused, naming both shapes.
+    #[test]
+    fn a_snapshot_restores_into_a_shell_built_before_it() {
+        use vm_memory::{Bytes, GuestAddress};
+        let (shape, _k, _i) = spinning_guest();
+        let shell = prepare_shell(&shape).expect("shell");
+        let other = prepare_shell(&MachineShape {
+            memory: memory::MemoryConfig {
+                size_mib: 256,
+                ..shape.memory
+            },
+            ..shape.clone()
+        })
+        .expect("another shell");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = capture_at_once(&shape, dir.path(), None);
+        assert_eq!(
+            out.reason,
+            ExitReason::Captured,
+            "{}",
+            out.reason.describe()
+        );
+        let clone = MachineShape {
+            snapshot: Some(dir.path().to_path_buf()),
+            ..shape.clone()
+        };
+        let p = prepare_in(shell, &clone, Instant::now()).expect("restore into the shell");
+        let names: Vec<&str> = p.phases().iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "process start",
+                "read state",
+                "map memory file",
+                "vm state",
+                "vcpu state"
+            ]
+        );
+        assert_eq!(p.vcpus[0].regs().expect("regs").rip, 0x100_0000);
+        let probe = GuestAddress(0x100_2000);
+        let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
+        assert_eq!(p.mem.read_obj::<u64>(probe).expect("read"), want);
+        let e = prepare_in(other, &clone, Instant::now()).expect_err("another shape");
+        let e = e.to_string();
+        assert!(
+            e.contains("256 MiB") && e.contains("has 64 MiB") && e.contains("prepared VM"),
+            "{e}"
+        );
     }
 
     /// Issue 13's 2 MiB-page variant on this host: a huge-page machine captured with its

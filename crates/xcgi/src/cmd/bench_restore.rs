@@ -5,6 +5,10 @@
 //! - the cold restore (`prepare` of a shape with `snapshot`): the state file read and its
 //!   identity checked, a new VM, memory mapped `MAP_PRIVATE` from the file, memory slots,
 //!   interrupt controllers, vCPUs and every piece of their state set;
+//! - the cold restore into a shell built ahead (`prepare_shell` of the shape, timed apart, then
+//!   `prepare_in`): what is left when the VM, its memory slots over empty address space, its
+//!   interrupt controllers and vCPUs exist before the snapshot does: the state file read and
+//!   checked, the memory file mapped over the slots, the state set;
 //! - the request path of a clone prepared ahead (`launch`, setup only): its devices attached
 //!   and given their saved states, up to the first KVM_RUN.
 //!
@@ -63,8 +67,8 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
         "# clones of a snapshot (VM, vCPU and device states; MAP_PRIVATE memory) against boots, up to the first KVM_RUN, {} runs each",
         m.runs
     );
-    println!("| memory | cold restore (median, p90) | steps (median ms) | prepared clone: request path (median, p90) | boot: building (median) | boot: request path (median) | memory file on disk |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| memory | cold restore, all of it (median, p90) | its steps (median ms) | shell built ahead (median) | cold restore into the shell (median, p90) | its steps (median ms) | prepared clone: request path (median, p90) | boot: building (median) | boot: request path (median) | memory file on disk |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let max_mem = m.mem.iter().copied().max().unwrap_or(128);
     // A clone's (or a boot's) pages, and the template's memory file; put back at the end.
     let _pool = if a.hugepages {
@@ -118,18 +122,23 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
         };
         let (mut cold, mut clone_path, mut build, mut boot_path) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut phases: Vec<(&'static str, Vec<f64>)> = Vec::new();
+        let (mut shells, mut into) = (Vec::new(), Vec::new());
+        let mut phases = Phases::default();
+        let mut into_phases = Phases::default();
         for _ in 0..m.runs {
             let t = Instant::now();
             let p = xcgi_vmm::prepare(&clone_shape, t)?;
             cold.push(t.elapsed().as_secs_f64() * 1e3);
-            for &(name, d) in p.phases() {
-                match phases.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, v)) => v.push(d.as_secs_f64() * 1e3),
-                    None => phases.push((name, vec![d.as_secs_f64() * 1e3])),
-                }
-            }
+            phases.add(p.phases());
             clone_path.push(request_path(p)?);
+            let t = Instant::now();
+            let shell = xcgi_vmm::prepare_shell(&shape)?;
+            shells.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let p = xcgi_vmm::prepare_in(shell, &clone_shape, t)?;
+            into.push(t.elapsed().as_secs_f64() * 1e3);
+            into_phases.add(p.phases());
+            drop(p);
             let t = Instant::now();
             let p = xcgi_vmm::prepare(&shape, t)?;
             build.push(t.elapsed().as_secs_f64() * 1e3);
@@ -142,17 +151,16 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
                 .unwrap_or(0)
         };
         drop(memfd);
-        let breakdown: Vec<String> = phases
-            .into_iter()
-            .filter(|(n, _)| *n != "process start")
-            .map(|(n, mut v)| format!("{n} {:.3}", median(&mut v)))
-            .collect();
         println!(
-            "| {mem} MiB, {} | **{:.3} ms** ({:.3}) | {} | **{:.3} ms** ({:.3}) | {:.2} ms | {:.3} ms | {:.1} MiB |",
+            "| {mem} MiB, {} | **{:.3} ms** ({:.3}) | {} | {:.3} ms | **{:.3} ms** ({:.3}) | {} | **{:.3} ms** ({:.3}) | {:.2} ms | {:.3} ms | {:.1} MiB |",
             if huge { "2 MiB pages" } else { "4 KiB pages" },
             median(&mut cold),
             percentile(&mut cold, 0.9),
-            breakdown.join(", "),
+            phases.medians(),
+            median(&mut shells),
+            median(&mut into),
+            percentile(&mut into, 0.9),
+            into_phases.medians(),
             median(&mut clone_path),
             percentile(&mut clone_path, 0.9),
             median(&mut build),
@@ -161,4 +169,30 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// Each named step's times over the runs, in first-seen order.
+#[derive(Default)]
+struct Phases(Vec<(&'static str, Vec<f64>)>);
+
+impl Phases {
+    fn add(&mut self, run: &[(&'static str, Duration)]) {
+        for &(name, d) in run {
+            let ms = d.as_secs_f64() * 1e3;
+            match self.0.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(ms),
+                None => self.0.push((name, vec![ms])),
+            }
+        }
+    }
+
+    /// "step median, ..." (ms), without the process start.
+    fn medians(&mut self) -> String {
+        self.0
+            .iter_mut()
+            .filter(|(n, _)| *n != "process start")
+            .map(|(n, v)| format!("{n} {:.3}", median(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
