@@ -577,21 +577,27 @@ fn open_memory_file(
     Ok((f, huge))
 }
 
-/// Address space for guest RAM of `cfg` with nothing behind it: each RAM range an
-/// inaccessible anonymous mapping that reserves no memory (a huge-page guest's aligned to
-/// 2 MiB, and no pool page reserved), so that memory slots can be made before the memory
-/// they will show is known. [`map_private_over`] puts a memory file there; dropping the
-/// result unmaps whatever is there then.
+/// Guest RAM of `cfg` with nothing behind it yet, for memory slots made before the memory
+/// they will show is known ([`map_private_over`] puts a memory file there). On 4 KiB pages it
+/// is anonymous, zero-filled on demand and reserving nothing (what the memory file's holes
+/// then read as); on huge pages an inaccessible hugetlb range that reserves no pool page
+/// (2 MiB-aligned), all of which the memory file then covers. Dropping it unmaps whatever is
+/// there then.
 pub fn reserve(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
     validate_size(cfg)?;
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    if cfg.hugepages {
-        flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
-    }
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let (prot, flags) = if cfg.hugepages {
+        (
+            libc::PROT_NONE,
+            flags | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+        )
+    } else {
+        (libc::PROT_READ | libc::PROT_WRITE, flags)
+    };
     let mut regions = Vec::new();
     for (base, len) in ram_ranges(cfg.size_mib * MIB) {
         let mapping = MmapRegionBuilder::new(len as usize)
-            .with_mmap_prot(libc::PROT_NONE)
+            .with_mmap_prot(prot)
             .with_mmap_flags(flags)
             .with_hugetlbfs(cfg.hugepages)
             .build()
@@ -603,10 +609,56 @@ pub fn reserve(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
 }
 
+/// Data ranges of a memory file closer than this are mapped as one (a mapping call costs more
+/// than reading the hole between them as zeroes).
+const MERGE_GAP: u64 = 2 * MIB;
+
+/// The byte ranges of `f`, `len` bytes long, that hold data (`SEEK_DATA`, `SEEK_HOLE`), those
+/// less than [`MERGE_GAP`] apart merged: what a clone must map from the file; the rest reads
+/// as zeroes. The whole file when the file system does not tell holes apart.
+fn data_ranges(f: &std::fs::File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |at: u64, whence: i32| -> io::Result<Option<u64>> {
+        let at =
+            libc::off_t::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        if start >= end {
+            break;
+        }
+        match out.last_mut() {
+            Some(last) if start - last.1 < MERGE_GAP => last.1 = end,
+            _ => out.push((start, end)),
+        }
+        at = end;
+    }
+    Ok(out)
+}
+
 /// The memory file at `path` mapped `MAP_PRIVATE` over `mem`, guest RAM of `cfg` that
-/// [`reserve`] made: the same mapping as [`map_private`]'s (pages from the file on first
-/// touch, copied when written), at the reserved addresses, so that memory slots made over
-/// them show it from now on.
+/// [`reserve`] made, at the same addresses, so that memory slots made over them show it from
+/// now on: the same mapping as [`map_private`]'s (pages from the file on first touch, copied
+/// when written) where the file holds data; on 4 KiB pages its holes stay the reservation's
+/// zero-fill pages, which read the same. Mapping over a slot makes KVM drop what it mapped
+/// there (nothing yet, but its walk costs with the range's size): mapping only the data keeps
+/// that small whatever the memory size. A huge-page file is mapped whole.
 pub fn map_private_over(
     cfg: &MemoryConfig,
     path: &std::path::Path,
@@ -615,7 +667,8 @@ pub fn map_private_over(
     use std::os::fd::AsRawFd;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let (f, huge) = open_memory_file(cfg, path)?;
-    let ranges = ram_ranges(cfg.size_mib * MIB);
+    let size = cfg.size_mib * MIB;
+    let ranges = ram_ranges(size);
     let regions: Vec<_> = mem.iter().collect();
     if regions.len() != ranges.len()
         || regions
@@ -628,30 +681,46 @@ pub fn map_private_over(
             cfg.size_mib
         )));
     }
-    let mut offset = 0u64;
+    let data = if huge {
+        vec![(0, size)]
+    } else {
+        data_ranges(&f, size).map_err(|source| MemoryError::File {
+            path: path.to_path_buf(),
+            source,
+        })?
+    };
+    let mut file_at = 0u64;
     for (region, (_, len)) in regions.iter().zip(&ranges) {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| MemoryError::Layout(format!("file offset {offset:#x}")))?;
-        // SAFETY: the range is exactly one region of `mem`, a mapping `mem` owns (made by
-        // `reserve`, unmapped when `mem` is dropped); MAP_FIXED replaces it in place with a
-        // mapping of the same length, which that drop then unmaps. Nothing else maps there.
-        let at = unsafe {
-            libc::mmap(
-                region.as_ptr().cast(),
-                *len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                private_flags(huge) | libc::MAP_FIXED,
-                f.as_raw_fd(),
-                off,
-            )
-        };
-        if at == libc::MAP_FAILED {
-            return Err(mapping_failed(
-                cfg,
-                vm_memory::mmap::MmapRegionError::Mmap(io::Error::last_os_error()),
-            ));
+        let (lo_region, hi_region) = (file_at, file_at + len);
+        file_at = hi_region;
+        for &(a, b) in &data {
+            let (lo, hi) = (a.max(lo_region), b.min(hi_region));
+            if lo >= hi {
+                continue;
+            }
+            let off = libc::off_t::try_from(lo)
+                .map_err(|_| MemoryError::Layout(format!("file offset {lo:#x}")))?;
+            // SAFETY: [lo, hi) lies inside this region's part of the file, so the address
+            // range is inside one region of `mem`, a mapping `mem` owns (made by `reserve`,
+            // unmapped when `mem` is dropped); MAP_FIXED replaces that part in place, and the
+            // drop unmaps it with the rest. Nothing else maps there.
+            let at = unsafe {
+                libc::mmap(
+                    region.as_ptr().add((lo - lo_region) as usize).cast(),
+                    (hi - lo) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    private_flags(huge) | libc::MAP_FIXED,
+                    f.as_raw_fd(),
+                    off,
+                )
+            };
+            if at == libc::MAP_FAILED {
+                return Err(mapping_failed(
+                    cfg,
+                    vm_memory::mmap::MmapRegionError::Mmap(io::Error::last_os_error()),
+                ));
+            }
         }
-        offset += len;
     }
     Ok(())
 }

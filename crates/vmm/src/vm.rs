@@ -499,15 +499,11 @@ fn prepare_clone(
     let identity = crate::snapshot::Identity::of_shape(shape)?;
     let snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
     clock.lap("read state");
-    let shell = match shell {
-        Some(shell) => shell,
-        None => {
-            let shell = prepare_shell(shape)?;
-            clock.phases.extend(shell.phases.iter().copied());
-            shell
-        }
+    let memory_file = dir.join(crate::snapshot::MEMORY_FILE);
+    let m = match shell {
+        Some(shell) => restore_into(shell, &snap, &memory_file)?,
+        None => restore(shape, &snap, &memory_file)?,
     };
-    let m = restore_into(shell, &snap, &dir.join(crate::snapshot::MEMORY_FILE))?;
     clock.phases.extend(m.phases.iter().copied());
     let disk = open_root_disk(shape)?;
     let RestoredMachine { vcpus, vm, mem, .. } = m;
@@ -550,18 +546,18 @@ impl std::fmt::Debug for RestoredMachine {
 }
 
 /// A new machine of `shape`'s memory and vCPUs from `snap` and its memory file, ready for
-/// its first KVM_RUN: a [`Shell`] of the shape, then [`restore_into`] it.
+/// its first KVM_RUN, with no shell built ahead: a [`Shell`] made directly over the memory
+/// file mapped `MAP_PRIVATE` (its slots over the file's mapping: mapping a file over slots
+/// that exist costs more, see [`restore_into`]), then the saved state set.
 pub fn restore(
     shape: &MachineShape,
     snap: &crate::snapshot::Snapshot,
     memory_file: &std::path::Path,
 ) -> Result<RestoredMachine, VmError> {
-    let shell = prepare_shell(shape)?;
-    let mut phases = shell.phases.clone();
-    let mut m = restore_into(shell, snap, memory_file)?;
-    phases.append(&mut m.phases);
-    m.phases = phases;
-    Ok(m)
+    let shell = build_shell(shape, "map memory file", || {
+        memory::map_private(&shape.memory, memory_file)
+    })?;
+    set_saved_state(shell, snap, PhaseClock::new(Instant::now()))
 }
 
 /// A VM of a machine shape (memory size and pages, vCPUs) with nothing of any guest in it
@@ -598,6 +594,15 @@ impl Shell {
 
 /// A [`Shell`] for `shape`'s memory and vCPUs.
 pub fn prepare_shell(shape: &MachineShape) -> Result<Shell, VmError> {
+    build_shell(shape, "reserve memory", || memory::reserve(&shape.memory))
+}
+
+/// A shell of `shape`'s vCPUs over the guest memory `memory` gives (the step named `what`).
+fn build_shell(
+    shape: &MachineShape,
+    what: &'static str,
+    memory: impl FnOnce() -> Result<GuestMemoryMmap, memory::MemoryError>,
+) -> Result<Shell, VmError> {
     if shape.vcpus == 0 || shape.vcpus > 32 {
         return Err(VmError::BadVcpuCount(shape.vcpus));
     }
@@ -605,8 +610,8 @@ pub fn prepare_shell(shape: &MachineShape) -> Result<Shell, VmError> {
     let hv = KvmHypervisor::get().map_err(VmError::OpenKvm)?;
     let vm = hypervisor::Hypervisor::create_vm(hv)?;
     clock.lap("create vm");
-    let mem = memory::reserve(&shape.memory)?;
-    clock.lap("reserve memory");
+    let mem = memory()?;
+    clock.lap(what);
     slots_and_irqchip(&*vm, &mem, &mut clock)?;
     let cpuid = hypervisor::Hypervisor::supported_cpuid(hv)?;
     let mut vcpus = Vec::with_capacity(usize::from(shape.vcpus));
@@ -635,6 +640,17 @@ pub fn restore_into(
     memory_file: &std::path::Path,
 ) -> Result<RestoredMachine, VmError> {
     let mut clock = PhaseClock::new(Instant::now());
+    check_vcpus(&shell, snap)?;
+    // Built ahead: its steps are not this restore's.
+    let mut shell = shell;
+    shell.phases.clear();
+    memory::map_private_over(&shell.memory, memory_file, &shell.mem)?;
+    clock.lap("map memory file");
+    set_saved_state(shell, snap, clock)
+}
+
+/// A snapshot of another vCPU count than `shell`'s, refused.
+fn check_vcpus(shell: &Shell, snap: &crate::snapshot::Snapshot) -> Result<(), VmError> {
     if snap.vcpus.len() != shell.vcpus.len() {
         return Err(VmError::ShellMismatch(format!(
             "the snapshot has {} vCPUs, the VM {}",
@@ -642,20 +658,36 @@ pub fn restore_into(
             shell.vcpus.len()
         )));
     }
-    let Shell { vcpus, vm, mem, .. } = shell;
-    memory::map_private_over(&shell.memory, memory_file, &mem)?;
-    clock.lap("map memory file");
+    Ok(())
+}
+
+/// The VM's and each vCPU's saved state set in `shell`, whose memory is the snapshot's;
+/// `clock`'s steps go on with theirs, and the shell's own building steps come first.
+fn set_saved_state(
+    shell: Shell,
+    snap: &crate::snapshot::Snapshot,
+    mut clock: PhaseClock,
+) -> Result<RestoredMachine, VmError> {
+    check_vcpus(&shell, snap)?;
+    let Shell {
+        vcpus,
+        vm,
+        mem,
+        phases: mut built,
+        ..
+    } = shell;
     vm.set_state(&snap.vm)?;
     clock.lap("vm state");
     for (vcpu, state) in vcpus.iter().zip(&snap.vcpus) {
         vcpu.set_state(state)?;
     }
     clock.lap("vcpu state");
+    built.append(&mut clock.phases);
     Ok(RestoredMachine {
         vcpus,
         vm,
         mem,
-        phases: clock.phases,
+        phases: built,
     })
 }
 
@@ -1661,6 +1693,16 @@ mod tests {
         let probe = GuestAddress(0x100_2000);
         let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
         assert_eq!(p.mem.read_obj::<u64>(probe).expect("read"), want);
+        // A hole of the memory file (memory the template never wrote) reads as zeroes.
+        let hole = GuestAddress(0x300_0000);
+        assert_eq!(p.mem.read_obj::<u64>(hole).expect("read"), 0);
+        // A clone's writes reach neither the file nor the next clone.
+        p.mem.write_obj(!want, probe).expect("write");
+        p.mem.write_obj(7u64, hole).expect("write");
+        let again = prepare_shell(&shape).expect("shell");
+        let q = prepare_in(again, &clone, Instant::now()).expect("another clone");
+        assert_eq!(q.mem.read_obj::<u64>(probe).expect("read"), want);
+        assert_eq!(q.mem.read_obj::<u64>(hole).expect("read"), 0);
         let e = prepare_in(other, &clone, Instant::now()).expect_err("another shape");
         let e = e.to_string();
         assert!(
