@@ -308,7 +308,7 @@ pub fn hugetlb_memfd(name: &std::ffi::CStr) -> io::Result<std::fs::File> {
 /// A file on hugetlbfs (a huge-page VM's snapshot) is written through a shared mapping
 /// instead, in 2 MiB pages: only those holding data are allocated (`fallocate`, so a short
 /// pool is an error, never a SIGBUS), the rest stay holes.
-pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryError> {
+pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<Vec<(u64, u64)>, MemoryError> {
     use std::io::{Seek, SeekFrom, Write};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let err = |source| MemoryError::File {
@@ -329,6 +329,7 @@ pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryE
         return save_huge(mem, &f).map_err(err);
     }
     let mut total = 0u64;
+    let mut data = Vec::new();
     const BLOCK: usize = 64 << 10;
     const PAGES_PER_BLOCK: usize = BLOCK / 4096;
     for region in mem.iter() {
@@ -352,12 +353,22 @@ pub fn save(mem: &GuestMemoryMmap, path: &std::path::Path) -> Result<(), MemoryE
                 f.seek(SeekFrom::Current(block.len() as i64)).map_err(err)?;
             } else {
                 f.write_all(block).map_err(err)?;
+                add_range(&mut data, total + (i * BLOCK) as u64, block.len() as u64);
             }
         }
         total += len as u64;
     }
     f.set_len(total).map_err(err)?;
-    f.sync_all().map_err(err)
+    f.sync_all().map_err(err)?;
+    Ok(data)
+}
+
+/// `[at, at + len)` added to ordered ranges, joined to the last one when they touch.
+fn add_range(ranges: &mut Vec<(u64, u64)>, at: u64, len: u64) {
+    match ranges.last_mut() {
+        Some((start, n)) if *start + *n == at => *n += len,
+        _ => ranges.push((at, len)),
+    }
 }
 
 const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
@@ -382,13 +393,14 @@ pub fn is_hugetlbfs_dir(dir: &std::path::Path) -> io::Result<bool> {
 
 /// [`save`] into a file on hugetlbfs: each 2 MiB page of guest RAM that holds data is
 /// allocated in the file (`fallocate`) and copied through a shared mapping.
-fn save_huge(mem: &GuestMemoryMmap, f: &std::fs::File) -> io::Result<()> {
+fn save_huge(mem: &GuestMemoryMmap, f: &std::fs::File) -> io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     const HUGE: usize = HUGE_PAGE_SIZE as usize;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     f.set_len(total)?;
     let mut offset = 0u64;
+    let mut data = Vec::new();
     for region in mem.iter() {
         let len = region.len() as usize;
         let host = region.as_ptr();
@@ -434,6 +446,7 @@ fn save_huge(mem: &GuestMemoryMmap, f: &std::fs::File) -> io::Result<()> {
                 unsafe {
                     std::ptr::copy_nonoverlapping(src.as_ptr(), dst.cast::<u8>().add(start), n)
                 };
+                add_range(&mut data, offset + start as u64, n as u64);
             }
             Ok(())
         })();
@@ -442,7 +455,7 @@ fn save_huge(mem: &GuestMemoryMmap, f: &std::fs::File) -> io::Result<()> {
         copied?;
         offset += len as u64;
     }
-    Ok(())
+    Ok(data)
 }
 
 /// For each 4 KiB page of this process's `[start, start + len)`: whether it may hold
@@ -577,27 +590,24 @@ fn open_memory_file(
     Ok((f, huge))
 }
 
-/// Guest RAM of `cfg` with nothing behind it yet, for memory slots made before the memory
-/// they will show is known ([`map_private_over`] puts a memory file there). On 4 KiB pages it
-/// is anonymous, zero-filled on demand and reserving nothing (what the memory file's holes
-/// then read as); on huge pages an inaccessible hugetlb range that reserves no pool page
-/// (2 MiB-aligned), all of which the memory file then covers. Dropping it unmaps whatever is
-/// there then.
+/// Guest RAM of `cfg` with nothing of a guest in it yet, for memory slots made before the
+/// memory they will show is known ([`map_private_over`] maps a memory file's data there; its
+/// holes stay these zero-fill pages, which read the same). Anonymous and private: on 4 KiB
+/// pages it reserves nothing; on huge pages it reserves its pool pages as a boot's memory does
+/// (a short pool fails here, never with a SIGBUS later) and holds none until touched.
+/// Dropping it unmaps whatever is there then.
 pub fn reserve(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
-    validate_size(cfg)?;
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-    let (prot, flags) = if cfg.hugepages {
-        (
-            libc::PROT_NONE,
-            flags | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
-        )
+    validate(cfg)?;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if cfg.hugepages {
+        flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
     } else {
-        (libc::PROT_READ | libc::PROT_WRITE, flags)
-    };
+        flags |= libc::MAP_NORESERVE;
+    }
     let mut regions = Vec::new();
     for (base, len) in ram_ranges(cfg.size_mib * MIB) {
         let mapping = MmapRegionBuilder::new(len as usize)
-            .with_mmap_prot(prot)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
             .with_hugetlbfs(cfg.hugepages)
             .build()
@@ -612,6 +622,26 @@ pub fn reserve(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
 /// Data ranges of a memory file closer than this are mapped as one (a mapping call costs more
 /// than reading the hole between them as zeroes).
 const MERGE_GAP: u64 = 2 * MIB;
+
+/// Recorded data ranges of a memory file of `size` bytes, those less than [`MERGE_GAP`] apart
+/// merged; refused unless each is inside the file, page-aligned and after the one before.
+fn merged(ranges: &[(u64, u64)], size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(at, len) in ranges {
+        let end = at.checked_add(len).filter(|&e| e <= size);
+        let after = out.last().is_none_or(|&(_, e)| at >= e);
+        let (Some(end), true, true) = (end, after, at % 4096 == 0 && len % 4096 == 0) else {
+            return Err(MemoryError::Layout(format!(
+                "the snapshot's memory data range {at:#x}+{len:#x} does not fit a file of {size} bytes"
+            )));
+        };
+        match out.last_mut() {
+            Some(last) if at - last.1 < MERGE_GAP => last.1 = end,
+            _ => out.push((at, end)),
+        }
+    }
+    Ok(out)
+}
 
 /// The byte ranges of `f`, `len` bytes long, that hold data (`SEEK_DATA`, `SEEK_HOLE`), those
 /// less than [`MERGE_GAP`] apart merged: what a clone must map from the file; the rest reads
@@ -655,14 +685,17 @@ fn data_ranges(f: &std::fs::File, len: u64) -> io::Result<Vec<(u64, u64)>> {
 /// The memory file at `path` mapped `MAP_PRIVATE` over `mem`, guest RAM of `cfg` that
 /// [`reserve`] made, at the same addresses, so that memory slots made over them show it from
 /// now on: the same mapping as [`map_private`]'s (pages from the file on first touch, copied
-/// when written) where the file holds data; on 4 KiB pages its holes stay the reservation's
-/// zero-fill pages, which read the same. Mapping over a slot makes KVM drop what it mapped
-/// there (nothing yet, but its walk costs with the range's size): mapping only the data keeps
-/// that small whatever the memory size. A huge-page file is mapped whole.
+/// when written) where the file holds data; its holes stay the reservation's zero-fill pages,
+/// which read the same. Mapping over a slot makes KVM drop what it mapped there (nothing yet,
+/// but its walk costs with the range's size): mapping only the data keeps that small whatever
+/// the memory size. The data is `recorded` (what [`save`] returned, kept in the snapshot);
+/// without it, what the file system reports (`SEEK_DATA`; hugetlbfs reports none: the whole
+/// file then).
 pub fn map_private_over(
     cfg: &MemoryConfig,
     path: &std::path::Path,
     mem: &GuestMemoryMmap,
+    recorded: Option<&[(u64, u64)]>,
 ) -> Result<(), MemoryError> {
     use std::os::fd::AsRawFd;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -681,13 +714,13 @@ pub fn map_private_over(
             cfg.size_mib
         )));
     }
-    let data = if huge {
-        vec![(0, size)]
-    } else {
-        data_ranges(&f, size).map_err(|source| MemoryError::File {
+    let data = match recorded {
+        Some(r) => merged(r, size)?,
+        None if huge => vec![(0, size)],
+        None => data_ranges(&f, size).map_err(|source| MemoryError::File {
             path: path.to_path_buf(),
             source,
-        })?
+        })?,
     };
     let mut file_at = 0u64;
     for (region, (_, len)) in regions.iter().zip(&ranges) {
@@ -855,6 +888,26 @@ pub fn usage(mem: &GuestMemoryMmap) -> io::Result<MemoryUse> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Recorded data ranges are merged across gaps under 2 MiB and checked against the file.
+    #[test]
+    fn recorded_memory_data_is_merged_and_checked() {
+        let size = 128 * MIB;
+        let r = merged(&[(0, 65536), (1 << 20, 4096), (16 << 20, 8192)], size).expect("fits");
+        assert_eq!(
+            r,
+            vec![(0, (1 << 20) + 4096), (16 << 20, (16 << 20) + 8192)]
+        );
+        for bad in [
+            vec![(size - 4096, 8192)],
+            vec![(1 << 20, 4096), (0, 4096)],
+            vec![(100, 4096)],
+            vec![(u64::MAX - 4095, 4096)],
+        ] {
+            let e = merged(&bad, size).expect_err("refused").to_string();
+            assert!(e.contains("does not fit"), "{e}");
+        }
+    }
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]

@@ -201,6 +201,9 @@ pub struct Snapshot {
     pub vcpus: Vec<VcpuState>,
     /// Each device's own state, by its name (what its save gave, restored by its restore).
     pub devices: Vec<(String, Vec<u8>)>,
+    /// Where the memory file holds data: (offset, length) ranges, in order (what
+    /// [`crate::memory::save`] wrote; the rest is holes). None when not recorded.
+    pub memory_data: Option<Vec<(u64, u64)>>,
 }
 
 /// The bytes of a plain KVM structure.
@@ -257,6 +260,14 @@ impl Snapshot {
         }
         for (name, b) in &self.devices {
             s.push((format!("dev.{name}"), b.clone()));
+        }
+        if let Some(ranges) = &self.memory_data {
+            let b: Vec<u8> = ranges
+                .iter()
+                .flat_map(|(at, len)| [at.to_le_bytes(), len.to_le_bytes()])
+                .flatten()
+                .collect();
+            s.push(("memory.data".into(), b));
         }
         s
     }
@@ -356,11 +367,25 @@ impl Snapshot {
             .iter()
             .filter_map(|(n, b)| Some((n.strip_prefix("dev.")?.to_string(), b.to_vec())))
             .collect();
+        let memory_data = match sections.iter().find(|(n, _)| n == "memory.data") {
+            None => None,
+            Some((_, b)) if b.len() % 16 == 0 => Some(
+                b.chunks_exact(16)
+                    .map(|c| {
+                        let word =
+                            |i: usize| u64::from_le_bytes(std::array::from_fn(|j| c[i * 8 + j]));
+                        (word(0), word(1))
+                    })
+                    .collect(),
+            ),
+            Some(_) => return Err(corrupt("section memory.data is not a list of ranges")),
+        };
         Ok(Snapshot {
             identity,
             vm,
             vcpus,
             devices,
+            memory_data,
         })
     }
 }
@@ -476,6 +501,7 @@ mod tests {
             vm: vm.state().expect("vm state"),
             vcpus,
             devices: vec![("serial".into(), b"lcr=3".to_vec())],
+            memory_data: Some(vec![(0, 65536), (1 << 20, 4096)]),
         }
     }
 
@@ -492,6 +518,7 @@ mod tests {
         assert_eq!(back.vcpus[0].msrs.len(), s.vcpus[0].msrs.len());
         assert_eq!(back.vm.clock.clock, s.vm.clock.clock);
         assert_eq!(back.devices, s.devices);
+        assert_eq!(back.memory_data, s.memory_data);
         // And KVM takes it: into a fresh VM, read back the same.
         let hv = KvmHypervisor::get().expect("/dev/kvm");
         let vm = hv.create_vm().expect("vm");

@@ -644,7 +644,12 @@ pub fn restore_into(
     // Built ahead: its steps are not this restore's.
     let mut shell = shell;
     shell.phases.clear();
-    memory::map_private_over(&shell.memory, memory_file, &shell.mem)?;
+    memory::map_private_over(
+        &shell.memory,
+        memory_file,
+        &shell.mem,
+        snap.memory_data.as_deref(),
+    )?;
     clock.lap("map memory file");
     set_saved_state(shell, snap, clock)
 }
@@ -846,17 +851,18 @@ fn write_snapshot(
             None => Err(format!("vCPU {id} ended before it was stopped")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let snap = Snapshot {
+    let mut snap = Snapshot {
         identity: Identity::of_shape(shape).map_err(|e| e.to_string())?,
         vm: vm.state().map_err(|e| e.to_string())?,
         vcpus,
         devices: buses.save_states(),
+        memory_data: None,
     };
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let in_dir = dir.join(snapshot::MEMORY_FILE);
     match &capture.memory_file {
         Some(file) => {
-            memory::save(mem, file).map_err(|e| e.to_string())?;
+            snap.memory_data = Some(memory::save(mem, file).map_err(|e| e.to_string())?);
             let _ = std::fs::remove_file(&in_dir);
             std::os::unix::fs::symlink(file, &in_dir)
                 .map_err(|e| format!("{}: {e}", in_dir.display()))?;
@@ -868,7 +874,7 @@ fn write_snapshot(
                     .into(),
             )
         }
-        None => memory::save(mem, &in_dir).map_err(|e| e.to_string())?,
+        None => snap.memory_data = Some(memory::save(mem, &in_dir).map_err(|e| e.to_string())?),
     }
     snapshot::write(&dir.join(snapshot::STATE_FILE), &snap).map_err(|e| e.to_string())
 }
@@ -1677,6 +1683,16 @@ mod tests {
             snapshot: Some(dir.path().to_path_buf()),
             ..shape.clone()
         };
+        // The capture recorded where its memory file holds data: what the shell maps.
+        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
+        let snap = crate::snapshot::read(&dir.path().join(crate::snapshot::STATE_FILE), &identity)
+            .expect("read");
+        let data = snap.memory_data.clone().expect("data ranges recorded");
+        assert!(
+            data.iter()
+                .any(|&(at, len)| at <= 0x100_2000 && 0x100_2000 < at + len),
+            "the kernel's page is data: {data:x?}"
+        );
         let p = prepare_in(shell, &clone, Instant::now()).expect("restore into the shell");
         let names: Vec<&str> = p.phases().iter().map(|(n, _)| *n).collect();
         assert_eq!(
@@ -1720,7 +1736,8 @@ mod tests {
         use std::os::fd::AsRawFd;
         use vm_memory::{Bytes, GuestAddress};
         let _lock = crate::memory::HUGE_PAGE_TESTS.lock();
-        // The template's 32 pages, its memory file's few, two clones' 32 each.
+        // The template's 32 pages, its memory file's few, two clones' 32 each (the shell's
+        // later).
         let _pool = crate::memory::HugePagePool::raise_to(104)
             .expect("raising vm.nr_hugepages (the test runs as root)");
         let (shape, _k, _i) = spinning_guest();
@@ -1767,6 +1784,21 @@ mod tests {
             a.mem.write_obj(!want, probe).expect("write");
             assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), want);
             assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), !want);
+        }
+        {
+            // Into a shell (its memory reserved in huge pages): the recorded huge pages with
+            // data come from the file, the rest reads as zeroes.
+            let shell = prepare_shell(&shape).expect("shell");
+            let c = restore_into(shell, &snap, &memfile).expect("restore into a shell");
+            let probe = GuestAddress(0x100_2000);
+            let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
+            assert_eq!(c.mem.read_obj::<u64>(probe).expect("read"), want);
+            assert_eq!(
+                c.mem
+                    .read_obj::<u64>(GuestAddress(0x300_0000))
+                    .expect("read"),
+                0
+            );
         }
         // A 4 KiB-page guest cannot map it.
         let small = MachineShape {
