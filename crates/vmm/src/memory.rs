@@ -520,7 +520,7 @@ pub fn map_private(
     path: &std::path::Path,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     use vm_memory::FileOffset;
-    let (f, huge) = open_memory_file(cfg, path)?;
+    let (f, huge) = open_memory_file(cfg, path, true)?;
     let err = |source| MemoryError::File {
         path: path.to_path_buf(),
         source,
@@ -555,10 +555,12 @@ fn private_flags(huge: bool) -> i32 {
 }
 
 /// A memory file for guest RAM of `cfg` opened and checked: on hugetlbfs exactly when the
-/// guest uses huge pages, and of the guest's size. Returns it and whether it is on hugetlbfs.
+/// guest uses huge pages (then, with `pool_check`, the pool has room for its copies), and of
+/// the guest's size. Returns it and whether it is on hugetlbfs.
 fn open_memory_file(
     cfg: &MemoryConfig,
     path: &std::path::Path,
+    pool_check: bool,
 ) -> Result<(std::fs::File, bool), MemoryError> {
     let err = |source| MemoryError::File {
         path: path.to_path_buf(),
@@ -577,7 +579,7 @@ fn open_memory_file(
             },
         )));
     }
-    if huge {
+    if huge && pool_check {
         validate(cfg)?;
     }
     let len = f.metadata().map_err(err)?.len();
@@ -699,7 +701,8 @@ pub fn map_private_over(
 ) -> Result<(), MemoryError> {
     use std::os::fd::AsRawFd;
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let (f, huge) = open_memory_file(cfg, path)?;
+    // The pool pages are the reservation's already: the mapping takes over its share.
+    let (f, huge) = open_memory_file(cfg, path, false)?;
     let size = cfg.size_mib * MIB;
     let ranges = ram_ranges(size);
     let regions: Vec<_> = mem.iter().collect();

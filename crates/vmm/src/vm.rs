@@ -1787,7 +1787,15 @@ mod tests {
         }
         {
             // Into a shell (its memory reserved in huge pages): the recorded huge pages with
-            // data come from the file, the rest reads as zeroes.
+            // data come from the file, the rest reads as zeroes. The pool is left with room
+            // for the shell and little more: the shell's reservation is what the mapping uses.
+            let free = crate::memory::free_huge_pages().expect("free huge pages");
+            let _hog = crate::memory::create(&crate::memory::MemoryConfig {
+                size_mib: (free - 40) * 2,
+                hugepages: true,
+                populate: false,
+            })
+            .expect("reserving all but 40 huge pages");
             let shell = prepare_shell(&shape).expect("shell");
             let c = restore_into(shell, &snap, &memfile).expect("restore into a shell");
             let probe = GuestAddress(0x100_2000);
