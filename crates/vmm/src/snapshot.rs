@@ -6,7 +6,7 @@
 //! ```text
 //! "XCGISNAP"  u32 format version  u32 section count
 //! sections:   u16 name length, name (UTF-8), u32 length, bytes      (count times)
-//! u64 FNV-1a of everything before it
+//! u64 FNV-1a (over 64-bit words) of everything before it
 //! ```
 //!
 //! The first section, `identity`, says what the snapshot belongs to (`key=value` lines: the
@@ -27,7 +27,7 @@ use crate::hypervisor::{
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"XCGISNAP";
 /// The layout version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// A snapshot's state is small (the VM's memory is elsewhere); a larger file is refused.
 const MAX_STATE_BYTES: u64 = 64 << 20;
 
@@ -228,12 +228,22 @@ fn from_pod<T>(name: &str, b: &[u8]) -> Result<T, SnapshotError> {
     Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
 }
 
-/// 64-bit FNV-1a: catches a truncated or altered file (not an attacker: the file is the
-/// server's own, in its own directory).
+/// 64-bit FNV-1a over little-endian 64-bit words (the last one zero-padded, the length mixed
+/// in last): catches a truncated or altered file (not an attacker: the file is the server's
+/// own, in its own directory). A word at a time: a byte at a time took ~20 µs of a clone's
+/// restore (format 1).
 fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
-        (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut words = b.chunks_exact(8);
+    let mut h = words.by_ref().fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+        (h ^ u64::from_le_bytes(std::array::from_fn(|i| w[i]))).wrapping_mul(PRIME)
+    });
+    let tail = words.remainder();
+    if !tail.is_empty() {
+        let last = u64::from_le_bytes(std::array::from_fn(|i| tail.get(i).copied().unwrap_or(0)));
+        h = (h ^ last).wrapping_mul(PRIME);
+    }
+    (h ^ b.len() as u64).wrapping_mul(PRIME)
 }
 
 impl Snapshot {
@@ -577,11 +587,14 @@ mod tests {
         let e = Snapshot::decode(b"not a snapshot at all, no", &identity()).expect_err("foreign");
         assert!(e.to_string().contains("XCGISNAP"), "{e}");
         // Another format version, with a correct checksum.
-        let mut v2 = bytes[..bytes.len() - 8].to_vec();
-        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let sum = fnv1a(&v2);
-        v2.extend_from_slice(&sum.to_le_bytes());
-        let e = Snapshot::decode(&v2, &identity()).expect_err("version 2");
-        assert!(e.to_string().contains("format version 2"), "{e}");
+        let mut v1 = bytes[..bytes.len() - 8].to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let sum = fnv1a(&v1);
+        v1.extend_from_slice(&sum.to_le_bytes());
+        let e = Snapshot::decode(&v1, &identity()).expect_err("version 1");
+        assert!(e.to_string().contains("format version 1"), "{e}");
+        // Every byte counts, the last partial word's and the length included.
+        assert_ne!(fnv1a(b"abcdefghi"), fnv1a(b"abcdefghj"));
+        assert_ne!(fnv1a(b"abcdefgh"), fnv1a(b"abcdefgh\0"));
     }
 }

@@ -496,7 +496,9 @@ fn prepare_clone(
             path: dir.to_path_buf(),
             source,
         })?;
+    clock.lap("resolve snapshot");
     let identity = crate::snapshot::Identity::of_shape(shape)?;
+    clock.lap("identity");
     let snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
     clock.lap("read state");
     let memory_file = dir.join(crate::snapshot::MEMORY_FILE);
@@ -1699,6 +1701,8 @@ mod tests {
             names,
             [
                 "process start",
+                "resolve snapshot",
+                "identity",
                 "read state",
                 "map memory file",
                 "vm state",

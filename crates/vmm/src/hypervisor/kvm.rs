@@ -353,7 +353,7 @@ impl super::Vcpu for KvmVcpu {
             .map_err(err("KVM_SET_MP_STATE"))?;
         self.set_regs(&s.regs)?;
         self.set_sregs(&s.sregs)?;
-        self.set_fpu(&s.fpu)?;
+        // The FPU's state is in the XSAVE area, set next (KVM_SET_FPU would be overwritten).
         // SAFETY: `s.xsave` is a whole kvm_xsave as KVM_GET_XSAVE filled it; the kernel reads
         // no more than that struct.
         unsafe { self.fd.set_xsave(&s.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
