@@ -446,11 +446,18 @@ pub fn read(path: &Path, want: &Identity) -> Result<Snapshot, SnapshotError> {
         source,
     };
     let f = std::fs::File::open(path).map_err(io)?;
+    // Its size first, so that it is read in one go into a buffer of that size (reading an
+    // unknown size probes in small reads, each a system call on a restore's path); never more
+    // than the limit, whatever the file does meanwhile.
+    let len = f.metadata().map_err(io)?.len();
     let mut b = Vec::new();
-    f.take(MAX_STATE_BYTES + 1)
-        .read_to_end(&mut b)
-        .map_err(io)?;
-    if b.len() as u64 > MAX_STATE_BYTES {
+    if len <= MAX_STATE_BYTES {
+        b.reserve_exact(len as usize + 64);
+        f.take(MAX_STATE_BYTES + 1)
+            .read_to_end(&mut b)
+            .map_err(io)?;
+    }
+    if len > MAX_STATE_BYTES || b.len() as u64 > MAX_STATE_BYTES {
         return Err(SnapshotError::Unreadable {
             path: path.to_path_buf(),
             reason: format!("larger than {MAX_STATE_BYTES} bytes: not a state file"),
