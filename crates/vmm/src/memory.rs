@@ -199,8 +199,16 @@ impl Drop for HugePagePool {
 
 /// Validates a memory configuration without allocating anything.
 pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
-    validate_size(cfg)?;
+    if cfg.size_mib < MIN_MEM_MIB {
+        return Err(MemoryError::TooSmall(cfg.size_mib));
+    }
+    if cfg.size_mib > 1 << 20 {
+        return Err(MemoryError::TooLarge(cfg.size_mib));
+    }
     if cfg.hugepages {
+        if !(cfg.size_mib * MIB).is_multiple_of(HUGE_PAGE_SIZE) {
+            return Err(MemoryError::NotHugeAligned(cfg.size_mib));
+        }
         let needed = cfg.size_mib * MIB / HUGE_PAGE_SIZE;
         let free = free_huge_pages().unwrap_or(0);
         if free < needed {
@@ -215,25 +223,10 @@ pub fn validate(cfg: &MemoryConfig) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// The size checks of [`validate`] (not the huge-page pool's).
-fn validate_size(cfg: &MemoryConfig) -> Result<(), MemoryError> {
-    if cfg.size_mib < MIN_MEM_MIB {
-        return Err(MemoryError::TooSmall(cfg.size_mib));
-    }
-    if cfg.size_mib > 1 << 20 {
-        return Err(MemoryError::TooLarge(cfg.size_mib));
-    }
-    if cfg.hugepages && !(cfg.size_mib * MIB).is_multiple_of(HUGE_PAGE_SIZE) {
-        return Err(MemoryError::NotHugeAligned(cfg.size_mib));
-    }
-    Ok(())
-}
-
 /// Maps guest RAM as configured. Pages are private to this VM and freed when the returned
 /// memory (and every clone of it) is dropped.
 pub fn create(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
     validate(cfg)?;
-    let size = cfg.size_mib * MIB;
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     if cfg.hugepages {
         // No MAP_NORESERVE: the pool is reserved at mmap time, so a short pool fails here
@@ -245,17 +238,30 @@ pub fn create(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
     if cfg.populate {
         flags |= libc::MAP_POPULATE;
     }
-    let mut regions = Vec::new();
-    for (base, len) in ram_ranges(size) {
-        let mapping = MmapRegionBuilder::new(len as usize)
+    map_ranges(cfg, |_, len| {
+        Ok(MmapRegionBuilder::new(len as usize)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
-            .with_hugetlbfs(cfg.hugepages)
+            .with_hugetlbfs(cfg.hugepages))
+    })
+}
+
+/// Guest RAM of `cfg`'s size, each of its RAM ranges ([`ram_ranges`]) mapped as `build` says
+/// from the range's offset in guest RAM (without the MMIO hole) and its length.
+fn map_ranges(
+    cfg: &MemoryConfig,
+    mut build: impl FnMut(u64, u64) -> Result<MmapRegionBuilder, MemoryError>,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (base, len) in ram_ranges(cfg.size_mib * MIB) {
+        let mapping = build(offset, len)?
             .build()
             .map_err(|e| mapping_failed(cfg, e))?;
         let region = GuestRegionMmap::new(mapping, base)
             .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
         regions.push(region);
+        offset += len;
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
 }
@@ -525,23 +531,14 @@ pub fn map_private(
         path: path.to_path_buf(),
         source,
     };
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    for (base, len) in ram_ranges(cfg.size_mib * MIB) {
+    map_ranges(cfg, |offset, len| {
         let file = f.try_clone().map_err(err)?;
-        let mapping = MmapRegionBuilder::new(len as usize)
+        Ok(MmapRegionBuilder::new(len as usize)
             .with_file_offset(FileOffset::new(file, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(private_flags(huge))
-            .with_hugetlbfs(huge)
-            .build()
-            .map_err(|e| mapping_failed(cfg, e))?;
-        let region = GuestRegionMmap::new(mapping, base)
-            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
-        regions.push(region);
-        offset += len;
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
+            .with_hugetlbfs(huge))
+    })
 }
 
 /// `mmap` flags of a clone's private mapping of a memory file: a huge-page one reserves its
@@ -592,35 +589,6 @@ fn open_memory_file(
     Ok((f, huge))
 }
 
-/// Guest RAM of `cfg` with nothing of a guest in it yet, for memory slots made before the
-/// memory they will show is known ([`map_private_over`] maps a memory file's data there; its
-/// holes stay these zero-fill pages, which read the same). Anonymous and private: on 4 KiB
-/// pages it reserves nothing; on huge pages it reserves its pool pages as a boot's memory does
-/// (a short pool fails here, never with a SIGBUS later) and holds none until touched.
-/// Dropping it unmaps whatever is there then.
-pub fn reserve(cfg: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
-    validate(cfg)?;
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-    if cfg.hugepages {
-        flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
-    } else {
-        flags |= libc::MAP_NORESERVE;
-    }
-    let mut regions = Vec::new();
-    for (base, len) in ram_ranges(cfg.size_mib * MIB) {
-        let mapping = MmapRegionBuilder::new(len as usize)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .with_hugetlbfs(cfg.hugepages)
-            .build()
-            .map_err(|e| mapping_failed(cfg, e))?;
-        let region = GuestRegionMmap::new(mapping, base)
-            .ok_or_else(|| MemoryError::Layout(format!("region at {:#x} overflows", base.0)))?;
-        regions.push(region);
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Layout(e.to_string()))
-}
-
 /// Data ranges of a memory file closer than this are mapped as one (a mapping call costs more
 /// than reading the hole between them as zeroes).
 const MERGE_GAP: u64 = 2 * MIB;
@@ -645,54 +613,15 @@ fn merged(ranges: &[(u64, u64)], size: u64) -> Result<Vec<(u64, u64)>, MemoryErr
     Ok(out)
 }
 
-/// The byte ranges of `f`, `len` bytes long, that hold data (`SEEK_DATA`, `SEEK_HOLE`), those
-/// less than [`MERGE_GAP`] apart merged: what a clone must map from the file; the rest reads
-/// as zeroes. The whole file when the file system does not tell holes apart.
-fn data_ranges(f: &std::fs::File, len: u64) -> io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let seek = |at: u64, whence: i32| -> io::Result<Option<u64>> {
-        let at =
-            libc::off_t::try_from(at).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: lseek on a descriptor we own; it only moves the file offset.
-        let r = unsafe { libc::lseek(f.as_raw_fd(), at, whence) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        }
-    };
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut at = 0;
-    while at < len {
-        let Some(start) = seek(at, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        if start >= end {
-            break;
-        }
-        match out.last_mut() {
-            Some(last) if start - last.1 < MERGE_GAP => last.1 = end,
-            _ => out.push((start, end)),
-        }
-        at = end;
-    }
-    Ok(out)
-}
-
 /// The memory file at `path` mapped `MAP_PRIVATE` over `mem`, guest RAM of `cfg` that
-/// [`reserve`] made, at the same addresses, so that memory slots made over them show it from
+/// [`create`] made (zero-fill pages; a huge-page one with its pool pages reserved), at the
+/// same addresses, so that memory slots made over them show it from
 /// now on: the same mapping as [`map_private`]'s (pages from the file on first touch, copied
 /// when written) where the file holds data; its holes stay the reservation's zero-fill pages,
 /// which read the same. Mapping over a slot makes KVM drop what it mapped there (nothing yet,
 /// but its walk costs with the range's size): mapping only the data keeps that small whatever
 /// the memory size. The data is `recorded` (what [`save`] returned, kept in the snapshot);
-/// without it, what the file system reports (`SEEK_DATA`; hugetlbfs reports none: the whole
-/// file then).
+/// without it, the whole file is mapped (hugetlbfs, for one, reports no holes to find it).
 pub fn map_private_over(
     cfg: &MemoryConfig,
     path: &std::path::Path,
@@ -719,11 +648,7 @@ pub fn map_private_over(
     }
     let data = match recorded {
         Some(r) => merged(r, size)?,
-        None if huge => vec![(0, size)],
-        None => data_ranges(&f, size).map_err(|source| MemoryError::File {
-            path: path.to_path_buf(),
-            source,
-        })?,
+        None => vec![(0, size)],
     };
     let mut file_at = 0u64;
     for (region, (_, len)) in regions.iter().zip(&ranges) {
@@ -737,7 +662,7 @@ pub fn map_private_over(
             let off = libc::off_t::try_from(lo)
                 .map_err(|_| MemoryError::Layout(format!("file offset {lo:#x}")))?;
             // SAFETY: [lo, hi) lies inside this region's part of the file, so the address
-            // range is inside one region of `mem`, a mapping `mem` owns (made by `reserve`,
+            // range is inside one region of `mem`, a mapping `mem` owns (made by `create`,
             // unmapped when `mem` is dropped); MAP_FIXED replaces that part in place, and the
             // drop unmaps it with the rest. Nothing else maps there.
             let at = unsafe {

@@ -369,11 +369,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     if shape.vcpus == 0 || shape.vcpus > 32 {
         return Err(VmError::BadVcpuCount(shape.vcpus));
     }
-    let root = match (&shape.rootfs, &shape.initramfs) {
-        (Some(_), _) => RootSource::Disk,
-        (None, Some(_)) => RootSource::Initramfs,
-        (None, None) => return Err(VmError::NoRoot),
-    };
+    let root = root_source(shape)?;
     // Cheap checks first: fail before touching KVM.
     memory::validate(&shape.memory)?;
     if let Some(dir) = &shape.snapshot {
@@ -427,11 +423,7 @@ pub fn prepare_in(
     shape: &MachineShape,
     start: Instant,
 ) -> Result<PreparedVm, VmError> {
-    let root = match (&shape.rootfs, &shape.initramfs) {
-        (Some(_), _) => RootSource::Disk,
-        (None, Some(_)) => RootSource::Initramfs,
-        (None, None) => return Err(VmError::NoRoot),
-    };
+    let root = root_source(shape)?;
     let Some(dir) = &shape.snapshot else {
         return Err(VmError::ShellMismatch(
             "the machine has no snapshot to restore".into(),
@@ -457,6 +449,15 @@ pub fn prepare_in(
         )));
     }
     prepare_clone(shape, dir, root, start, Some(shell))
+}
+
+/// Where the shape's root filesystem comes from: its disk image, else its initramfs.
+fn root_source(shape: &MachineShape) -> Result<RootSource, VmError> {
+    match (&shape.rootfs, &shape.initramfs) {
+        (Some(_), _) => Ok(RootSource::Disk),
+        (None, Some(_)) => Ok(RootSource::Initramfs),
+        (None, None) => Err(VmError::NoRoot),
+    }
 }
 
 /// The shape's root disk, opened (a jailed process cannot open files by path when it
@@ -563,12 +564,14 @@ pub fn restore(
 }
 
 /// A VM of a machine shape (memory size and pages, vCPUs) with nothing of any guest in it
-/// yet: the KVM VM, memory slots over reserved, empty address space
-/// ([`memory::reserve`]), the TSS, interrupt controllers and PIT, the vCPUs with their CPUID.
+/// yet: the KVM VM, memory slots over fresh zero-fill memory ([`memory::create`]: on huge
+/// pages its pool pages reserved, as a boot's), the TSS, interrupt controllers and PIT, the
+/// vCPUs with their CPUID.
 /// Any snapshot of that shape can then be restored into it ([`restore_into`]), which costs
 /// only mapping the snapshot's memory over the slots and setting the saved state: what
 /// building a VM costs, and what grows with memory size (the slots), is paid here, ahead and
-/// whichever snapshot comes. Dropping it unused releases everything; no memory is held.
+/// whichever snapshot comes. Dropping it unused releases everything; it holds no guest page
+/// until one is touched.
 pub struct Shell {
     // Field order is drop order: vCPUs, then the VM, then the address space its slots use.
     vcpus: Vec<Box<dyn Vcpu>>,
@@ -596,7 +599,12 @@ impl Shell {
 
 /// A [`Shell`] for `shape`'s memory and vCPUs.
 pub fn prepare_shell(shape: &MachineShape) -> Result<Shell, VmError> {
-    build_shell(shape, "reserve memory", || memory::reserve(&shape.memory))
+    build_shell(shape, "map memory", || {
+        memory::create(&memory::MemoryConfig {
+            populate: false,
+            ..shape.memory
+        })
+    })
 }
 
 /// A shell of `shape`'s vCPUs over the guest memory `memory` gives (the step named `what`).
@@ -633,18 +641,16 @@ fn build_shell(
 }
 
 /// `snap` and its memory file restored into `shell`, ready for the first KVM_RUN (issue 13's
-/// cold restore, once the shell is there): the memory file mapped `MAP_PRIVATE` over the
-/// shell's reserved memory ([`memory::map_private_over`]: the slots show it from then on),
-/// the VM's state, each vCPU's state. A snapshot of another vCPU count is refused.
+/// cold restore, once the shell is there): the memory file's data mapped `MAP_PRIVATE` over
+/// the shell's memory ([`memory::map_private_over`]: the slots show it from then on), the
+/// VM's state, each vCPU's state. A snapshot of another vCPU count is refused.
 pub fn restore_into(
-    shell: Shell,
+    mut shell: Shell,
     snap: &crate::snapshot::Snapshot,
     memory_file: &std::path::Path,
 ) -> Result<RestoredMachine, VmError> {
     let mut clock = PhaseClock::new(Instant::now());
-    check_vcpus(&shell, snap)?;
     // Built ahead: its steps are not this restore's.
-    let mut shell = shell;
     shell.phases.clear();
     memory::map_private_over(
         &shell.memory,
@@ -656,8 +662,14 @@ pub fn restore_into(
     set_saved_state(shell, snap, clock)
 }
 
-/// A snapshot of another vCPU count than `shell`'s, refused.
-fn check_vcpus(shell: &Shell, snap: &crate::snapshot::Snapshot) -> Result<(), VmError> {
+/// The VM's and each vCPU's saved state set in `shell`, whose memory is the snapshot's (a
+/// snapshot of another vCPU count is refused); `clock`'s steps go on with theirs, and the
+/// shell's own building steps come first.
+fn set_saved_state(
+    shell: Shell,
+    snap: &crate::snapshot::Snapshot,
+    mut clock: PhaseClock,
+) -> Result<RestoredMachine, VmError> {
     if snap.vcpus.len() != shell.vcpus.len() {
         return Err(VmError::ShellMismatch(format!(
             "the snapshot has {} vCPUs, the VM {}",
@@ -665,17 +677,6 @@ fn check_vcpus(shell: &Shell, snap: &crate::snapshot::Snapshot) -> Result<(), Vm
             shell.vcpus.len()
         )));
     }
-    Ok(())
-}
-
-/// The VM's and each vCPU's saved state set in `shell`, whose memory is the snapshot's;
-/// `clock`'s steps go on with theirs, and the shell's own building steps come first.
-fn set_saved_state(
-    shell: Shell,
-    snap: &crate::snapshot::Snapshot,
-    mut clock: PhaseClock,
-) -> Result<RestoredMachine, VmError> {
-    check_vcpus(&shell, snap)?;
     let Shell {
         vcpus,
         vm,

@@ -6,7 +6,7 @@
 //!   identity checked, a new VM, memory mapped `MAP_PRIVATE` from the file, memory slots,
 //!   interrupt controllers, vCPUs and every piece of their state set;
 //! - the cold restore into a shell built ahead (`prepare_shell` of the shape, timed apart, then
-//!   `prepare_in`): what is left when the VM, its memory slots over empty address space, its
+//!   `prepare_in`): what is left when the VM, its memory slots over fresh zero-fill memory, its
 //!   interrupt controllers and vCPUs exist before the snapshot does: the state file read and
 //!   checked, the memory file mapped over the slots, the state set;
 //! - the request path of a clone prepared ahead (`launch`, setup only): its devices attached
