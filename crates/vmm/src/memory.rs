@@ -593,8 +593,9 @@ fn open_memory_file(
 /// than reading the hole between them as zeroes).
 const MERGE_GAP: u64 = 2 * MIB;
 
-/// Recorded data ranges of a memory file of `size` bytes, those less than [`MERGE_GAP`] apart
-/// merged; refused unless each is inside the file, page-aligned and after the one before.
+/// Recorded (offset, length) data ranges of a memory file of `size` bytes as (start, end)
+/// ranges, those less than [`MERGE_GAP`] apart merged; refused unless each is inside the file,
+/// page-aligned and after the one before.
 fn merged(ranges: &[(u64, u64)], size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &(at, len) in ranges {
@@ -615,13 +616,13 @@ fn merged(ranges: &[(u64, u64)], size: u64) -> Result<Vec<(u64, u64)>, MemoryErr
 
 /// The memory file at `path` mapped `MAP_PRIVATE` over `mem`, guest RAM of `cfg` that
 /// [`create`] made (zero-fill pages; a huge-page one with its pool pages reserved), at the
-/// same addresses, so that memory slots made over them show it from
-/// now on: the same mapping as [`map_private`]'s (pages from the file on first touch, copied
-/// when written) where the file holds data; its holes stay the reservation's zero-fill pages,
-/// which read the same. Mapping over a slot makes KVM drop what it mapped there (nothing yet,
-/// but its walk costs with the range's size): mapping only the data keeps that small whatever
-/// the memory size. The data is `recorded` (what [`save`] returned, kept in the snapshot);
-/// without it, the whole file is mapped (hugetlbfs, for one, reports no holes to find it).
+/// same addresses, so that memory slots made over them show it from now on: the same mapping
+/// as [`map_private`]'s (pages from the file on first touch, copied when written) where the
+/// file holds data; its holes stay `mem`'s zero-fill pages, which read the same. Mapping over
+/// a slot makes KVM drop what it mapped there (nothing yet, but its walk costs with the
+/// range's size): mapping only the data keeps that small whatever the memory size. The data
+/// is `recorded` (what [`save`] returned, kept in the snapshot); without it, the whole file is
+/// mapped.
 pub fn map_private_over(
     cfg: &MemoryConfig,
     path: &std::path::Path,

@@ -1620,13 +1620,28 @@ mod tests {
         run(shape, &attach, &opts, Instant::now(), None).expect("run")
     }
 
+    /// The state file of the snapshot in `dir`, taken of `shape`, read and checked.
+    fn read_snapshot(shape: &MachineShape, dir: &std::path::Path) -> crate::snapshot::Snapshot {
+        let identity = crate::snapshot::Identity::of_shape(shape).expect("identity");
+        crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)
+            .expect("state file")
+    }
+
+    /// A page of [`spinning_guest`]'s kernel that nothing touches, and the word it starts with.
+    fn kernel_page() -> (vm_memory::GuestAddress, u64) {
+        (
+            vm_memory::GuestAddress(0x100_2000),
+            u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8)),
+        )
+    }
+
     /// Issue 13's cold restore on this host (state set natively): a two-vCPU machine captured,
     /// then restored twice (`restore`: up to the first KVM_RUN): each has the boot vCPU at
     /// its loop and both vCPUs, the kernel's pages that nothing touched come from its file
     /// (the memory file kept them), and one clone's write is not in the other.
     #[test]
     fn a_captured_machine_restores_into_a_new_vm_with_its_state_and_memory() {
-        use vm_memory::{Bytes, GuestAddress};
+        use vm_memory::Bytes;
         let (shape, _k, _i) = spinning_guest();
         let shape = MachineShape { vcpus: 2, ..shape };
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1637,9 +1652,7 @@ mod tests {
             "{}",
             out.reason.describe()
         );
-        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
-        let snap = crate::snapshot::read(&dir.path().join(crate::snapshot::STATE_FILE), &identity)
-            .expect("read");
+        let snap = read_snapshot(&shape, dir.path());
         let memfile = dir.path().join(crate::snapshot::MEMORY_FILE);
         let a = restore(&shape, &snap, &memfile).expect("restore");
         let b = restore(&shape, &snap, &memfile).expect("restore again");
@@ -1650,17 +1663,16 @@ mod tests {
             "the boot vCPU at its `jmp $`"
         );
         // An untouched page of the kernel (mapped from its file) is in every clone.
-        let probe = GuestAddress(0x100_2000);
-        let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
+        let (probe, want) = kernel_page();
         assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), want);
         a.mem.write_obj(!want, probe).expect("write");
         assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), want);
     }
 
     /// A shell built before its snapshot existed takes the snapshot (`prepare_in`): the clone
-    /// has the captured vCPU state and the snapshot's memory through the slots made over empty
-    /// address space, and the steps after the shell are only the state file, the mapping and
-    /// the state. A shell of another shape is refused, naming both shapes.
+    /// has the captured vCPU state and the snapshot's memory through the slots made over the
+    /// shell's zero-fill memory, and the steps after the shell are only the state file, the
+    /// mapping and the state. A shell of another shape is refused, naming both shapes.
     #[test]
     fn a_snapshot_restores_into_a_shell_built_before_it() {
         use vm_memory::{Bytes, GuestAddress};
@@ -1687,13 +1699,12 @@ mod tests {
             ..shape.clone()
         };
         // The capture recorded where its memory file holds data: what the shell maps.
-        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
-        let snap = crate::snapshot::read(&dir.path().join(crate::snapshot::STATE_FILE), &identity)
-            .expect("read");
+        let snap = read_snapshot(&shape, dir.path());
         let data = snap.memory_data.clone().expect("data ranges recorded");
+        let (probe, want) = kernel_page();
         assert!(
             data.iter()
-                .any(|&(at, len)| at <= 0x100_2000 && 0x100_2000 < at + len),
+                .any(|&(at, len)| at <= probe.0 && probe.0 < at + len),
             "the kernel's page is data: {data:x?}"
         );
         let p = prepare_in(shell, &clone, Instant::now()).expect("restore into the shell");
@@ -1711,8 +1722,6 @@ mod tests {
             ]
         );
         assert_eq!(p.vcpus[0].regs().expect("regs").rip, 0x100_0000);
-        let probe = GuestAddress(0x100_2000);
-        let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
         assert_eq!(p.mem.read_obj::<u64>(probe).expect("read"), want);
         // A hole of the memory file (memory the template never wrote) reads as zeroes.
         let hole = GuestAddress(0x300_0000);
@@ -1776,15 +1785,12 @@ mod tests {
             held > 0 && held <= 8 << 20,
             "the memory file holds only the huge pages with data: {held} bytes of 64 MiB"
         );
-        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
-        let snap = crate::snapshot::read(&dir.path().join(crate::snapshot::STATE_FILE), &identity)
-            .expect("read");
+        let snap = read_snapshot(&shape, dir.path());
         {
             let a = restore(&shape, &snap, &memfile).expect("restore");
             let b = restore(&shape, &snap, &memfile).expect("restore again");
             assert_eq!(a.vcpus[0].regs().expect("regs").rip, 0x100_0000);
-            let probe = GuestAddress(0x100_2000);
-            let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
+            let (probe, want) = kernel_page();
             assert_eq!(a.mem.read_obj::<u64>(probe).expect("read"), want);
             a.mem.write_obj(!want, probe).expect("write");
             assert_eq!(b.mem.read_obj::<u64>(probe).expect("read"), want);
@@ -1803,8 +1809,7 @@ mod tests {
             .expect("reserving all but 40 huge pages");
             let shell = prepare_shell(&shape).expect("shell");
             let c = restore_into(shell, &snap, &memfile).expect("restore into a shell");
-            let probe = GuestAddress(0x100_2000);
-            let want = u64::from_le_bytes(std::array::from_fn(|i| ((0x2000 + i) % 251) as u8));
+            let (probe, want) = kernel_page();
             assert_eq!(c.mem.read_obj::<u64>(probe).expect("read"), want);
             assert_eq!(
                 c.mem
@@ -1853,9 +1858,7 @@ mod tests {
             .expect("memory file")
             .len();
         assert_eq!(mem_len, 64 << 20);
-        let identity = crate::snapshot::Identity::of_shape(&shape).expect("identity");
-        let snap = crate::snapshot::read(&snapdir.join(crate::snapshot::STATE_FILE), &identity)
-            .expect("state file");
+        let snap = read_snapshot(&shape, &snapdir);
         let names: Vec<&str> = snap.devices.iter().map(|d| d.0.as_str()).collect();
         assert_eq!(names, ["pio@0x3f8", "mmio@0xd0000000"], "{names:?}");
 
