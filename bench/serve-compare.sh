@@ -4,22 +4,26 @@
 # (start = "boot"), VM isolation with snapshot clones (start = "snapshot"), and --isolation
 # process. Prints per-request latency (sequential curl) and throughput (wrk).
 # With HUGE=1 a fourth server clones on 2 MiB pages (`hugepages = true`, start = "snapshot":
-# huge pages are reserved for it, hugetlbfs at /dev/hugepages).
+# huge pages are reserved for it, hugetlbfs at /dev/hugepages). KINDS chooses the servers:
+# also `snapcold`, clones that do not touch their template's working set ahead
+# (`working_set = false`).
 #   bench/serve-compare.sh KERNEL CGI_PROGRAM REQUESTS WRK_SECONDS CONCURRENCY
 set -eu
 K=$1; CGI=$2; N=$3; SECS=$4; C=$5
-KINDS="boot snapshot process"
+KINDS=${KINDS:-boot snapshot process}
 if [ "${HUGE:-0}" = 1 ]; then
   KINDS="$KINDS snaphuge"
   # Each clone reserves its 64 pages (C serving + 2 prepared), the template's file a few.
   echo $(( (C + 3) * 64 + 32 )) > /proc/sys/vm/nr_hugepages
 fi
-port_of() { case $1 in boot) echo 8090;; snapshot) echo 8092;; snaphuge) echo 8093;; *) echo 8091;; esac; }
+port_of() { case $1 in boot) echo 8090;; snapshot) echo 8092;; snaphuge) echo 8093;; snapcold) echo 8094;; *) echo 8091;; esac; }
 for iso in $KINDS; do
   port=$(port_of $iso)
   mode=vm; start='start = "boot"'
   [ $iso = process ] && { mode=process; start=""; }
   [ $iso = snapshot ] && start='start = "snapshot"'
+  [ $iso = snapcold ] && start='start = "snapshot"
+working_set = false'
   [ $iso = snaphuge ] && start='start = "snapshot"
 hugepages = true'
   cat > bench-$iso.toml <<T
@@ -64,4 +68,5 @@ for iso in $KINDS; do
 done
 for iso in $KINDS; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
 grep -h 'status=' bench-boot.log | tail -2
-grep -h 'status=' bench-snapshot.log | tail -2
+grep -h 'status=' bench-snapshot.log | tail -2 || true
+grep -h 'working set' bench-snap*.log || true

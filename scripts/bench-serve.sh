@@ -23,7 +23,7 @@ else
     --files "$INIT:/usr/bin/xcgi-init" --files "$KERNEL:/xcgi/vmlinux" --files "$CGI:/xcgi/cgi" \
     --files bench/serve-compare.sh:/xcgi/serve-compare.sh -- \
     "grep -q '^nobody:' /etc/passwd || echo 'nobody:x:65534:65534:nobody:/:/bin/false' >> /etc/passwd;" \
-    HUGE=${HUGE:-0} sh /xcgi/serve-compare.sh /xcgi/vmlinux /xcgi/cgi "$N" "$SECS" "$C"
+    HUGE=${HUGE:-0} KINDS=\"${KINDS:-boot snapshot process}\" sh /xcgi/serve-compare.sh /xcgi/vmlinux /xcgi/cgi "$N" "$SECS" "$C"
   echo "## process isolation natively on this host (no lab), for reference"
   PATH=$(dirname "$X"):$PATH
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

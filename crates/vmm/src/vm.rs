@@ -92,6 +92,9 @@ pub enum VmError {
     /// A snapshot restored into a shell of another shape.
     #[error("restoring into a prepared VM: {0}")]
     ShellMismatch(String),
+    /// Touching a clone's working set left it unusable.
+    #[error(transparent)]
+    Prefault(crate::prefault::PrefaultError),
 }
 
 /// How often the owner thread looks at the cancel flag while the guest runs.
@@ -231,6 +234,9 @@ pub struct Outcome {
     pub memory: Option<memory::MemoryUse>,
     /// The debug dump ([`RunOptions::debug_dump`]) of a VM that ended badly.
     pub dump: Option<String>,
+    /// The pages the guest touched, when asked for ([`RunOptions::record_working_set`]) and
+    /// its init ended.
+    pub working_set: Option<crate::prefault::WorkingSet>,
 }
 
 impl Outcome {
@@ -508,8 +514,16 @@ fn prepare_clone(
         None => restore(shape, &snap, &memory_file)?,
     };
     clock.phases.extend(m.phases.iter().copied());
+    let RestoredMachine {
+        mut vcpus, vm, mem, ..
+    } = m;
+    if let ([vcpu], [saved]) = (&mut vcpus[..], &snap.vcpus[..]) {
+        let t = Instant::now();
+        if touch_working_set(&mut **vcpu, &mem, saved, dir)? {
+            clock.phases.push(("working set", t.elapsed()));
+        }
+    }
     let disk = open_root_disk(shape)?;
-    let RestoredMachine { vcpus, vm, mem, .. } = m;
     Ok(PreparedVm {
         vcpus,
         vm,
@@ -524,6 +538,49 @@ fn prepare_clone(
         ready_at: Instant::now(),
         took: began.elapsed(),
     })
+}
+
+/// Touches the working set recorded in snapshot directory `dir`, if there is one, in a
+/// one-vCPU clone just restored ([`crate::prefault`]); returns whether it did. A set that
+/// cannot be read or touched leaves the clone as restored (logged); only a clone the
+/// touching left unusable fails.
+fn touch_working_set(
+    vcpu: &mut dyn Vcpu,
+    mem: &GuestMemoryMmap,
+    saved: &hypervisor::VcpuState,
+    dir: &std::path::Path,
+) -> Result<bool, VmError> {
+    use crate::prefault::{touch, PrefaultError, WorkingSet};
+    let size = mem.last_addr().0 + 1;
+    let set = match WorkingSet::read(dir, size) {
+        Ok(Some(set)) => set,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            tracing::warn!("{e}: the clone starts without it");
+            return Ok(false);
+        }
+    };
+    match touch(vcpu, mem, saved, &set) {
+        Ok(t) => {
+            tracing::debug!(
+                target: "xcgi_vmm::prefault",
+                "working set: {} pages touched in {} runs, {} left out",
+                t.pages,
+                t.runs,
+                t.skipped
+            );
+            Ok(true)
+        }
+        Err(e @ PrefaultError::Broken(_)) => Err(VmError::Prefault(e)),
+        Err(e @ PrefaultError::NotApplicable(_)) => {
+            tracing::debug!(target: "xcgi_vmm::prefault", "{e}");
+            Ok(false)
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            Ok(false)
+        }
+    }
 }
 
 /// A machine restored from a snapshot up to its first KVM_RUN (issue 13's cold restore; the
@@ -817,6 +874,12 @@ pub fn launch(
     let dump = (opts.debug_dump && ended_badly(&reason))
         .then(|| debug_dump(&reason, &vcpu_dumps, &*vm, &buses, &console_text));
     let memory = measure(opts, &mem);
+    let working_set = (opts.record_working_set && matches!(reason, ExitReason::InitExited { .. }))
+        .then(|| crate::prefault::record(&mem))
+        .and_then(|r| {
+            r.map_err(|e| tracing::warn!("recording the working set: {e}"))
+                .ok()
+        });
     let t = Instant::now();
     drop(buses);
     drop(vm);
@@ -830,6 +893,7 @@ pub fn launch(
         timings,
         memory,
         dump,
+        working_set,
     })
 }
 
@@ -1011,6 +1075,7 @@ fn release(
         timings,
         memory,
         dump: None,
+        working_set: None,
     }
 }
 
@@ -1620,6 +1685,18 @@ mod tests {
         run(shape, &attach, &opts, Instant::now(), None).expect("run")
     }
 
+    /// `shape` captured into `dir` at once ([`capture_at_once`]), and its state file read.
+    fn captured(shape: &MachineShape, dir: &std::path::Path) -> crate::snapshot::Snapshot {
+        let out = capture_at_once(shape, dir, None);
+        assert_eq!(
+            out.reason,
+            ExitReason::Captured,
+            "{}",
+            out.reason.describe()
+        );
+        read_snapshot(shape, dir)
+    }
+
     /// The state file of the snapshot in `dir`, taken of `shape`, read and checked.
     fn read_snapshot(shape: &MachineShape, dir: &std::path::Path) -> crate::snapshot::Snapshot {
         let identity = crate::snapshot::Identity::of_shape(shape).expect("identity");
@@ -1645,14 +1722,7 @@ mod tests {
         let (shape, _k, _i) = spinning_guest();
         let shape = MachineShape { vcpus: 2, ..shape };
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = capture_at_once(&shape, dir.path(), None);
-        assert_eq!(
-            out.reason,
-            ExitReason::Captured,
-            "{}",
-            out.reason.describe()
-        );
-        let snap = read_snapshot(&shape, dir.path());
+        let snap = captured(&shape, dir.path());
         let memfile = dir.path().join(crate::snapshot::MEMORY_FILE);
         let a = restore(&shape, &snap, &memfile).expect("restore");
         let b = restore(&shape, &snap, &memfile).expect("restore again");
@@ -1739,6 +1809,153 @@ mod tests {
             e.contains("256 MiB") && e.contains("has 64 MiB") && e.contains("prepared VM"),
             "{e}"
         );
+    }
+
+    /// A clone whose snapshot has a working set touches it while it is prepared, before its
+    /// first run: each listed page is then in the clone's mapping (a written one as a private
+    /// copy, its bytes kept), an unlisted one is not, a page the guest's tables map read-only
+    /// is not written, and the vCPU is back as saved (instruction pointer, IDT, the loop's
+    /// page's bytes). Without the touching none of the listed pages is there.
+    #[test]
+    fn a_clone_touches_its_snapshots_working_set_before_it_runs() {
+        use crate::prefault::{WorkingSet, WRITE};
+        use vm_memory::{Bytes, GuestAddress};
+        let (shape, _k, _i) = spinning_guest();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snap = captured(&shape, dir.path());
+        let clone = MachineShape {
+            snapshot: Some(dir.path().to_path_buf()),
+            ..shape.clone()
+        };
+        let (kernel, want) = kernel_page();
+        let (read, written, hole, untouched) = (kernel.0, 0x100_3000, 0x200_0000, 0x300_0000);
+        let listed = |m: &GuestMemoryMmap| -> Vec<u64> {
+            let all = memory::touched_pages(m, usize::MAX).expect("pagemap");
+            [read, written, hole, untouched]
+                .iter()
+                .map(|&p| {
+                    all.iter()
+                        .find(|&&e| e & !WRITE == p)
+                        .copied()
+                        .unwrap_or(u64::MAX)
+                })
+                .collect()
+        };
+        let before = prepare(&clone, Instant::now()).expect("a clone without a working set");
+        assert_eq!(
+            listed(&before.mem),
+            [u64::MAX; 4],
+            "nothing listed is touched before"
+        );
+        let size = 64 << 20;
+        WorkingSet::new(vec![read, written | WRITE, hole | WRITE], size)
+            .expect("set")
+            .write_new(dir.path())
+            .expect("write");
+        let p = prepare(&clone, Instant::now()).expect("a clone with a working set");
+        assert!(
+            p.phases().iter().any(|(n, _)| *n == "working set"),
+            "{:?}",
+            p.phases()
+        );
+        assert_eq!(
+            listed(&p.mem),
+            [read, written | WRITE, hole | WRITE, u64::MAX],
+            "read pages mapped from the file, written ones private, the rest untouched"
+        );
+        assert_eq!(p.mem.read_obj::<u64>(kernel).expect("read"), want);
+        let pattern = u64::from_le_bytes(std::array::from_fn(|i| ((0x3000 + i) % 251) as u8));
+        assert_eq!(
+            p.mem.read_obj::<u64>(GuestAddress(written)).expect("read"),
+            pattern
+        );
+        assert_eq!(p.mem.read_obj::<u64>(GuestAddress(hole)).expect("read"), 0);
+        let entry: [u8; 2] = p.mem.read_obj(GuestAddress(0x100_0000)).expect("read");
+        assert_eq!(entry, [0xeb, 0xfe], "the loop's page is put back");
+        let regs = p.vcpus[0].regs().expect("regs");
+        let sregs = p.vcpus[0].sregs().expect("sregs");
+        assert_eq!(
+            (regs.rip, regs.rflags, regs.rsi, regs.rcx),
+            (
+                snap.vcpus[0].regs.rip,
+                snap.vcpus[0].regs.rflags,
+                snap.vcpus[0].regs.rsi,
+                snap.vcpus[0].regs.rcx
+            )
+        );
+        assert_eq!(
+            (sregs.idt.base, sregs.idt.limit, sregs.cr3),
+            (
+                snap.vcpus[0].sregs.idt.base,
+                snap.vcpus[0].sregs.idt.limit,
+                snap.vcpus[0].sregs.cr3
+            )
+        );
+
+        // A written page that the guest's tables map read-only is read, not written.
+        let mut r = restore(
+            &clone,
+            &snap,
+            &dir.path().join(crate::snapshot::MEMORY_FILE),
+        )
+        .expect("restore");
+        let pd = crate::layout::PD_ADDR + (0x300_0000 >> 21) * 8;
+        let e: u64 = r.mem.read_obj(GuestAddress(pd)).expect("read");
+        r.mem.write_obj(e & !2, GuestAddress(pd)).expect("write");
+        let set = WorkingSet::new(vec![untouched | WRITE, read], size).expect("set");
+        let t =
+            crate::prefault::touch(&mut *r.vcpus[0], &r.mem, &snap.vcpus[0], &set).expect("touch");
+        assert_eq!((t.pages, t.skipped, t.runs), (1, 1, 1));
+        let all = memory::touched_pages(&r.mem, usize::MAX).expect("pagemap");
+        assert!(all.contains(&read), "{all:x?}");
+        assert!(!all.iter().any(|&e| e & !WRITE == untouched), "{all:x?}");
+
+        // A vCPU saved in user mode: the loop runs in kernel mode from the page of its IDT's
+        // first gate (here an IDT at 40 MiB whose gate points at the kernel's second page),
+        // and the user-mode segments are set back.
+        let r = restore(
+            &clone,
+            &snap,
+            &dir.path().join(crate::snapshot::MEMORY_FILE),
+        )
+        .expect("restore");
+        let mut user = read_snapshot(&shape, dir.path());
+        let saved = &mut user.vcpus[0];
+        (saved.sregs.cs.selector, saved.sregs.cs.dpl) = (0x33, 3);
+        (saved.sregs.ss.selector, saved.sregs.ss.dpl) = (0x2b, 3);
+        (saved.sregs.idt.base, saved.sregs.idt.limit) = (0x280_0000, 0xfff);
+        let handler: u64 = 0x100_1000;
+        let mut gate = [0u8; 16];
+        gate[..2].copy_from_slice(&(handler as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+        gate[5] = 0x8e;
+        gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+        r.mem
+            .write_obj(gate, GuestAddress(0x280_0000))
+            .expect("gate");
+        let page = |m: &GuestMemoryMmap| {
+            let mut b = vec![0u8; 4096];
+            m.read_slice(&mut b, GuestAddress(handler)).expect("read");
+            b
+        };
+        let handler_page = page(&r.mem);
+        let set = WorkingSet::new(vec![untouched], size).expect("set");
+        let mut vcpu = r.vcpus.into_iter().next().expect("vcpu");
+        let t = crate::prefault::touch(&mut *vcpu, &r.mem, saved, &set).expect("touch");
+        assert_eq!((t.pages, t.skipped), (1, 0));
+        assert!(
+            page(&r.mem) == handler_page,
+            "the handler's page is put back"
+        );
+        let sregs = vcpu.sregs().expect("sregs");
+        assert_eq!(
+            (sregs.cs.dpl, sregs.cs.selector, sregs.idt.limit),
+            (3, 0x33, 0xfff)
+        );
+        assert_eq!(vcpu.regs().expect("regs").rip, 0x100_0000);
+        let all = memory::touched_pages(&r.mem, usize::MAX).expect("pagemap");
+        assert!(all.contains(&untouched), "{all:x?}");
     }
 
     /// Issue 13's 2 MiB-page variant on this host: a huge-page machine captured with its

@@ -198,6 +198,7 @@ pub fn serve_worker(a: WorkerCli) -> i32 {
         debug_dump: false,
         debug_probe: None,
         snapshot: a.snapshot,
+        working_set: false,
     };
     jailed::worker_main(&jailed::WorkerArgs { spec, uid: a.uid })
 }

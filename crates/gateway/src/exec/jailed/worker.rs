@@ -64,6 +64,11 @@ fn worker_steps(args: &WorkerArgs, control: BorrowedFd<'_>) -> Result<(), String
         let ready_ns = launched_ns + out.timings.setup.as_nanos();
         end.description = format!("setup-only got_ns={got_ns} ready_ns={ready_ns}");
     }
+    if let Some(set) = &end.working_set {
+        let mut w = vec![b'W'];
+        w.extend_from_slice(&set.encode());
+        send(control, &w, &[]).map_err(|e| format!("reporting the working set: {e}"))?;
+    }
     let mut msg = format!("E{}", end.description.replace('\0', " ")).into_bytes();
     if let Some(d) = &end.dump {
         msg.push(0);
@@ -153,7 +158,7 @@ pub fn confine_vm_process(vcpus: u8, uid: u32) -> Result<(), String> {
 fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions), String> {
     let text = String::from_utf8_lossy(b);
     let l: Vec<&str> = text.split('\n').collect();
-    if l.len() < 9 {
+    if l.len() < 10 {
         return Err(format!("a launch message of {} lines", l.len()));
     }
     let timeout_ms: u64 = l[0].parse().map_err(|_| "a bad deadline")?;
@@ -192,6 +197,7 @@ fn parse_launch(b: &[u8], fds: Vec<OwnedFd>) -> Result<(Attachments, RunOptions)
             )),
         },
         setup_only: l[7] == "1",
+        record_working_set: l[9] == "1",
         ..RunOptions::default()
     };
     Ok((attach, opts))
