@@ -6,10 +6,11 @@
 # With HUGE=1 a fourth server clones on 2 MiB pages (`hugepages = true`, start = "snapshot":
 # huge pages are reserved for it, hugetlbfs at /dev/hugepages). KINDS chooses the servers:
 # also `snapcold`, clones that do not touch their template's working set ahead
-# (`working_set = false`).
+# (`working_set = false`). GAP=S waits S seconds between the sequential requests (latency
+# at a light load, with the server idle in between, as opposed to back to back).
 #   bench/serve-compare.sh KERNEL CGI_PROGRAM REQUESTS WRK_SECONDS CONCURRENCY
 set -eu
-K=$1; CGI=$2; N=$3; SECS=$4; C=$5
+K=$1; CGI=$2; N=$3; SECS=$4; C=$5; GAP=${GAP:-0}
 KINDS=${KINDS:-boot snapshot process}
 if [ "${HUGE:-0}" = 1 ]; then
   KINDS="$KINDS snaphuge"
@@ -54,7 +55,8 @@ for iso in $KINDS; do
   curl -s -o /dev/null "$url"   # warm-up
   : > lat-$iso.txt
   i=0; while [ $i -lt "$N" ]; do
-    curl -s -o /dev/null -w '%{time_total}\n' "$url" >> lat-$iso.txt; i=$((i+1)); done
+    curl -s -o /dev/null -w '%{time_total}\n' "$url" >> lat-$iso.txt; i=$((i+1))
+    [ "$GAP" = 0 ] || sleep "$GAP"; done
   bad=$(curl -s "$url" | grep -c 'Hello from CGI' || true)
   [ "$bad" = 1 ] || { echo "$iso: wrong body"; exit 1; }
   rps=$(wrk -t1 -c"$C" -d"${SECS}s" "$url" | awk '/Requests\/sec/ {print $2}')
@@ -64,7 +66,7 @@ for iso in $KINDS; do
   head -c 33554432 /dev/zero > up.bin
   echo_rate=$(curl -s -o /dev/null --data-binary @up.bin -w '%{size_download} %{time_total}' "$url/echo" |
     awk '{printf "%.1f", $1/1048576/$2}')
-  echo "RESULT isolation=$iso requests=$N p50_ms=$(pct lat-$iso.txt 50) p99_ms=$(pct lat-$iso.txt 99) wrk_c=$C wrk_rps=$rps download_MiBps=$down echo_MiBps=$echo_rate"
+  echo "RESULT isolation=$iso requests=$N gap_s=$GAP p50_ms=$(pct lat-$iso.txt 50) p99_ms=$(pct lat-$iso.txt 99) wrk_c=$C wrk_rps=$rps download_MiBps=$down echo_MiBps=$echo_rate"
 done
 for iso in $KINDS; do kill -TERM "$(cat bench-$iso.pid)"; wait "$(cat bench-$iso.pid)" || true; done
 grep -h 'status=' bench-boot.log | tail -2

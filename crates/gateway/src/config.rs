@@ -1098,7 +1098,14 @@ mod tests {
         let r = &c.routes[0];
         assert_eq!(r.handler, d.path().join("h"));
         assert_eq!((r.memory_mib, r.vcpus, r.mode), (128, 1, Mode::Cgi));
+        assert!(r.working_set, "clones touch their working set by default");
         assert!(!c.needs_network());
+        let c = parse(
+            &d,
+            "[[route]]\nprefix = \"/a\"\nhandler = \"h\"\nworking_set = false\n",
+        )
+        .unwrap();
+        assert!(!c.routes[0].working_set);
     }
 
     /// `start`: snapshot by default where it applies, boot elsewhere; `snapshot` asked for

@@ -777,30 +777,31 @@ fn each_present_page(
 /// The guest pages this process's mapping of `mem` holds now, as guest-physical addresses,
 /// each marked [`crate::prefault::WRITE`] when it is private (written since it was mapped: a
 /// copy, or a page that was a hole) rather than still the file's: a run's working set
-/// ([`crate::prefault`]). Huge-page memory gives one entry per 2 MiB page. At most `max`
-/// entries (the lowest addresses).
-pub fn touched_pages(mem: &GuestMemoryMmap, max: usize) -> io::Result<Vec<u64>> {
+/// ([`crate::prefault`]). `pagemap` is this process's /proc/self/pagemap, opened before a
+/// jail took /proc away. With `huge` (memory on 2 MiB pages), one entry per huge page. At
+/// most `max` entries (the lowest addresses).
+pub fn touched_pages(
+    mem: &GuestMemoryMmap,
+    huge: bool,
+    pagemap: &std::fs::File,
+    max: usize,
+) -> io::Result<Vec<u64>> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let unit = if huge { 2 * MIB } else { 4096 };
     let mut out: Vec<u64> = Vec::new();
     for r in mem.iter() {
-        let (host, guest) = (r.as_ptr() as u64, r.start_addr().0);
-        for (lo, hi, huge) in pieces(&smaps, host, r.len()) {
-            let base = guest + (lo - host);
-            let unit = if huge { 2 * MIB } else { 4096 };
-            each_present_page(&pagemap, lo, hi - lo, |i, is_file| {
-                let gpa = (base + i * 4096) & !(unit - 1);
-                let written = if is_file { 0 } else { crate::prefault::WRITE };
-                match out.last_mut() {
-                    Some(last) if *last & !crate::prefault::WRITE == gpa => *last |= written,
-                    _ => out.push(gpa | written),
-                }
-            })?;
-            if out.len() >= max {
-                out.truncate(max);
-                return Ok(out);
+        let base = r.start_addr().0;
+        each_present_page(pagemap, r.as_ptr() as u64, r.len(), |i, is_file| {
+            let gpa = (base + i * 4096) & !(unit - 1);
+            let written = if is_file { 0 } else { crate::prefault::WRITE };
+            match out.last_mut() {
+                Some(last) if *last & !crate::prefault::WRITE == gpa => *last |= written,
+                _ => out.push(gpa | written),
             }
+        })?;
+        if out.len() >= max {
+            out.truncate(max);
+            break;
         }
     }
     Ok(out)

@@ -7,7 +7,7 @@
 //! where the exit is emulated (docs/benchmarks.md §5).
 //!
 //! So the pages a served clone touched are recorded when it ends ([`record`]: the pages its
-//! process's mapping holds, from /proc/self/pagemap) into the template's directory
+//! process's mapping holds, from /proc/self/pagemap, opened when the clone was prepared) into the template's directory
 //! ([`WORKING_SET_FILE`]), and every clone prepared after that touches them before its
 //! request arrives ([`touch`]): the vCPU runs a loop of our own, reading each page (writing
 //! the pages that were written, with a locked OR of zero, which keeps their bytes), and the
@@ -208,10 +208,15 @@ impl WorkingSet {
 }
 
 /// The working set of a clone that ran: the pages its memory mapping holds now
-/// ([`crate::memory::touched_pages`]), at most [`MAX_PAGES`].
-pub fn record(mem: &GuestMemoryMmap) -> io::Result<WorkingSet> {
+/// ([`crate::memory::touched_pages`], through `pagemap`, this process's /proc/self/pagemap),
+/// at most [`MAX_PAGES`].
+pub fn record(
+    mem: &GuestMemoryMmap,
+    huge: bool,
+    pagemap: &std::fs::File,
+) -> io::Result<WorkingSet> {
     Ok(WorkingSet {
-        pages: crate::memory::touched_pages(mem, MAX_PAGES)?,
+        pages: crate::memory::touched_pages(mem, huge, pagemap, MAX_PAGES)?,
     })
 }
 

@@ -82,7 +82,7 @@ pub struct RunOptions {
     pub debug_probe: Option<std::sync::Arc<crate::diagnostics::Probe>>,
     /// Take a snapshot of the running VM when asked ([`Capture`]) and end it there.
     pub capture: Option<Capture>,
-    /// When the guest's init ends, record the pages the guest touched
+    /// When the run ends (not captured), record the pages the guest touched
     /// ([`crate::Outcome::working_set`], [`crate::prefault`]).
     pub record_working_set: bool,
 }

@@ -235,7 +235,7 @@ pub struct Outcome {
     /// The debug dump ([`RunOptions::debug_dump`]) of a VM that ended badly.
     pub dump: Option<String>,
     /// The pages the guest touched, when asked for ([`RunOptions::record_working_set`]) and
-    /// its init ended.
+    /// the run was not captured.
     pub working_set: Option<crate::prefault::WorkingSet>,
 }
 
@@ -321,6 +321,9 @@ pub struct PreparedVm {
     ready_at: Instant,
     /// How long preparation took (from its own start, not from `start`).
     took: Duration,
+    /// A clone's /proc/self/pagemap, opened while it is prepared (a jail has no /proc), to
+    /// record its working set at its end ([`RunOptions::record_working_set`]).
+    pagemap: Option<std::fs::File>,
 }
 
 /// Where a prepared VM starts from.
@@ -418,6 +421,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         phases: clock.phases,
         ready_at: Instant::now(),
         took: began.elapsed(),
+        pagemap: None,
     })
 }
 
@@ -537,6 +541,7 @@ fn prepare_clone(
         phases: clock.phases,
         ready_at: Instant::now(),
         took: began.elapsed(),
+        pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
     })
 }
 
@@ -846,7 +851,13 @@ pub fn launch(
         channel: channel_stop,
     };
     let shape = prepared.shape.clone();
-    let PreparedVm { vcpus, vm, mem, .. } = prepared;
+    let PreparedVm {
+        vcpus,
+        vm,
+        mem,
+        pagemap,
+        ..
+    } = prepared;
     let threads = VcpuThreads {
         devices: Arc::clone(&buses),
         events: tx,
@@ -874,12 +885,16 @@ pub fn launch(
     let dump = (opts.debug_dump && ended_badly(&reason))
         .then(|| debug_dump(&reason, &vcpu_dumps, &*vm, &buses, &console_text));
     let memory = measure(opts, &mem);
-    let working_set = (opts.record_working_set && matches!(reason, ExitReason::InitExited { .. }))
-        .then(|| crate::prefault::record(&mem))
-        .and_then(|r| {
-            r.map_err(|e| tracing::warn!("recording the working set: {e}"))
+    // Whatever ended the run (init's exit, or the server stopping it once it answered): the
+    // pages were touched by then.
+    let working_set = match (&pagemap, opts.record_working_set) {
+        (Some(pagemap), true) if reason != ExitReason::Captured => {
+            crate::prefault::record(&mem, shape.memory.hugepages, pagemap)
+                .map_err(|e| tracing::warn!("recording the working set: {e}"))
                 .ok()
-        });
+        }
+        _ => None,
+    };
     let t = Instant::now();
     drop(buses);
     drop(vm);
@@ -1685,6 +1700,12 @@ mod tests {
         run(shape, &attach, &opts, Instant::now(), None).expect("run")
     }
 
+    /// The pages of `mem` this process holds ([`memory::touched_pages`], 4 KiB pages).
+    fn touched(mem: &GuestMemoryMmap) -> Vec<u64> {
+        let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        memory::touched_pages(mem, false, &pagemap, usize::MAX).expect("pagemap")
+    }
+
     /// `shape` captured into `dir` at once ([`capture_at_once`]), and its state file read.
     fn captured(shape: &MachineShape, dir: &std::path::Path) -> crate::snapshot::Snapshot {
         let out = capture_at_once(shape, dir, None);
@@ -1830,7 +1851,7 @@ mod tests {
         let (kernel, want) = kernel_page();
         let (read, written, hole, untouched) = (kernel.0, 0x100_3000, 0x200_0000, 0x300_0000);
         let listed = |m: &GuestMemoryMmap| -> Vec<u64> {
-            let all = memory::touched_pages(m, usize::MAX).expect("pagemap");
+            let all = touched(m);
             [read, written, hole, untouched]
                 .iter()
                 .map(|&p| {
@@ -1892,6 +1913,25 @@ mod tests {
             )
         );
 
+        // The clone runs (its loop) until its deadline and records what it touched: the
+        // pages touched ahead, and its code's page (written: the loop was put there).
+        let opts = RunOptions {
+            timeout: Duration::from_millis(300),
+            record_working_set: true,
+            ..Default::default()
+        };
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let attach = Attachments {
+            channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
+            ..Default::default()
+        };
+        let out = launch(p, &attach, &opts, Instant::now(), None).expect("run");
+        assert_eq!(out.reason, ExitReason::Timeout);
+        let set = out.working_set.expect("recorded");
+        for want in [read, written | WRITE, hole | WRITE, 0x100_0000 | WRITE] {
+            assert!(set.pages().contains(&want), "{want:#x}: {:x?}", set.pages());
+        }
+
         // A written page that the guest's tables map read-only is read, not written.
         let mut r = restore(
             &clone,
@@ -1906,7 +1946,7 @@ mod tests {
         let t =
             crate::prefault::touch(&mut *r.vcpus[0], &r.mem, &snap.vcpus[0], &set).expect("touch");
         assert_eq!((t.pages, t.skipped, t.runs), (1, 1, 1));
-        let all = memory::touched_pages(&r.mem, usize::MAX).expect("pagemap");
+        let all = touched(&r.mem);
         assert!(all.contains(&read), "{all:x?}");
         assert!(!all.iter().any(|&e| e & !WRITE == untouched), "{all:x?}");
 
@@ -1954,7 +1994,7 @@ mod tests {
             (3, 0x33, 0xfff)
         );
         assert_eq!(vcpu.regs().expect("regs").rip, 0x100_0000);
-        let all = memory::touched_pages(&r.mem, usize::MAX).expect("pagemap");
+        let all = touched(&r.mem);
         assert!(all.contains(&untouched), "{all:x?}");
     }
 

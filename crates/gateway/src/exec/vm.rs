@@ -112,10 +112,11 @@ impl VmSpec {
             debug_dump: self.debug_dump,
             debug_probe: self.debug_probe.clone(),
             // Until the template has a working set, served clones record theirs.
-            record_working_set: self
-                .snapshot
-                .as_ref()
-                .is_some_and(|d| !d.join(xcgi_vmm::prefault::WORKING_SET_FILE).exists()),
+            record_working_set: self.working_set
+                && self
+                    .snapshot
+                    .as_ref()
+                    .is_some_and(|d| !d.join(xcgi_vmm::prefault::WORKING_SET_FILE).exists()),
             ..RunOptions::default()
         }
     }
@@ -139,7 +140,7 @@ pub struct VmEnd {
     /// The debug dump, when one was asked for and taken.
     pub dump: Option<String>,
     /// The pages the guest touched, when they were asked for
-    /// ([`RunOptions::record_working_set`]) and its init ended. From a jailed VM process, as
+    /// ([`RunOptions::record_working_set`]). From a jailed VM process, as
     /// untrusted as the guest: checked again before it is kept ([`keep_working_set`]).
     pub working_set: Option<xcgi_vmm::prefault::WorkingSet>,
 }
@@ -268,6 +269,32 @@ mod tests {
         fn drop(&mut self) {
             let _ = self.1.send(self.0.upgrade().is_none());
         }
+    }
+
+    /// A snapshot route's clones record their working set until its template has one, and
+    /// not at all with `working_set = false`; a booted route's never do.
+    #[test]
+    fn clones_record_a_working_set_until_the_template_has_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let booted = VmSpec::for_test("k".into(), GuestRoot::Initramfs("i".into()));
+        let clones = VmSpec {
+            snapshot: Some(dir.path().to_path_buf()),
+            working_set: true,
+            ..booted.clone()
+        };
+        let off = VmSpec {
+            working_set: false,
+            ..clones.clone()
+        };
+        let records = |s: &VmSpec| s.run_options(Cancel::new()).record_working_set;
+        assert_eq!(
+            (records(&booted), records(&clones), records(&off)),
+            (false, true, false)
+        );
+        xcgi_vmm::prefault::WorkingSet::default()
+            .write_new(dir.path())
+            .unwrap();
+        assert!(!records(&clones), "the template has one");
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub struct Args {
     /// memory file, which no clone ever changes.
     #[arg(long, conflicts_with_all = ["net", "copy_kernel"])]
     pub restore: Option<PathBuf>,
-    /// With --restore: when the clone's init ends, record the pages the guest touched as the
+    /// With --restore: when the clone ends, record the pages the guest touched as the
     /// snapshot's working set (DIR/working-set, unless it has one); later clones of it touch
     /// those pages before they run, so the guest does not fault them in one by one.
     #[arg(long, requires = "restore", conflicts_with = "jail")]

@@ -520,12 +520,13 @@ fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
     let mut buf = vec![0u8; 256 << 10];
     let mut report = None;
     let mut working_set = None;
-    // With `debug_dump`, a VM stopped by the server (its request's deadline, a client gone)
-    // is first asked to stop and report, so that its state reaches the log; then killed.
+    // With `debug_dump`, a VM stopped by the server (its request's deadline, a client gone,
+    // or its response complete) is first asked to stop and report, so that its state reaches
+    // the log; then killed. So is one asked for its working set.
     let mut asked_until: Option<Instant> = None;
     loop {
         if opts.cancel.is_cancelled() {
-            if !opts.debug_dump {
+            if !opts.debug_dump && !opts.record_working_set {
                 break; // killed below
             }
             match asked_until {
