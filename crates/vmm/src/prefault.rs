@@ -127,6 +127,13 @@ impl WorkingSet {
         &self.pages
     }
 
+    /// The pages in `range` of [`WorkingSet::pages`], as a working set of their own.
+    pub fn part(&self, range: std::ops::Range<usize>) -> WorkingSet {
+        WorkingSet {
+            pages: self.pages.get(range).unwrap_or_default().to_vec(),
+        }
+    }
+
     /// The file's bytes: the magic, the count (u32 LE), the pages (u64 LE each).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(12 + self.pages.len() * 8);

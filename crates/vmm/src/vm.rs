@@ -324,6 +324,70 @@ pub struct PreparedVm {
     /// A clone's /proc/self/pagemap, opened while it is prepared (a jail has no /proc), to
     /// record its working set at its end ([`RunOptions::record_working_set`]).
     pagemap: Option<std::fs::File>,
+    /// The thread that touches a clone's working set with vCPU 0, which then runs it.
+    vcpu0_thread: Option<VcpuThread>,
+    /// What is left to touch of it ([`prepare_touching_later`]).
+    touching: Option<Touching>,
+}
+
+/// A working set being touched a part at a time ([`PreparedVm::touch_some`]).
+struct Touching {
+    saved: Arc<hypervisor::VcpuState>,
+    set: crate::prefault::WorkingSet,
+    next: usize,
+}
+
+/// A vCPU's thread made before its VM runs, to run the vCPU then too: the hypervisor
+/// waits for a grace period (KVM: `synchronize_rcu`, milliseconds on a busy host) at the
+/// first KVM_RUN from another thread than the vCPU's last one. Jobs run in order; the last
+/// one's result is the thread's ([`VcpuThread::run_last`]). Dropped unused, it ends.
+struct VcpuThread {
+    jobs: Sender<VcpuJob>,
+    handle: JoinHandle<VcpuEnd>,
+}
+
+enum VcpuJob {
+    /// Runs, and the thread waits for the next job.
+    Now(Box<dyn FnOnce() + Send>),
+    /// Runs, and its result ends the thread.
+    Last(Box<dyn FnOnce() -> VcpuEnd + Send>),
+}
+
+impl VcpuThread {
+    fn spawn(name: String) -> std::io::Result<VcpuThread> {
+        let (jobs, rx) = mpsc::channel::<VcpuJob>();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            for job in rx {
+                match job {
+                    VcpuJob::Now(f) => f(),
+                    VcpuJob::Last(f) => return f(),
+                }
+            }
+            VcpuEnd::default()
+        })?;
+        Ok(VcpuThread { jobs, handle })
+    }
+
+    /// Runs `f` on the thread and returns its result.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = mpsc::channel();
+        let job = VcpuJob::Now(Box::new(move || {
+            let _ = tx.send(f());
+        }));
+        self.jobs.send(job).ok()?;
+        rx.recv().ok()
+    }
+
+    /// Runs `f` on the thread as its last job; the handle gives its result.
+    fn run_last(
+        self,
+        f: impl FnOnce() -> VcpuEnd + Send + 'static,
+    ) -> Result<JoinHandle<VcpuEnd>, std::io::Error> {
+        self.jobs
+            .send(VcpuJob::Last(Box::new(f)))
+            .map_err(|_| std::io::Error::other("the vCPU's thread is gone"))?;
+        Ok(self.handle)
+    }
 }
 
 /// Where a prepared VM starts from.
@@ -382,7 +446,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     // Cheap checks first: fail before touching KVM.
     memory::validate(&shape.memory)?;
     if let Some(dir) = &shape.snapshot {
-        return prepare_clone(shape, dir, root, start, None);
+        return prepare_clone(shape, dir, root, start, None, false);
     }
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
@@ -422,6 +486,8 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         ready_at: Instant::now(),
         took: began.elapsed(),
         pagemap: None,
+        vcpu0_thread: None,
+        touching: None,
     })
 }
 
@@ -458,7 +524,17 @@ pub fn prepare_in(
             shape.vcpus
         )));
     }
-    prepare_clone(shape, dir, root, start, Some(shell))
+    prepare_clone(shape, dir, root, start, Some(shell), false)
+}
+
+/// [`prepare`], except that a clone's working set is not touched yet: the caller touches it
+/// a part at a time ([`PreparedVm::touch_some`]) while it waits for the request, and stops
+/// when the request comes (a jailed VM process, which waits at the lowest CPU weight).
+pub fn prepare_touching_later(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmError> {
+    match &shape.snapshot {
+        Some(dir) => prepare_clone(shape, dir, root_source(shape)?, start, None, true),
+        None => prepare(shape, start),
+    }
 }
 
 /// Where the shape's root filesystem comes from: its disk image, else its initramfs.
@@ -495,6 +571,7 @@ fn prepare_clone(
     root: RootSource,
     start: Instant,
     shell: Option<Shell>,
+    later: bool,
 ) -> Result<PreparedVm, VmError> {
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
@@ -510,7 +587,7 @@ fn prepare_clone(
     clock.lap("resolve snapshot");
     let identity = crate::snapshot::Identity::of_shape(shape)?;
     clock.lap("identity");
-    let snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
+    let mut snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
     clock.lap("read state");
     let memory_file = dir.join(crate::snapshot::MEMORY_FILE);
     let m = match shell {
@@ -521,11 +598,25 @@ fn prepare_clone(
     let RestoredMachine {
         mut vcpus, vm, mem, ..
     } = m;
-    if let ([vcpu], [saved]) = (&mut vcpus[..], &snap.vcpus[..]) {
-        let t = Instant::now();
-        if touch_working_set(&mut **vcpu, &mem, saved, dir)? {
-            clock.phases.push(("working set", t.elapsed()));
+    let (mut vcpu0_thread, mut touching) = (None, None);
+    if let (Some(set), 1, Some(saved)) = (working_set(dir, &mem), vcpus.len(), snap.vcpus.pop()) {
+        let thread = VcpuThread::spawn("vcpu0".into()).map_err(VmError::Thread)?;
+        let saved = Arc::new(saved);
+        if later {
+            touching = Some(Touching {
+                saved,
+                set,
+                next: 0,
+            });
+        } else {
+            let t = Instant::now();
+            let (vcpu, touched) = touch_on(&thread, vcpus.remove(0), &mem, saved, set)?;
+            vcpus.push(vcpu);
+            if touched {
+                clock.phases.push(("working set", t.elapsed()));
+            }
         }
+        vcpu0_thread = Some(thread);
     }
     let disk = open_root_disk(shape)?;
     Ok(PreparedVm {
@@ -542,30 +633,97 @@ fn prepare_clone(
         ready_at: Instant::now(),
         took: began.elapsed(),
         pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+        vcpu0_thread,
+        touching,
     })
 }
 
-/// Touches the working set recorded in snapshot directory `dir`, if there is one, in a
-/// one-vCPU clone just restored ([`crate::prefault`]); returns whether it did. A set that
-/// cannot be read or touched leaves the clone as restored (logged); only a clone the
-/// touching left unusable fails.
+/// Touches `set` with `vcpu` on `thread` ([`touch_working_set`]); hands the vCPU back with
+/// whether it did.
+fn touch_on(
+    thread: &VcpuThread,
+    mut vcpu: Box<dyn Vcpu>,
+    mem: &GuestMemoryMmap,
+    saved: Arc<hypervisor::VcpuState>,
+    set: crate::prefault::WorkingSet,
+) -> Result<(Box<dyn Vcpu>, bool), VmError> {
+    let m = mem.clone();
+    let (vcpu, touched) = thread
+        .run(move || {
+            let r = touch_working_set(&mut *vcpu, &m, &saved, &set);
+            (vcpu, r)
+        })
+        .ok_or_else(|| VmError::Thread(std::io::Error::other("the vCPU's thread is gone")))?;
+    Ok((vcpu, touched?))
+}
+
+/// How far [`PreparedVm::touch_some`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// Pages of the working set are left.
+    More,
+    /// The whole working set is touched: this many pages.
+    Done(usize),
+    /// Nothing (more) to touch: no working set, or it cannot be touched in this clone.
+    Nothing,
+}
+
+impl PreparedVm {
+    /// Touches up to `pages` more pages of the working set left by
+    /// [`prepare_touching_later`]. An error leaves the VM unusable: drop it.
+    pub fn touch_some(&mut self, pages: usize) -> Result<Touch, VmError> {
+        let (Some(t), Some(thread)) = (&mut self.touching, &self.vcpu0_thread) else {
+            return Ok(Touch::Nothing);
+        };
+        if self.vcpus.is_empty() {
+            return Ok(Touch::Nothing);
+        }
+        let (len, end) = (
+            t.set.pages().len(),
+            (t.next + pages.max(1)).min(t.set.pages().len()),
+        );
+        let part = t.set.part(t.next..end);
+        let vcpu = self.vcpus.remove(0);
+        let (vcpu, touched) = touch_on(thread, vcpu, &self.mem, Arc::clone(&t.saved), part)?;
+        self.vcpus.insert(0, vcpu);
+        t.next = end;
+        Ok(match (touched, end >= len) {
+            (true, false) => Touch::More,
+            (true, true) => {
+                self.touching = None;
+                Touch::Done(len)
+            }
+            (false, _) => {
+                self.touching = None;
+                Touch::Nothing
+            }
+        })
+    }
+}
+
+/// The working set recorded in snapshot directory `dir`, if it has a readable one for this
+/// memory (one that is not is logged: the clone starts without it).
+fn working_set(
+    dir: &std::path::Path,
+    mem: &GuestMemoryMmap,
+) -> Option<crate::prefault::WorkingSet> {
+    crate::prefault::WorkingSet::read(dir, mem.last_addr().0 + 1)
+        .map_err(|e| tracing::warn!("{e}: the clone starts without it"))
+        .ok()
+        .flatten()
+}
+
+/// Touches `set` in a one-vCPU clone just restored ([`crate::prefault`]), on the thread that
+/// will run its vCPU; returns whether it did. A set that cannot be touched leaves the clone
+/// as restored (logged); only a clone the touching left unusable fails.
 fn touch_working_set(
     vcpu: &mut dyn Vcpu,
     mem: &GuestMemoryMmap,
     saved: &hypervisor::VcpuState,
-    dir: &std::path::Path,
+    set: &crate::prefault::WorkingSet,
 ) -> Result<bool, VmError> {
-    use crate::prefault::{touch, PrefaultError, WorkingSet};
-    let size = mem.last_addr().0 + 1;
-    let set = match WorkingSet::read(dir, size) {
-        Ok(Some(set)) => set,
-        Ok(None) => return Ok(false),
-        Err(e) => {
-            tracing::warn!("{e}: the clone starts without it");
-            return Ok(false);
-        }
-    };
-    match touch(vcpu, mem, saved, &set) {
+    use crate::prefault::{touch, PrefaultError};
+    match touch(vcpu, mem, saved, set) {
         Ok(t) => {
             tracing::debug!(
                 target: "xcgi_vmm::prefault",
@@ -856,6 +1014,7 @@ pub fn launch(
         vm,
         mem,
         pagemap,
+        vcpu0_thread,
         ..
     } = prepared;
     let threads = VcpuThreads {
@@ -866,7 +1025,7 @@ pub fn launch(
             .debug_dump
             .then(|| (mem.clone(), opts.debug_probe.clone())),
     };
-    let (reason, ends) = run_vcpus(vcpus, threads, rx, ending)?;
+    let (reason, ends) = run_vcpus(vcpus, vcpu0_thread, threads, rx, ending)?;
     let mut captured = Ok(());
     let mut vcpu_dumps = Vec::new();
     let mut states = Vec::new();
@@ -1250,6 +1409,7 @@ struct VcpuEnd {
 /// captured; returns why, and what each vCPU thread handed back, in vCPU order.
 fn run_vcpus(
     vcpus: Vec<Box<dyn Vcpu>>,
+    mut vcpu0_thread: Option<VcpuThread>,
     threads: VcpuThreads,
     rx: Receiver<VmEvent>,
     ending: Ending<'_>,
@@ -1267,30 +1427,35 @@ fn run_vcpus(
         );
         let first_run = (id == 0).then(|| threads.first_run.clone());
         let dump = threads.dump.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                // A jailed process: this thread's seccomp filter, before the guest runs.
-                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
-                    let _ = tx.send(VmEvent::Failed(e.to_string()));
-                    return VcpuEnd::default();
-                }
-                let mut vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
-                let state = capture
-                    .load(Ordering::SeqCst)
-                    .then(|| state_to_capture(&mut *vcpu, &devices));
-                let dump = dump.map(|(mem, probe)| match vcpu.state() {
-                    Ok(s) => {
-                        let mut d = diagnostics::describe_vcpu(id, &s, &mem);
-                        if let Some(p) = probe.filter(|_| id == 0) {
-                            d.push_str(&p.describe(&mem, s.sregs.cr0, s.sregs.cr3));
-                        }
-                        d
+        let body = move || {
+            // A jailed process: this thread's seccomp filter, before the guest runs.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                let _ = tx.send(VmEvent::Failed(e.to_string()));
+                return VcpuEnd::default();
+            }
+            let mut vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
+            let state = capture
+                .load(Ordering::SeqCst)
+                .then(|| state_to_capture(&mut *vcpu, &devices));
+            let dump = dump.map(|(mem, probe)| match vcpu.state() {
+                Ok(s) => {
+                    let mut d = diagnostics::describe_vcpu(id, &s, &mem);
+                    if let Some(p) = probe.filter(|_| id == 0) {
+                        d.push_str(&p.describe(&mem, s.sregs.cr0, s.sregs.cr3));
                     }
-                    Err(e) => format!("vcpu{id}: state unreadable: {e}\n"),
-                });
-                VcpuEnd { dump, state }
+                    d
+                }
+                Err(e) => format!("vcpu{id}: state unreadable: {e}\n"),
             });
+            VcpuEnd { dump, state }
+        };
+        // vCPU 0 of a clone that touched its working set goes on on the thread that did.
+        let spawned = match vcpu0_thread.take().filter(|_| id == 0) {
+            Some(thread) => thread.run_last(body),
+            None => std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(body),
+        };
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -1832,6 +1997,34 @@ mod tests {
         );
     }
 
+    /// A vCPU's thread made ahead runs every job, the last one included, on one thread, and
+    /// the last one's result is the thread's.
+    #[test]
+    fn a_vcpu_thread_made_ahead_runs_its_jobs_on_one_thread() {
+        let t = VcpuThread::spawn("vcpu-test".into()).expect("spawn");
+        let first = t.run(|| std::thread::current().id()).expect("first job");
+        let second = t.run(|| std::thread::current().id()).expect("second job");
+        let (tx, rx) = mpsc::channel();
+        let h = t
+            .run_last(move || {
+                let _ = tx.send(std::thread::current().id());
+                VcpuEnd {
+                    dump: Some("last".into()),
+                    state: None,
+                }
+            })
+            .expect("last job");
+        let last = rx.recv().expect("ran");
+        assert_eq!((first, second), (last, last));
+        assert_ne!(last, std::thread::current().id());
+        assert_eq!(h.join().expect("join").dump.as_deref(), Some("last"));
+        // One dropped unused ends.
+        let t = VcpuThread::spawn("vcpu-test".into()).expect("spawn");
+        let h = t.handle;
+        drop(t.jobs);
+        assert!(h.join().expect("join").dump.is_none());
+    }
+
     /// A clone whose snapshot has a working set touches it while it is prepared, before its
     /// first run: each listed page is then in the clone's mapping (a written one as a private
     /// copy, its bytes kept), an unlisted one is not, a page the guest's tables map read-only
@@ -1879,6 +2072,10 @@ mod tests {
             "{:?}",
             p.phases()
         );
+        assert!(
+            p.vcpu0_thread.is_some() && before.vcpu0_thread.is_none(),
+            "the thread that touched it keeps vCPU 0 for the run"
+        );
         assert_eq!(
             listed(&p.mem),
             [read, written | WRITE, hole | WRITE, u64::MAX],
@@ -1912,6 +2109,20 @@ mod tests {
                 snap.vcpus[0].sregs.cr3
             )
         );
+
+        // Touched later, a part at a time (a jailed VM process, while it waits), on the same
+        // thread that runs the vCPU.
+        let mut later = prepare_touching_later(&clone, Instant::now()).expect("touch later");
+        assert_eq!(listed(&later.mem), [u64::MAX; 4], "nothing touched yet");
+        assert!(later.vcpu0_thread.is_some());
+        assert_eq!(later.touch_some(2).expect("touch"), Touch::More);
+        assert_eq!(later.touch_some(2).expect("touch"), Touch::Done(3));
+        assert_eq!(
+            listed(&later.mem),
+            [read, written | WRITE, hole | WRITE, u64::MAX]
+        );
+        assert_eq!(later.touch_some(2).expect("touch"), Touch::Nothing);
+        assert_eq!(later.vcpus[0].regs().expect("regs").rip, 0x100_0000);
 
         // The clone runs (its loop) until its deadline and records what it touched: the
         // pages touched ahead, and its code's page (written: the loop was put there).

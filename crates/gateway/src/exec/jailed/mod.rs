@@ -547,6 +547,19 @@ fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
                 report = Some(parse_report(&buf[1..n]));
                 break;
             }
+            // Said while it waited: it touched its whole working set ahead (a number).
+            Ok(Some((n, _))) if n > 0 && buf[0] == b'T' => {
+                let pages = std::str::from_utf8(&buf[1..n])
+                    .ok()
+                    .and_then(|t| t.parse::<u32>().ok());
+                if let Some(pages) = pages {
+                    tracing::debug!(
+                        pid = worker.pid,
+                        pages,
+                        "clone touched its working set ahead"
+                    );
+                }
+            }
             // The pages the guest touched, before the report (only when asked for): checked
             // here for form, against the route's memory when kept.
             Ok(Some((n, _))) if n > 0 && buf[0] == b'W' && opts.record_working_set => {
