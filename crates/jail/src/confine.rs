@@ -50,6 +50,10 @@ pub enum ConfineError {
         /// The gid asked for.
         gid: libc::gid_t,
     },
+    /// The process has other threads: they would keep its root, credentials and
+    /// capabilities (the steps change the calling thread, or the filesystem view it shares).
+    #[error("jail: the process has {0} threads; it must be confined before it starts any")]
+    Threads(usize),
     /// A capability survived the uid change.
     #[error("jail: capabilities left after the uid change: effective {effective:#x}, permitted {permitted:#x}")]
     CapsLeft {
@@ -84,6 +88,15 @@ pub fn confine(cfg: &Confinement) -> Result<(), ConfineError> {
             uid: cfg.uid,
             gid: cfg.gid,
         });
+    }
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .map_err(|source| ConfineError::Step {
+            step: "counting the process's threads (/proc/self/task)",
+            source,
+        })?;
+    if threads != 1 {
+        return Err(ConfineError::Threads(threads));
     }
     empty_root(&cfg.mount_point)?;
     for &(res, value) in &cfg.limits {
@@ -313,4 +326,28 @@ pub fn capabilities() -> io::Result<(u64, u64)> {
         join(d[0].effective, d[1].effective),
         join(d[0].permitted, d[1].permitted),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process with another thread is refused before any step: that thread would keep the
+    /// root, the credentials and the capabilities the steps take away from the caller.
+    #[test]
+    fn a_process_with_other_threads_is_not_confined() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        let e = confine(&Confinement {
+            mount_point: std::env::temp_dir(),
+            uid: 1000,
+            gid: 1000,
+            limits: Vec::new(),
+        })
+        .expect_err("another thread runs");
+        assert!(matches!(e, ConfineError::Threads(n) if n >= 2), "{e}");
+        assert!(e.to_string().contains("before it starts any"), "{e}");
+        drop(tx);
+        let _ = other.join();
+    }
 }

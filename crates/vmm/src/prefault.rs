@@ -7,11 +7,12 @@
 //! where the exit is emulated (docs/benchmarks.md §5).
 //!
 //! So the pages a served clone touched are recorded when it ends ([`record`]: the pages its
-//! process's mapping holds, from /proc/self/pagemap, opened when the clone was prepared) into the template's directory
-//! ([`WORKING_SET_FILE`]), and every clone prepared after that touches them before its
-//! request arrives ([`touch`]): the vCPU runs a loop of our own, reading each page (writing
-//! the pages that were written, with a locked OR of zero, which keeps their bytes), and the
-//! saved state is set back. The request then finds its pages mapped.
+//! process's mapping holds, from /proc/self/pagemap, opened when the clone was prepared) into
+//! the template's directory ([`WORKING_SET_FILE`]), and every clone prepared after that
+//! touches them before its request arrives ([`touch`], all at once or a part at a time): the
+//! vCPU runs a loop of our own, reading each page (writing the pages that were written, with a
+//! locked OR of zero, which keeps their bytes), and the saved state is set back. The request
+//! then finds its pages mapped.
 //!
 //! The loop runs in kernel mode with the guest's own page tables, through the kernel's direct
 //! map, written into a kernel page (the one at the saved instruction pointer, or the kernel's

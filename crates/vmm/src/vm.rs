@@ -527,9 +527,10 @@ pub fn prepare_in(
     prepare_clone(shape, dir, root, start, Some(shell), false)
 }
 
-/// [`prepare`], except that a clone's working set is not touched yet: the caller touches it
-/// a part at a time ([`PreparedVm::touch_some`]) while it waits for the request, and stops
-/// when the request comes (a jailed VM process, which waits at the lowest CPU weight).
+/// [`prepare`], except that a clone's working set is not touched yet, and no thread is
+/// started: the caller (a jailed VM process, which confines itself single-threaded first,
+/// then waits at the lowest CPU weight) touches it a part at a time
+/// ([`PreparedVm::touch_some`]) while it waits for the request, and stops when it comes.
 pub fn prepare_touching_later(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmError> {
     match &shape.snapshot {
         Some(dir) => prepare_clone(shape, dir, root_source(shape)?, start, None, true),
@@ -600,9 +601,9 @@ fn prepare_clone(
     } = m;
     let (mut vcpu0_thread, mut touching) = (None, None);
     if let (Some(set), 1, Some(saved)) = (working_set(dir, &mem), vcpus.len(), snap.vcpus.pop()) {
-        let thread = VcpuThread::spawn("vcpu0".into()).map_err(VmError::Thread)?;
         let saved = Arc::new(saved);
         if later {
+            // No thread yet: a jailed process confines itself first, single-threaded.
             touching = Some(Touching {
                 saved,
                 set,
@@ -610,13 +611,14 @@ fn prepare_clone(
             });
         } else {
             let t = Instant::now();
+            let thread = VcpuThread::spawn("vcpu0".into()).map_err(VmError::Thread)?;
             let (vcpu, touched) = touch_on(&thread, vcpus.remove(0), &mem, saved, set)?;
             vcpus.push(vcpu);
             if touched {
                 clock.phases.push(("working set", t.elapsed()));
             }
+            vcpu0_thread = Some(thread);
         }
-        vcpu0_thread = Some(thread);
     }
     let disk = open_root_disk(shape)?;
     Ok(PreparedVm {
@@ -672,15 +674,20 @@ impl PreparedVm {
     /// Touches up to `pages` more pages of the working set left by
     /// [`prepare_touching_later`]. An error leaves the VM unusable: drop it.
     pub fn touch_some(&mut self, pages: usize) -> Result<Touch, VmError> {
-        let (Some(t), Some(thread)) = (&mut self.touching, &self.vcpu0_thread) else {
+        let Some(t) = &mut self.touching else {
             return Ok(Touch::Nothing);
         };
         if self.vcpus.is_empty() {
             return Ok(Touch::Nothing);
         }
+        // Made at the first part (after a jailed process confined itself), kept for the run.
+        let thread = match &mut self.vcpu0_thread {
+            Some(thread) => thread,
+            slot => slot.insert(VcpuThread::spawn("vcpu0".into()).map_err(VmError::Thread)?),
+        };
         let (len, end) = (
             t.set.pages().len(),
-            (t.next + pages.max(1)).min(t.set.pages().len()),
+            t.next.saturating_add(pages.max(1)).min(t.set.pages().len()),
         );
         let part = t.set.part(t.next..end);
         let vcpu = self.vcpus.remove(0);
@@ -2110,12 +2117,16 @@ mod tests {
             )
         );
 
-        // Touched later, a part at a time (a jailed VM process, while it waits), on the same
-        // thread that runs the vCPU.
+        // Touched later, a part at a time (a jailed VM process, while it waits), on a thread
+        // made at the first part (after the process confined itself), which runs the vCPU.
         let mut later = prepare_touching_later(&clone, Instant::now()).expect("touch later");
         assert_eq!(listed(&later.mem), [u64::MAX; 4], "nothing touched yet");
-        assert!(later.vcpu0_thread.is_some());
+        assert!(
+            later.vcpu0_thread.is_none(),
+            "no thread before the caller is confined"
+        );
         assert_eq!(later.touch_some(2).expect("touch"), Touch::More);
+        assert!(later.vcpu0_thread.is_some());
         assert_eq!(later.touch_some(2).expect("touch"), Touch::Done(3));
         assert_eq!(
             listed(&later.mem),
