@@ -328,10 +328,6 @@ impl super::Vcpu for KvmVcpu {
         self.fd.set_lapic(lapic).map_err(err("KVM_SET_LAPIC"))
     }
 
-    fn set_mp_state(&self, state: super::MpState) -> Result<()> {
-        self.fd.set_mp_state(state).map_err(err("KVM_SET_MP_STATE"))
-    }
-
     fn state(&self) -> Result<VcpuState> {
         Ok(VcpuState {
             mp_state: self.fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
@@ -352,7 +348,9 @@ impl super::Vcpu for KvmVcpu {
     /// In the order KVM needs: MP state and registers first, the LAPIC before the MSRs (the
     /// TSC deadline MSR is dropped without an enabled LAPIC), events last.
     fn set_state(&self, s: &VcpuState) -> Result<()> {
-        self.set_mp_state(s.mp_state)?;
+        self.fd
+            .set_mp_state(s.mp_state)
+            .map_err(err("KVM_SET_MP_STATE"))?;
         self.set_regs(&s.regs)?;
         self.set_sregs(&s.sregs)?;
         // The FPU's state is in the XSAVE area, set next (KVM_SET_FPU would be overwritten).

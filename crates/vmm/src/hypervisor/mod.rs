@@ -230,8 +230,6 @@ pub trait Vcpu: Send {
     fn lapic(&self) -> Result<LapicState>;
     /// Sets the local APIC's registers.
     fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
-    /// Sets whether the vCPU runs, halts or waits for INIT/SIPI.
-    fn set_mp_state(&self, state: MpState) -> Result<()>;
     /// Reads the whole [`VcpuState`].
     fn state(&self) -> Result<VcpuState>;
     /// Restores what [`Vcpu::state`] read; fails if any MSR is refused.
