@@ -1594,12 +1594,12 @@ mod tests {
     }
 
     /// A run of `shape` with the channel, captured into `dir` at once (its memory into
-    /// `memory_file` when given).
+    /// `memory_file` when given); fails the test unless it ended captured.
     fn capture_at_once(
         shape: &MachineShape,
         dir: &std::path::Path,
         memory_file: Option<&std::path::Path>,
-    ) -> Outcome {
+    ) {
         let now = Cancel::new();
         now.cancel();
         let opts = RunOptions {
@@ -1617,7 +1617,13 @@ mod tests {
             channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
             ..Default::default()
         };
-        run(shape, &attach, &opts, Instant::now(), None).expect("run")
+        let out = run(shape, &attach, &opts, Instant::now(), None).expect("run");
+        assert_eq!(
+            out.reason,
+            ExitReason::Captured,
+            "{}",
+            out.reason.describe()
+        );
     }
 
     /// The state file of the snapshot in `dir`, taken of `shape`, read and checked.
@@ -1645,13 +1651,7 @@ mod tests {
         let (shape, _k, _i) = spinning_guest();
         let shape = MachineShape { vcpus: 2, ..shape };
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = capture_at_once(&shape, dir.path(), None);
-        assert_eq!(
-            out.reason,
-            ExitReason::Captured,
-            "{}",
-            out.reason.describe()
-        );
+        capture_at_once(&shape, dir.path(), None);
         let snap = read_snapshot(&shape, dir.path());
         let memfile = dir.path().join(crate::snapshot::MEMORY_FILE);
         let a = restore(&shape, &snap, &memfile).expect("restore");
@@ -1687,13 +1687,7 @@ mod tests {
         })
         .expect("another shell");
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = capture_at_once(&shape, dir.path(), None);
-        assert_eq!(
-            out.reason,
-            ExitReason::Captured,
-            "{}",
-            out.reason.describe()
-        );
+        capture_at_once(&shape, dir.path(), None);
         let clone = MachineShape {
             snapshot: Some(dir.path().to_path_buf()),
             ..shape.clone()
@@ -1767,13 +1761,7 @@ mod tests {
         let file = std::path::PathBuf::from(format!("/proc/self/fd/{}", memfd.as_raw_fd()));
         let free_before = crate::memory::free_huge_pages().unwrap_or(0);
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = capture_at_once(&shape, dir.path(), Some(&file));
-        assert_eq!(
-            out.reason,
-            ExitReason::Captured,
-            "{}",
-            out.reason.describe()
-        );
+        capture_at_once(&shape, dir.path(), Some(&file));
         let memfile = dir.path().join(crate::snapshot::MEMORY_FILE);
         assert!(
             memfile.is_symlink(),
@@ -1847,13 +1835,7 @@ mod tests {
         let (shape, _k, _i) = spinning_guest();
         let dir = tempfile::tempdir().expect("tempdir");
         let snapdir = dir.path().join("snap");
-        let out = capture_at_once(&shape, &snapdir, None);
-        assert_eq!(
-            out.reason,
-            ExitReason::Captured,
-            "{}",
-            out.reason.describe()
-        );
+        capture_at_once(&shape, &snapdir, None);
         let mem_len = std::fs::metadata(snapdir.join(crate::snapshot::MEMORY_FILE))
             .expect("memory file")
             .len();
