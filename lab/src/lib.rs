@@ -28,8 +28,8 @@ mod run;
 
 pub use assets::{prepare as prepare_assets, AssetError, LabAssets};
 pub use run::{
-    kernel_cmdline, run, Lab, LabCommand, LabError, LabOutput, EXIT_LAB_ERROR, EXIT_TIMEOUT,
-    GUEST_WORKDIR, KERNEL_CMDLINE, ONESHOT_TIMER_ENV, PERIODIC_TICK,
+    kernel_cmdline, run, Lab, LabCommand, LabError, LabOutput, DEFAULT_CPUS, EXIT_LAB_ERROR,
+    EXIT_TIMEOUT, GUEST_WORKDIR, KERNEL_CMDLINE, ONESHOT_TIMER_ENV, PERIODIC_TICK,
 };
 
 use std::path::Path;

@@ -65,6 +65,12 @@ const MOUNTED_DIRS: &[&str] = &["/proc", "/sys", "/dev", "/tmp", "/run"];
 /// Longest output line passed on in one piece; longer ones are split.
 const MAX_LINE: usize = 64 * 1024;
 
+/// Lab CPUs unless asked otherwise: one. With two (QEMU's multi-threaded TCG), the lab's kernel
+/// soft-locks now and then: in three of four long serve runs (docs/benchmarks.md), and in two
+/// of two 40-clone loops of `xcgi run --restore` (after 11 and 13 clones), where one CPU ran
+/// 40 of 40. [`LabError::Wedged`] names it when it happens.
+pub const DEFAULT_CPUS: u32 = 1;
+
 /// Errors from running a command in the lab.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -108,6 +114,26 @@ pub enum LabError {
     Timeout {
         /// The timeout that expired.
         timeout: Duration,
+        /// Whether the command had started.
+        booted: bool,
+        /// The end of the kernel console (its last 30 lines, known noise left out).
+        console_tail: String,
+    },
+    /// The lab's own kernel reported a soft lockup on its console (a CPU stuck in the kernel
+    /// for over 20 s): the lab is wedged, whatever runs in it will not go on. Seen with two
+    /// lab CPUs under QEMU's multi-threaded TCG (both CPUs stuck, one in `rcu_preempt`, one in
+    /// `kthreadd`); QEMU was killed at once instead of at the timeout.
+    #[error(
+        "the lab's kernel soft-locked ({line}) after {}s; QEMU was killed (a lab failure: \
+         with more than one lab CPU, try --cpus 1){}",
+        after.as_secs(),
+        tail_suffix(console_tail)
+    )]
+    Wedged {
+        /// The console line that said so.
+        line: String,
+        /// How long the run had been going.
+        after: Duration,
         /// Whether the command had started.
         booted: bool,
         /// The end of the kernel console (its last 30 lines, known noise left out).
@@ -175,8 +201,8 @@ pub struct LabCommand {
 }
 
 impl LabCommand {
-    /// `command` with the defaults: no files, 600 s timeout, 2048 MiB, 64 huge pages, 2 CPUs,
-    /// scratch files in the system temp dir.
+    /// `command` with the defaults: no files, 600 s timeout, 2048 MiB, 64 huge pages, one CPU
+    /// ([`DEFAULT_CPUS`]), scratch files in the system temp dir.
     pub fn new(command: impl Into<String>) -> Self {
         Self {
             command: command.into(),
@@ -185,7 +211,7 @@ impl LabCommand {
             timeout: Duration::from_secs(600),
             mem_mib: 2048,
             hugepages: 64,
-            cpus: 2,
+            cpus: DEFAULT_CPUS,
             scratch_dir: None,
         }
     }
@@ -360,18 +386,24 @@ impl Lab {
                 output.push('\n');
             }
         };
+        let (mut watch, mut looked) = (ConsoleWatch::default(), Instant::now());
+        let mut wedged = None;
         while exit_code.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 timed_out = true;
                 break;
             }
-            let line = match rx.recv_timeout(left) {
-                Ok(line) => line,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    timed_out = true;
+            if looked.elapsed() >= CONSOLE_POLL {
+                looked = Instant::now();
+                wedged = watch.soft_lockup(&console_log);
+                if wedged.is_some() {
                     break;
                 }
+            }
+            let line = match rx.recv_timeout(left.min(CONSOLE_POLL)) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             let text = String::from_utf8_lossy(&line);
@@ -411,6 +443,14 @@ impl Lab {
                 output,
                 wall,
                 boot: boot.unwrap_or(wall),
+            });
+        }
+        if let Some(line) = wedged {
+            return Err(LabError::Wedged {
+                line,
+                after: wall,
+                booted: boot.is_some(),
+                console_tail,
             });
         }
         if timed_out {
@@ -666,6 +706,52 @@ fn spawn_tail_reader(stderr: ChildStderr) -> thread::JoinHandle<String> {
     })
 }
 
+/// How often a run with no output looks at the kernel console for a soft lockup.
+const CONSOLE_POLL: Duration = Duration::from_secs(2);
+
+/// Reads the kernel console log as it grows, for the kernel's soft-lockup report.
+#[derive(Default)]
+struct ConsoleWatch {
+    /// Bytes of the log looked at.
+    read: u64,
+    /// The last line, not yet ended.
+    partial: Vec<u8>,
+}
+
+impl ConsoleWatch {
+    /// The first soft-lockup line written since the last call, if any.
+    fn soft_lockup(&mut self, log: &File) -> Option<String> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = match log.read_at(&mut buf, self.read) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            self.read += n as u64;
+            self.partial.extend_from_slice(&buf[..n]);
+            let end = self
+                .partial
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let whole: Vec<u8> = self.partial.drain(..end).collect();
+            let found = String::from_utf8_lossy(&whole)
+                .lines()
+                .find(|l| l.contains("BUG: soft lockup"))
+                .map(|l| l.trim().to_string());
+            if found.is_some() {
+                return found;
+            }
+            // A line longer than this is no kernel report: keep its end only.
+            if self.partial.len() > 4096 {
+                let cut = self.partial.len() - 4096;
+                self.partial.drain(..cut);
+            }
+        }
+    }
+}
+
 /// Known harmless kernel console noise inside the lab.
 fn is_noise(line: &str) -> bool {
     line.contains("kvm: Unhandled WRMSR") || line.contains("kvm: Unhandled RDMSR")
@@ -780,6 +866,24 @@ mod tests {
                 b"partial".to_vec()
             ]
         );
+    }
+
+    #[test]
+    fn a_soft_lockup_on_the_console_is_found_once_whole() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().expect("tempfile");
+        let mut w = ConsoleWatch::default();
+        assert_eq!(w.soft_lockup(&f), None);
+        f.write_all(b"[ 1.0] kvm: Unhandled WRMSR\n[ 68.8] watchdog: BUG: soft ")
+            .expect("write");
+        assert_eq!(w.soft_lockup(&f), None, "half a line is not read as one");
+        f.write_all(b"lockup - CPU#0 stuck for 23s! [rcu_preempt:15]\n")
+            .expect("write");
+        assert_eq!(
+            w.soft_lockup(&f).as_deref(),
+            Some("[ 68.8] watchdog: BUG: soft lockup - CPU#0 stuck for 23s! [rcu_preempt:15]")
+        );
+        assert_eq!(w.soft_lockup(&f), None, "each line is looked at once");
     }
 
     #[test]

@@ -39,8 +39,9 @@ pub struct Args {
     /// 2 MiB huge pages to reserve inside the lab.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub hugepages: u32,
-    /// Lab CPUs (each one a busy host thread under TCG).
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    /// Lab CPUs (each one a busy host thread under TCG). One by default: with two, the lab's
+    /// kernel now and then soft-locks (docs/benchmarks.md).
+    #[arg(long, value_name = "N", default_value_t = xcgi_lab::DEFAULT_CPUS)]
     pub cpus: u32,
     /// The command (joined with spaces and run with `sh -c`).
     #[arg(last = true, value_name = "COMMAND")]

@@ -79,10 +79,12 @@ pub struct Ran {
 }
 
 /// Runs `script` with `sh -c` where VMs can boot: on this host when it has hardware KVM,
-/// else inside the lab. `files` are (host path, name): the script sees each one as `$name`
-/// (an environment variable holding its path), and `xcgi` on PATH.
+/// else inside the lab (one lab CPU, [`xcgi_lab::DEFAULT_CPUS`]: with two, its kernel
+/// soft-locked now and then, e.g. in a CI run of run_e2e's snapshot test). `files` are (host
+/// path, name): the script sees each one as `$name` (an environment variable holding its
+/// path), and `xcgi` on PATH.
 pub fn run_script(script: &str, files: &[(&Path, &str)], timeout: Duration) -> Ran {
-    run_script_mem(script, files, timeout, 2048, 2)
+    run_script_mem(script, files, timeout, 2048, xcgi_lab::DEFAULT_CPUS)
 }
 
 /// [`run_script`] with the lab's memory (MiB) and CPUs chosen, for scripts that run many VMs
@@ -142,9 +144,10 @@ pub fn run_script_with_binaries(
     cmd.command = format!("{prelude}{script}");
     let lab = xcgi_lab::Lab::prepare().expect("prepare the lab");
     // The lab's own kernel (Debian's, nested SVM under QEMU/TCG) sometimes dies or hangs
-    // after many nested guests: QEMU exits, or its console stops, without the command's exit
-    // marker. Run the script once more, loudly; a deterministic failure (an xcgi hang
-    // included: every request in these scripts has a deadline) fails both times.
+    // after many nested guests: QEMU exits, its console stops without the command's exit
+    // marker, or it reports a soft lockup (`Wedged`). Run the script once more, loudly; a
+    // deterministic failure (an xcgi hang included: every request in these scripts has a
+    // deadline) fails both times.
     let mut tries = 0;
     let out = loop {
         tries += 1;
@@ -152,6 +155,7 @@ pub fn run_script_with_binaries(
             Ok(out) => break out,
             Err(
                 e @ (xcgi_lab::LabError::Exited { .. }
+                | xcgi_lab::LabError::Wedged { .. }
                 | xcgi_lab::LabError::Timeout { booted: true, .. }),
             ) if tries < 2 => {
                 eprintln!("LAB FAILED (no exit marker): {e}\nrunning the script once more");
