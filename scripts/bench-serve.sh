@@ -6,6 +6,8 @@
 # Inside the lab unless this host has hardware KVM (then the absolute times are the product's).
 #   N=30 SECS=20 C=2 scripts/bench-serve.sh
 #   HUGE=1 ...                     # also clones on 2 MiB pages (a fourth server)
+#   GAP=0.5 ...                    # 0.5 s between the sequential requests (default: none)
+#   KINDS="snapshot snapcold process" ...   # which servers (bench/serve-compare.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-30}; SECS=${SECS:-20}; C=${C:-2}
@@ -23,7 +25,7 @@ else
     --files "$INIT:/usr/bin/xcgi-init" --files "$KERNEL:/xcgi/vmlinux" --files "$CGI:/xcgi/cgi" \
     --files bench/serve-compare.sh:/xcgi/serve-compare.sh -- \
     "grep -q '^nobody:' /etc/passwd || echo 'nobody:x:65534:65534:nobody:/:/bin/false' >> /etc/passwd;" \
-    HUGE=${HUGE:-0} sh /xcgi/serve-compare.sh /xcgi/vmlinux /xcgi/cgi "$N" "$SECS" "$C"
+    HUGE=${HUGE:-0} GAP=${GAP:-0} KINDS=\"${KINDS:-boot snapshot process}\" sh /xcgi/serve-compare.sh /xcgi/vmlinux /xcgi/cgi "$N" "$SECS" "$C"
   echo "## process isolation natively on this host (no lab), for reference"
   PATH=$(dirname "$X"):$PATH
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT

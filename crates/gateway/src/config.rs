@@ -42,6 +42,7 @@
 //! pids_max = 9              # its pids.max (default 8 + vcpus)
 //! cpu_percent = 100         # its cpu.max, percent of one CPU (default: no limit)
 //! prepared = 2              # VMs built ahead for this route (off the request path); 0: none
+//! working_set = true        # snapshot clones touch the pages a served clone touched, ahead
 //! timeout_ms = 10000
 //! max_body = 1048576
 //! env = { GREETING = "hi" }
@@ -403,6 +404,11 @@ pub struct Route {
     /// each used by one request. 0 builds every VM on its request. At most 64; default 2.
     #[serde(default = "default_prepared")]
     pub prepared: usize,
+    /// `start = "snapshot"`: record the pages a served clone touched and have every clone
+    /// prepared after that touch them before its request (docs/serve.md, "Snapshots").
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub working_set: bool,
     /// A request's deadline, ms from its arrival: queue wait, body and response included.
     /// Then the handler is killed: 504 before the response head, else the response is cut
     /// off. At least 1; default 10000.
@@ -576,6 +582,7 @@ impl Route {
             pids_max: None,
             cpu_percent: None,
             prepared: default_prepared(),
+            working_set: true,
             timeout_ms: default_timeout(),
             max_body: default_max_body(),
             port: default_port(),
@@ -1091,7 +1098,14 @@ mod tests {
         let r = &c.routes[0];
         assert_eq!(r.handler, d.path().join("h"));
         assert_eq!((r.memory_mib, r.vcpus, r.mode), (128, 1, Mode::Cgi));
+        assert!(r.working_set, "clones touch their working set by default");
         assert!(!c.needs_network());
+        let c = parse(
+            &d,
+            "[[route]]\nprefix = \"/a\"\nhandler = \"h\"\nworking_set = false\n",
+        )
+        .unwrap();
+        assert!(!c.routes[0].working_set);
     }
 
     /// `start`: snapshot by default where it applies, boot elsewhere; `snapshot` asked for

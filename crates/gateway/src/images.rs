@@ -233,6 +233,7 @@ pub fn build_routes(cfg: &Config, workdir: &Path) -> Result<Vec<ServedRoute>, Im
                 debug_dump: cfg.server.debug_dump,
                 debug_probe: cfg.server.probe().map(std::sync::Arc::new),
                 snapshot: None,
+                working_set: r.working_set,
             }),
             program,
             cwd,

@@ -45,10 +45,6 @@ const MSR_TSC: u32 = 0x10;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_KVM_SYSTEM_TIME: u32 = 0x4b56_4d01;
 
-/// Page-table entry bits.
-const PTE_PRESENT: u64 = 1;
-const PTE_LARGE: u64 = 1 << 7;
-const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
 const CR0_PG: u64 = 1 << 31;
 
 /// One 32-bit LAPIC register.
@@ -81,22 +77,7 @@ pub fn translate(mem: &GuestMemoryMmap, cr0: u64, cr3: u64, va: u64) -> Option<u
     if cr0 & CR0_PG == 0 {
         return Some(va);
     }
-    let mut table = cr3 & PTE_ADDR;
-    for level in (0..4u32).rev() {
-        let shift = 12 + 9 * level;
-        let index = (va >> shift) & 0x1ff;
-        let entry: u64 = mem.read_obj(GuestAddress(table + index * 8)).ok()?;
-        if entry & PTE_PRESENT == 0 {
-            return None;
-        }
-        let addr = entry & PTE_ADDR;
-        if (level == 1 || level == 2) && entry & PTE_LARGE != 0 {
-            let size = 1u64 << shift;
-            return Some((addr & !(size - 1)) + (va & (size - 1)));
-        }
-        table = addr;
-    }
-    Some(table + (va & 0xfff))
+    crate::arch::x86_64::paging::walk(mem, cr3, va).map(|m| m.gpa)
 }
 
 /// A `T` of guest-virtual memory at `va` (not across a page boundary), through the guest's
@@ -453,6 +434,9 @@ impl Probe {
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;
+
+    /// A page-table entry's large-page bit.
+    const PTE_LARGE: u64 = 1 << 7;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()

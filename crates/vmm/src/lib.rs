@@ -19,6 +19,7 @@ pub mod hypervisor;
 pub mod layout;
 pub mod memory;
 pub mod pool;
+pub mod prefault;
 pub mod resources;
 pub mod seccomp;
 pub mod snapshot;

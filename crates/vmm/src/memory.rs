@@ -738,28 +738,73 @@ fn kib_field(line: &str, name: &str) -> Option<u64> {
 /// /proc/self/pagemap (bit 63 of each 8-byte entry: present). Exact per range, unlike smaps,
 /// whose entries are whole mappings (the kernel merges neighbouring ones).
 fn present_pages(pagemap: &std::fs::File, addr: u64, len: u64) -> io::Result<(u64, u64)> {
+    let (mut present, mut file) = (0, 0);
+    each_present_page(pagemap, addr, len, |_, is_file| {
+        present += 1;
+        file += u64::from(is_file);
+    })?;
+    Ok((present, file))
+}
+
+/// Calls `f(page index from addr, file page?)` for each page of `[addr, addr + len)` present
+/// in this process's page tables (/proc/self/pagemap: bit 63 present, bit 61 a file page).
+fn each_present_page(
+    pagemap: &std::fs::File,
+    addr: u64,
+    len: u64,
+    mut f: impl FnMut(u64, bool),
+) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     const CHUNK: u64 = 4096; // entries per read (32 KiB: measuring must not add to the peak)
     let first = addr / 4096;
     let pages = len.div_ceil(4096);
     let mut buf = vec![0u8; (CHUNK * 8) as usize];
-    let (mut present, mut file) = (0, 0);
     let mut done = 0;
     while done < pages {
         let n = (pages - done).min(CHUNK);
         let bytes = &mut buf[..(n * 8) as usize];
         pagemap.read_exact_at(bytes, (first + done) * 8)?;
-        for e in bytes.chunks_exact(8) {
+        for (i, e) in bytes.chunks_exact(8).enumerate() {
             if e[7] & 0x80 != 0 {
-                present += 1;
-                if e[7] & 0x20 != 0 {
-                    file += 1;
-                }
+                f(done + i as u64, e[7] & 0x20 != 0);
             }
         }
         done += n;
     }
-    Ok((present, file))
+    Ok(())
+}
+
+/// The guest pages this process's mapping of `mem` holds now, as guest-physical addresses,
+/// each marked [`crate::prefault::WRITE`] when it is private (written since it was mapped: a
+/// copy, or a page that was a hole) rather than still the file's: a run's working set
+/// ([`crate::prefault`]). `pagemap` is this process's /proc/self/pagemap, opened before a
+/// jail took /proc away. With `huge` (memory on 2 MiB pages), one entry per huge page. At
+/// most `max` entries (the lowest addresses).
+pub fn touched_pages(
+    mem: &GuestMemoryMmap,
+    huge: bool,
+    pagemap: &std::fs::File,
+    max: usize,
+) -> io::Result<Vec<u64>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let unit = if huge { 2 * MIB } else { 4096 };
+    let mut out: Vec<u64> = Vec::new();
+    for r in mem.iter() {
+        let base = r.start_addr().0;
+        each_present_page(pagemap, r.as_ptr() as u64, r.len(), |i, is_file| {
+            let gpa = (base + i * 4096) & !(unit - 1);
+            let written = if is_file { 0 } else { crate::prefault::WRITE };
+            match out.last_mut() {
+                Some(last) if *last & !crate::prefault::WRITE == gpa => *last |= written,
+                _ => out.push(gpa | written),
+            }
+        })?;
+        if out.len() >= max {
+            out.truncate(max);
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// The pieces of host `[start, start + len)` by mapping, from /proc/self/smaps: (start, end,

@@ -82,6 +82,9 @@ pub struct RunOptions {
     pub debug_probe: Option<std::sync::Arc<crate::diagnostics::Probe>>,
     /// Take a snapshot of the running VM when asked ([`Capture`]) and end it there.
     pub capture: Option<Capture>,
+    /// When the run ends (not captured), record the pages the guest touched
+    /// ([`crate::Outcome::working_set`], [`crate::prefault`]).
+    pub record_working_set: bool,
 }
 
 /// Where and when a run is captured into a snapshot: the VM is stopped, its state and memory
@@ -111,6 +114,7 @@ impl Default for RunOptions {
             debug_dump: false,
             debug_probe: None,
             capture: None,
+            record_working_set: false,
         }
     }
 }

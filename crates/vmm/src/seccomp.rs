@@ -265,8 +265,9 @@ fn compile(kind: ThreadKind, mismatch: Mismatch) -> Result<BpfProgram, SeccompEr
             vcpu_ioctls()
         }
         ThreadKind::Main => {
-            // Kicks the vCPU threads out of KVM_RUN.
-            allow(&[libc::SYS_tgkill]);
+            // Kicks the vCPU threads out of KVM_RUN; reads the guest's working set from the
+            // page map opened before the jail (positional reads).
+            allow(&[libc::SYS_tgkill, libc::SYS_pread64]);
             main_ioctls()
         }
         ThreadKind::Device => Vec::new(),

@@ -92,6 +92,9 @@ pub enum VmError {
     /// A snapshot restored into a shell of another shape.
     #[error("restoring into a prepared VM: {0}")]
     ShellMismatch(String),
+    /// Touching a clone's working set left it unusable.
+    #[error(transparent)]
+    Prefault(crate::prefault::PrefaultError),
 }
 
 /// How often the owner thread looks at the cancel flag while the guest runs.
@@ -231,6 +234,9 @@ pub struct Outcome {
     pub memory: Option<memory::MemoryUse>,
     /// The debug dump ([`RunOptions::debug_dump`]) of a VM that ended badly.
     pub dump: Option<String>,
+    /// The pages the guest touched, when asked for ([`RunOptions::record_working_set`]) and
+    /// the run was not captured.
+    pub working_set: Option<crate::prefault::WorkingSet>,
 }
 
 impl Outcome {
@@ -315,6 +321,90 @@ pub struct PreparedVm {
     ready_at: Instant,
     /// How long preparation took (from its own start, not from `start`).
     took: Duration,
+    /// A clone's /proc/self/pagemap, opened while it is prepared (a jail has no /proc), to
+    /// record its working set at its end ([`RunOptions::record_working_set`]).
+    pagemap: Option<std::fs::File>,
+    /// The thread that touches a clone's working set with vCPU 0, which then runs it.
+    vcpu0_thread: Option<VcpuThread>,
+    /// What is left to touch of it ([`prepare_touching_later`]).
+    touching: Option<Touching>,
+}
+
+/// A working set being touched a part at a time ([`PreparedVm::touch_some`]).
+struct Touching {
+    saved: Arc<hypervisor::VcpuState>,
+    set: crate::prefault::WorkingSet,
+    next: usize,
+}
+
+/// A vCPU's thread made before its VM runs, to run the vCPU then too: the hypervisor
+/// waits for a grace period (KVM: `synchronize_rcu`, milliseconds on a busy host) at the
+/// first KVM_RUN from another thread than the vCPU's last one. Jobs run in order; the last
+/// one's result is the thread's ([`VcpuThread::run_last`]). Dropped unused, it ends.
+struct VcpuThread {
+    jobs: Sender<VcpuJob>,
+    handle: JoinHandle<VcpuEnd>,
+}
+
+enum VcpuJob {
+    /// Runs, and the thread waits for the next job.
+    Now(Box<dyn FnOnce() + Send>),
+    /// Runs, and its result ends the thread.
+    Last(Box<dyn FnOnce() -> VcpuEnd + Send>),
+}
+
+impl VcpuThread {
+    fn spawn(name: String) -> std::io::Result<VcpuThread> {
+        let (jobs, rx) = mpsc::channel::<VcpuJob>();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            for job in rx {
+                match job {
+                    VcpuJob::Now(f) => f(),
+                    VcpuJob::Last(f) => return f(),
+                }
+            }
+            VcpuEnd::default()
+        })?;
+        Ok(VcpuThread { jobs, handle })
+    }
+
+    /// Runs `f` on the thread and returns its result; from `deadline` on, the thread is
+    /// kicked (every [`REKICK`]) until `f` returns: `f` runs a vCPU bound to the thread
+    /// ([`Vcpu::bind_kicks`]), and stops when kicked after its deadline.
+    fn run_by<T: Send + 'static>(
+        &self,
+        deadline: Instant,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        use std::os::unix::thread::JoinHandleExt;
+        let (tx, rx) = mpsc::channel();
+        let job = VcpuJob::Now(Box::new(move || {
+            let _ = tx.send(f());
+        }));
+        self.jobs.send(job).ok()?;
+        let mut wait = deadline.saturating_duration_since(Instant::now());
+        loop {
+            match rx.recv_timeout(wait) {
+                Ok(v) => return Some(v),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    hypervisor::kick(self.handle.as_pthread_t());
+                    wait = REKICK;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the thread as its last job; the handle gives its result.
+    fn run_last(
+        self,
+        f: impl FnOnce() -> VcpuEnd + Send + 'static,
+    ) -> Result<JoinHandle<VcpuEnd>, std::io::Error> {
+        self.jobs
+            .send(VcpuJob::Last(Box::new(f)))
+            .map_err(|_| std::io::Error::other("the vCPU's thread is gone"))?;
+        Ok(self.handle)
+    }
 }
 
 /// Where a prepared VM starts from.
@@ -373,7 +463,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     // Cheap checks first: fail before touching KVM.
     memory::validate(&shape.memory)?;
     if let Some(dir) = &shape.snapshot {
-        return prepare_clone(shape, dir, root, start, None);
+        return prepare_clone(shape, dir, root, start, None, false);
     }
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
@@ -412,6 +502,9 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
         phases: clock.phases,
         ready_at: Instant::now(),
         took: began.elapsed(),
+        pagemap: None,
+        vcpu0_thread: None,
+        touching: None,
     })
 }
 
@@ -448,7 +541,18 @@ pub fn prepare_in(
             shape.vcpus
         )));
     }
-    prepare_clone(shape, dir, root, start, Some(shell))
+    prepare_clone(shape, dir, root, start, Some(shell), false)
+}
+
+/// [`prepare`], except that a clone's working set is not touched yet, and no thread is
+/// started: the caller (a jailed VM process, which confines itself single-threaded first,
+/// then waits at the lowest CPU weight) touches it a part at a time
+/// ([`PreparedVm::touch_some`]) while it waits for the request, and stops when it comes.
+pub fn prepare_touching_later(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmError> {
+    match &shape.snapshot {
+        Some(dir) => prepare_clone(shape, dir, root_source(shape)?, start, None, true),
+        None => prepare(shape, start),
+    }
 }
 
 /// Where the shape's root filesystem comes from: its disk image, else its initramfs.
@@ -485,6 +589,7 @@ fn prepare_clone(
     root: RootSource,
     start: Instant,
     shell: Option<Shell>,
+    later: bool,
 ) -> Result<PreparedVm, VmError> {
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
@@ -500,7 +605,7 @@ fn prepare_clone(
     clock.lap("resolve snapshot");
     let identity = crate::snapshot::Identity::of_shape(shape)?;
     clock.lap("identity");
-    let snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
+    let mut snap = crate::snapshot::read(&dir.join(crate::snapshot::STATE_FILE), &identity)?;
     clock.lap("read state");
     let memory_file = dir.join(crate::snapshot::MEMORY_FILE);
     let m = match shell {
@@ -508,8 +613,31 @@ fn prepare_clone(
         None => restore(shape, &snap, &memory_file)?,
     };
     clock.phases.extend(m.phases.iter().copied());
+    let RestoredMachine {
+        mut vcpus, vm, mem, ..
+    } = m;
+    let (mut vcpu0_thread, mut touching) = (None, None);
+    if let (Some(set), 1, Some(saved)) = (working_set(dir, &mem), vcpus.len(), snap.vcpus.pop()) {
+        let saved = Arc::new(saved);
+        if later {
+            // No thread yet: a jailed process confines itself first, single-threaded.
+            touching = Some(Touching {
+                saved,
+                set,
+                next: 0,
+            });
+        } else {
+            let t = Instant::now();
+            let thread = VcpuThread::spawn("vcpu0".into()).map_err(VmError::Thread)?;
+            let (vcpu, touched) = touch_on(&thread, vcpus.remove(0), &mem, saved, set)?;
+            vcpus.push(vcpu);
+            if touched {
+                clock.phases.push(("working set", t.elapsed()));
+            }
+            vcpu0_thread = Some(thread);
+        }
+    }
     let disk = open_root_disk(shape)?;
-    let RestoredMachine { vcpus, vm, mem, .. } = m;
     Ok(PreparedVm {
         vcpus,
         vm,
@@ -523,7 +651,133 @@ fn prepare_clone(
         phases: clock.phases,
         ready_at: Instant::now(),
         took: began.elapsed(),
+        pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+        vcpu0_thread,
+        touching,
     })
+}
+
+/// Touches `set` with `vcpu` on `thread` ([`touch_working_set`]); hands the vCPU back with
+/// whether it did.
+fn touch_on(
+    thread: &VcpuThread,
+    mut vcpu: Box<dyn Vcpu>,
+    mem: &GuestMemoryMmap,
+    saved: Arc<hypervisor::VcpuState>,
+    set: crate::prefault::WorkingSet,
+) -> Result<(Box<dyn Vcpu>, bool), VmError> {
+    let m = mem.clone();
+    let deadline = Instant::now() + TOUCH_LIMIT;
+    let (vcpu, touched) = thread
+        .run_by(deadline, move || {
+            // Kicks stop the loop at its deadline; unbound before the vCPU leaves the thread.
+            vcpu.bind_kicks();
+            let r = touch_working_set(&mut *vcpu, &m, &saved, &set, deadline);
+            vcpu.unbind_kicks();
+            (vcpu, r)
+        })
+        .ok_or_else(|| VmError::Thread(std::io::Error::other("the vCPU's thread is gone")))?;
+    Ok((vcpu, touched?))
+}
+
+/// How long one touching of a working set (or a part of one) may take: far more than it does
+/// (milliseconds; a whole set in the lab, tens of them), so that a loop that does not end
+/// (a hypervisor that never gives it back) cannot hold a clone's preparation for ever.
+const TOUCH_LIMIT: Duration = Duration::from_secs(5);
+
+/// How far [`PreparedVm::touch_some`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// Pages of the working set are left.
+    More,
+    /// The whole working set is touched: this many pages.
+    Done(usize),
+    /// Nothing (more) to touch: no working set, or it cannot be touched in this clone.
+    Nothing,
+}
+
+impl PreparedVm {
+    /// Touches up to `pages` more pages of the working set left by
+    /// [`prepare_touching_later`]. An error leaves the VM unusable: drop it.
+    pub fn touch_some(&mut self, pages: usize) -> Result<Touch, VmError> {
+        let Some(t) = &mut self.touching else {
+            return Ok(Touch::Nothing);
+        };
+        if self.vcpus.is_empty() {
+            return Ok(Touch::Nothing);
+        }
+        // Made at the first part (after a jailed process confined itself), kept for the run.
+        let thread = match &mut self.vcpu0_thread {
+            Some(thread) => thread,
+            slot => slot.insert(VcpuThread::spawn("vcpu0".into()).map_err(VmError::Thread)?),
+        };
+        let (len, end) = (
+            t.set.pages().len(),
+            t.next.saturating_add(pages.max(1)).min(t.set.pages().len()),
+        );
+        let part = t.set.part(t.next..end);
+        let vcpu = self.vcpus.remove(0);
+        let (vcpu, touched) = touch_on(thread, vcpu, &self.mem, Arc::clone(&t.saved), part)?;
+        self.vcpus.insert(0, vcpu);
+        t.next = end;
+        Ok(match (touched, end >= len) {
+            (true, false) => Touch::More,
+            (true, true) => {
+                self.touching = None;
+                Touch::Done(len)
+            }
+            (false, _) => {
+                self.touching = None;
+                Touch::Nothing
+            }
+        })
+    }
+}
+
+/// The working set recorded in snapshot directory `dir`, if it has a readable one for this
+/// memory (one that is not is logged: the clone starts without it).
+fn working_set(
+    dir: &std::path::Path,
+    mem: &GuestMemoryMmap,
+) -> Option<crate::prefault::WorkingSet> {
+    crate::prefault::WorkingSet::read(dir, mem.last_addr().0 + 1)
+        .map_err(|e| tracing::warn!("{e}: the clone starts without it"))
+        .ok()
+        .flatten()
+}
+
+/// Touches `set` in a one-vCPU clone just restored ([`crate::prefault`]), on the thread that
+/// will run its vCPU; returns whether it did. A set that cannot be touched leaves the clone
+/// as restored (logged); only a clone the touching left unusable fails.
+fn touch_working_set(
+    vcpu: &mut dyn Vcpu,
+    mem: &GuestMemoryMmap,
+    saved: &hypervisor::VcpuState,
+    set: &crate::prefault::WorkingSet,
+    deadline: Instant,
+) -> Result<bool, VmError> {
+    use crate::prefault::{touch, PrefaultError};
+    match touch(vcpu, mem, saved, set, deadline) {
+        Ok(t) => {
+            tracing::debug!(
+                target: "xcgi_vmm::prefault",
+                "working set: {} pages touched in {} runs, {} left out",
+                t.pages,
+                t.runs,
+                t.skipped
+            );
+            Ok(true)
+        }
+        Err(e @ PrefaultError::Broken(_)) => Err(VmError::Prefault(e)),
+        Err(e @ PrefaultError::NotApplicable(_)) => {
+            tracing::debug!(target: "xcgi_vmm::prefault", "{e}");
+            Ok(false)
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            Ok(false)
+        }
+    }
 }
 
 /// A machine restored from a snapshot up to its first KVM_RUN (issue 13's cold restore; the
@@ -789,7 +1043,14 @@ pub fn launch(
         channel: channel_stop,
     };
     let shape = prepared.shape.clone();
-    let PreparedVm { vcpus, vm, mem, .. } = prepared;
+    let PreparedVm {
+        vcpus,
+        vm,
+        mem,
+        pagemap,
+        vcpu0_thread,
+        ..
+    } = prepared;
     let threads = VcpuThreads {
         devices: Arc::clone(&buses),
         events: tx,
@@ -798,7 +1059,7 @@ pub fn launch(
             .debug_dump
             .then(|| (mem.clone(), opts.debug_probe.clone())),
     };
-    let (reason, ends) = run_vcpus(vcpus, threads, rx, ending)?;
+    let (reason, ends) = run_vcpus(vcpus, vcpu0_thread, threads, rx, ending)?;
     let mut captured = Ok(());
     let mut vcpu_dumps = Vec::new();
     let mut states = Vec::new();
@@ -817,6 +1078,16 @@ pub fn launch(
     let dump = (opts.debug_dump && ended_badly(&reason))
         .then(|| debug_dump(&reason, &vcpu_dumps, &*vm, &buses, &console_text));
     let memory = measure(opts, &mem);
+    // Whatever ended the run (init's exit, or the server stopping it once it answered): the
+    // pages were touched by then.
+    let working_set = match (&pagemap, opts.record_working_set) {
+        (Some(pagemap), true) if reason != ExitReason::Captured => {
+            crate::prefault::record(&mem, shape.memory.hugepages, pagemap)
+                .map_err(|e| tracing::warn!("recording the working set: {e}"))
+                .ok()
+        }
+        _ => None,
+    };
     let t = Instant::now();
     drop(buses);
     drop(vm);
@@ -830,6 +1101,7 @@ pub fn launch(
         timings,
         memory,
         dump,
+        working_set,
     })
 }
 
@@ -1011,6 +1283,7 @@ fn release(
         timings,
         memory,
         dump: None,
+        working_set: None,
     }
 }
 
@@ -1170,6 +1443,7 @@ struct VcpuEnd {
 /// captured; returns why, and what each vCPU thread handed back, in vCPU order.
 fn run_vcpus(
     vcpus: Vec<Box<dyn Vcpu>>,
+    mut vcpu0_thread: Option<VcpuThread>,
     threads: VcpuThreads,
     rx: Receiver<VmEvent>,
     ending: Ending<'_>,
@@ -1187,30 +1461,35 @@ fn run_vcpus(
         );
         let first_run = (id == 0).then(|| threads.first_run.clone());
         let dump = threads.dump.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                // A jailed process: this thread's seccomp filter, before the guest runs.
-                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
-                    let _ = tx.send(VmEvent::Failed(e.to_string()));
-                    return VcpuEnd::default();
-                }
-                let mut vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
-                let state = capture
-                    .load(Ordering::SeqCst)
-                    .then(|| state_to_capture(&mut *vcpu, &devices));
-                let dump = dump.map(|(mem, probe)| match vcpu.state() {
-                    Ok(s) => {
-                        let mut d = diagnostics::describe_vcpu(id, &s, &mem);
-                        if let Some(p) = probe.filter(|_| id == 0) {
-                            d.push_str(&p.describe(&mem, s.sregs.cr0, s.sregs.cr3));
-                        }
-                        d
+        let body = move || {
+            // A jailed process: this thread's seccomp filter, before the guest runs.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                let _ = tx.send(VmEvent::Failed(e.to_string()));
+                return VcpuEnd::default();
+            }
+            let mut vcpu = vcpu_loop(vcpu, &devices, tx, thread_stop, first_run);
+            let state = capture
+                .load(Ordering::SeqCst)
+                .then(|| state_to_capture(&mut *vcpu, &devices));
+            let dump = dump.map(|(mem, probe)| match vcpu.state() {
+                Ok(s) => {
+                    let mut d = diagnostics::describe_vcpu(id, &s, &mem);
+                    if let Some(p) = probe.filter(|_| id == 0) {
+                        d.push_str(&p.describe(&mem, s.sregs.cr0, s.sregs.cr3));
                     }
-                    Err(e) => format!("vcpu{id}: state unreadable: {e}\n"),
-                });
-                VcpuEnd { dump, state }
+                    d
+                }
+                Err(e) => format!("vcpu{id}: state unreadable: {e}\n"),
             });
+            VcpuEnd { dump, state }
+        };
+        // vCPU 0 of a clone that touched its working set goes on on the thread that did.
+        let spawned = match vcpu0_thread.take().filter(|_| id == 0) {
+            Some(thread) => thread.run_last(body),
+            None => std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(body),
+        };
         match spawned {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -1626,6 +1905,23 @@ mod tests {
         );
     }
 
+    /// A deadline that a test never reaches.
+    fn far_off() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    /// The pages of `mem` this process holds ([`memory::touched_pages`], 4 KiB pages).
+    fn touched(mem: &GuestMemoryMmap) -> Vec<u64> {
+        let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        memory::touched_pages(mem, false, &pagemap, usize::MAX).expect("pagemap")
+    }
+
+    /// `shape` captured into `dir` at once ([`capture_at_once`]), and its state file read.
+    fn captured(shape: &MachineShape, dir: &std::path::Path) -> crate::snapshot::Snapshot {
+        capture_at_once(shape, dir, None);
+        read_snapshot(shape, dir)
+    }
+
     /// The state file of the snapshot in `dir`, taken of `shape`, read and checked.
     fn read_snapshot(shape: &MachineShape, dir: &std::path::Path) -> crate::snapshot::Snapshot {
         let identity = crate::snapshot::Identity::of_shape(shape).expect("identity");
@@ -1733,6 +2029,269 @@ mod tests {
             e.contains("256 MiB") && e.contains("has 64 MiB") && e.contains("prepared VM"),
             "{e}"
         );
+    }
+
+    /// A vCPU's thread made ahead runs every job, the last one included, on one thread, and
+    /// the last one's result is the thread's.
+    #[test]
+    fn a_vcpu_thread_made_ahead_runs_its_jobs_on_one_thread() {
+        let t = VcpuThread::spawn("vcpu-test".into()).expect("spawn");
+        let later = Instant::now() + Duration::from_secs(3600);
+        let first = t
+            .run_by(later, || std::thread::current().id())
+            .expect("first job");
+        let second = t
+            .run_by(later, || std::thread::current().id())
+            .expect("second job");
+        let (tx, rx) = mpsc::channel();
+        let h = t
+            .run_last(move || {
+                let _ = tx.send(std::thread::current().id());
+                VcpuEnd {
+                    dump: Some("last".into()),
+                    state: None,
+                }
+            })
+            .expect("last job");
+        let last = rx.recv().expect("ran");
+        assert_eq!((first, second), (last, last));
+        assert_ne!(last, std::thread::current().id());
+        assert_eq!(h.join().expect("join").dump.as_deref(), Some("last"));
+        // One dropped unused ends.
+        let t = VcpuThread::spawn("vcpu-test".into()).expect("spawn");
+        let h = t.handle;
+        drop(t.jobs);
+        assert!(h.join().expect("join").dump.is_none());
+    }
+
+    /// A job that runs a vCPU which never exits by itself (the spinning guest's `jmp $`) is
+    /// kicked from its deadline on and ends there: a touching of a working set that does not
+    /// end cannot hold a clone's preparation for ever.
+    #[test]
+    fn a_vcpu_job_past_its_deadline_is_kicked_and_ends() {
+        let (shape, _k, _i) = spinning_guest();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snap = captured(&shape, dir.path());
+        let memfile = dir.path().join(crate::snapshot::MEMORY_FILE);
+        let RestoredMachine {
+            vcpus,
+            vm: _vm,
+            mem: _mem,
+            ..
+        } = restore(&shape, &snap, &memfile).expect("restore");
+        let mut vcpu = vcpus.into_iter().next().expect("vcpu");
+        let t = VcpuThread::spawn("vcpu-test".into()).expect("spawn");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let (tx, rx) = mpsc::channel();
+        // Waited for from here, so that a job never kicked fails the test instead of hanging it.
+        std::thread::spawn(move || {
+            let ran = t.run_by(deadline, move || {
+                vcpu.bind_kicks();
+                let end = loop {
+                    match vcpu.run() {
+                        Ok(VcpuExit::Interrupted) if Instant::now() < deadline => {}
+                        Ok(VcpuExit::Interrupted) => break Ok(()),
+                        other => break Err(format!("{other:?}")),
+                    }
+                };
+                vcpu.unbind_kicks();
+                end
+            });
+            let _ = tx.send((ran, Instant::now()));
+        });
+        let (ran, at) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the vCPU's job was not stopped at its deadline");
+        assert_eq!(ran, Some(Ok(())), "the guest spun until kicked");
+        assert!(at >= deadline);
+    }
+
+    /// A clone whose snapshot has a working set touches it while it is prepared, before its
+    /// first run: each listed page is then in the clone's mapping (a written one as a private
+    /// copy, its bytes kept), an unlisted one is not, a page the guest's tables map read-only
+    /// is not written, and the vCPU is back as saved (instruction pointer, IDT, the loop's
+    /// page's bytes). Without the touching none of the listed pages is there.
+    #[test]
+    fn a_clone_touches_its_snapshots_working_set_before_it_runs() {
+        use crate::prefault::{WorkingSet, WRITE};
+        use vm_memory::{Bytes, GuestAddress};
+        let (shape, _k, _i) = spinning_guest();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snap = captured(&shape, dir.path());
+        let clone = MachineShape {
+            snapshot: Some(dir.path().to_path_buf()),
+            ..shape.clone()
+        };
+        let (kernel, want) = kernel_page();
+        let (read, written, hole, untouched) = (kernel.0, 0x100_3000, 0x200_0000, 0x300_0000);
+        let listed = |m: &GuestMemoryMmap| -> Vec<u64> {
+            let all = touched(m);
+            [read, written, hole, untouched]
+                .iter()
+                .map(|&p| {
+                    all.iter()
+                        .find(|&&e| e & !WRITE == p)
+                        .copied()
+                        .unwrap_or(u64::MAX)
+                })
+                .collect()
+        };
+        let before = prepare(&clone, Instant::now()).expect("a clone without a working set");
+        assert_eq!(
+            listed(&before.mem),
+            [u64::MAX; 4],
+            "nothing listed is touched before"
+        );
+        let size = 64 << 20;
+        WorkingSet::new(vec![read, written | WRITE, hole | WRITE], size)
+            .expect("set")
+            .write_new(dir.path())
+            .expect("write");
+        let p = prepare(&clone, Instant::now()).expect("a clone with a working set");
+        assert!(
+            p.phases().iter().any(|(n, _)| *n == "working set"),
+            "{:?}",
+            p.phases()
+        );
+        assert!(
+            p.vcpu0_thread.is_some() && before.vcpu0_thread.is_none(),
+            "the thread that touched it keeps vCPU 0 for the run"
+        );
+        assert_eq!(
+            listed(&p.mem),
+            [read, written | WRITE, hole | WRITE, u64::MAX],
+            "read pages mapped from the file, written ones private, the rest untouched"
+        );
+        assert_eq!(p.mem.read_obj::<u64>(kernel).expect("read"), want);
+        let pattern = u64::from_le_bytes(std::array::from_fn(|i| ((0x3000 + i) % 251) as u8));
+        assert_eq!(
+            p.mem.read_obj::<u64>(GuestAddress(written)).expect("read"),
+            pattern
+        );
+        assert_eq!(p.mem.read_obj::<u64>(GuestAddress(hole)).expect("read"), 0);
+        let entry: [u8; 2] = p.mem.read_obj(GuestAddress(0x100_0000)).expect("read");
+        assert_eq!(entry, [0xeb, 0xfe], "the loop's page is put back");
+        let regs = p.vcpus[0].regs().expect("regs");
+        let sregs = p.vcpus[0].sregs().expect("sregs");
+        assert_eq!(
+            (regs.rip, regs.rflags, regs.rsi, regs.rcx),
+            (
+                snap.vcpus[0].regs.rip,
+                snap.vcpus[0].regs.rflags,
+                snap.vcpus[0].regs.rsi,
+                snap.vcpus[0].regs.rcx
+            )
+        );
+        assert_eq!(
+            (sregs.idt.base, sregs.idt.limit, sregs.cr3),
+            (
+                snap.vcpus[0].sregs.idt.base,
+                snap.vcpus[0].sregs.idt.limit,
+                snap.vcpus[0].sregs.cr3
+            )
+        );
+
+        // Touched later, a part at a time (a jailed VM process, while it waits), on a thread
+        // made at the first part (after the process confined itself), which runs the vCPU.
+        let mut later = prepare_touching_later(&clone, Instant::now()).expect("touch later");
+        assert_eq!(listed(&later.mem), [u64::MAX; 4], "nothing touched yet");
+        assert!(
+            later.vcpu0_thread.is_none(),
+            "no thread before the caller is confined"
+        );
+        assert_eq!(later.touch_some(2).expect("touch"), Touch::More);
+        assert!(later.vcpu0_thread.is_some());
+        assert_eq!(later.touch_some(2).expect("touch"), Touch::Done(3));
+        assert_eq!(
+            listed(&later.mem),
+            [read, written | WRITE, hole | WRITE, u64::MAX]
+        );
+        assert_eq!(later.touch_some(2).expect("touch"), Touch::Nothing);
+        assert_eq!(later.vcpus[0].regs().expect("regs").rip, 0x100_0000);
+
+        // The clone runs (its loop) until its deadline and records what it touched: the
+        // pages touched ahead, and its code's page (written: the loop was put there).
+        let opts = RunOptions {
+            timeout: Duration::from_millis(300),
+            record_working_set: true,
+            ..Default::default()
+        };
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let attach = Attachments {
+            channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
+            ..Default::default()
+        };
+        let out = launch(p, &attach, &opts, Instant::now(), None).expect("run");
+        assert_eq!(out.reason, ExitReason::Timeout);
+        let set = out.working_set.expect("recorded");
+        for want in [read, written | WRITE, hole | WRITE, 0x100_0000 | WRITE] {
+            assert!(set.pages().contains(&want), "{want:#x}: {:x?}", set.pages());
+        }
+
+        // A written page that the guest's tables map read-only is read, not written.
+        let mut r = restore(
+            &clone,
+            &snap,
+            &dir.path().join(crate::snapshot::MEMORY_FILE),
+        )
+        .expect("restore");
+        let pd = crate::layout::PD_ADDR + (0x300_0000 >> 21) * 8;
+        let e: u64 = r.mem.read_obj(GuestAddress(pd)).expect("read");
+        r.mem.write_obj(e & !2, GuestAddress(pd)).expect("write");
+        let set = WorkingSet::new(vec![untouched | WRITE, read], size).expect("set");
+        let t = crate::prefault::touch(&mut *r.vcpus[0], &r.mem, &snap.vcpus[0], &set, far_off())
+            .expect("touch");
+        assert_eq!((t.pages, t.skipped, t.runs), (1, 1, 1));
+        let all = touched(&r.mem);
+        assert!(all.contains(&read), "{all:x?}");
+        assert!(!all.iter().any(|&e| e & !WRITE == untouched), "{all:x?}");
+
+        // A vCPU saved in user mode: the loop runs in kernel mode from the page of its IDT's
+        // first gate (here an IDT at 40 MiB whose gate points at the kernel's second page),
+        // and the user-mode segments are set back.
+        let r = restore(
+            &clone,
+            &snap,
+            &dir.path().join(crate::snapshot::MEMORY_FILE),
+        )
+        .expect("restore");
+        let mut user = read_snapshot(&shape, dir.path());
+        let saved = &mut user.vcpus[0];
+        (saved.sregs.cs.selector, saved.sregs.cs.dpl) = (0x33, 3);
+        (saved.sregs.ss.selector, saved.sregs.ss.dpl) = (0x2b, 3);
+        (saved.sregs.idt.base, saved.sregs.idt.limit) = (0x280_0000, 0xfff);
+        let handler: u64 = 0x100_1000;
+        let mut gate = [0u8; 16];
+        gate[..2].copy_from_slice(&(handler as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&0x10u16.to_le_bytes());
+        gate[5] = 0x8e;
+        gate[6..8].copy_from_slice(&((handler >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((handler >> 32) as u32).to_le_bytes());
+        r.mem
+            .write_obj(gate, GuestAddress(0x280_0000))
+            .expect("gate");
+        let page = |m: &GuestMemoryMmap| {
+            let mut b = vec![0u8; 4096];
+            m.read_slice(&mut b, GuestAddress(handler)).expect("read");
+            b
+        };
+        let handler_page = page(&r.mem);
+        let set = WorkingSet::new(vec![untouched], size).expect("set");
+        let mut vcpu = r.vcpus.into_iter().next().expect("vcpu");
+        let t = crate::prefault::touch(&mut *vcpu, &r.mem, saved, &set, far_off()).expect("touch");
+        assert_eq!((t.pages, t.skipped), (1, 0));
+        assert!(
+            page(&r.mem) == handler_page,
+            "the handler's page is put back"
+        );
+        let sregs = vcpu.sregs().expect("sregs");
+        assert_eq!(
+            (sregs.cs.dpl, sregs.cs.selector, sregs.idt.limit),
+            (3, 0x33, 0xfff)
+        );
+        assert_eq!(vcpu.regs().expect("regs").rip, 0x100_0000);
+        let all = touched(&r.mem);
+        assert!(all.contains(&untouched), "{all:x?}");
     }
 
     /// Issue 13's 2 MiB-page variant on this host: a huge-page machine captured with its

@@ -191,8 +191,9 @@ fn a_bzimage_kernel_boots_too() {
 /// Issue 13, `xcgi run`: a guest captured when its console says it is looping
 /// (`--snapshot-out`, `--snapshot-at`), then a clone of it restored (`--restore`) that goes on
 /// looping in user space until its deadline, saying so once a second (a bad restore would
-/// crash it: triple fault, panic); a snapshot of another root or memory size is refused,
-/// naming the difference.
+/// crash it: triple fault, panic), and records its working set (`--record-working-set`); a
+/// second clone touches that set ahead and goes on the same; a snapshot of another root or
+/// memory size is refused, naming the difference.
 #[test]
 fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
     let kernel = kernel();
@@ -203,7 +204,10 @@ fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
         run() { name=$1; shift; echo "===$name==="; xcgi run "$@" 2>&1; echo "rc=$?"; echo "===end $name==="; }
         run snap --kernel "$K" --rootfs "$LOOP" --snapshot-out snap --snapshot-at looping --timeout 60
         ls snap
-        run restore --kernel "$K" --rootfs "$LOOP" --restore snap --timeout 6
+        run restore --kernel "$K" --rootfs "$LOOP" --restore snap --timeout 6 --record-working-set
+        echo "ws_file=$(ls snap | grep -c '^working-set$')"
+        run prefaulted --kernel "$K" --rootfs "$LOOP" --restore snap --setup-only
+        run restore2 --kernel "$K" --rootfs "$LOOP" --restore snap --timeout 6
         run other-root --kernel "$K" --rootfs "$OTHER" --restore snap
         run other-mem --kernel "$K" --rootfs "$LOOP" --mem 256 --restore snap
         run other-kernel --kernel "$BZ" --rootfs "$LOOP" --restore snap
@@ -236,6 +240,22 @@ fn a_snapshot_taken_at_a_console_marker_restores_and_the_guest_goes_on() {
     assert!(
         s.lines().any(|l| l.contains("alive ")),
         "the clone's user space did not go on:\n{s}"
+    );
+    // The clone recorded the pages it touched as the snapshot's working set; the next clone
+    // touches them while it is prepared (its setup has the step), then goes on as the first.
+    assert!(
+        s.contains("xcgi: working set: ") && s.contains(" recorded"),
+        "{s}"
+    );
+    assert!(r.output.contains("ws_file=1"), "{}", r.output);
+    let p = section(&r.output, "prefaulted");
+    assert_eq!(rc(p), 0, "{p}");
+    assert!(p.contains("phase working_set"), "{p}");
+    let s = section(&r.output, "restore2");
+    assert_eq!(rc(s), 124, "the second clone ran to its deadline:\n{s}");
+    assert!(
+        s.lines().any(|l| l.contains("alive ")),
+        "the second clone's user space did not go on:\n{s}"
     );
     for (name, what) in [
         ("other-root", "guest root"),

@@ -57,6 +57,9 @@ pub struct VmSpec {
     /// `start = "snapshot"`: the route's template snapshot (taken at start); each VM is a
     /// clone of it, whose xcgi-init already said hello and waits for its request.
     pub snapshot: Option<PathBuf>,
+    /// With `snapshot`: served clones record the pages they touched until the template has a
+    /// working set, which the clones prepared after it touch ahead (route `working_set`).
+    pub working_set: bool,
 }
 
 impl VmSpec {
@@ -97,6 +100,7 @@ impl VmSpec {
             debug_dump: false,
             debug_probe: None,
             snapshot: None,
+            working_set: false,
         }
     }
 
@@ -107,6 +111,12 @@ impl VmSpec {
             cancel,
             debug_dump: self.debug_dump,
             debug_probe: self.debug_probe.clone(),
+            // Until the template has a working set, served clones record theirs.
+            record_working_set: self.working_set
+                && self
+                    .snapshot
+                    .as_ref()
+                    .is_some_and(|d| !d.join(xcgi_vmm::prefault::WORKING_SET_FILE).exists()),
             ..RunOptions::default()
         }
     }
@@ -129,6 +139,10 @@ pub struct VmEnd {
     pub description: String,
     /// The debug dump, when one was asked for and taken.
     pub dump: Option<String>,
+    /// The pages the guest touched, when they were asked for
+    /// ([`RunOptions::record_working_set`]). From a jailed VM process, as
+    /// untrusted as the guest: checked again before it is kept ([`keep_working_set`]).
+    pub working_set: Option<xcgi_vmm::prefault::WorkingSet>,
 }
 
 impl VmEnd {
@@ -137,7 +151,25 @@ impl VmEnd {
         VmEnd {
             description: describe_outcome(r),
             dump: r.as_ref().ok().and_then(|o| o.dump.clone()),
+            working_set: r.as_ref().ok().and_then(|o| o.working_set.clone()),
         }
+    }
+}
+
+/// Keeps a served clone's working set as its template's (`dir/working-set`), unless the
+/// template has one: clones prepared from then on touch those pages before their request
+/// (xcgi_vmm::prefault). Checked against the route's memory first; a failure is logged and
+/// costs only speed.
+pub fn keep_working_set(set: &xcgi_vmm::prefault::WorkingSet, dir: &Path, memory_mib: u64) {
+    let checked = xcgi_vmm::prefault::WorkingSet::new(set.pages().to_vec(), memory_mib << 20);
+    match checked.and_then(|s| s.write_new(dir)) {
+        Ok(true) => tracing::info!(
+            "template {}: working set of {} pages recorded from a served clone",
+            dir.display(),
+            set.pages().len()
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("template {}: {e}", dir.display()),
     }
 }
 
@@ -158,6 +190,7 @@ pub fn start_vm<K: Send + 'static>(
         metrics.prepared_misses.fetch_add(1, Ordering::Relaxed);
     }
     let shape = (prepared.is_none() && jail.is_none()).then(|| spec.shape());
+    let template = spec.snapshot.clone().map(|dir| (dir, spec.memory_mib));
     let cancel = opts.cancel.clone();
     let (tx, outcome) = oneshot::channel();
     metrics.vms_running.fetch_add(1, Ordering::Relaxed);
@@ -175,6 +208,9 @@ pub fn start_vm<K: Send + 'static>(
                 }
                 (None, None, None) => unreachable!("a shape is made when no VM was prepared"),
             };
+            if let (Some(set), Some((dir, mib))) = (&end.working_set, &template) {
+                keep_working_set(set, dir, *mib);
+            }
             // Every copy of the TAP's descriptor is closed before the lease goes back: the
             // pool destroys the TAP by closing the last one, and one still open here made
             // the slot unusable ("returned TAP still exists", issue 15).
@@ -233,6 +269,32 @@ mod tests {
         fn drop(&mut self) {
             let _ = self.1.send(self.0.upgrade().is_none());
         }
+    }
+
+    /// A snapshot route's clones record their working set until its template has one, and
+    /// not at all with `working_set = false`; a booted route's never do.
+    #[test]
+    fn clones_record_a_working_set_until_the_template_has_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let booted = VmSpec::for_test("k".into(), GuestRoot::Initramfs("i".into()));
+        let clones = VmSpec {
+            snapshot: Some(dir.path().to_path_buf()),
+            working_set: true,
+            ..booted.clone()
+        };
+        let off = VmSpec {
+            working_set: false,
+            ..clones.clone()
+        };
+        let records = |s: &VmSpec| s.run_options(Cancel::new()).record_working_set;
+        assert_eq!(
+            (records(&booted), records(&clones), records(&off)),
+            (false, true, false)
+        );
+        xcgi_vmm::prefault::WorkingSet::default()
+            .write_new(dir.path())
+            .unwrap();
+        assert!(!records(&clones), "the template has one");
     }
 
     #[test]

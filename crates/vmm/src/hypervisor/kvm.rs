@@ -237,12 +237,7 @@ pub fn host_is_pvm() -> bool {
 
 impl Drop for KvmVcpu {
     fn drop(&mut self) {
-        let mine = self.fd.get_kvm_run() as *mut kvm_run;
-        KICK_RUN.with(|c| {
-            if c.get() == mine {
-                c.set(std::ptr::null_mut());
-            }
-        });
+        super::Vcpu::unbind_kicks(self);
     }
 }
 
@@ -290,6 +285,15 @@ impl super::Vcpu for KvmVcpu {
         KICK_RUN.with(|c| c.set(run));
     }
 
+    fn unbind_kicks(&mut self) {
+        let mine = self.fd.get_kvm_run() as *mut kvm_run;
+        KICK_RUN.with(|c| {
+            if c.get() == mine {
+                c.set(std::ptr::null_mut());
+            }
+        });
+    }
+
     fn set_cpuid(&self, cpuid: &CpuId) -> Result<()> {
         self.fd.set_cpuid2(cpuid).map_err(err("KVM_SET_CPUID2"))
     }
@@ -328,6 +332,10 @@ impl super::Vcpu for KvmVcpu {
         self.fd.set_lapic(lapic).map_err(err("KVM_SET_LAPIC"))
     }
 
+    fn set_mp_state(&self, state: super::MpState) -> Result<()> {
+        self.fd.set_mp_state(state).map_err(err("KVM_SET_MP_STATE"))
+    }
+
     fn state(&self) -> Result<VcpuState> {
         Ok(VcpuState {
             mp_state: self.fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
@@ -348,9 +356,7 @@ impl super::Vcpu for KvmVcpu {
     /// In the order KVM needs: MP state and registers first, the LAPIC before the MSRs (the
     /// TSC deadline MSR is dropped without an enabled LAPIC), events last.
     fn set_state(&self, s: &VcpuState) -> Result<()> {
-        self.fd
-            .set_mp_state(s.mp_state)
-            .map_err(err("KVM_SET_MP_STATE"))?;
+        self.set_mp_state(s.mp_state)?;
         self.set_regs(&s.regs)?;
         self.set_sregs(&s.sregs)?;
         // The FPU's state is in the XSAVE area, set next (KVM_SET_FPU would be overwritten).

@@ -212,6 +212,9 @@ pub trait Vcpu: Send {
     /// [`kick`] on that thread makes [`Vcpu::run`] return [`VcpuExit::Interrupted`] at once,
     /// whether the signal lands inside the guest or just before it enters it.
     fn bind_kicks(&mut self);
+    /// Undoes [`Vcpu::bind_kicks`] on this thread (when this vCPU is the one bound), before
+    /// the vCPU leaves it for another: a kick that comes later finds nothing to stop.
+    fn unbind_kicks(&mut self);
     /// Sets the CPUID the guest sees.
     fn set_cpuid(&self, cpuid: &CpuId) -> Result<()>;
     /// Sets `msrs`; returns how many were set (the first refused stops the list).
@@ -230,6 +233,8 @@ pub trait Vcpu: Send {
     fn lapic(&self) -> Result<LapicState>;
     /// Sets the local APIC's registers.
     fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
+    /// Sets whether the vCPU runs, halts or waits for INIT/SIPI.
+    fn set_mp_state(&self, state: MpState) -> Result<()>;
     /// Reads the whole [`VcpuState`].
     fn state(&self) -> Result<VcpuState>;
     /// Restores what [`Vcpu::state`] read; fails if any MSR is refused.

@@ -97,6 +97,7 @@ pub(super) fn jail_table(m: &super::bench::Machines) -> anyhow::Result<()> {
             debug_dump: false,
             debug_probe: None,
             snapshot: None,
+            working_set: false,
         };
         let shape = spec.shape();
         let workers = Workers::start(

@@ -137,8 +137,14 @@ pub fn worker(a: &Args, start: Instant) -> anyhow::Result<i32> {
     let uid = a
         .jail_uid
         .context("internal: the jailed process has no --jail-uid")?;
-    let prepared = xcgi_vmm::prepare(&shape, start).context("cannot build the VM")?;
+    // Confined single-threaded: a clone's working set is touched after (on the thread that
+    // then runs its vCPU).
+    let mut prepared =
+        xcgi_vmm::vm::prepare_touching_later(&shape, start).context("cannot build the VM")?;
     xcgi_gateway::exec::jailed::confine_vm_process(shape.vcpus, uid).map_err(anyhow::Error::msg)?;
+    prepared
+        .touch_some(usize::MAX)
+        .context("cannot touch the snapshot's working set")?;
     let attach = Attachments {
         cmdline_extra: a.cmdline.clone(),
         ..Attachments::default()
@@ -198,6 +204,7 @@ pub fn serve_worker(a: WorkerCli) -> i32 {
         debug_dump: false,
         debug_probe: None,
         snapshot: a.snapshot,
+        working_set: false,
     };
     jailed::worker_main(&jailed::WorkerArgs { spec, uid: a.uid })
 }

@@ -105,6 +105,11 @@ pub struct Args {
     /// memory file, which no clone ever changes.
     #[arg(long, conflicts_with_all = ["net", "copy_kernel"])]
     pub restore: Option<PathBuf>,
+    /// With --restore: when the clone ends, record the pages the guest touched as the
+    /// snapshot's working set (DIR/working-set, unless it has one); later clones of it touch
+    /// those pages before they run, so the guest does not fault them in one by one.
+    #[arg(long, requires = "restore", conflicts_with = "jail")]
+    pub record_working_set: bool,
     /// Internal: this process is the jailed VM process `--jail` started.
     #[arg(long, hide = true)]
     pub jail_worker: bool,
@@ -174,6 +179,7 @@ pub fn config(a: &Args) -> anyhow::Result<(MachineShape, RunOptions)> {
             dir: dir.clone(),
             memory_file: a.snapshot_memory.clone(),
         }),
+        record_working_set: a.record_working_set,
     };
     Ok((shape, opts))
 }
@@ -354,6 +360,25 @@ pub(super) fn report(
         for line in dump.lines() {
             eprintln!("xcgi: {line}");
         }
+    }
+    if let (Some(set), Some(dir)) = (&outcome.working_set, &a.restore) {
+        let written = set
+            .write_new(dir)
+            .with_context(|| format!("recording the working set into {}", dir.display()))?;
+        let writes = set
+            .pages()
+            .iter()
+            .filter(|&&p| p & xcgi_vmm::prefault::WRITE != 0)
+            .count();
+        println!(
+            "xcgi: working set: {} pages ({writes} written) {}",
+            set.pages().len(),
+            if written {
+                "recorded"
+            } else {
+                "not recorded: the snapshot has one"
+            }
+        );
     }
     if outcome.reason == ExitReason::Cancelled {
         let sig = signal;

@@ -424,6 +424,7 @@ impl Workers {
 
 fn end(description: String) -> VmEnd {
     VmEnd {
+        working_set: None,
         description,
         dump: None,
     }
@@ -481,7 +482,7 @@ fn refill(pool: &std::sync::Weak<Workers>) {
 fn launch(w: &Worker, attach: &Attachments, opts: &RunOptions) -> io::Result<()> {
     let net = attach.net.as_ref();
     let text = format!(
-        "L{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+        "L{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
         opts.timeout.as_millis(),
         u8::from(opts.debug_dump),
         u8::from(attach.channel.is_some()),
@@ -498,6 +499,7 @@ fn launch(w: &Worker, attach: &Attachments, opts: &RunOptions) -> io::Result<()>
             .as_ref()
             .map(|p| p.to_line())
             .unwrap_or_default(),
+        u8::from(opts.record_working_set),
     );
     let mut fds: Vec<RawFd> = Vec::new();
     if let Some(c) = &attach.channel {
@@ -517,12 +519,14 @@ fn hex_mac(mac: &[u8; 6]) -> String {
 fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
     let mut buf = vec![0u8; 256 << 10];
     let mut report = None;
-    // With `debug_dump`, a VM stopped by the server (its request's deadline, a client gone)
-    // is first asked to stop and report, so that its state reaches the log; then killed.
+    let mut working_set = None;
+    // With `debug_dump`, a VM stopped by the server (its request's deadline, a client gone,
+    // or its response complete) is first asked to stop and report, so that its state reaches
+    // the log; then killed. So is one asked for its working set.
     let mut asked_until: Option<Instant> = None;
     loop {
         if opts.cancel.is_cancelled() {
-            if !opts.debug_dump {
+            if !opts.debug_dump && !opts.record_working_set {
                 break; // killed below
             }
             match asked_until {
@@ -543,6 +547,27 @@ fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
                 report = Some(parse_report(&buf[1..n]));
                 break;
             }
+            // Said while it waited: it touched its whole working set ahead (a number).
+            Ok(Some((n, _))) if n > 0 && buf[0] == b'T' => {
+                let pages = std::str::from_utf8(&buf[1..n])
+                    .ok()
+                    .and_then(|t| t.parse::<u32>().ok());
+                if let Some(pages) = pages {
+                    tracing::debug!(
+                        pid = worker.pid,
+                        pages,
+                        "clone touched its working set ahead"
+                    );
+                }
+            }
+            // The pages the guest touched, before the report (only when asked for): checked
+            // here for form, against the route's memory when kept.
+            Ok(Some((n, _))) if n > 0 && buf[0] == b'W' && opts.record_working_set => {
+                match xcgi_vmm::prefault::WorkingSet::decode(&buf[1..n], u64::MAX) {
+                    Ok(set) => working_set = Some(set),
+                    Err(e) => tracing::warn!("a jailed VM process's working set: {e}"),
+                }
+            }
             Ok(None) => continue, // nothing yet
             // EOF (the worker is gone) or an error: its exit status says why.
             Ok(Some(_)) | Err(_) => break,
@@ -553,7 +578,7 @@ fn supervise(worker: Worker, opts: &RunOptions) -> VmEnd {
     // already dead changes nothing, its exit status included.
     let exit = worker.end();
     if let Some(r) = report {
-        return r;
+        return VmEnd { working_set, ..r };
     }
     if opts.cancel.is_cancelled() {
         return end("cancelled (the server stopped it)".into());
@@ -595,6 +620,7 @@ fn parse_report(b: &[u8]) -> VmEnd {
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     VmEnd {
+        working_set: None,
         description: crate::escape::for_log(&text(desc), crate::escape::LOG_TEXT_MAX),
         dump: dump.filter(|d| !d.is_empty()).map(|d| {
             text(d)

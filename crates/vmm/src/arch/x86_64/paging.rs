@@ -28,25 +28,57 @@ pub fn write<M: GuestMemoryBackend>(mem: &M) -> Result<u64, vm_memory::GuestMemo
 
 /// Walks the tables in `mem` like the MMU would for `vaddr` (tests and debugging).
 pub fn translate<M: GuestMemoryBackend>(mem: &M, cr3: u64, vaddr: u64) -> Option<u64> {
-    let pml4e: u64 = mem
-        .read_obj(GuestAddress(cr3 + ((vaddr >> 39) & 0x1ff) * 8))
-        .ok()?;
-    if pml4e & 1 == 0 {
-        return None;
+    walk(mem, cr3, vaddr).map(|m| m.gpa)
+}
+
+/// Where a guest-virtual address leads through 4-level page tables, and what the walk allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// The guest-physical address.
+    pub gpa: u64,
+    /// Every level allows writes (R/W set).
+    pub writable: bool,
+    /// Every level allows user mode (U/S set): a user page, which supervisor accesses may not
+    /// touch under SMAP.
+    pub user: bool,
+}
+
+const PTE_PRESENT: u64 = 1;
+const PTE_RW: u64 = 1 << 1;
+const PTE_USER: u64 = 1 << 2;
+/// Bits 12-51 of an entry: the next table's or the page's address.
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Walks 4-level page tables rooted at `cr3` in `mem` for `va`, as the MMU would: 4 KiB,
+/// 2 MiB and 1 GiB pages; None where an entry is not present or a table lies outside `mem`.
+pub fn walk<M: GuestMemoryBackend>(mem: &M, cr3: u64, va: u64) -> Option<Mapping> {
+    let mut table = cr3 & PTE_ADDR;
+    let (mut writable, mut user) = (true, true);
+    for level in (0..4u32).rev() {
+        let shift = 12 + 9 * level;
+        let index = (va >> shift) & 0x1ff;
+        let entry: u64 = mem.read_obj(GuestAddress(table + index * 8)).ok()?;
+        if entry & PTE_PRESENT == 0 {
+            return None;
+        }
+        writable &= entry & PTE_RW != 0;
+        user &= entry & PTE_USER != 0;
+        let addr = entry & PTE_ADDR;
+        if (level == 1 || level == 2) && entry & PAGE_SIZE_2M != 0 {
+            let size = 1u64 << shift;
+            return Some(Mapping {
+                gpa: (addr & !(size - 1)) + (va & (size - 1)),
+                writable,
+                user,
+            });
+        }
+        table = addr;
     }
-    let pdpte: u64 = mem
-        .read_obj(GuestAddress((pml4e & !0xfff) + ((vaddr >> 30) & 0x1ff) * 8))
-        .ok()?;
-    if pdpte & 1 == 0 {
-        return None;
-    }
-    let pde: u64 = mem
-        .read_obj(GuestAddress((pdpte & !0xfff) + ((vaddr >> 21) & 0x1ff) * 8))
-        .ok()?;
-    if pde & 1 == 0 || pde & PAGE_SIZE_2M == 0 {
-        return None;
-    }
-    Some((pde & !0x1f_ffff) | (vaddr & 0x1f_ffff))
+    Some(Mapping {
+        gpa: table + (va & 0xfff),
+        writable,
+        user,
+    })
 }
 
 #[cfg(test)]
