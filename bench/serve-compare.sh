@@ -44,7 +44,7 @@ max_body = 67108864
 T
   xcgi serve --config bench-$iso.toml > bench-$iso.log 2>&1 &
   echo $! > bench-$iso.pid
-  w=0; until grep -q 'listening on' bench-$iso.log; do
+  w=0; until grep -qs 'listening on' bench-$iso.log; do
     w=$((w+1)); [ $w -lt 600 ] || { cat bench-$iso.log; exit 1; }; sleep 0.1; done
 done
 # pct FILE P: the P-th percentile (nearest rank) of the numbers in FILE, in ms.
