@@ -706,7 +706,7 @@ fn spawn_tail_reader(stderr: ChildStderr) -> thread::JoinHandle<String> {
     })
 }
 
-/// How often a run with no output looks at the kernel console for a soft lockup.
+/// How often a run looks at the kernel console for a soft lockup (output or not).
 const CONSOLE_POLL: Duration = Duration::from_secs(2);
 
 /// Reads the kernel console log as it grows, for the kernel's soft-lockup report.
