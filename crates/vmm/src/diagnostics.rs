@@ -23,6 +23,7 @@ use std::fmt::Write as _;
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::arch::x86_64::cpu::X86_CR0_PG as CR0_PG;
 use crate::hypervisor::{IrqChip, VcpuState, VmState};
 
 /// Local APIC register offsets (Intel SDM vol. 3, table 11-1).
@@ -44,8 +45,6 @@ const APIC_TDCR: usize = 0x3e0;
 const MSR_TSC: u32 = 0x10;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 const MSR_KVM_SYSTEM_TIME: u32 = 0x4b56_4d01;
-
-const CR0_PG: u64 = 1 << 31;
 
 /// One 32-bit LAPIC register.
 fn apic_reg(regs: &[std::os::raw::c_char; 1024], offset: usize) -> u32 {

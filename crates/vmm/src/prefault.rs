@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::arch::x86_64::cpu::{EFER_LMA, X86_CR0_PG as CR0_PG};
 use crate::arch::x86_64::paging;
 use crate::hypervisor::{HypervisorError, Vcpu, VcpuExit, VcpuState};
 
@@ -241,8 +242,6 @@ pub struct Touched {
     pub runs: usize,
 }
 
-const EFER_LMA: u64 = 1 << 10;
-const CR0_PG: u64 = 1 << 31;
 const CR4_LA57: u64 = 1 << 12;
 const CR4_PKS: u64 = 1 << 24;
 

@@ -456,6 +456,23 @@ impl PreparedVm {
 /// Builds everything of the machine `shape` describes that does not depend on a request
 /// (see [`PreparedVm`]). `start` is the reference instant for the first phase.
 pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmError> {
+    prepare_with(shape, start, false)
+}
+
+/// [`prepare`], except that a clone's working set is not touched yet, and no thread is
+/// started: the caller (a jailed VM process, which confines itself single-threaded first,
+/// then waits at the lowest CPU weight) touches it a part at a time
+/// ([`PreparedVm::touch_some`]) while it waits for the request, and stops when it comes.
+pub fn prepare_touching_later(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmError> {
+    prepare_with(shape, start, true)
+}
+
+/// [`prepare`]; with `touch_later`, [`prepare_touching_later`].
+fn prepare_with(
+    shape: &MachineShape,
+    start: Instant,
+    touch_later: bool,
+) -> Result<PreparedVm, VmError> {
     if shape.vcpus == 0 || shape.vcpus > 32 {
         return Err(VmError::BadVcpuCount(shape.vcpus));
     }
@@ -463,7 +480,7 @@ pub fn prepare(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmErr
     // Cheap checks first: fail before touching KVM.
     memory::validate(&shape.memory)?;
     if let Some(dir) = &shape.snapshot {
-        return prepare_clone(shape, dir, root, start, None, false);
+        return prepare_clone(shape, dir, root, start, None, touch_later);
     }
     let began = Instant::now();
     let mut clock = PhaseClock::new(start);
@@ -542,17 +559,6 @@ pub fn prepare_in(
         )));
     }
     prepare_clone(shape, dir, root, start, Some(shell), false)
-}
-
-/// [`prepare`], except that a clone's working set is not touched yet, and no thread is
-/// started: the caller (a jailed VM process, which confines itself single-threaded first,
-/// then waits at the lowest CPU weight) touches it a part at a time
-/// ([`PreparedVm::touch_some`]) while it waits for the request, and stops when it comes.
-pub fn prepare_touching_later(shape: &MachineShape, start: Instant) -> Result<PreparedVm, VmError> {
-    match &shape.snapshot {
-        Some(dir) => prepare_clone(shape, dir, root_source(shape)?, start, None, true),
-        None => prepare(shape, start),
-    }
 }
 
 /// Where the shape's root filesystem comes from: its disk image, else its initramfs.
@@ -1891,11 +1897,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
-        let attach = Attachments {
-            channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
-            ..Default::default()
-        };
+        let (attach, _b) = with_channel();
         let out = run(shape, &attach, &opts, Instant::now(), None).expect("run");
         assert_eq!(
             out.reason,
@@ -1903,6 +1905,16 @@ mod tests {
             "{}",
             out.reason.describe()
         );
+    }
+
+    /// Attachments with the channel, and the channel's other end (keep it for the run).
+    fn with_channel() -> (Attachments, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let attach = Attachments {
+            channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
+            ..Default::default()
+        };
+        (attach, b)
     }
 
     /// A deadline that a test never reaches.
@@ -2036,12 +2048,11 @@ mod tests {
     #[test]
     fn a_vcpu_thread_made_ahead_runs_its_jobs_on_one_thread() {
         let t = VcpuThread::spawn("vcpu-test".into()).expect("spawn");
-        let later = Instant::now() + Duration::from_secs(3600);
         let first = t
-            .run_by(later, || std::thread::current().id())
+            .run_by(far_off(), || std::thread::current().id())
             .expect("first job");
         let second = t
-            .run_by(later, || std::thread::current().id())
+            .run_by(far_off(), || std::thread::current().id())
             .expect("second job");
         let (tx, rx) = mpsc::channel();
         let h = t
@@ -2216,11 +2227,7 @@ mod tests {
             record_working_set: true,
             ..Default::default()
         };
-        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
-        let attach = Attachments {
-            channel: Some(Arc::new(std::os::fd::OwnedFd::from(a))),
-            ..Default::default()
-        };
+        let (attach, _b) = with_channel();
         let out = launch(p, &attach, &opts, Instant::now(), None).expect("run");
         assert_eq!(out.reason, ExitReason::Timeout);
         let set = out.working_set.expect("recorded");
@@ -2410,11 +2417,7 @@ mod tests {
         };
         let p = prepare(&clone_shape, Instant::now()).expect("clone");
         assert!(matches!(p.origin, Origin::Snapshot { .. }));
-        let (c, _d) = std::os::unix::net::UnixStream::pair().expect("pair");
-        let attach = Attachments {
-            channel: Some(Arc::new(std::os::fd::OwnedFd::from(c))),
-            ..Default::default()
-        };
+        let (attach, _d) = with_channel();
         let out = launch(p, &attach, &setup_only(), Instant::now(), None).expect("launch");
         let names: Vec<_> = out.timings.phases.iter().map(|p| p.0).collect();
         assert!(names.contains(&"device state"), "{names:?}");

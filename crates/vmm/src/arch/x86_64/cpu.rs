@@ -41,10 +41,12 @@ pub enum CpuError {
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
-const X86_CR0_PG: u64 = 0x8000_0000;
+/// CR0.PG: paging on.
+pub(crate) const X86_CR0_PG: u64 = 0x8000_0000;
 const X86_CR4_PAE: u64 = 0x20;
 const EFER_LME: u64 = 0x100;
-const EFER_LMA: u64 = 0x400;
+/// EFER.LMA: long mode active.
+pub(crate) const EFER_LMA: u64 = 0x400;
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
